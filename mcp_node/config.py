@@ -1,0 +1,166 @@
+"""Agent configuration (design §8): embedded defaults, overridden by TOML.
+
+The agent must run with no file at all, so every key has a default here;
+unknown sections or keys in a file are errors naming them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ValidationError
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mcp"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:9444"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tokens_file: str = ""
+    max_body: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: str = ""
+
+
+@dataclass(frozen=True)
+class PodmanConfig:
+    socket: str = ""
+    containers_conf: str = ""
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    binary: str = "qemu-system-x86_64"
+    accel: str = "auto"
+    machine: str = "q35"
+    kernel: str = ""
+    ops: str = "ops"
+    nanos_dir: str = ""
+    reserve_memory_mb: int = 512
+    reserve_vcpus: int = 0
+    console_max_bytes: int = 4 << 20
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    backend: str = "caddy"
+    admin: str = "http://127.0.0.1:2019"
+    https_port: int = 443
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    directory: str = ""
+    ca_bundle: str = ""
+    eab_kid: str = ""
+    eab_hmac_key: str = ""
+    http01_port: int = 80
+    renew_before_days: int = 30
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()
+    timeout_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    allowed_domains: tuple[str, ...] = ("example.net",)
+    internal_zone: str = "svc.mcp.example.net"
+    backend_ca: str = ""
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    interval_s: float = 5.0
+    flap_changes: int = 3
+    flap_window_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    podman: PodmanConfig = field(default_factory=PodmanConfig)
+    qemu: QemuConfig = field(default_factory=QemuConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.state.dir).expanduser() if self.state.dir else default_state_dir()
+
+
+def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValidationError(f"wrong type ({type(value).__name__})", where)
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> AgentConfig:
+    cfg = AgentConfig()
+    updates: dict[str, Any] = {}
+    sections = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    for section, values in data.items():
+        if section not in sections:
+            raise ValidationError("unknown section", section)
+        if not isinstance(values, dict):
+            raise ValidationError("must be a table", section)
+        current = sections[section]
+        known = {f.name for f in fields(current)}
+        changes = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ValidationError("unknown key", f"{section}.{key}")
+            changes[key] = _coerce(section, key, getattr(current, key), value)
+        updates[section] = replace(current, **changes)
+    cfg = replace(cfg, **updates)
+    if cfg.qemu.accel not in ("auto", "kvm", "tcg"):
+        raise ValidationError("must be auto, kvm or tcg", "qemu.accel")
+    if cfg.qemu.machine not in ("q35", "microvm"):
+        raise ValidationError("must be q35 or microvm", "qemu.machine")
+    if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
+        raise ValidationError("tls_cert and tls_key must be set together", "server.tls_cert")
+    return cfg
+
+
+def load(path: Path | None) -> AgentConfig:
+    """Load ``path`` (or ``$MCP_AGENT_CONFIG``); no file means embedded defaults."""
+    if path is None and os.environ.get("MCP_AGENT_CONFIG"):
+        path = Path(os.environ["MCP_AGENT_CONFIG"])
+    if path is None:
+        return AgentConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"cannot load config {path}: {exc}") from exc
+    return from_dict(data)

@@ -1,0 +1,404 @@
+"""SQLite registry: desired and observed state, events, edge routes.
+
+One connection, one lock: every write goes through ``_tx``, so there is a
+single writer path and each operation is one transaction. WAL mode keeps
+readers in other processes (``mcp --local``) from blocking the agent.
+Migrations are the numbered files in ``sql/``; each is applied in its own
+transaction together with its row in ``schema_migrations``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ConflictError, NotFoundError, RegistryError, SchemaTooNewError
+from .servicedef import ComponentDef, RouteDef, ServiceDef
+
+PORT_MIN, PORT_MAX = 10000, 60000
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every file in sql/, in order."""
+    out = []
+    for entry in resources.files("mcp_node").joinpath("sql").iterdir():
+        fname = entry.name
+        if fname.endswith(".sql") and fname[:3].isdigit():
+            out.append((int(fname[:3]), fname[4:-4], entry.read_text(encoding="utf-8")))
+    return sorted(out)
+
+
+def latest_version() -> int:
+    return migrations()[-1][0]
+
+
+@dataclass
+class ComponentRecord:
+    defn: ComponentDef
+    desired_state: str = "running"
+    observed_state: str = "unknown"
+    host_ports: dict[str, int] = field(default_factory=dict)
+    updated_at: str = ""
+
+
+@dataclass
+class ServiceRecord:
+    name: str
+    active: bool
+    components: list[ComponentRecord]
+    created_at: str = ""
+    updated_at: str = ""
+
+    def definition(self) -> ServiceDef:
+        return ServiceDef(
+            name=self.name, active=self.active, components=tuple(c.defn for c in self.components)
+        )
+
+    def component(self, name: str) -> ComponentRecord:
+        for c in self.components:
+            if c.defn.name == name:
+                return c
+        raise NotFoundError(f"service {self.name!r} has no component {name!r}")
+
+
+@dataclass
+class Event:
+    service: str
+    component: str
+    time: float
+    prev_state: str
+    new_state: str
+    detail: str = ""
+
+
+@dataclass
+class EdgeRouteRecord:
+    hostname: str
+    backend_hostname: str
+    backend_port: int
+    backend_address: str
+    cert_path: str
+    key_path: str
+    cert_serial: str = ""
+    cert_expires: str = ""
+    backend_tls: bool = True
+    created_at: str = ""
+    updated_at: str = ""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(
+                str(path), timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open registry {path}: {exc}") from exc
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self.migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- migrations ---------------------------------------------------------
+
+    def schema_version(self) -> int:
+        with self._lock:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            row = self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def migrate(self, target: int | None = None) -> int:
+        """Apply pending migrations up to ``target`` (default: all)."""
+        current = self.schema_version()
+        latest = latest_version()
+        if current > latest:
+            raise SchemaTooNewError(
+                f"registry {self.path} has schema version {current}, newer than this "
+                f"mcp_node understands ({latest}); upgrade mcp_node"
+            )
+        for version, name, sql in migrations():
+            if version <= current or (target is not None and version > target):
+                continue
+            try:
+                with self._tx() as db:
+                    for stmt in _statements(sql):
+                        db.execute(stmt)
+                    db.execute(
+                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?,?,?)",
+                        (version, name, now_iso()),
+                    )
+            except sqlite3.Error as exc:
+                raise RegistryError(f"migration {version:03d}_{name} failed: {exc}") from exc
+        return self.schema_version()
+
+    # -- services -----------------------------------------------------------
+
+    def put_service(
+        self, svc: ServiceDef, ports: dict[tuple[str, str], int] | None = None
+    ) -> ServiceRecord:
+        """Insert or replace a service; keep each route's host port, allocate new ones.
+
+        ``ports`` forces (component, route) -> host port, used to restore a
+        previous record on rollback.
+        """
+        ts = now_iso()
+        with self._tx() as db:
+            old_ports = {
+                (r["component"], r["name"]): r["host_port"]
+                for r in db.execute("SELECT * FROM routes WHERE service=?", (svc.name,))
+            }
+            old_desired = {
+                r["name"]: r["desired_state"]
+                for r in db.execute("SELECT name, desired_state FROM components WHERE service=?",
+                                    (svc.name,))
+            }
+            db.execute(
+                "INSERT INTO services (name, active, created_at, updated_at) VALUES (?,?,?,?) "
+                "ON CONFLICT(name) DO UPDATE SET active=excluded.active, updated_at=excluded.updated_at",
+                (svc.name, int(svc.active), ts, ts),
+            )
+            db.execute("DELETE FROM components WHERE service=?", (svc.name,))
+            keep = dict(old_ports)
+            keep.update(ports or {})
+            for c in svc.components:
+                desired = "running" if svc.active else "stopped"
+                if ports is not None:
+                    desired = old_desired.get(c.name, desired)
+                db.execute(
+                    "INSERT INTO components (service, name, image, cmd, env, volumes, restart, "
+                    "desired_state, version, updated_at, runtime, memory_mb, vcpus, binary, "
+                    "image_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (svc.name, c.name, c.image, json.dumps(c.cmd), json.dumps(c.env),
+                     json.dumps(c.volumes), c.restart, desired, c.version, ts, c.runtime,
+                     c.memory_mb, c.vcpus, c.binary, c.image_sha256),
+                )
+                for r in c.routes:
+                    host_port = keep.get((c.name, r.name)) or self._allocate(db)
+                    db.execute(
+                        "INSERT INTO routes (service, component, name, port, mode, hostname, "
+                        "host_port) VALUES (?,?,?,?,?,?,?)",
+                        (svc.name, c.name, r.name, r.port, r.mode, r.hostname, host_port),
+                    )
+        return self.get_service(svc.name)
+
+    @staticmethod
+    def _allocate(db: sqlite3.Connection) -> int:
+        """A host port no route holds and nothing on the host is bound to.
+
+        Runs inside the writer transaction, so concurrent deploys cannot
+        both take the same port; UNIQUE(host_port) is the backstop.
+        """
+        used = {r[0] for r in db.execute("SELECT host_port FROM routes")}
+        for _ in range(200):
+            port = random.randint(PORT_MIN, PORT_MAX)
+            if port not in used and _port_free(port):
+                return port
+        raise ConflictError(f"no free host port in {PORT_MIN}-{PORT_MAX}")
+
+    def delete_service(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM services WHERE name=?", (name,))
+            db.execute("DELETE FROM events WHERE service=?", (name,))
+
+    def has_service(self, name: str) -> bool:
+        return bool(self._query("SELECT 1 FROM services WHERE name=?", (name,)))
+
+    def get_service(self, name: str) -> ServiceRecord:
+        recs = self._load(name)
+        if not recs:
+            raise NotFoundError(f"unknown service {name!r}")
+        return recs[0]
+
+    def list_services(self) -> list[ServiceRecord]:
+        return self._load(None)
+
+    def _load(self, name: str | None) -> list[ServiceRecord]:
+        where, args = ("WHERE name=?", (name,)) if name else ("", ())
+        cwhere = "WHERE service=?" if name else ""
+        with self._lock:
+            svcs = self._db.execute(f"SELECT * FROM services {where} ORDER BY name", args).fetchall()  # noqa: S608
+            comps = self._db.execute(
+                f"SELECT * FROM components {cwhere} ORDER BY service, rowid", args  # noqa: S608
+            ).fetchall()
+            routes = self._db.execute(
+                f"SELECT * FROM routes {cwhere} ORDER BY service, component, rowid", args  # noqa: S608
+            ).fetchall()
+        by_comp: dict[tuple[str, str], list[sqlite3.Row]] = {}
+        for r in routes:
+            by_comp.setdefault((r["service"], r["component"]), []).append(r)
+        by_svc: dict[str, list[ComponentRecord]] = {}
+        for c in comps:
+            rs = by_comp.get((c["service"], c["name"]), [])
+            defn = ComponentDef(
+                name=c["name"], image=c["image"], runtime=c["runtime"],
+                cmd=tuple(json.loads(c["cmd"])), env=tuple(json.loads(c["env"])),
+                volumes=tuple(json.loads(c["volumes"])), restart=c["restart"],
+                memory_mb=c["memory_mb"], vcpus=c["vcpus"], binary=c["binary"],
+                image_sha256=c["image_sha256"],
+                routes=tuple(
+                    RouteDef(name=r["name"], port=r["port"], mode=r["mode"],
+                             hostname=r["hostname"]) for r in rs
+                ),
+            )
+            by_svc.setdefault(c["service"], []).append(ComponentRecord(
+                defn=defn, desired_state=c["desired_state"], observed_state=c["observed_state"],
+                host_ports={r["name"]: r["host_port"] for r in rs}, updated_at=c["updated_at"],
+            ))
+        return [
+            ServiceRecord(name=s["name"], active=bool(s["active"]),
+                          components=by_svc.get(s["name"], []),
+                          created_at=s["created_at"], updated_at=s["updated_at"])
+            for s in svcs
+        ]
+
+    def set_desired(self, service: str, state: str, component: str | None = None) -> None:
+        with self._tx() as db:
+            if not db.execute("SELECT 1 FROM services WHERE name=?", (service,)).fetchone():
+                raise NotFoundError(f"unknown service {service!r}")
+            sql = "UPDATE components SET desired_state=?, updated_at=? WHERE service=?"
+            args: tuple[Any, ...] = (state, now_iso(), service)
+            if component:
+                sql, args = sql + " AND name=?", (*args, component)
+            db.execute(sql, args)
+            db.execute("UPDATE services SET active=? WHERE name=?",
+                       (int(state == "running"), service))
+
+    def record_observed(self, changes: list[Event]) -> None:
+        """Store new observed states and their events in one transaction."""
+        if not changes:
+            return
+        with self._tx() as db:
+            for e in changes:
+                db.execute(
+                    "UPDATE components SET observed_state=? WHERE service=? AND name=?",
+                    (e.new_state, e.service, e.component),
+                )
+                db.execute(
+                    "INSERT INTO events (service, component, time, prev_state, new_state, detail) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (e.service, e.component, e.time, e.prev_state, e.new_state, e.detail),
+                )
+
+    def events(self, service: str, limit: int = 50, since: float = 0.0) -> list[Event]:
+        rows = self._query(
+            "SELECT * FROM events WHERE service=? AND time>=? ORDER BY id DESC LIMIT ?",
+            (service, since, limit),
+        )
+        return [
+            Event(service=r["service"], component=r["component"], time=r["time"],
+                  prev_state=r["prev_state"], new_state=r["new_state"], detail=r["detail"])
+            for r in reversed(rows)
+        ]
+
+    def prune_events(self, older_than_s: float = 7 * 86400) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM events WHERE time < ?", (time.time() - older_than_s,))
+
+    # -- edge routes --------------------------------------------------------
+
+    def put_edge_route(self, rec: EdgeRouteRecord) -> None:
+        ts = now_iso()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO edge_routes (hostname, backend_hostname, backend_port, "
+                "backend_address, backend_tls, cert_path, key_path, cert_serial, cert_expires, "
+                "created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(hostname) DO UPDATE SET backend_hostname=excluded.backend_hostname, "
+                "backend_port=excluded.backend_port, backend_address=excluded.backend_address, "
+                "backend_tls=excluded.backend_tls, cert_path=excluded.cert_path, "
+                "key_path=excluded.key_path, cert_serial=excluded.cert_serial, "
+                "cert_expires=excluded.cert_expires, updated_at=excluded.updated_at",
+                (rec.hostname, rec.backend_hostname, rec.backend_port, rec.backend_address,
+                 int(rec.backend_tls), rec.cert_path, rec.key_path, rec.cert_serial,
+                 rec.cert_expires, rec.created_at or ts, ts),
+            )
+
+    def get_edge_route(self, hostname: str) -> EdgeRouteRecord | None:
+        rows = self._query("SELECT * FROM edge_routes WHERE hostname=?", (hostname,))
+        return _edge(rows[0]) if rows else None
+
+    def list_edge_routes(self) -> list[EdgeRouteRecord]:
+        return [_edge(r) for r in self._query("SELECT * FROM edge_routes ORDER BY hostname")]
+
+    def delete_edge_route(self, hostname: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM edge_routes WHERE hostname=?", (hostname,))
+            return cur.rowcount > 0
+
+
+def _edge(r: sqlite3.Row) -> EdgeRouteRecord:
+    return EdgeRouteRecord(
+        hostname=r["hostname"], backend_hostname=r["backend_hostname"],
+        backend_port=r["backend_port"], backend_address=r["backend_address"],
+        backend_tls=bool(r["backend_tls"]), cert_path=r["cert_path"], key_path=r["key_path"],
+        cert_serial=r["cert_serial"], cert_expires=r["cert_expires"],
+        created_at=r["created_at"], updated_at=r["updated_at"],
+    )
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements (no triggers with inner ';' here)."""
+    out, buf = [], []
+    for line in sql.splitlines():
+        if line.strip().startswith("--"):
+            continue
+        buf.append(line)
+        if line.rstrip().endswith(";"):
+            stmt = "\n".join(buf).strip()
+            if stmt:
+                out.append(stmt)
+            buf = []
+    rest = "\n".join(buf).strip()
+    if rest:
+        out.append(rest)
+    return out

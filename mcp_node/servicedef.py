@@ -1,0 +1,265 @@
+"""Service definitions (design §2): parse TOML or JSON, validate every rule.
+
+Validation happens before anything touches the registry, a runtime or a
+path, so a rejected definition changes nothing. Every error names the field.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ValidationError
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+ROUTE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+HOSTNAME_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+RUNTIMES = ("container", "unikernel")
+RESTART_POLICIES = ("", "no", "always", "on-failure", "unless-stopped")
+ROUTE_MODES = ("l4", "l7")
+MAX_LIST = 256
+MAX_STR = 4096
+
+
+@dataclass(frozen=True)
+class RouteDef:
+    name: str
+    port: int
+    mode: str = "l7"
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
+class ComponentDef:
+    name: str
+    image: str
+    runtime: str = "container"
+    cmd: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()
+    restart: str = ""
+    memory_mb: int | None = None
+    vcpus: int = 1
+    binary: str = ""
+    image_sha256: str = ""
+    routes: tuple[RouteDef, ...] = ()
+
+    @property
+    def version(self) -> str:
+        """The image tag, as `ps` shows it (``latest`` when none is given)."""
+        ref = self.image.rsplit("/", 1)[-1]
+        if "@" in ref:
+            return ref.split("@", 1)[1][:19]
+        return ref.split(":", 1)[1] if ":" in ref else "latest"
+
+
+@dataclass(frozen=True)
+class ServiceDef:
+    name: str
+    components: tuple[ComponentDef, ...]
+    active: bool = True
+    runtime: str = "container"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_name(value: object, field_name: str) -> str:
+    """Service and component names: they reach paths, labels and argv."""
+    if not isinstance(value, str):
+        raise ValidationError("must be a string", field_name)
+    if not NAME_RE.fullmatch(value):
+        raise ValidationError(
+            f"{value[:80]!r} is not a valid name ([a-z0-9][a-z0-9-]{{0,62}})", field_name
+        )
+    return value
+
+
+def check_hostname(value: object, field_name: str) -> str:
+    """A DNS name: ≤ 253 chars, labels of [a-z0-9-] ≤ 63, no wildcards."""
+    if not isinstance(value, str):
+        raise ValidationError("must be a string", field_name)
+    name = value.lower().rstrip(".")
+    if not name or len(name) > 253:
+        raise ValidationError(f"{value[:80]!r} is not a valid DNS name", field_name)
+    for label in name.split("."):
+        if not HOSTNAME_LABEL_RE.fullmatch(label):
+            raise ValidationError(f"{value[:80]!r} is not a valid DNS name", field_name)
+    return name
+
+
+def _str(value: object, field_name: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ValidationError("must be a string", field_name)
+    if not value and not allow_empty:
+        raise ValidationError("must not be empty", field_name)
+    if len(value) > MAX_STR or "\x00" in value:
+        raise ValidationError("too long or contains NUL", field_name)
+    return value
+
+
+def _int(value: object, field_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError("must be an integer", field_name)
+    return value
+
+
+def _str_list(value: object, field_name: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValidationError("must be a list of strings", field_name)
+    if len(value) > MAX_LIST:
+        raise ValidationError(f"at most {MAX_LIST} entries", field_name)
+    return tuple(_str(v, f"{field_name}[{i}]", allow_empty=True) for i, v in enumerate(value))
+
+
+def _check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValidationError(f"unknown key {unknown[0]!r}", f"{where}{unknown[0]}")
+
+
+def _route(data: object, where: str, single: bool) -> RouteDef:
+    if not isinstance(data, dict):
+        raise ValidationError("must be a table", where.rstrip("."))
+    _check_keys(data, {"name", "port", "mode", "hostname"}, where)
+    name = data.get("name", "")
+    if name or not single:
+        name = _str(name, where + "name")
+        if not ROUTE_NAME_RE.fullmatch(name):
+            raise ValidationError(f"{name[:80]!r} is not a valid route name", where + "name")
+    port = _int(data.get("port"), where + "port")
+    if not 1 <= port <= 65535:
+        raise ValidationError("must be 1-65535", where + "port")
+    mode = data.get("mode", "l7")
+    if mode not in ROUTE_MODES:
+        raise ValidationError(f"must be one of {', '.join(ROUTE_MODES)}", where + "mode")
+    hostname = data.get("hostname", "")
+    if hostname:
+        hostname = check_hostname(hostname, where + "hostname")
+    return RouteDef(name=name, port=port, mode=mode, hostname=hostname)
+
+
+COMPONENT_KEYS = {
+    "name", "image", "cmd", "env", "volumes", "restart", "runtime", "memory_mb",
+    "vcpus", "binary", "image_sha256", "routes",
+}
+
+
+def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
+    where = f"components[{i}]."
+    if not isinstance(data, dict):
+        raise ValidationError("must be a table", f"components[{i}]")
+    _check_keys(data, COMPONENT_KEYS, where)
+    name = check_name(data.get("name"), where + "name")
+    image = _str(data.get("image"), where + "image")
+    if any(c.isspace() for c in image) or image.startswith("-"):
+        raise ValidationError(f"{image[:80]!r} is not an image reference", where + "image")
+    runtime = data.get("runtime", default_runtime)
+    if runtime not in RUNTIMES:
+        raise ValidationError(f"must be one of {', '.join(RUNTIMES)}", where + "runtime")
+    env = _str_list(data.get("env", []), where + "env")
+    for j, item in enumerate(env):
+        key = item.split("=", 1)[0]
+        if "=" not in item or not ENV_KEY_RE.fullmatch(key):
+            raise ValidationError(f"{item[:80]!r} is not KEY=VALUE", f"{where}env[{j}]")
+    volumes = _str_list(data.get("volumes", []), where + "volumes")
+    for j, vol in enumerate(volumes):
+        parts = vol.split(":")
+        if len(parts) not in (2, 3) or not all(p.startswith("/") for p in parts[:2]):
+            raise ValidationError(
+                f"{vol[:80]!r} is not /host/path:/guest/path", f"{where}volumes[{j}]"
+            )
+        if any(".." in Path(p).parts or "," in p for p in parts[:2]):
+            raise ValidationError(f"{vol[:80]!r} has '..' or ','", f"{where}volumes[{j}]")
+    restart = data.get("restart", "")
+    if restart not in RESTART_POLICIES:
+        raise ValidationError(
+            f"must be one of {', '.join(p for p in RESTART_POLICIES if p)}", where + "restart"
+        )
+    memory_mb = data.get("memory_mb")
+    if memory_mb is not None:
+        memory_mb = _int(memory_mb, where + "memory_mb")
+    if runtime == "unikernel" and (memory_mb is None or memory_mb <= 0):
+        raise ValidationError("must be > 0 for a unikernel component", where + "memory_mb")
+    if memory_mb is not None and not 0 <= memory_mb <= 1 << 20:
+        raise ValidationError("must be 0-1048576", where + "memory_mb")
+    vcpus = _int(data.get("vcpus", 1), where + "vcpus")
+    if not 1 <= vcpus <= 64:
+        raise ValidationError("must be 1-64", where + "vcpus")
+    binary = _str(data.get("binary", ""), where + "binary", allow_empty=True)
+    if binary and (not binary.startswith("/") or ".." in Path(binary).parts):
+        raise ValidationError("must be an absolute path without '..'", where + "binary")
+    sha = _str(data.get("image_sha256", ""), where + "image_sha256", allow_empty=True).lower()
+    if sha and not SHA256_RE.fullmatch(sha):
+        raise ValidationError("must be 64 hex digits", where + "image_sha256")
+    raw_routes = data.get("routes", [])
+    if not isinstance(raw_routes, list):
+        raise ValidationError("must be a list of tables", where + "routes")
+    routes = tuple(
+        _route(r, f"{where}routes[{j}].", len(raw_routes) == 1) for j, r in enumerate(raw_routes)
+    )
+    names = [r.name for r in routes]
+    if len(set(names)) != len(names):
+        raise ValidationError("duplicate route name", where + "routes")
+    return ComponentDef(
+        name=name, image=image, runtime=runtime,
+        cmd=_str_list(data.get("cmd", []), where + "cmd"), env=env, volumes=volumes,
+        restart=restart, memory_mb=memory_mb, vcpus=vcpus, binary=binary,
+        image_sha256=sha, routes=routes,
+    )
+
+
+def from_dict(data: object) -> ServiceDef:
+    """Validate a decoded definition (TOML or JSON) into a ServiceDef."""
+    if not isinstance(data, dict):
+        raise ValidationError("a service definition must be an object")
+    _check_keys(data, {"name", "active", "runtime", "components"}, "")
+    name = check_name(data.get("name"), "name")
+    active = data.get("active", True)
+    if not isinstance(active, bool):
+        raise ValidationError("must be a boolean", "active")
+    runtime = data.get("runtime", "container")
+    if runtime not in RUNTIMES:
+        raise ValidationError(f"must be one of {', '.join(RUNTIMES)}", "runtime")
+    raw = data.get("components")
+    if not isinstance(raw, list) or not raw:
+        raise ValidationError("at least one component is required", "components")
+    if len(raw) > 64:
+        raise ValidationError("at most 64 components", "components")
+    comps = tuple(_component(c, i, runtime) for i, c in enumerate(raw))
+    seen: set[str] = set()
+    for i, c in enumerate(comps):
+        if c.name in seen:
+            raise ValidationError(f"duplicate component name {c.name!r}", f"components[{i}].name")
+        seen.add(c.name)
+    return ServiceDef(name=name, components=comps, active=active, runtime=runtime)
+
+
+def loads_toml(text: str) -> ServiceDef:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError(f"not valid TOML: {exc}") from exc
+    return from_dict(data)
+
+
+def load_file(path: Path) -> ServiceDef:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"cannot read {path}: {exc}") from exc
+    return loads_toml(text)
+
+
+def route_env(component: ComponentDef, host_ports: dict[str, int]) -> tuple[str, ...]:
+    """``$PORT`` for a single unnamed route, ``$PORT_<NAME>`` for named ones."""
+    out = []
+    for r in component.routes:
+        key = f"PORT_{r.name.upper().replace('-', '_')}" if r.name else "PORT"
+        out.append(f"{key}={host_ports[r.name]}")
+    return tuple(out)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build the test workload image localhost/mcp-hello:<tag> from tests/images/hello.c.
+# No registry is reachable here, so the image is imported from a local rootfs.
+# Usage: scripts/build_test_image.sh [TAG]   (prints the image reference)
+set -euo pipefail
+tag=${1:-v1}
+top=$(cd "$(dirname "$0")/.." && pwd)
+out=${MCP_BUILD_DIR:-$top/.build}
+mkdir -p "$out"
+bin=$out/hello
+if [ ! -x "$bin" ] || [ "$top/tests/images/hello.c" -nt "$bin" ]; then
+  gcc -static -O2 -o "$bin" "$top/tests/images/hello.c"
+fi
+ref=localhost/mcp-hello:$tag
+if ! podman image exists "$ref" 2>/dev/null; then
+  root=$(mktemp -d)
+  trap 'rm -rf "$root"' EXIT
+  mkdir -p "$root/usr/local/bin" "$root/tmp"
+  cp "$bin" "$root/usr/local/bin/hello"
+  tar -C "$root" -c . | podman import \
+    --change 'ENTRYPOINT ["/usr/local/bin/hello"]' - "$ref" >/dev/null
+fi
+echo "$ref"

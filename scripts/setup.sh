@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install everything mcp_node and its tests need on a fresh Debian 12 node, as root.
+# Idempotent: packages already present are not fetched again.
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+
+debs=(podman runc qemu-system-x86 qemu-utils caddy pebble dnsmasq-base busybox-static
+      iproute2 cpio gcc libc6-dev curl procps python3-venv)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# A Linux kernel and its modules for the initramfs VM builder, unpacked
+# without installing (no initramfs triggers, /boot left alone).
+if [ ! -f "$MCP_KERNEL" ]; then
+  mkdir -p "$MCP_BUILD_DIR/kernel"
+  tmp=$(mktemp -d)
+  pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  if [ -z "$pkg" ]; then apt-get update -qq; pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'); fi
+  (cd "$tmp" && apt-get download -qq "$pkg" >/dev/null && dpkg -x ./*.deb root)
+  cp "$tmp"/root/boot/vmlinuz-* "$MCP_KERNEL"
+  rm -rf "$MCP_KERNEL_MODULES"; mv "$tmp"/root/lib/modules/* "$MCP_KERNEL_MODULES"
+  rm -rf "$tmp"
+fi
+
+# Python: a venv of the project's own, so the system's packages are left alone.
+if [ ! -x "$top/.venv/bin/python" ]; then python3 -m venv "$top/.venv"; fi
+"$top/.venv/bin/pip" install -q --disable-pip-version-check -e "$top[test]"
+echo "setup: ok"

@@ -1,0 +1,39 @@
+"""Shared fixtures. Every test gets its own state directory and config home.
+
+Integration tests call ``need(...)``: where a real component is missing they
+are skipped with the reason, except under ``MCP_REQUIRE_INTEGRATION=1``
+(set by .ci/run), where a missing component fails the test instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TOP = Path(__file__).resolve().parent.parent
+
+
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    reason = f"needs {', '.join(missing)} (run scripts/setup.sh)"
+    if os.environ.get("MCP_REQUIRE_INTEGRATION") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    state = tmp_path / "xdg-state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    for var in ("MCP_AGENT", "MCP_TOKEN_FILE", "MCP_AGENT_CONFIG", "MCP_CLI_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CONTAINERS_CONF", os.environ.get(
+        "CONTAINERS_CONF", str(TOP / "scripts" / "containers.conf")))
+    yield state / "mcp"

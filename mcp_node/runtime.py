@@ -16,6 +16,7 @@ from typing import Any, Protocol
 LABEL_MANAGED = "mcp.managed"
 LABEL_SERVICE = "mcp.service"
 LABEL_COMPONENT = "mcp.component"
+LABEL_OWNER = "mcp.owner"   # the node id of the agent whose workload it is
 
 # Observed states a runtime reports.
 RUNNING = "running"

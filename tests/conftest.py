@@ -37,3 +37,13 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     monkeypatch.setenv("CONTAINERS_CONF", os.environ.get(
         "CONTAINERS_CONF", str(TOP / "scripts" / "containers.conf")))
     yield state / "mcp"
+
+
+# Area fixtures live in their own modules; importing them here registers them.
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from edge_env import *  # noqa: E402,F401,F403
+from podman_env import *  # noqa: E402,F401,F403
+from qemu_env import *  # noqa: E402,F401,F403
+from server_env import *  # noqa: E402,F401,F403

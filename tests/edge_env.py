@@ -1,0 +1,1 @@
+"""Fixtures for edge_env tests (imported by conftest)."""

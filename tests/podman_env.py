@@ -1,0 +1,1 @@
+"""Fixtures for podman_env tests (imported by conftest)."""

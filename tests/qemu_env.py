@@ -1,0 +1,1 @@
+"""Fixtures for qemu_env tests (imported by conftest)."""

@@ -1,0 +1,1 @@
+"""Fixtures for server_env tests (imported by conftest)."""

@@ -88,6 +88,7 @@ class MonitorConfig:
     interval_s: float = 5.0
     flap_changes: int = 3
     flap_window_s: float = 600.0
+    edge_interval_s: float = 3600.0   # edge reconcile: lost routes, certificate renewals
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,8 @@ class Registry:
             }
             db.execute(
                 "INSERT INTO services (name, active, created_at, updated_at) VALUES (?,?,?,?) "
-                "ON CONFLICT(name) DO UPDATE SET active=excluded.active, updated_at=excluded.updated_at",
+                "ON CONFLICT(name) DO UPDATE SET active=excluded.active, "
+                "updated_at=excluded.updated_at",
                 (svc.name, int(svc.active), ts, ts),
             )
             db.execute("DELETE FROM components WHERE service=?", (svc.name,))
@@ -266,7 +267,9 @@ class Registry:
         where, args = ("WHERE name=?", (name,)) if name else ("", ())
         cwhere = "WHERE service=?" if name else ""
         with self._lock:
-            svcs = self._db.execute(f"SELECT * FROM services {where} ORDER BY name", args).fetchall()  # noqa: S608
+            svcs = self._db.execute(
+                f"SELECT * FROM services {where} ORDER BY name", args  # noqa: S608
+            ).fetchall()
             comps = self._db.execute(
                 f"SELECT * FROM components {cwhere} ORDER BY service, rowid", args  # noqa: S608
             ).fetchall()
@@ -339,6 +342,14 @@ class Registry:
                   prev_state=r["prev_state"], new_state=r["new_state"], detail=r["detail"])
             for r in reversed(rows)
         ]
+
+    def event_counts(self, since: float) -> dict[tuple[str, str], int]:
+        """State changes per component since ``since``: the flap detector's input."""
+        rows = self._query(
+            "SELECT service, component, COUNT(*) FROM events WHERE time>=? "
+            "GROUP BY service, component", (since,),
+        )
+        return {(r[0], r[1]): int(r[2]) for r in rows}
 
     def prune_events(self, older_than_s: float = 7 * 86400) -> None:
         with self._tx() as db:

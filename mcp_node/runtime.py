@@ -70,6 +70,9 @@ class Workload:
 class Runtime(Protocol):
     name: str  # "container" | "unikernel"
 
+    def available(self) -> tuple[bool, str]:
+        """(True, "") when usable on this node, else (False, what is missing)."""
+
     def pull(self, spec: WorkloadSpec) -> None:
         """Make the image available locally; raise ImageError if it cannot be."""
 

@@ -1,0 +1,415 @@
+"""The node agent: service lifecycle over both runtimes, from one registry.
+
+Order of a deploy, chosen so a failure at any point leaves no half state:
+validate (already done by servicedef) -> runtimes available -> images pulled
+-> capacity checked -> registry written -> workloads run. If a run fails,
+the workloads started by this deploy are removed and the previous registry
+record (or none) is put back. A crash after the registry write shows up as
+drift on the next start, never as a lost row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .config import AgentConfig
+from .errors import MCPError, RuntimeUnavailable, ValidationError
+from .monitor import Monitor, View, is_drift
+from .registry import ComponentRecord, Registry, ServiceRecord
+from .runtime import RUNNING, Runtime, WorkloadSpec
+from .servicedef import ServiceDef, check_name, route_env
+
+if TYPE_CHECKING:
+    from .edge import EdgeManager
+
+log = logging.getLogger("mcp_node.agent")
+
+RUNTIME_NAMES = ("container", "unikernel")
+
+
+def node_id(state_dir: Path) -> str:
+    """A stable id for this agent's state; labels its workloads as its own."""
+    path = state_dir / "node_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        ident = secrets.token_hex(6)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(ident + "\n")
+        os.replace(tmp, path)
+        return ident
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, monitor: bool = False) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.registry = Registry(self.state_dir / "registry.db")
+        self.node = socket.gethostname()
+        self.owner = node_id(self.state_dir)
+        self.started_at = time.time()
+        self._runtimes: dict[str, Runtime] = {}
+        self._rt_lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._edge: EdgeManager | None = None
+        self._health: dict[str, Any] = {}
+        self._edge_checked = time.time()
+        self._edge_reasons: list[str] = []
+        self.monitor = Monitor(self.registry, self._listable, config.monitor, self._on_refresh)
+        if monitor:
+            self.monitor.start()
+            self._reconcile_edge()
+
+    # -- runtimes -----------------------------------------------------------
+
+    def runtime(self, name: str) -> Runtime:
+        """The runtime for a component's ``runtime`` field, built on first use."""
+        with self._rt_lock:
+            rt = self._runtimes.get(name)
+            if rt is None:
+                rt = self._make_runtime(name)
+                self._runtimes[name] = rt
+        return rt
+
+    def _make_runtime(self, name: str) -> Runtime:
+        if name == "container":
+            from .podman import PodmanRuntime
+
+            rt: Runtime = PodmanRuntime(self.config, self.state_dir, self.owner)
+            return rt
+        if name == "unikernel":
+            from .qemu import QemuRuntime
+
+            vm: Runtime = QemuRuntime(self.config, self.state_dir)
+            return vm
+        raise ValidationError(f"unknown runtime {name!r}", "runtime")
+
+    def available_runtime(self, name: str) -> Runtime:
+        rt = self.runtime(name)
+        ok, why = rt.available()
+        if not ok:
+            raise RuntimeUnavailable(f"the {name} runtime is not available on this node: {why}")
+        return rt
+
+    def _listable(self) -> dict[str, Runtime | str]:
+        """Runtimes to list: each available one, or why it is not."""
+        out: dict[str, Runtime | str] = {}
+        for name in RUNTIME_NAMES:
+            try:
+                out[name] = self.available_runtime(name)
+            except MCPError as exc:
+                out[name] = str(exc)
+        return out
+
+    # -- locking ------------------------------------------------------------
+
+    @contextmanager
+    def _service_lock(self, name: str) -> Iterator[None]:
+        """Operations on one service are serialised; different services run in parallel."""
+        with self._locks_guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
+    # -- specs --------------------------------------------------------------
+
+    @staticmethod
+    def spec(service: str, comp: ComponentRecord) -> WorkloadSpec:
+        d = comp.defn
+        return WorkloadSpec(
+            service=service, component=d.name, image=d.image, cmd=d.cmd,
+            env=d.env + route_env(d, comp.host_ports), volumes=d.volumes,
+            ports=tuple(comp.host_ports[r.name] for r in d.routes), restart=d.restart,
+            memory_mb=d.memory_mb, vcpus=d.vcpus, binary=d.binary, image_sha256=d.image_sha256,
+        )
+
+    def _get(self, name: str) -> ServiceRecord:
+        return self.registry.get_service(check_name(name, "service"))
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def deploy(self, defn: ServiceDef) -> dict[str, Any]:
+        with self._service_lock(defn.name):
+            previous = (self.registry.get_service(defn.name)
+                        if self.registry.has_service(defn.name) else None)
+            rts = {c.name: self.available_runtime(c.runtime) for c in defn.components}
+            for c in defn.components:
+                # Ports are not allocated yet; pull needs only the image fields.
+                rts[c.name].pull(self.spec(defn.name, ComponentRecord(defn=c, host_ports={
+                    r.name: 0 for r in c.routes})))
+            self._check_capacity(defn, previous)
+            rec = self.registry.put_service(defn)
+            try:
+                self._converge(rec, previous)
+            except BaseException:
+                self._rollback(rec, previous)
+                raise
+            log.info("deployed service=%s components=%d", defn.name, len(defn.components))
+        self.monitor.refresh_safely()
+        return self.status(defn.name)
+
+    def _check_capacity(self, defn: ServiceDef, previous: ServiceRecord | None) -> None:
+        replacing = {c.defn.name for c in previous.components} if previous else set()
+        for c in defn.components:
+            if c.runtime == "unikernel" and defn.active:
+                rt = self.runtime("unikernel")
+                rt.check_capacity(  # type: ignore[attr-defined]
+                    self.spec(defn.name, ComponentRecord(defn=c, host_ports={
+                        r.name: 0 for r in c.routes})),
+                    c.name in replacing,
+                )
+
+    def _converge(self, rec: ServiceRecord, previous: ServiceRecord | None) -> None:
+        """Make the runtimes match ``rec``; an unchanged running component is left alone."""
+        old = {c.defn.name: c for c in previous.components} if previous else {}
+        for name, oc in old.items():
+            if name not in {c.defn.name for c in rec.components} or \
+                    oc.defn.runtime != rec.component(name).defn.runtime:
+                self.runtime(oc.defn.runtime).remove(rec.name, name)
+        for comp in rec.components:
+            rt = self.runtime(comp.defn.runtime)
+            if comp.desired_state != "running":
+                rt.stop(rec.name, comp.defn.name, 10.0)
+                continue
+            prev = old.get(comp.defn.name)
+            if prev is not None and prev.defn == comp.defn and prev.host_ports == comp.host_ports:
+                live = rt.inspect(rec.name, comp.defn.name)
+                if live is not None and live.state == RUNNING:
+                    continue
+            rt.run(self.spec(rec.name, comp))
+
+    def _rollback(self, rec: ServiceRecord, previous: ServiceRecord | None) -> None:
+        log.warning("deploy of %s failed; rolling back", rec.name)
+        for comp in rec.components:
+            try:
+                self.runtime(comp.defn.runtime).remove(rec.name, comp.defn.name)
+            except Exception:
+                log.exception("rollback: could not remove %s/%s", rec.name, comp.defn.name)
+        if previous is None:
+            self.registry.delete_service(rec.name)
+            return
+        ports = {(c.defn.name, r): p for c in previous.components for r, p in c.host_ports.items()}
+        restored = self.registry.put_service(previous.definition(), ports=ports)
+        for comp in restored.components:
+            if comp.desired_state == "running":
+                try:
+                    self.runtime(comp.defn.runtime).run(self.spec(rec.name, comp))
+                except Exception:
+                    log.exception("rollback: could not restart %s/%s", rec.name, comp.defn.name)
+
+    def stop(self, name: str) -> dict[str, Any]:
+        rec = self._get(name)
+        with self._service_lock(rec.name):
+            self.registry.set_desired(rec.name, "stopped")
+            for comp in rec.components:
+                self.runtime(comp.defn.runtime).stop(rec.name, comp.defn.name, 10.0)
+        self.monitor.refresh_safely()
+        return self.status(rec.name)
+
+    def start(self, name: str) -> dict[str, Any]:
+        rec = self._get(name)
+        with self._service_lock(rec.name):
+            for comp in rec.components:
+                self.available_runtime(comp.defn.runtime)
+            self.registry.set_desired(rec.name, "running")
+            for comp in self.registry.get_service(rec.name).components:
+                rt = self.runtime(comp.defn.runtime)
+                live = rt.inspect(rec.name, comp.defn.name)
+                if live is None or live.state != RUNNING:
+                    rt.run(self.spec(rec.name, comp))
+        self.monitor.refresh_safely()
+        return self.status(rec.name)
+
+    def restart(self, name: str) -> dict[str, Any]:
+        rec = self._get(name)
+        with self._service_lock(rec.name):
+            for comp in rec.components:
+                self.available_runtime(comp.defn.runtime)
+            self.registry.set_desired(rec.name, "running")
+            for comp in self.registry.get_service(rec.name).components:
+                rt = self.runtime(comp.defn.runtime)
+                rt.stop(rec.name, comp.defn.name, 10.0)
+                rt.run(self.spec(rec.name, comp))
+        self.monitor.refresh_safely()
+        return self.status(rec.name)
+
+    def undeploy(self, name: str) -> None:
+        rec = self._get(name)
+        with self._service_lock(rec.name):
+            for comp in rec.components:
+                self.runtime(comp.defn.runtime).remove(rec.name, comp.defn.name)
+            self.registry.delete_service(rec.name)
+            log.info("undeployed service=%s", rec.name)
+        self.monitor.refresh_safely()
+
+    def logs(
+        self, name: str, component: str | None, tail: int | None, follow: bool
+    ) -> Iterator[bytes]:
+        rec = self._get(name)
+        if component is None:
+            if len(rec.components) > 1:
+                names = ", ".join(c.defn.name for c in rec.components)
+                raise ValidationError(f"service {name!r} has components {names}; name one",
+                                      "component")
+            comp = rec.components[0]
+        else:
+            comp = rec.component(check_name(component, "component"))
+        rt = self.available_runtime(comp.defn.runtime)
+        return rt.logs(rec.name, comp.defn.name, tail, follow)
+
+    # -- views --------------------------------------------------------------
+
+    def _row(self, svc: ServiceRecord, comp: ComponentRecord, view: View,
+             now: float) -> dict[str, Any]:
+        w = view.workloads.get((svc.name, comp.defn.name))
+        state = w.state if w else ("unknown" if comp.defn.runtime in view.errors else "missing")
+        uptime = int(now - w.started_at) if w and w.state == RUNNING and w.started_at else 0
+        return {
+            "service": svc.name, "component": comp.defn.name, "node": self.node,
+            "runtime": comp.defn.runtime, "state": state, "desired_state": comp.desired_state,
+            "version": comp.defn.version, "uptime_s": max(uptime, 0),
+            "routes": [
+                {"name": r.name, "port": r.port, "mode": r.mode, "hostname": r.hostname,
+                 "host_port": comp.host_ports.get(r.name)}
+                for r in comp.defn.routes
+            ],
+        }
+
+    def ps(self) -> list[dict[str, Any]]:
+        view = self.monitor.fresh_view()
+        now = time.time()
+        return [self._row(s, c, view, now) for s in self.registry.list_services()
+                for c in s.components]
+
+    def status(self, name: str) -> dict[str, Any]:
+        svc = self._get(name)
+        view = self.monitor.fresh_view()
+        now = time.time()
+        comps = []
+        for c in svc.components:
+            row = self._row(svc, c, view, now)
+            w = view.workloads.get((svc.name, c.defn.name))
+            row["image"] = c.defn.image
+            row["drift"] = is_drift(c.desired_state, row["state"])
+            row["flapping"] = (svc.name, c.defn.name) in view.flapping
+            if c.defn.runtime == "unikernel":
+                extra = w.extra if w else {}
+                for key in ("image_sha256", "memory_mb", "vcpus", "accel", "pid", "builder"):
+                    row[key] = extra.get(key, getattr(c.defn, key, None))
+            comps.append(row)
+        return {
+            "service": svc.name, "active": svc.active, "node": self.node,
+            "drift": any(c["drift"] for c in comps),
+            "flapping": any(c["flapping"] for c in comps),
+            "components": comps,
+            "events": [
+                {"time": e.time, "component": e.component, "from": e.prev_state,
+                 "to": e.new_state, "detail": e.detail}
+                for e in self.registry.events(svc.name, limit=20)
+            ],
+        }
+
+    # -- health -------------------------------------------------------------
+
+    @property
+    def edge(self) -> EdgeManager:
+        if self._edge is None:
+            from .edge import EdgeManager
+
+            self._edge = EdgeManager(self.config, self.registry)
+        return self._edge
+
+    def _reconcile_edge(self) -> None:
+        try:
+            for action in self.edge.reconcile():
+                log.info("edge: %s", action)
+        except Exception:
+            log.exception("edge reconcile failed")
+
+    def _on_refresh(self, view: View) -> None:
+        """After each monitor round: edge checks, renewals on their own timer, health."""
+        now = time.time()
+        if self.monitor.running and now - self._edge_checked >= \
+                self.config.monitor.edge_interval_s:
+            self._edge_checked = now
+            if self.registry.list_edge_routes():
+                self._reconcile_edge()
+        try:
+            self._edge_reasons = self.edge.health()
+        except Exception as exc:  # a broken edge degrades health, never breaks it
+            self._edge_reasons = [f"edge: {exc}"]
+        self._health = self._compute_health(view)
+
+    def _compute_health(self, view: View) -> dict[str, Any]:
+        reasons = [f"{name} runtime: {why}" for name, why in sorted(view.errors.items())
+                   if name == "container" or self._has_runtime_components(name)]
+        drifted = []
+        for svc in self.registry.list_services():
+            for c in svc.components:
+                w = view.workloads.get((svc.name, c.defn.name))
+                state = w.state if w else "missing"
+                if c.defn.runtime not in view.errors and is_drift(c.desired_state, state):
+                    drifted.append(f"{svc.name}/{c.defn.name}")
+        if drifted:
+            reasons.append("drifted: " + ", ".join(drifted))
+        reasons.extend(self._edge_reasons)
+        runtimes: dict[str, Any] = {}
+        for name in RUNTIME_NAMES:
+            rt = self._runtimes.get(name)
+            info: dict[str, Any] = {"available": name not in view.errors}
+            if name in view.errors:
+                info["reason"] = view.errors[name]
+            if rt is not None and hasattr(rt, "info"):
+                try:
+                    info.update(rt.info())
+                except Exception as exc:  # health must not fail because a probe did
+                    info["reason"] = str(exc)
+            runtimes[name] = info
+        return {
+            "status": "degraded" if reasons else "healthy",
+            "node": self.node,
+            "version": __version__,
+            "containers": sum(1 for w in view.workloads.values() if w.state == RUNNING),
+            "services": len({k[0] for k in view.workloads}),
+            "drifted": drifted,
+            "orphans": [f"{w.service}/{w.component} ({w.runtime})" for w in view.orphans],
+            "runtimes": runtimes,
+            "edge_routes": len(self.registry.list_edge_routes()),
+            "reasons": reasons,
+            "checked_at": view.refreshed_at,
+        }
+
+    def _has_runtime_components(self, runtime: str) -> bool:
+        return any(c.defn.runtime == runtime for s in self.registry.list_services()
+                   for c in s.components)
+
+    def health(self) -> dict[str, Any]:
+        if not self.monitor.running:
+            self.monitor.fresh_view()
+        if not self._health:
+            self._on_refresh(self.monitor.view)
+        out = dict(self._health)
+        out["uptime_s"] = int(time.time() - self.started_at)
+        return out
+
+    def close(self) -> None:
+        self.monitor.stop()
+        for rt in self._runtimes.values():
+            close = getattr(rt, "close", None)
+            if close:
+                close()
+        if self._edge is not None:
+            self._edge.close()
+        self.registry.close()

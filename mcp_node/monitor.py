@@ -1,0 +1,158 @@
+"""The observed-state view: one listing per runtime, compared with the registry.
+
+``ps``, ``status`` and health read the cached ``View``; only ``refresh``
+talks to the runtimes, and it makes exactly one ``list()`` call per runtime
+whatever the number of components. State changes go to the event log, from
+which drift and flapping are judged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .config import MonitorConfig
+from .errors import MCPError
+from .registry import Event, Registry, ServiceRecord
+from .runtime import MISSING, RUNNING, Runtime, Workload
+
+log = logging.getLogger("mcp_node.monitor")
+
+Key = tuple[str, str]
+
+
+@dataclass
+class View:
+    workloads: dict[Key, Workload] = field(default_factory=dict)
+    orphans: list[Workload] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)   # runtime -> why it could not list
+    flapping: set[Key] = field(default_factory=set)
+    refreshed_at: float = 0.0
+
+
+def is_drift(desired: str, observed: str) -> bool:
+    """Desired running but not running, or desired stopped but running."""
+    if observed == "unknown":
+        return False
+    return (desired == "running") != (observed == RUNNING)
+
+
+def observe(
+    records: Iterable[ServiceRecord],
+    listings: dict[str, list[Workload]],
+    errors: dict[str, str],
+    restarts: dict[Key, int],
+    now: float,
+) -> tuple[dict[Key, Workload], list[Workload], list[Event]]:
+    """Pure comparison of registry and listings: (by key, orphans, events)."""
+    by_key: dict[Key, Workload] = {}
+    for workloads in listings.values():
+        for item in workloads:
+            by_key[(item.service, item.component)] = item
+    known: set[Key] = set()
+    events: list[Event] = []
+    for rec in records:
+        for comp in rec.components:
+            key = (rec.name, comp.defn.name)
+            known.add(key)
+            if comp.defn.runtime in errors:
+                continue  # cannot tell; do not invent a change
+            w: Workload | None = by_key.get(key)
+            if w is not None and w.runtime != comp.defn.runtime:
+                w = None
+            state = w.state if w else MISSING
+            if state != comp.observed_state:
+                events.append(Event(rec.name, comp.defn.name, now, comp.observed_state, state))
+            if w is not None:
+                before = restarts.get(key)
+                if before is not None and w.restart_count > before:
+                    events.append(Event(rec.name, comp.defn.name, now, state, state,
+                                        f"restarted by runtime ({w.restart_count})"))
+                restarts[key] = w.restart_count
+    orphans = [w for k, w in by_key.items() if k not in known]
+    return {k: w for k, w in by_key.items() if k in known}, orphans, events
+
+
+class Monitor:
+    """Keeps the View fresh: on a timer (daemon) or on demand (``--local``)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        runtimes: Callable[[], dict[str, Runtime | str]],
+        config: MonitorConfig,
+        on_refresh: Callable[[View], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self._runtimes = runtimes
+        self.config = config
+        self.view = View()
+        self._restarts: dict[Key, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._on_refresh = on_refresh
+
+    def refresh(self) -> View:
+        with self._lock:
+            listings: dict[str, list[Workload]] = {}
+            errors: dict[str, str] = {}
+            for name, rt in self._runtimes().items():
+                if isinstance(rt, str):
+                    errors[name] = rt
+                    continue
+                try:
+                    listings[name] = rt.list()
+                except MCPError as exc:
+                    errors[name] = str(exc)
+            now = time.time()
+            workloads, orphans, events = observe(
+                self.registry.list_services(), listings, errors, self._restarts, now
+            )
+            self.registry.record_observed(events)
+            for e in events:
+                log.info("state service=%s component=%s %s->%s %s", e.service, e.component,
+                         e.prev_state, e.new_state, e.detail)
+            counts = self.registry.event_counts(now - self.config.flap_window_s)
+            flapping = {k for k, n in counts.items() if n > self.config.flap_changes}
+            self.view = View(workloads, orphans, errors, flapping, now)
+        if self._on_refresh:
+            self._on_refresh(self.view)
+        return self.view
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def fresh_view(self, max_age: float | None = None) -> View:
+        """The cached view, refreshed first only when nobody keeps it fresh."""
+        age = time.time() - self.view.refreshed_at
+        if not self.running and age > (max_age if max_age is not None else 0.5):
+            return self.refresh()
+        return self.view
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.refresh_safely()
+        self._thread = threading.Thread(target=self._loop, name="mcp-monitor", daemon=True)
+        self._thread.start()
+
+    def refresh_safely(self) -> None:
+        try:
+            self.refresh()
+        except Exception:  # the loop must survive anything; the next round retries
+            log.exception("monitor refresh failed")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.interval_s):
+            self.refresh_safely()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

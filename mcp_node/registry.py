@@ -111,7 +111,8 @@ def _port_free(port: int) -> bool:
 
 
 class Registry:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migrate_to: int | None = None) -> None:
+        """Open (creating) and migrate; ``migrate_to`` stops early, as an older release would."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -124,8 +125,8 @@ class Registry:
         self._lock = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self.migrate()
+        self._db.execute("PRAGMA synchronous=FULL")
+        self.migrate(migrate_to)
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,163 @@
+"""Registry: migrations, schema guard, port allocation, service records, events."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from mcp_node.errors import NotFoundError, SchemaTooNewError
+from mcp_node.registry import (
+    PORT_MAX,
+    PORT_MIN,
+    EdgeRouteRecord,
+    Event,
+    Registry,
+    latest_version,
+    migrations,
+)
+from mcp_node.servicedef import from_dict
+
+
+def schema(path: Path) -> list[tuple[str, str]]:
+    db = sqlite3.connect(path)
+    rows = db.execute(
+        "SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name"
+    ).fetchall()
+    db.close()
+    return rows
+
+
+def svc(name: str = "hello", comps: int = 1, routes: int = 1) -> object:
+    return from_dict({"name": name, "components": [
+        {"name": f"c{i}", "image": "localhost/x:v1",
+         "routes": [{"name": f"r{j}", "port": 8000 + j} for j in range(routes)]}
+        for i in range(comps)
+    ]})
+
+
+def test_migrations_are_numbered_from_the_seed() -> None:
+    names = [(v, n) for v, n, _ in migrations()]
+    assert names[:5] == [(1, "services"), (2, "routes"), (3, "events"), (4, "edge_routes"),
+                         (5, "component_runtime")]
+    assert [v for v, _ in names] == list(range(1, len(names) + 1))
+
+
+@pytest.mark.parametrize("start", range(0, 7))
+def test_every_intermediate_version_migrates_to_the_same_schema(tmp_path: Path,
+                                                                start: int) -> None:
+    fresh = tmp_path / "fresh.db"
+    Registry(fresh).close()
+    old = tmp_path / "old.db"
+    reg_partial = Registry(old, migrate_to=start)
+    assert reg_partial.schema_version() == min(start, latest_version())
+    reg_partial.close()
+    reg = Registry(old)
+    assert reg.schema_version() == latest_version()
+    reg.close()
+    assert schema(old) == schema(fresh)
+
+
+def test_each_migration_is_recorded_with_its_version(tmp_path: Path) -> None:
+    Registry(tmp_path / "r.db").close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    rows = db.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+    assert [r[0] for r in rows] == list(range(1, latest_version() + 1))
+
+
+def test_a_newer_database_is_refused(tmp_path: Path) -> None:
+    Registry(tmp_path / "r.db").close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    db.execute("INSERT INTO schema_migrations VALUES (999, 'future', 'now')")
+    db.commit()
+    db.close()
+    with pytest.raises(SchemaTooNewError, match="schema version 999"):
+        Registry(tmp_path / "r.db")
+
+
+def test_failed_migration_rolls_back_with_its_record(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import mcp_node.registry as registry
+
+    real = registry.migrations()
+    broken = [*real, (len(real) + 1, "broken", "CREATE TABLE ok (x INT);\nNOT SQL;")]
+    monkeypatch.setattr(registry, "migrations", lambda: broken)
+    monkeypatch.setattr(registry, "latest_version", lambda: len(real) + 1)
+    with pytest.raises(registry.RegistryError, match="broken"):
+        Registry(tmp_path / "r.db")
+    monkeypatch.undo()
+    reg = Registry(tmp_path / "r.db")
+    assert reg.schema_version() == latest_version()
+    assert not reg._query("SELECT name FROM sqlite_master WHERE name='ok'")
+
+
+def test_put_get_delete_service_round_trip(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    definition = svc(comps=2, routes=2)
+    rec = reg.put_service(definition)  # type: ignore[arg-type]
+    assert rec.definition() == definition
+    ports = [p for c in rec.components for p in c.host_ports.values()]
+    assert len(set(ports)) == 4 and all(PORT_MIN <= p <= PORT_MAX for p in ports)
+    # A redeploy keeps the ports it had.
+    again = reg.put_service(definition)  # type: ignore[arg-type]
+    assert [c.host_ports for c in again.components] == [c.host_ports for c in rec.components]
+    reg.delete_service("hello")
+    with pytest.raises(NotFoundError):
+        reg.get_service("hello")
+    assert reg._query("SELECT COUNT(*) FROM routes")[0][0] == 0
+
+
+def test_concurrent_deploys_never_share_a_port(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    errors: list[BaseException] = []
+
+    def deploy(i: int) -> None:
+        try:
+            reg.put_service(svc(f"s{i}", comps=2, routes=3))  # type: ignore[arg-type]
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deploy, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    ports = [r[0] for r in reg._query("SELECT host_port FROM routes")]
+    assert len(ports) == 16 * 6 == len(set(ports))
+
+
+def test_desired_state_and_events(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    reg.put_service(svc())  # type: ignore[arg-type]
+    reg.set_desired("hello", "stopped")
+    rec = reg.get_service("hello")
+    assert rec.components[0].desired_state == "stopped" and not rec.active
+    reg.record_observed([Event("hello", "c0", 1.0, "unknown", "running"),
+                         Event("hello", "c0", 2.0, "running", "missing")])
+    assert reg.get_service("hello").components[0].observed_state == "missing"
+    assert [e.new_state for e in reg.events("hello")] == ["running", "missing"]
+    assert reg.event_counts(1.5) == {("hello", "c0"): 1}
+    with pytest.raises(NotFoundError):
+        reg.set_desired("nope", "running")
+
+
+def test_edge_routes_round_trip(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    rec = EdgeRouteRecord("a.example.net", "b.svc.mcp.example.net", 443, "100.64.0.2",
+                          "/c.pem", "/k.pem", "0a", "2030-01-01T00:00:00Z")
+    reg.put_edge_route(rec)
+    got = reg.get_edge_route("a.example.net")
+    assert got is not None and got.backend_address == "100.64.0.2" and got.cert_serial == "0a"
+    assert [r.hostname for r in reg.list_edge_routes()] == ["a.example.net"]
+    assert reg.delete_edge_route("a.example.net") and not reg.delete_edge_route("a.example.net")
+
+
+def test_reopen_keeps_everything(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    rec = reg.put_service(svc())  # type: ignore[arg-type]
+    reg.close()
+    again = Registry(tmp_path / "r.db").get_service("hello")
+    assert again.components[0].host_ports == rec.components[0].host_ports

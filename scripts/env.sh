@@ -5,4 +5,4 @@ export MCP_BUILD_DIR=${MCP_BUILD_DIR:-$top/.build}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$top/scripts/containers.conf}
 export MCP_KERNEL=${MCP_KERNEL:-$MCP_BUILD_DIR/kernel/vmlinuz}
 export MCP_KERNEL_MODULES=${MCP_KERNEL_MODULES:-$MCP_BUILD_DIR/kernel/modules}
-if [ -x "$top/.venv/bin/python" ]; then export PATH=$top/.venv/bin:$PATH; fi
+export PATH=$top/.venv/bin:$PATH

@@ -79,7 +79,10 @@ class Agent:
         with self._rt_lock:
             rt = self._runtimes.get(name)
             if rt is None:
-                rt = self._make_runtime(name)
+                try:
+                    rt = self._make_runtime(name)
+                except ImportError as exc:  # e.g. podman-py missing on a minimal node
+                    raise RuntimeUnavailable(f"the {name} runtime cannot load: {exc}") from exc
                 self._runtimes[name] = rt
         return rt
 

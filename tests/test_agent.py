@@ -80,7 +80,7 @@ def test_deploy_serves_and_lifecycle(agent: Agent, hello_image: str) -> None:
     assert row["node"] == agent.node and row["desired_state"] == "running"
 
     logs = b"".join(agent.logs(svc, None, None, False)).decode()
-    assert "listening on :%d" % port in logs and "GET / HTTP" in logs
+    assert f"listening on :{port}" in logs and "GET / HTTP" in logs
 
     st = agent.stop(svc)
     assert st["components"][0]["state"] == "stopped"

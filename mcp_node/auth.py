@@ -1,0 +1,322 @@
+"""Bearer tokens with roles, stored only as SHA-256 hashes.
+
+The store is a TOML file of ``[[tokens]] name, role, sha256``. It holds
+credentials, so a file readable by anyone but its owner is refused rather
+than silently trusted. The HTTP hot path checks a token with one SHA-256
+and a constant-time comparison against every stored hash; the file is
+re-read (at most once a second) when it changes, so ``mcp-agent token add``
+takes effect without restarting the daemon.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import AgentConfig
+from .errors import AuthError, ForbiddenError, MCPError, ValidationError
+from .servicedef import SHA256_RE, check_name
+
+log = logging.getLogger(__name__)
+
+ROLES: dict[str, int] = {"reader": 1, "operator": 2, "master": 3}
+INITIAL_TOKEN_NAME = "initial"  # noqa: S105 - a name, not a secret
+RELOAD_INTERVAL_S = 1.0
+
+
+class TokenStoreError(MCPError):
+    """The tokens file exists but cannot be trusted or parsed."""
+
+    status = 500
+    code = "token_store"
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    role: str
+    sha256: str
+
+    def allows(self, least_role: str) -> bool:
+        return ROLES[self.role] >= ROLES[least_role]
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_token() -> str:
+    return "mcp_" + secrets.token_urlsafe(32)
+
+
+def check_role(role: object) -> str:
+    if not isinstance(role, str) or role not in ROLES:
+        raise ValidationError(f"{str(role)[:40]!r} is not one of {', '.join(ROLES)}", "role")
+    return role
+
+
+def tokens_path(config: AgentConfig) -> Path:
+    if config.server.tokens_file:
+        return Path(config.server.tokens_file).expanduser()
+    return config.state_dir / "tokens.toml"
+
+
+def token_file_path(config: AgentConfig) -> Path:
+    """Where the generated first-start operator token is written."""
+    return config.state_dir / "token"
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write temp + fsync + rename, created with ``mode`` (never wider, whatever the umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _check_file_mode(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise TokenStoreError(f"tokens file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise TokenStoreError(
+            f"tokens file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600 "
+            f"(run: chmod 600 {path})"
+        )
+    if st.st_uid != os.geteuid():
+        raise TokenStoreError(f"tokens file {path} is owned by uid {st.st_uid}, not by this user")
+
+
+def parse_tokens(text: str, where: str) -> list[Token]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TokenStoreError(f"{where}: not valid TOML: {exc}") from exc
+    unknown = sorted(set(data) - {"tokens"})
+    if unknown:
+        raise TokenStoreError(f"{where}: unknown key {unknown[0]!r}")
+    raw = data.get("tokens", [])
+    if not isinstance(raw, list):
+        raise TokenStoreError(f"{where}: tokens must be an array of tables")
+    out: list[Token] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw):
+        at = f"{where}: tokens[{i}]"
+        if not isinstance(entry, dict):
+            raise TokenStoreError(f"{at} must be a table")
+        extra = sorted(set(entry) - {"name", "role", "sha256"})
+        if extra:
+            raise TokenStoreError(f"{at}: unknown key {extra[0]!r}")
+        try:
+            name = check_name(entry.get("name"), "name")
+            role = check_role(entry.get("role"))
+        except ValidationError as exc:
+            raise TokenStoreError(f"{at}.{exc}") from exc
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest.lower()):
+            raise TokenStoreError(f"{at}.sha256: must be 64 hex digits")
+        if name in seen:
+            raise TokenStoreError(f"{at}.name: duplicate token name {name!r}")
+        seen.add(name)
+        out.append(Token(name=name, role=role, sha256=digest.lower()))
+    return out
+
+
+def render_tokens(tokens: list[Token]) -> str:
+    # Every value is validated (name regex, role enum, hex digest), so plain quoting is exact.
+    parts = ["# mcp-agent tokens: only SHA-256 hashes are stored. Keep this file 0600.\n"]
+    for t in tokens:
+        parts.append(f'\n[[tokens]]\nname = "{t.name}"\nrole = "{t.role}"\nsha256 = "{t.sha256}"\n')
+    return "".join(parts)
+
+
+class TokenStore:
+    """Thread-safe view of the tokens file used by the server on every request."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._tokens: list[Token] = []
+        self._by_hash: dict[str, Token] = {}
+        self._sig: tuple[int, int, int] | None = None
+        self._checked = 0.0
+        self._error: TokenStoreError | None = None
+        self.reload(force=True)
+        if self._error is not None:
+            raise self._error
+
+    @classmethod
+    def for_config(cls, config: AgentConfig) -> TokenStore:
+        return cls(tokens_path(config))
+
+    @property
+    def tokens(self) -> list[Token]:
+        return list(self._tokens)
+
+    def _read(self) -> tuple[list[Token], tuple[int, int, int] | None]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return [], None
+        except OSError as exc:
+            raise TokenStoreError(f"cannot open tokens file {self.path}: {exc}") from exc
+        try:
+            st = os.fstat(fd)
+            _check_file_mode(self.path, st)
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                raw = f.read(1 << 20)
+        finally:
+            os.close(fd)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TokenStoreError(f"{self.path}: not UTF-8") from exc
+        return parse_tokens(text, str(self.path)), (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def reload(self, force: bool = False) -> None:
+        """Re-read the file if it changed; a bad file fails closed (no token is accepted)."""
+        now = time.monotonic()
+        if not force and now - self._checked < RELOAD_INTERVAL_S:
+            return
+        with self._lock:
+            if not force and now - self._checked < RELOAD_INTERVAL_S:
+                return
+            self._checked = now
+            try:
+                try:
+                    st = os.stat(self.path)
+                    sig: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+                except FileNotFoundError:
+                    sig = None
+                if not force and sig == self._sig and self._error is None:
+                    return
+                tokens, sig = self._read()
+            except TokenStoreError as exc:
+                if self._error is None or str(self._error) != str(exc):
+                    log.error("tokens refused: %s", exc)
+                self._error = exc
+                self._tokens, self._by_hash, self._sig = [], {}, None
+                return
+            self._error = None
+            self._tokens = tokens
+            self._by_hash = {}
+            self._sig = sig
+
+    def lookup(self, token: str) -> Token | None:
+        """The stored token matching ``token``, compared in constant time."""
+        self.reload()
+        digest = hash_token(token)
+        cached = self._by_hash.get(digest)
+        if cached is not None:
+            return cached
+        found = None
+        for t in self._tokens:  # no early exit: time does not depend on which one matched
+            if hmac.compare_digest(t.sha256, digest):
+                found = t
+        if found is not None:
+            with self._lock:
+                self._by_hash[digest] = found
+        return found
+
+    def authorize(self, header: str | None, least_role: str) -> Token:
+        """Check an ``Authorization`` header value; AuthError (401) or ForbiddenError (403)."""
+        if not header:
+            raise AuthError("missing bearer token (Authorization: Bearer <token>)")
+        scheme, _, value = header.partition(" ")
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value:
+            raise AuthError("expected Authorization: Bearer <token>")
+        tok = self.lookup(value)
+        if tok is None:
+            if self._error is not None:
+                raise TokenStoreError("the agent's token store is unusable; see its log")
+            raise AuthError("invalid token")
+        if not tok.allows(least_role):
+            raise ForbiddenError(f"token {tok.name!r} has role {tok.role}; needs {least_role}")
+        return tok
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def add(self, name: str, role: str) -> str:
+        """Store a new token's hash and return the token (shown once, never stored)."""
+        check_name(name, "name")
+        check_role(role)
+        with self._file_lock():
+            tokens, _ = self._read()
+            if any(t.name == name for t in tokens):
+                raise ValidationError(f"a token named {name!r} already exists", "name")
+            token = new_token()
+            tokens.append(Token(name=name, role=role, sha256=hash_token(token)))
+            atomic_write(self.path, render_tokens(tokens).encode())
+        self.reload(force=True)
+        log.info("token added name=%s role=%s file=%s", name, role, self.path)
+        return token
+
+    def ensure_initial(self, token_file: Path) -> Path | None:
+        """First start: no tokens at all -> an operator token written 0600 to ``token_file``.
+
+        The token file is written before the hash is stored: a crash in between
+        only means a fresh token next start, never a stored hash nobody holds.
+        """
+        with self._file_lock():
+            tokens, _ = self._read()
+            if tokens:
+                return None
+            token = new_token()
+            atomic_write(token_file, (token + "\n").encode())
+            tokens = [Token(name=INITIAL_TOKEN_NAME, role="operator", sha256=hash_token(token))]
+            atomic_write(self.path, render_tokens(tokens).encode())
+        self.reload(force=True)
+        log.info("generated operator token file=%s tokens_file=%s", token_file, self.path)
+        return token_file
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path`` (CLI side), refusing a file others can read."""
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuthError(f"cannot read token file {path}: {exc}") from exc
+    if st.st_mode & 0o077:
+        raise AuthError(
+            f"token file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600"
+        )
+    token = text.strip()
+    if not token:
+        raise AuthError(f"token file {path} is empty")
+    return token

@@ -345,6 +345,8 @@ def load_definition(ctx: Ctx, arg: str) -> dict[str, Any]:
 
     path = Path(arg)
     if not path.is_file():
+        if "/" in arg or arg.endswith((".toml", ".json")):
+            raise MCPError(f"no such file: {arg}")
         name = check_name(arg, "service")
         base = Path(ctx.cfg.services_dir).expanduser() if ctx.cfg.services_dir \
             else config_home() / "services"

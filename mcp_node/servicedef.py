@@ -66,7 +66,16 @@ class ServiceDef:
     runtime: str = "container"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON form (lists, not tuples): what ``from_dict`` and the API accept."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, tuple | list):
+                return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items() if v is not None}
+            return value
+
+        out: dict[str, Any] = plain(asdict(self))
+        return out
 
 
 def check_name(value: object, field_name: str) -> str:

@@ -151,3 +151,8 @@ def test_arbitrary_input_only_raises_validation_errors(data: object) -> None:
         from_dict(data)
     except ValidationError:
         pass
+
+
+def test_to_dict_round_trips() -> None:
+    svc = loads_toml(GOOD)
+    assert from_dict(svc.to_dict()) == svc

@@ -1,0 +1,202 @@
+"""The `mcp` CLI with CliRunner: exact output and exit codes of every command, against
+a real agent (HTTP server in-process, real podman), and with --local."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from podman_env import wait_http
+
+from mcp_node import __version__
+from mcp_node.agent import Agent
+from mcp_node.cli import cli, fmt_uptime, split_backend, table
+from mcp_node.config import AgentConfig, ServerConfig
+
+PS_HEADER = "SERVICE  COMPONENT  NODE  RUNTIME  STATE  VERSION  UPTIME"
+
+
+@dataclass
+class Live:
+    agent: Agent
+    url: str
+    token_file: Path
+
+    def mcp(self, *args: str, token: bool = True) -> Result:
+        base = ["--agent", self.url]
+        if token:
+            base += ["--token-file", str(self.token_file)]
+        return CliRunner().invoke(cli, [*base, *args], catch_exceptions=False)
+
+
+@pytest.fixture
+def live(podman_config: AgentConfig, podman_cleanup: object) -> Iterator[Live]:
+    from mcp_node.server import serve
+
+    cfg = replace(podman_config, server=ServerConfig(listen="127.0.0.1:0"))
+    agent = Agent(cfg)
+    podman_cleanup.add(agent.owner)  # type: ignore[attr-defined]
+    srv = serve(agent, cfg)
+    try:
+        assert srv.token_file is not None
+        yield Live(agent, srv.url, srv.token_file)
+    finally:
+        srv.shutdown()
+        agent.close()
+
+
+def definition(tmp_path: Path, svc: str, image: str) -> Path:
+    path = tmp_path / f"{svc}.toml"
+    path.write_text(f'name = "{svc}"\n[[components]]\nname = "web"\nimage = "{image}"\n'
+                    'env = ["MESSAGE=cli"]\n[[components.routes]]\nport = 8080\n')
+    return path
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output == f"mcp, version {__version__}\n"
+
+
+def test_usage_errors_exit_2() -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["logs"]).exit_code == 2
+    assert runner.invoke(cli, ["bogus"]).exit_code == 2
+    result = runner.invoke(cli, ["edge", "setup", "a.example.net", "nohostport"])
+    assert result.exit_code == 2 and "is not HOST:PORT" in result.output
+    assert runner.invoke(cli, ["logs", "x", "-n", "-3"]).exit_code == 2
+
+
+def test_unreachable_agent_exit_1() -> None:
+    result = CliRunner().invoke(cli, ["--agent", "http://127.0.0.1:9", "ps"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "127.0.0.1:9" in result.output
+
+
+def test_full_lifecycle_output(live: Live, tmp_path: Path, hello_image: str) -> None:
+    svc = f"c{uuid.uuid4().hex[:8]}"
+    node = live.agent.node
+
+    empty = live.mcp("ps")
+    assert empty.exit_code == 0 and empty.output == PS_HEADER + "\n"
+
+    deployed = live.mcp("deploy", str(definition(tmp_path, svc, hello_image)), "--direct")
+    assert deployed.exit_code == 0, deployed.output
+    lines = deployed.output.splitlines()
+    assert lines[0] == f"deployed {svc}"
+    assert lines[1] == f"service {svc} on {node}: active"
+
+    ps = live.mcp("ps")
+    header, row = ps.output.splitlines()
+    assert header.split() == PS_HEADER.split()
+    assert row.split()[:6] == [svc, "web", node, "container", "running", "v1"]
+
+    rows = json.loads(live.mcp("--json", "ps").output)
+    assert [set(r) for r in rows] == [{"service", "component", "node", "runtime", "state",
+                                       "desired_state", "version", "uptime_s", "routes"}]
+    port = rows[0]["routes"][0]["host_port"]
+    assert set(rows[0]["routes"][0]) == {"name", "port", "mode", "hostname", "host_port"}
+    assert wait_http(port) == "hello from cli\n"
+
+    status = live.mcp("status", svc)
+    assert status.exit_code == 0
+    assert status.output.splitlines()[0] == f"service {svc} on {node}: active"
+    assert f"127.0.0.1:{port}" in status.output
+    st = json.loads(live.mcp("--json", "status", svc).output)
+    assert st["drift"] is False and st["components"][0]["state"] == "running"
+
+    summary = live.mcp("status")
+    width = max(4, len(node))
+    assert summary.output.splitlines() == [
+        f"{'SERVICE'.ljust(len(svc))}  {'NODE'.ljust(width)}  RUNNING  DRIFT",
+        f"{svc}  {node.ljust(width)}  1/1      no",
+    ]
+
+    logs = live.mcp("logs", svc, "web", "-n", "5")
+    assert logs.exit_code == 0 and "GET / HTTP" in logs.output
+
+    assert live.mcp("stop", svc).output == f"stopped {svc}\n"
+    assert live.mcp("--json", "ps").output.count('"stopped"') == 2  # state and desired
+    started = live.mcp("start", svc)
+    assert started.exit_code == 0 and started.output.splitlines()[0] == f"started {svc}"
+    assert live.mcp("restart", svc).output.splitlines()[0] == f"restarted {svc}"
+    assert wait_http(port) == "hello from cli\n"
+
+    health = live.mcp("node", "health")
+    assert health.exit_code == 0
+    assert health.output.splitlines()[:3] == ["status: healthy", f"node: {node}",
+                                              "containers: 1"]
+
+    assert live.mcp("undeploy", svc).output == f"undeployed {svc}\n"
+    assert live.mcp("ps").output == PS_HEADER + "\n"
+
+
+def test_operation_errors_exit_1(live: Live, tmp_path: Path) -> None:
+    unknown = live.mcp("status", "nosuch")
+    assert unknown.exit_code == 1 and unknown.output == "Error: unknown service 'nosuch'\n"
+    bad = live.mcp("stop", "a,b")
+    assert bad.exit_code == 1 and "is not a valid name" in bad.output
+    missing = live.mcp("deploy", str(tmp_path / "nope.toml"))
+    assert missing.exit_code == 1 and "no such file" in missing.output
+    invalid = tmp_path / "bad.toml"
+    invalid.write_text('name = "x"\n[[components]]\nname = "web"\nimage = "i"\nbogus = 1\n')
+    res = live.mcp("deploy", str(invalid))
+    assert res.exit_code == 1
+    assert res.output == "Error: components[0].bogus: unknown key 'bogus'\n"
+    noauth = live.mcp("ps", token=False)
+    assert noauth.exit_code == 1 and noauth.output.startswith("Error: ")
+
+
+def test_service_lookup_in_config_dir(live: Live, tmp_path: Path, hello_image: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = f"c{uuid.uuid4().hex[:8]}"
+    services = tmp_path / "xdg-config" / "mcp" / "services"
+    services.mkdir(parents=True)
+    definition(services, svc, hello_image)
+    assert live.mcp("deploy", svc).output.splitlines()[0] == f"deployed {svc}"
+    assert live.mcp("undeploy", svc).exit_code == 0
+
+
+def test_nodes_from_cli_config(live: Live, tmp_path: Path) -> None:
+    cfg = tmp_path / "xdg-config" / "mcp"
+    cfg.mkdir(parents=True)
+    (cfg / "mcp.toml").write_text(
+        f'token_path = "{live.token_file}"\n'
+        f'[[nodes]]\nname = "n1"\naddress = "{live.url.removeprefix("http://")}"\n')
+    runner = CliRunner()
+    assert runner.invoke(cli, ["-n", "n1", "ps"]).output == PS_HEADER + "\n"
+    res = runner.invoke(cli, ["-n", "n2", "ps"])
+    assert res.exit_code == 1 and res.output == "Error: unknown node 'n2' (known: n1)\n"
+
+
+def test_local_mode_runs_in_process(podman_config: AgentConfig, tmp_path: Path,
+                                    hello_image: str, monkeypatch: pytest.MonkeyPatch,
+                                    podman_cleanup: object) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[podman]\nsocket = "{podman_config.podman.socket}"\n'
+                    f'[state]\ndir = "{podman_config.state_dir}"\n')
+    monkeypatch.setenv("MCP_AGENT_CONFIG", str(conf))
+    svc = f"c{uuid.uuid4().hex[:8]}"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["deploy", "--local", str(definition(tmp_path, svc, hello_image))])
+    assert res.exit_code == 0, res.output
+    agent = Agent(podman_config)
+    podman_cleanup.add(agent.owner)  # type: ignore[attr-defined]
+    rows = json.loads(runner.invoke(cli, ["--local", "--json", "ps"]).output)
+    assert [(r["service"], r["state"]) for r in rows] == [(svc, "running")]
+    assert runner.invoke(cli, ["--local", "undeploy", svc]).output == f"undeployed {svc}\n"
+    agent.close()
+
+
+def test_pure_helpers() -> None:
+    assert fmt_uptime(5, "running") == "5s"
+    assert fmt_uptime(125, "running") == "2m05s"
+    assert fmt_uptime(7260, "running") == "2h01m"
+    assert fmt_uptime(90000, "running") == "1d01h"
+    assert fmt_uptime(5, "stopped") == "-"
+    assert table(["A", "BB"], [["xyz", "1"]]) == "A    BB\nxyz  1"
+    assert split_backend("b.svc.example.net:8443") == ("b.svc.example.net", 8443)

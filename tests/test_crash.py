@@ -1,0 +1,139 @@
+"""SIGKILL the agent daemon mid-deploy, start it again: the registry still matches
+what podman runs. No row is lost, and every container with the agent's label is
+either adopted (a registry component) or reported as an orphan."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from podman_env import free_port, podman_cli, wait_http
+
+from mcp_node.client import Client
+from mcp_node.errors import MCPError
+from mcp_node.runtime import LABEL_OWNER
+
+
+class Daemon:
+    def __init__(self, state: Path, config: Path) -> None:
+        self.state, self.config = state, config
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Client:
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.config),
+             "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=open(self.state.parent / "agent.log", "ab"),
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc.poll() is None, (self.state.parent / "agent.log").read_text()
+            token = self.state / "token"
+            if token.exists():
+                client = Client(f"http://127.0.0.1:{self.port}", token.read_text().strip())
+                try:
+                    client.get("/v1/health")
+                    return client
+                except MCPError:
+                    pass
+            assert time.monotonic() < deadline, "agent did not come up"
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, podman_socket: str, podman_cleanup: object) -> Iterator[Daemon]:
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[podman]\nsocket = "{podman_socket}"\n[monitor]\ninterval_s = 0.3\n')
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    d = Daemon(state, conf)
+    try:
+        yield d
+    finally:
+        d.stop()
+        node_id = state / "node_id"
+        if node_id.exists():
+            podman_cleanup.add(node_id.read_text().strip())  # type: ignore[attr-defined]
+
+
+def owned(owner: str) -> list[str]:
+    out = podman_cli("ps", "-a", "--format", "{{.Names}}", "--filter",
+                     f"label={LABEL_OWNER}={owner}").stdout
+    return sorted(out.split())
+
+
+def test_sigkill_mid_deploy_leaves_registry_consistent(daemon: Daemon,
+                                                       hello_image: str) -> None:
+    client = daemon.start()
+    owner = (daemon.state / "node_id").read_text().strip()
+    svc = f"k{uuid.uuid4().hex[:8]}"
+    body = {"name": svc, "components": [
+        {"name": f"c{i}", "image": hello_image, "env": [f"MESSAGE={i}"],
+         "routes": [{"port": 8080}]} for i in range(5)]}
+
+    def deploy() -> None:
+        try:
+            client.post("/v1/services", body)
+        except MCPError:
+            pass  # the agent dies under it
+
+    t = threading.Thread(target=deploy, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not owned(owner):
+        assert time.monotonic() < deadline, "deploy never created a container"
+        time.sleep(0.02)
+    daemon.kill()
+    t.join(timeout=30)
+    before = owned(owner)
+    assert 1 <= len(before) <= 5
+    print(f"killed with {len(before)} of 5 containers created")
+
+    client = daemon.start()
+    rows = client.get("/v1/services")
+    comps = {r["component"] for r in rows if r["service"] == svc}
+    # The registry row was written before the first container: nothing lost.
+    assert comps == {f"c{i}" for i in range(5)}
+    health = client.get("/v1/health")
+    for name in owned(owner):
+        comp = name.removeprefix(f"mcp-{svc}-")
+        adopted = comp in comps
+        reported = f"{svc}/{comp} (container)" in health["orphans"]
+        assert adopted or reported, name
+    status = client.get(f"/v1/services/{svc}")
+    not_running = [c["component"] for c in status["components"] if c["state"] != "running"]
+    # Whatever did not get to run is flagged as drift, not silently missing.
+    assert all(c["drift"] for c in status["components"] if c["state"] != "running")
+    assert status["drift"] == bool(not_running)
+
+    # Deploying again converges: everything runs and answers.
+    client.post("/v1/services", body)
+    final = client.get(f"/v1/services/{svc}")
+    assert final["drift"] is False
+    for c in final["components"]:
+        assert c["state"] == "running"
+        assert wait_http(c["routes"][0]["host_port"]) == f"hello from {c['component'][1:]}\n"
+    assert owned(owner) == sorted(f"mcp-{svc}-c{i}" for i in range(5))

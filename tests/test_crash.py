@@ -4,6 +4,7 @@ either adopted (a registry component) or reported as an orphan."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,11 +30,12 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Client:
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.config),
-             "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=open(self.state.parent / "agent.log", "ab"),
-        )
+        with open(self.state.parent / "agent.log", "ab") as logf:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.config),
+                 "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}"],
+                stdout=subprocess.DEVNULL, stderr=logf,
+            )
         deadline = time.monotonic() + 30
         while True:
             assert self.proc.poll() is None, (self.state.parent / "agent.log").read_text()
@@ -95,10 +97,8 @@ def test_sigkill_mid_deploy_leaves_registry_consistent(daemon: Daemon,
          "routes": [{"port": 8080}]} for i in range(5)]}
 
     def deploy() -> None:
-        try:
+        with contextlib.suppress(MCPError):  # the agent dies under it
             client.post("/v1/services", body)
-        except MCPError:
-            pass  # the agent dies under it
 
     t = threading.Thread(target=deploy, daemon=True)
     t.start()

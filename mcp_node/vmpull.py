@@ -1,0 +1,114 @@
+"""Extract a component's ELF from an OCI image with the podman CLI.
+
+``podman create`` + ``podman cp`` + ``podman rm`` works as root and rootless,
+needs no OCI runtime (nothing is started) and no image mount privileges.
+The image's own command (Entrypoint/Cmd) decides the program's arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import ImageError
+from .vmimage import elf_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PulledELF:
+    image: str
+    binary: str                     # path inside the image
+    argv: tuple[str, ...]           # arguments after argv[0]
+    image_id: str
+    elf_sha256: str
+
+
+def podman_argv(podman: str, *args: str) -> list[str]:
+    return [podman, *args]
+
+
+class Podman:
+    """The podman CLI, logged; CONTAINERS_CONF from config when set."""
+
+    def __init__(self, binary: str = "podman", containers_conf: str = "") -> None:
+        self.binary = binary
+        self.env = dict(os.environ)
+        if containers_conf:
+            self.env["CONTAINERS_CONF"] = containers_conf
+
+    def run(self, *args: str, timeout: float = 120, check: bool = True
+            ) -> subprocess.CompletedProcess[bytes]:
+        argv = podman_argv(self.binary, *args)
+        log.info("run: %s", " ".join(argv))
+        try:
+            proc = subprocess.run(argv, capture_output=True, timeout=timeout, env=self.env,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ImageError(f"podman {args[0]} failed: {exc}") from exc
+        if check and proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip()[-600:]
+            raise ImageError(f"podman {' '.join(args[:2])} exited {proc.returncode}: {err}")
+        return proc
+
+
+def choose_binary(spec_binary: str, component: str, entrypoint: list[str], cmd: list[str],
+                  spec_cmd: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The ELF path and its arguments: ``binary``, else Entrypoint[0], else
+    /usr/local/bin/<component>. Arguments: the definition's cmd, else the image's."""
+    if spec_binary:
+        return spec_binary, tuple(spec_cmd)
+    if entrypoint:
+        return entrypoint[0], (*entrypoint[1:], *(spec_cmd or cmd))
+    return f"/usr/local/bin/{component}", tuple(spec_cmd)
+
+
+def extract_elf(podman: Podman, image: str, spec_binary: str, component: str,
+                spec_cmd: tuple[str, ...], dest: Path) -> PulledELF:
+    """Pull ``image`` if needed and copy its ELF to ``dest`` (atomically)."""
+    if podman.run("image", "exists", image, check=False).returncode != 0:
+        podman.run("pull", image, timeout=600)
+    raw = podman.run("image", "inspect", "--format", "json", image).stdout
+    try:
+        info = json.loads(raw)[0]
+    except (ValueError, IndexError, KeyError) as exc:
+        raise ImageError(f"podman image inspect {image}: unreadable output") from exc
+    conf = info.get("Config") or {}
+    binary, argv = choose_binary(spec_binary, component, conf.get("Entrypoint") or [],
+                                 conf.get("Cmd") or [], spec_cmd)
+    if not PurePosixPath(binary).is_absolute():
+        raise ImageError(f"binary {binary!r} of image {image} is not an absolute path")
+    name = f"mcp-extract-{secrets.token_hex(6)}"
+    podman.run("create", "--pull=never", "--name", name, "--entrypoint", "/mcp-extract", image)
+    try:
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            out = Path(tmp) / "app"
+            path = binary
+            for _hop in range(8):   # follow symlinks inside the image
+                proc = podman.run("cp", f"{name}:{path}", str(out), check=False)
+                if proc.returncode != 0:
+                    err = proc.stderr.decode(errors="replace").strip()[-300:]
+                    raise ImageError(f"{binary} not found in image {image}: {err}")
+                if not out.is_symlink():
+                    break
+                target = PurePosixPath(os.readlink(out))
+                out.unlink()
+                path = str(target if target.is_absolute() else PurePosixPath(path).parent / target)
+            if out.is_symlink() or not out.is_file():
+                raise ImageError(f"{binary} in image {image} is not a regular file")
+            data = out.read_bytes()
+            elf_info(data, f"{binary} in image {image}")
+            os.chmod(out, 0o755)  # noqa: S103 - an executable
+            os.replace(out, dest)
+    finally:
+        podman.run("rm", "-f", name, check=False)
+    return PulledELF(image=image, binary=binary, argv=argv, image_id=info.get("Id", ""),
+                     elf_sha256=hashlib.sha256(data).hexdigest())

@@ -234,8 +234,10 @@ class CaddyRouter:
         return found
 
     def list_routes(self) -> dict[str, ProxyRoute]:
-        routes = self._call("GET", f"/config/apps/http/servers/{SERVER}/routes") or []
-        files = self._call("GET", "/config/apps/tls/certificates/load_files") or []
+        # One GET of the apps tree: deeper paths are a 400 on a Caddy that lacks them.
+        apps = self._call("GET", "/config/apps") or {}
+        routes = _dig(apps, "http", "servers", SERVER, "routes") or []
+        files = _dig(apps, "tls", "certificates", "load_files") or []
         certs = {}
         for entry in files:
             cid = entry.get("@id", "") if isinstance(entry, dict) else ""
@@ -251,6 +253,14 @@ class CaddyRouter:
     def config_size(self) -> int:
         """Bytes of Caddy's whole JSON config (benchmarks)."""
         return len(json.dumps(self._call("GET", "/config/")))
+
+
+def _dig(obj: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(k)
+    return obj
 
 
 def make_router(backend: str, admin_url: str, https_port: int, cert_dir: Path,

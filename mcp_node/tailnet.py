@@ -105,8 +105,20 @@ def resolve(hostname: str, nameservers: Sequence[str] = (), timeout: float = 3.0
     return out
 
 
+def normalize(address: str) -> str:
+    """IPv4-mapped IPv6 as plain IPv4 (what the proxy should dial); others unchanged."""
+    try:
+        addr = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
 def check_tailnet(hostname: str, addresses: Iterable[str]) -> list[str]:
-    """The addresses if every one is on the Tailnet; else DNSCheckError naming the others."""
+    """The (normalized) addresses if every one is on the Tailnet; else DNSCheckError
+    naming the others."""
     addrs = list(dict.fromkeys(addresses))
     if not addrs:
         raise DNSCheckError(f"{hostname} has no A or AAAA records")
@@ -116,7 +128,7 @@ def check_tailnet(hostname: str, addresses: Iterable[str]) -> list[str]:
             f"{hostname} resolves to {', '.join(outside)}, not on the Tailnet "
             f"({TAILNET_V4}, {TAILNET_V6}); all addresses: {', '.join(addrs)}"
         )
-    return addrs
+    return list(dict.fromkeys(normalize(a) for a in addrs))
 
 
 def resolve_tailnet(hostname: str, nameservers: Sequence[str] = (),

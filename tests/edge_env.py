@@ -134,6 +134,8 @@ class Proc:
 class TestCA:
     """A throwaway CA made with cryptography (backend certs, Pebble's own HTTPS)."""
 
+    __test__ = False
+
     name: str
     key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(
         ec.SECP256R1()))

@@ -70,7 +70,8 @@ class Agent:
         self.monitor = Monitor(self.registry, self._listable, config.monitor, self._on_refresh)
         if monitor:
             self.monitor.start()
-            self._reconcile_edge()
+            if self.registry.list_edge_routes():
+                self._reconcile_edge()
 
     # -- runtimes -----------------------------------------------------------
 
@@ -344,13 +345,15 @@ class Agent:
     def _on_refresh(self, view: View) -> None:
         """After each monitor round: edge checks, renewals on their own timer, health."""
         now = time.time()
-        if self.monitor.running and now - self._edge_checked >= \
-                self.config.monitor.edge_interval_s:
+        # A node without edge routes is no edge node: its proxy and CA are not its concern,
+        # and the edge modules (cryptography, dnspython) are not even loaded.
+        has_routes = self._edge is not None or bool(self.registry.list_edge_routes())
+        if has_routes and self.monitor.running and \
+                now - self._edge_checked >= self.config.monitor.edge_interval_s:
             self._edge_checked = now
-            if self.registry.list_edge_routes():
-                self._reconcile_edge()
+            self._reconcile_edge()
         try:
-            self._edge_reasons = self.edge.health()
+            self._edge_reasons = self.edge.health() if has_routes else []
         except Exception as exc:  # a broken edge degrades health, never breaks it
             self._edge_reasons = [f"edge: {exc}"]
         self._health = self._compute_health(view)

@@ -1,0 +1,133 @@
+"""Shared set-up for the benchmarks: a podman service, an agent daemon, timing helpers.
+
+Everything started here is stopped by pid, and every container created is
+labelled with the benchmark agent's owner id and removed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+TOP = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOP))
+os.environ.setdefault("CONTAINERS_CONF", str(TOP / "scripts" / "containers.conf"))
+BIN = Path(sys.executable).parent
+
+from mcp_node.client import Client  # noqa: E402
+from mcp_node.errors import MCPError  # noqa: E402
+from mcp_node.podman import PodmanService  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hello_image(tag: str = "v1") -> str:
+    out = subprocess.run([str(TOP / "scripts" / "build_test_image.sh"), tag], check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Bed:
+    """A podman service and an agent daemon in a temporary directory."""
+
+    def __init__(self, monitor_interval: float = 5.0) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="mcp-bench-"))
+        self.podman = PodmanService(self.dir / "podman", os.environ["CONTAINERS_CONF"])
+        self.podman.ensure()
+        self.state = self.dir / "state"
+        self.state.mkdir(mode=0o700)
+        self.config = self.dir / "agent.toml"
+        self.config.write_text(f'[podman]\nsocket = "{self.podman.url}"\n'
+                               f'[monitor]\ninterval_s = {monitor_interval}\n')
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {**os.environ, "XDG_CONFIG_HOME": str(self.dir / "cfg"),
+                    "MCP_AGENT": self.url, "MCP_TOKEN_FILE": str(self.state / "token")}
+
+    def start_agent(self) -> Client:
+        with open(self.dir / "agent.log", "ab") as logf:
+            self.proc = subprocess.Popen(
+                [str(BIN / "mcp-agent"), "--config", str(self.config), "--state-dir",
+                 str(self.state), "--listen", f"127.0.0.1:{self.port}", "--log-level",
+                 "warning"], stdout=subprocess.DEVNULL, stderr=logf)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            token = self.state / "token"
+            if token.exists():
+                client = Client(self.url, token.read_text().strip())
+                with contextlib.suppress(MCPError):
+                    client.get("/v1/health")
+                    return client
+            time.sleep(0.05)
+        raise SystemExit("agent did not start; see " + str(self.dir / "agent.log"))
+
+    @property
+    def owner(self) -> str:
+        return (self.state / "node_id").read_text().strip()
+
+    def mcp(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "mcp"), *args], env=self.env, capture_output=True,
+                              text=True, check=True)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        with contextlib.suppress(FileNotFoundError):
+            owner = self.owner
+            ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label=mcp.owner={owner}"],
+                                 capture_output=True, text=True).stdout.split()
+            if ids:
+                subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True)
+        self.podman.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Bed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def bed(monitor_interval: float = 5.0) -> Iterator[Bed]:
+    b = Bed(monitor_interval)
+    try:
+        yield b
+    finally:
+        b.close()

@@ -1,0 +1,81 @@
+"""deploy_overhead: `mcp deploy` of one container through the agent vs a direct
+podman-py run of the same container (target: ratio <= 1.3).
+
+Both sides are measured as a user meets them, from a fresh process until the
+container runs: the `mcp` CLI talking to the agent, and a Python process that
+imports podman-py and runs the container. The in-process API figure (client
+call only) is printed too, to show where the time goes.
+Run: .venv/bin/python bench/deploy_overhead.py [ROUNDS]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+from common import BIN, bed, hello_image, median, timed
+
+DIRECT = """
+import sys
+from podman import PodmanClient
+name, image, port, url = sys.argv[1:5]
+with PodmanClient(base_url=url) as c:
+    ctr = c.containers.create(image, name=name, environment={"PORT": port},
+        ports={f"{port}/tcp": ("127.0.0.1", int(port))},
+        labels={"mcp.managed": "true", "mcp.owner": sys.argv[5]})
+    ctr.start()
+"""
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+    image = hello_image()
+    with bed() as b:
+        client = b.start_agent()
+        owner = b.owner
+        tmp = b.dir
+        from podman import PodmanClient
+
+        pc = PodmanClient(base_url=b.podman.url)
+        cli_t, api_t, direct_t, inproc_t = [], [], [], []
+        for i in range(rounds):
+            svc = f"bench{uuid.uuid4().hex[:6]}"
+            path = tmp / f"{svc}.toml"
+            path.write_text(f'name = "{svc}"\n[[components]]\nname = "web"\n'
+                            f'image = "{image}"\n[[components.routes]]\nport = 8080\n')
+            cli_t.append(timed(lambda p=path: b.mcp("deploy", str(p))))
+            b.mcp("undeploy", svc)
+
+            body = {"name": svc, "components": [{"name": "web", "image": image,
+                                                 "routes": [{"port": 8080}]}]}
+            api_t.append(timed(lambda body=body: client.post("/v1/services", body)))
+            client.delete(f"/v1/services/{svc}")
+
+            name = f"mcp-direct-{svc}"
+            port = str(20000 + i)
+            direct_t.append(timed(lambda n=name, p=port: subprocess.run(
+                [str(BIN / "python"), "-c", DIRECT, n, image, p, b.podman.url, owner],
+                check=True)))
+            subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True)
+
+            def inproc(n: str = name + "-i", p: int = 21000 + i) -> None:
+                ctr = pc.containers.create(image, name=n, environment={"PORT": str(p)},
+                                           ports={f"{p}/tcp": ("127.0.0.1", p)},
+                                           labels={"mcp.managed": "true", "mcp.owner": owner})
+                ctr.start()
+            inproc_t.append(timed(inproc))
+            subprocess.run(["podman", "rm", "-f", "-t", "0", name + "-i"], capture_output=True)
+    cli, api, direct = median(cli_t), median(api_t), median(direct_t)
+    inp = median(inproc_t)
+    print(f"deploy_overhead rounds={rounds}")
+    print(f"  direct podman-py run (fresh process): {direct * 1000:8.1f} ms")
+    print(f"  mcp deploy via agent (fresh process): {cli * 1000:8.1f} ms")
+    print(f"  POST /v1/services (client in-process): {api * 1000:8.1f} ms")
+    print(f"  direct podman-py run (in-process):    {inp * 1000:8.1f} ms")
+    print(f"  ratio mcp deploy / direct = {cli / direct:.2f}x (target <= 1.3x)")
+    print(f"  ratio POST /v1/services / in-process podman-py = {api / inp:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

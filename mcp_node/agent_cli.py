@@ -82,7 +82,8 @@ def main(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
 def run_daemon(cfg: AgentConfig) -> None:
     from .agent import Agent
     from .auth import tokens_path
-    from .server import check_listen, serve
+    from .httpapi import check_listen
+    from .server import serve
 
     log = logging.getLogger("mcp_node.agent_cli")
     stop = threading.Event()

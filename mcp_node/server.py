@@ -15,7 +15,6 @@ a generic message and the traceback in the log only.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import socket
@@ -27,12 +26,23 @@ from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote
 
 from . import __version__, openapi
 from .auth import Token, TokenStore, token_file_path
 from .config import AgentConfig
 from .errors import MCPError, ValidationError
+from .httpapi import (
+    HTTPError,
+    LogOpener,
+    Params,
+    check_listen,
+    edge_setup_args,
+    parse_bool,
+    parse_json,
+    parse_query,
+    resolve,
+    tls_context,
+)
 from .servicedef import check_hostname, check_name, from_dict
 
 if TYPE_CHECKING:
@@ -48,150 +58,10 @@ MAX_HEADERS = 100
 IDLE_TIMEOUT_S = 120.0
 SHUTDOWN_GRACE_S = 10.0
 MAX_LOG_BYTES = 64 << 20
-
-
-class HTTPError(MCPError):
-    """A protocol-level refusal with its own status and code."""
-
-    def __init__(self, status: int, code: str, message: str, *, close: bool = False,
-                 headers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.close = close
-        self.headers = headers
-
-
-# -- listen address -------------------------------------------------------------
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port)."""
-    host, sep, port_s = value.rpartition(":")
-    if not sep or not port_s.isdigit() or int(port_s) > 65535:
-        raise ValidationError(f"{value!r} is not HOST:PORT", "server.listen")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        raise ValidationError(f"{value!r} has no host", "server.listen")
-    return host, int(port_s)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_listen(config: AgentConfig) -> tuple[str, int]:
-    """The bind address; a non-loopback one only with TLS (tokens must not cross a wire bare)."""
-    host, port = parse_listen(config.server.listen)
-    if not is_loopback(host) and not (config.server.tls_cert and config.server.tls_key):
-        raise ValidationError(
-            f"{config.server.listen} is not a loopback address; listening on it needs "
-            "server.tls_cert and server.tls_key (HTTPS)", "server.listen")
-    return ("127.0.0.1" if host == "localhost" else host), port
-
-
-def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
-    if not (config.server.tls_cert and config.server.tls_key):
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(config.server.tls_cert, config.server.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ValidationError(f"cannot load TLS certificate/key: {exc}",
-                              "server.tls_cert") from exc
-    return ctx
-
-
-# -- routing ----------------------------------------------------------------------
-
-
-Params = dict[str, str]
-
-
-class Route:
-    __slots__ = ("method", "template", "segments", "role", "handler", "query")
-
-    def __init__(self, method: str, template: str, role: str | None, handler: str,
-                 query: tuple[str, ...] = ()) -> None:
-        self.method = method
-        self.template = template
-        self.segments = template.strip("/").split("/")
-        self.role = role
-        self.handler = handler
-        self.query = query
-
-    def match(self, segs: list[str]) -> Params | None:
-        if len(segs) != len(self.segments):
-            return None
-        params: Params = {}
-        for want, got in zip(self.segments, segs, strict=True):
-            if want[0] == "{":
-                params[want[1:-1]] = got
-            elif want != got:
-                return None
-        return params
-
-
-ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/health", "reader", "h_health"),
-    Route("GET", "/v1/openapi.json", None, "h_openapi"),
-    Route("GET", "/v1/services", "reader", "h_ps"),
-    Route("POST", "/v1/services", "operator", "h_deploy"),
-    Route("GET", "/v1/services/{name}", "reader", "h_status"),
-    Route("DELETE", "/v1/services/{name}", "operator", "h_undeploy"),
-    Route("POST", "/v1/services/{name}/stop", "operator", "h_lifecycle"),
-    Route("POST", "/v1/services/{name}/start", "operator", "h_lifecycle"),
-    Route("POST", "/v1/services/{name}/restart", "operator", "h_lifecycle"),
-    Route("GET", "/v1/services/{name}/logs", "reader", "h_logs",
-          query=("component", "tail", "follow")),
-    Route("GET", "/v1/edge-routes", "reader", "h_edge_list"),
-    Route("POST", "/v1/edge-routes", "master", "h_edge_setup"),
-    Route("DELETE", "/v1/edge-routes/{hostname}", "master", "h_edge_remove"),
-)
-
-_STATIC: dict[str, dict[str, Route]] = {}
-for _r in ROUTES:
-    if "{" not in _r.template:
-        _STATIC.setdefault(_r.template, {})[_r.method] = _r
-_DYNAMIC = tuple(r for r in ROUTES if "{" in r.template)
-
-
-def resolve(method: str, path: str) -> tuple[Route, Params]:
-    """The route for ``method path``: HTTPError 404, 405 or 400 (bad segment)."""
-    by_method = _STATIC.get(path)
-    params: Params = {}
-    if by_method is None:
-        segs = path.strip("/").split("/")
-        try:
-            segs = [unquote(s, errors="strict") for s in segs]
-        except UnicodeDecodeError as exc:
-            raise HTTPError(400, "invalid", "path is not valid UTF-8") from exc
-        if any(s in (".", "..") or "/" in s or "\x00" in s for s in segs):
-            raise ValidationError("path segments must not be '.', '..' or contain '/'", "path")
-        by_method = {}
-        for r in _DYNAMIC:
-            p = r.match(segs)
-            if p is not None:
-                by_method[r.method] = r
-                params = p
-    if not by_method:
-        raise HTTPError(404, "not_found", f"no such endpoint: {path[:200]}")
-    route = by_method.get(method)
-    if route is None:
-        allow = ", ".join(sorted(by_method))
-        raise HTTPError(405, "method_not_allowed", f"{method} not allowed here; use {allow}",
-                        headers=(("Allow", allow),))
-    return route, params
-
-
-# -- request helpers -----------------------------------------------------------------
+FOLLOW_HEADERS_AFTER_S = 1.0
+LINGER_S = 2.0
+LINGER_BYTES = 4 << 20
+_ACCESS_FMT = "http method=%s path=%s status=%d bytes=%d ms=%.2f token=%s peer=%s"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -200,63 +70,6 @@ def _dumps(obj: Any) -> bytes:
 
 def _error_body(code: str, message: str) -> bytes:
     return _dumps({"error": {"code": code, "message": message}})
-
-
-def parse_json(body: bytes) -> Any:
-    if not body:
-        raise ValidationError("request body is empty; expected JSON", "body")
-    try:
-        return json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ValidationError("request body is not UTF-8", "body") from exc
-    except RecursionError as exc:
-        raise ValidationError("request body is nested too deeply", "body") from exc
-    except ValueError as exc:
-        raise ValidationError(f"malformed JSON: {exc}", "body") from exc
-
-
-def parse_bool(value: str, field: str) -> bool:
-    v = value.lower()
-    if v in ("", "0", "false", "no"):
-        return False
-    if v in ("1", "true", "yes"):
-        return True
-    raise ValidationError(f"{value[:40]!r} is not a boolean (true/false/1/0)", field)
-
-
-def parse_query(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
-    if not query:
-        return {}
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True,
-                          errors="strict", max_num_fields=20)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValidationError(f"malformed query string: {exc}", "query") from exc
-    out: dict[str, str] = {}
-    for k, v in pairs:
-        if k not in allowed:
-            raise ValidationError(f"unknown query parameter {k[:40]!r}", "query")
-        if k in out:
-            raise ValidationError(f"query parameter {k!r} given twice", "query")
-        out[k] = v
-    return out
-
-
-def edge_setup_args(data: Any) -> tuple[str, str, int, bool]:
-    if not isinstance(data, dict):
-        raise ValidationError("must be an object", "body")
-    unknown = sorted(set(data) - {"hostname", "backend_hostname", "backend_port", "backend_tls"})
-    if unknown:
-        raise ValidationError("unknown key", str(unknown[0])[:40])
-    hostname = check_hostname(data.get("hostname"), "hostname")
-    backend = check_hostname(data.get("backend_hostname"), "backend_hostname")
-    port = data.get("backend_port")
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValidationError("must be an integer 1-65535", "backend_port")
-    tls = data.get("backend_tls", True)
-    if not isinstance(tls, bool):
-        raise ValidationError("must be a boolean", "backend_tls")
-    return hostname, backend, port, tls
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -292,6 +105,22 @@ class Handler(BaseHTTPRequestHandler):
         self.server.track(self.request, False)
         with contextlib.suppress(OSError):
             super().finish()
+        if self._linger:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Lingering close: closing with an unread body would send a TCP RST that can
+        destroy our error response in the client's buffer, so half-close and discard
+        what the client still sends, bounded in bytes and time."""
+        with contextlib.suppress(OSError):
+            self.request.shutdown(socket.SHUT_WR)
+            self.request.settimeout(LINGER_S)
+            left, deadline = LINGER_BYTES, time.monotonic() + LINGER_S
+            while left > 0 and time.monotonic() < deadline:
+                data = self.request.recv(65536)
+                if not data:
+                    break
+                left -= len(data)
 
     # -- wire --------------------------------------------------------------------
 
@@ -304,7 +133,7 @@ class Handler(BaseHTTPRequestHandler):
         if len(line) > MAX_LINE:
             raise HTTPError(414, "uri_too_long", "request line too long", close=True)
         parts = line.decode("latin-1").split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             raise HTTPError(400, "bad_request", "malformed request line", close=True)
         method, target, version = parts
         if version not in ("HTTP/1.1", "HTTP/1.0"):
@@ -360,6 +189,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(exc.status, _error_body(exc.code, str(exc)), extra=extra)
 
     _token: Token | None = None
+    _linger = False
 
     def handle_one_request(self) -> None:
         self._status, self._bytes, self._token = 0, 0, None
@@ -368,6 +198,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             head = self._read_head()
         except HTTPError as exc:
+            self._linger = True
             self._send_error(exc)
             return
         except (TimeoutError, OSError, ssl.SSLError):
@@ -392,15 +223,19 @@ class Handler(BaseHTTPRequestHandler):
             self._log(method, target, started)
 
     def _log(self, method: str, target: str, started: float) -> None:
+        # One access line per request. makeRecord + handle instead of log.info: skips the
+        # caller lookup (stack walk), which cost a third of a /v1/health answer.
         if log.isEnabledFor(logging.INFO):
             path = target if target.isprintable() else repr(target)
             tok = self._token.name if self._token else "-"
-            log.info("http method=%s path=%s status=%d bytes=%d ms=%.2f token=%s peer=%s",
-                     method[:16], path[:300], self._status, self._bytes,
-                     (time.perf_counter() - started) * 1000, tok, self.client_address[0])
+            args = (method[:16], path[:300], self._status, self._bytes,
+                    (time.perf_counter() - started) * 1000, tok, self.client_address[0])
+            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _ACCESS_FMT, args,
+                                      None, "http"))
 
     def _dispatch(self, method: str, target: str, headers: dict[str, str]) -> None:
-        body_pending = "content-length" in headers or "transfer-encoding" in headers
+        body_pending = ("transfer-encoding" in headers
+                        or headers.get("content-length", "0") not in ("", "0"))
         try:
             if not target.startswith("/"):
                 raise HTTPError(400, "bad_request", "request target must be a path", close=True)
@@ -417,7 +252,7 @@ class Handler(BaseHTTPRequestHandler):
             handler(params, q, body)
         except MCPError as exc:
             if body_pending:
-                self.close_connection = True  # unread body left on the wire
+                self.close_connection = self._linger = True  # unread body left on the wire
             self._send_error(exc)
         except (BrokenPipeError, ConnectionResetError):
             raise
@@ -495,19 +330,32 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValidationError(f"{t[:20]!r} is not a non-negative integer", "tail")
             tail = int(t)
         follow = parse_bool(query.get("follow", ""), "follow")
-        chunks = self.agent.logs(name, component, tail, follow)
-        if not follow:
-            buf, size = [], 0
+        if follow:
+            self._follow(LogOpener(self.agent, name, component, tail))
+            return
+        chunks = self.agent.logs(name, component, tail, False)
+        buf: list[bytes] = []
+        size = 0
+        try:
             for c in chunks:
                 buf.append(c)
                 size += len(c)
                 if size > MAX_LOG_BYTES:
                     raise ValidationError(f"more than {MAX_LOG_BYTES} bytes; use tail", "tail")
-            self._send(200, b"".join(buf), "text/plain; charset=utf-8")
-            return
-        self._stream(chunks)
+        finally:
+            LogOpener._close(chunks)
+        self._send(200, b"".join(buf), "text/plain; charset=utf-8")
 
-    def _stream(self, chunks: Iterator[bytes]) -> None:
+    def _follow(self, opener: LogOpener) -> None:
+        """Errors the agent raises at once still become JSON errors; after a short wait
+        the 200 headers go out anyway, since podman answers a follow request only
+        when the first line arrives (the client would otherwise see nothing at all)."""
+        if opener.done.wait(FOLLOW_HEADERS_AFTER_S):
+            self._stream(opener.result())
+            return
+        self._stream(None, opener)
+
+    def _stream(self, chunks: Iterator[bytes] | None, opener: LogOpener | None = None) -> None:
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True
@@ -519,6 +367,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(head.encode("latin-1"))
         self._status = 200
         try:
+            if chunks is None:
+                assert opener is not None
+                if not opener.wait_or_hangup(self.request):
+                    self.close_connection = True
+                    return
+                chunks = opener.result()
             for c in chunks:
                 if not c:
                     continue
@@ -536,6 +390,8 @@ class Handler(BaseHTTPRequestHandler):
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+            if opener is not None:
+                opener.abandon()
 
     def h_edge_list(self, params: Params, query: dict[str, str], body: bytes) -> None:
         self._send_json(self.agent.edge.list())
@@ -568,7 +424,8 @@ class AgentServer(ThreadingHTTPServer):
         self.tokens = tokens
         self.ssl_context = ssl_context
         self._conns: set[socket.socket] = set()
-        self._cv = threading.Condition()
+        self._conns_lock = threading.Lock()
+        self._busy_lock = threading.Lock()
         self._busy = 0
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -587,17 +444,15 @@ class AgentServer(ThreadingHTTPServer):
         return path if path.exists() else None
 
     def track(self, sock: socket.socket, add: bool) -> None:
-        with self._cv:
+        with self._conns_lock:
             if add:
                 self._conns.add(sock)
             else:
                 self._conns.discard(sock)
 
     def busy(self, delta: int) -> None:
-        with self._cv:
+        with self._busy_lock:
             self._busy += delta
-            if self._busy == 0:
-                self._cv.notify_all()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection error peer=%r", client_address, exc_info=True)
@@ -615,8 +470,10 @@ class AgentServer(ThreadingHTTPServer):
         if self._thread is not None:
             super().shutdown()
             self._thread.join()
-        with self._cv:
-            self._cv.wait_for(lambda: self._busy == 0, timeout=SHUTDOWN_GRACE_S)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        while self._busy > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._conns_lock:
             conns = list(self._conns)
         for s in conns:
             with contextlib.suppress(OSError):

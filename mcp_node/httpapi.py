@@ -1,0 +1,286 @@
+"""Routing table, listen-address rules and request parsing of the HTTP API.
+
+Pure functions and small classes kept apart from ``server.py`` (the wire
+protocol and handlers) so that they can be unit-tested without sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote
+
+from .config import AgentConfig
+from .errors import MCPError, ValidationError
+from .servicedef import check_hostname
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+
+class HTTPError(MCPError):
+    """A protocol-level refusal with its own status and code."""
+
+    def __init__(self, status: int, code: str, message: str, *, close: bool = False,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.close = close
+        self.headers = headers
+
+
+# -- listen address -------------------------------------------------------------
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not port_s.isdigit() or int(port_s) > 65535:
+        raise ValidationError(f"{value!r} is not HOST:PORT", "server.listen")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValidationError(f"{value!r} has no host", "server.listen")
+    return host, int(port_s)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(config: AgentConfig) -> tuple[str, int]:
+    """The bind address; a non-loopback one only with TLS (tokens must not cross a wire bare)."""
+    host, port = parse_listen(config.server.listen)
+    if not is_loopback(host) and not (config.server.tls_cert and config.server.tls_key):
+        raise ValidationError(
+            f"{config.server.listen} is not a loopback address; listening on it needs "
+            "server.tls_cert and server.tls_key (HTTPS)", "server.listen")
+    return ("127.0.0.1" if host == "localhost" else host), port
+
+
+def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+    if not (config.server.tls_cert and config.server.tls_key):
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValidationError(f"cannot load TLS certificate/key: {exc}",
+                              "server.tls_cert") from exc
+    return ctx
+
+
+# -- routing ----------------------------------------------------------------------
+
+
+Params = dict[str, str]
+
+
+class Route:
+    __slots__ = ("method", "template", "segments", "role", "handler", "query")
+
+    def __init__(self, method: str, template: str, role: str | None, handler: str,
+                 query: tuple[str, ...] = ()) -> None:
+        self.method = method
+        self.template = template
+        self.segments = template.strip("/").split("/")
+        self.role = role
+        self.handler = handler
+        self.query = query
+
+    def match(self, segs: list[str]) -> Params | None:
+        if len(segs) != len(self.segments):
+            return None
+        params: Params = {}
+        for want, got in zip(self.segments, segs, strict=True):
+            if want[0] == "{":
+                params[want[1:-1]] = got
+            elif want != got:
+                return None
+        return params
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/health", "reader", "h_health"),
+    Route("GET", "/v1/openapi.json", None, "h_openapi"),
+    Route("GET", "/v1/services", "reader", "h_ps"),
+    Route("POST", "/v1/services", "operator", "h_deploy"),
+    Route("GET", "/v1/services/{name}", "reader", "h_status"),
+    Route("DELETE", "/v1/services/{name}", "operator", "h_undeploy"),
+    Route("POST", "/v1/services/{name}/stop", "operator", "h_lifecycle"),
+    Route("POST", "/v1/services/{name}/start", "operator", "h_lifecycle"),
+    Route("POST", "/v1/services/{name}/restart", "operator", "h_lifecycle"),
+    Route("GET", "/v1/services/{name}/logs", "reader", "h_logs",
+          query=("component", "tail", "follow")),
+    Route("GET", "/v1/edge-routes", "reader", "h_edge_list"),
+    Route("POST", "/v1/edge-routes", "master", "h_edge_setup"),
+    Route("DELETE", "/v1/edge-routes/{hostname}", "master", "h_edge_remove"),
+)
+
+_STATIC: dict[str, dict[str, Route]] = {}
+for _r in ROUTES:
+    if "{" not in _r.template:
+        _STATIC.setdefault(_r.template, {})[_r.method] = _r
+_DYNAMIC = tuple(r for r in ROUTES if "{" in r.template)
+
+
+def resolve(method: str, path: str) -> tuple[Route, Params]:
+    """The route for ``method path``: HTTPError 404, 405 or 400 (bad segment)."""
+    by_method = _STATIC.get(path)
+    params: Params = {}
+    if by_method is None:
+        segs = path.strip("/").split("/")
+        try:
+            segs = [unquote(s, errors="strict") for s in segs]
+        except UnicodeDecodeError as exc:
+            raise HTTPError(400, "invalid", "path is not valid UTF-8") from exc
+        if any(s in (".", "..") or "/" in s or "\x00" in s for s in segs):
+            raise ValidationError("path segments must not be '.', '..' or contain '/'", "path")
+        by_method = {}
+        for r in _DYNAMIC:
+            p = r.match(segs)
+            if p is not None:
+                by_method[r.method] = r
+                params = p
+    if not by_method:
+        raise HTTPError(404, "not_found", f"no such endpoint: {path[:200]}")
+    route = by_method.get(method)
+    if route is None:
+        allow = ", ".join(sorted(by_method))
+        raise HTTPError(405, "method_not_allowed", f"{method} not allowed here; use {allow}",
+                        headers=(("Allow", allow),))
+    return route, params
+
+
+# -- request helpers -----------------------------------------------------------------
+
+
+def parse_json(body: bytes) -> Any:
+    if not body:
+        raise ValidationError("request body is empty; expected JSON", "body")
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValidationError("request body is not UTF-8", "body") from exc
+    except RecursionError as exc:
+        raise ValidationError("request body is nested too deeply", "body") from exc
+    except ValueError as exc:
+        raise ValidationError(f"malformed JSON: {exc}", "body") from exc
+
+
+def parse_bool(value: str, field: str) -> bool:
+    v = value.lower()
+    if v in ("", "0", "false", "no"):
+        return False
+    if v in ("1", "true", "yes"):
+        return True
+    raise ValidationError(f"{value[:40]!r} is not a boolean (true/false/1/0)", field)
+
+
+def parse_query(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    if not query:
+        return {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True,
+                          errors="strict", max_num_fields=20)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"malformed query string: {exc}", "query") from exc
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        if k not in allowed:
+            raise ValidationError(f"unknown query parameter {k[:40]!r}", "query")
+        if k in out:
+            raise ValidationError(f"query parameter {k!r} given twice", "query")
+        out[k] = v
+    return out
+
+
+def edge_setup_args(data: Any) -> tuple[str, str, int, bool]:
+    if not isinstance(data, dict):
+        raise ValidationError("must be an object", "body")
+    unknown = sorted(set(data) - {"hostname", "backend_hostname", "backend_port", "backend_tls"})
+    if unknown:
+        raise ValidationError("unknown key", str(unknown[0])[:40])
+    hostname = check_hostname(data.get("hostname"), "hostname")
+    backend = check_hostname(data.get("backend_hostname"), "backend_hostname")
+    port = data.get("backend_port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValidationError("must be an integer 1-65535", "backend_port")
+    tls = data.get("backend_tls", True)
+    if not isinstance(tls, bool):
+        raise ValidationError("must be a boolean", "backend_tls")
+    return hostname, backend, port, tls
+
+
+class LogOpener:
+    """Calls ``agent.logs(..., follow=True)`` in a thread of its own, since it may block."""
+
+    def __init__(self, agent: Agent, name: str, component: str | None,
+                 tail: int | None) -> None:
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._it: Iterator[bytes] | None = None
+        self._exc: BaseException | None = None
+        threading.Thread(target=self._run, args=(agent, name, component, tail),
+                         name="mcp-logs-open", daemon=True).start()
+
+    def _run(self, agent: Agent, name: str, component: str | None, tail: int | None) -> None:
+        try:
+            it = agent.logs(name, component, tail, True)
+        except BaseException as exc:  # handed to the request thread
+            self._exc = exc
+        else:
+            with self._lock:
+                self._it = it
+                abandoned = self._abandoned
+            if abandoned:
+                self._close(it)
+        finally:
+            self.done.set()
+
+    @staticmethod
+    def _close(it: Iterator[bytes]) -> None:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+    def result(self) -> Iterator[bytes]:
+        if self._exc is not None:
+            raise self._exc
+        assert self._it is not None
+        return self._it
+
+    def wait_or_hangup(self, sock: socket.socket) -> bool:
+        """Wait for the opener; False if the client went away first."""
+        while not self.done.wait(0.5):
+            r, _, _ = select.select([sock], [], [], 0)
+            if r:
+                try:
+                    if not sock.recv(1, socket.MSG_PEEK):
+                        return False
+                except (OSError, ValueError):
+                    return False
+        return True
+
+    def abandon(self) -> None:
+        """Whoever finishes last closes the podman stream."""
+        with self._lock:
+            self._abandoned = True
+            it = self._it
+        if it is not None and self.done.is_set():
+            self._close(it)
+

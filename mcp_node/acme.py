@@ -223,8 +223,10 @@ class Http01Responder:
         except OSError as exc:
             raise IssuerError(f"cannot listen for HTTP-01 on port {self.port}: {exc}") from exc
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http01",
-                                        daemon=True)
+        server = self._server
+        # short poll: close() (shutdown) waits up to one poll interval
+        self._thread = threading.Thread(target=lambda: server.serve_forever(poll_interval=0.02),
+                                        name="http01", daemon=True)
         self._thread.start()
         log.info("HTTP-01 responder listening on port %d", self.port)
 

@@ -248,19 +248,38 @@ class EdgeManager:
                 present = self.router.list_routes()
             except ProxyError as exc:
                 return [f"cannot reconcile edge routes: {exc}"]
+            lost: list[EdgeRouteRecord] = []
             for rec in rows:
                 try:
                     if self._due(rec):
                         actions.append(self._renew(rec))
                     elif present.get(rec.hostname) != self._proxy_route(rec):
-                        self.router.add_route(self._proxy_route(rec))
-                        actions.append(f"re-registered edge route {rec.hostname}")
+                        lost.append(rec)
                 except EdgeError as exc:
                     log.warning("reconcile %s: %s", rec.hostname, exc)
                     actions.append(f"edge route {rec.hostname}: {exc}")
+            actions.extend(self._reregister(lost))
         for a in actions:
             log.info("%s", a)
         return actions
+
+    def _reregister(self, lost: builtins.list[EdgeRouteRecord]) -> builtins.list[str]:
+        """One batch into the proxy; if the batch fails, route by route to name the culprit."""
+        if not lost:
+            return []
+        try:
+            self.router.add_routes([self._proxy_route(r) for r in lost])
+            return [f"re-registered edge route {r.hostname}" for r in lost]
+        except EdgeError as exc:
+            log.warning("batch re-registration failed (%s); trying one by one", exc)
+        out = []
+        for rec in lost:
+            try:
+                self.router.add_route(self._proxy_route(rec))
+                out.append(f"re-registered edge route {rec.hostname}")
+            except EdgeError as exc:
+                out.append(f"edge route {rec.hostname}: {exc}")
+        return out
 
     def _renew(self, rec: EdgeRouteRecord) -> str:
         cert_file, key_file, serial, expires = self._issue(rec.hostname)

@@ -11,10 +11,13 @@ certificate files carry the serial in their name.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +31,15 @@ ROUTE_PREFIX = "mcp-edge-route-"
 CERT_PREFIX = "mcp-edge-cert-"
 TAG = "mcp-edge"
 _MISSING = object()
+_RETRIES = 5
+
+
+class _Reset(Exception):
+    """The admin connection was reset before an answer (Caddy swapping its listener)."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class ProxyRoute:
 
 class Router(Protocol):
     def add_route(self, route: ProxyRoute) -> None: ...
+    def add_routes(self, routes: Sequence[ProxyRoute]) -> None: ...
     def remove_route(self, hostname: str) -> bool: ...
     def list_routes(self) -> dict[str, ProxyRoute]: ...
     def cert_path(self, hostname: str, serial: str) -> Path: ...
@@ -133,8 +146,30 @@ class CaddyRouter:
     def key_path(self, hostname: str, serial: str) -> Path:
         return self.cert_dir / f"{hostname}.{serial}.key"
 
-    def _call(self, method: str, path: str, body: Any = None,
-              ok404: bool = False) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, ok404: bool = False,
+              created_id: str = "") -> Any:
+        """One admin request; a connection reset is retried (bounded).
+
+        Caddy replaces its admin listener on every config load, so a request
+        racing that swap can be reset without being handled. Every request we
+        make is idempotent except POST (append); a POST is only retried after
+        checking that its ``created_id`` did not land.
+        """
+        for attempt in range(_RETRIES):
+            try:
+                return self._once(method, path, body, ok404)
+            except _Reset as exc:
+                if attempt == _RETRIES - 1:
+                    raise ProxyError(f"Caddy admin API {self.admin_url} unreachable: "
+                                     f"{exc.reason}") from exc
+                log.debug("caddy %s %s reset (%s), retrying", method, path, exc.reason)
+                time.sleep(0.02 * (attempt + 1))
+                if method == "POST" and created_id and \
+                        self._call("GET", f"/id/{created_id}", ok404=True) is not None:
+                    return None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _once(self, method: str, path: str, body: Any, ok404: bool) -> Any:
         url = self.admin_url + path
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method,  # noqa: S310 - checked
@@ -149,8 +184,11 @@ class CaddyRouter:
             if exc.code == 404 and ok404:
                 return None if method == "GET" else _MISSING
             raise ProxyError(f"Caddy admin {method} {path}: HTTP {exc.code} {text}") from exc
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ConnectionResetError | BrokenPipeError
+                          | http.client.RemoteDisconnected):
+                raise _Reset(reason) from exc
             raise ProxyError(f"Caddy admin API {self.admin_url} unreachable: {reason}") from exc
         if not raw.strip():
             return None
@@ -162,9 +200,10 @@ class CaddyRouter:
     def ping(self) -> None:
         self._call("GET", "/config/")
 
-    def _ensure_skeleton(self) -> None:
+    def _ensure_skeleton(self, apps: dict[str, Any] | None = None) -> None:
         """Create our server and the load_files list where missing (a fresh Caddy has neither)."""
-        apps = self._call("GET", "/config/apps") or {}
+        if apps is None:
+            apps = self._call("GET", "/config/apps") or {}
         if not apps:
             self._call("PUT", "/config/apps", {
                 "http": {"servers": {SERVER: build_server(self.https_port)}},
@@ -196,7 +235,7 @@ class CaddyRouter:
             old_cert = self._call("GET", f"/id/{cert_id(route.hostname)}", ok404=True)
             if old_cert is None:
                 self._call("POST", "/config/apps/tls/certificates/load_files",
-                           build_cert_entry(route))
+                           build_cert_entry(route), created_id=cert_id(route.hostname))
             elif (old_cert.get("certificate"), old_cert.get("key")) != (route.cert_file,
                                                                           route.key_file):
                 self._call("PATCH", f"/id/{cert_id(route.hostname)}", build_cert_entry(route))
@@ -207,12 +246,12 @@ class CaddyRouter:
         self._ensure_skeleton()
         if self._call("GET", f"/id/{cert_id(route.hostname)}", ok404=True) is None:
             self._call("POST", "/config/apps/tls/certificates/load_files",
-                       build_cert_entry(route))
+                       build_cert_entry(route), created_id=cert_id(route.hostname))
         else:
             self._call("PATCH", f"/id/{cert_id(route.hostname)}", build_cert_entry(route))
         try:
             self._call("POST", f"/config/apps/http/servers/{SERVER}/routes",
-                       build_route(route, self.backend_ca))
+                       build_route(route, self.backend_ca), created_id=route_id(route.hostname))
         except ProxyError:
             try:
                 self._delete(f"/id/{cert_id(route.hostname)}")
@@ -222,6 +261,44 @@ class CaddyRouter:
             raise
         log.info("proxy route %s -> %s (%s)", route.hostname,
                  dial(route.backend_address, route.backend_port), route.backend_hostname)
+
+    def add_routes(self, routes: Sequence[ProxyRoute]) -> None:
+        """Register many routes with O(1) admin calls (e.g. into a restarted, empty Caddy).
+
+        Caddy re-provisions its whole config on every change, so adding n routes one by
+        one costs O(n^2); here absent routes go in with one append of each list
+        (``/...`` expands an array). Routes partly present are replaced one by one.
+        """
+        if not routes:
+            return
+        apps = self._call("GET", "/config/apps") or {}
+        self._ensure_skeleton(apps)
+        have = {r.get("@id") for r in _dig(apps, "http", "servers", SERVER, "routes") or []
+                if isinstance(r, dict)}
+        have |= {c.get("@id") for c in _dig(apps, "tls", "certificates", "load_files") or []
+                 if isinstance(c, dict)}
+        fresh = [r for r in routes
+                 if route_id(r.hostname) not in have and cert_id(r.hostname) not in have]
+        for r in routes:
+            if r not in fresh:
+                self.add_route(r)
+        if not fresh:
+            return
+        self._call("POST", "/config/apps/tls/certificates/load_files/...",
+                   [build_cert_entry(r) for r in fresh], created_id=cert_id(fresh[0].hostname))
+        try:
+            self._call("POST", f"/config/apps/http/servers/{SERVER}/routes/...",
+                       [build_route(r, self.backend_ca) for r in fresh],
+                       created_id=route_id(fresh[0].hostname))
+        except ProxyError:
+            for r in fresh:
+                try:
+                    self._delete(f"/id/{cert_id(r.hostname)}")
+                except ProxyError as exc:
+                    log.warning("rollback of certificate entry for %s failed: %s",
+                                r.hostname, exc)
+            raise
+        log.info("proxy: %d routes registered in one batch", len(fresh))
 
     def _delete(self, path: str) -> bool:
         """DELETE; False when there was nothing to delete (404)."""

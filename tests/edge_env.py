@@ -32,7 +32,6 @@ from typing import Any
 
 if __name__ != "__main__":
     import pytest
-    from conftest import need
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -466,9 +465,15 @@ if __name__ == "__main__":
 else:
     from mcp_node.config import AgentConfig, from_dict
 
+    def _need(*tools: str) -> None:
+        """conftest.need, imported late: benches import this module outside pytest."""
+        from conftest import need
+
+        need(*tools)
+
     @pytest.fixture(scope="session")
     def edge_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
-        need("dnsmasq")
+        _need("dnsmasq")
         d = Dnsmasq(tmp_path_factory.mktemp("dnsmasq")).start()
         yield d
         d.stop()
@@ -476,14 +481,14 @@ else:
     @pytest.fixture(scope="session")
     def pebble(tmp_path_factory: pytest.TempPathFactory, edge_dns: Dnsmasq) -> Iterator[Pebble]:
         """Shared Pebble doing real HTTP-01 validation (through dnsmasq to our responder)."""
-        need("pebble")
+        _need("pebble")
         p = Pebble(tmp_path_factory.mktemp("pebble"), edge_dns.port).start()
         yield p
         p.stop()
 
     @pytest.fixture
     def pebble_factory(tmp_path: Path, edge_dns: Dnsmasq) -> Iterator[Callable[..., Pebble]]:
-        need("pebble")
+        _need("pebble")
         started: list[Pebble] = []
 
         def make(**kw: Any) -> Pebble:
@@ -497,7 +502,7 @@ else:
 
     @pytest.fixture
     def caddy(tmp_path: Path) -> Iterator[Caddy]:
-        need("caddy")
+        _need("caddy")
         c = Caddy(tmp_path / "caddy").start()
         yield c
         c.stop()
@@ -509,7 +514,7 @@ else:
     @pytest.fixture(scope="session")
     def netns_backend(tmp_path_factory: pytest.TempPathFactory,
                       backend_ca: TestCA) -> Iterator[NetnsBackend]:
-        need("ip")
+        _need("ip")
         if os.geteuid() != 0:
             if os.environ.get("MCP_REQUIRE_INTEGRATION") == "1":
                 pytest.fail("network namespaces need root")

@@ -172,3 +172,24 @@ def test_caddy_down_is_proxy_error(tmp_path: Path, certfiles: tuple[Path, Path])
         router.ping()
     with pytest.raises(ProxyError, match="unreachable"):
         router.add_route(_route("www.example.net", certfiles))
+
+
+def test_add_routes_batch_is_constant_calls(caddy: Caddy, tmp_path: Path,
+                                            certfiles: tuple[Path, Path]) -> None:
+    router = CaddyRouter(caddy.admin_url, caddy.https_port, tmp_path)
+    small = [_route(f"s{i}.example.net", certfiles) for i in range(2)]
+    big = [_route(f"b{i}.example.net", certfiles) for i in range(40)]
+    before = router.admin_calls
+    router.add_routes(small)
+    first = router.admin_calls - before  # includes creating the skeleton
+    before = router.admin_calls
+    router.add_routes(big)
+    assert router.admin_calls - before <= first
+    assert router.list_routes() == {r.hostname: r for r in small + big}
+    # partly present: the changed one is replaced in place, nothing duplicated
+    moved = _route("s0.example.net", certfiles, port=9443)
+    router.add_routes([moved, small[1]])
+    got = router.list_routes()
+    assert got["s0.example.net"] == moved and len(got) == 42
+    routes = caddy.config()["apps"]["http"]["servers"][SERVER]["routes"]
+    assert len({r["@id"] for r in routes}) == len(routes) == 42

@@ -242,6 +242,7 @@ class EdgeManager:
         actions: builtins.list[str] = []
         with self._lock:
             rows = self.registry.list_edge_routes()
+            actions.extend(self._collect_orphans(rows))
             if not rows:
                 return actions
             try:
@@ -262,6 +263,19 @@ class EdgeManager:
         for a in actions:
             log.info("%s", a)
         return actions
+
+    def _collect_orphans(self, rows: builtins.list[EdgeRouteRecord]) -> builtins.list[str]:
+        """Certificate files no row refers to (a crash between writing and persisting)."""
+        cert_dir = self.edge_dir / "certs"
+        if not cert_dir.is_dir():
+            return []
+        keep = {p for r in rows for p in (r.cert_path, r.key_path)}
+        out = []
+        for f in sorted(cert_dir.iterdir()):
+            if f.is_file() and f.suffix in (".crt", ".key") and str(f) not in keep:
+                _unlink(f)
+                out.append(f"removed orphaned certificate file {f.name}")
+        return out
 
     def _reregister(self, lost: builtins.list[EdgeRouteRecord]) -> builtins.list[str]:
         """One batch into the proxy; if the batch fails, route by route to name the culprit."""

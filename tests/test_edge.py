@@ -317,3 +317,58 @@ def test_health_reasons(tmp_path: Path, caddy: Caddy, edge_dns: Dnsmasq,
     caddy.start()
     assert e.em.reconcile() == ["re-registered edge route h.example.net"]
     assert len(e.em.health()) == 1
+
+
+def test_remove_with_proxy_down_changes_nothing(edge: Edge) -> None:
+    host = "stay.example.net"
+    edge.em.setup(host, BACKEND_HOST, edge.backend.port)
+    rec = edge.em.registry.get_edge_route(host)
+    assert rec is not None
+    edge.caddy.stop()
+    with pytest.raises(ProxyError, match="proxy step failed"):
+        edge.em.remove(host)
+    assert edge.em.registry.get_edge_route(host) == rec
+    assert Path(rec.cert_path).exists() and Path(rec.key_path).exists()
+    edge.caddy.start()
+    assert edge.em.reconcile() == [f"re-registered edge route {host}"]
+    edge.em.remove(host)
+    edge.assert_nothing_for(host)
+
+
+def test_reconcile_removes_orphaned_cert_files(edge: Edge) -> None:
+    host = "orphan.example.net"
+    edge.em.setup(host, BACKEND_HOST, edge.backend.port)
+    stray = edge.cert_dir / "gone.example.net.abc.crt"
+    stray.write_text("left by a crash before the row was written")
+    assert edge.em.reconcile() == ["removed orphaned certificate file gone.example.net.abc.crt"]
+    assert not stray.exists()
+    rec = edge.em.registry.get_edge_route(host)
+    assert rec is not None and Path(rec.cert_path).exists()
+    edge.em.remove(host)
+
+
+def test_concurrent_setups_all_land(edge: Edge) -> None:
+    """The HTTP server is threaded: parallel setups must not lose each other's routes."""
+    import threading
+
+    hosts = [f"par{i}.example.net" for i in range(4)]
+    errors: list[BaseException] = []
+
+    def run(h: str) -> None:
+        try:
+            edge.em.setup(h, BACKEND_HOST, edge.backend.port)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert sorted(r["hostname"] for r in edge.em.list()) == hosts
+    assert sorted(edge.em.router.list_routes()) == hosts
+    for h in hosts:
+        status, body, _ = edge.get(h)
+        assert status == 200 and body.startswith(BACKEND_BODY)
+        edge.em.remove(h)

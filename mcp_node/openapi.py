@@ -98,7 +98,7 @@ def _paths() -> dict[str, dict[str, Any]]:
                        "reader", status, params=[NAME_PARAM],
                        errors=("400", "401", "404", "500")),
             "delete": _op("Undeploy", "Remove the service's workloads and registry rows",
-                          "operator", _json(_ref("Removed"), "Removed"), params=[NAME_PARAM],
+                          "operator", _json(_ref("Undeployed"), "Undeployed"), params=[NAME_PARAM],
                           errors=_SERVICE_ERRORS),
         },
         "/v1/services/{name}/stop": {"post": _op(
@@ -126,7 +126,7 @@ def _paths() -> dict[str, dict[str, Any]]:
         },
         "/v1/edge-routes/{hostname}": {"delete": _op(
             "RemoveEdgeRoute", "Remove an edge route", "master",
-            _json(_ref("Removed"), "Removed"), params=[HOSTNAME_PARAM],
+            _json(_ref("RouteRemoved"), "Removed"), params=[HOSTNAME_PARAM],
             errors=("400", "401", "403", "404", "500", "502"))},
     }
 
@@ -236,9 +236,13 @@ def _schemas() -> dict[str, Any]:
                 "created_at": _STR, "updated_at": _STR,
             },
         },
-        "Removed": {
-            "type": "object",
-            "properties": {"service": _STR, "hostname": _STR, "removed": {"type": "boolean"}},
+        "Undeployed": {
+            "type": "object", "required": ["service", "undeployed"],
+            "properties": {"service": _STR, "undeployed": {"type": "boolean", "const": True}},
+        },
+        "RouteRemoved": {
+            "type": "object", "required": ["hostname", "removed"],
+            "properties": {"hostname": _STR, "removed": {"type": "boolean", "const": True}},
         },
     }
 

@@ -72,6 +72,11 @@ def _error_body(code: str, message: str) -> bytes:
     return _dumps({"error": {"code": code, "message": message}})
 
 
+MAX_CONNECTIONS = 512
+_BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
+                  % (len(_BUSY_BODY), _BUSY_BODY))
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _date_cache: list[Any] = [0, ""]
 
@@ -190,6 +195,7 @@ class Handler(BaseHTTPRequestHandler):
 
     _token: Token | None = None
     _linger = False
+    _busy = False
 
     def handle_one_request(self) -> None:
         self._status, self._bytes, self._token = 0, 0, None
@@ -213,13 +219,14 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = "keep-alive" not in conn
         self.command, self.path = method, target
         started = time.perf_counter()
+        self._busy = True
         self.server.busy(1)
         try:
             self._dispatch(method, target, headers)
         except (BrokenPipeError, ConnectionResetError, TimeoutError, ssl.SSLError):
             self.close_connection = True
         finally:
-            self.server.busy(-1)
+            self._not_busy()
             self._log(method, target, started)
 
     def _log(self, method: str, target: str, started: float) -> None:
@@ -355,7 +362,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._stream(None, opener)
 
+    def _not_busy(self) -> None:
+        if self._busy:
+            self._busy = False
+            self.server.busy(-1)
+
     def _stream(self, chunks: Iterator[bytes] | None, opener: LogOpener | None = None) -> None:
+        self._not_busy()  # a follow stream never "finishes": shutdown must not wait for it
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True
@@ -453,6 +466,16 @@ class AgentServer(ThreadingHTTPServer):
     def busy(self, delta: int) -> None:
         with self._busy_lock:
             self._busy += delta
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Cap open connections (a thread each): beyond it, a 503 and close."""
+        if len(self._conns) < MAX_CONNECTIONS:
+            return True
+        with contextlib.suppress(OSError):
+            request.send(_BUSY_RESPONSE, socket.MSG_DONTWAIT)
+        log.warning("connection refused peer=%s reason=too_many_connections open=%d",
+                    client_address[0], len(self._conns))
+        return False
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection error peer=%r", client_address, exc_info=True)

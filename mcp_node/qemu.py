@@ -82,6 +82,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _lf(data: bytes) -> bytes:
+    """The serial line is a tty (CRLF); logs read like a container's (LF)."""
+    return data.replace(b"\r\n", b"\n")
+
+
 class QemuRuntime:
     name = "unikernel"
 
@@ -217,9 +222,6 @@ class QemuRuntime:
             raise ValidationError("must be >= 1", "vcpus")
         if spec.image_sha256 and not SHA256_RE.fullmatch(spec.image_sha256):
             raise ValidationError("must be 64 lowercase hex digits", "image_sha256")
-        for p in spec.ports:
-            if not 1 <= p <= 65535:
-                raise ValidationError(f"port {p} out of range", "ports")
 
     # -- pull ----------------------------------------------------------------------------------
 
@@ -244,6 +246,9 @@ class QemuRuntime:
     def run(self, spec: WorkloadSpec) -> Workload:
         """Build the image, verify a pin, then replace any running VM and boot the new one."""
         self._check_spec(spec)
+        for p in spec.ports:
+            if not 1 <= p <= 65535:
+                raise ValidationError(f"port {p} out of range", "ports")
         self._require()
         d, _meta = self._meta(spec.service, spec.component)
         volumes = parse_volumes(spec.volumes)
@@ -262,7 +267,9 @@ class QemuRuntime:
             try:
                 req = BuildRequest(
                     service=spec.service, component=spec.component,
-                    elf=self.cache_dir / f"{key}.elf", argv=tuple(pulled.get("argv", ())),
+                    elf=self.cache_dir / f"{key}.elf",
+                    guest_path=str(pulled.get("binary") or f"/usr/local/bin/{spec.component}"),
+                    argv=tuple(pulled.get("argv", ())),
                     env=spec.env, volumes=volumes, memory_mb=int(spec.memory_mb or 0),
                     vcpus=spec.vcpus, ports=spec.ports)
                 plan = choice.builder.build(req, tmp)
@@ -469,7 +476,7 @@ class QemuRuntime:
             lines = data.splitlines(keepends=True)
             data = b"".join(lines[-tail:]) if tail > 0 else b""
         if data:
-            yield data
+            yield _lf(data)
         if not follow:
             return
         ino = path.stat().st_ino if path.exists() else None
@@ -485,7 +492,7 @@ class QemuRuntime:
                     f.seek(pos)
                     chunk = f.read(1 << 20)
                 pos += len(chunk)
-                yield chunk
+                yield _lf(chunk)
                 continue
             if self._pid(d, meta) is None:
                 return

@@ -47,12 +47,31 @@ class BuildRequest:
     service: str
     component: str
     elf: Path                        # the extracted ELF on the host
+    guest_path: str = ""             # where it lives in the image (argv[0]); "" = /<elf name>
     argv: tuple[str, ...] = ()       # arguments after argv[0]
     env: tuple[str, ...] = ()        # KEY=VALUE, incl. PORT / PORT_<NAME>
     volumes: tuple[Volume, ...] = ()
     memory_mb: int = 256
     vcpus: int = 1
     ports: tuple[int, ...] = ()
+
+    @property
+    def program(self) -> str:
+        """The ELF's absolute path inside the guest, normalised and checked."""
+        path = self.guest_path or f"/{self.elf.name}"
+        parts = path.split("/")
+        if not path.startswith("/") or any(p in ("", ".", "..") for p in parts[1:]):
+            raise ImageError(f"binary path {path!r} must be absolute and normalised")
+        if parts[1] in RESERVED_TOP or path == "/init":
+            raise ImageError(f"binary path {path!r} collides with the VM's own files")
+        return path
+
+    @property
+    def program_name(self) -> str:
+        return self.program.rsplit("/", 1)[1]
+
+
+RESERVED_TOP = ("mcp", "proc", "sys", "dev", "run", "etc")
 
 
 @dataclass(frozen=True)
@@ -189,7 +208,7 @@ def _tool(path_or_name: str) -> str | None:
 def ops_config(req: BuildRequest) -> dict[str, object]:
     """The ops config.json: program args, env, host dirs mapped in, memory and CPUs."""
     cfg: dict[str, object] = {
-        "Args": [req.elf.name, *req.argv],
+        "Args": [req.program_name, *req.argv],
         "Env": dict(check_env(req.env)),
         "RunConfig": {
             "Memory": f"{req.memory_mb}M",
@@ -224,8 +243,11 @@ class OpsBuilder:
             raise ImageError("ops is not installed")
         conf = out / "config.json"
         conf.write_text(json.dumps(ops_config(req), indent=2, sort_keys=True))
+        elf = out / req.program_name       # ops names the program after the file
+        shutil.copyfile(req.elf, elf)
+        os.chmod(elf, 0o755)  # noqa: S103 - an executable
         image_name = f"mcp-{req.service}-{req.component}-{os.getpid()}"
-        run_tool(ops_build_argv(ops, req.elf, conf, image_name), cwd=out)
+        run_tool(ops_build_argv(ops, elf, conf, image_name), cwd=out)
         built = Path.home() / ".ops" / "images" / image_name
         if not built.exists():
             built = built.with_suffix(".img")
@@ -261,9 +283,8 @@ def nanos_manifest(req: BuildRequest, files: dict[str, Path] | None = None) -> s
     ``files`` maps absolute guest paths to host files (volumes are copied in:
     Nanos has no live host share in this layout).
     """
-    prog = req.elf.name
-    tree: dict[str, object] = {prog: req.elf.resolve()}
-    for guest, host in sorted((files or {}).items()):
+    tree: dict[str, object] = {}
+    for guest, host in sorted({**(files or {}), req.program: req.elf}.items()):
         node = tree
         parts = [p for p in guest.split("/") if p]
         if not parts or any(p in (".", "..") for p in parts):
@@ -275,22 +296,22 @@ def nanos_manifest(req: BuildRequest, files: dict[str, Path] | None = None) -> s
             node = sub
         node[parts[-1]] = host.resolve()
 
-    def render(node: dict[str, object], indent: str) -> str:
+    def render(node: dict[str, object]) -> str:
         items = []
         for name, val in sorted(node.items()):
             if isinstance(val, dict):
-                items.append(f"{nanos_quote(name)}:(children:({render(val, indent)}))")
+                items.append(f"{nanos_quote(name)}:(children:({render(val)}))")
             else:
                 items.append(f"{nanos_quote(name)}:(contents:(host:{nanos_quote(str(val))}))")
         return " ".join(items)
 
     env = [("USER", "root"), ("PWD", "/"), *check_env(req.env)]
     env_s = " ".join(f"{k}:{nanos_quote(v)}" for k, v in env)
-    args = " ".join(nanos_quote(a) for a in (prog, *req.argv))
+    args = " ".join(nanos_quote(a) for a in (req.program_name, *req.argv))
     return (
         "(\n"
-        f"    children:({render(tree, '')})\n"
-        f"    program:/{nanos_quote(prog)}\n"
+        f"    children:({render(tree)})\n"
+        f"    program:{nanos_quote(req.program)}\n"
         f"    arguments:[{args}]\n"
         f"    environment:({env_s})\n"
         ")\n"

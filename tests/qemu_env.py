@@ -1,1 +1,168 @@
-"""Fixtures for qemu_env tests (imported by conftest)."""
+"""QEMU fixtures, shared by every area's tests (imported by conftest).
+
+- ``kernel_path()``: the kernel the initramfs builder uses in tests (``$MCP_KERNEL``,
+  else ``.build/kernel/vmlinuz`` from scripts/setup.sh); ``need_qemu()`` skips (or fails
+  under MCP_REQUIRE_INTEGRATION=1) without qemu, podman, busybox-static or that kernel.
+- ``qemu_config(state_dir, **qemu)``: an ``AgentConfig`` for a runtime over ``state_dir``
+  with that kernel, accel tcg (KVM does not run guests here; the probe has its own test).
+- ``VMReaper``: records every (runtime, service, component) a test boots and, at teardown,
+  removes them through the runtime and SIGKILLs by pid any qemu still recorded in their
+  state directories (only those).
+- ``vm_reaper`` fixture: a function-scoped ``VMReaper``.
+- ``busybox_image``: ``localhost/mcp-bb-<suffix>:v1`` (session; removed at the end), an image
+  whose Entrypoint is a static busybox at /bin/busybox: a scriptable guest.
+- ``notelf_image``: ``localhost/mcp-notelf-<suffix>:v1`` (session; removed at the end) with a
+  text file at /usr/local/bin/hello as its Entrypoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcp_node.config import AgentConfig, from_dict
+
+__all__ = ["kernel_path", "need_qemu", "qemu_config", "VMReaper", "vm_reaper",
+           "busybox_image", "notelf_image", "qemu_pids_in", "wait_gone"]
+
+_TOP = Path(__file__).resolve().parent.parent
+
+
+def kernel_path() -> Path:
+    return Path(os.environ.get("MCP_KERNEL") or _TOP / ".build" / "kernel" / "vmlinuz")
+
+
+def need_qemu() -> None:
+    # conftest.need is shadowed by another area's star-export, so check here.
+    missing = [t for t in ("qemu-system-x86_64", "podman", "busybox") if not shutil.which(t)]
+    if not kernel_path().is_file():
+        missing.append(f"a kernel at {kernel_path()}")
+    if not missing:
+        return
+    reason = f"needs {', '.join(missing)} (run scripts/setup.sh)"
+    if os.environ.get("MCP_REQUIRE_INTEGRATION") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def qemu_config(state_dir: Path, **qemu: Any) -> AgentConfig:
+    from podman_env import containers_conf
+
+    section = {"kernel": str(kernel_path()), "accel": "tcg", **qemu}
+    return from_dict({"qemu": section, "state": {"dir": str(state_dir)},
+                      "podman": {"containers_conf": containers_conf()}})
+
+
+def qemu_pids_in(state_dir: Path) -> list[int]:
+    """Live qemu processes whose pidfile is in ``state_dir``/vms (checked via cmdline)."""
+    out = []
+    for pidfile in (state_dir / "vms").glob("*/qemu.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if str(pidfile).encode() in argv:
+                out.append(pid)
+    return out
+
+
+def wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class VMReaper:
+    def __init__(self) -> None:
+        self.vms: list[tuple[Any, str, str]] = []
+        self.state_dirs: list[Path] = []
+
+    def add(self, runtime: Any, service: str, component: str) -> None:
+        self.vms.append((runtime, service, component))
+        self.state_dirs.append(Path(runtime.state_dir))
+
+    def watch(self, state_dir: Path) -> None:
+        self.state_dirs.append(state_dir)
+
+    def run(self) -> None:
+        for rt, service, component in reversed(self.vms):
+            with contextlib.suppress(Exception):
+                rt.remove(service, component)
+        for d in self.state_dirs:
+            for pid in qemu_pids_in(d):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                wait_gone(pid, 5)
+
+
+@pytest.fixture
+def vm_reaper() -> Iterator[VMReaper]:
+    reaper = VMReaper()
+    try:
+        yield reaper
+    finally:
+        reaper.run()
+
+
+def _import_image(ref: str, files: dict[str, tuple[bytes, int]], entrypoint: str) -> None:
+    from podman_env import containers_conf, podman_cli
+
+    with tempfile.TemporaryDirectory() as root:
+        for rel, (data, mode) in files.items():
+            p = Path(root) / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+            p.chmod(mode)
+        tar = subprocess.run(["tar", "-C", root, "-c", "."], capture_output=True, check=True)
+        proc = subprocess.run(
+            ["podman", "import", "--change", f'ENTRYPOINT ["{entrypoint}"]', "-", ref],
+            input=tar.stdout, capture_output=True, timeout=120,
+            env={**os.environ, "CONTAINERS_CONF": containers_conf()})
+        if proc.returncode != 0:
+            pytest.fail(f"podman import {ref}: {proc.stderr.decode()[-1000:]}")
+    assert podman_cli("image", "exists", ref).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def busybox_image() -> Iterator[str]:
+    from podman_env import podman_cli
+
+    need_qemu()
+    ref = f"localhost/mcp-bb-{uuid.uuid4().hex[:8]}:v1"
+    busybox = Path(shutil.which("busybox") or "/bin/busybox").read_bytes()
+    _import_image(ref, {"bin/busybox": (busybox, 0o755), "tmp/.keep": (b"", 0o644)},
+                  "/bin/busybox")
+    try:
+        yield ref
+    finally:
+        podman_cli("rmi", "-f", ref)
+
+
+@pytest.fixture(scope="session")
+def notelf_image() -> Iterator[str]:
+    from podman_env import podman_cli
+
+    need_qemu()
+    ref = f"localhost/mcp-notelf-{uuid.uuid4().hex[:8]}:v1"
+    _import_image(ref, {"usr/local/bin/hello": (b"#!/bin/sh\necho not an ELF\n", 0o755)},
+                  "/usr/local/bin/hello")
+    try:
+        yield ref
+    finally:
+        podman_cli("rmi", "-f", ref)

@@ -1,0 +1,333 @@
+"""Unit tests of the VM image builders: ops config.json and argv, Nanos manifest and
+mkfs argv, the initramfs (contents, module order, guest config quoting), ELF checks,
+builder selection."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from qemu_env import kernel_path
+
+from mcp_node.config import QemuConfig
+from mcp_node.errors import ImageError, ValidationError
+from mcp_node.initramfs import (
+    INIT,
+    InitramfsBuilder,
+    build_initramfs,
+    find_moddir,
+    guest_config,
+    kernel_version,
+    modinfo,
+    read_cpio,
+    read_module,
+    resolve_modules,
+)
+from mcp_node.vmimage import (
+    BuildRequest,
+    NanosBuilder,
+    OpsBuilder,
+    Volume,
+    choose_builder,
+    elf_info,
+    nanos_manifest,
+    nanos_mkfs_argv,
+    nanos_quote,
+    ops_build_argv,
+    ops_config,
+    parse_volumes,
+)
+
+NASTY = "a b (c) \"d\" 'e' $HOME `id` \\ ;x\nnewline"
+
+
+def static_elf() -> bytes:
+    bb = shutil.which("busybox")
+    if not bb:
+        pytest.skip("needs busybox-static")
+    return Path(bb).read_bytes()
+
+
+def req(tmp_path: Path, **kw: object) -> BuildRequest:
+    elf = tmp_path / "cache.elf"
+    if not elf.exists():
+        elf.write_bytes(static_elf())
+    base: dict[str, object] = dict(service="svc", component="web", elf=elf,
+                                   guest_path="/usr/local/bin/hello", argv=("--flag", NASTY),
+                                   env=("PORT=8080", f"MESSAGE={NASTY}"), memory_mb=128,
+                                   vcpus=2, ports=(8080,))
+    base.update(kw)
+    return BuildRequest(**base)  # type: ignore[arg-type]
+
+
+# -- ops -------------------------------------------------------------------------------------
+
+def test_ops_config_carries_args_env_memory_cpus_and_dirs(tmp_path: Path) -> None:
+    r = req(tmp_path, volumes=(Volume("/srv/data", "/data"),))
+    cfg = ops_config(r)
+    assert cfg["Args"] == ["hello", "--flag", NASTY]
+    assert cfg["Env"] == {"PORT": "8080", "MESSAGE": NASTY}
+    assert cfg["RunConfig"] == {"Memory": "128M", "CPUs": 2, "Ports": ["8080"]}
+    assert cfg["MapDirs"] == {"/srv/data/*": "/data"}
+    # JSON round-trips the awkward value exactly
+    assert json.loads(json.dumps(cfg))["Env"]["MESSAGE"] == NASTY
+
+
+def test_ops_config_rejects_bad_env(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"env\[0\]"):
+        ops_config(req(tmp_path, env=("1BAD=x",)))
+
+
+def test_ops_build_argv() -> None:
+    assert ops_build_argv("/usr/bin/ops", Path("/b/hello"), Path("/b/config.json"), "img") == [
+        "/usr/bin/ops", "build", "/b/hello", "-c", "/b/config.json", "-i", "img"]
+
+
+def test_ops_builder_available_only_with_ops(tmp_path: Path) -> None:
+    ok, why = OpsBuilder(QemuConfig(ops=str(tmp_path / "no-ops"))).available()
+    assert not ok and "ops" in why
+    fake = tmp_path / "ops"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    assert OpsBuilder(QemuConfig(ops=str(fake))).available() == (True, "")
+
+
+# -- nanos -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,expected", [
+    ("plain", "plain"),
+    ("/abs/path-1.2_x", "/abs/path-1.2_x"),
+    ("with space", '"with space"'),
+    ("(paren)", '"(paren)"'),
+    ('say "hi"', '"say \\"hi\\""'),
+    ("back\\slash", '"back\\\\slash"'),
+    ("", '""'),
+    ("a:b", '"a:b"'),
+])
+def test_nanos_quote(value: str, expected: str) -> None:
+    assert nanos_quote(value) == expected
+
+
+def test_nanos_manifest_program_args_env_and_files(tmp_path: Path) -> None:
+    host = tmp_path / "vol"
+    host.mkdir()
+    (host / "index.html").write_text("x")
+    r = req(tmp_path, argv=("serve", "a b"), env=("PORT=8080", "MSG=hello (world)"))
+    m = nanos_manifest(r, {"/data/index.html": host / "index.html"})
+    elf = str(r.elf.resolve())
+    assert m.startswith("(\n") and m.endswith(")\n")
+    assert "program:/usr/local/bin/hello\n" in m
+    assert 'arguments:[hello serve "a b"]' in m
+    assert 'environment:(USER:root PWD:/ PORT:8080 MSG:"hello (world)")' in m
+    assert f"hello:(contents:(host:{elf}))" in m
+    assert "usr:(children:(local:(children:(bin:(children:(hello:" in m
+    assert f"data:(children:(index.html:(contents:(host:{host / 'index.html'}))))" in m
+    assert m.count("(") == m.count(")")
+
+
+def test_nanos_manifest_quotes_host_paths_with_spaces(tmp_path: Path) -> None:
+    d = tmp_path / "dir with (space)"
+    d.mkdir()
+    elf = d / "app"
+    elf.write_bytes(static_elf())
+    m = nanos_manifest(req(tmp_path, elf=elf, guest_path=""))
+    assert f'app:(contents:(host:"{elf}"))' in m
+    assert "program:/app" in m
+
+
+def test_nanos_mkfs_argv() -> None:
+    assert nanos_mkfs_argv(Path("/n/mkfs"), Path("/n/boot.img"), Path("/n/kernel.img"),
+                           Path("/o/disk.raw")) == [
+        "/n/mkfs", "-b", "/n/boot.img", "-k", "/n/kernel.img", "/o/disk.raw"]
+
+
+def test_nanos_builder_names_missing_files(tmp_path: Path) -> None:
+    ok, why = NanosBuilder(QemuConfig(nanos_dir="")).available()
+    assert not ok and "nanos_dir unset" in why
+    (tmp_path / "kernel.img").write_bytes(b"k")
+    ok, why = NanosBuilder(QemuConfig(nanos_dir=str(tmp_path))).available()
+    assert not ok and "boot.img" in why and "mkfs" in why and "kernel.img" not in why
+
+
+def test_builder_order_ops_then_nanos_then_initramfs(tmp_path: Path) -> None:
+    ops = tmp_path / "ops"
+    ops.write_text("#!/bin/sh\n")
+    ops.chmod(0o755)
+    nanos = tmp_path / "nanos"
+    nanos.mkdir()
+    for f in ("kernel.img", "boot.img", "mkfs"):
+        (nanos / f).write_bytes(b"x")
+    k = str(kernel_path())
+    both = choose_builder(QemuConfig(ops=str(ops), nanos_dir=str(nanos), kernel=k))
+    assert both.builder is not None and both.builder.name == "ops"
+    no_ops = choose_builder(QemuConfig(ops=str(tmp_path / "none"), nanos_dir=str(nanos), kernel=k))
+    assert no_ops.builder is not None and no_ops.builder.name == "nanos"
+    none = choose_builder(QemuConfig(ops=str(tmp_path / "none"), nanos_dir="",
+                                     kernel=str(tmp_path / "no-kernel")))
+    assert none.builder is None
+    assert any("ops" in m for m in none.missing)
+    assert any("Nanos files" in m for m in none.missing)
+    assert any("kernel" in m and "no-kernel" in m for m in none.missing)
+
+
+# -- ELF / volumes ---------------------------------------------------------------------------
+
+def test_elf_info_accepts_static_and_rejects_others(tmp_path: Path) -> None:
+    assert elf_info(static_elf(), "busybox")["static"] is True
+    with pytest.raises(ImageError, match="not an ELF"):
+        elf_info(b"#!/bin/sh\necho hi\n" + b"\0" * 64, "script")
+    dyn = Path("/bin/ls").read_bytes()
+    assert elf_info(dyn, "ls")["static"] is False
+
+
+def test_program_path_must_be_clean(tmp_path: Path) -> None:
+    for bad in ("relative/x", "/usr/../etc/x", "/mcp/app", "/init", "/proc/x", "/a//b"):
+        with pytest.raises(ImageError):
+            _ = req(tmp_path, guest_path=bad).program
+
+
+def test_parse_volumes() -> None:
+    assert parse_volumes(("/a:/b", "/c:/d:ro")) == (Volume("/a", "/b"), Volume("/c", "/d", True))
+    for bad in ("rel:/b", "/a:rel", "/a", "/a:/b:rx"):
+        with pytest.raises(ValidationError, match="volumes"):
+            parse_volumes((bad,))
+
+
+# -- initramfs -------------------------------------------------------------------------------
+
+def test_guest_config_round_trips_through_sh(tmp_path: Path) -> None:
+    """Values reach the program exactly, whatever they contain (checked with busybox sh)."""
+    conf = guest_config("/usr/local/bin/hello", ("arg one", NASTY),
+                        ("MESSAGE=" + NASTY, "EMPTY=", "PATH=/custom"),
+                        (Volume("/h", "/data dir", readonly=True),))
+    script = tmp_path / "conf"
+    script.write_text(conf)
+    out = tmp_path / "out"
+    driver = (
+        "mcp_volume() { printf 'vol<%s><%s><%s>\\n' \"$1\" \"$2\" \"$3\" >> \"$OUT\"; }\n"
+        f". {script}\n"
+        "(mcp_env; for a in \"$@\"; do printf 'arg<%s>\\n' \"$a\"; done;"
+        " printf 'msg<%s>\\nempty<%s>\\npath<%s>\\n' \"$MESSAGE\" \"$EMPTY\" \"$PATH\")"
+        " >> \"$OUT\"\n"
+    )
+    subprocess.run([shutil.which("busybox") or "/bin/busybox", "sh", "-c", driver],
+                   env={"OUT": str(out), "PATH": "/usr/bin:/bin"}, check=True, timeout=10)
+    text = out.read_text()
+    assert text == (
+        "vol<mcpvol0></data dir><ro>\n"
+        "arg</usr/local/bin/hello>\narg<arg one>\n"
+        f"arg<{NASTY}>\n"
+        f"msg<{NASTY}>\nempty<>\npath</custom>\n"
+    )
+
+
+def test_guest_config_rejects_bad_env_key() -> None:
+    with pytest.raises(ValidationError):
+        guest_config("/x", (), ("A-B=1",), ())
+
+
+def test_cpio_round_trip() -> None:
+    from mcp_node.initramfs import Cpio
+
+    a = Cpio()
+    a.dir("d")
+    a.file("d/f", b"abc", 0o600)
+    a.symlink("l", "d/f")
+    data = a.finish()
+    assert len(data) % 4 == 0
+    entries = read_cpio(data)
+    assert entries["d/f"] == (0o100600, b"abc")
+    assert entries["l"] == (0o120777, b"d/f")
+    assert entries["d"][0] == 0o040755
+
+
+@pytest.fixture(scope="module")
+def moddir() -> Path:
+    k = kernel_path()
+    if not k.is_file():
+        pytest.skip(f"needs a kernel at {k} (run scripts/setup.sh)")
+    d = find_moddir(k, kernel_version(k))
+    assert d is not None
+    return d
+
+
+def test_kernel_version_and_moddir(moddir: Path) -> None:
+    ver = kernel_version(kernel_path())
+    assert ver[0].isdigit() and "." in ver
+    magic = modinfo(read_module(next(moddir.rglob("virtio_net.ko*")))).get("vermagic", "")
+    assert magic.startswith(ver + " ")
+
+
+def test_module_order_puts_dependencies_first(moddir: Path) -> None:
+    names = [n for n, _ in resolve_modules(moddir, ("virtio_pci", "virtio_net", "9p"))]
+    pos = {n: i for i, n in enumerate(names)}
+    # testbed.md's load order for virtio_net, whichever are modules in this kernel
+    chain = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+             "virtio_pci", "failover", "net_failover", "virtio_net"]
+    present = [m for m in chain if m in pos]
+    assert "virtio_net" in present
+    assert [pos[m] for m in ("virtio", "virtio_net") if m in pos] == sorted(
+        pos[m] for m in ("virtio", "virtio_net") if m in pos)
+    for mod, data in resolve_modules(moddir, ("virtio_net",)):
+        for dep in filter(None, modinfo(data).get("depends", "").split(",")):
+            assert pos[dep.replace("-", "_")] < pos[mod]
+    assert len(names) == len(set(names))
+
+
+def test_missing_module_is_an_image_error(moddir: Path) -> None:
+    with pytest.raises(ImageError, match="no_such_module"):
+        resolve_modules(moddir, ("no_such_module",))
+
+
+def test_initramfs_contents(tmp_path: Path, moddir: Path) -> None:
+    b = InitramfsBuilder(QemuConfig(kernel=str(kernel_path())))
+    assert b.available() == (True, "")
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = b.build(req(tmp_path), out)
+    data = gzip.decompress(Path(plan.initrd).read_bytes())
+    entries = read_cpio(data)
+    assert entries["init"] == (0o100755, INIT.encode())
+    assert entries["usr/local/bin/hello"] == (0o100755, static_elf())
+    assert entries["mcp/app"][1] == b"/usr/local/bin/hello"
+    assert entries["mcp/bin/busybox"][0] == 0o100755
+    assert entries["mcp/bin/sh"][1] == b"busybox"
+    assert entries["dev/console"][0] == 0o020600
+    order = entries["mcp/modules.order"][1].decode().split()
+    assert {"virtio_net", "virtio_pci", "button", "evdev", "qemu_fw_cfg", "9p"} <= set(order)
+    assert all(f"mcp/modules/{m}.ko" in entries for m in order)
+    assert entries["etc/acpi/PWRF/00000080"][0] == 0o100755
+    # per-deploy settings are not in the image but in the fw_cfg file
+    assert b"8080" not in entries["init"][1]
+    assert Path(dict(plan.fw_cfg)["opt/mcp/config"]).read_text() == guest_config(
+        "/usr/local/bin/hello", ("--flag", NASTY), ("PORT=8080", f"MESSAGE={NASTY}"), ())
+    assert plan.builder == "initramfs" and plan.kernel == str(kernel_path().resolve())
+    assert "console=ttyS0" in plan.append
+
+
+def test_initramfs_is_reproducible_and_independent_of_env(tmp_path: Path, moddir: Path) -> None:
+    b = InitramfsBuilder(QemuConfig(kernel=str(kernel_path())))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = b.build(req(tmp_path, env=("PORT=1",)), tmp_path / "a")
+    two = b.build(req(tmp_path, env=("PORT=2",), argv=("x",)), tmp_path / "b")
+    assert one.sha256 == two.sha256
+    three = build_initramfs("/other/path", static_elf(), static_elf(), [])
+    assert gzip.decompress(three) != gzip.decompress(Path(one.initrd).read_bytes())
+
+
+def test_initramfs_refuses_a_dynamic_elf(tmp_path: Path, moddir: Path) -> None:
+    elf = tmp_path / "ls"
+    elf.write_bytes(Path("/bin/ls").read_bytes())
+    with pytest.raises(ImageError, match="dynamically linked"):
+        InitramfsBuilder(QemuConfig(kernel=str(kernel_path()))).build(
+            req(tmp_path, elf=elf), tmp_path)
+
+
+def test_initramfs_unavailable_names_the_kernel(tmp_path: Path) -> None:
+    ok, why = InitramfsBuilder(QemuConfig(kernel=str(tmp_path / "vmlinuz-x"))).available()
+    assert not ok and "vmlinuz-x" in why

@@ -8,6 +8,7 @@ operator token written 0600 to ``<state>/token``. Log lines go to stderr as
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -104,6 +105,7 @@ def run_daemon(cfg: AgentConfig) -> None:
     except MCPError as exc:
         agent.close()
         raise click.ClickException(str(exc)) from exc
+    gc.freeze()  # start-up objects never die: keep them out of every later full collection
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     token_file = srv.token_file

@@ -296,7 +296,13 @@ class Handler(BaseHTTPRequestHandler):
         return self.server.agent
 
     def h_health(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.health())
+        # The hot path: the view changes at most once a second, so comparing the dict
+        # with the last one is cheaper than serialising it again.
+        data = self.agent.health()
+        last = self.server.health_cache
+        if last is None or last[0] != data:
+            last = self.server.health_cache = (data, _dumps(data))
+        self._send(200, last[1])
 
     def h_openapi(self, params: Params, query: dict[str, str], body: bytes) -> None:
         self._send(200, openapi.document_bytes())
@@ -440,6 +446,7 @@ class AgentServer(ThreadingHTTPServer):
         self._conns_lock = threading.Lock()
         self._busy_lock = threading.Lock()
         self._busy = 0
+        self.health_cache: tuple[dict[str, Any], bytes] | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.agent")
 
 RUNTIME_NAMES = ("container", "unikernel")
+STOP_TIMEOUT_S = 10.0
 
 
 def node_id(state_dir: Path) -> str:
@@ -185,7 +186,7 @@ class Agent:
         for comp in rec.components:
             rt = self.runtime(comp.defn.runtime)
             if comp.desired_state != "running":
-                rt.stop(rec.name, comp.defn.name, 10.0)
+                rt.stop(rec.name, comp.defn.name, STOP_TIMEOUT_S)
                 continue
             prev = old.get(comp.defn.name)
             if prev is not None and prev.defn == comp.defn and prev.host_ports == comp.host_ports:
@@ -214,40 +215,36 @@ class Agent:
                     log.exception("rollback: could not restart %s/%s", rec.name, comp.defn.name)
 
     def stop(self, name: str) -> dict[str, Any]:
-        rec = self._get(name)
-        with self._service_lock(rec.name):
-            self.registry.set_desired(rec.name, "stopped")
-            for comp in rec.components:
-                self.runtime(comp.defn.runtime).stop(rec.name, comp.defn.name, 10.0)
-        self.monitor.refresh_safely()
-        return self.status(rec.name)
+        return self._set_state(name, "stopped")
 
     def start(self, name: str) -> dict[str, Any]:
-        rec = self._get(name)
-        with self._service_lock(rec.name):
-            for comp in rec.components:
-                self.available_runtime(comp.defn.runtime)
-            self.registry.set_desired(rec.name, "running")
-            for comp in self.registry.get_service(rec.name).components:
-                rt = self.runtime(comp.defn.runtime)
-                live = rt.inspect(rec.name, comp.defn.name)
-                if live is None or live.state != RUNNING:
-                    rt.run(self.spec(rec.name, comp))
-        self.monitor.refresh_safely()
-        return self.status(rec.name)
+        return self._set_state(name, "running")
 
     def restart(self, name: str) -> dict[str, Any]:
-        rec = self._get(name)
-        with self._service_lock(rec.name):
+        return self._set_state(name, "running", restart=True)
+
+    def _set_state(self, name: str, desired: str, restart: bool = False) -> dict[str, Any]:
+        """Record the desired state, then make each component match it."""
+        name = check_name(name, "service")
+        with self._service_lock(name):
+            rec = self.registry.get_service(name)
+            if desired == "running":
+                for comp in rec.components:
+                    self.available_runtime(comp.defn.runtime)
+            self.registry.set_desired(name, desired)
             for comp in rec.components:
-                self.available_runtime(comp.defn.runtime)
-            self.registry.set_desired(rec.name, "running")
-            for comp in self.registry.get_service(rec.name).components:
                 rt = self.runtime(comp.defn.runtime)
-                rt.stop(rec.name, comp.defn.name, 10.0)
-                rt.run(self.spec(rec.name, comp))
+                if desired != "running" or restart:
+                    rt.stop(name, comp.defn.name, STOP_TIMEOUT_S)
+                    if desired != "running":
+                        continue
+                else:
+                    live = rt.inspect(name, comp.defn.name)
+                    if live is not None and live.state == RUNNING:
+                        continue
+                rt.run(self.spec(name, comp))
         self.monitor.refresh_safely()
-        return self.status(rec.name)
+        return self.status(name)
 
     def undeploy(self, name: str) -> None:
         rec = self._get(name)

@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import ssl
 import threading
 import time
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from .errors import IssuerError
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -132,28 +132,6 @@ def cert_info(chain_pem: bytes) -> CertInfo:
     except (ValueError, IndexError) as exc:
         raise IssuerError(f"CA returned no usable certificate: {exc}") from exc
     return CertInfo(format(leaf.serial_number, "x"), leaf.not_valid_after_utc.astimezone(UTC))
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:

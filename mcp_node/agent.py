@@ -11,7 +11,6 @@ drift on the next start, never as a lost row.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import socket
 import threading
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import AgentConfig
 from .errors import MCPError, RuntimeUnavailable, ValidationError
+from .files import atomic_write
 from .monitor import Monitor, View, is_drift
 from .registry import ComponentRecord, Registry, ServiceRecord
 from .runtime import RUNNING, Runtime, WorkloadSpec
@@ -45,9 +45,7 @@ def node_id(state_dir: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         ident = secrets.token_hex(6)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(ident + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, (ident + "\n").encode(), 0o644)
         return ident
 
 

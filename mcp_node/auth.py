@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .config import AgentConfig
 from .errors import AuthError, ForbiddenError, MCPError, ValidationError
+from .files import atomic_write
 from .servicedef import SHA256_RE, check_name
 
 log = logging.getLogger(__name__)
@@ -76,28 +77,6 @@ def tokens_path(config: AgentConfig) -> Path:
 def token_file_path(config: AgentConfig) -> Path:
     """Where the generated first-start operator token is written."""
     return config.state_dir / "token"
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write temp + fsync + rename, created with ``mode`` (never wider, whatever the umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _check_file_mode(path: Path, st: os.stat_result) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import tailnet
-from .acme import AcmeClient, Http01Responder, atomic_write, cert_info, key_pem, new_key
+from .acme import AcmeClient, Http01Responder, cert_info, key_pem, new_key
 from .config import AgentConfig
 from .errors import (
     DNSCheckError,
@@ -30,6 +30,7 @@ from .errors import (
     ProxyError,
     ValidationError,
 )
+from .files import atomic_write
 from .proxy import ProxyRoute, Router, make_router
 from .registry import EdgeRouteRecord, Registry
 from .servicedef import check_hostname

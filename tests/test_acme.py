@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from mcp_node.acme import (
     AcmeClient,
     Http01Responder,
-    atomic_write,
     b64u,
     b64u_decode,
     cert_info,
@@ -36,6 +35,7 @@ from mcp_node.acme import (
     new_key,
 )
 from mcp_node.errors import IssuerError
+from mcp_node.files import atomic_write
 
 
 def _dec(part: str) -> dict[str, object]:

@@ -1,1 +1,164 @@
-"""Fixtures for podman_env tests (imported by conftest)."""
+"""Podman fixtures, shared by every area's tests (imported by conftest).
+
+- ``hello_image`` / ``hello_image_v2``: ``"localhost/mcp-hello:v1"`` / ``":v2"``, built once
+  per session by ``scripts/build_test_image.sh`` (skips without podman and gcc).
+- ``podman_socket``: session-wide ``podman system service`` started by the fixture and
+  stopped by pid at the end; yields its ``unix://...`` URL for ``config.podman.socket``.
+- ``podman_cleanup``: a ``PodmanCleanup``; ``.add(owner)`` registers an ``mcp.owner``
+  label whose containers are force-removed at teardown (only those).
+- ``podman_owner``: a unique owner label for this test (already registered for cleanup).
+- ``podman_config``: an ``AgentConfig`` with the session socket, CONTAINERS_CONF and a
+  per-test state dir.
+- ``podman_runtime``: a ``PodmanRuntime(podman_config, state_dir, podman_owner)``.
+
+Helpers: ``free_port()`` (a free 127.0.0.1 port), ``wait_http(port, path)`` (GET with a
+deadline, returns the body), ``podman_cli(*args)`` (runs the podman CLI with our
+CONTAINERS_CONF, returns CompletedProcess).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mcp_node.config import AgentConfig, from_dict
+from mcp_node.podman import PodmanRuntime, PodmanService
+from mcp_node.runtime import LABEL_OWNER
+
+__all__ = [
+    "PodmanCleanup", "free_port", "wait_http", "podman_cli", "containers_conf",
+    "hello_images", "hello_image", "hello_image_v2", "podman_socket", "podman_cleanup",
+    "podman_owner", "podman_config", "podman_runtime",
+]
+
+_TOP = Path(__file__).resolve().parent.parent
+
+
+def containers_conf() -> str:
+    return os.environ.get("CONTAINERS_CONF") or str(_TOP / "scripts" / "containers.conf")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "CONTAINERS_CONF": containers_conf()}
+
+
+def podman_cli(*args: str, check: bool = False,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], env=_env(), capture_output=True, text=True,
+                          check=check, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(port: int, path: str = "/", timeout: float = 30.0, host: str = "127.0.0.1") -> str:
+    """GET until it answers 200 or the deadline passes (then the last error is raised)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as resp:
+                return str(resp.read().decode())
+        except (OSError, urllib.error.URLError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class PodmanCleanup:
+    """Removes, at teardown, exactly the containers labelled with the owners added."""
+
+    def __init__(self) -> None:
+        self.owners: list[str] = []
+
+    def add(self, owner: str) -> str:
+        self.owners.append(owner)
+        return owner
+
+    def ids(self, owner: str) -> list[str]:
+        out = podman_cli("ps", "-aq", "--filter", f"label={LABEL_OWNER}={owner}").stdout
+        return out.split()
+
+    def run(self) -> None:
+        for owner in self.owners:
+            ids = self.ids(owner)
+            if ids:
+                podman_cli("rm", "-f", "-t", "2", *ids)
+
+
+@pytest.fixture(scope="session")
+def hello_images() -> dict[str, str]:
+    from conftest import need
+    need("podman", "gcc")
+    refs = {}
+    for tag in ("v1", "v2"):
+        proc = subprocess.run([str(_TOP / "scripts" / "build_test_image.sh"), tag], env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            pytest.fail(f"build_test_image.sh {tag} failed: {proc.stderr[-2000:]}")
+        refs[tag] = proc.stdout.strip().splitlines()[-1]
+    return refs
+
+
+@pytest.fixture
+def hello_image(hello_images: dict[str, str]) -> str:
+    return hello_images["v1"]
+
+
+@pytest.fixture
+def hello_image_v2(hello_images: dict[str, str]) -> str:
+    return hello_images["v2"]
+
+
+@pytest.fixture(scope="session")
+def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from conftest import need
+    need("podman")
+    service = PodmanService(tmp_path_factory.mktemp("podman-svc"), containers_conf())
+    service.ensure()
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def podman_cleanup() -> Iterator[PodmanCleanup]:
+    cleanup = PodmanCleanup()
+    try:
+        yield cleanup
+    finally:
+        cleanup.run()
+
+
+@pytest.fixture
+def podman_owner(podman_cleanup: PodmanCleanup) -> str:
+    return podman_cleanup.add(f"test-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def podman_config(podman_socket: str, tmp_path: Path) -> AgentConfig:
+    return from_dict({
+        "podman": {"socket": podman_socket, "containers_conf": containers_conf()},
+        "state": {"dir": str(tmp_path / "state")},
+    })
+
+
+@pytest.fixture
+def podman_runtime(podman_config: AgentConfig, podman_owner: str) -> Iterator[PodmanRuntime]:
+    runtime = PodmanRuntime(podman_config, podman_config.state_dir, podman_owner)
+    try:
+        yield runtime
+    finally:
+        runtime.close()

@@ -1,0 +1,728 @@
+"""Container runtime: podman-py against podman's REST socket.
+
+The agent talks to the socket named in ``[podman] socket``; when none is set
+or it does not answer, it starts ``podman system service`` on a socket in its
+own state directory (``PodmanService``). Connecting is lazy, so an agent can be
+built on a node without podman and report why in ``available()``.
+
+Every container is named ``workload_name(service, component)`` and labelled
+``mcp.managed``, ``mcp.service``, ``mcp.component`` and ``mcp.owner``; the
+runtime only lists, replaces, stops or removes containers carrying its own
+owner label, so a user's container of the same name is never touched.
+
+``list()`` is one ``containers/json`` request whatever the number of
+containers (podman-py's ``containers.list`` is not used, since a non-sparse
+listing inspects each container); ``api_calls`` counts every REST request so a
+benchmark can show it.
+
+``close()`` stops the podman service only if this runtime started (or adopted,
+after an agent restart) it for its state directory; a configured socket is
+left alone. Containers survive either way: conmon, not the service, owns them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from podman import PodmanClient
+from podman.errors import APIError, ImageNotFound, PodmanError
+
+from .config import AgentConfig
+from .errors import (
+    ConflictError,
+    ImageError,
+    NotFoundError,
+    RuntimeError_,
+    RuntimeUnavailable,
+    ValidationError,
+)
+from .runtime import (
+    LABEL_COMPONENT,
+    LABEL_MANAGED,
+    LABEL_OWNER,
+    LABEL_SERVICE,
+    RUNNING,
+    STOPPED,
+    Workload,
+    WorkloadSpec,
+    workload_name,
+)
+
+log = logging.getLogger("mcp_node.podman")
+
+LOOPBACK = "127.0.0.1"
+REQUEST_TIMEOUT_S = 120.0        # any single REST call; stop adds its own grace time
+SERVICE_START_TIMEOUT_S = 30.0
+MAX_UNIX_PATH = 100              # sun_path is 108 bytes; keep a margin
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def socket_url(value: str) -> str:
+    """Accept ``unix:///p``, ``unix:/p`` or a bare path; podman-py wants ``unix://``."""
+    value = value.strip()
+    if value.startswith("/"):
+        return "unix://" + value
+    if value.startswith("unix:") and not value.startswith("unix://"):
+        return "unix://" + value[len("unix:"):]
+    return value
+
+
+def socket_path(url: str) -> str | None:
+    """The filesystem path of a unix socket URL, else None (tcp/ssh)."""
+    for prefix in ("unix://", "http+unix://"):
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return None
+
+
+def service_argv(podman: str, url: str) -> list[str]:
+    """``--time=0``: the service must outlive idle periods between agent calls."""
+    return [podman, "system", "service", "--time=0", url]
+
+
+def service_env(base: Mapping[str, str], containers_conf: str) -> dict[str, str]:
+    """The service's environment: CONTAINERS_CONF from config wins over the inherited one."""
+    env = dict(base)
+    if containers_conf:
+        env["CONTAINERS_CONF"] = containers_conf
+    return env
+
+
+def owner_labels(spec: WorkloadSpec, owner: str) -> dict[str, str]:
+    return {
+        LABEL_MANAGED: "true",
+        LABEL_SERVICE: spec.service,
+        LABEL_COMPONENT: spec.component,
+        LABEL_OWNER: owner,
+    }
+
+
+def env_dict(env: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=VALUE`` items (validated by servicedef) to the mapping podman-py sends."""
+    out: dict[str, str] = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"{item[:80]!r} is not KEY=VALUE", "env")
+        out[key] = value
+    return out
+
+
+def volume_binds(volumes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``host:guest[:opt,opt]`` to podman-py's bind-mount form."""
+    out: dict[str, dict[str, Any]] = {}
+    for vol in volumes:
+        parts = vol.split(":")
+        if len(parts) not in (2, 3) or not parts[0].startswith("/") or not parts[1]:
+            raise ValidationError(f"{vol[:80]!r} is not /host:/guest[:opts]", "volumes")
+        opts = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
+        out[parts[0]] = {"bind": parts[1], "extended_mode": opts}
+    return out
+
+
+def create_kwargs(spec: WorkloadSpec, owner: str) -> dict[str, Any]:
+    """Keyword arguments for ``podman_client.containers.create`` for one component.
+
+    Ports are published on 127.0.0.1 only, host port p to container port p,
+    because the component listens on the $PORT it was given.
+    """
+    kwargs: dict[str, Any] = {
+        "image": spec.image,
+        "name": spec.name,
+        "labels": owner_labels(spec, owner),
+        "environment": env_dict(spec.env),
+        "ports": {f"{p}/tcp": (LOOPBACK, p) for p in spec.ports},
+        "stop_timeout": max(0, int(round(spec.stop_timeout_s))),
+    }
+    if spec.cmd:
+        kwargs["command"] = list(spec.cmd)
+    if spec.volumes:
+        kwargs["volumes"] = volume_binds(spec.volumes)
+    if spec.restart:
+        kwargs["restart_policy"] = {"Name": spec.restart, "MaximumRetryCount": 0}
+    if spec.memory_mb:
+        kwargs["mem_limit"] = f"{spec.memory_mb}m"
+    return kwargs
+
+
+def owner_filters(owner: str) -> str:
+    """The ``filters`` query value selecting one owner's containers."""
+    return json.dumps({"label": [f"{LABEL_OWNER}={owner}"]})
+
+
+def parse_time(value: Any) -> float | None:
+    """Unix time from podman's ints or RFC 3339 strings with nanoseconds; None if unset."""
+    if isinstance(value, int | float):
+        return float(value) if value > 0 else None
+    if not isinstance(value, str) or not value or value.startswith("0001-"):
+        return None
+    text = value.replace("Z", "+00:00")
+    if "." in text:   # Python parses at most microseconds
+        head, _, rest = text.partition(".")
+        digits = "".join(c for c in rest if c.isdigit())
+        text = f"{head}.{digits[:6]}{rest[len(digits):]}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _state(raw: str) -> str:
+    return RUNNING if raw == "running" else STOPPED
+
+
+def workload_from_list(entry: Mapping[str, Any]) -> Workload | None:
+    """One ``containers/json`` entry; None if it lacks the service/component labels."""
+    labels = entry.get("Labels") or {}
+    service, component = labels.get(LABEL_SERVICE), labels.get(LABEL_COMPONENT)
+    if not service or not component:
+        return None
+    raw = str(entry.get("State", ""))
+    names = entry.get("Names") or []
+    return Workload(
+        service=service, component=component, runtime="container", state=_state(raw),
+        id=str(entry.get("Id", "")), image=str(entry.get("Image", "")),
+        started_at=parse_time(entry.get("StartedAt")),
+        restart_count=int(entry.get("Restarts") or 0),
+        extra={
+            "name": names[0] if names else "",
+            "status": raw,
+            "exit_code": entry.get("ExitCode"),
+            "host_ports": sorted(int(p["host_port"]) for p in entry.get("Ports") or []
+                                 if p.get("host_port")),
+            "labels": dict(labels),
+        },
+    )
+
+
+def workload_from_inspect(attrs: Mapping[str, Any]) -> Workload | None:
+    """One ``containers/{name}/json`` answer; None if it lacks the service/component labels."""
+    config = attrs.get("Config") or {}
+    labels = config.get("Labels") or {}
+    service, component = labels.get(LABEL_SERVICE), labels.get(LABEL_COMPONENT)
+    if not service or not component:
+        return None
+    st = attrs.get("State") or {}
+    raw = str(st.get("Status", ""))
+    bindings = (attrs.get("HostConfig") or {}).get("PortBindings") or {}
+    host_ports = sorted(int(b["HostPort"]) for bs in bindings.values() for b in bs or []
+                        if b.get("HostPort"))
+    return Workload(
+        service=service, component=component, runtime="container", state=_state(raw),
+        id=str(attrs.get("Id", "")), image=str(attrs.get("ImageName") or attrs.get("Image", "")),
+        started_at=parse_time(st.get("StartedAt")),
+        restart_count=int(attrs.get("RestartCount") or 0),
+        extra={
+            "name": str(attrs.get("Name", "")),
+            "status": raw,
+            "exit_code": st.get("ExitCode"),
+            "host_ports": host_ports,
+            "labels": dict(labels),
+        },
+    )
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc) or type(exc).__name__
+
+
+def _response_message(resp: Any) -> str:
+    try:
+        body = resp.json()
+        return str(body.get("message") or body.get("cause") or resp.text)
+    except ValueError:
+        return str(resp.text)[:500]
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def socket_answers(url: str, timeout: float = 2.0) -> bool:
+    """True if a podman API answers ``/_ping`` at ``url`` (unix socket or tcp)."""
+    path = socket_path(url)
+    try:
+        if path is not None:
+            if not os.path.exists(path):
+                return False
+            conn = _UnixHTTPConnection(path, timeout)
+            try:
+                conn.request("GET", "/_ping")
+                return conn.getresponse().status == 200
+            finally:
+                conn.close()
+        with PodmanClient(base_url=url, timeout=timeout) as client:
+            return bool(client.ping())
+    except (OSError, PodmanError, ValueError, http.client.HTTPException):
+        return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+class PodmanService:
+    """A ``podman system service`` the agent runs for itself on a socket in its state dir.
+
+    A pid file lets an agent restarted after a crash adopt the service it left
+    running (checked against /proc/<pid>/cmdline), so it reuses rather than
+    duplicates it and still stops it on close.
+    """
+
+    def __init__(self, directory: Path, containers_conf: str = "",
+                 podman: str = "podman") -> None:
+        self.directory = directory
+        self.podman = podman
+        self.containers_conf = containers_conf
+        path = directory / "podman.sock"
+        if len(str(path)) > MAX_UNIX_PATH:
+            # sun_path cannot hold it: a short, stable per-state-dir place instead.
+            digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
+            path = Path("/tmp") / f"mcp-podman-{os.getuid()}-{digest}" / "podman.sock"
+        self.socket = path
+        self.url = "unix://" + str(path)
+        self.pid_file = directory / "service.pid"
+        self.log_file = directory / "service.log"
+        self.pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return service_argv(self.podman, self.url)
+
+    def answering(self, timeout: float = 2.0) -> bool:
+        return socket_answers(self.url, timeout)
+
+    def _prepare_dirs(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sock_dir = self.socket.parent
+        if sock_dir != self.directory:
+            with contextlib.suppress(FileExistsError):
+                sock_dir.mkdir(mode=0o700)
+            st = os.lstat(sock_dir)
+            if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
+                    or st.st_mode & 0o077):
+                raise RuntimeUnavailable(
+                    f"podman socket directory {sock_dir} is not a private directory of ours")
+
+    def _adopt(self) -> None:
+        """Take over the pid of a service a previous agent run started on this socket."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if _cmdline(pid) == self.argv:
+            self.pid = pid
+            log.info("podman: adopted podman service pid %d on %s", pid, self.url)
+
+    def ensure(self, timeout: float = SERVICE_START_TIMEOUT_S) -> None:
+        """Reuse the service answering on our socket, or start one and wait for it."""
+        if self.pid is not None and self.answering():
+            return
+        if self.answering():
+            log.info("podman: reusing podman service already answering on %s", self.url)
+            self._adopt()
+            return
+        podman = shutil.which(self.podman)
+        if podman is None:
+            raise RuntimeUnavailable(f"podman binary {self.podman!r} not found on PATH")
+        self._prepare_dirs()
+        if self.socket.is_socket():
+            self.socket.unlink()   # stale: ours, and nothing answers on it
+        env = service_env(os.environ, self.containers_conf)
+        argv = self.argv
+        log.info("podman: starting %s (CONTAINERS_CONF=%s)", " ".join(argv),
+                 env.get("CONTAINERS_CONF", ""))
+        with open(self.log_file, "ab") as out:
+            # Own session: a Ctrl-C or SIGTERM to the agent's group must not hit it.
+            self._proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self._proc.pid
+        tmp = self.pid_file.with_suffix(".tmp")
+        tmp.write_text(f"{self.pid}\n")
+        os.replace(tmp, self.pid_file)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.answering(timeout=1.0):
+                log.info("podman: service pid %d answering on %s", self.pid, self.url)
+                return
+            if self._proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        code = self._proc.poll()
+        self.stop()
+        tail = self._log_tail()
+        why = f"exited with {code}" if code is not None else f"not answering after {timeout:g}s"
+        raise RuntimeUnavailable(f"podman system service {why}: {tail}")
+
+    def _log_tail(self) -> str:
+        try:
+            data = self.log_file.read_bytes()[-400:]
+        except OSError:
+            return ""
+        return data.decode(errors="replace").strip()
+
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self.pid is not None and _cmdline(self.pid) == self.argv
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the service we started or adopted (by pid), SIGKILL after ``timeout``."""
+        pid, proc = self.pid, self._proc
+        self.pid, self._proc = None, None
+        if pid is None:
+            return
+        if proc is None and _cmdline(pid) != self.argv:
+            return   # the pid is no longer our service
+        log.info("podman: stopping podman service pid %d", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None:
+                if proc.poll() is not None:
+                    break
+            elif not Path(f"/proc/{pid}").exists() or _cmdline(pid) != self.argv:
+                break
+            time.sleep(0.05)
+        else:
+            log.warning("podman: service pid %d ignored SIGTERM, killing", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if proc is not None:
+                proc.wait(timeout=5)
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink()
+
+
+# --------------------------------------------------------------------------- the runtime
+
+
+class PodmanRuntime:
+    """Runtime "container" (see mcp_node.runtime.Runtime)."""
+
+    name = "container"
+
+    def __init__(self, config: AgentConfig, state_dir: Path, owner: str) -> None:
+        if not owner:
+            raise ValueError("owner must not be empty")
+        self.config = config
+        self.owner = owner
+        self.configured_url = socket_url(config.podman.socket) if config.podman.socket else ""
+        self.service = PodmanService(
+            state_dir / "podman",
+            config.podman.containers_conf or os.environ.get("CONTAINERS_CONF", ""))
+        self.url = ""
+        self._client: PodmanClient | None = None
+        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._api_calls = 0
+
+    # -- connection
+
+    @property
+    def api_calls(self) -> int:
+        """REST requests made so far (every one, including pings and streams)."""
+        return self._api_calls
+
+    def _client_or_connect(self) -> PodmanClient:
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def _connect(self) -> PodmanClient:
+        if self.configured_url and socket_answers(self.configured_url):
+            url = self.configured_url
+            log.info("podman: using configured socket %s", url)
+        else:
+            if self.configured_url:
+                log.warning("podman: configured socket %s does not answer; starting our own",
+                            self.configured_url)
+            self.service.ensure()
+            url = self.service.url
+        try:
+            client = PodmanClient(base_url=url, timeout=REQUEST_TIMEOUT_S)
+        except (ValueError, PodmanError) as exc:
+            raise RuntimeUnavailable(f"podman socket {url}: {exc}") from exc
+        original = client.api.request
+
+        def counted(method: str, url_: str, *args: Any, **kwargs: Any) -> Any:
+            with self._count_lock:
+                self._api_calls += 1
+            log.debug("podman REST %s %s %s", method, url_, kwargs.get("params") or "")
+            return original(method, url_, *args, **kwargs)
+
+        setattr(client.api, "request", counted)  # noqa: B010 - instance-level wrapper
+        self.url = url
+        return client
+
+    def _disconnect_if_dead(self) -> None:
+        """After a transport failure: forget a client whose own service died, to restart it."""
+        if self.url != self.configured_url and not self.service.alive():
+            with self._lock:
+                if self._client is not None:
+                    self._client.close()  # type: ignore[no-untyped-call]
+                self._client = None
+
+    def _request(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
+        """One REST call; transport failures become RuntimeError_ naming ``what``."""
+        client = self._client_or_connect()
+        try:
+            return getattr(client.api, method.lower())(path, **kwargs)
+        except (OSError, PodmanError) as exc:
+            self._disconnect_if_dead()
+            raise RuntimeError_(f"podman {what}: {_message(exc)}") from exc
+
+    def available(self) -> tuple[bool, str]:
+        if shutil.which(self.service.podman) is None and not (
+                self.configured_url and socket_answers(self.configured_url)):
+            return False, f"podman binary {self.service.podman!r} not found on PATH"
+        try:
+            resp = self._request("GET", "/_ping", "ping", timeout=5)
+        except (RuntimeUnavailable, RuntimeError_) as exc:
+            return False, str(exc)
+        if resp.status_code != 200:
+            return False, f"podman ping answered {resp.status_code}"
+        return True, ""
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()  # type: ignore[no-untyped-call]
+            self._client = None
+        self.service.stop()
+
+    # -- containers
+
+    def _inspect_raw(self, name: str) -> dict[str, Any] | None:
+        resp = self._request("GET", f"/containers/{name}/json", f"inspect {name}")
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 400:
+            raise RuntimeError_(f"podman inspect {name}: {_response_message(resp)}")
+        data: dict[str, Any] = resp.json()
+        return data
+
+    def _owned(self, name: str) -> dict[str, Any] | None:
+        """The container's inspect data if it is ours; None if missing; Conflict if foreign."""
+        attrs = self._inspect_raw(name)
+        if attrs is None:
+            return None
+        labels = (attrs.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_OWNER) != self.owner:
+            raise ConflictError(
+                f"container {name} exists but is not managed by this agent "
+                f"(mcp.owner={labels.get(LABEL_OWNER)!r}); remove or rename it")
+        return attrs
+
+    def _stop(self, name: str, timeout: float) -> None:
+        log.info("podman: stop %s (timeout %gs)", name, timeout)
+        resp = self._request("POST", f"/containers/{name}/stop", f"stop {name}",
+                             params={"timeout": max(0, int(round(timeout)))},
+                             timeout=timeout + 60)
+        if resp.status_code not in (204, 304, 404):
+            raise RuntimeError_(f"podman stop {name}: {_response_message(resp)}")
+
+    def _delete(self, name: str) -> None:
+        log.info("podman: remove %s", name)
+        resp = self._request("DELETE", f"/containers/{name}", f"remove {name}",
+                             params={"force": "true", "v": "true"})
+        if resp.status_code not in (200, 204, 404):
+            raise RuntimeError_(f"podman remove {name}: {_response_message(resp)}")
+
+    def pull(self, spec: WorkloadSpec) -> None:
+        ref = spec.image
+        resp = self._request("GET", f"/images/{quote(ref, safe='')}/exists", f"exists {ref}")
+        if resp.status_code == 204:
+            log.debug("podman: image %s present", ref)
+            return
+        log.info("podman: pull %s", ref)
+        resp = self._request("POST", "/images/pull", f"pull {ref}",
+                             params={"reference": ref, "quiet": "true"}, stream=True)
+        try:
+            if resp.status_code >= 400:
+                raise ImageError(f"cannot pull image {ref}: {_response_message(resp)}")
+            errors: list[str] = []
+            for line in resp.iter_lines():
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and obj.get("error"):
+                    errors.append(str(obj["error"]))
+        except OSError as exc:
+            raise ImageError(f"cannot pull image {ref}: {exc}") from exc
+        finally:
+            resp.close()
+        if errors:
+            raise ImageError(f"cannot pull image {ref}: {errors[-1]}")
+
+    def run(self, spec: WorkloadSpec) -> Workload:
+        name = spec.name
+        kwargs = create_kwargs(spec, self.owner)
+        if self._owned(name) is not None:
+            self._stop(name, spec.stop_timeout_s)
+            self._delete(name)
+        client = self._client_or_connect()
+        log.info("podman: create %s image=%s ports=%s cmd=%s", name, spec.image,
+                 list(spec.ports), list(spec.cmd))
+        try:
+            container = client.containers.create(**kwargs)
+        except (OSError, PodmanError) as exc:
+            message = _message(exc)
+            if isinstance(exc, ImageNotFound) or "image not known" in message:
+                raise ImageError(f"image {spec.image} is not present: {message}") from exc
+            self._disconnect_if_dead()
+            raise RuntimeError_(f"podman create {name}: {message}") from exc
+        log.info("podman: start %s (%s)", name, container.id[:12])
+        resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
+        if resp.status_code not in (204, 304):
+            message = _response_message(resp)
+            with contextlib.suppress(RuntimeError_):
+                self._delete(name)   # no half state: a created but unstartable container
+            raise RuntimeError_(f"podman start {name}: {message}")
+        attrs = self._inspect_raw(name)
+        workload = workload_from_inspect(attrs) if attrs else None
+        if workload is None:
+            raise RuntimeError_(f"podman: container {name} vanished right after start")
+        return workload
+
+    def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
+        name = workload_name(service, component)
+        if self._owned(name) is not None:
+            self._stop(name, timeout)
+
+    def start(self, service: str, component: str) -> None:
+        """Start an existing stopped container (agent convenience, not in the protocol)."""
+        name = workload_name(service, component)
+        if self._owned(name) is None:
+            raise NotFoundError(f"no container {name}")
+        log.info("podman: start %s", name)
+        resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
+        if resp.status_code not in (204, 304):
+            raise RuntimeError_(f"podman start {name}: {_response_message(resp)}")
+
+    def remove(self, service: str, component: str, timeout: float = 10.0) -> None:
+        name = workload_name(service, component)
+        attrs = self._owned(name)
+        if attrs is None:
+            return
+        if (attrs.get("State") or {}).get("Running"):
+            self._stop(name, timeout)
+        self._delete(name)
+
+    def inspect(self, service: str, component: str) -> Workload | None:
+        name = workload_name(service, component)
+        attrs = self._inspect_raw(name)
+        if attrs is None:
+            return None
+        labels = (attrs.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_OWNER) != self.owner:
+            return None
+        return workload_from_inspect(attrs)
+
+    def list(self) -> list[Workload]:
+        resp = self._request("GET", "/containers/json", "list containers",
+                             params={"all": "true", "filters": owner_filters(self.owner)})
+        if resp.status_code >= 400:
+            raise RuntimeError_(f"podman list: {_response_message(resp)}")
+        out = []
+        for entry in resp.json() or []:
+            workload = workload_from_list(entry)
+            if workload is not None:
+                out.append(workload)
+        return out
+
+    def logs(self, service: str, component: str, tail: int | None = None,
+             follow: bool = False) -> Iterator[bytes]:
+        """A missing (or foreign) container fails here, before any streaming starts.
+
+        The log request itself is made on the first ``next()``: podman sends no
+        headers for a follow stream until the container writes a line.
+        """
+        name = workload_name(service, component)
+        if self._owned(name) is None:
+            raise NotFoundError(f"no container {name}")
+        params: dict[str, str] = {"stdout": "true", "stderr": "true",
+                                  "follow": "true" if follow else "false"}
+        if tail is not None:
+            params["tail"] = str(max(0, int(tail)))
+        return self._log_stream(name, params, follow)
+
+    def _log_stream(self, name: str, params: dict[str, str], follow: bool) -> Iterator[bytes]:
+        log.info("podman: logs %s %s", name, params)
+        resp = self._request("GET", f"/containers/{name}/logs", f"logs {name}", params=params,
+                             stream=True, timeout=(10, None) if follow else REQUEST_TIMEOUT_S)
+        if resp.status_code >= 400:
+            message = _response_message(resp)
+            resp.close()
+            if resp.status_code == 404:
+                return   # removed in between: nothing (more) to show
+            raise RuntimeError_(f"podman logs {name}: {message}")
+        yield from _frames(resp)
+
+
+def _frames(resp: Any) -> Iterator[bytes]:
+    """Payloads of podman's multiplexed log stream (8-byte header: stream, 0, 0, 0, length)."""
+    try:
+        raw = resp.raw
+        while True:
+            header = raw.read(8)
+            if len(header) < 8:
+                return
+            (length,) = struct.unpack(">4xL", header)
+            if length:
+                data = raw.read(length)
+                if not data:
+                    return
+                yield data
+    except OSError as exc:
+        log.debug("podman: log stream ended: %s", exc)
+    finally:
+        resp.close()

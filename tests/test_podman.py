@@ -1,0 +1,450 @@
+"""Podman runtime: pure builders (unit) and the real thing against podman (integration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from podman.domain.containers_create import CreateMixin
+from podman_env import PodmanCleanup, free_port, podman_cli, wait_http
+
+from mcp_node.config import AgentConfig, from_dict
+from mcp_node.errors import (
+    ConflictError,
+    ImageError,
+    NotFoundError,
+    RuntimeError_,
+    RuntimeUnavailable,
+    ValidationError,
+)
+from mcp_node.podman import (
+    PodmanRuntime,
+    PodmanService,
+    create_kwargs,
+    env_dict,
+    owner_filters,
+    parse_time,
+    service_argv,
+    service_env,
+    socket_path,
+    socket_url,
+    volume_binds,
+    workload_from_inspect,
+    workload_from_list,
+)
+from mcp_node.runtime import RUNNING, STOPPED, WorkloadSpec
+
+# --------------------------------------------------------------------------- unit
+
+
+def _spec(**kw: object) -> WorkloadSpec:
+    base: dict[str, object] = {"service": "svc", "component": "web", "image": "localhost/x:v1"}
+    base.update(kw)
+    return WorkloadSpec(**base)  # type: ignore[arg-type]
+
+
+def test_create_kwargs_full() -> None:
+    spec = _spec(cmd=("serve", "--x"), env=("PORT=12345", "A=b=c"), ports=(12345, 12346),
+                 volumes=("/srv/a:/data", "/srv/b:/ro:ro,z"), restart="unless-stopped",
+                 memory_mb=64, stop_timeout_s=7.0)
+    kw = create_kwargs(spec, "node-1")
+    assert kw["name"] == "mcp-svc-web"
+    assert kw["image"] == "localhost/x:v1"
+    assert kw["labels"] == {"mcp.managed": "true", "mcp.service": "svc",
+                            "mcp.component": "web", "mcp.owner": "node-1"}
+    assert kw["ports"] == {"12345/tcp": ("127.0.0.1", 12345), "12346/tcp": ("127.0.0.1", 12346)}
+    assert kw["environment"] == {"PORT": "12345", "A": "b=c"}
+    assert kw["command"] == ["serve", "--x"]
+    assert kw["volumes"] == {"/srv/a": {"bind": "/data", "extended_mode": []},
+                             "/srv/b": {"bind": "/ro", "extended_mode": ["ro", "z"]}}
+    assert kw["restart_policy"] == {"Name": "unless-stopped", "MaximumRetryCount": 0}
+    assert kw["mem_limit"] == "64m"
+    assert kw["stop_timeout"] == 7
+
+
+def test_create_kwargs_minimal_leaves_image_defaults() -> None:
+    kw = create_kwargs(_spec(), "o")
+    for key in ("command", "volumes", "restart_policy", "mem_limit"):
+        assert key not in kw
+    assert kw["ports"] == {}
+    assert kw["environment"] == {}
+
+
+def test_podman_py_renders_loopback_port_mappings() -> None:
+    """What podman-py actually sends for our kwargs: host_ip 127.0.0.1, p -> p."""
+    kw = create_kwargs(_spec(ports=(20001,), volumes=("/srv/a:/data:ro",),
+                             restart="always"), "o")
+    payload = CreateMixin._render_payload(kw)
+    assert payload["portmappings"] == [{"container_port": 20001, "protocol": "tcp",
+                                        "host_ip": "127.0.0.1", "host_port": 20001}]
+    assert payload["mounts"] == [{"destination": "/data", "options": ["ro"],
+                                  "source": "/srv/a", "type": "bind"}]
+    assert payload["restart_policy"] == "always"
+    assert payload["labels"]["mcp.owner"] == "o"
+
+
+def test_env_and_volume_errors_name_the_field() -> None:
+    with pytest.raises(ValidationError, match="env"):
+        env_dict(("NOEQUALS",))
+    with pytest.raises(ValidationError, match="volumes"):
+        volume_binds(("relative:/x",))
+    with pytest.raises(ValidationError, match="volumes"):
+        volume_binds(("/a:/b:ro:extra",))
+
+
+def test_socket_url_forms() -> None:
+    assert socket_url("/run/podman/podman.sock") == "unix:///run/podman/podman.sock"
+    assert socket_url("unix:/run/p.sock") == "unix:///run/p.sock"
+    assert socket_url("unix:///run/p.sock") == "unix:///run/p.sock"
+    assert socket_url("tcp://127.0.0.1:8888") == "tcp://127.0.0.1:8888"
+    assert socket_path("unix:///run/p.sock") == "/run/p.sock"
+    assert socket_path("tcp://127.0.0.1:8888") is None
+
+
+def test_service_argv_and_env() -> None:
+    assert service_argv("podman", "unix:///s/p.sock") == [
+        "podman", "system", "service", "--time=0", "unix:///s/p.sock"]
+    assert service_env({"CONTAINERS_CONF": "/inherited", "X": "1"}, "/configured") == {
+        "CONTAINERS_CONF": "/configured", "X": "1"}
+    assert service_env({"CONTAINERS_CONF": "/inherited"}, "")["CONTAINERS_CONF"] == "/inherited"
+
+
+def test_service_socket_path_fits_sun_path(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "podman"
+    service = PodmanService(deep)
+    assert len(str(service.socket)) <= 100
+    assert service.url == f"unix://{service.socket}"
+    assert PodmanService(deep).socket == service.socket   # stable across agent restarts
+    short = PodmanService(tmp_path / "podman")
+    assert short.socket == tmp_path / "podman" / "podman.sock"
+
+
+def test_owner_filters() -> None:
+    assert json.loads(owner_filters("n1")) == {"label": ["mcp.owner=n1"]}
+
+
+def test_parse_time() -> None:
+    assert parse_time(1795869503) == 1795869503.0
+    assert parse_time(0) is None
+    assert parse_time("0001-01-01T00:00:00Z") is None
+    assert parse_time("") is None
+    assert parse_time("2026-11-28T12:38:23.687379698Z") == pytest.approx(1795869503.687379)
+    assert parse_time("2026-11-28T12:38:23Z") == 1795869503.0
+    assert parse_time("garbage") is None
+
+
+def test_workload_from_list_and_inspect() -> None:
+    labels = {"mcp.managed": "true", "mcp.service": "s", "mcp.component": "c",
+              "mcp.owner": "o"}
+    entry = {"Id": "abc", "Image": "localhost/x:v1", "Labels": labels, "Names": ["mcp-s-c"],
+             "State": "running", "StartedAt": 1795869503, "ExitCode": 0,
+             "Ports": [{"host_ip": "127.0.0.1", "container_port": 5, "host_port": 5}]}
+    w = workload_from_list(entry)
+    assert w is not None
+    assert (w.service, w.component, w.runtime, w.state, w.id) == ("s", "c", "container",
+                                                                   RUNNING, "abc")
+    assert w.started_at == 1795869503.0 and w.extra["host_ports"] == [5]
+    exited = workload_from_list({**entry, "State": "exited", "Restarts": 2})
+    assert exited is not None and exited.state == STOPPED and exited.restart_count == 2
+    assert workload_from_list({**entry, "Labels": {"mcp.owner": "o"}}) is None
+    attrs = {"Id": "abc", "ImageName": "localhost/x:v1", "Name": "mcp-s-c",
+             "Config": {"Labels": labels}, "RestartCount": 3,
+             "State": {"Status": "created", "StartedAt": "0001-01-01T00:00:00Z"},
+             "HostConfig": {"PortBindings": {"5/tcp": [{"HostIp": "127.0.0.1",
+                                                        "HostPort": "5"}]}}}
+    wi = workload_from_inspect(attrs)
+    assert wi is not None and wi.state == STOPPED and wi.started_at is None
+    assert wi.restart_count == 3 and wi.image == "localhost/x:v1" and wi.extra["host_ports"] == [5]
+
+
+def test_construct_never_connects_and_reports_missing_podman(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    cfg = from_dict({"podman": {"socket": f"unix://{tmp_path}/none.sock"}})
+    runtime = PodmanRuntime(cfg, tmp_path / "state", "o")   # must not raise
+    ok, reason = runtime.available()
+    assert not ok and "podman" in reason
+    with pytest.raises(RuntimeUnavailable, match="podman"):
+        runtime.list()
+    assert runtime.api_calls == 0
+    assert not (tmp_path / "state").exists()
+    runtime.close()
+
+
+# --------------------------------------------------------------------------- integration
+
+
+def _name() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def _hello(image: str, port: int, message: str = "x", **kw: object) -> WorkloadSpec:
+    env = (f"PORT={port}", f"MESSAGE={message}", *kw.pop("env", ()))  # type: ignore[misc]
+    return WorkloadSpec(service=_name(), component="web", image=image, ports=(port,),
+                        env=env, stop_timeout_s=5, **kw)  # type: ignore[arg-type]
+
+
+def _refused(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def _port_bindings(name: str) -> dict[str, list[dict[str, str]]]:
+    out = podman_cli("inspect", "--format", "json", name, check=True).stdout
+    bindings: dict[str, list[dict[str, str]]] = json.loads(out)[0]["HostConfig"]["PortBindings"]
+    return bindings
+
+
+def test_run_serves_http_on_loopback_only(podman_runtime: PodmanRuntime,
+                                          hello_image: str) -> None:
+    port = free_port()
+    spec = _hello(hello_image, port, "loopback")
+    podman_runtime.pull(spec)
+    w = podman_runtime.run(spec)
+    assert w.state == RUNNING and w.image == hello_image and w.id
+    assert w.extra["labels"]["mcp.owner"] == podman_runtime.owner
+    assert wait_http(port) == "hello from loopback\n"
+    assert _port_bindings(spec.name) == {f"{port}/tcp": [{"HostIp": "127.0.0.1",
+                                                          "HostPort": str(port)}]}
+    # 127.0.0.2 is loopback too, but not the bound address: a 0.0.0.0 bind would accept.
+    assert _refused("127.0.0.2", port)
+
+
+def test_list_is_one_call_whatever_the_count(podman_runtime: PodmanRuntime,
+                                             hello_image: str) -> None:
+    assert podman_runtime.list() == []
+    specs = [_hello(hello_image, free_port(), f"n{i}") for i in range(3)]
+    calls = []
+    for spec in specs:
+        podman_runtime.run(spec)
+        before = podman_runtime.api_calls
+        listed = podman_runtime.list()
+        calls.append(podman_runtime.api_calls - before)
+        assert {w.service for w in listed} == {s.service for s in specs[:len(calls)]}
+    assert calls == [1, 1, 1]
+    by_service = {w.service: w for w in podman_runtime.list()}
+    for spec in specs:
+        w = by_service[spec.service]
+        assert w.component == "web" and w.state == RUNNING and w.runtime == "container"
+        assert w.extra["labels"] == {"mcp.managed": "true", "mcp.service": spec.service,
+                                     "mcp.component": "web", "mcp.owner": podman_runtime.owner}
+        assert w.extra["host_ports"] == list(spec.ports)
+        assert w.started_at is not None and w.started_at <= time.time() + 5
+
+
+def test_stop_closes_port_then_remove_leaves_nothing(podman_runtime: PodmanRuntime,
+                                                     hello_image: str) -> None:
+    port = free_port()
+    spec = _hello(hello_image, port)
+    podman_runtime.run(spec)
+    wait_http(port)
+    podman_runtime.stop(spec.service, spec.component, timeout=5)
+    assert _refused("127.0.0.1", port)
+    w = podman_runtime.inspect(spec.service, spec.component)
+    assert w is not None and w.state == STOPPED and w.extra["exit_code"] == 0
+    assert [x.state for x in podman_runtime.list()] == [STOPPED]
+    podman_runtime.stop(spec.service, spec.component)          # already stopped: fine
+    podman_runtime.start(spec.service, spec.component)
+    wait_http(port)
+    podman_runtime.remove(spec.service, spec.component)
+    assert podman_runtime.inspect(spec.service, spec.component) is None
+    assert podman_runtime.list() == []
+    assert podman_cli("container", "exists", spec.name).returncode == 1
+    podman_runtime.remove(spec.service, spec.component)        # missing: fine
+    podman_runtime.stop(spec.service, spec.component)
+    with pytest.raises(NotFoundError):
+        podman_runtime.start(spec.service, spec.component)
+
+
+def test_run_replaces_existing_container(podman_runtime: PodmanRuntime, hello_image: str,
+                                         hello_image_v2: str) -> None:
+    port = free_port()
+    spec = _hello(hello_image, port, "one")
+    first = podman_runtime.run(spec)
+    wait_http(port)
+    spec2 = WorkloadSpec(service=spec.service, component="web", image=hello_image_v2,
+                         ports=(port,), env=(f"PORT={port}", "MESSAGE=two"))
+    second = podman_runtime.run(spec2)
+    assert second.id != first.id and second.image == hello_image_v2
+    assert wait_http(port) == "hello from two\n"
+    listed = podman_runtime.list()
+    assert [(w.id, w.image) for w in listed] == [(second.id, hello_image_v2)]
+
+
+def test_failed_start_leaves_no_container(podman_runtime: PodmanRuntime,
+                                          hello_image: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        spec = _hello(hello_image, port)
+        with pytest.raises(RuntimeError_) as err:
+            podman_runtime.run(spec)
+    assert spec.name in str(err.value)
+    assert err.value.__cause__ is not None or "address" in str(err.value)
+    assert podman_cli("container", "exists", spec.name).returncode == 1
+    assert podman_runtime.list() == []
+
+
+def test_logs_show_request_lines_and_follow_ends_on_stop(podman_runtime: PodmanRuntime,
+                                                         hello_image: str) -> None:
+    port = free_port()
+    spec = _hello(hello_image, port)
+    podman_runtime.run(spec)
+    wait_http(port, "/first-request")
+    wait_http(port, "/second-request")
+    text = b"".join(podman_runtime.logs(spec.service, spec.component))
+    assert b"GET /first-request" in text and b"GET /second-request" in text
+    last = b"".join(podman_runtime.logs(spec.service, spec.component, tail=1))
+    assert b"/second-request" in last and b"/first-request" not in last
+
+    got: list[bytes] = []
+    follow = podman_runtime.logs(spec.service, spec.component, tail=0, follow=True)
+    reader = threading.Thread(target=lambda: got.extend(follow), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60   # the stream is lazy: poke until it is established
+    while not got:
+        assert time.monotonic() < deadline, "follow stream never delivered a line"
+        wait_http(port, "/poke")
+        time.sleep(0.2)
+    wait_http(port, "/while-following")
+    podman_runtime.stop(spec.service, spec.component, timeout=5)
+    reader.join(timeout=60)            # deadline; the stream must end when the container does
+    assert not reader.is_alive()
+    joined = b"".join(got)
+    assert b"/while-following" in joined and b"/first-request" not in joined
+
+
+def test_logs_of_missing_container(podman_runtime: PodmanRuntime) -> None:
+    with pytest.raises(NotFoundError):
+        podman_runtime.logs(_name(), "web")
+
+
+def test_pull_present_image_is_one_call_and_missing_image_is_image_error(
+        podman_runtime: PodmanRuntime, hello_image: str) -> None:
+    before = podman_runtime.api_calls
+    podman_runtime.pull(_hello(hello_image, 1))
+    assert podman_runtime.api_calls - before == 1
+    missing = f"localhost/mcp-missing-{uuid.uuid4().hex[:8]}:v1"
+    with pytest.raises(ImageError, match=missing):
+        podman_runtime.pull(WorkloadSpec(service="s", component="c", image=missing))
+    with pytest.raises(ImageError, match=missing):
+        podman_runtime.run(WorkloadSpec(service=_name(), component="c", image=missing))
+
+
+def test_owners_do_not_see_or_touch_each_other(podman_runtime: PodmanRuntime,
+                                               podman_config: AgentConfig,
+                                               podman_cleanup: PodmanCleanup,
+                                               hello_image: str) -> None:
+    port = free_port()
+    spec = _hello(hello_image, port)
+    podman_runtime.run(spec)
+    other = PodmanRuntime(podman_config, podman_config.state_dir,
+                          podman_cleanup.add(f"other-{uuid.uuid4().hex[:8]}"))
+    try:
+        assert other.list() == []
+        assert other.inspect(spec.service, spec.component) is None
+        with pytest.raises(ConflictError, match=spec.name):
+            other.stop(spec.service, spec.component)
+        with pytest.raises(ConflictError, match=spec.name):
+            other.remove(spec.service, spec.component)
+        with pytest.raises(ConflictError, match=spec.name):
+            other.run(spec)
+    finally:
+        other.close()
+    [w] = podman_runtime.list()
+    assert w.state == RUNNING
+    assert wait_http(port) == "hello from x\n"
+
+
+def test_env_cmd_volume_and_restart_policy(podman_runtime: PodmanRuntime, hello_image: str,
+                                           tmp_path: Path) -> None:
+    data = tmp_path / "vol"
+    data.mkdir()
+    port = free_port()
+    spec = _hello(hello_image, port, env=("EXIT_AFTER=1",), volumes=(f"{data}:/data:ro",),
+                  restart="always", cmd=("ignored-arg",))
+    podman_runtime.run(spec)
+    info = json.loads(podman_cli("inspect", "--format", "json", spec.name, check=True).stdout)[0]
+    assert info["HostConfig"]["RestartPolicy"]["Name"] == "always"
+    assert any(m["Source"] == str(data) and m["Destination"] == "/data" and not m["RW"]
+               for m in info["Mounts"])
+    assert "EXIT_AFTER=1" in info["Config"]["Env"]
+    assert info["Config"]["Cmd"] == ["ignored-arg"]
+    wait_http(port)                    # the one request it serves; then it exits
+    deadline = time.monotonic() + 60   # and podman restarts it
+    while True:
+        w = podman_runtime.inspect(spec.service, spec.component)
+        if w is not None and w.restart_count >= 1 and w.state == RUNNING:
+            break
+        assert time.monotonic() < deadline, f"not restarted: {w}"
+        time.sleep(0.2)
+    wait_http(port)
+
+
+def test_agent_started_service_reused_and_stopped_by_pid(
+        tmp_path: Path, podman_cleanup: PodmanCleanup, hello_image: str) -> None:
+    """No socket configured (or one that does not answer): the runtime runs its own."""
+    state = tmp_path / "st"
+    conf = os.environ["CONTAINERS_CONF"]
+    cfg = from_dict({"podman": {"socket": f"unix://{tmp_path}/absent.sock",
+                                "containers_conf": conf}})
+    owner = podman_cleanup.add(f"svc-{uuid.uuid4().hex[:8]}")
+    first = PodmanRuntime(cfg, state, owner)
+    assert first.service.pid is None           # lazy: nothing started yet
+    assert first.available() == (True, "")
+    pid = first.service.pid
+    assert pid is not None and Path(f"/proc/{pid}").exists()
+    assert first.url == f"unix://{state}/podman/podman.sock"
+    assert (state / "podman" / "podman.sock").is_socket()
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert f"CONTAINERS_CONF={conf}".encode() in environ
+    port = free_port()
+    spec = _hello(hello_image, port)
+    first.run(spec)
+    wait_http(port)
+
+    # An agent restart (here: a second runtime on the same state dir) reuses and adopts it.
+    second = PodmanRuntime(from_dict({}), state, owner)
+    try:
+        assert [w.service for w in second.list()] == [spec.service]
+        assert second.service.pid == pid
+    finally:
+        first.service.pid = None   # hand ownership to `second` alone
+        first.close()
+        assert Path(f"/proc/{pid}").exists()
+        second.close()
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists() and b"Z" not in _proc_state(pid):
+        assert time.monotonic() < deadline, "podman service still running after close()"
+        time.sleep(0.05)
+    # Stopping the service does not stop the containers it started.
+    assert wait_http(port) == "hello from x\n"
+
+
+def _proc_state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1][:3]
+    except OSError:
+        return b"Z"
+
+
+def test_service_start_failure_is_runtime_unavailable(tmp_path: Path) -> None:
+    """A podman that cannot serve: clear error, nothing left running."""
+    from conftest import need
+    need("podman")
+    service = PodmanService(tmp_path / "p")
+    service.url = "unix:///proc/forbidden/podman.sock"   # podman cannot create it
+    with pytest.raises(RuntimeUnavailable, match="podman system service"):
+        service.ensure(timeout=20)
+    assert service.pid is None
+

@@ -23,17 +23,11 @@ left alone. Containers survive either way: conmon, not the service, owns them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import http.client
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import stat
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -54,6 +48,14 @@ from .errors import (
     RuntimeUnavailable,
     ValidationError,
 )
+from .podman_service import (
+    PodmanService,
+    service_argv,
+    service_env,
+    socket_answers,
+    socket_path,
+    socket_url,
+)
 from .runtime import (
     LABEL_COMPONENT,
     LABEL_MANAGED,
@@ -66,46 +68,20 @@ from .runtime import (
     workload_name,
 )
 
+__all__ = [
+    "PodmanRuntime", "PodmanService", "create_kwargs", "env_dict", "owner_filters",
+    "owner_labels", "parse_time", "service_argv", "service_env", "socket_answers",
+    "socket_path", "socket_url", "volume_binds", "workload_from_inspect", "workload_from_list",
+]
+
 log = logging.getLogger("mcp_node.podman")
 
 LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 120.0        # any single REST call; stop adds its own grace time
-SERVICE_START_TIMEOUT_S = 30.0
-MAX_UNIX_PATH = 100              # sun_path is 108 bytes; keep a margin
+AVAILABLE_CACHE_S = 2.0          # a call that succeeded this recently proves podman is up
 
 
 # --------------------------------------------------------------------------- pure helpers
-
-
-def socket_url(value: str) -> str:
-    """Accept ``unix:///p``, ``unix:/p`` or a bare path; podman-py wants ``unix://``."""
-    value = value.strip()
-    if value.startswith("/"):
-        return "unix://" + value
-    if value.startswith("unix:") and not value.startswith("unix://"):
-        return "unix://" + value[len("unix:"):]
-    return value
-
-
-def socket_path(url: str) -> str | None:
-    """The filesystem path of a unix socket URL, else None (tcp/ssh)."""
-    for prefix in ("unix://", "http+unix://"):
-        if url.startswith(prefix):
-            return url[len(prefix):]
-    return None
-
-
-def service_argv(podman: str, url: str) -> list[str]:
-    """``--time=0``: the service must outlive idle periods between agent calls."""
-    return [podman, "system", "service", "--time=0", url]
-
-
-def service_env(base: Mapping[str, str], containers_conf: str) -> dict[str, str]:
-    """The service's environment: CONTAINERS_CONF from config wins over the inherited one."""
-    env = dict(base)
-    if containers_conf:
-        env["CONTAINERS_CONF"] = containers_conf
-    return env
 
 
 def owner_labels(spec: WorkloadSpec, owner: str) -> dict[str, str]:
@@ -259,184 +235,6 @@ def _response_message(resp: Any) -> str:
 # --------------------------------------------------------------------------- the service
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def socket_answers(url: str, timeout: float = 2.0) -> bool:
-    """True if a podman API answers ``/_ping`` at ``url`` (unix socket or tcp)."""
-    path = socket_path(url)
-    try:
-        if path is not None:
-            if not os.path.exists(path):
-                return False
-            conn = _UnixHTTPConnection(path, timeout)
-            try:
-                conn.request("GET", "/_ping")
-                return conn.getresponse().status == 200
-            finally:
-                conn.close()
-        with PodmanClient(base_url=url, timeout=timeout) as client:
-            return bool(client.ping())
-    except (OSError, PodmanError, ValueError, http.client.HTTPException):
-        return False
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-class PodmanService:
-    """A ``podman system service`` the agent runs for itself on a socket in its state dir.
-
-    A pid file lets an agent restarted after a crash adopt the service it left
-    running (checked against /proc/<pid>/cmdline), so it reuses rather than
-    duplicates it and still stops it on close.
-    """
-
-    def __init__(self, directory: Path, containers_conf: str = "",
-                 podman: str = "podman") -> None:
-        self.directory = directory
-        self.podman = podman
-        self.containers_conf = containers_conf
-        path = directory / "podman.sock"
-        if len(str(path)) > MAX_UNIX_PATH:
-            # sun_path cannot hold it: a short, stable per-state-dir place instead.
-            digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
-            path = Path("/tmp") / f"mcp-podman-{os.getuid()}-{digest}" / "podman.sock"
-        self.socket = path
-        self.url = "unix://" + str(path)
-        self.pid_file = directory / "service.pid"
-        self.log_file = directory / "service.log"
-        self.pid: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def argv(self) -> list[str]:
-        return service_argv(self.podman, self.url)
-
-    def answering(self, timeout: float = 2.0) -> bool:
-        return socket_answers(self.url, timeout)
-
-    def _prepare_dirs(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sock_dir = self.socket.parent
-        if sock_dir != self.directory:
-            with contextlib.suppress(FileExistsError):
-                sock_dir.mkdir(mode=0o700)
-            st = os.lstat(sock_dir)
-            if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
-                    or st.st_mode & 0o077):
-                raise RuntimeUnavailable(
-                    f"podman socket directory {sock_dir} is not a private directory of ours")
-
-    def _adopt(self) -> None:
-        """Take over the pid of a service a previous agent run started on this socket."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return
-        if _cmdline(pid) == self.argv:
-            self.pid = pid
-            log.info("podman: adopted podman service pid %d on %s", pid, self.url)
-
-    def ensure(self, timeout: float = SERVICE_START_TIMEOUT_S) -> None:
-        """Reuse the service answering on our socket, or start one and wait for it."""
-        if self.pid is not None and self.answering():
-            return
-        if self.answering():
-            log.info("podman: reusing podman service already answering on %s", self.url)
-            self._adopt()
-            return
-        podman = shutil.which(self.podman)
-        if podman is None:
-            raise RuntimeUnavailable(f"podman binary {self.podman!r} not found on PATH")
-        self._prepare_dirs()
-        if self.socket.is_socket():
-            self.socket.unlink()   # stale: ours, and nothing answers on it
-        env = service_env(os.environ, self.containers_conf)
-        argv = self.argv
-        log.info("podman: starting %s (CONTAINERS_CONF=%s)", " ".join(argv),
-                 env.get("CONTAINERS_CONF", ""))
-        with open(self.log_file, "ab") as out:
-            # Own session: a Ctrl-C or SIGTERM to the agent's group must not hit it.
-            self._proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self._proc.pid
-        tmp = self.pid_file.with_suffix(".tmp")
-        tmp.write_text(f"{self.pid}\n")
-        os.replace(tmp, self.pid_file)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.answering(timeout=1.0):
-                log.info("podman: service pid %d answering on %s", self.pid, self.url)
-                return
-            if self._proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        code = self._proc.poll()
-        self.stop()
-        tail = self._log_tail()
-        why = f"exited with {code}" if code is not None else f"not answering after {timeout:g}s"
-        raise RuntimeUnavailable(f"podman system service {why}: {tail}")
-
-    def _log_tail(self) -> str:
-        try:
-            data = self.log_file.read_bytes()[-400:]
-        except OSError:
-            return ""
-        return data.decode(errors="replace").strip()
-
-    def alive(self) -> bool:
-        if self._proc is not None:
-            return self._proc.poll() is None
-        return self.pid is not None and _cmdline(self.pid) == self.argv
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the service we started or adopted (by pid), SIGKILL after ``timeout``."""
-        pid, proc = self.pid, self._proc
-        self.pid, self._proc = None, None
-        if pid is None:
-            return
-        if proc is None and _cmdline(pid) != self.argv:
-            return   # the pid is no longer our service
-        log.info("podman: stopping podman service pid %d", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc is not None:
-                if proc.poll() is not None:
-                    break
-            elif not Path(f"/proc/{pid}").exists() or _cmdline(pid) != self.argv:
-                break
-            time.sleep(0.05)
-        else:
-            log.warning("podman: service pid %d ignored SIGTERM, killing", pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            if proc is not None:
-                proc.wait(timeout=5)
-        with contextlib.suppress(OSError):
-            self.pid_file.unlink()
-
-
 # --------------------------------------------------------------------------- the runtime
 
 
@@ -459,6 +257,8 @@ class PodmanRuntime:
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._api_calls = 0
+        self._listings = 0
+        self._last_ok = float("-inf")
 
     # -- connection
 
@@ -514,12 +314,17 @@ class PodmanRuntime:
         """One REST call; transport failures become RuntimeError_ naming ``what``."""
         client = self._client_or_connect()
         try:
-            return getattr(client.api, method.lower())(path, **kwargs)
+            resp = getattr(client.api, method.lower())(path, **kwargs)
         except (OSError, PodmanError) as exc:
             self._disconnect_if_dead()
             raise RuntimeError_(f"podman {what}: {_message(exc)}") from exc
+        self._last_ok = time.monotonic()
+        return resp
 
     def available(self) -> tuple[bool, str]:
+        """Answered from the last successful call when recent, else by one ``/_ping``."""
+        if self._client is not None and time.monotonic() - self._last_ok < AVAILABLE_CACHE_S:
+            return True, ""
         if shutil.which(self.service.podman) is None and not (
                 self.configured_url and socket_answers(self.configured_url)):
             return False, f"podman binary {self.service.podman!r} not found on PATH"
@@ -530,6 +335,15 @@ class PodmanRuntime:
         if resp.status_code != 200:
             return False, f"podman ping answered {resp.status_code}"
         return True, ""
+
+    def info(self) -> dict[str, Any]:
+        """For the agent's health: where podman is, and the REST calls made so far."""
+        return {
+            "socket": self.url or self.configured_url or self.service.url,
+            "service_pid": self.service.pid,
+            "api_calls": self._api_calls,
+            "listings": self._listings,
+        }
 
     def close(self) -> None:
         with self._lock:
@@ -668,6 +482,7 @@ class PodmanRuntime:
         return workload_from_inspect(attrs)
 
     def list(self) -> list[Workload]:
+        self._listings += 1
         resp = self._request("GET", "/containers/json", "list containers",
                              params={"all": "true", "filters": owner_filters(self.owner)})
         if resp.status_code >= 400:

@@ -231,6 +231,10 @@ def test_list_is_one_call_whatever_the_count(podman_runtime: PodmanRuntime,
         calls.append(podman_runtime.api_calls - before)
         assert {w.service for w in listed} == {s.service for s in specs[:len(calls)]}
     assert calls == [1, 1, 1]
+    before, info = podman_runtime.api_calls, podman_runtime.info()
+    assert podman_runtime.available() == (True, "")   # podman just answered: no ping
+    assert podman_runtime.api_calls == before == info["api_calls"]
+    assert info["listings"] == 4 and info["socket"] == podman_runtime.url
     by_service = {w.service: w for w in podman_runtime.list()}
     for spec in specs:
         w = by_service[spec.service]

@@ -78,7 +78,7 @@ log = logging.getLogger("mcp_node.podman")
 
 LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 120.0        # any single REST call; stop adds its own grace time
-AVAILABLE_CACHE_S = 2.0          # a call that succeeded this recently proves podman is up
+AVAILABLE_CACHE_S = 10.0         # a call that succeeded this recently proves podman is up
 
 
 # --------------------------------------------------------------------------- pure helpers

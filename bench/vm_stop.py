@@ -12,6 +12,7 @@ Run: .venv/bin/python bench/vm_stop.py [ROUNDS]
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 import uuid
@@ -19,7 +20,18 @@ from pathlib import Path
 
 from common import Bed, bed, hello_image, median
 from qemu.qmp import QMPClient
-from vm_boot import hand_launch, host_port, keep_image, kill, vm_definition, wait_http, with_qemu
+from vm_boot import (
+    hand_launch,
+    host_port,
+    keep_image,
+    kill,
+    reap_vms,
+    vm_definition,
+    wait_http,
+    with_qemu,
+)
+
+from mcp_node.client import Client
 
 AGENT_TIMEOUT_S = 10.0   # Agent.stop's timeout per component
 
@@ -52,34 +64,50 @@ def deploy(b: Bed, image: str, env: str) -> str:
     return svc
 
 
+def measure(b: Bed, client: Client, image: str, kept: Path, rounds: int, own: list[float],
+            cli: list[float], api: list[float], stubborn: list[float]) -> None:
+    for i in range(rounds):
+        svc = deploy(b, image, "MESSAGE=coop")
+        meta = keep_image(b, svc, kept)
+        (b.dir / "meta").mkdir(exist_ok=True)
+        (b.dir / "meta" / f"{svc}.json").write_text(json.dumps(meta))
+        t0 = time.perf_counter()
+        b.mcp("stop", svc)
+        cli.append(time.perf_counter() - t0)
+        b.mcp("start", svc)
+        wait_http(host_port(b, svc))
+        t0 = time.perf_counter()
+        client.post(f"/v1/services/{svc}/stop", {})
+        api.append(time.perf_counter() - t0)
+        b.mcp("undeploy", svc)
+        own.append(guest_shutdown(kept, str(meta["accel"]), b.dir / f"hand{i}"))
+    svc = deploy(b, image, "IGNORE_SIGTERM=1")
+    t0 = time.perf_counter()
+    b.mcp("stop", svc)
+    stubborn.append(time.perf_counter() - t0)
+    b.mcp("undeploy", svc)
+
+
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     image = hello_image()
     with bed(monitor_interval=1.0) as b:
         with_qemu(b)
         client = b.start_agent()
+        b.mcp("node", "health")   # the one-off KVM probe happens here, not in a round
         kept = b.dir / "image"
-        own, cli, api, stubborn = [], [], [], []
+        own: list[float] = []
+        cli: list[float] = []
+        api: list[float] = []
+        stubborn: list[float] = []
         accel = "tcg"
-        for i in range(rounds):
-            svc = deploy(b, image, "MESSAGE=coop")
-            accel = str(keep_image(b, svc, kept)["accel"])
-            t0 = time.perf_counter()
-            b.mcp("stop", svc)
-            cli.append(time.perf_counter() - t0)
-            b.mcp("start", svc)
-            wait_http(host_port(b, svc))
-            t0 = time.perf_counter()
-            client.post(f"/v1/services/{svc}/stop", {})
-            api.append(time.perf_counter() - t0)
-            b.mcp("undeploy", svc)
-            own.append(guest_shutdown(kept, accel, b.dir / f"hand{i}"))
-        svc = deploy(b, image, "IGNORE_SIGTERM=1")
-        t0 = time.perf_counter()
-        b.mcp("stop", svc)
-        stubborn.append(time.perf_counter() - t0)
-        b.mcp("undeploy", svc)
+        try:
+            measure(b, client, image, kept, rounds, own, cli, api, stubborn)
+            accel = str(json.loads(next((b.dir / "meta").glob("*.json")).read_text())["accel"])
+        finally:
+            reap_vms(b)
     g = median(own)
+
     print(f"vm_stop ({accel}, {rounds} rounds, medians)")
     print(f"  cooperative guest's own shutdown (QMP powerdown -> exit): {g:6.2f} s "
           f"{[round(x, 2) for x in own]}")

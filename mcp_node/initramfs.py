@@ -371,6 +371,10 @@ class InitramfsBuilder:
         return True, ""
 
     def build(self, req: BuildRequest, out: Path) -> BootPlan:
+        if self.cfg.machine != "q35":
+            # Measured: the Debian kernel prints nothing on microvm (qboot) here.
+            raise ImageError(f"machine {self.cfg.machine!r} is for the Nanos builders (ops, "
+                             "nanos); the initramfs builder boots q35")
         kernel, why = find_kernel(self.cfg)
         if kernel is None:
             raise ImageError(f"initramfs builder: no {why}")

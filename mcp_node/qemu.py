@@ -36,6 +36,7 @@ from .errors import (
     RuntimeUnavailable,
     ValidationError,
 )
+from .initramfs import find_busybox, find_kernel
 from .qemuargs import (
     VMParams,
     console_rotate,
@@ -141,11 +142,35 @@ class QemuRuntime:
                 if self.cfg.accel != "auto":
                     self._accel = self.cfg.accel
                 else:
-                    ok, why = probe_kvm(self._qemu_binary() or self.cfg.binary)
+                    ok, why = self._probe_cached()
                     self._accel = "kvm" if ok else "tcg"
                     if not ok:
                         log.warning("qemu: KVM is not usable (%s); VMs run under TCG, slowly", why)
             return self._accel
+
+    def _probe_cached(self) -> tuple[bool, str]:
+        """The KVM probe (up to ~20 s where KVM is broken), cached on disk per qemu binary,
+        kernel and host kernel release, for a day."""
+        binary = self._qemu_binary() or self.cfg.binary
+        kernel, _ = find_kernel(self.cfg)
+
+        def stamp(p: str | Path | None) -> str:
+            try:
+                st = os.stat(p) if p else None
+            except OSError:
+                st = None
+            return f"{p}:{st.st_mtime_ns}:{st.st_size}" if st else f"{p}:-"
+
+        key = "|".join((stamp(binary), stamp(kernel), os.uname().release))
+        cache = self.vms_dir / ".accel-probe.json"
+        cached = _read_json(cache)
+        if cached and cached.get("key") == key and time.time() - cached.get("at", 0) < 86400:
+            return bool(cached["ok"]), str(cached.get("why", ""))
+        ok, why = probe_kvm(binary, kernel=kernel, busybox=find_busybox())
+        with contextlib.suppress(OSError):
+            self.vms_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(cache, {"key": key, "ok": ok, "why": why, "at": time.time()})
+        return ok, why
 
     def _require(self) -> None:
         ok, why = self.available()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from podman_env import free_port, podman_cli, wait_http
-from qemu_env import VMReaper, need_qemu, qemu_config, wait_gone
+from qemu_env import VMReaper, kernel_path, need_qemu, qemu_config, wait_gone
 
 from mcp_node.errors import (
     ConflictError,
@@ -34,7 +34,16 @@ from mcp_node.errors import (
     ValidationError,
 )
 from mcp_node.qemu import QemuRuntime
-from mcp_node.qemuargs import PROBE_MARK, host_memory_mb, probe_argv, probe_image, probe_kvm
+from mcp_node.qemuargs import (
+    PROBE_MARK,
+    boot_prints_mark,
+    host_memory_mb,
+    kernel_probe_argv,
+    probe_argv,
+    probe_image,
+    probe_initramfs,
+    probe_kvm,
+)
 from mcp_node.runtime import RUNNING, STOPPED, WorkloadSpec
 
 pytestmark = pytest.mark.integration
@@ -135,10 +144,19 @@ def test_kvm_probe_stub_prints_under_tcg_and_accel_follows_the_probe(tmp_path: P
         proc.kill()
         proc.wait(10)
     assert PROBE_MARK in out
-    ok, why = probe_kvm("qemu-system-x86_64")
+    # stage 2's kernel + busybox initramfs prints the mark too (under TCG, where it runs)
+    initrd = tmp_path / "probe.cpio.gz"
+    initrd.write_bytes(probe_initramfs(Path("/bin/busybox").read_bytes()))
+    ok, why = boot_prints_mark(kernel_probe_argv("qemu-system-x86_64", "tcg", str(kernel_path()),
+                                                 str(initrd)), 120)
+    assert ok, why
+    ok, why = probe_kvm("qemu-system-x86_64", kernel=kernel_path(), busybox=Path("/bin/busybox"))
     rt = QemuRuntime(qemu_config(tmp_path, accel="auto"), state_dir=tmp_path)
     assert rt.accel == ("kvm" if ok else "tcg")
     assert ok or why
+    cached = json.loads((tmp_path / "vms" / ".accel-probe.json").read_text())
+    assert cached["ok"] is ok
+    assert QemuRuntime(qemu_config(tmp_path, accel="auto"), state_dir=tmp_path).accel == rt.accel
 
 
 # -- the hello VM ------------------------------------------------------------------------------

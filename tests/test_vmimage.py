@@ -331,3 +331,10 @@ def test_initramfs_refuses_a_dynamic_elf(tmp_path: Path, moddir: Path) -> None:
 def test_initramfs_unavailable_names_the_kernel(tmp_path: Path) -> None:
     ok, why = InitramfsBuilder(QemuConfig(kernel=str(tmp_path / "vmlinuz-x"))).available()
     assert not ok and "vmlinuz-x" in why
+
+
+def test_initramfs_refuses_microvm(tmp_path: Path) -> None:
+    b = InitramfsBuilder(QemuConfig(kernel=str(kernel_path()), machine="microvm"))
+    with pytest.raises(ImageError, match="microvm"):
+        b.build(req(tmp_path), tmp_path)
+    assert list(tmp_path.iterdir()) == [tmp_path / "cache.elf"]

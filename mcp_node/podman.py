@@ -219,9 +219,12 @@ def workload_from_inspect(attrs: Mapping[str, Any]) -> Workload | None:
 
 
 def _message(exc: BaseException) -> str:
-    if isinstance(exc, APIError) and exc.explanation:
-        return str(exc.explanation)
-    return str(exc) or type(exc).__name__
+    """podman's own message; for a transport failure, what the socket said."""
+    text = str(exc.explanation) if isinstance(exc, APIError) and exc.explanation else ""
+    cause = exc.__cause__
+    if isinstance(exc, APIError) and exc.response is None and cause is not None:
+        text = f"{text}: {cause}" if text else str(cause)
+    return text or str(exc) or type(exc).__name__
 
 
 def _response_message(resp: Any) -> str:
@@ -302,13 +305,14 @@ class PodmanRuntime:
         self.url = url
         return client
 
-    def _disconnect_if_dead(self) -> None:
-        """After a transport failure: forget a client whose own service died, to restart it."""
-        if self.url != self.configured_url and not self.service.alive():
-            with self._lock:
-                if self._client is not None:
-                    self._client.close()  # type: ignore[no-untyped-call]
-                self._client = None
+    def _drop_client(self) -> None:
+        """After a transport failure: reconnect on the next call (restarting our own
+        service if it died; a configured socket is pinged again first)."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()  # type: ignore[no-untyped-call]
+            self._client = None
+            self._last_ok = float("-inf")
 
     def _request(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
         """One REST call; transport failures become RuntimeError_ naming ``what``."""
@@ -316,7 +320,7 @@ class PodmanRuntime:
         try:
             resp = getattr(client.api, method.lower())(path, **kwargs)
         except (OSError, PodmanError) as exc:
-            self._disconnect_if_dead()
+            self._drop_client()
             raise RuntimeError_(f"podman {what}: {_message(exc)}") from exc
         self._last_ok = time.monotonic()
         return resp
@@ -432,7 +436,8 @@ class PodmanRuntime:
             message = _message(exc)
             if isinstance(exc, ImageNotFound) or "image not known" in message:
                 raise ImageError(f"image {spec.image} is not present: {message}") from exc
-            self._disconnect_if_dead()
+            if not isinstance(exc, APIError) or exc.response is None:
+                self._drop_client()   # transport failure, not podman's answer
             raise RuntimeError_(f"podman create {name}: {message}") from exc
         log.info("podman: start %s (%s)", name, container.id[:12])
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
@@ -482,7 +487,8 @@ class PodmanRuntime:
         return workload_from_inspect(attrs)
 
     def list(self) -> list[Workload]:
-        self._listings += 1
+        with self._count_lock:
+            self._listings += 1
         resp = self._request("GET", "/containers/json", "list containers",
                              params={"all": "true", "filters": owner_filters(self.owner)})
         if resp.status_code >= 400:

@@ -435,6 +435,23 @@ def test_agent_started_service_reused_and_stopped_by_pid(
     assert wait_http(port) == "hello from x\n"
 
 
+def test_own_service_restarted_after_it_died(tmp_path: Path) -> None:
+    from conftest import need
+    need("podman")
+    runtime = PodmanRuntime(from_dict({}), tmp_path / "st", f"dead-{uuid.uuid4().hex[:8]}")
+    try:
+        assert runtime.list() == []
+        pid = runtime.service.pid
+        assert pid is not None
+        os.kill(pid, 9)                 # the service we started, by its pid
+        with pytest.raises(RuntimeError_, match="list containers"):
+            runtime.list()              # the failure is reported, the dead client dropped
+        assert runtime.list() == []     # and the next call starts a new service
+        assert runtime.service.pid not in (None, pid)
+    finally:
+        runtime.close()
+
+
 def _proc_state(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1][:3]

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import threading
 import time
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import urllib3
 from podman import PodmanClient
 from podman.errors import APIError, ImageNotFound, PodmanError
 
@@ -43,6 +45,7 @@ from .config import AgentConfig
 from .errors import (
     ConflictError,
     ImageError,
+    MCPError,
     NotFoundError,
     RuntimeError_,
     RuntimeUnavailable,
@@ -78,6 +81,7 @@ log = logging.getLogger("mcp_node.podman")
 
 LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 120.0        # any single REST call; stop adds its own grace time
+FOLLOW_OPEN_WAIT_S = 0.5         # see PodmanRuntime.logs
 AVAILABLE_CACHE_S = 10.0         # a call that succeeded this recently proves podman is up
 
 
@@ -504,8 +508,11 @@ class PodmanRuntime:
              follow: bool = False) -> Iterator[bytes]:
         """A missing (or foreign) container fails here, before any streaming starts.
 
-        The log request itself is made on the first ``next()``: podman sends no
-        headers for a follow stream until the container writes a line.
+        podman sends no headers for a follow request until the container writes
+        a line, so a follow request is opened in a thread: this returns once
+        podman answered or ``FOLLOW_OPEN_WAIT_S`` passed, by when the request is
+        in podman's hands and every later line will be delivered. The iterator's
+        ``close()`` may be called from any thread.
         """
         name = workload_name(service, component)
         if self._owned(name) is None:
@@ -514,19 +521,34 @@ class PodmanRuntime:
                                   "follow": "true" if follow else "false"}
         if tail is not None:
             params["tail"] = str(max(0, int(tail)))
-        return self._log_stream(name, params, follow)
-
-    def _log_stream(self, name: str, params: dict[str, str], follow: bool) -> Iterator[bytes]:
         log.info("podman: logs %s %s", name, params)
+        if not follow:
+            return _frames(self._open_logs(name, params, REQUEST_TIMEOUT_S))
+        stream = _LogStream()
+
+        def opener() -> None:
+            try:
+                stream.opened(self._open_logs(name, params, (10, None)), None)
+            except MCPError as exc:
+                stream.opened(None, exc)
+
+        threading.Thread(target=opener, name=f"podman-logs-{name}", daemon=True).start()
+        stream.wait_open(FOLLOW_OPEN_WAIT_S)
+        return stream
+
+    def _open_logs(self, name: str, params: dict[str, str], timeout: Any) -> Any:
         resp = self._request("GET", f"/containers/{name}/logs", f"logs {name}", params=params,
-                             stream=True, timeout=(10, None) if follow else REQUEST_TIMEOUT_S)
+                             stream=True, timeout=timeout)
         if resp.status_code >= 400:
             message = _response_message(resp)
             resp.close()
             if resp.status_code == 404:
-                return   # removed in between: nothing (more) to show
+                raise NotFoundError(f"no container {name}")
             raise RuntimeError_(f"podman logs {name}: {message}")
-        yield from _frames(resp)
+        return resp
+
+
+_STREAM_ENDED = (OSError, ValueError, AttributeError, urllib3.exceptions.HTTPError)
 
 
 def _frames(resp: Any) -> Iterator[bytes]:
@@ -543,7 +565,65 @@ def _frames(resp: Any) -> Iterator[bytes]:
                 if not data:
                     return
                 yield data
-    except OSError as exc:
+    except _STREAM_ENDED as exc:   # includes a close() from another thread
         log.debug("podman: log stream ended: %s", exc)
     finally:
         resp.close()
+
+
+class _LogStream:
+    """A follow stream whose request may still be waiting for podman's first line."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = threading.Event()
+        self._resp: Any = None
+        self._exc: MCPError | None = None
+        self._closed = False
+        self._frames: Iterator[bytes] | None = None
+
+    def opened(self, resp: Any, exc: MCPError | None) -> None:
+        with self._lock:
+            self._resp, self._exc = resp, exc
+            closed = self._closed
+        self._open.set()
+        if closed and resp is not None:
+            _abort(resp)
+
+    def wait_open(self, timeout: float) -> None:
+        """Raise an error podman answered with at once (e.g. the container just went)."""
+        if self._open.wait(timeout) and self._exc is not None:
+            raise self._exc
+
+    def __iter__(self) -> _LogStream:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._frames is None:
+            self._open.wait()
+            if self._exc is not None:
+                raise self._exc
+            if self._closed or self._resp is None:
+                raise StopIteration
+            self._frames = _frames(self._resp)
+        if self._closed:
+            raise StopIteration
+        return next(self._frames)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            resp = self._resp
+        if resp is not None:
+            _abort(resp)
+
+
+def _abort(resp: Any) -> None:
+    """Close a streaming response from another thread: closing alone does not wake a
+    thread blocked reading it, shutting the socket down does."""
+    conn = getattr(resp.raw, "_connection", None)
+    sock = getattr(conn, "sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    resp.close()

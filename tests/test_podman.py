@@ -311,21 +311,42 @@ def test_logs_show_request_lines_and_follow_ends_on_stop(podman_runtime: PodmanR
     last = b"".join(podman_runtime.logs(spec.service, spec.component, tail=1))
     assert b"/second-request" in last and b"/first-request" not in last
 
-    got: list[bytes] = []
+    # A line written right after logs() returns is in the stream (no lost start).
     follow = podman_runtime.logs(spec.service, spec.component, tail=0, follow=True)
+    wait_http(port, "/right-after-open")
+    got: list[bytes] = [next(follow)]
+    assert b"/right-after-open" in got[0]
     reader = threading.Thread(target=lambda: got.extend(follow), daemon=True)
     reader.start()
-    deadline = time.monotonic() + 60   # the stream is lazy: poke until it is established
-    while not got:
-        assert time.monotonic() < deadline, "follow stream never delivered a line"
-        wait_http(port, "/poke")
-        time.sleep(0.2)
     wait_http(port, "/while-following")
     podman_runtime.stop(spec.service, spec.component, timeout=5)
     reader.join(timeout=60)            # deadline; the stream must end when the container does
     assert not reader.is_alive()
     joined = b"".join(got)
-    assert b"/while-following" in joined and b"/first-request" not in joined
+    assert b"/while-following" in joined and b"SIGTERM" in joined
+    assert b"/first-request" not in joined
+
+
+def test_follow_stream_closed_from_another_thread(podman_runtime: PodmanRuntime,
+                                                  hello_image: str) -> None:
+    """A consumer that goes away (HTTP client hung up) can end a blocked follow read."""
+    port = free_port()
+    spec = _hello(hello_image, port)
+    podman_runtime.run(spec)
+    wait_http(port, "/one")
+    follow = podman_runtime.logs(spec.service, spec.component, tail=1, follow=True)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.extend(follow), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while not got:                     # the tail line arrived: the reader now blocks in read
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    follow.close()  # type: ignore[attr-defined]
+    reader.join(timeout=30)
+    assert not reader.is_alive() and b"/one" in got[0]
+    [w] = podman_runtime.list()
+    assert w.state == RUNNING          # only the stream ended, not the container
 
 
 def test_logs_of_missing_container(podman_runtime: PodmanRuntime) -> None:

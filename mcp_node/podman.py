@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import shutil
-import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -37,7 +35,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import urllib3
 from podman import PodmanClient
 from podman.errors import APIError, ImageNotFound, PodmanError
 
@@ -51,6 +48,7 @@ from .errors import (
     RuntimeUnavailable,
     ValidationError,
 )
+from .podman_logs import LogStream, frames
 from .podman_service import (
     PodmanService,
     service_argv,
@@ -520,8 +518,8 @@ class PodmanRuntime:
             params["tail"] = str(max(0, int(tail)))
         log.info("podman: logs %s %s", name, params)
         if not follow:
-            return _frames(self._open_logs(name, params, REQUEST_TIMEOUT_S))
-        stream = _LogStream()
+            return frames(self._open_logs(name, params, REQUEST_TIMEOUT_S))
+        stream = LogStream()
 
         def opener() -> None:
             try:
@@ -543,84 +541,3 @@ class PodmanRuntime:
                 raise NotFoundError(f"no container {name}")
             raise RuntimeError_(f"podman logs {name}: {message}")
         return resp
-
-
-_STREAM_ENDED = (OSError, ValueError, AttributeError, urllib3.exceptions.HTTPError)
-
-
-def _frames(resp: Any) -> Iterator[bytes]:
-    """Payloads of podman's multiplexed log stream (8-byte header: stream, 0, 0, 0, length)."""
-    try:
-        raw = resp.raw
-        while True:
-            header = raw.read(8)
-            if len(header) < 8:
-                return
-            (length,) = struct.unpack(">4xL", header)
-            if length:
-                data = raw.read(length)
-                if not data:
-                    return
-                yield data
-    except _STREAM_ENDED as exc:   # includes a close() from another thread
-        log.debug("podman: log stream ended: %s", exc)
-    finally:
-        resp.close()
-
-
-class _LogStream:
-    """A follow stream whose request may still be waiting for podman's first line."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open = threading.Event()
-        self._resp: Any = None
-        self._exc: MCPError | None = None
-        self._closed = False
-        self._frames: Iterator[bytes] | None = None
-
-    def opened(self, resp: Any, exc: MCPError | None) -> None:
-        with self._lock:
-            self._resp, self._exc = resp, exc
-            closed = self._closed
-        self._open.set()
-        if closed and resp is not None:
-            _abort(resp)
-
-    def wait_open(self, timeout: float) -> None:
-        """Raise an error podman answered with at once (e.g. the container just went)."""
-        if self._open.wait(timeout) and self._exc is not None:
-            raise self._exc
-
-    def __iter__(self) -> _LogStream:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._frames is None:
-            self._open.wait()
-            if self._exc is not None:
-                raise self._exc
-            if self._closed or self._resp is None:
-                raise StopIteration
-            self._frames = _frames(self._resp)
-        if self._closed:
-            raise StopIteration
-        return next(self._frames)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            resp = self._resp
-        if resp is not None:
-            _abort(resp)
-
-
-def _abort(resp: Any) -> None:
-    """Close a streaming response from another thread: closing alone does not wake a
-    thread blocked reading it, shutting the socket down does."""
-    conn = getattr(resp.raw, "_connection", None)
-    sock = getattr(conn, "sock", None)
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-    resp.close()

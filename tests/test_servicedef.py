@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -147,10 +149,9 @@ def test_check_name_accepts_only_safe_names(value: str) -> None:
     max_leaves=20,
 ))
 def test_arbitrary_input_only_raises_validation_errors(data: object) -> None:
-    try:
+    # Anything else (TypeError, KeyError, ...) would be a 500 over HTTP.
+    with contextlib.suppress(ValidationError):
         from_dict(data)
-    except ValidationError:
-        pass
 
 
 def test_to_dict_round_trips() -> None:

@@ -325,6 +325,17 @@ def pass_ctx(fn: F) -> F:
     return click.pass_obj(fn)  # type: ignore[return-value]
 
 
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_object(Ctx).json = True  # type: ignore[union-attr]
+
+
+def json_option(fn: F) -> F:
+    """``--json`` after the command too (``mcp ps --json``), same as before it."""
+    return click.option("--json", is_flag=True, expose_value=False, callback=_set_json,
+                        help="Print JSON.")(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mcp")
 @click.option("--agent", metavar="URL", help="Agent URL (default: mcp.toml nodes, $MCP_AGENT, "
@@ -361,6 +372,7 @@ def load_definition(ctx: Ctx, arg: str) -> dict[str, Any]:
 @click.option("--direct", is_flag=True, help="Dial the node agent directly (the default here).")
 @click.option("-n", "--node", "node", metavar="NODE", help="Node name from mcp.toml [[nodes]].")
 @click.option("--local", is_flag=True, help="Run in-process against the local registry.")
+@json_option
 @pass_ctx
 def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool) -> None:
     """Deploy SERVICE (a name in the services dir) or a definition FILE."""
@@ -373,6 +385,7 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool) 
 def _lifecycle(op: str, past: str) -> None:
     @cli.command(name=op, help=f"{op.capitalize()} every component of SERVICE.")
     @click.argument("service")
+    @json_option
     @pass_ctx
     def command(ctx: Ctx, service: str) -> None:
         st = run(lambda: ctx.backend().call(op, service))
@@ -388,6 +401,7 @@ _lifecycle("undeploy", "undeployed")
 
 
 @cli.command()
+@json_option
 @pass_ctx
 def ps(ctx: Ctx) -> None:
     """List every component on the node(s)."""
@@ -398,6 +412,7 @@ def ps(ctx: Ctx) -> None:
 
 @cli.command()
 @click.argument("service", required=False)
+@json_option
 @pass_ctx
 def status(ctx: Ctx, service: str | None) -> None:
     """Status of SERVICE with drift and events, or a summary of all services."""
@@ -432,6 +447,7 @@ def edge() -> None:
 
 
 @edge.command(name="list")
+@json_option
 @pass_ctx
 def edge_list(ctx: Ctx) -> None:
     """List edge routes with certificate serial and expiry."""
@@ -453,6 +469,7 @@ def split_backend(value: str) -> tuple[str, int]:
 @click.argument("hostname")
 @click.argument("backend")
 @click.option("--no-backend-tls", is_flag=True, help="Ask for cleartext (always refused).")
+@json_option
 @pass_ctx
 def edge_setup(ctx: Ctx, hostname: str, backend: str, no_backend_tls: bool) -> None:
     """Route public HOSTNAME to BACKEND_HOST:PORT over TLS, with a certificate."""
@@ -467,6 +484,7 @@ def edge_setup(ctx: Ctx, hostname: str, backend: str, no_backend_tls: bool) -> N
 
 @edge.command(name="remove")
 @click.argument("hostname")
+@json_option
 @pass_ctx
 def edge_remove(ctx: Ctx, hostname: str) -> None:
     """Remove the edge route for HOSTNAME, its certificate and record."""
@@ -480,6 +498,7 @@ def node() -> None:
 
 
 @node.command()
+@json_option
 @pass_ctx
 def health(ctx: Ctx) -> None:
     """Agent health: runtimes, running workloads, and why it is degraded."""

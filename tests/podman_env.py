@@ -18,6 +18,7 @@ CONTAINERS_CONF, returns CompletedProcess).
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
@@ -70,7 +71,8 @@ def wait_http(port: int, path: str = "/", timeout: float = 30.0, host: str = "12
         try:
             with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as resp:
                 return str(resp.read().decode())
-        except (OSError, urllib.error.URLError):
+        except (OSError, urllib.error.URLError, http.client.HTTPException):
+            # HTTPException: a guest still booting can drop a half-read response.
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)

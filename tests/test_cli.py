@@ -98,6 +98,8 @@ def test_full_lifecycle_output(live: Live, tmp_path: Path, hello_image: str) -> 
     rows = json.loads(live.mcp("--json", "ps").output)
     assert [set(r) for r in rows] == [{"service", "component", "node", "runtime", "state",
                                        "desired_state", "version", "uptime_s", "routes"}]
+    after = json.loads(live.mcp("ps", "--json").output)  # --json after the command too
+    assert [{**r, "uptime_s": 0} for r in after] == [{**r, "uptime_s": 0} for r in rows]
     port = rows[0]["routes"][0]["host_port"]
     assert set(rows[0]["routes"][0]) == {"name", "port", "mode", "hostname", "host_port"}
     assert wait_http(port) == "hello from cli\n"

@@ -17,8 +17,12 @@ import pytest
 TOP = Path(__file__).resolve().parent.parent
 
 
-def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
+def need(*tools: str, also: tuple[str, ...] = ()) -> None:
+    """Skip (fail under MCP_REQUIRE_INTEGRATION=1) unless every tool is on PATH.
+
+    ``also`` names other missing prerequisites the caller found itself.
+    """
+    missing = [t for t in tools if shutil.which(t) is None] + list(also)
     if not missing:
         return
     reason = f"needs {', '.join(missing)} (run scripts/setup.sh)"

@@ -44,16 +44,10 @@ def kernel_path() -> Path:
 
 
 def need_qemu() -> None:
-    # conftest.need is shadowed by another area's star-export, so check here.
-    missing = [t for t in ("qemu-system-x86_64", "podman", "busybox") if not shutil.which(t)]
-    if not kernel_path().is_file():
-        missing.append(f"a kernel at {kernel_path()}")
-    if not missing:
-        return
-    reason = f"needs {', '.join(missing)} (run scripts/setup.sh)"
-    if os.environ.get("MCP_REQUIRE_INTEGRATION") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    from conftest import need
+
+    kernel = [] if kernel_path().is_file() else [f"a kernel at {kernel_path()}"]
+    need("qemu-system-x86_64", "podman", "busybox", also=tuple(kernel))
 
 
 def qemu_config(state_dir: Path, **qemu: Any) -> AgentConfig:

@@ -5,10 +5,6 @@ either adopted (a registry component) or reported as an orphan."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,53 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from podman_env import free_port, podman_cli, wait_http
+from daemon_env import Daemon
+from podman_env import podman_cli, wait_http
 
-from mcp_node.client import Client
 from mcp_node.errors import MCPError
 from mcp_node.runtime import LABEL_OWNER
-
-
-class Daemon:
-    def __init__(self, state: Path, config: Path) -> None:
-        self.state, self.config = state, config
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Client:
-        with open(self.state.parent / "agent.log", "ab") as logf:
-            self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.config),
-                 "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}"],
-                stdout=subprocess.DEVNULL, stderr=logf,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, (self.state.parent / "agent.log").read_text()
-            token = self.state / "token"
-            if token.exists():
-                client = Client(f"http://127.0.0.1:{self.port}", token.read_text().strip())
-                try:
-                    client.get("/v1/health")
-                    return client
-                except MCPError:
-                    pass
-            assert time.monotonic() < deadline, "agent did not come up"
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

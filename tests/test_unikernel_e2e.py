@@ -12,9 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from daemon_env import Daemon, free_port, refused
 from podman_env import podman_cli, wait_http
 from qemu_env import VMReaper, kernel_path, need_qemu, qemu_pids_in, wait_gone
 
-from mcp_node.cli import cli
-from mcp_node.client import Client
 from mcp_node.errors import MCPError
 from mcp_node.qemuargs import host_memory_mb
 from mcp_node.runtime import LABEL_OWNER
@@ -35,69 +30,6 @@ from mcp_node.runtime import LABEL_OWNER
 pytestmark = pytest.mark.integration
 
 MONITOR_S = 0.5
-
-
-class Daemon:
-    """``mcp-agent`` as a child process, recorded by pid."""
-
-    def __init__(self, state: Path, config: Path, port: int) -> None:
-        self.state, self.config, self.port = state, config, port
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"http://127.0.0.1:{port}"
-
-    def start(self) -> Client:
-        with open(self.state.parent / "agent.log", "ab") as logf:
-            self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.config),
-                 "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}"],
-                stdout=subprocess.DEVNULL, stderr=logf)
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, self.log()
-            token = self.state / "token"
-            if token.exists():
-                client = Client(self.url, token.read_text().strip())
-                try:
-                    client.get("/v1/health")
-                    return client
-                except MCPError:
-                    pass
-            assert time.monotonic() < deadline, "agent did not come up"
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return (self.state.parent / "agent.log").read_text(errors="replace")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def mcp(self, *args: str) -> Result:
-        return CliRunner().invoke(
-            cli, ["--agent", self.url, "--token-file", str(self.state / "token"), *args],
-            catch_exceptions=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def refused(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(2)
-        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 @pytest.fixture

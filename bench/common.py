@@ -61,7 +61,7 @@ def rss_kb(pid: int) -> int:
 class Bed:
     """A podman service and an agent daemon in a temporary directory."""
 
-    def __init__(self, monitor_interval: float = 5.0) -> None:
+    def __init__(self, monitor_interval: float = 5.0, extra_config: str = "") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mcp-bench-"))
         self.podman = PodmanService(self.dir / "podman", os.environ["CONTAINERS_CONF"])
         self.podman.ensure()
@@ -69,7 +69,7 @@ class Bed:
         self.state.mkdir(mode=0o700)
         self.config = self.dir / "agent.toml"
         self.config.write_text(f'[podman]\nsocket = "{self.podman.url}"\n'
-                               f'[monitor]\ninterval_s = {monitor_interval}\n')
+                               f'[monitor]\ninterval_s = {monitor_interval}\n' + extra_config)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -114,8 +114,17 @@ class Bed:
                                  capture_output=True, text=True).stdout.split()
             if ids:
                 subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True)
+        self._reap_vms()
         self.podman.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _reap_vms(self) -> None:
+        """SIGKILL any qemu this bed's agent left running (by the pid in its VM dir)."""
+        for pidfile in (self.state / "vms").glob("*/qemu.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pidfile.read_text().strip())
+                if "qemu" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                    os.kill(pid, signal.SIGKILL)
 
     def __enter__(self) -> Bed:
         return self
@@ -125,8 +134,8 @@ class Bed:
 
 
 @contextlib.contextmanager
-def bed(monitor_interval: float = 5.0) -> Iterator[Bed]:
-    b = Bed(monitor_interval)
+def bed(monitor_interval: float = 5.0, extra_config: str = "") -> Iterator[Bed]:
+    b = Bed(monitor_interval, extra_config)
     try:
         yield b
     finally:

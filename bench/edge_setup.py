@@ -29,12 +29,12 @@ from mcp_node import tailnet  # noqa: E402
 from mcp_node.acme import (  # noqa: E402
     AcmeClient,
     Http01Responder,
-    atomic_write,
     cert_info,
     key_pem,
     new_key,
 )
 from mcp_node.edge import EdgeManager  # noqa: E402
+from mcp_node.files import atomic_write  # noqa: E402
 from mcp_node.proxy import CaddyRouter, ProxyRoute  # noqa: E402
 from mcp_node.registry import Registry  # noqa: E402
 

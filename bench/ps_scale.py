@@ -8,7 +8,10 @@ as a user meets it: a fresh `mcp` process asking the agent. Beside it:
 `PodmanRuntime.list()` in-process (the one listing call the agent's monitor
 makes) and the agent's own REST-call counters, read from /v1/health.
 Everything is removed at the end (containers by the agent's owner label).
-Run: .venv/bin/python bench/ps_scale.py [ROUNDS] [N ...]
+With ``--vms K`` (issue 4), K unikernel VMs (TCG) run among the containers and
+the unikernel runtime's listing is timed too: one directory scan, no QMP call
+and no subprocess per VM.
+Run: .venv/bin/python bench/ps_scale.py [ROUNDS] [N ...] [--vms K]
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import Bed, bed, hello_image, median, timed
+from common import TOP, Bed, bed, hello_image, median, timed
 
 from mcp_node.client import Client
 from mcp_node.config import from_dict
 from mcp_node.podman import PodmanRuntime
+from mcp_node.qemu import QemuRuntime
 
 MONITOR_INTERVAL_S = 2.0
 
@@ -74,25 +78,46 @@ def agent_calls_per_refresh(client: Client) -> tuple[int, int]:
             return (last["api_calls"] - first["api_calls"], last["listings"] - first["listings"])
 
 
+def deploy_vms(client: Client, image: str, count: int) -> None:
+    client.post("/v1/services", {"name": "psvms", "runtime": "unikernel", "components": [
+        {"name": f"vm{i}", "image": image, "memory_mb": 128, "routes": [{"port": 8080}]}
+        for i in range(count)]})
+
+
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-    sizes = [int(x) for x in sys.argv[2:]] or [10, 50, 100]
+    args = sys.argv[1:]
+    vms = 0
+    if "--vms" in args:
+        i = args.index("--vms")
+        vms = int(args[i + 1])
+        del args[i:i + 2]
+    rounds = int(args[0]) if args else 15
+    sizes = [int(x) for x in args[1:]] or [10, 50, 100]
     image = hello_image()
+    kernel = TOP / ".build" / "kernel" / "vmlinuz"
+    extra = f'[qemu]\nkernel = "{kernel}"\naccel = "tcg"\n' if vms else ""
     podman_ps = ["podman", "ps", "-a", "--format", "json"]
     rows_out = []
-    with bed(MONITOR_INTERVAL_S) as b:
+    vm_list: list[float] = []
+    with bed(MONITOR_INTERVAL_S, extra) as b:
         client = b.start_agent()
         cfg = from_dict({"podman": {"socket": b.podman.url}})
         runtime = PodmanRuntime(cfg, Path(tempfile.mkdtemp(dir=b.dir)), b.owner)
+        if vms:
+            deploy_vms(client, image, vms)
+            qemu = QemuRuntime(from_dict({"qemu": {"kernel": str(kernel)}}), b.state)
         deployed = 0
         try:
             for n in sizes:
                 deploy(b, image, n - deployed)
                 deployed = n
-                wait_running(client, n)
+                wait_running(client, n + vms)
                 # warm every path once (page cache, connections) and check what it sees
                 assert len(runtime.list()) == n
-                assert len(json.loads(b.mcp("--json", "ps").stdout)) == n
+                assert len(json.loads(b.mcp("--json", "ps").stdout)) == n + vms
+                if vms:
+                    assert len(qemu.list()) == vms
+                    vm_list.extend(timed(qemu.list) for _ in range(rounds))
                 subprocess.run(podman_ps, check=True, capture_output=True)
 
                 calls = []
@@ -125,6 +150,9 @@ def main() -> None:
     print("  podman REST calls per list(): " + ", ".join(
         f"N={r[0]}: {','.join(map(str, r[5]))}" for r in rows_out)
         + " (independent of N: one containers/json request)")
+    if vms:
+        print(f"  with {vms} VMs among the containers: QemuRuntime.list() "
+              f"{median(vm_list) * 1000:.2f} ms (one scan of the VM state directory)")
     print("  `mcp ps` itself costs no podman call: the agent answers from its monitor's view, "
           "which lists once per refresh (agent calls/refresh above)")
 

@@ -4,20 +4,17 @@ Each call runs its own short-lived asyncio loop, so any agent thread may call
 it; calls to one socket are serialised (QEMU serves one QMP client at a time
 and queues the rest). Unix socket paths are limited to 108 bytes, and VM
 state directories can be deeper than that, so the socket is reached through
-``/proc/self/fd/<dirfd>/<name>``, which is always short.
+``/proc/self/fd/<dirfd>/<name>``, which is always short. asyncio and qemu.qmp
+are imported on the first call: an agent with no VM never pays their memory.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
-
-from qemu.qmp import QMPClient
-from qemu.qmp.error import QMPError as _LibQMPError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +33,10 @@ def _lock_for(path: Path) -> threading.Lock:
 
 async def _call(address: str, command: str, args: dict[str, Any] | None,
                 timeout: float) -> Any:
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
     client = QMPClient("mcp-node")
     try:
         await asyncio.wait_for(client.connect(address), timeout)
@@ -50,6 +51,10 @@ async def _call(address: str, command: str, args: dict[str, Any] | None,
 def execute(socket: Path, command: str, args: dict[str, Any] | None = None,
             timeout: float = 3.0) -> Any:
     """Run one QMP command against the unix socket ``socket``; QMPError on any failure."""
+    import asyncio
+
+    from qemu.qmp.error import QMPError as _LibQMPError
+
     log.debug("qmp %s: %s %s", socket, command, args or "")
     with _lock_for(socket):
         try:

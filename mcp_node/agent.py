@@ -354,15 +354,10 @@ class Agent:
         self._health = self._compute_health(view)
 
     def _compute_health(self, view: View) -> dict[str, Any]:
+        used = {c.defn.runtime for s in view.records for c in s.components}
         reasons = [f"{name} runtime: {why}" for name, why in sorted(view.errors.items())
-                   if name == "container" or self._has_runtime_components(name)]
-        drifted = []
-        for svc in self.registry.list_services():
-            for c in svc.components:
-                w = view.workloads.get((svc.name, c.defn.name))
-                state = w.state if w else "missing"
-                if c.defn.runtime not in view.errors and is_drift(c.desired_state, state):
-                    drifted.append(f"{svc.name}/{c.defn.name}")
+                   if name == "container" or name in used]
+        drifted = [f"{svc}/{comp}" for svc, comp in view.drifted]
         if drifted:
             reasons.append("drifted: " + ", ".join(drifted))
         reasons.extend(self._edge_reasons)
@@ -383,7 +378,7 @@ class Agent:
             "node": self.node,
             "version": __version__,
             "containers": sum(1 for w in view.workloads.values() if w.state == RUNNING),
-            "services": len({k[0] for k in view.workloads}),
+            "services": len(view.records),
             "drifted": drifted,
             "orphans": [f"{w.service}/{w.component} ({w.runtime})" for w in view.orphans],
             "runtimes": runtimes,
@@ -391,10 +386,6 @@ class Agent:
             "reasons": reasons,
             "checked_at": view.refreshed_at,
         }
-
-    def _has_runtime_components(self, runtime: str) -> bool:
-        return any(c.defn.runtime == runtime for s in self.registry.list_services()
-                   for c in s.components)
 
     def health(self) -> dict[str, Any]:
         if not self.monitor.running:

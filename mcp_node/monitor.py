@@ -30,6 +30,8 @@ class View:
     orphans: list[Workload] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)   # runtime -> why it could not list
     flapping: set[Key] = field(default_factory=set)
+    drifted: list[Key] = field(default_factory=list)
+    records: list[ServiceRecord] = field(default_factory=list)  # the registry as compared
     refreshed_at: float = 0.0
 
 
@@ -109,16 +111,21 @@ class Monitor:
                 except MCPError as exc:
                     errors[name] = str(exc)
             now = time.time()
-            workloads, orphans, events = observe(
-                self.registry.list_services(), listings, errors, self._restarts, now
-            )
+            records = self.registry.list_services()
+            workloads, orphans, events = observe(records, listings, errors, self._restarts, now)
             self.registry.record_observed(events)
             for e in events:
                 log.info("state service=%s component=%s %s->%s %s", e.service, e.component,
                          e.prev_state, e.new_state, e.detail)
             counts = self.registry.event_counts(now - self.config.flap_window_s)
             flapping = {k for k, n in counts.items() if n > self.config.flap_changes}
-            self.view = View(workloads, orphans, errors, flapping, now)
+            drifted = [
+                (rec.name, c.defn.name) for rec in records for c in rec.components
+                if c.defn.runtime not in errors and is_drift(
+                    c.desired_state, workloads[(rec.name, c.defn.name)].state
+                    if (rec.name, c.defn.name) in workloads else MISSING)
+            ]
+            self.view = View(workloads, orphans, errors, flapping, drifted, records, now)
         if self._on_refresh:
             self._on_refresh(self.view)
         return self.view

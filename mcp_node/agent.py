@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import AgentConfig
-from .errors import MCPError, RuntimeUnavailable, ValidationError
+from .errors import ConflictError, MCPError, RuntimeUnavailable, ValidationError
 from .files import atomic_write
 from .monitor import Monitor, View, is_drift
 from .registry import ComponentRecord, Registry, ServiceRecord
-from .runtime import RUNNING, Runtime, WorkloadSpec
+from .runtime import RUNNING, Runtime, WorkloadSpec, workload_name
 from .servicedef import ServiceDef, check_name, route_env
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class Agent:
         self._rt_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._names_guard = threading.Lock()
         self._edge: EdgeManager | None = None
         self._health: dict[str, Any] = {}
         self._edge_checked = time.time()
@@ -153,7 +154,9 @@ class Agent:
                 rts[c.name].pull(self.spec(defn.name, ComponentRecord(defn=c, host_ports={
                     r.name: 0 for r in c.routes})))
             self._check_capacity(defn, previous)
-            rec = self.registry.put_service(defn)
+            with self._names_guard:  # check and write as one step across services
+                self._check_workload_names(defn)
+                rec = self.registry.put_service(defn)
             try:
                 self._converge(rec, previous)
             except BaseException:
@@ -162,6 +165,21 @@ class Agent:
             log.info("deployed service=%s components=%d", defn.name, len(defn.components))
         self.monitor.refresh_safely()
         return self.status(defn.name)
+
+    def _check_workload_names(self, defn: ServiceDef) -> None:
+        """Service "a-b" component "c" and service "a" component "b-c" would share one
+        workload name; deploying the second would replace the first one's workload."""
+        mine = {workload_name(defn.name, c.name): c.name for c in defn.components}
+        for svc in self.registry.list_services():
+            if svc.name == defn.name:
+                continue
+            for c in svc.components:
+                wname = workload_name(svc.name, c.defn.name)
+                if wname in mine:
+                    raise ConflictError(
+                        f"component {mine[wname]!r} of service {defn.name!r} would be named "
+                        f"{wname}, as component {c.defn.name!r} of service {svc.name!r} is; "
+                        "rename one of them")
 
     def _check_capacity(self, defn: ServiceDef, previous: ServiceRecord | None) -> None:
         replacing = {c.defn.name for c in previous.components} if previous else set()

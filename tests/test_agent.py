@@ -15,7 +15,13 @@ from podman_env import podman_cli, wait_http
 
 from mcp_node.agent import Agent
 from mcp_node.config import AgentConfig, MonitorConfig
-from mcp_node.errors import ImageError, NotFoundError, RuntimeError_, ValidationError
+from mcp_node.errors import (
+    ConflictError,
+    ImageError,
+    NotFoundError,
+    RuntimeError_,
+    ValidationError,
+)
 from mcp_node.runtime import LABEL_OWNER
 from mcp_node.servicedef import ServiceDef, from_dict
 
@@ -232,3 +238,23 @@ def test_concurrent_deploys(agent: Agent, hello_image: str) -> None:
     for n in names:
         assert wait_http(port_of(agent, n)) == f"hello from {n}\n"
     assert len(owned_containers(agent)) == 4
+
+
+def test_colliding_workload_names_are_refused(agent: Agent, hello_image: str) -> None:
+    # Service "<x>-a" component "web" and service "<x>" component "a-web" would both be
+    # container mcp-<x>-a-web: the second deploy must not replace the first one's container.
+    base = name()
+    first = agent.deploy(hello(f"{base}-a", hello_image, "first"))
+    port = port_of(agent, f"{base}-a")
+    before = agent.runtime("container").inspect(f"{base}-a", "web")
+    assert first["drift"] is False and before is not None
+    clash = from_dict({"name": base, "components": [
+        {"name": "a-web", "image": hello_image, "env": ["MESSAGE=second"],
+         "routes": [{"port": 8080}]}]})
+    with pytest.raises(ConflictError, match=f"mcp-{base}-a-web"):
+        agent.deploy(clash)
+    assert not agent.registry.has_service(base)
+    after = agent.runtime("container").inspect(f"{base}-a", "web")
+    assert after is not None and after.id == before.id and after.state == "running"
+    assert wait_http(port) == "hello from first\n"
+

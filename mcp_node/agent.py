@@ -222,7 +222,9 @@ class Agent:
             self.registry.delete_service(rec.name)
             return
         ports = {(c.defn.name, r): p for c in previous.components for r, p in c.host_ports.items()}
-        restored = self.registry.put_service(previous.definition(), ports=ports)
+        desired = {c.defn.name: c.desired_state for c in previous.components}
+        restored = self.registry.put_service(previous.definition(), ports=ports,
+                                             desired=desired)
         for comp in restored.components:
             if comp.desired_state == "running":
                 try:

@@ -185,23 +185,19 @@ class Registry:
     # -- services -----------------------------------------------------------
 
     def put_service(
-        self, svc: ServiceDef, ports: dict[tuple[str, str], int] | None = None
+        self, svc: ServiceDef, ports: dict[tuple[str, str], int] | None = None,
+        desired: dict[str, str] | None = None,
     ) -> ServiceRecord:
         """Insert or replace a service; keep each route's host port, allocate new ones.
 
-        ``ports`` forces (component, route) -> host port, used to restore a
-        previous record on rollback.
+        ``ports`` forces (component, route) -> host port and ``desired`` component ->
+        desired state, used to restore a previous record on rollback.
         """
         ts = now_iso()
         with self._tx() as db:
             old_ports = {
                 (r["component"], r["name"]): r["host_port"]
                 for r in db.execute("SELECT * FROM routes WHERE service=?", (svc.name,))
-            }
-            old_desired = {
-                r["name"]: r["desired_state"]
-                for r in db.execute("SELECT name, desired_state FROM components WHERE service=?",
-                                    (svc.name,))
             }
             db.execute(
                 "INSERT INTO services (name, active, created_at, updated_at) VALUES (?,?,?,?) "
@@ -213,15 +209,14 @@ class Registry:
             keep = dict(old_ports)
             keep.update(ports or {})
             for c in svc.components:
-                desired = "running" if svc.active else "stopped"
-                if ports is not None:
-                    desired = old_desired.get(c.name, desired)
+                state = "running" if svc.active else "stopped"
+                state = (desired or {}).get(c.name, state)
                 db.execute(
                     "INSERT INTO components (service, name, image, cmd, env, volumes, restart, "
                     "desired_state, version, updated_at, runtime, memory_mb, vcpus, binary, "
                     "image_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (svc.name, c.name, c.image, json.dumps(c.cmd), json.dumps(c.env),
-                     json.dumps(c.volumes), c.restart, desired, c.version, ts, c.runtime,
+                     json.dumps(c.volumes), c.restart, state, c.version, ts, c.runtime,
                      c.memory_mb, c.vcpus, c.binary, c.image_sha256),
                 )
                 for r in c.routes:

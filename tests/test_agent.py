@@ -258,3 +258,21 @@ def test_colliding_workload_names_are_refused(agent: Agent, hello_image: str) ->
     assert after is not None and after.id == before.id and after.state == "running"
     assert wait_http(port) == "hello from first\n"
 
+
+def test_failed_redeploy_of_a_stopped_service_leaves_it_stopped(
+        agent: Agent, hello_image: str, tmp_path) -> None:
+    svc = name()
+    agent.deploy(hello(svc, hello_image, "good"))
+    port = port_of(agent, svc)
+    agent.stop(svc)
+    bad = hello(svc, hello_image, "bad", volumes=[f"{tmp_path}/does-not-exist:/data"])
+    with pytest.raises(RuntimeError_):
+        agent.deploy(bad)
+    rec = agent.registry.get_service(svc)
+    assert rec.active is False
+    assert [c.desired_state for c in rec.components] == ["stopped"]
+    assert rec.components[0].defn.env == ("MESSAGE=good",)
+    live = agent.runtime("container").inspect(svc, "web")
+    assert live is None or live.state != "running"
+    assert refused(port)
+

@@ -265,8 +265,9 @@ class Agent:
         return self.status(name)
 
     def undeploy(self, name: str) -> None:
-        rec = self._get(name)
-        with self._service_lock(rec.name):
+        name = check_name(name, "service")
+        with self._service_lock(name):
+            rec = self.registry.get_service(name)  # under the lock: what a deploy just made
             for comp in rec.components:
                 self.runtime(comp.defn.runtime).remove(rec.name, comp.defn.name)
             self.registry.delete_service(rec.name)

@@ -276,3 +276,44 @@ def test_failed_redeploy_of_a_stopped_service_leaves_it_stopped(
     assert live is None or live.state != "running"
     assert refused(port)
 
+
+def test_undeploy_reads_the_record_under_the_service_lock(agent: Agent,
+                                                          hello_image: str) -> None:
+    # An undeploy that waits for a deploy on the same service must remove what that deploy
+    # made, not what the service had before it: no container may outlive its registry rows.
+    svc = name()
+    agent.deploy(hello(svc, hello_image))
+    done: list[BaseException | None] = []
+
+    def undeploy() -> None:
+        try:
+            agent.undeploy(svc)
+            done.append(None)
+        except BaseException as exc:  # reported below
+            done.append(exc)
+
+    with agent._service_lock(svc):
+        t = threading.Thread(target=undeploy)
+        t.start()
+        # Wait (bounded) until the undeploy is blocked on the lock we hold.
+        deadline = time.monotonic() + 30
+        while not _blocked_in(t, "_service_lock"):
+            assert time.monotonic() < deadline, "undeploy never reached the service lock"
+            time.sleep(0.01)
+        # What a concurrent deploy adding a component does while it holds the lock.
+        rec = agent.registry.put_service(hello(svc, hello_image, comps=2))
+        agent.runtime("container").run(agent.spec(svc, rec.component("web1")))
+    t.join(timeout=120)
+    assert done == [None]
+    assert owned_containers(agent) == []
+    assert not agent.registry.has_service(svc)
+
+
+def _blocked_in(thread: threading.Thread, function: str) -> bool:
+    import sys
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False

@@ -35,6 +35,7 @@ from .httpapi import (
     HTTPError,
     LogOpener,
     Params,
+    Route,
     check_listen,
     edge_setup_args,
     parse_bool,
@@ -194,6 +195,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(exc.status, _error_body(exc.code, str(exc)), extra=extra)
 
     _token: Token | None = None
+    _route: Route
     _linger = False
     _busy = False
 
@@ -248,6 +250,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise HTTPError(400, "bad_request", "request target must be a path", close=True)
             path, _, query = target.partition("?")
             route, params = resolve(method, path)
+            self._route = route
             if route.role is not None:
                 self._token = self.server.tokens.authorize(headers.get("authorization"),
                                                            route.role)
@@ -321,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
         name = check_name(params["name"], "name")
         if body.strip() and parse_json(body) not in ({}, None):
             raise ValidationError("expected an empty body or {}", "body")
-        op = self.path.partition("?")[0].rstrip("/").rsplit("/", 1)[1]
+        op = self._route.template.rsplit("/", 1)[1]  # the raw path may be %-encoded
         fn = {"stop": self.agent.stop, "start": self.agent.start,
               "restart": self.agent.restart}[op]
         self._send_json(fn(name))

@@ -232,6 +232,16 @@ def test_unknown_service_is_404(live_server: LiveServer) -> None:
         assert remote_error(c.post, f"/v1/services/{missing}/{op}", {}).status == 404
 
 
+
+def test_percent_encoded_lifecycle_path_is_not_a_500(live_server: LiveServer) -> None:
+    # The router decodes path segments, so ".../%73top" is the stop route; the handler
+    # must read the same decoded operation, not the raw target.
+    missing = svc_name()
+    for path in (f"/v1/services/{missing}/%73top", f"/v1/services/{missing}/st%6Fp/"):
+        r = live_server.request("POST", path, b"{}")
+        assert r.status == 404, (path, r.status, r.body)
+        assert r.json()["error"]["code"] == "not_found"
+
 def test_logs_query_validation(live_server: LiveServer) -> None:
     c = live_server.client()
     for params in ({"tail": "-1"}, {"tail": "x"}, {"follow": "maybe"},

@@ -215,6 +215,13 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
     names = [r.name for r in routes]
     if len(set(names)) != len(names):
         raise ValidationError("duplicate route name", where + "routes")
+    env_keys: set[str] = set()
+    for j, r in enumerate(routes):
+        key = route_env_key(r.name)
+        if key in env_keys:
+            raise ValidationError(f"{r.name!r} maps to ${key} like an earlier route",
+                                  f"{where}routes[{j}].name")
+        env_keys.add(key)
     return ComponentDef(
         name=name, image=image, runtime=runtime,
         cmd=_str_list(data.get("cmd", []), where + "cmd"), env=env, volumes=volumes,
@@ -267,8 +274,8 @@ def load_file(path: Path) -> ServiceDef:
 
 def route_env(component: ComponentDef, host_ports: dict[str, int]) -> tuple[str, ...]:
     """``$PORT`` for a single unnamed route, ``$PORT_<NAME>`` for named ones."""
-    out = []
-    for r in component.routes:
-        key = f"PORT_{r.name.upper().replace('-', '_')}" if r.name else "PORT"
-        out.append(f"{key}={host_ports[r.name]}")
-    return tuple(out)
+    return tuple(f"{route_env_key(r.name)}={host_ports[r.name]}" for r in component.routes)
+
+
+def route_env_key(route_name: str) -> str:
+    return f"PORT_{route_name.upper().replace('-', '_')}" if route_name else "PORT"

@@ -124,6 +124,15 @@ def test_route_env_single_unnamed_and_named() -> None:
     assert route_env(named, {"http": 1, "admin-ui": 2}) == ("PORT_HTTP=1", "PORT_ADMIN_UI=2")
 
 
+
+def test_route_names_that_share_a_port_variable_are_refused() -> None:
+    # "admin-ui" and "admin_ui" are distinct names but both would be $PORT_ADMIN_UI, so one
+    # route's allocated port would never reach the component.
+    with pytest.raises(ValidationError, match="PORT_ADMIN_UI") as err:
+        from_dict(base(routes=[{"name": "admin-ui", "port": 80},
+                               {"name": "admin_ui", "port": 81}]))
+    assert err.value.field == "components[0].routes[1].name"
+
 def test_hostname_rules() -> None:
     assert check_hostname("Hello.Example.NET.", "h") == "hello.example.net"
     for bad in ("", "a..b", "-a.b", "a-.b", "*.x", "a b", "x" * 64 + ".net", "a." * 127 + "b"):

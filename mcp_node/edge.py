@@ -86,10 +86,13 @@ class EdgeManager:
     def __init__(self, config: AgentConfig, registry: Registry) -> None:
         self.config = config
         self.registry = registry
-        self.edge_dir = config.state_dir / "edge"
+        # Absolute paths only reach Caddy: it resolves relative ones against its own cwd.
+        self.edge_dir = config.state_dir.absolute() / "edge"
+        backend_ca = config.edge.backend_ca
         self.router: Router = make_router(
             config.proxy.backend, config.proxy.admin, config.proxy.https_port,
-            self.edge_dir / "certs", config.edge.backend_ca)
+            self.edge_dir / "certs",
+            str(Path(backend_ca).expanduser().absolute()) if backend_ca else "")
         self._issuer: AcmeClient | None = None
         self._lock = threading.RLock()
         self.last_timings: dict[str, float] = {}

@@ -94,7 +94,9 @@ class QemuRuntime:
     def __init__(self, config: AgentConfig, state_dir: Path | None = None) -> None:
         self.config = config
         self.cfg = config.qemu
-        self.state_dir = Path(state_dir) if state_dir else config.state_dir
+        # Absolute: qemu runs with its cwd in the VM directory, so a relative pidfile or
+        # console path (``--state-dir ./st``) would resolve below it.
+        self.state_dir = (Path(state_dir) if state_dir else config.state_dir).absolute()
         self.vms_dir = self.state_dir / "vms"
         self.cache_dir = self.state_dir / "vm-cache"
         self.podman = Podman(containers_conf=config.podman.containers_conf)

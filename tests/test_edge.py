@@ -372,3 +372,16 @@ def test_concurrent_setups_all_land(edge: Edge) -> None:
         status, body, _ = edge.get(h)
         assert status == 200 and body.startswith(BACKEND_BODY)
         edge.em.remove(h)
+
+
+def test_relative_state_dir_gives_caddy_absolute_cert_paths(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caddy resolves a relative path against its own cwd, not the agent's."""
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict({"state": {"dir": "st"}, "edge": {"backend_ca": "ca.pem"}})
+    em = EdgeManager(cfg, Registry(tmp_path / "registry.db"))
+    assert em.router.cert_path("www.example.net", "1f") == \
+        tmp_path / "st" / "edge" / "certs" / "www.example.net.1f.crt"
+    assert em.router.key_path("www.example.net", "1f").is_absolute()
+    assert em.router.backend_ca == str(tmp_path / "ca.pem")
+    em.registry.close()

@@ -157,3 +157,22 @@ def test_console_rotate(tmp_path: Path) -> None:
     assert console_rotate(log, 10) is True
     assert (tmp_path / "console.log.1").read_bytes() == b"x" * 20   # one rotation only
     assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "console.log.1"]
+
+
+def test_relative_state_dir_gives_absolute_qemu_paths(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu runs with its cwd in the VM directory: a relative pidfile or console path
+    (from ``--state-dir ./st``) would point below that directory and qemu would fail."""
+    from mcp_node.config import from_dict
+    from mcp_node.qemu import QemuRuntime
+
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict({"state": {"dir": "st"}, "qemu": {"accel": "tcg"}})
+    rt = QemuRuntime(cfg, state_dir=Path("st"))
+    d = rt._dir("a", "b")
+    meta = {"service": "a", "component": "b", "machine": "q35", "accel": "tcg",
+            "memory_mb": 64, "vcpus": 1, "ports": [], "mac": mac_for("a", "b")}
+    p = rt.params(d, meta, INITRAMFS)
+    assert d == tmp_path / "st" / "vms" / "a-b"
+    assert Path(p.pidfile).is_absolute() and Path(p.console).is_absolute()
+    assert rt.cache_dir.is_absolute()

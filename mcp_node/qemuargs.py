@@ -20,6 +20,7 @@ import signal
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,18 +269,24 @@ def console_rotate(path: Path, max_bytes: int) -> bool:
     """Copy-truncate rotation to ``<path>.1`` once the log passes ``max_bytes``.
 
     qemu holds the file open with O_APPEND, so truncating in place is safe:
-    its next write lands at the new end. Never truncated otherwise.
+    its next write lands at the new end. Never truncated otherwise. Serialised:
+    the monitor's listing and an API inspect may rotate at once, and a second
+    copy-truncate would drop what qemu wrote in between (or trip on the temp file).
     """
-    try:
-        if path.stat().st_size <= max_bytes:
+    with _rotate_lock:
+        try:
+            if path.stat().st_size <= max_bytes:
+                return False
+        except FileNotFoundError:
             return False
-    except FileNotFoundError:
-        return False
-    rotated = path.with_name(path.name + ".1")
-    tmp = path.with_name(path.name + ".1.tmp")
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, rotated)
-    with path.open("r+b") as f:
-        f.truncate(0)
+        rotated = path.with_name(path.name + ".1")
+        tmp = path.with_name(path.name + ".1.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, rotated)
+        with path.open("r+b") as f:
+            f.truncate(0)
     log.info("console %s rotated at %d bytes", path, max_bytes)
     return True
+
+
+_rotate_lock = threading.Lock()

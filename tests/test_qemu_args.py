@@ -176,3 +176,35 @@ def test_relative_state_dir_gives_absolute_qemu_paths(tmp_path: Path,
     assert d == tmp_path / "st" / "vms" / "a-b"
     assert Path(p.pidfile).is_absolute() and Path(p.console).is_absolute()
     assert rt.cache_dir.is_absolute()
+
+
+def test_console_rotate_concurrent_callers_rotate_once(tmp_path: Path) -> None:
+    """The monitor's list() and an API inspect() may rotate at the same moment: exactly one
+    rotation, no error, nothing lost (a second copy-truncate would drop newer output)."""
+    import threading
+
+    for trial in range(20):
+        d = tmp_path / str(trial)
+        d.mkdir()
+        log = d / "console.log"
+        data = bytes(range(256)) * 800
+        log.write_bytes(data)
+        barrier = threading.Barrier(6)
+        results: list[bool] = []
+        errors: list[BaseException] = []
+
+        def rotate(log: Path = log, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                results.append(console_rotate(log, 1000))
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=rotate) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert errors == [] and sorted(results) == [False] * 5 + [True]
+        assert (d / "console.log.1").read_bytes() == data and log.read_bytes() == b""
+        assert sorted(p.name for p in d.iterdir()) == ["console.log", "console.log.1"]

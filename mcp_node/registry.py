@@ -199,6 +199,13 @@ class Registry:
                 (r["component"], r["name"]): r["host_port"]
                 for r in db.execute("SELECT * FROM routes WHERE service=?", (svc.name,))
             }
+            # A redeploy is no observed state change: keep what the monitor last saw, or the
+            # next refresh logs "unknown -> running" again and redeploys count as flapping.
+            old_observed = {
+                r["name"]: r["observed_state"]
+                for r in db.execute("SELECT name, observed_state FROM components WHERE service=?",
+                                    (svc.name,))
+            }
             db.execute(
                 "INSERT INTO services (name, active, created_at, updated_at) VALUES (?,?,?,?) "
                 "ON CONFLICT(name) DO UPDATE SET active=excluded.active, "
@@ -213,10 +220,11 @@ class Registry:
                 state = (desired or {}).get(c.name, state)
                 db.execute(
                     "INSERT INTO components (service, name, image, cmd, env, volumes, restart, "
-                    "desired_state, version, updated_at, runtime, memory_mb, vcpus, binary, "
-                    "image_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "desired_state, observed_state, version, updated_at, runtime, memory_mb, "
+                    "vcpus, binary, image_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (svc.name, c.name, c.image, json.dumps(c.cmd), json.dumps(c.env),
-                     json.dumps(c.volumes), c.restart, state, c.version, ts, c.runtime,
+                     json.dumps(c.volumes), c.restart, state,
+                     old_observed.get(c.name, "unknown"), c.version, ts, c.runtime,
                      c.memory_mb, c.vcpus, c.binary, c.image_sha256),
                 )
                 for r in c.routes:

@@ -317,3 +317,14 @@ def _blocked_in(thread: threading.Thread, function: str) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def test_unchanged_redeploys_are_not_state_changes(agent: Agent, hello_image: str) -> None:
+    # A redeploy that leaves the container alone changes no observed state: it must not
+    # add events, nor count towards flapping (flap_changes=3 in this fixture).
+    svc = name()
+    agent.deploy(hello(svc, hello_image))
+    for _ in range(4):
+        st = agent.deploy(hello(svc, hello_image))
+    assert st["flapping"] is False
+    assert [(e["from"], e["to"]) for e in st["events"]] == [("unknown", "running")]

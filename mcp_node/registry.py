@@ -326,10 +326,12 @@ class Registry:
             return
         with self._tx() as db:
             for e in changes:
-                db.execute(
+                cur = db.execute(
                     "UPDATE components SET observed_state=? WHERE service=? AND name=?",
                     (e.new_state, e.service, e.component),
                 )
+                if cur.rowcount == 0:
+                    continue  # undeployed since the listing: its events went with it
                 db.execute(
                     "INSERT INTO events (service, component, time, prev_state, new_state, detail) "
                     "VALUES (?,?,?,?,?,?)",

@@ -161,3 +161,15 @@ def test_reopen_keeps_everything(tmp_path: Path) -> None:
     reg.close()
     again = Registry(tmp_path / "r.db").get_service("hello")
     assert again.components[0].host_ports == rec.components[0].host_ports
+
+
+def test_observed_changes_of_a_deleted_service_leave_no_events(tmp_path: Path) -> None:
+    # The monitor compares a listing taken before an undeploy committed: its events for the
+    # service must not outlive the service's rows (a redeploy under that name would show them).
+    reg = Registry(tmp_path / "r.db")
+    reg.put_service(svc())  # type: ignore[arg-type]
+    reg.delete_service("hello")
+    reg.record_observed([Event("hello", "c0", 1.0, "unknown", "running")])
+    assert reg.events("hello") == []
+    assert reg.event_counts(0.0) == {}
+    reg.close()

@@ -299,6 +299,7 @@ class AcmeClient:
               accept: str = "") -> _Response:
         """Signed POST; a badNonce is retried with the nonce the error carried."""
         key = self._account_key()
+        reregistered = False
         for _attempt in range(8):
             nonce = self._nonce or self._new_nonce()
             self._nonce = None
@@ -316,6 +317,13 @@ class AcmeClient:
                 return resp
             problem = _problem(resp)
             if problem.get("type") == "urn:ietf:params:acme:error:badNonce":
+                continue
+            if problem.get("type") == "urn:ietf:params:acme:error:accountDoesNotExist" \
+                    and not use_jwk and not reregistered:
+                # The CA lost our account (reset, deactivated): register the key again
+                # once, rather than failing every renewal until the agent restarts.
+                log.warning("ACME account %s unknown to the CA; registering again", self._kid)
+                self._kid, reregistered = None, True
                 continue
             raise IssuerError(
                 f"ACME {url}: HTTP {resp.status} {problem.get('type', '')}: "

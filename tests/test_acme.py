@@ -219,3 +219,20 @@ def test_untrusted_ca_bundle_is_issuer_error(pebble: Pebble, tmp_path: Path) -> 
     client = AcmeClient(pebble.directory_url, tmp_path / "k")  # system trust: Pebble unknown
     with pytest.raises(IssuerError, match="unreachable"):
         client.ping()
+
+
+def test_account_the_ca_forgot_is_registered_again(pebble_factory: Callable[..., Pebble],
+                                                   tmp_path: Path) -> None:
+    """The agent keeps one client for its lifetime; a CA that lost the account (Pebble
+    restarted, an account deactivated) must not fail every later renewal."""
+    peb = pebble_factory(always_valid=True)
+    client = _client(peb, tmp_path)
+    client._account()
+    peb.stop()
+    peb.start()     # same ports, no accounts
+    responder = Http01Responder(peb.http01_port)
+    try:
+        chain = client.issue("again.example.net", new_key(), responder)
+    finally:
+        responder.close()
+    assert b"BEGIN CERTIFICATE" in chain and client._kid is not None

@@ -149,6 +149,18 @@ def from_dict(data: dict[str, Any]) -> AgentConfig:
         raise ValidationError("must be auto, kvm or tcg", "qemu.accel")
     if cfg.qemu.machine not in ("q35", "microvm"):
         raise ValidationError("must be q35 or microvm", "qemu.machine")
+    positive = {
+        "monitor.interval_s": cfg.monitor.interval_s,   # 0 would make the monitor spin
+        "monitor.edge_interval_s": cfg.monitor.edge_interval_s,
+        "monitor.flap_window_s": cfg.monitor.flap_window_s,
+        "server.max_body": cfg.server.max_body,
+        "dns.timeout_s": cfg.dns.timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ValidationError("must be > 0", key)
+    if cfg.monitor.flap_changes < 0:
+        raise ValidationError("must be >= 0", "monitor.flap_changes")
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ValidationError("tls_cert and tls_key must be set together", "server.tls_cert")
     return cfg

@@ -1,0 +1,33 @@
+"""Agent configuration: embedded defaults, TOML overrides, every bad value named."""
+
+from __future__ import annotations
+
+import pytest
+
+from mcp_node.config import AgentConfig, from_dict
+from mcp_node.errors import ValidationError
+
+
+def test_empty_config_is_the_embedded_defaults() -> None:
+    assert from_dict({}) == AgentConfig()
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"nope": {}}, "nope"),
+    ({"server": {"nope": 1}}, "server.nope"),
+    ({"server": {"listen": 9444}}, "server.listen"),
+    ({"monitor": {"interval_s": True}}, "monitor.interval_s"),
+    # A zero or negative interval turns the monitor into a busy loop; a negative body
+    # limit refuses every request; a negative flap threshold flags everything.
+    ({"monitor": {"interval_s": 0}}, "monitor.interval_s"),
+    ({"monitor": {"interval_s": -1.5}}, "monitor.interval_s"),
+    ({"monitor": {"edge_interval_s": 0}}, "monitor.edge_interval_s"),
+    ({"monitor": {"flap_window_s": 0}}, "monitor.flap_window_s"),
+    ({"monitor": {"flap_changes": -1}}, "monitor.flap_changes"),
+    ({"server": {"max_body": 0}}, "server.max_body"),
+    ({"dns": {"timeout_s": 0}}, "dns.timeout_s"),
+])
+def test_bad_values_name_the_key(data: dict[str, object], field: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        from_dict(data)
+    assert err.value.field == field

@@ -6,6 +6,7 @@ path, so a rejected definition changes nothing. Every error names the field.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import asdict, dataclass
@@ -269,6 +270,12 @@ def load_file(path: Path) -> ServiceDef:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValidationError(f"cannot read {path}: {exc}") from exc
+    if path.suffix == ".json":  # the same fields as JSON, as the HTTP API takes them
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ValidationError(f"not valid JSON: {exc}") from exc
+        return from_dict(data)
     return loads_toml(text)
 
 

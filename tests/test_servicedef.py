@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_node.errors import ValidationError
-from mcp_node.servicedef import check_hostname, check_name, from_dict, loads_toml, route_env
+from mcp_node.servicedef import (
+    check_hostname,
+    check_name,
+    from_dict,
+    load_file,
+    loads_toml,
+    route_env,
+)
 
 GOOD = """
 name    = "hello"
@@ -166,3 +173,17 @@ def test_arbitrary_input_only_raises_validation_errors(data: object) -> None:
 def test_to_dict_round_trips() -> None:
     svc = loads_toml(GOOD)
     assert from_dict(svc.to_dict()) == svc
+
+
+def test_load_file_reads_json_definitions(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # `mcp deploy FILE` takes a path ending in .json as a file: it must parse as JSON.
+    path = tmp_path / "hello.json"
+    path.write_text('{"name": "hello", "components": [{"name": "web", "image": "x:v1"}]}')
+    assert load_file(path).components[0].image == "x:v1"
+    path.write_text('{"name": "hello", "components": [{"name": "web", "image": 1}]}')
+    with pytest.raises(ValidationError) as err:
+        load_file(path)
+    assert err.value.field == "components[0].image"
+    path.write_text("{not json")
+    with pytest.raises(ValidationError, match="not valid JSON"):
+        load_file(path)

@@ -246,7 +246,10 @@ class AcmeClient:
         self.ca_bundle = ca_bundle
         self.eab_kid, self.eab_hmac_key = eab_kid, eab_hmac_key
         self.timeout, self.poll_timeout = timeout, poll_timeout
-        self._ctx = ssl.create_default_context(cafile=ca_bundle or None)
+        try:
+            self._ctx = ssl.create_default_context(cafile=ca_bundle or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise IssuerError(f"cannot load acme.ca_bundle {ca_bundle!r}: {exc}") from exc
         self._dir: dict[str, Any] | None = None
         self._key: ec.EllipticCurvePrivateKey | None = None
         self._kid: str | None = None

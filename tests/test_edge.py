@@ -385,3 +385,29 @@ def test_relative_state_dir_gives_caddy_absolute_cert_paths(
     assert em.router.key_path("www.example.net", "1f").is_absolute()
     assert em.router.backend_ca == str(tmp_path / "ca.pem")
     em.registry.close()
+
+
+def test_unreadable_ca_bundle_is_a_health_reason_not_a_crash(tmp_path: Path) -> None:
+    """A missing acme.ca_bundle must degrade health with a reason (and fail issuance with
+    an issuer error), not raise an OSError out of the health check."""
+    from mcp_node.registry import EdgeRouteRecord
+
+    dead = free_port()
+    cfg = from_dict({"state": {"dir": str(tmp_path)},
+                     "proxy": {"admin": f"http://127.0.0.1:{dead}"},
+                     "acme": {"directory": f"https://127.0.0.1:{dead}/dir",
+                              "ca_bundle": str(tmp_path / "missing-ca.pem")},
+                     "edge": {"internal_zone": INTERNAL_ZONE}})
+    em = EdgeManager(cfg, Registry(tmp_path / "registry.db"))
+    em.registry.put_edge_route(EdgeRouteRecord(
+        hostname="www.example.net", backend_hostname=BACKEND_HOST, backend_port=443,
+        backend_address="100.64.0.2", cert_path=str(tmp_path / "c"),
+        key_path=str(tmp_path / "k")))
+    reasons = em.health()
+    assert any(r.startswith("certificate issuer unreachable") and "missing-ca.pem" in r
+               for r in reasons), reasons
+    with pytest.raises(IssuerError, match="missing-ca.pem"):
+        em._issue("www.example.net")
+    assert not (tmp_path / "edge" / "certs").exists() or \
+        list((tmp_path / "edge" / "certs").iterdir()) == []
+    em.registry.close()

@@ -283,7 +283,13 @@ class AcmeClient:
             resp = self._http("GET", self.directory_url)
             if resp.status != 200:
                 raise IssuerError(f"ACME directory {self.directory_url}: HTTP {resp.status}")
-            self._dir = resp.json()
+            found = resp.json()
+            need = ("newNonce", "newAccount", "newOrder")
+            if not isinstance(found, dict) or \
+                    not all(isinstance(found.get(k), str) for k in need):
+                raise IssuerError(f"ACME directory {self.directory_url} lacks "
+                                  f"{', '.join(need)}: not an ACME server?")
+            self._dir = found
         return self._dir
 
     def ping(self) -> None:
@@ -375,6 +381,14 @@ class AcmeClient:
 
     def issue(self, hostname: str, key: ec.EllipticCurvePrivateKey, solver: Solver) -> bytes:
         """Order, authorize by HTTP-01, finalize with a CSR of ``key``; PEM chain."""
+        try:
+            return self._issue(hostname, key, solver)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            # a CA answer missing the fields RFC 8555 requires
+            raise IssuerError(f"ACME order for {hostname}: unexpected response from the CA "
+                              f"({type(exc).__name__}: {exc})") from exc
+
+    def _issue(self, hostname: str, key: ec.EllipticCurvePrivateKey, solver: Solver) -> bytes:
         thumb_jwk = jwk(self._account_key().public_key())
         resp = self._post(self.directory()["newOrder"],
                           {"identifiers": [{"type": "dns", "value": hostname}]})

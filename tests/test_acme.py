@@ -236,3 +236,35 @@ def test_account_the_ca_forgot_is_registered_again(pebble_factory: Callable[...,
     finally:
         responder.close()
     assert b"BEGIN CERTIFICATE" in chain and client._kid is not None
+
+
+def test_malformed_directory_is_issuer_error(tmp_path: Path) -> None:
+    """A CA (or something else at the URL) answering JSON without the ACME resources is an
+    IssuerError naming what is missing, not a KeyError/AttributeError (an HTTP 500)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies = iter([b"{}", b"[1, 2]"])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            body = next(bodies, b"{}")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        for _ in range(2):
+            client = AcmeClient(f"http://127.0.0.1:{srv.server_address[1]}/dir",
+                                tmp_path / "account.key")
+            with pytest.raises(IssuerError, match="directory"):
+                client.issue("x.example.net", new_key(), _Silent())
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -138,6 +138,8 @@ def _route(data: object, where: str, single: bool) -> RouteDef:
         raise ValidationError("must be a table", where.rstrip("."))
     _check_keys(data, {"name", "port", "mode", "hostname"}, where)
     name = data.get("name", "")
+    if not isinstance(name, str):  # before the truthiness test: [] or 0 is no "unnamed"
+        raise ValidationError("must be a string", where + "name")
     if name or not single:
         name = _str(name, where + "name")
         if not ROUTE_NAME_RE.fullmatch(name):
@@ -149,6 +151,8 @@ def _route(data: object, where: str, single: bool) -> RouteDef:
     if mode not in ROUTE_MODES:
         raise ValidationError(f"must be one of {', '.join(ROUTE_MODES)}", where + "mode")
     hostname = data.get("hostname", "")
+    if not isinstance(hostname, str):
+        raise ValidationError("must be a string", where + "hostname")
     if hostname:
         hostname = check_hostname(hostname, where + "hostname")
     return RouteDef(name=name, port=port, mode=mode, hostname=hostname)

@@ -159,6 +159,13 @@ def test_token_added_later_is_accepted(live_server: LiveServer) -> None:
     b'{"name": "x", "components": [{"name": "w", "image": "i", "bogus": 1}]}',
     b'{"name": "../x", "components": [{"name": "w", "image": "i"}]}',
     b'{"name": "a,b", "components": [{"name": "w", "image": "i"}]}',
+    # falsy non-strings where a route's optional name / hostname go
+    b'{"name": "x", "components": [{"name": "w", "image": "i", "routes": [{"port": 80, '
+    b'"name": []}]}]}',
+    b'{"name": "x", "components": [{"name": "w", "image": "i", "routes": [{"port": 80, '
+    b'"hostname": []}]}]}',
+    b'{"name": "x", "components": [{"name": "w", "image": "i", "routes": [{"port": 80, '
+    b'"name": 0}]}]}',
 ])
 def test_bad_deploy_bodies_are_400(live_server: LiveServer, body: bytes) -> None:
     r = live_server.request("POST", "/v1/services", body)

@@ -187,3 +187,13 @@ def test_load_file_reads_json_definitions(tmp_path) -> None:  # type: ignore[no-
     path.write_text("{not json")
     with pytest.raises(ValidationError, match="not valid JSON"):
         load_file(path)
+
+
+
+@pytest.mark.parametrize("route", [{"port": 80, "name": []}, {"port": 80, "name": 0},
+                                   {"port": 80, "hostname": []}, {"port": 80, "hostname": False}])
+def test_falsy_non_string_route_fields_are_refused(route: dict[str, object]) -> None:
+    field = "name" if "name" in route else "hostname"
+    with pytest.raises(ValidationError) as err:
+        from_dict(base(routes=[route]))
+    assert err.value.field == f"components[0].routes[0].{field}"

@@ -336,7 +336,7 @@ class Agent:
             "components": comps,
             "events": [
                 {"time": e.time, "component": e.component, "from": e.prev_state,
-                 "to": e.new_state, "detail": e.detail}
+                 "to": e.new_state, "detail": e.detail, "unplanned": e.unplanned}
                 for e in self.registry.events(svc.name, limit=20)
             ],
         }

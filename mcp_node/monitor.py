@@ -67,7 +67,11 @@ def observe(
                 w = None
             state = w.state if w else MISSING
             if state != comp.observed_state:
-                events.append(Event(rec.name, comp.defn.name, now, comp.observed_state, state))
+                # Reaching the desired state (a deploy, an operator's stop/start) is planned;
+                # leaving it is what a flapping workload does.
+                planned = not is_drift(comp.desired_state, state)
+                events.append(Event(rec.name, comp.defn.name, now, comp.observed_state, state,
+                                    unplanned=not planned))
             if w is not None:
                 before = restarts.get(key)
                 if before is not None and w.restart_count > before:

@@ -84,6 +84,7 @@ class Event:
     prev_state: str
     new_state: str
     detail: str = ""
+    unplanned: bool = True
 
 
 @dataclass
@@ -333,9 +334,10 @@ class Registry:
                 if cur.rowcount == 0:
                     continue  # undeployed since the listing: its events went with it
                 db.execute(
-                    "INSERT INTO events (service, component, time, prev_state, new_state, detail) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (e.service, e.component, e.time, e.prev_state, e.new_state, e.detail),
+                    "INSERT INTO events (service, component, time, prev_state, new_state, detail, "
+                    "unplanned) VALUES (?,?,?,?,?,?,?)",
+                    (e.service, e.component, e.time, e.prev_state, e.new_state, e.detail,
+                     int(e.unplanned)),
                 )
 
     def events(self, service: str, limit: int = 50, since: float = 0.0) -> list[Event]:
@@ -345,14 +347,15 @@ class Registry:
         )
         return [
             Event(service=r["service"], component=r["component"], time=r["time"],
-                  prev_state=r["prev_state"], new_state=r["new_state"], detail=r["detail"])
+                  prev_state=r["prev_state"], new_state=r["new_state"], detail=r["detail"],
+                  unplanned=bool(r["unplanned"]))
             for r in reversed(rows)
         ]
 
     def event_counts(self, since: float) -> dict[tuple[str, str], int]:
-        """State changes per component since ``since``: the flap detector's input."""
+        """Unplanned state changes per component since ``since``: the flap detector's input."""
         rows = self._query(
-            "SELECT service, component, COUNT(*) FROM events WHERE time>=? "
+            "SELECT service, component, COUNT(*) FROM events WHERE time>=? AND unplanned=1 "
             "GROUP BY service, component", (since,),
         )
         return {(r[0], r[1]): int(r[2]) for r in rows}

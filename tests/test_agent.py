@@ -328,3 +328,20 @@ def test_unchanged_redeploys_are_not_state_changes(agent: Agent, hello_image: st
         st = agent.deploy(hello(svc, hello_image))
     assert st["flapping"] is False
     assert [(e["from"], e["to"]) for e in st["events"]] == [("unknown", "running")]
+
+
+def test_operator_stop_start_is_not_flapping(agent: Agent, hello_image: str) -> None:
+    svc = name()
+    agent.deploy(hello(svc, hello_image))
+    for _ in range(3):
+        agent.stop(svc)
+        agent.start(svc)
+    agent.monitor.refresh()
+    st = agent.status(svc)
+    assert st["flapping"] is False
+    changes = [e for e in st["events"] if e["from"] != e["to"]]
+    assert len(changes) >= 6 and not any(e["unplanned"] for e in changes)
+    # Stopped behind the agent's back: that change is unplanned.
+    podman_cli("stop", "-t", "1", f"mcp-{svc}-web", check=True)
+    agent.monitor.refresh()
+    assert agent.status(svc)["events"][-1]["unplanned"] is True

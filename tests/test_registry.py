@@ -45,7 +45,7 @@ def test_migrations_are_numbered_from_the_seed() -> None:
     assert [v for v, _ in names] == list(range(1, len(names) + 1))
 
 
-@pytest.mark.parametrize("start", range(0, 7))
+@pytest.mark.parametrize("start", range(0, latest_version() + 1))
 def test_every_intermediate_version_migrates_to_the_same_schema(tmp_path: Path,
                                                                 start: int) -> None:
     fresh = tmp_path / "fresh.db"

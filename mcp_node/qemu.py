@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 META = "meta.json"
 PIDFILE = "qemu.pid"
 QMP_SOCK = "qmp.sock"
+CACHE_GRACE_S = 600.0
 CONSOLE = "console.log"
 
 
@@ -422,10 +423,18 @@ class QemuRuntime:
         self._prune_cache()
 
     def _prune_cache(self) -> None:
-        """Drop extracted ELFs no VM was built from (they are cheap to extract again)."""
-        # Entries are small and shared by key; only prune when no VM is left at all.
-        if self.cache_dir.exists() and not any(True for _ in self._scan()):
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
+        """Drop extracted ELFs once no VM is left (they are cheap to extract again).
+
+        Only entries untouched for CACHE_GRACE_S go: a deploy of another service
+        between its pull and its run must not lose the ELF it just extracted.
+        """
+        if not self.cache_dir.exists() or any(True for _ in self._scan()):
+            return
+        cutoff = time.time() - CACHE_GRACE_S
+        for entry in self.cache_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    entry.unlink()
 
     # -- observe -------------------------------------------------------------------------------
 
@@ -494,11 +503,15 @@ class QemuRuntime:
     def _logs(self, d: Path, meta: dict[str, Any], tail: int | None,
               follow: bool) -> Iterator[bytes]:
         path = d / CONSOLE
-        data = b""
-        for p in (d / (CONSOLE + ".1"), path):
-            with contextlib.suppress(OSError):
-                data += p.read_bytes()
-        pos = path.stat().st_size if path.exists() else 0
+        data, cur, ino = b"", b"", None
+        with contextlib.suppress(OSError):
+            data = (d / (CONSOLE + ".1")).read_bytes()
+        with contextlib.suppress(OSError), path.open("rb") as f:
+            ino = os.fstat(f.fileno()).st_ino
+            cur = f.read()
+        # Follow from exactly what was read: a line written meanwhile is not skipped.
+        pos = len(cur)
+        data += cur
         if tail is not None:
             lines = data.splitlines(keepends=True)
             data = b"".join(lines[-tail:]) if tail > 0 else b""
@@ -506,7 +519,6 @@ class QemuRuntime:
             yield _lf(data)
         if not follow:
             return
-        ino = path.stat().st_ino if path.exists() else None
         while True:
             try:
                 st = path.stat()

@@ -163,8 +163,9 @@ class Agent:
                 self._rollback(rec, previous)
                 raise
             log.info("deployed service=%s components=%d", defn.name, len(defn.components))
-        self.monitor.refresh_safely()
-        return self.status(defn.name)
+            # Under the lock: an undeploy queued behind us must not turn this reply into a 404.
+            self.monitor.refresh_safely()
+            return self.status(defn.name)
 
     def _check_workload_names(self, defn: ServiceDef) -> None:
         """Service "a-b" component "c" and service "a" component "b-c" would share one
@@ -261,8 +262,8 @@ class Agent:
                     if live is not None and live.state == RUNNING:
                         continue
                 rt.run(self.spec(name, comp))
-        self.monitor.refresh_safely()
-        return self.status(name)
+            self.monitor.refresh_safely()
+            return self.status(name)
 
     def undeploy(self, name: str) -> None:
         name = check_name(name, "service")

@@ -178,14 +178,14 @@ class Ctx:
             from .config import default_state_dir
 
             path = str(default_state_dir() / "token")
-        try:
-            return Path(path).expanduser().read_text().strip() or None
-        except FileNotFoundError:
+        from .auth import read_token_file
+
+        file = Path(path).expanduser()
+        if not file.exists():
             if self.token_file or os.environ.get("MCP_TOKEN_FILE"):
-                raise MCPError(f"token file {path} not found") from None
-            return None
-        except OSError as exc:
-            raise MCPError(f"cannot read token file {path}: {exc}") from exc
+                raise MCPError(f"token file {path} not found")
+            return None  # the agent will answer 401, which says more than a guess here
+        return read_token_file(file)  # refuses a token file others can read
 
     def targets(self) -> list[tuple[str, str]]:
         """(node name, URL) of the agents a command talks to."""

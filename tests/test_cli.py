@@ -149,6 +149,10 @@ def test_operation_errors_exit_1(live: Live, tmp_path: Path) -> None:
     res = live.mcp("deploy", str(invalid))
     assert res.exit_code == 1
     assert res.output == "Error: components[0].bogus: unknown key 'bogus'\n"
+    live.token_file.chmod(0o644)
+    loose = live.mcp("ps")
+    assert loose.exit_code == 1 and "must be 0600" in loose.output
+    live.token_file.chmod(0o600)
     noauth = live.mcp("ps", token=False)
     assert noauth.exit_code == 1 and noauth.output.startswith("Error: ")
 

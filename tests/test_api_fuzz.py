@@ -46,9 +46,25 @@ definition_like = st.fixed_dictionaries({"name": NAMES}, optional={
     "components": st.lists(component_like, max_size=3) | json_values,
     "extra": json_values,
 })
+# Valid down to one nested field, so the fuzz reaches the deepest validators too
+# (route names and hostnames, env entries, volumes), not just the top-level ones.
+VALID_NAME = st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)
+near_valid = st.fixed_dictionaries({
+    "name": VALID_NAME,
+    "components": st.lists(st.fixed_dictionaries({
+        "name": VALID_NAME, "image": MISSING_IMAGE,
+    }, optional={
+        "routes": st.lists(st.fixed_dictionaries({"port": st.integers(1, 65535)}, optional={
+            "name": json_values, "hostname": json_values, "mode": json_values}), max_size=2),
+        "env": st.lists(json_values, max_size=2), "volumes": st.lists(json_values, max_size=2),
+        "memory_mb": json_values, "vcpus": json_values, "binary": json_values,
+        "image_sha256": json_values, "cmd": st.lists(json_values, max_size=2),
+    }), min_size=1, max_size=2),
+})
 bodies = st.one_of(
     json_values.map(lambda v: json.dumps(v).encode()),
     definition_like.map(lambda v: json.dumps(v).encode()),
+    near_valid.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=200),
 )
 

@@ -10,7 +10,9 @@ drift on the next start, never as a lost row.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -121,11 +123,26 @@ class Agent:
 
     @contextmanager
     def _service_lock(self, name: str) -> Iterator[None]:
-        """Operations on one service are serialised; different services run in parallel."""
+        """Operations on one service are serialised; different services run in parallel.
+
+        A thread lock inside this process, and a file lock across processes sharing the
+        state dir (``mcp --local`` beside a running daemon).
+        """
         with self._locks_guard:
             lock = self._locks.setdefault(name, threading.Lock())
-        with lock:
+        with lock, self._file_lock(f"service-{name}"):
             yield
+
+    @contextmanager
+    def _file_lock(self, key: str) -> Iterator[None]:
+        path = self.state_dir / "locks" / f"{key}.lock"
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     # -- specs --------------------------------------------------------------
 
@@ -154,7 +171,8 @@ class Agent:
                 rts[c.name].pull(self.spec(defn.name, ComponentRecord(defn=c, host_ports={
                     r.name: 0 for r in c.routes})))
             self._check_capacity(defn, previous)
-            with self._names_guard:  # check and write as one step across services
+            # Check and write as one step across services (and processes).
+            with self._names_guard, self._file_lock("names"):
                 self._check_workload_names(defn)
                 rec = self.registry.put_service(defn)
             try:

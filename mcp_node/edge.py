@@ -273,10 +273,12 @@ class EdgeManager:
         cert_dir = self.edge_dir / "certs"
         if not cert_dir.is_dir():
             return []
-        keep = {p for r in rows for p in (r.cert_path, r.key_path)}
+        # By file name: the state dir may be reached by another path than the rows record
+        # (a symlink, a moved dir), and a live certificate must never count as an orphan.
+        keep = {Path(p).name for r in rows for p in (r.cert_path, r.key_path)}
         out = []
         for f in sorted(cert_dir.iterdir()):
-            if f.is_file() and f.suffix in (".crt", ".key") and str(f) not in keep:
+            if f.is_file() and f.suffix in (".crt", ".key") and f.name not in keep:
                 _unlink(f)
                 out.append(f"removed orphaned certificate file {f.name}")
         return out

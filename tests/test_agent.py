@@ -345,3 +345,31 @@ def test_operator_stop_start_is_not_flapping(agent: Agent, hello_image: str) -> 
     podman_cli("stop", "-t", "1", f"mcp-{svc}-web", check=True)
     agent.monitor.refresh()
     assert agent.status(svc)["events"][-1]["unplanned"] is True
+
+
+def test_service_lock_serialises_across_processes(agent: Agent) -> None:
+    """Another process (``mcp --local``) holding a service's lock file holds up the agent."""
+    import fcntl
+    import os
+
+    path = agent.state_dir / "locks" / "service-held.lock"
+    path.parent.mkdir(exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    errors: list[BaseException] = []
+
+    def undeploy() -> None:
+        try:
+            agent.undeploy("held")
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    t = threading.Thread(target=undeploy)
+    try:
+        t.start()
+        t.join(timeout=1.0)
+        assert t.is_alive(), "the operation did not wait for the other process's lock"
+    finally:
+        os.close(fd)  # releases the flock
+    t.join(timeout=10)
+    assert not t.is_alive() and isinstance(errors[0], NotFoundError)

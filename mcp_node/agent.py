@@ -10,22 +10,20 @@ drift on the next start, never as a lost row.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import AgentConfig
 from .errors import ConflictError, MCPError, RuntimeUnavailable, ValidationError
-from .files import atomic_write
+from .files import atomic_write, flocked
 from .monitor import Monitor, View, is_drift
 from .registry import ComponentRecord, Registry, ServiceRecord
 from .runtime import RUNNING, Runtime, WorkloadSpec, workload_name
@@ -133,16 +131,8 @@ class Agent:
         with lock, self._file_lock(f"service-{name}"):
             yield
 
-    @contextmanager
-    def _file_lock(self, key: str) -> Iterator[None]:
-        path = self.state_dir / "locks" / f"{key}.lock"
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _file_lock(self, key: str) -> AbstractContextManager[None]:
+        return flocked(self.state_dir / "locks" / f"{key}.lock")
 
     # -- specs --------------------------------------------------------------
 

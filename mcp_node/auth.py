@@ -10,7 +10,6 @@ takes effect without restarting the daemon.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import logging
@@ -20,14 +19,13 @@ import stat
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AgentConfig
 from .errors import AuthError, ForbiddenError, MCPError, ValidationError
-from .files import atomic_write
+from .files import atomic_write, flocked
 from .servicedef import SHA256_RE, check_name
 
 log = logging.getLogger(__name__)
@@ -239,16 +237,8 @@ class TokenStore:
             raise ForbiddenError(f"token {tok.name!r} has role {tok.role}; needs {least_role}")
         return tok
 
-    @contextmanager
-    def _file_lock(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _file_lock(self) -> AbstractContextManager[None]:
+        return flocked(self.path.with_name(self.path.name + ".lock"))
 
     def add(self, name: str, role: str) -> str:
         """Store a new token's hash and return the token (shown once, never stored)."""

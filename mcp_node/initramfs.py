@@ -11,17 +11,21 @@ reproducible (sorted entries, zero mtimes, gzip without a timestamp).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import lzma
+import os
 import re
 import shlex
+import shutil
 import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 from .config import QemuConfig
 from .errors import ImageError
+from .files import atomic_write
 from .vmimage import BootPlan, BuildRequest, Volume, check_env, elf_info, run_tool, sha256_file
 
 log = logging.getLogger(__name__)
@@ -350,6 +354,24 @@ def build_initramfs(program: str, elf: bytes, busybox: bytes,
     return gzip.compress(a.finish(), compresslevel=6, mtime=0)
 
 
+def initrd_key(program: str, elf: bytes, busybox: bytes, moddir: Path) -> str:
+    """Everything the archive is made of. The kernel's modules count by their directory
+    and its index files (modules.dep, modules.order: rewritten whenever the modules are),
+    so the key costs no walk of thousands of module files and no decompression."""
+    h = hashlib.sha256()
+    for part in (program.encode(), INIT.encode(), POWER_HANDLER.encode(),
+                 "\0".join(APPLETS).encode(), "\0".join(WANTED_MODULES).encode(),
+                 hashlib.sha256(elf).digest(), hashlib.sha256(busybox).digest()):
+        h.update(len(part).to_bytes(8, "big") + part)
+    marks = [moddir / n for n in ("modules.dep", "modules.order") if (moddir / n).is_file()]
+    if not marks:  # nothing to tell a change by: never reuse a cached archive
+        h.update(os.urandom(16))
+    for mark in marks:
+        st = mark.stat()
+        h.update(f"{mark.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
 class InitramfsBuilder:
     name = "initramfs"
 
@@ -387,12 +409,22 @@ class InitramfsBuilder:
         if not elf_info(elf, str(req.elf))["static"]:
             raise ImageError(f"{req.elf.name} is dynamically linked; the initramfs builder "
                              "needs a static ELF")
-        modules = resolve_modules(moddir, WANTED_MODULES)
         initrd = out / "initrd.img"
-        initrd.write_bytes(build_initramfs(req.program, elf, busybox.read_bytes(), modules))
+        bb = busybox.read_bytes()
+        cached = req.cache_dir / f"initrd-{initrd_key(req.program, elf, bb, moddir)}.img" \
+            if req.cache_dir else None
+        if cached is not None and cached.is_file():
+            shutil.copyfile(cached, initrd)  # the image is reproducible: same inputs, same bytes
+        else:
+            modules = resolve_modules(moddir, WANTED_MODULES)
+            data = build_initramfs(req.program, elf, bb, modules)
+            initrd.write_bytes(data)
+            if cached is not None:
+                atomic_write(cached, data, 0o644)
         conf = out / "guest.conf"
         conf.write_text(guest_config(req.program, req.argv, req.env, req.volumes))
-        log.info("initramfs: %s with %d modules for kernel %s", initrd, len(modules), ver)
+        log.info("initramfs: %s for kernel %s (%s)", initrd, ver,
+                 "cached" if cached is not None and cached.is_file() else "built")
         return BootPlan(builder=self.name, sha256=sha256_file(initrd), image=str(initrd),
                         kernel=str(kernel.resolve()), initrd=str(initrd), append=CMDLINE,
                         fw_cfg=((GUEST_CONFIG, str(conf)),), volumes=req.volumes)

@@ -50,7 +50,7 @@ from .qemuargs import (
 from .runtime import RUNNING, STOPPED, Workload, WorkloadSpec, workload_name
 from .servicedef import SHA256_RE, check_name
 from .vmimage import BootPlan, BuildRequest, choose_builder, parse_volumes
-from .vmpull import Podman, extract_elf
+from .vmpull import Podman, PulledELF, extract_elf
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,13 @@ class QemuRuntime:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         key = self._cache_key(spec)
         elf = self.cache_dir / f"{key}.elf"
-        pulled = extract_elf(self.podman, spec.image, spec.binary, spec.component, spec.cmd, elf)
+        cached = None
+        with contextlib.suppress(TypeError, ValueError):
+            old = _read_json(self.cache_dir / f"{key}.json")
+            if old:
+                cached = PulledELF(**{**old, "argv": tuple(old.get("argv", ()))})
+        pulled = extract_elf(self.podman, spec.image, spec.binary, spec.component, spec.cmd, elf,
+                             cached)
         _write_json(self.cache_dir / f"{key}.json", asdict(pulled))
 
     # -- run -----------------------------------------------------------------------------------
@@ -299,7 +305,7 @@ class QemuRuntime:
                     guest_path=str(pulled.get("binary") or f"/usr/local/bin/{spec.component}"),
                     argv=tuple(pulled.get("argv", ())),
                     env=spec.env, volumes=volumes, memory_mb=int(spec.memory_mb or 0),
-                    vcpus=spec.vcpus, ports=spec.ports)
+                    vcpus=spec.vcpus, ports=spec.ports, cache_dir=self.cache_dir)
                 plan = choice.builder.build(req, tmp)
                 if spec.image_sha256 and plan.sha256 != spec.image_sha256:
                     raise ImageError(

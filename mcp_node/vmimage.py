@@ -54,6 +54,7 @@ class BuildRequest:
     memory_mb: int = 256
     vcpus: int = 1
     ports: tuple[int, ...] = ()
+    cache_dir: Path | None = None    # where a builder may keep images keyed by their inputs
 
     @property
     def program(self) -> str:

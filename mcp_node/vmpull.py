@@ -72,11 +72,19 @@ def choose_binary(spec_binary: str, component: str, entrypoint: list[str], cmd: 
 
 
 def extract_elf(podman: Podman, image: str, spec_binary: str, component: str,
-                spec_cmd: tuple[str, ...], dest: Path) -> PulledELF:
-    """Pull ``image`` if needed and copy its ELF to ``dest`` (atomically)."""
-    if podman.run("image", "exists", image, check=False).returncode != 0:
+                spec_cmd: tuple[str, ...], dest: Path,
+                cached: PulledELF | None = None) -> PulledELF:
+    """Pull ``image`` if needed and copy its ELF to ``dest`` (atomically).
+
+    ``cached`` is what an earlier extraction to ``dest`` found: when the image id and
+    the binary are the same and ``dest`` still hashes to it, nothing is copied again
+    (one podman call instead of four on a redeploy).
+    """
+    proc = podman.run("image", "inspect", "--format", "json", image, check=False)
+    if proc.returncode != 0:
         podman.run("pull", image, timeout=600)
-    raw = podman.run("image", "inspect", "--format", "json", image).stdout
+        proc = podman.run("image", "inspect", "--format", "json", image)
+    raw = proc.stdout
     try:
         info = json.loads(raw)[0]
     except (ValueError, IndexError, KeyError) as exc:
@@ -86,6 +94,12 @@ def extract_elf(podman: Podman, image: str, spec_binary: str, component: str,
                                  conf.get("Cmd") or [], spec_cmd)
     if not PurePosixPath(binary).is_absolute():
         raise ImageError(f"binary {binary!r} of image {image} is not an absolute path")
+    image_id = str(info.get("Id", ""))
+    if (cached is not None and image_id and cached.image_id == image_id
+            and cached.binary == binary and dest.is_file()
+            and hashlib.sha256(dest.read_bytes()).hexdigest() == cached.elf_sha256):
+        return PulledELF(image=image, binary=binary, argv=argv, image_id=image_id,
+                         elf_sha256=cached.elf_sha256)
     name = f"mcp-extract-{secrets.token_hex(6)}"
     podman.run("create", "--pull=never", "--name", name, "--entrypoint", "/mcp-extract", image)
     try:
@@ -110,5 +124,5 @@ def extract_elf(podman: Podman, image: str, spec_binary: str, component: str,
             os.replace(out, dest)
     finally:
         podman.run("rm", "-f", name, check=False)
-    return PulledELF(image=image, binary=binary, argv=argv, image_id=info.get("Id", ""),
+    return PulledELF(image=image, binary=binary, argv=argv, image_id=image_id,
                      elf_sha256=hashlib.sha256(data).hexdigest())

@@ -338,3 +338,21 @@ def test_initramfs_refuses_microvm(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="microvm"):
         b.build(req(tmp_path), tmp_path)
     assert list(tmp_path.iterdir()) == [tmp_path / "cache.elf"]
+
+
+def test_initrd_cache_key_tracks_every_input(tmp_path: Path) -> None:
+    from mcp_node.initramfs import initrd_key
+
+    mod = tmp_path / "mods"
+    mod.mkdir()
+    (mod / "modules.order").write_text("a.ko\n")
+    base = initrd_key("/usr/local/bin/x", b"elf", b"bb", mod)
+    assert base == initrd_key("/usr/local/bin/x", b"elf", b"bb", mod)
+    assert base != initrd_key("/usr/local/bin/y", b"elf", b"bb", mod)
+    assert base != initrd_key("/usr/local/bin/x", b"elf2", b"bb", mod)
+    assert base != initrd_key("/usr/local/bin/x", b"elf", b"bb2", mod)
+    (mod / "modules.order").write_text("a.ko\nb.ko\n")
+    assert base != initrd_key("/usr/local/bin/x", b"elf", b"bb", mod)
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert initrd_key("/x", b"e", b"b", empty) != initrd_key("/x", b"e", b"b", empty)

@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,19 +19,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TOP = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(TOP))
+sys.path[:0] = [str(TOP), str(TOP / "tests")]
 os.environ.setdefault("CONTAINERS_CONF", str(TOP / "scripts" / "containers.conf"))
 BIN = Path(sys.executable).parent
 
+from daemon_env import Daemon, free_port  # noqa: E402
+
 from mcp_node.client import Client  # noqa: E402
-from mcp_node.errors import MCPError  # noqa: E402
 from mcp_node.podman import PodmanService  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hello_image(tag: str = "v1") -> str:
@@ -73,25 +67,15 @@ class Bed:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon: Daemon | None = None
         self.env = {**os.environ, "XDG_CONFIG_HOME": str(self.dir / "cfg"),
                     "MCP_AGENT": self.url, "MCP_TOKEN_FILE": str(self.state / "token")}
 
     def start_agent(self) -> Client:
-        with open(self.dir / "agent.log", "ab") as logf:
-            self.proc = subprocess.Popen(
-                [str(BIN / "mcp-agent"), "--config", str(self.config), "--state-dir",
-                 str(self.state), "--listen", f"127.0.0.1:{self.port}", "--log-level",
-                 "warning"], stdout=subprocess.DEVNULL, stderr=logf)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            token = self.state / "token"
-            if token.exists():
-                client = Client(self.url, token.read_text().strip())
-                with contextlib.suppress(MCPError):
-                    client.get("/v1/health")
-                    return client
-            time.sleep(0.05)
-        raise SystemExit("agent did not start; see " + str(self.dir / "agent.log"))
+        self.daemon = Daemon(self.state, self.config, self.port, ("--log-level", "warning"))
+        client = self.daemon.start()
+        self.proc = self.daemon.proc
+        return client
 
     @property
     def owner(self) -> str:
@@ -102,18 +86,11 @@ class Bed:
                               text=True, check=True)
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        with contextlib.suppress(FileNotFoundError):
-            owner = self.owner
-            ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label=mcp.owner={owner}"],
-                                 capture_output=True, text=True).stdout.split()
-            if ids:
-                subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True)
+        daemon = Daemon(self.state, self.config, self.port)
+        if self.daemon is not None:
+            daemon = self.daemon
+            daemon.stop()
+        daemon.remove_containers()
         self._reap_vms()
         self.podman.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

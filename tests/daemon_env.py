@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 from mcp_node.cli import cli
 from mcp_node.client import Client
 from mcp_node.errors import MCPError
+from mcp_node.runtime import LABEL_OWNER
 
 
 def free_port() -> int:
@@ -36,8 +37,9 @@ def refused(port: int) -> bool:
 
 
 class Daemon:
-    def __init__(self, state: Path, config: Path, port: int | None = None) -> None:
-        self.state, self.config = state, config
+    def __init__(self, state: Path, config: Path, port: int | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        self.state, self.config, self.args = state, config, args
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -47,7 +49,8 @@ class Daemon:
         with open(self.state.parent / "agent.log", "ab") as logf:
             self.proc = subprocess.Popen(
                 [str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.config),
-                 "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}"],
+                 "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}",
+                 *self.args],
                 stdout=subprocess.DEVNULL, stderr=logf)
         deadline = time.monotonic() + 30
         while True:
@@ -81,6 +84,20 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def remove_containers(self) -> None:
+        """Force-remove the containers labelled with this agent's owner id (only those)."""
+        if not (self.state / "node_id").exists():
+            return
+        env = {**os.environ, "CONTAINERS_CONF": os.environ.get(
+            "CONTAINERS_CONF", str(Path(__file__).resolve().parent.parent / "scripts"
+                                   / "containers.conf"))}
+        ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label={LABEL_OWNER}="
+                              f"{self.owner}"], capture_output=True, text=True, env=env
+                             ).stdout.split()
+        if ids:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True,
+                           env=env)
 
     def mcp(self, *args: str) -> Result:
         return CliRunner().invoke(

@@ -20,7 +20,7 @@ from mcp_node.runtime import LABEL_OWNER
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, podman_socket: str, podman_cleanup: object) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, podman_socket: str) -> Iterator[Daemon]:
     conf = tmp_path / "agent.toml"
     conf.write_text(f'[podman]\nsocket = "{podman_socket}"\n[monitor]\ninterval_s = 0.3\n')
     state = tmp_path / "state"
@@ -30,9 +30,7 @@ def daemon(tmp_path: Path, podman_socket: str, podman_cleanup: object) -> Iterat
         yield d
     finally:
         d.stop()
-        node_id = state / "node_id"
-        if node_id.exists():
-            podman_cleanup.add(node_id.read_text().strip())  # type: ignore[attr-defined]
+        d.remove_containers()
 
 
 def owned(owner: str) -> list[str]:

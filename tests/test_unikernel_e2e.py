@@ -20,12 +20,11 @@ from typing import Any
 
 import pytest
 from daemon_env import Daemon, free_port, refused
-from podman_env import podman_cli, wait_http
+from podman_env import wait_http
 from qemu_env import VMReaper, kernel_path, need_qemu, qemu_pids_in, wait_gone
 
 from mcp_node.errors import MCPError
 from mcp_node.qemuargs import host_memory_mb
-from mcp_node.runtime import LABEL_OWNER
 
 pytestmark = pytest.mark.integration
 
@@ -51,12 +50,7 @@ def daemon(tmp_path: Path, podman_socket: str) -> Iterator[Daemon]:
         yield d
     finally:
         d.stop()
-        node_id = state / "node_id"
-        if node_id.exists():
-            owner = node_id.read_text().strip()
-            ids = podman_cli("ps", "-aq", "--filter", f"label={LABEL_OWNER}={owner}").stdout
-            if ids.split():
-                podman_cli("rm", "-f", "-t", "2", *ids.split())
+        d.remove_containers()
         reaper.run()
 
 

@@ -236,13 +236,29 @@ def _norm(name: str) -> str:
     return name.replace("-", "_")
 
 
+_INDEX_CACHE: dict[tuple[str, tuple[int, ...]], dict[str, Path]] = {}
+
+
+def _index_marks(moddir: Path) -> list[Path]:
+    """The module tree's index files: rewritten whenever its modules are."""
+    return [moddir / n for n in ("modules.dep", "modules.order") if (moddir / n).is_file()]
+
+
 def module_index(moddir: Path) -> dict[str, Path]:
+    """Module name -> file. Walking thousands of files costs ~0.1 s, so the result is
+    kept while the tree's index files are unchanged (every deploy asks twice)."""
+    marks = _index_marks(moddir)
+    key = (str(moddir), tuple(m.stat().st_mtime_ns for m in marks)) if marks else None
+    if key is not None and key in _INDEX_CACHE:
+        return dict(_INDEX_CACHE[key])
     idx = {}
     for p in moddir.rglob("*.ko*"):
         m = re.fullmatch(r"(.+)\.ko(\.xz|\.gz|\.zst)?", p.name)
         if m:
             idx[_norm(m.group(1))] = p
-    return idx
+    if key is not None:
+        _INDEX_CACHE[key] = idx
+    return dict(idx)
 
 
 def builtin_modules(moddir: Path) -> set[str]:
@@ -363,7 +379,7 @@ def initrd_key(program: str, elf: bytes, busybox: bytes, moddir: Path) -> str:
                  "\0".join(APPLETS).encode(), "\0".join(WANTED_MODULES).encode(),
                  hashlib.sha256(elf).digest(), hashlib.sha256(busybox).digest()):
         h.update(len(part).to_bytes(8, "big") + part)
-    marks = [moddir / n for n in ("modules.dep", "modules.order") if (moddir / n).is_file()]
+    marks = _index_marks(moddir)
     if not marks:  # nothing to tell a change by: never reuse a cached archive
         h.update(os.urandom(16))
     for mark in marks:
@@ -415,6 +431,7 @@ class InitramfsBuilder:
             if req.cache_dir else None
         if cached is not None and cached.is_file():
             shutil.copyfile(cached, initrd)  # the image is reproducible: same inputs, same bytes
+            os.utime(cached)  # last use, for the cache's pruning
         else:
             modules = resolve_modules(moddir, WANTED_MODULES)
             data = build_initramfs(req.program, elf, bb, modules)

@@ -273,6 +273,7 @@ class QemuRuntime:
                 cached = PulledELF(**{**old, "argv": tuple(old.get("argv", ()))})
         pulled = extract_elf(self.podman, spec.image, spec.binary, spec.component, spec.cmd, elf,
                              cached)
+        os.utime(elf)  # podman cp keeps the image's mtime; the cache prunes by last use
         _write_json(self.cache_dir / f"{key}.json", asdict(pulled))
 
     # -- run -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from .files import atomic_write, flocked
 from .monitor import Monitor, View, is_drift
 from .registry import ComponentRecord, Registry, ServiceRecord
 from .runtime import RUNNING, Runtime, WorkloadSpec, workload_name
-from .servicedef import ServiceDef, check_name, route_env
+from .servicedef import ComponentDef, ServiceDef, check_name, route_env
 
 if TYPE_CHECKING:
     from .edge import EdgeManager
@@ -146,6 +146,11 @@ class Agent:
             memory_mb=d.memory_mb, vcpus=d.vcpus, binary=d.binary, image_sha256=d.image_sha256,
         )
 
+    def _unallocated_spec(self, service: str, comp: ComponentDef) -> WorkloadSpec:
+        """A spec before ports are allocated: enough to pull and to size a VM."""
+        return self.spec(service, ComponentRecord(defn=comp, host_ports={
+            r.name: 0 for r in comp.routes}))
+
     def _get(self, name: str) -> ServiceRecord:
         return self.registry.get_service(check_name(name, "service"))
 
@@ -157,9 +162,7 @@ class Agent:
                         if self.registry.has_service(defn.name) else None)
             rts = {c.name: self.available_runtime(c.runtime) for c in defn.components}
             for c in defn.components:
-                # Ports are not allocated yet; pull needs only the image fields.
-                rts[c.name].pull(self.spec(defn.name, ComponentRecord(defn=c, host_ports={
-                    r.name: 0 for r in c.routes})))
+                rts[c.name].pull(self._unallocated_spec(defn.name, c))
             self._check_capacity(defn, previous)
             # Check and write as one step across services (and processes).
             with self._names_guard, self._file_lock("names"):
@@ -196,8 +199,7 @@ class Agent:
             if c.runtime == "unikernel" and defn.active:
                 rt = self.runtime("unikernel")
                 rt.check_capacity(  # type: ignore[attr-defined]
-                    self.spec(defn.name, ComponentRecord(defn=c, host_ports={
-                        r.name: 0 for r in c.routes})),
+                    self._unallocated_spec(defn.name, c),
                     c.name in replacing,
                 )
 
@@ -372,7 +374,8 @@ class Agent:
         now = time.time()
         # A node without edge routes is no edge node: its proxy and CA are not its concern,
         # and the edge modules (cryptography, dnspython) are not even loaded.
-        has_routes = self._edge is not None or bool(self.registry.list_edge_routes())
+        edge_routes = len(self.registry.list_edge_routes())
+        has_routes = self._edge is not None or edge_routes > 0
         if has_routes and self.monitor.running and \
                 now - self._edge_checked >= self.config.monitor.edge_interval_s:
             self._edge_checked = now
@@ -381,9 +384,9 @@ class Agent:
             self._edge_reasons = self.edge.health() if has_routes else []
         except Exception as exc:  # a broken edge degrades health, never breaks it
             self._edge_reasons = [f"edge: {exc}"]
-        self._health = self._compute_health(view)
+        self._health = self._compute_health(view, edge_routes)
 
-    def _compute_health(self, view: View) -> dict[str, Any]:
+    def _compute_health(self, view: View, edge_routes: int) -> dict[str, Any]:
         used = {c.defn.runtime for s in view.records for c in s.components}
         reasons = [f"{name} runtime: {why}" for name, why in sorted(view.errors.items())
                    if name == "container" or name in used]
@@ -412,7 +415,7 @@ class Agent:
             "drifted": drifted,
             "orphans": [f"{w.service}/{w.component} ({w.runtime})" for w in view.orphans],
             "runtimes": runtimes,
-            "edge_routes": len(self.registry.list_edge_routes()),
+            "edge_routes": edge_routes,
             "reasons": reasons,
             "checked_at": view.refreshed_at,
         }

@@ -1,4 +1,4 @@
-"""Crash-safe file writes: what the agent persists outside SQLite goes through here."""
+"""Files the agent keeps and reads: crash-safe writes, locks, /proc lookups."""
 
 from __future__ import annotations
 
@@ -46,3 +46,15 @@ def flocked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def read_cmdline(pid: int) -> list[str]:
+    """argv of a live process; [] if gone (a zombie has an empty cmdline).
+
+    Checked before trusting a pidfile: a reused pid belongs to some other program.
+    """
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]

@@ -476,14 +476,12 @@ class PodmanRuntime:
         self._delete(name)
 
     def inspect(self, service: str, component: str) -> Workload | None:
-        name = workload_name(service, component)
-        attrs = self._inspect_raw(name)
-        if attrs is None:
+        """None for a missing container, and for one that is not ours."""
+        try:
+            attrs = self._owned(workload_name(service, component))
+        except ConflictError:
             return None
-        labels = (attrs.get("Config") or {}).get("Labels") or {}
-        if labels.get(LABEL_OWNER) != self.owner:
-            return None
-        return workload_from_inspect(attrs)
+        return workload_from_inspect(attrs) if attrs is not None else None
 
     def list(self) -> list[Workload]:
         with self._count_lock:

@@ -26,6 +26,7 @@ from podman import PodmanClient
 from podman.errors import PodmanError
 
 from .errors import RuntimeUnavailable
+from .files import read_cmdline
 
 log = logging.getLogger("mcp_node.podman")
 
@@ -99,14 +100,6 @@ def socket_answers(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
 class PodmanService:
     """A ``podman system service`` the agent runs for itself on a socket in its state dir.
 
@@ -157,7 +150,7 @@ class PodmanService:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return
-        if _cmdline(pid) == self.argv:
+        if read_cmdline(pid) == self.argv:
             self.pid = pid
             log.info("podman: adopted podman service pid %d on %s", pid, self.url)
 
@@ -211,7 +204,7 @@ class PodmanService:
     def alive(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return self.pid is not None and _cmdline(self.pid) == self.argv
+        return self.pid is not None and read_cmdline(self.pid) == self.argv
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the service we started or adopted (by pid), SIGKILL after ``timeout``."""
@@ -219,7 +212,7 @@ class PodmanService:
         self.pid, self._proc = None, None
         if pid is None:
             return
-        if proc is None and _cmdline(pid) != self.argv:
+        if proc is None and read_cmdline(pid) != self.argv:
             return   # the pid is no longer our service
         log.info("podman: stopping podman service pid %d", pid)
         with contextlib.suppress(ProcessLookupError):
@@ -229,7 +222,7 @@ class PodmanService:
             if proc is not None:
                 if proc.poll() is not None:
                     break
-            elif not Path(f"/proc/{pid}").exists() or _cmdline(pid) != self.argv:
+            elif not Path(f"/proc/{pid}").exists() or read_cmdline(pid) != self.argv:
                 break
             time.sleep(0.05)
         else:

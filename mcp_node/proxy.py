@@ -253,11 +253,7 @@ class CaddyRouter:
             self._call("POST", f"/config/apps/http/servers/{SERVER}/routes",
                        build_route(route, self.backend_ca), created_id=route_id(route.hostname))
         except ProxyError:
-            try:
-                self._delete(f"/id/{cert_id(route.hostname)}")
-            except ProxyError as exc:
-                log.warning("rollback of certificate entry for %s failed: %s",
-                            route.hostname, exc)
+            self._drop_cert_entries([route])
             raise
         log.info("proxy route %s -> %s (%s)", route.hostname,
                  dial(route.backend_address, route.backend_port), route.backend_hostname)
@@ -291,14 +287,17 @@ class CaddyRouter:
                        [build_route(r, self.backend_ca) for r in fresh],
                        created_id=route_id(fresh[0].hostname))
         except ProxyError:
-            for r in fresh:
-                try:
-                    self._delete(f"/id/{cert_id(r.hostname)}")
-                except ProxyError as exc:
-                    log.warning("rollback of certificate entry for %s failed: %s",
-                                r.hostname, exc)
+            self._drop_cert_entries(fresh)
             raise
         log.info("proxy: %d routes registered in one batch", len(fresh))
+
+    def _drop_cert_entries(self, routes: Sequence[ProxyRoute]) -> None:
+        """Rollback after a failed route call: no certificate entry without its route."""
+        for r in routes:
+            try:
+                self._delete(f"/id/{cert_id(r.hostname)}")
+            except ProxyError as exc:
+                log.warning("rollback of certificate entry for %s failed: %s", r.hostname, exc)
 
     def _delete(self, path: str) -> bool:
         """DELETE; False when there was nothing to delete (404)."""

@@ -36,6 +36,7 @@ from .errors import (
     RuntimeUnavailable,
     ValidationError,
 )
+from .files import atomic_write, read_cmdline
 from .initramfs import find_busybox, find_kernel
 from .qemuargs import (
     VMParams,
@@ -45,7 +46,6 @@ from .qemuargs import (
     mac_for,
     probe_kvm,
     qemu_argv,
-    read_cmdline,
 )
 from .runtime import RUNNING, STOPPED, Workload, WorkloadSpec, workload_name
 from .servicedef import SHA256_RE, check_name
@@ -62,18 +62,7 @@ CONSOLE = "console.log"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic: temp file + fsync + rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -256,15 +256,6 @@ def host_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def read_cmdline(pid: int) -> list[str]:
-    """argv of a live process; [] if gone (a zombie has an empty cmdline)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
-
-
 def console_rotate(path: Path, max_bytes: int) -> bool:
     """Copy-truncate rotation to ``<path>.1`` once the log passes ``max_bytes``.
 

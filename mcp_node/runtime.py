@@ -1,27 +1,49 @@
-"""The runtime interface both podman and qemu implement (names from the seed).
+"""The runtime interface every runtime implements, and the table of runtimes.
 
 The agent turns a validated component plus its allocated ports into a
 ``WorkloadSpec``; a runtime turns that into a running workload and reports
 what it sees as ``Workload`` records. ``list`` must cost one call to the
 underlying engine however many workloads there are: the monitor relies on it.
+
+Capabilities the agent needs beyond the seed's seven calls are declared here
+with a default (``check_capacity``, ``info``, ``status_extra``,
+``graceful_stop``, ``close``), so callers never probe for them. Runtime names
+are spelled only in ``RUNTIMES``; a new runtime is one module and one entry.
 """
 
 from __future__ import annotations
 
+import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .states import MISSING, RUNNING, STOPPED, State
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
+
+__all__ = [
+    "DEFAULT_RUNTIME", "LABEL_COMPONENT", "LABEL_MANAGED", "LABEL_OWNER", "LABEL_SERVICE",
+    "MISSING", "RUNNING", "RUNTIMES", "RUNTIME_NAMES", "STOPPED", "Runtime", "State",
+    "Workload", "WorkloadSpec", "load_runtime", "workload_name",
+]
+
+# name -> "module:Class", imported on first use (a node without qemu never imports it).
+RUNTIMES: dict[str, str] = {
+    "container": "mcp_node.podman:PodmanRuntime",
+    "unikernel": "mcp_node.qemu:QemuRuntime",
+}
+RUNTIME_NAMES: tuple[str, ...] = tuple(RUNTIMES)
+DEFAULT_RUNTIME = RUNTIME_NAMES[0]
 
 # Label keys / values that mark a workload as the agent's own.
 LABEL_MANAGED = "mcp.managed"
 LABEL_SERVICE = "mcp.service"
 LABEL_COMPONENT = "mcp.component"
 LABEL_OWNER = "mcp.owner"   # the node id of the agent whose workload it is
-
-# Observed states a runtime reports.
-RUNNING = "running"
-STOPPED = "stopped"   # exists, not running (exited, created, powered off)
-MISSING = "missing"   # the runtime has no such workload
 
 
 def workload_name(service: str, component: str) -> str:
@@ -58,38 +80,93 @@ class Workload:
 
     service: str
     component: str
-    runtime: str                     # "container" | "unikernel"
-    state: str                       # RUNNING | STOPPED
+    runtime: str                     # a RUNTIMES key
+    state: State                     # RUNNING | STOPPED
     id: str = ""
     image: str = ""
     started_at: float | None = None  # unix time
     restart_count: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # VM: pid, accel, image_sha256, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # runtime-specific observations
 
 
-class Runtime(Protocol):
-    name: str  # "container" | "unikernel"
+class Runtime(ABC):
+    """One way of running a component. Subclasses set ``name`` to their RUNTIMES key.
 
+    Every implementation takes the same constructor arguments, so the agent
+    builds any of them from the table.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def __init__(self, config: AgentConfig, state_dir: Path, owner: str) -> None:
+        """``owner`` is this agent's node id: workloads carry it, others are not ours."""
+
+    # -- the seed's seven calls ----------------------------------------------------------
+
+    @abstractmethod
     def available(self) -> tuple[bool, str]:
         """(True, "") when usable on this node, else (False, what is missing)."""
 
+    @abstractmethod
     def pull(self, spec: WorkloadSpec) -> None:
         """Make the image available locally; raise ImageError if it cannot be."""
 
+    @abstractmethod
     def run(self, spec: WorkloadSpec) -> Workload:
         """Create and start the workload, replacing any existing one of that name."""
 
+    @abstractmethod
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
         """Stop it; a missing or stopped workload is not an error."""
 
+    @abstractmethod
     def remove(self, service: str, component: str) -> None:
         """Stop if needed and delete it; missing is not an error."""
 
-    def inspect(self, service: str, component: str) -> Workload | None: ...
+    @abstractmethod
+    def inspect(self, service: str, component: str) -> Workload | None:
+        """The workload if it exists (running or not), else None."""
 
+    @abstractmethod
     def list(self) -> list[Workload]:
         """Every workload the agent owns, in one engine call."""
 
+    @abstractmethod
     def logs(
         self, service: str, component: str, tail: int | None = None, follow: bool = False
-    ) -> Iterator[bytes]: ...
+    ) -> Iterator[bytes]:
+        """Its output; with ``follow``, until the workload ends or the caller closes."""
+
+    # -- capabilities, with the defaults of a runtime that has nothing to say -------------
+
+    def check_capacity(self, spec: WorkloadSpec, replacing: bool) -> None:
+        """Raise ResourceError if running ``spec`` would overcommit the node.
+
+        ``replacing``: a workload of the same name exists and is given up for it.
+        """
+        return None
+
+    def info(self) -> dict[str, Any]:
+        """Facts for the node's health (accel, socket, usage); must not raise."""
+        return {}
+
+    def status_extra(self, spec: WorkloadSpec, observed: Workload | None) -> dict[str, Any]:
+        """Extra keys this runtime adds to a component's status (flat, JSON-safe)."""
+        return {}
+
+    @property
+    def graceful_stop(self) -> bool:
+        """Whether ``stop`` lets the workload end itself before it is killed."""
+        return True
+
+    def close(self) -> None:
+        """Release connections and helper processes; workloads keep running."""
+        return None
+
+
+def load_runtime(name: str) -> type[Runtime]:
+    """The implementation registered as ``name``; KeyError for an unknown name."""
+    module, _, cls = RUNTIMES[name].partition(":")
+    impl: type[Runtime] = getattr(importlib.import_module(module), cls)
+    return impl

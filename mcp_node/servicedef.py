@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ValidationError
+from .grammar import parse_env, parse_volumes
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ROUTE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 HOSTNAME_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 RUNTIMES = ("container", "unikernel")
@@ -177,19 +177,9 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
     if runtime not in RUNTIMES:
         raise ValidationError(f"must be one of {', '.join(RUNTIMES)}", where + "runtime")
     env = _str_list(data.get("env", []), where + "env")
-    for j, item in enumerate(env):
-        key = item.split("=", 1)[0]
-        if "=" not in item or not ENV_KEY_RE.fullmatch(key):
-            raise ValidationError(f"{item[:80]!r} is not KEY=VALUE", f"{where}env[{j}]")
+    parse_env(env, where + "env")
     volumes = _str_list(data.get("volumes", []), where + "volumes")
-    for j, vol in enumerate(volumes):
-        parts = vol.split(":")
-        if len(parts) not in (2, 3) or not all(p.startswith("/") for p in parts[:2]):
-            raise ValidationError(
-                f"{vol[:80]!r} is not /host/path:/guest/path", f"{where}volumes[{j}]"
-            )
-        if any(".." in Path(p).parts or "," in p for p in parts[:2]):
-            raise ValidationError(f"{vol[:80]!r} has '..' or ','", f"{where}volumes[{j}]")
+    parse_volumes(volumes, where + "volumes")
     restart = data.get("restart", "")
     if restart not in RESTART_POLICIES:
         raise ValidationError(

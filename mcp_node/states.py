@@ -1,0 +1,22 @@
+"""Component states: a leaf module that imports nothing from the project.
+
+The values are the strings stored in SQL and shown in JSON; a ``StrEnum``
+compares equal to them, so rows and replies keep their shape.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"   # exists, not running (exited, created, powered off)
+    MISSING = "missing"   # the runtime has no such workload
+    UNKNOWN = "unknown"   # the runtime could not be asked
+
+
+RUNNING = State.RUNNING
+STOPPED = State.STOPPED
+MISSING = State.MISSING
+UNKNOWN = State.UNKNOWN

@@ -15,7 +15,7 @@ only the HTTP server turns them into JSON errors, using ``status`` and
      +-- RegistryError            500 registry
      |    +-- SchemaTooNewError   500 schema_too_new
      +-- RuntimeUnavailable       503 runtime_unavailable
-     +-- RuntimeError_            502 runtime      (podman / qemu failed)
+     +-- WorkloadError            502 runtime      (podman / qemu failed)
      |    +-- ImageError          502 image        (pull, extract, build)
      |    +-- ResourceError       409 resources    (would overcommit the node)
      +-- EdgeError                502 edge
@@ -80,18 +80,18 @@ class RuntimeUnavailable(MCPError):
     code = "runtime_unavailable"
 
 
-class RuntimeError_(MCPError):  # noqa: N801 - avoid shadowing the builtin
+class WorkloadError(MCPError):
     """podman or qemu refused or failed an operation."""
 
     status = 502
     code = "runtime"
 
 
-class ImageError(RuntimeError_):
+class ImageError(WorkloadError):
     code = "image"
 
 
-class ResourceError(RuntimeError_):
+class ResourceError(WorkloadError):
     status = 409
     code = "resources"
 
@@ -112,3 +112,6 @@ class IssuerError(EdgeError):
 
 class ProxyError(EdgeError):
     code = "proxy"
+
+
+RuntimeError_ = WorkloadError  # temporary: the VM modules still use the old name

@@ -44,9 +44,9 @@ from .errors import (
     ImageError,
     MCPError,
     NotFoundError,
-    RuntimeError_,
     RuntimeUnavailable,
     ValidationError,
+    WorkloadError,
 )
 from .podman_logs import LogStream, frames
 from .podman_service import (
@@ -314,13 +314,13 @@ class PodmanRuntime:
             self._last_ok = float("-inf")
 
     def _request(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
-        """One REST call; transport failures become RuntimeError_ naming ``what``."""
+        """One REST call; transport failures become WorkloadError naming ``what``."""
         client = self._client_or_connect()
         try:
             resp = getattr(client.api, method.lower())(path, **kwargs)
         except (OSError, PodmanError) as exc:
             self._drop_client()
-            raise RuntimeError_(f"podman {what}: {_message(exc)}") from exc
+            raise WorkloadError(f"podman {what}: {_message(exc)}") from exc
         self._last_ok = time.monotonic()
         return resp
 
@@ -333,7 +333,7 @@ class PodmanRuntime:
             return False, f"podman binary {self.service.podman!r} not found on PATH"
         try:
             resp = self._request("GET", "/_ping", "ping", timeout=5)
-        except (RuntimeUnavailable, RuntimeError_) as exc:
+        except (RuntimeUnavailable, WorkloadError) as exc:
             return False, str(exc)
         if resp.status_code != 200:
             return False, f"podman ping answered {resp.status_code}"
@@ -362,7 +362,7 @@ class PodmanRuntime:
         if resp.status_code == 404:
             return None
         if resp.status_code >= 400:
-            raise RuntimeError_(f"podman inspect {name}: {_response_message(resp)}")
+            raise WorkloadError(f"podman inspect {name}: {_response_message(resp)}")
         data: dict[str, Any] = resp.json()
         return data
 
@@ -384,14 +384,14 @@ class PodmanRuntime:
                              params={"timeout": max(0, int(round(timeout)))},
                              timeout=timeout + 60)
         if resp.status_code not in (204, 304, 404):
-            raise RuntimeError_(f"podman stop {name}: {_response_message(resp)}")
+            raise WorkloadError(f"podman stop {name}: {_response_message(resp)}")
 
     def _delete(self, name: str) -> None:
         log.info("podman: remove %s", name)
         resp = self._request("DELETE", f"/containers/{name}", f"remove {name}",
                              params={"force": "true", "v": "true"})
         if resp.status_code not in (200, 204, 404):
-            raise RuntimeError_(f"podman remove {name}: {_response_message(resp)}")
+            raise WorkloadError(f"podman remove {name}: {_response_message(resp)}")
 
     def pull(self, spec: WorkloadSpec) -> None:
         ref = spec.image
@@ -437,18 +437,18 @@ class PodmanRuntime:
                 raise ImageError(f"image {spec.image} is not present: {message}") from exc
             if not isinstance(exc, APIError) or exc.response is None:
                 self._drop_client()   # transport failure, not podman's answer
-            raise RuntimeError_(f"podman create {name}: {message}") from exc
+            raise WorkloadError(f"podman create {name}: {message}") from exc
         log.info("podman: start %s (%s)", name, container.id[:12])
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
             message = _response_message(resp)
-            with contextlib.suppress(RuntimeError_):
+            with contextlib.suppress(WorkloadError):
                 self._delete(name)   # no half state: a created but unstartable container
-            raise RuntimeError_(f"podman start {name}: {message}")
+            raise WorkloadError(f"podman start {name}: {message}")
         attrs = self._inspect_raw(name)
         workload = workload_from_inspect(attrs) if attrs else None
         if workload is None:
-            raise RuntimeError_(f"podman: container {name} vanished right after start")
+            raise WorkloadError(f"podman: container {name} vanished right after start")
         return workload
 
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
@@ -464,7 +464,7 @@ class PodmanRuntime:
         log.info("podman: start %s", name)
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
-            raise RuntimeError_(f"podman start {name}: {_response_message(resp)}")
+            raise WorkloadError(f"podman start {name}: {_response_message(resp)}")
 
     def remove(self, service: str, component: str, timeout: float = 10.0) -> None:
         name = workload_name(service, component)
@@ -489,7 +489,7 @@ class PodmanRuntime:
         resp = self._request("GET", "/containers/json", "list containers",
                              params={"all": "true", "filters": owner_filters(self.owner)})
         if resp.status_code >= 400:
-            raise RuntimeError_(f"podman list: {_response_message(resp)}")
+            raise WorkloadError(f"podman list: {_response_message(resp)}")
         out = []
         for entry in resp.json() or []:
             workload = workload_from_list(entry)
@@ -537,5 +537,5 @@ class PodmanRuntime:
             resp.close()
             if resp.status_code == 404:
                 raise NotFoundError(f"no container {name}")
-            raise RuntimeError_(f"podman logs {name}: {message}")
+            raise WorkloadError(f"podman logs {name}: {message}")
         return resp

@@ -19,8 +19,8 @@ from mcp_node.errors import (
     ConflictError,
     ImageError,
     NotFoundError,
-    RuntimeError_,
     ValidationError,
+    WorkloadError,
 )
 from mcp_node.runtime import LABEL_OWNER
 from mcp_node.servicedef import ServiceDef, from_dict
@@ -143,7 +143,7 @@ def test_failed_run_rolls_back_to_previous(agent: Agent, hello_image: str, tmp_p
     agent.deploy(hello(svc, hello_image, "good"))
     port = port_of(agent, svc)
     bad = hello(svc, hello_image, "bad", volumes=[f"{tmp_path}/does-not-exist:/data"])
-    with pytest.raises(RuntimeError_):
+    with pytest.raises(WorkloadError):
         agent.deploy(bad)
     rec = agent.registry.get_service(svc)
     assert rec.components[0].defn.env == ("MESSAGE=good",)
@@ -151,7 +151,7 @@ def test_failed_run_rolls_back_to_previous(agent: Agent, hello_image: str, tmp_p
     assert wait_http(port) == "hello from good\n"
 
     fresh = name()
-    with pytest.raises(RuntimeError_):
+    with pytest.raises(WorkloadError):
         agent.deploy(hello(fresh, hello_image, volumes=[f"{tmp_path}/nope:/data"]))
     assert not agent.registry.has_service(fresh)
     assert owned_containers(agent) == [f"mcp-{svc}-web"]
@@ -266,7 +266,7 @@ def test_failed_redeploy_of_a_stopped_service_leaves_it_stopped(
     port = port_of(agent, svc)
     agent.stop(svc)
     bad = hello(svc, hello_image, "bad", volumes=[f"{tmp_path}/does-not-exist:/data"])
-    with pytest.raises(RuntimeError_):
+    with pytest.raises(WorkloadError):
         agent.deploy(bad)
     rec = agent.registry.get_service(svc)
     assert rec.active is False

@@ -19,9 +19,9 @@ from mcp_node.errors import (
     ConflictError,
     ImageError,
     NotFoundError,
-    RuntimeError_,
     RuntimeUnavailable,
     ValidationError,
+    WorkloadError,
 )
 from mcp_node.podman import (
     PodmanRuntime,
@@ -291,7 +291,7 @@ def test_failed_start_leaves_no_container(podman_runtime: PodmanRuntime,
         busy.listen()
         port = busy.getsockname()[1]
         spec = _hello(hello_image, port)
-        with pytest.raises(RuntimeError_) as err:
+        with pytest.raises(WorkloadError) as err:
             podman_runtime.run(spec)
     assert spec.name in str(err.value)
     assert err.value.__cause__ is not None or "address" in str(err.value)
@@ -465,7 +465,7 @@ def test_own_service_restarted_after_it_died(tmp_path: Path) -> None:
         pid = runtime.service.pid
         assert pid is not None
         os.kill(pid, 9)                 # the service we started, by its pid
-        with pytest.raises(RuntimeError_, match="list containers"):
+        with pytest.raises(WorkloadError, match="list containers"):
             runtime.list()              # the failure is reported, the dead client dropped
         assert runtime.list() == []     # and the next call starts a new service
         assert runtime.service.pid not in (None, pid)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AgentConfig
-from .errors import AuthError, ForbiddenError, MCPError, ValidationError
+from .errors import AuthError, ForbiddenError, TokenStoreError, ValidationError
 from .files import atomic_write, flocked
 from .servicedef import SHA256_RE, check_name
 
@@ -33,13 +33,6 @@ log = logging.getLogger(__name__)
 ROLES: dict[str, int] = {"reader": 1, "operator": 2, "master": 3}
 INITIAL_TOKEN_NAME = "initial"  # noqa: S105 - a name, not a secret
 RELOAD_INTERVAL_S = 1.0
-
-
-class TokenStoreError(MCPError):
-    """The tokens file exists but cannot be trusted or parsed."""
-
-    status = 500
-    code = "token_store"
 
 
 @dataclass(frozen=True)

@@ -18,27 +18,10 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from . import __version__
-from .errors import MCPError, ValidationError
+from .errors import AgentUnreachable, MCPError, RemoteError, ValidationError
 
 USER_AGENT = f"mcp-client/{__version__}"
 _SAFE_PATH = "/?&=%:@,+;!$'()*~-._"
-
-
-class RemoteError(MCPError):
-    """An error response from the agent."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class AgentUnreachable(MCPError):
-    """No answer from the agent at all (refused, DNS, timeout, TLS failure)."""
-
-    status = 503
-    code = "unreachable"
 
 
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,

@@ -1,27 +1,35 @@
-"""Domain errors of mcp_node.
+"""Domain errors of mcp_node: one tree under ``MCPError``.
 
 Modules raise these; only the CLI turns them into ``click.ClickException`` and
 only the HTTP server turns them into JSON errors, using ``status`` and
 ``code``. A wrapping error keeps its cause (``raise X(...) from exc``).
 
-::
+A class sits on the branch whose status it shares, so ``except ConflictError``
+means "answered 409" wherever it is caught; a subclass only narrows ``code``.
+``HTTPError`` and ``RemoteError`` carry the status of the one response they
+stand for, so they hang off the root::
 
     MCPError                      500 internal
      +-- ValidationError          400 invalid      (bad input; nothing changed)
+     |    +-- DNSCheckError       400 dns          (backend not on the Tailnet)
+     +-- AuthError                401 unauthenticated
+     +-- ForbiddenError           403 forbidden    (a valid token without the role)
      +-- NotFoundError            404 not_found
      +-- ConflictError            409 conflict
-     +-- AuthError                401 unauthenticated
-     |    +-- ForbiddenError      403 forbidden
+     |    +-- ResourceError       409 resources    (would overcommit the node)
+     +-- TokenStoreError          500 token_store  (tokens file untrusted or unreadable)
      +-- RegistryError            500 registry
      |    +-- SchemaTooNewError   500 schema_too_new
-     +-- RuntimeUnavailable       503 runtime_unavailable
-     +-- WorkloadError            502 runtime      (podman / qemu failed)
+     +-- WorkloadError            502 runtime      (podman / qemu refused or failed)
      |    +-- ImageError          502 image        (pull, extract, build)
-     |    +-- ResourceError       409 resources    (would overcommit the node)
+     |    +-- qmp.QMPError        502 runtime      (QEMU's monitor; in mcp_node.qmp)
      +-- EdgeError                502 edge
-          +-- DNSCheckError       400 dns          (backend not on the Tailnet)
-          +-- IssuerError         502 issuer       (ACME CA)
-          +-- ProxyError          502 proxy        (Caddy admin API)
+     |    +-- IssuerError         502 issuer       (ACME CA)
+     |    +-- ProxyError          502 proxy        (Caddy admin API)
+     +-- RuntimeUnavailable       503 runtime_unavailable
+     +-- AgentUnreachable         503 unreachable  (client side: no answer at all)
+     +-- HTTPError                4xx/5xx          (server side: protocol-level refusal)
+     +-- RemoteError              4xx/5xx          (client side: the agent's error reply)
 """
 
 from __future__ import annotations
@@ -55,14 +63,31 @@ class ConflictError(MCPError):
     code = "conflict"
 
 
+class ResourceError(ConflictError):
+    """The node has not the memory or CPUs left: a conflict with what already runs."""
+
+    code = "resources"
+
+
 class AuthError(MCPError):
+    """No credentials, or ones that match nothing."""
+
     status = 401
     code = "unauthenticated"
 
 
-class ForbiddenError(AuthError):
+class ForbiddenError(MCPError):
+    """Authenticated, but the token's role is below what the call needs."""
+
     status = 403
     code = "forbidden"
+
+
+class TokenStoreError(MCPError):
+    """The tokens file exists but cannot be trusted or parsed."""
+
+    status = 500
+    code = "token_store"
 
 
 class RegistryError(MCPError):
@@ -91,17 +116,19 @@ class ImageError(WorkloadError):
     code = "image"
 
 
-class ResourceError(WorkloadError):
-    status = 409
-    code = "resources"
-
-
 class EdgeError(MCPError):
     status = 502
     code = "edge"
 
 
-class DNSCheckError(EdgeError):
+class DNSCheckError(ValidationError, EdgeError):
+    """The backend does not resolve to Tailnet addresses: the request names a bad backend.
+
+    Its branch is ValidationError (400). EdgeError is a second base only until
+    ``edge.EdgeManager._step``, which prefixes the failing step to edge errors,
+    catches DNSCheckError itself; then it goes.
+    """
+
     status = 400
     code = "dns"
 
@@ -112,6 +139,35 @@ class IssuerError(EdgeError):
 
 class ProxyError(EdgeError):
     code = "proxy"
+
+
+class AgentUnreachable(MCPError):
+    """No answer from the agent at all (refused, DNS, timeout, TLS failure)."""
+
+    status = 503
+    code = "unreachable"
+
+
+class HTTPError(MCPError):
+    """A protocol-level refusal by the server, with its own status and code."""
+
+    def __init__(self, status: int, code: str, message: str, *, close: bool = False,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.close = close
+        self.headers = headers
+
+
+class RemoteError(MCPError):
+    """An error reply from the agent, with the agent's own status, code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
 
 RuntimeError_ = WorkloadError  # temporary: the VM modules still use the old name

@@ -17,23 +17,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
 from .config import AgentConfig
-from .errors import MCPError, ValidationError
+from .errors import HTTPError, ValidationError
 from .servicedef import check_hostname
 
 if TYPE_CHECKING:
     from .agent import Agent
-
-
-class HTTPError(MCPError):
-    """A protocol-level refusal with its own status and code."""
-
-    def __init__(self, status: int, code: str, message: str, *, close: bool = False,
-                 headers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.close = close
-        self.headers = headers
 
 
 # -- listen address -------------------------------------------------------------

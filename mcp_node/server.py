@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, openapi
 from .auth import Token, TokenStore, token_file_path
 from .config import AgentConfig
-from .errors import MCPError, ValidationError
+from .errors import HTTPError, MCPError, ValidationError
 from .httpapi import (
-    HTTPError,
     LogOpener,
     Params,
     Route,

@@ -14,7 +14,6 @@ from mcp_node.agent_cli import main
 from mcp_node.auth import (
     Token,
     TokenStore,
-    TokenStoreError,
     hash_token,
     parse_tokens,
     read_token_file,
@@ -22,7 +21,7 @@ from mcp_node.auth import (
     tokens_path,
 )
 from mcp_node.config import from_dict
-from mcp_node.errors import AuthError, ForbiddenError, ValidationError
+from mcp_node.errors import AuthError, ForbiddenError, TokenStoreError, ValidationError
 
 
 def mode(path: Path) -> int:

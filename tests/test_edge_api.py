@@ -27,8 +27,9 @@ from edge_env import (
 
 from mcp_node.agent import Agent
 from mcp_node.cli import cli
-from mcp_node.client import Client, RemoteError
+from mcp_node.client import Client
 from mcp_node.config import AgentConfig, ServerConfig
+from mcp_node.errors import RemoteError
 from mcp_node.server import AgentServer, serve
 
 

@@ -14,9 +14,9 @@ from podman_env import wait_http
 from server_env import SMALL_BODY, LiveServer
 
 from mcp_node import openapi
-from mcp_node.client import AgentUnreachable, Client, RemoteError
+from mcp_node.client import Client
 from mcp_node.config import AgentConfig, from_dict
-from mcp_node.errors import MCPError, ValidationError
+from mcp_node.errors import AgentUnreachable, MCPError, RemoteError, ValidationError
 from mcp_node.httpapi import ROUTES, check_listen, is_loopback, parse_listen, resolve
 from mcp_node.server import serve
 

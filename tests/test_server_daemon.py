@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from podman_env import free_port
 
-from mcp_node.client import AgentUnreachable, Client, RemoteError
+from mcp_node.client import Client
 from mcp_node.config import AgentConfig
+from mcp_node.errors import AgentUnreachable, RemoteError
 from mcp_node.server import serve
 
 TOP = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,15 +26,23 @@ from .errors import ConflictError, MCPError, RuntimeUnavailable, ValidationError
 from .files import atomic_write, flocked
 from .monitor import Monitor, View, is_drift
 from .registry import ComponentRecord, Registry, ServiceRecord
-from .runtime import RUNNING, Runtime, WorkloadSpec, workload_name
+from .runtime import (
+    DEFAULT_RUNTIME,
+    RUNTIME_NAMES,
+    Runtime,
+    Workload,
+    WorkloadSpec,
+    load_runtime,
+    workload_name,
+)
 from .servicedef import ComponentDef, ServiceDef, check_name, route_env
+from .states import MISSING, RUNNING, STOPPED, UNKNOWN, State
 
 if TYPE_CHECKING:
     from .edge import EdgeManager
 
 log = logging.getLogger("mcp_node.agent")
 
-RUNTIME_NAMES = ("container", "unikernel")
 STOP_TIMEOUT_S = 10.0
 
 
@@ -50,7 +58,14 @@ def node_id(state_dir: Path) -> str:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, monitor: bool = False) -> None:
+    """Service lifecycle for one node.
+
+    ``runtimes`` maps runtime names to implementations; by default each is
+    loaded from ``runtime.RUNTIMES`` on first use. Tests pass fakes here.
+    """
+
+    def __init__(self, config: AgentConfig, *, monitor: bool = False,
+                 runtimes: Mapping[str, type[Runtime]] | None = None) -> None:
         self.config = config
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -58,6 +73,7 @@ class Agent:
         self.node = socket.gethostname()
         self.owner = node_id(self.state_dir)
         self.started_at = time.time()
+        self._impls = dict(runtimes) if runtimes is not None else None
         self._runtimes: dict[str, Runtime] = {}
         self._rt_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -76,31 +92,36 @@ class Agent:
     # -- runtimes -----------------------------------------------------------
 
     def runtime(self, name: str) -> Runtime:
-        """The runtime for a component's ``runtime`` field, built on first use."""
+        """The runtime for a component's ``runtime`` field, built on first use.
+
+        Raises ValidationError for a name no table knows, RuntimeUnavailable
+        when its module cannot be imported (e.g. podman-py missing).
+        """
         with self._rt_lock:
             rt = self._runtimes.get(name)
             if rt is None:
-                try:
-                    rt = self._make_runtime(name)
-                except ImportError as exc:  # e.g. podman-py missing on a minimal node
-                    raise RuntimeUnavailable(f"the {name} runtime cannot load: {exc}") from exc
+                rt = self._impl(name)(self.config, self.state_dir, self.owner)
                 self._runtimes[name] = rt
         return rt
 
-    def _make_runtime(self, name: str) -> Runtime:
-        if name == "container":
-            from .podman import PodmanRuntime
+    def _impl(self, name: str) -> type[Runtime]:
+        if self._impls is not None:
+            if name not in self._impls:
+                raise ValidationError(f"unknown runtime {name!r}", "runtime")
+            return self._impls[name]
+        if name not in RUNTIME_NAMES:
+            raise ValidationError(f"unknown runtime {name!r}", "runtime")
+        try:
+            return load_runtime(name)
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"the {name} runtime cannot load: {exc}") from exc
 
-            rt: Runtime = PodmanRuntime(self.config, self.state_dir, self.owner)
-            return rt
-        if name == "unikernel":
-            from .qemu import QemuRuntime
-
-            vm: Runtime = QemuRuntime(self.config, self.state_dir)
-            return vm
-        raise ValidationError(f"unknown runtime {name!r}", "runtime")
+    @property
+    def runtime_names(self) -> tuple[str, ...]:
+        return tuple(self._impls) if self._impls is not None else RUNTIME_NAMES
 
     def available_runtime(self, name: str) -> Runtime:
+        """The runtime, or RuntimeUnavailable naming what this node lacks for it."""
         rt = self.runtime(name)
         ok, why = rt.available()
         if not ok:
@@ -110,7 +131,7 @@ class Agent:
     def _listable(self) -> dict[str, Runtime | str]:
         """Runtimes to list: each available one, or why it is not."""
         out: dict[str, Runtime | str] = {}
-        for name in RUNTIME_NAMES:
+        for name in self.runtime_names:
             try:
                 out[name] = self.available_runtime(name)
             except MCPError as exc:
@@ -157,6 +178,13 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------
 
     def deploy(self, defn: ServiceDef) -> dict[str, Any]:
+        """Make the node run ``defn`` (validated); returns its status.
+
+        Raises RuntimeUnavailable (a runtime it needs is missing), ImageError,
+        ResourceError (would overcommit), ConflictError (workload names clash),
+        WorkloadError (a runtime failed; the previous state is restored),
+        RegistryError.
+        """
         with self._service_lock(defn.name):
             previous = (self.registry.get_service(defn.name)
                         if self.registry.has_service(defn.name) else None)
@@ -194,14 +222,12 @@ class Agent:
                         "rename one of them")
 
     def _check_capacity(self, defn: ServiceDef, previous: ServiceRecord | None) -> None:
+        if not defn.active:
+            return
         replacing = {c.defn.name for c in previous.components} if previous else set()
         for c in defn.components:
-            if c.runtime == "unikernel" and defn.active:
-                rt = self.runtime("unikernel")
-                rt.check_capacity(  # type: ignore[attr-defined]
-                    self._unallocated_spec(defn.name, c),
-                    c.name in replacing,
-                )
+            self.runtime(c.runtime).check_capacity(
+                self._unallocated_spec(defn.name, c), c.name in replacing)
 
     def _converge(self, rec: ServiceRecord, previous: ServiceRecord | None) -> None:
         """Make the runtimes match ``rec``; an unchanged running component is left alone."""
@@ -212,7 +238,7 @@ class Agent:
                 self.runtime(oc.defn.runtime).remove(rec.name, name)
         for comp in rec.components:
             rt = self.runtime(comp.defn.runtime)
-            if comp.desired_state != "running":
+            if comp.desired_state != RUNNING:
                 rt.stop(rec.name, comp.defn.name, STOP_TIMEOUT_S)
                 continue
             prev = old.get(comp.defn.name)
@@ -237,35 +263,45 @@ class Agent:
         restored = self.registry.put_service(previous.definition(), ports=ports,
                                              desired=desired)
         for comp in restored.components:
-            if comp.desired_state == "running":
+            if comp.desired_state == RUNNING:
                 try:
                     self.runtime(comp.defn.runtime).run(self.spec(rec.name, comp))
                 except Exception:
                     log.exception("rollback: could not restart %s/%s", rec.name, comp.defn.name)
 
     def stop(self, name: str) -> dict[str, Any]:
-        return self._set_state(name, "stopped")
+        """Stop every component and keep it stopped; returns the status.
+
+        Raises ValidationError (bad name), NotFoundError, WorkloadError, RegistryError.
+        """
+        return self._set_state(name, STOPPED)
 
     def start(self, name: str) -> dict[str, Any]:
-        return self._set_state(name, "running")
+        """Run every component that is not running; returns the status.
+
+        Raises ValidationError, NotFoundError, RuntimeUnavailable, WorkloadError,
+        RegistryError.
+        """
+        return self._set_state(name, RUNNING)
 
     def restart(self, name: str) -> dict[str, Any]:
-        return self._set_state(name, "running", restart=True)
+        """Stop, then run, every component; as ``start`` for errors."""
+        return self._set_state(name, RUNNING, restart=True)
 
-    def _set_state(self, name: str, desired: str, restart: bool = False) -> dict[str, Any]:
+    def _set_state(self, name: str, desired: State, restart: bool = False) -> dict[str, Any]:
         """Record the desired state, then make each component match it."""
         name = check_name(name, "service")
         with self._service_lock(name):
             rec = self.registry.get_service(name)
-            if desired == "running":
+            if desired == RUNNING:
                 for comp in rec.components:
                     self.available_runtime(comp.defn.runtime)
             self.registry.set_desired(name, desired)
             for comp in rec.components:
                 rt = self.runtime(comp.defn.runtime)
-                if desired != "running" or restart:
+                if desired != RUNNING or restart:
                     rt.stop(name, comp.defn.name, STOP_TIMEOUT_S)
-                    if desired != "running":
+                    if desired != RUNNING:
                         continue
                 else:
                     live = rt.inspect(name, comp.defn.name)
@@ -276,6 +312,10 @@ class Agent:
             return self.status(name)
 
     def undeploy(self, name: str) -> None:
+        """Remove every component and the record.
+
+        Raises ValidationError, NotFoundError, WorkloadError (the record stays), RegistryError.
+        """
         name = check_name(name, "service")
         with self._service_lock(name):
             rec = self.registry.get_service(name)  # under the lock: what a deploy just made
@@ -288,6 +328,11 @@ class Agent:
     def logs(
         self, name: str, component: str | None, tail: int | None, follow: bool
     ) -> Iterator[bytes]:
+        """A component's output (one component may go unnamed).
+
+        Raises ValidationError (bad name; several components and none named),
+        NotFoundError, RuntimeUnavailable, WorkloadError.
+        """
         rec = self._get(name)
         if component is None:
             if len(rec.components) > 1:
@@ -305,7 +350,7 @@ class Agent:
     def _row(self, svc: ServiceRecord, comp: ComponentRecord, view: View,
              now: float) -> dict[str, Any]:
         w = view.workloads.get((svc.name, comp.defn.name))
-        state = w.state if w else ("unknown" if comp.defn.runtime in view.errors else "missing")
+        state = w.state if w else (UNKNOWN if comp.defn.runtime in view.errors else MISSING)
         uptime = int(now - w.started_at) if w and w.state == RUNNING and w.started_at else 0
         return {
             "service": svc.name, "component": comp.defn.name, "node": self.node,
@@ -319,12 +364,17 @@ class Agent:
         }
 
     def ps(self) -> list[dict[str, Any]]:
+        """One row per component of every service; raises RegistryError."""
         view = self.monitor.fresh_view()
         now = time.time()
         return [self._row(s, c, view, now) for s in self.registry.list_services()
                 for c in s.components]
 
     def status(self, name: str) -> dict[str, Any]:
+        """Components, drift, flapping and recent events of one service.
+
+        Raises ValidationError, NotFoundError, RegistryError.
+        """
         svc = self._get(name)
         view = self.monitor.fresh_view()
         now = time.time()
@@ -335,10 +385,7 @@ class Agent:
             row["image"] = c.defn.image
             row["drift"] = is_drift(c.desired_state, row["state"])
             row["flapping"] = (svc.name, c.defn.name) in view.flapping
-            if c.defn.runtime == "unikernel":
-                extra = w.extra if w else {}
-                for key in ("image_sha256", "memory_mb", "vcpus", "accel", "pid", "builder"):
-                    row[key] = extra.get(key, getattr(c.defn, key, None))
+            row.update(self._status_extra(svc.name, c, w))
             comps.append(row)
         return {
             "service": svc.name, "active": svc.active, "node": self.node,
@@ -351,6 +398,15 @@ class Agent:
                 for e in self.registry.events(svc.name, limit=20)
             ],
         }
+
+    def _status_extra(self, service: str, comp: ComponentRecord,
+                      observed: Workload | None) -> dict[str, Any]:
+        """What the component's runtime adds to its status; nothing if it cannot load."""
+        try:
+            rt = self.runtime(comp.defn.runtime)
+        except MCPError:
+            return {}
+        return rt.status_extra(self.spec(service, comp), observed)
 
     # -- health -------------------------------------------------------------
 
@@ -389,18 +445,18 @@ class Agent:
     def _compute_health(self, view: View, edge_routes: int) -> dict[str, Any]:
         used = {c.defn.runtime for s in view.records for c in s.components}
         reasons = [f"{name} runtime: {why}" for name, why in sorted(view.errors.items())
-                   if name == "container" or name in used]
+                   if name == DEFAULT_RUNTIME or name in used]
         drifted = [f"{svc}/{comp}" for svc, comp in view.drifted]
         if drifted:
             reasons.append("drifted: " + ", ".join(drifted))
         reasons.extend(self._edge_reasons)
         runtimes: dict[str, Any] = {}
-        for name in RUNTIME_NAMES:
+        for name in self.runtime_names:
             rt = self._runtimes.get(name)
             info: dict[str, Any] = {"available": name not in view.errors}
             if name in view.errors:
                 info["reason"] = view.errors[name]
-            if rt is not None and hasattr(rt, "info"):
+            if rt is not None:
                 try:
                     info.update(rt.info())
                 except Exception as exc:  # health must not fail because a probe did
@@ -421,6 +477,7 @@ class Agent:
         }
 
     def health(self) -> dict[str, Any]:
+        """healthy | degraded with reasons, from the last monitor round; does not raise."""
         if not self.monitor.running:
             self.monitor.fresh_view()
         if not self._health:
@@ -432,9 +489,7 @@ class Agent:
     def close(self) -> None:
         self.monitor.stop()
         for rt in self._runtimes.values():
-            close = getattr(rt, "close", None)
-            if close:
-                close()
+            rt.close()
         if self._edge is not None:
             self._edge.close()
         self.registry.close()

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from .config import MonitorConfig
 from .errors import MCPError
 from .registry import Event, Registry, ServiceRecord
-from .runtime import MISSING, RUNNING, Runtime, Workload
+from .runtime import Runtime, Workload
+from .states import MISSING, RUNNING, UNKNOWN
 
 log = logging.getLogger("mcp_node.monitor")
 
@@ -37,9 +38,9 @@ class View:
 
 def is_drift(desired: str, observed: str) -> bool:
     """Desired running but not running, or desired stopped but running."""
-    if observed == "unknown":
+    if observed == UNKNOWN:
         return False
-    return (desired == "running") != (observed == RUNNING)
+    return (desired == RUNNING) != (observed == RUNNING)
 
 
 def observe(

@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from . import __version__
+from .runtime import DEFAULT_RUNTIME, RUNTIME_NAMES
 
 NAME_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -154,9 +155,9 @@ def _schemas() -> dict[str, Any]:
             "cmd": _STRS, "env": _STRS, "volumes": _STRS,
             "restart": {"type": "string",
                         "enum": ["", "no", "always", "on-failure", "unless-stopped"]},
-            "runtime": {"type": "string", "enum": ["container", "unikernel"]},
+            "runtime": {"type": "string", "enum": list(RUNTIME_NAMES)},
             "memory_mb": {"type": "integer", "minimum": 0,
-                          "description": "required > 0 for a unikernel"},
+                          "description": "required > 0 for a VM component"},
             "vcpus": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
             "binary": {"type": "string"},
             "image_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
@@ -181,8 +182,8 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "name": {"type": "string", "pattern": NAME_PATTERN},
                 "active": {"type": "boolean", "default": True},
-                "runtime": {"type": "string", "enum": ["container", "unikernel"],
-                            "default": "container"},
+                "runtime": {"type": "string", "enum": list(RUNTIME_NAMES),
+                            "default": DEFAULT_RUNTIME},
                 "components": {"type": "array", "minItems": 1, "maxItems": 64,
                                "items": component_def},
             },
@@ -253,8 +254,8 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "mcp-agent",
             "version": __version__,
-            "description": "Node agent of mcp_node: services as podman containers or unikernel "
-                           "VMs, and TLS edge routes. Errors are "
+            "description": "Node agent of mcp_node: services as podman containers or "
+                           "QEMU VMs, and TLS edge routes. Errors are "
                            '{"error": {"code": ..., "message": ...}}.',
         },
         "paths": _paths(),

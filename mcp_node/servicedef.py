@@ -15,12 +15,12 @@ from typing import Any
 
 from .errors import ValidationError
 from .grammar import parse_env, parse_volumes
+from .runtime import DEFAULT_RUNTIME, RUNTIME_NAMES
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ROUTE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 HOSTNAME_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-RUNTIMES = ("container", "unikernel")
 RESTART_POLICIES = ("", "no", "always", "on-failure", "unless-stopped")
 ROUTE_MODES = ("l4", "l7")
 MAX_LIST = 256
@@ -39,7 +39,7 @@ class RouteDef:
 class ComponentDef:
     name: str
     image: str
-    runtime: str = "container"
+    runtime: str = DEFAULT_RUNTIME
     cmd: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
@@ -64,7 +64,7 @@ class ServiceDef:
     name: str
     components: tuple[ComponentDef, ...]
     active: bool = True
-    runtime: str = "container"
+    runtime: str = DEFAULT_RUNTIME
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (lists, not tuples): what ``from_dict`` and the API accept."""
@@ -174,8 +174,8 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
     if any(c.isspace() for c in image) or image.startswith("-"):
         raise ValidationError(f"{image[:80]!r} is not an image reference", where + "image")
     runtime = data.get("runtime", default_runtime)
-    if runtime not in RUNTIMES:
-        raise ValidationError(f"must be one of {', '.join(RUNTIMES)}", where + "runtime")
+    if runtime not in RUNTIME_NAMES:
+        raise ValidationError(f"must be one of {', '.join(RUNTIME_NAMES)}", where + "runtime")
     env = _str_list(data.get("env", []), where + "env")
     parse_env(env, where + "env")
     volumes = _str_list(data.get("volumes", []), where + "volumes")
@@ -234,9 +234,9 @@ def from_dict(data: object) -> ServiceDef:
     active = data.get("active", True)
     if not isinstance(active, bool):
         raise ValidationError("must be a boolean", "active")
-    runtime = data.get("runtime", "container")
-    if runtime not in RUNTIMES:
-        raise ValidationError(f"must be one of {', '.join(RUNTIMES)}", "runtime")
+    runtime = data.get("runtime", DEFAULT_RUNTIME)
+    if runtime not in RUNTIME_NAMES:
+        raise ValidationError(f"must be one of {', '.join(RUNTIME_NAMES)}", "runtime")
     raw = data.get("components")
     if not isinstance(raw, list) or not raw:
         raise ValidationError("at least one component is required", "components")

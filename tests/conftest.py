@@ -3,6 +3,12 @@
 Integration tests call ``need(...)``: where a real component is missing they
 are skipped with the reason, except under ``MCP_REQUIRE_INTEGRATION=1``
 (set by .ci/run), where a missing component fails the test instead.
+
+A test that uses any fixture of the ``*_env`` modules (real podman, qemu,
+Caddy, Pebble, dnsmasq, a live agent) is marked ``integration`` at
+collection, so ``scripts/test.sh --unit`` (``-m "not integration"``) runs
+the rest alone; ``need()`` outside such a test is an error, which keeps the
+marker honest.
 """
 
 from __future__ import annotations
@@ -17,11 +23,31 @@ import pytest
 TOP = Path(__file__).resolve().parent.parent
 
 
+INTEGRATION_MODULES = ("podman_env", "qemu_env", "edge_env", "server_env", "daemon_env")
+_current: list[pytest.Item] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d.func.__module__ in INTEGRATION_MODULES for chain in defs for d in chain):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _current[:] = [item]
+
+
 def need(*tools: str, also: tuple[str, ...] = ()) -> None:
     """Skip (fail under MCP_REQUIRE_INTEGRATION=1) unless every tool is on PATH.
 
     ``also`` names other missing prerequisites the caller found itself.
     """
+    if _current and _current[0].get_closest_marker("integration") is None:
+        pytest.fail(f"{_current[0].nodeid} needs real components but uses no fixture of "
+                    f"{', '.join(INTEGRATION_MODULES)}; it would run under --unit")
     missing = [t for t in tools if shutil.which(t) is None] + list(also)
     if not missing:
         return

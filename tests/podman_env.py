@@ -38,7 +38,7 @@ from mcp_node.runtime import LABEL_OWNER
 __all__ = [
     "PodmanCleanup", "free_port", "wait_http", "podman_cli", "containers_conf",
     "hello_images", "hello_image", "hello_image_v2", "podman_socket", "podman_cleanup",
-    "podman_owner", "podman_config", "podman_runtime",
+    "podman_owner", "podman_config", "podman_runtime", "podman_binary",
 ]
 
 _TOP = Path(__file__).resolve().parent.parent
@@ -97,6 +97,13 @@ class PodmanCleanup:
             ids = self.ids(owner)
             if ids:
                 podman_cli("rm", "-f", "-t", "2", *ids)
+
+
+@pytest.fixture
+def podman_binary() -> None:
+    """For tests that start podman themselves (no shared socket)."""
+    from conftest import need
+    need("podman")
 
 
 @pytest.fixture(scope="session")

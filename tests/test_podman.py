@@ -456,9 +456,7 @@ def test_agent_started_service_reused_and_stopped_by_pid(
     assert wait_http(port) == "hello from x\n"
 
 
-def test_own_service_restarted_after_it_died(tmp_path: Path) -> None:
-    from conftest import need
-    need("podman")
+def test_own_service_restarted_after_it_died(tmp_path: Path, podman_binary: None) -> None:
     runtime = PodmanRuntime(from_dict({}), tmp_path / "st", f"dead-{uuid.uuid4().hex[:8]}")
     try:
         assert runtime.list() == []
@@ -480,10 +478,9 @@ def _proc_state(pid: int) -> bytes:
         return b"Z"
 
 
-def test_service_start_failure_is_runtime_unavailable(tmp_path: Path) -> None:
+def test_service_start_failure_is_runtime_unavailable(tmp_path: Path,
+                                                      podman_binary: None) -> None:
     """A podman that cannot serve: clear error, nothing left running."""
-    from conftest import need
-    need("podman")
     service = PodmanService(tmp_path / "p")
     service.url = "unix:///proc/forbidden/podman.sock"   # podman cannot create it
     with pytest.raises(RuntimeUnavailable, match="podman system service"):

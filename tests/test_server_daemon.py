@@ -51,14 +51,11 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, s
     return proc.returncode, out, err
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_daemon_runs_with_no_config(_isolated_state: Path, tmp_path: Path, sig: int) -> None:
+def test_daemon_runs_with_no_config(_isolated_state: Path, tmp_path: Path, sig: int,
+                                    podman_binary: None) -> None:
     """No --config, no --state-dir: state goes to $XDG_STATE_HOME/mcp (isolated by conftest).
     Only the port is chosen (never the fixed default port in a test)."""
-    from conftest import need
-
-    need("podman")
     port = free_port()
     env = {**os.environ}
     proc = subprocess.Popen(agent_argv("--listen", f"127.0.0.1:{port}"), cwd=tmp_path, env=env,

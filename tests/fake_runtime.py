@@ -1,0 +1,143 @@
+"""``DummyRuntime``: the runtime interface in memory, for fast agent-logic tests.
+
+A ``FakeWorld`` holds what the fake runtimes "run" and the log of every call,
+and makes one ``DummyRuntime`` subclass per runtime name bound to it, so an
+``Agent(config, runtimes=world.runtimes())`` builds them from its table like
+real ones. Failures are injected per step (``world.fail("run", "web")``), and
+capacity per runtime (``world.capacity_mb``), the way a real engine refuses.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mcp_node.config import AgentConfig
+from mcp_node.errors import ImageError, MCPError, ResourceError, WorkloadError
+from mcp_node.runtime import RUNTIME_NAMES, Runtime, Workload, WorkloadSpec
+from mcp_node.states import RUNNING, STOPPED
+
+Key = tuple[str, str]
+
+
+@dataclass
+class Running:
+    spec: WorkloadSpec
+    runtime: str
+    state: str = RUNNING
+    id: str = ""
+    started_at: float = 0.0
+    log: list[bytes] = field(default_factory=list)
+
+
+class FakeWorld:
+    def __init__(self) -> None:
+        self.workloads: dict[Key, Running] = {}
+        self.calls: list[tuple[str, str, str]] = []      # (runtime, op, component)
+        self.failures: dict[tuple[str, str], MCPError] = {}
+        self.unavailable: dict[str, str] = {}            # runtime -> why
+        self.capacity_mb: dict[str, int] = {}            # runtime -> memory it may hold
+        self.closed: list[str] = []
+        self._ids = itertools.count(1)
+        self.clock = 1000.0
+
+    def runtimes(self) -> dict[str, type[Runtime]]:
+        return {name: type(f"Dummy_{name}", (DummyRuntime,), {"name": name, "world": self})
+                for name in RUNTIME_NAMES}
+
+    def fail(self, op: str, component: str, error: MCPError | None = None) -> None:
+        """The next ``op`` on ``component`` raises ``error`` (once)."""
+        self.failures[(op, component)] = error or WorkloadError(f"injected {op} failure")
+
+    def ops(self, *kinds: str) -> list[tuple[str, str]]:
+        """(op, component) of the calls so far, optionally only of the given kinds."""
+        return [(op, comp) for _rt, op, comp in self.calls if not kinds or op in kinds]
+
+    def reset_calls(self) -> None:
+        self.calls.clear()
+
+
+class DummyRuntime(Runtime):
+    name: ClassVar[str] = "dummy"
+    world: ClassVar[FakeWorld]
+
+    def __init__(self, config: AgentConfig, state_dir: Path, owner: str) -> None:
+        self.config, self.state_dir, self.owner = config, state_dir, owner
+
+    def _step(self, op: str, component: str) -> None:
+        self.world.calls.append((self.name, op, component))
+        err = self.world.failures.pop((op, component), None)
+        if err is not None:
+            raise err
+
+    def available(self) -> tuple[bool, str]:
+        why = self.world.unavailable.get(self.name)
+        return (False, why) if why else (True, "")
+
+    def pull(self, spec: WorkloadSpec) -> None:
+        self._step("pull", spec.component)
+        if spec.image.endswith(":missing"):
+            raise ImageError(f"image {spec.image} not found")
+
+    def run(self, spec: WorkloadSpec) -> Workload:
+        self._step("run", spec.component)
+        self.world.clock += 1
+        self.world.workloads[(spec.service, spec.component)] = Running(
+            spec, self.name, RUNNING, f"id{next(self.world._ids)}", self.world.clock)
+        w = self.inspect(spec.service, spec.component)
+        assert w is not None
+        return w
+
+    def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
+        self._step("stop", component)
+        w = self.world.workloads.get((service, component))
+        if w is not None:
+            w.state = STOPPED
+
+    def remove(self, service: str, component: str) -> None:
+        self._step("remove", component)
+        self.world.workloads.pop((service, component), None)
+
+    def _mine(self) -> dict[Key, Running]:
+        return {k: w for k, w in self.world.workloads.items() if w.runtime == self.name}
+
+    def inspect(self, service: str, component: str) -> Workload | None:
+        w = self._mine().get((service, component))
+        if w is None:
+            return None
+        return Workload(service, component, self.name, w.state, id=w.id, image=w.spec.image,
+                        started_at=w.started_at, extra={"fake_id": w.id})
+
+    def list(self) -> list[Workload]:
+        self.world.calls.append((self.name, "list", ""))
+        out = [self.inspect(s, c) for s, c in self._mine()]
+        return [w for w in out if w is not None]
+
+    def logs(self, service: str, component: str, tail: int | None = None,
+             follow: bool = False) -> Iterator[bytes]:
+        w = self._mine().get((service, component))
+        return iter(w.log[-tail:] if (w and tail) else (w.log if w else []))
+
+    def check_capacity(self, spec: WorkloadSpec, replacing: bool) -> None:
+        self._step("capacity", spec.component)
+        limit = self.world.capacity_mb.get(self.name)
+        if limit is None:
+            return
+        used = sum(w.spec.memory_mb or 0 for k, w in self._mine().items()
+                   if w.state == RUNNING and not (replacing and k == (spec.service,
+                                                                       spec.component)))
+        if used + (spec.memory_mb or 0) > limit:
+            raise ResourceError(f"{spec.name}: {spec.memory_mb} MiB + {used} MiB > {limit} MiB")
+
+    def info(self) -> dict[str, Any]:
+        return {"workloads": len(self._mine())}
+
+    def status_extra(self, spec: WorkloadSpec, observed: Workload | None) -> dict[str, Any]:
+        return {"fake_id": observed.extra["fake_id"] if observed else None,
+                "memory_mb": spec.memory_mb}
+
+    def close(self) -> None:
+        self.world.closed.append(self.name)

@@ -6,6 +6,7 @@ unknown sections or keys in a file are errors naming them.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -108,6 +109,18 @@ class AgentConfig:
         return Path(self.state.dir).expanduser() if self.state.dir else default_state_dir()
 
 
+# Numeric keys and their sensible range: a zero interval spins the monitor, ``inf``
+# stops it for good, a tiny one burns the CPU; a non-positive body limit refuses all.
+RANGES: dict[str, tuple[float, float]] = {
+    "monitor.interval_s": (0.05, 86400),
+    "monitor.edge_interval_s": (1, 30 * 86400),
+    "monitor.flap_window_s": (1, 30 * 86400),
+    "monitor.flap_changes": (0, 1_000_000),
+    "server.max_body": (1, 1 << 30),
+    "dns.timeout_s": (0.1, 60),
+}
+
+
 def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
     where = f"{section}.{key}"
     if isinstance(default, bool):
@@ -117,6 +130,8 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
     elif isinstance(default, float):
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ValidationError(f"must be a finite number (is {value})", where)
     elif isinstance(default, tuple):
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
@@ -149,18 +164,11 @@ def from_dict(data: dict[str, Any]) -> AgentConfig:
         raise ValidationError("must be auto, kvm or tcg", "qemu.accel")
     if cfg.qemu.machine not in ("q35", "microvm"):
         raise ValidationError("must be q35 or microvm", "qemu.machine")
-    positive = {
-        "monitor.interval_s": cfg.monitor.interval_s,   # 0 would make the monitor spin
-        "monitor.edge_interval_s": cfg.monitor.edge_interval_s,
-        "monitor.flap_window_s": cfg.monitor.flap_window_s,
-        "server.max_body": cfg.server.max_body,
-        "dns.timeout_s": cfg.dns.timeout_s,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ValidationError("must be > 0", key)
-    if cfg.monitor.flap_changes < 0:
-        raise ValidationError("must be >= 0", "monitor.flap_changes")
+    for key, (low, high) in RANGES.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if not low <= value <= high:
+            raise ValidationError(f"must be {low:g}-{high:g} (is {value:g})", key)
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ValidationError("tls_cert and tls_key must be set together", "server.tls_cert")
     return cfg

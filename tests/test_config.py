@@ -26,8 +26,24 @@ def test_empty_config_is_the_embedded_defaults() -> None:
     ({"monitor": {"flap_changes": -1}}, "monitor.flap_changes"),
     ({"server": {"max_body": 0}}, "server.max_body"),
     ({"dns": {"timeout_s": 0}}, "dns.timeout_s"),
+    # nan, inf and absurdly small intervals: inf killed the monitor thread, the view froze.
+    ({"monitor": {"interval_s": float("nan")}}, "monitor.interval_s"),
+    ({"monitor": {"interval_s": float("inf")}}, "monitor.interval_s"),
+    ({"monitor": {"interval_s": 1e-9}}, "monitor.interval_s"),
+    ({"monitor": {"flap_window_s": float("-inf")}}, "monitor.flap_window_s"),
+    ({"dns": {"timeout_s": 1e6}}, "dns.timeout_s"),
 ])
 def test_bad_values_name_the_key(data: dict[str, object], field: str) -> None:
     with pytest.raises(ValidationError) as err:
         from_dict(data)
     assert err.value.field == field
+
+
+def test_nan_and_inf_from_toml_are_refused(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from mcp_node.config import load
+    cfg = Path(str(tmp_path)) / "agent.toml"
+    cfg.write_text("[monitor]\ninterval_s = inf\n")
+    with pytest.raises(ValidationError, match="finite"):
+        load(cfg)

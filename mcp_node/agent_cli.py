@@ -3,7 +3,8 @@
 With no subcommand it runs the daemon on embedded defaults (design §8):
 loopback listener, state under $XDG_STATE_HOME/mcp, and on first start an
 operator token written 0600 to ``<state>/token``. Log lines go to stderr as
-``key=value`` so they can be grepped and parsed without a schema.
+``key=value`` so they can be grepped and parsed without a schema. Project
+errors become messages (exit 1) in ``ErrorGroup``, as in ``mcp``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from types import FrameType
 import click
 
 from . import __version__
+from .cli import ErrorGroup
 from .config import AgentConfig, load
 from .errors import MCPError
 
@@ -56,7 +58,8 @@ def build_config(config_path: Path | None, state_dir: Path | None,
     return cfg
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Agent config TOML (default: $MCP_AGENT_CONFIG, else embedded defaults).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -70,10 +73,7 @@ def build_config(config_path: Path | None, state_dir: Path | None,
 def main(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
          listen: str | None, log_level: str) -> None:
     """Run the mcp node agent (no subcommand), or manage its tokens."""
-    try:
-        cfg = build_config(config_path, state_dir, listen)
-    except MCPError as exc:
-        raise click.ClickException(str(exc)) from exc
+    cfg = build_config(config_path, state_dir, listen)
     ctx.obj = cfg
     if ctx.invoked_subcommand is None:
         setup_logging(log_level)
@@ -94,17 +94,14 @@ def run_daemon(cfg: AgentConfig) -> None:
         got.append(signum)
         stop.set()
 
-    try:
-        check_listen(cfg)  # refuse a bad listen address before touching podman or the registry
-        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        agent = Agent(cfg, monitor=True)
-    except MCPError as exc:
-        raise click.ClickException(str(exc)) from exc
+    check_listen(cfg)  # refuse a bad listen address before touching podman or the registry
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    agent = Agent(cfg, monitor=True)
     try:
         srv = serve(agent, cfg)
-    except MCPError as exc:
+    except MCPError:
         agent.close()
-        raise click.ClickException(str(exc)) from exc
+        raise
     gc.freeze()  # start-up objects never die: keep them out of every later full collection
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -136,12 +133,7 @@ def token_add(cfg: AgentConfig, name: str, role: str) -> None:
     """Create token NAME with ROLE; the token is printed once and never stored."""
     from .auth import TokenStore
 
-    try:
-        store = TokenStore.for_config(cfg)
-        value = store.add(name, role)
-    except MCPError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(value)
+    click.echo(TokenStore.for_config(cfg).add(name, role))
 
 
 @token.command("list")
@@ -150,9 +142,5 @@ def token_list(cfg: AgentConfig) -> None:
     """Names and roles of the stored tokens."""
     from .auth import TokenStore
 
-    try:
-        store = TokenStore.for_config(cfg)
-    except MCPError as exc:
-        raise click.ClickException(str(exc)) from exc
-    for t in store.tokens:
+    for t in TokenStore.for_config(cfg).tokens:
         click.echo(f"{t.name}\t{t.role}")

@@ -2,8 +2,9 @@
 
 Every command runs against a ``Backend``: the agent over HTTP (default), or
 the modules in-process with ``--local``. Domain errors come up from either
-and become ``click.ClickException`` here only (exit 1); usage errors exit 2.
-Heavy modules are imported on first use so ``mcp --version`` starts fast.
+and become ``click.ClickException`` in one place, ``ErrorGroup.invoke`` (exit
+1, message on stderr); usage errors stay click's (exit 2). Heavy modules are
+imported on first use so ``mcp --version`` starts fast.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import click
 
 from . import __version__
 from .errors import MCPError, ValidationError
+from .states import RUNNING, UNKNOWN
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_AGENT = "http://127.0.0.1:9444"
@@ -213,11 +215,19 @@ class Ctx:
         return self.backends()[0]
 
 
-def run(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except MCPError as exc:
-        raise click.ClickException(str(exc)) from exc
+class ErrorGroup(click.Group):
+    """A root command group that reports project errors as one ``Error: ...`` line.
+
+    Subcommands (nested groups too) run inside the root's ``invoke``, so this
+    is the one place an ``MCPError`` becomes a ``ClickException``: exit 1 with
+    the message on stderr. Click's own usage errors pass through (exit 2).
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MCPError as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 def emit(ctx: Ctx, data: Any, text: Callable[[Any], str]) -> None:
@@ -233,7 +243,7 @@ def emit(ctx: Ctx, data: Any, text: Callable[[Any], str]) -> None:
 
 
 def fmt_uptime(seconds: int | None, state: str) -> str:
-    if state != "running" or seconds is None:
+    if state != RUNNING or seconds is None:
         return "-"
     s = int(seconds)
     if s < 60:
@@ -266,6 +276,26 @@ def ports_text(routes: list[dict[str, Any]]) -> str:
                     for r in routes) or "-"
 
 
+# Keys every component's status has; a runtime's own keys (status_extra) are the rest.
+COMMON_STATUS_KEYS = frozenset({
+    "service", "component", "node", "runtime", "state", "desired_state", "version",
+    "uptime_s", "routes", "image", "drift", "flapping",
+})
+
+
+def status_value(value: Any) -> str:
+    """One value of a runtime's status keys on a single line; ``-`` when empty."""
+    if value is None or value == "" or (isinstance(value, list | tuple | dict) and not value):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
 def status_text(st: dict[str, Any]) -> str:
     lines = [f"service {st['service']} on {st['node']}: "
              f"{'active' if st['active'] else 'inactive'}"
@@ -277,12 +307,10 @@ def status_text(st: dict[str, Any]) -> str:
           "yes" if c["drift"] else "no"] for c in st["components"]],
     ))
     for c in st["components"]:
-        if c["runtime"] == "unikernel":
-            lines.append(
-                f"  {c['component']}: image_sha256={c.get('image_sha256') or '-'} "
-                f"memory_mb={c.get('memory_mb')} vcpus={c.get('vcpus')} "
-                f"accel={c.get('accel') or '-'} pid={c.get('pid') or '-'} "
-                f"builder={c.get('builder') or '-'}")
+        extra = sorted(set(c) - COMMON_STATUS_KEYS)
+        if extra:
+            lines.append(f"  {c['component']}: "
+                         + " ".join(f"{k}={status_value(c[k])}" for k in extra))
     if st["events"]:
         lines.append("events:")
         for e in st["events"][-10:]:
@@ -298,9 +326,9 @@ def services_summary(rows: list[dict[str, Any]]) -> str:
         by.setdefault(r["service"], []).append(r)
     out = []
     for name, comps in by.items():
-        running = sum(c["state"] == "running" for c in comps)
-        drift = any((c["desired_state"] == "running") != (c["state"] == "running")
-                    for c in comps if c["state"] != "unknown")
+        running = sum(c["state"] == RUNNING for c in comps)
+        drift = any((c["desired_state"] == RUNNING) != (c["state"] == RUNNING)
+                    for c in comps if c["state"] != UNKNOWN)
         out.append([name, comps[0]["node"], f"{running}/{len(comps)}", "yes" if drift else "no"])
     return table(["SERVICE", "NODE", "RUNNING", "DRIFT"], out)
 
@@ -336,7 +364,7 @@ def json_option(fn: F) -> F:
                         help="Print JSON.")(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mcp")
 @click.option("--agent", metavar="URL", help="Agent URL (default: mcp.toml nodes, $MCP_AGENT, "
               f"or {DEFAULT_AGENT}).")
@@ -378,7 +406,7 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool) 
     """Deploy SERVICE (a name in the services dir) or a definition FILE."""
     ctx.node = node or ctx.node
     ctx.local = local or ctx.local
-    st = run(lambda: ctx.backend().call("deploy", load_definition(ctx, service)))
+    st = ctx.backend().call("deploy", load_definition(ctx, service))
     emit(ctx, st, lambda s: f"deployed {s['service']}\n{status_text(s)}")
 
 
@@ -388,7 +416,7 @@ def _lifecycle(op: str, past: str) -> None:
     @json_option
     @pass_ctx
     def command(ctx: Ctx, service: str) -> None:
-        st = run(lambda: ctx.backend().call(op, service))
+        st = ctx.backend().call(op, service)
         show = op in ("start", "restart")
         emit(ctx, st, lambda s: f"{past} {service}" + (
             f"\n{status_text(s)}" if show and isinstance(s, dict) else ""))
@@ -405,9 +433,7 @@ _lifecycle("undeploy", "undeployed")
 @pass_ctx
 def ps(ctx: Ctx) -> None:
     """List every component on the node(s)."""
-    def rows() -> list[dict[str, Any]]:
-        return [r for b in ctx.backends() for r in b.call("ps")]
-    emit(ctx, run(rows), ps_table)
+    emit(ctx, [r for b in ctx.backends() for r in b.call("ps")], ps_table)
 
 
 @cli.command()
@@ -417,10 +443,9 @@ def ps(ctx: Ctx) -> None:
 def status(ctx: Ctx, service: str | None) -> None:
     """Status of SERVICE with drift and events, or a summary of all services."""
     if service:
-        emit(ctx, run(lambda: ctx.backend().call("status", service)), status_text)
+        emit(ctx, ctx.backend().call("status", service), status_text)
     else:
-        emit(ctx, run(lambda: [r for b in ctx.backends() for r in b.call("ps")]),
-             services_summary)
+        emit(ctx, [r for b in ctx.backends() for r in b.call("ps")], services_summary)
 
 
 @cli.command()
@@ -431,14 +456,12 @@ def status(ctx: Ctx, service: str | None) -> None:
 @pass_ctx
 def logs(ctx: Ctx, service: str, component: str | None, tail: int | None,
          follow: bool) -> None:
-    """Print the output of a component (container log or VM serial console)."""
-    def stream() -> None:
-        out = sys.stdout.buffer
+    """Print the output of a component, as its runtime records it."""
+    out = sys.stdout.buffer
+    with contextlib.suppress(KeyboardInterrupt):
         for chunk in ctx.backend().logs(service, component, tail, follow):
             out.write(chunk)
             out.flush()
-    with contextlib.suppress(KeyboardInterrupt):
-        run(stream)
 
 
 @cli.group()
@@ -451,7 +474,7 @@ def edge() -> None:
 @pass_ctx
 def edge_list(ctx: Ctx) -> None:
     """List edge routes with certificate serial and expiry."""
-    emit(ctx, run(lambda: ctx.backend().call("edge_list")), lambda rows: table(
+    emit(ctx, ctx.backend().call("edge_list"), lambda rows: table(
         ["HOSTNAME", "BACKEND", "ADDRESS", "SERIAL", "EXPIRES"],
         [[r["hostname"], f"{r['backend_hostname']}:{r['backend_port']}",
           r.get("backend_address", ""), r.get("cert_serial", ""), r.get("cert_expires", "")]
@@ -476,7 +499,7 @@ def edge_setup(ctx: Ctx, hostname: str, backend: str, no_backend_tls: bool) -> N
     host, port = split_backend(backend)
     body = {"hostname": hostname, "backend_hostname": host, "backend_port": port,
             "backend_tls": not no_backend_tls}
-    emit(ctx, run(lambda: ctx.backend().call("edge_setup", body)), lambda r: (
+    emit(ctx, ctx.backend().call("edge_setup", body), lambda r: (
         f"edge route {r['hostname']} -> {r['backend_hostname']}:{r['backend_port']} "
         f"({r.get('backend_address', '')}), cert serial {r.get('cert_serial', '')} "
         f"expires {r.get('cert_expires', '')}"))
@@ -488,7 +511,7 @@ def edge_setup(ctx: Ctx, hostname: str, backend: str, no_backend_tls: bool) -> N
 @pass_ctx
 def edge_remove(ctx: Ctx, hostname: str) -> None:
     """Remove the edge route for HOSTNAME, its certificate and record."""
-    emit(ctx, run(lambda: ctx.backend().call("edge_remove", hostname)),
+    emit(ctx, ctx.backend().call("edge_remove", hostname),
          lambda _: f"removed edge route {hostname}")
 
 
@@ -502,7 +525,7 @@ def node() -> None:
 @pass_ctx
 def health(ctx: Ctx) -> None:
     """Agent health: runtimes, running workloads, and why it is degraded."""
-    results = run(lambda: [b.call("health") for b in ctx.backends()])
+    results = [b.call("health") for b in ctx.backends()]
     data = results[0] if len(results) == 1 else results
     emit(ctx, data, lambda d: "\n\n".join(health_text(h) for h in results))
 

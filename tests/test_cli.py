@@ -4,6 +4,7 @@ a real agent (HTTP server in-process, real podman), and with --local."""
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -15,8 +16,9 @@ from podman_env import wait_http
 
 from mcp_node import __version__
 from mcp_node.agent import Agent
-from mcp_node.cli import cli, fmt_uptime, split_backend, table
+from mcp_node.cli import cli, fmt_uptime, split_backend, status_text, table
 from mcp_node.config import AgentConfig, ServerConfig
+from mcp_node.server import AgentServer
 
 PS_HEADER = "SERVICE  COMPONENT  NODE  RUNTIME  STATE  VERSION  UPTIME"
 
@@ -26,6 +28,7 @@ class Live:
     agent: Agent
     url: str
     token_file: Path
+    server: AgentServer
 
     def mcp(self, *args: str, token: bool = True) -> Result:
         base = ["--agent", self.url]
@@ -44,7 +47,7 @@ def live(podman_config: AgentConfig, podman_cleanup: object) -> Iterator[Live]:
     srv = serve(agent, cfg)
     try:
         assert srv.token_file is not None
-        yield Live(agent, srv.url, srv.token_file)
+        yield Live(agent, srv.url, srv.token_file, srv)
     finally:
         srv.shutdown()
         agent.close()
@@ -72,9 +75,51 @@ def test_usage_errors_exit_2() -> None:
 
 
 def test_unreachable_agent_exit_1() -> None:
-    result = CliRunner().invoke(cli, ["--agent", "http://127.0.0.1:9", "ps"])
-    assert result.exit_code == 1
-    assert result.output.startswith("Error: ") and "127.0.0.1:9" in result.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        result = CliRunner().invoke(cli, ["--agent", url, "ps"])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (f"Error: the agent is not reachable at {url}: "
+                             "[Errno 111] Connection refused\n")
+
+
+def test_validation_error_before_any_call_exit_1(tmp_path: Path) -> None:
+    """Checked in-process: the (unreachable) agent is never asked."""
+    invalid = tmp_path / "bad.toml"
+    invalid.write_text('name = "x"\n[[components]]\nname = "web"\nimage = "i"\nenv = ["1BAD"]\n')
+    res = CliRunner().invoke(cli, ["--agent", "http://127.0.0.1:9", "deploy", str(invalid)])
+    assert (res.exit_code, res.stdout) == (1, "")
+    assert res.stderr == "Error: components[0].env[0]: '1BAD' is not KEY=VALUE\n"
+    bad_name = CliRunner().invoke(cli, ["--agent", "http://127.0.0.1:9", "deploy", "a,b"])
+    assert (bad_name.exit_code, bad_name.stdout) == (1, "")
+    assert bad_name.stderr.startswith("Error: service: 'a,b' is not a valid name")
+
+
+def test_usage_error_is_clicks_not_ours() -> None:
+    res = CliRunner().invoke(cli, ["edge", "setup", "a.example.net", "nohostport"])
+    assert (res.exit_code, res.stdout) == (2, "")
+    assert res.stderr.startswith("Usage: cli edge setup [OPTIONS] HOSTNAME BACKEND")
+    assert res.stderr.endswith(
+        "Error: Invalid value for BACKEND_HOST:PORT: 'nohostport' is not HOST:PORT\n")
+
+
+def test_status_text_shows_runtime_keys_generically() -> None:
+    common = {"service": "s", "node": "n1", "state": "running", "desired_state": "running",
+              "version": "v1", "uptime_s": 5, "routes": [], "image": "i", "drift": False,
+              "flapping": False}
+    st = {"service": "s", "node": "n1", "active": True, "drift": False, "flapping": False,
+          "events": [], "components": [
+              {**common, "component": "web", "runtime": "rt-a"},
+              {**common, "component": "vm", "runtime": "rt-b", "vcpus": 2, "pid": None,
+               "accel": "tcg", "builder": "", "ports": [1, 2], "kvm": True}]}
+    assert status_text(st).splitlines() == [
+        "service s on n1: active",
+        "COMPONENT  RUNTIME  STATE    DESIRED  VERSION  UPTIME  PORTS  DRIFT",
+        "web        rt-a     running  running  v1       5s      -      no",
+        "vm         rt-b     running  running  v1       5s      -      no",
+        "  vm: accel=tcg builder=- kvm=yes pid=- ports=1,2 vcpus=2",
+    ]
 
 
 def test_full_lifecycle_output(live: Live, tmp_path: Path, hello_image: str) -> None:
@@ -140,6 +185,15 @@ def test_full_lifecycle_output(live: Live, tmp_path: Path, hello_image: str) -> 
 def test_operation_errors_exit_1(live: Live, tmp_path: Path) -> None:
     unknown = live.mcp("status", "nosuch")
     assert unknown.exit_code == 1 and unknown.output == "Error: unknown service 'nosuch'\n"
+    assert (unknown.stdout, unknown.stderr) == ("", "Error: unknown service 'nosuch'\n")
+    reader = tmp_path / "reader-token"
+    reader.write_text(live.server.tokens.add("viewer", "reader"))
+    reader.chmod(0o600)
+    base = ["--agent", live.url, "--token-file", str(reader)]
+    forbidden = CliRunner().invoke(cli, [*base, "stop", "nosuch"])
+    assert (forbidden.exit_code, forbidden.stdout) == (1, "")
+    assert forbidden.stderr == "Error: token 'viewer' has role reader; needs operator\n"
+    assert CliRunner().invoke(cli, [*base, "ps"]).stdout == PS_HEADER + "\n"
     bad = live.mcp("stop", "a,b")
     assert bad.exit_code == 1 and "is not a valid name" in bad.output
     missing = live.mcp("deploy", str(tmp_path / "nope.toml"))

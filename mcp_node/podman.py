@@ -45,9 +45,9 @@ from .errors import (
     MCPError,
     NotFoundError,
     RuntimeUnavailable,
-    ValidationError,
     WorkloadError,
 )
+from .grammar import parse_env, parse_volumes
 from .podman_logs import LogStream, frames
 from .podman_service import (
     PodmanService,
@@ -62,12 +62,12 @@ from .runtime import (
     LABEL_MANAGED,
     LABEL_OWNER,
     LABEL_SERVICE,
-    RUNNING,
-    STOPPED,
+    Runtime,
     Workload,
     WorkloadSpec,
     workload_name,
 )
+from .states import RUNNING, STOPPED, State
 
 __all__ = [
     "PodmanRuntime", "PodmanService", "create_kwargs", "env_dict", "owner_filters",
@@ -96,26 +96,14 @@ def owner_labels(spec: WorkloadSpec, owner: str) -> dict[str, str]:
 
 
 def env_dict(env: tuple[str, ...]) -> dict[str, str]:
-    """``KEY=VALUE`` items (validated by servicedef) to the mapping podman-py sends."""
-    out: dict[str, str] = {}
-    for item in env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValidationError(f"{item[:80]!r} is not KEY=VALUE", "env")
-        out[key] = value
-    return out
+    """``KEY=VALUE`` items to the mapping podman-py sends (a later key wins, as in a shell)."""
+    return dict(parse_env(env))
 
 
 def volume_binds(volumes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """``host:guest[:opt,opt]`` to podman-py's bind-mount form."""
-    out: dict[str, dict[str, Any]] = {}
-    for vol in volumes:
-        parts = vol.split(":")
-        if len(parts) not in (2, 3) or not parts[0].startswith("/") or not parts[1]:
-            raise ValidationError(f"{vol[:80]!r} is not /host:/guest[:opts]", "volumes")
-        opts = [o for o in parts[2].split(",") if o] if len(parts) == 3 else []
-        out[parts[0]] = {"bind": parts[1], "extended_mode": opts}
-    return out
+    """``/host:/guest[:opt,opt]`` items to podman-py's bind-mount form."""
+    return {v.host: {"bind": v.guest, "extended_mode": list(v.options)}
+            for v in parse_volumes(volumes)}
 
 
 def create_kwargs(spec: WorkloadSpec, owner: str) -> dict[str, Any]:
@@ -165,7 +153,8 @@ def parse_time(value: Any) -> float | None:
         return None
 
 
-def _state(raw: str) -> str:
+def _state(raw: str) -> State:
+    """podman's status word (running, exited, created, paused, ...) to ours."""
     return RUNNING if raw == "running" else STOPPED
 
 
@@ -178,7 +167,7 @@ def workload_from_list(entry: Mapping[str, Any]) -> Workload | None:
     raw = str(entry.get("State", ""))
     names = entry.get("Names") or []
     return Workload(
-        service=service, component=component, runtime="container", state=_state(raw),
+        service=service, component=component, runtime=PodmanRuntime.name, state=_state(raw),
         id=str(entry.get("Id", "")), image=str(entry.get("Image", "")),
         started_at=parse_time(entry.get("StartedAt")),
         restart_count=int(entry.get("Restarts") or 0),
@@ -206,7 +195,7 @@ def workload_from_inspect(attrs: Mapping[str, Any]) -> Workload | None:
     host_ports = sorted(int(b["HostPort"]) for bs in bindings.values() for b in bs or []
                         if b.get("HostPort"))
     return Workload(
-        service=service, component=component, runtime="container", state=_state(raw),
+        service=service, component=component, runtime=PodmanRuntime.name, state=_state(raw),
         id=str(attrs.get("Id", "")), image=str(attrs.get("ImageName") or attrs.get("Image", "")),
         started_at=parse_time(st.get("StartedAt")),
         restart_count=int(attrs.get("RestartCount") or 0),
@@ -240,8 +229,8 @@ def _response_message(resp: Any) -> str:
 # --------------------------------------------------------------------------- the runtime
 
 
-class PodmanRuntime:
-    """Runtime "container" (see mcp_node.runtime.Runtime)."""
+class PodmanRuntime(Runtime):
+    """Containers under podman, each one a workload (see mcp_node.runtime.Runtime)."""
 
     name = "container"
 

@@ -38,7 +38,8 @@ from mcp_node.podman import (
     workload_from_inspect,
     workload_from_list,
 )
-from mcp_node.runtime import RUNNING, STOPPED, WorkloadSpec
+from mcp_node.runtime import Runtime, WorkloadSpec, load_runtime
+from mcp_node.states import RUNNING, STOPPED
 
 # --------------------------------------------------------------------------- unit
 
@@ -90,12 +91,28 @@ def test_podman_py_renders_loopback_port_mappings() -> None:
 
 
 def test_env_and_volume_errors_name_the_field() -> None:
-    with pytest.raises(ValidationError, match="env"):
-        env_dict(("NOEQUALS",))
-    with pytest.raises(ValidationError, match="volumes"):
+    """The runtime reads env and volumes with servicedef's grammar: same rules, same errors."""
+    with pytest.raises(ValidationError, match=r"^env\[1\]: 'NOEQUALS' is not KEY=VALUE$"):
+        env_dict(("A=1", "NOEQUALS"))
+    with pytest.raises(ValidationError, match=r"^volumes\[0\]: 'relative:/x' is not"):
         volume_binds(("relative:/x",))
-    with pytest.raises(ValidationError, match="volumes"):
+    with pytest.raises(ValidationError, match=r"^volumes\[0\]: "):
         volume_binds(("/a:/b:ro:extra",))
+    with pytest.raises(ValidationError, match=r"unsupported volume option\(s\) 'exec'"):
+        volume_binds(("/a:/b:exec",))
+    assert env_dict(("A=1", "A=2", "B=")) == {"A": "2", "B": ""}
+
+
+def test_built_from_the_runtime_table_without_touching_podman(tmp_path: Path) -> None:
+    """Connecting is lazy: a node without podman still builds it (and reports why later)."""
+    cls = load_runtime(PodmanRuntime.name)
+    assert cls is PodmanRuntime and issubclass(cls, Runtime)
+    rt = cls(from_dict({}), tmp_path, "node-1")
+    assert rt.graceful_stop and rt.check_capacity(_spec(memory_mb=1 << 30), False) is None
+    assert rt.info() == {"socket": rt.service.url, "service_pid": None, "api_calls": 0,
+                         "listings": 0}
+    rt.close()
+    assert not (tmp_path / "podman").exists()
 
 
 def test_socket_url_forms() -> None:

@@ -3,7 +3,7 @@
 One connection, one lock: every write goes through ``_tx``, so there is a
 single writer path and each operation is one transaction. WAL mode keeps
 readers in other processes (``mcp --local``) from blocking the agent.
-Migrations are the numbered files in ``sql/``; each is applied in its own
+Migrations are the numbered files in the top-level ``sql/``; each is applied in its own
 transaction together with its row in ``schema_migrations``.
 """
 
@@ -25,8 +25,10 @@ from typing import Any
 
 from .errors import ConflictError, NotFoundError, RegistryError, SchemaTooNewError
 from .servicedef import ComponentDef, RouteDef, ServiceDef
+from .states import RUNNING, STOPPED, UNKNOWN, State
 
 PORT_MIN, PORT_MAX = 10000, 60000
+SQL_PACKAGE = "mcp_node.sql"
 
 
 def now_iso() -> str:
@@ -34,9 +36,14 @@ def now_iso() -> str:
 
 
 def migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every file in sql/, in order."""
+    """(version, name, sql) for every migration, in order.
+
+    The files are the top-level ``sql/`` of the source tree, packaged as
+    ``mcp_node.sql`` (pyproject ``package-dir``), so the same lookup works in
+    a wheel install and an editable one.
+    """
     out = []
-    for entry in resources.files("mcp_node").joinpath("sql").iterdir():
+    for entry in resources.files(SQL_PACKAGE).iterdir():
         fname = entry.name
         if fname.endswith(".sql") and fname[:3].isdigit():
             out.append((int(fname[:3]), fname[4:-4], entry.read_text(encoding="utf-8")))
@@ -50,8 +57,8 @@ def latest_version() -> int:
 @dataclass
 class ComponentRecord:
     defn: ComponentDef
-    desired_state: str = "running"
-    observed_state: str = "unknown"
+    desired_state: State = RUNNING
+    observed_state: State = UNKNOWN
     host_ports: dict[str, int] = field(default_factory=dict)
     updated_at: str = ""
 
@@ -81,8 +88,8 @@ class Event:
     service: str
     component: str
     time: float
-    prev_state: str
-    new_state: str
+    prev_state: State
+    new_state: State
     detail: str = ""
     unplanned: bool = True
 
@@ -187,7 +194,7 @@ class Registry:
 
     def put_service(
         self, svc: ServiceDef, ports: dict[tuple[str, str], int] | None = None,
-        desired: dict[str, str] | None = None,
+        desired: dict[str, State] | None = None,
     ) -> ServiceRecord:
         """Insert or replace a service; keep each route's host port, allocate new ones.
 
@@ -217,7 +224,7 @@ class Registry:
             keep = dict(old_ports)
             keep.update(ports or {})
             for c in svc.components:
-                state = "running" if svc.active else "stopped"
+                state = RUNNING if svc.active else STOPPED
                 state = (desired or {}).get(c.name, state)
                 db.execute(
                     "INSERT INTO components (service, name, image, cmd, env, volumes, restart, "
@@ -225,7 +232,7 @@ class Registry:
                     "vcpus, binary, image_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (svc.name, c.name, c.image, json.dumps(c.cmd), json.dumps(c.env),
                      json.dumps(c.volumes), c.restart, state,
-                     old_observed.get(c.name, "unknown"), c.version, ts, c.runtime,
+                     old_observed.get(c.name, UNKNOWN), c.version, ts, c.runtime,
                      c.memory_mb, c.vcpus, c.binary, c.image_sha256),
                 )
                 for r in c.routes:
@@ -299,7 +306,8 @@ class Registry:
                 ),
             )
             by_svc.setdefault(c["service"], []).append(ComponentRecord(
-                defn=defn, desired_state=c["desired_state"], observed_state=c["observed_state"],
+                defn=defn, desired_state=State(c["desired_state"]),
+                observed_state=State(c["observed_state"]),
                 host_ports={r["name"]: r["host_port"] for r in rs}, updated_at=c["updated_at"],
             ))
         return [
@@ -309,7 +317,7 @@ class Registry:
             for s in svcs
         ]
 
-    def set_desired(self, service: str, state: str, component: str | None = None) -> None:
+    def set_desired(self, service: str, state: State, component: str | None = None) -> None:
         with self._tx() as db:
             if not db.execute("SELECT 1 FROM services WHERE name=?", (service,)).fetchone():
                 raise NotFoundError(f"unknown service {service!r}")
@@ -319,7 +327,7 @@ class Registry:
                 sql, args = sql + " AND name=?", (*args, component)
             db.execute(sql, args)
             db.execute("UPDATE services SET active=? WHERE name=?",
-                       (int(state == "running"), service))
+                       (int(state == RUNNING), service))
 
     def record_observed(self, changes: list[Event]) -> None:
         """Store new observed states and their events in one transaction."""
@@ -347,7 +355,8 @@ class Registry:
         )
         return [
             Event(service=r["service"], component=r["component"], time=r["time"],
-                  prev_state=r["prev_state"], new_state=r["new_state"], detail=r["detail"],
+                  prev_state=State(r["prev_state"]), new_state=State(r["new_state"]),
+                  detail=r["detail"],
                   unplanned=bool(r["unplanned"]))
             for r in reversed(rows)
         ]

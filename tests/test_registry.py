@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,8 @@ from mcp_node.registry import (
     migrations,
 )
 from mcp_node.servicedef import from_dict
+
+TOP = Path(__file__).resolve().parent.parent
 
 
 def schema(path: Path) -> list[tuple[str, str]]:
@@ -173,3 +180,49 @@ def test_observed_changes_of_a_deleted_service_leave_no_events(tmp_path: Path) -
     assert reg.events("hello") == []
     assert reg.event_counts(0.0) == {}
     reg.close()
+
+
+def test_migrations_are_the_top_level_sql_files() -> None:
+    files = sorted(TOP.glob("sql/[0-9][0-9][0-9]_*.sql"))
+    assert len(files) >= 7
+    assert migrations() == [(int(f.name[:3]), f.name[4:-4], f.read_text()) for f in files]
+
+
+def test_wheel_ships_the_migrations_and_an_install_from_it_opens_a_registry(
+        tmp_path: Path) -> None:
+    """Built from a copy of the tree (no build/ left in the work tree), installed
+    non-editable and offline into a target dir, and used from there alone."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in ("mcp_node", "sql"):
+        shutil.copytree(TOP / part, src / part, ignore=ignore)
+    shutil.copy2(TOP / "pyproject.toml", src / "pyproject.toml")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, cwd=tmp_path)
+    [wheel] = (tmp_path / "dist").glob("mcp_node-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".sql")}
+    assert shipped == {f"mcp_node/sql/{f.name}" for f in TOP.glob("sql/*.sql")}
+
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "-q", "--target", str(site),
+                    str(wheel)], check=True, cwd=tmp_path)
+    shutil.rmtree(src)   # nothing of the source tree left to fall back on
+    probe = (
+        "import sys, mcp_node, mcp_node.sql\n"
+        "from mcp_node.registry import Registry, latest_version\n"
+        "reg = Registry(__import__('pathlib').Path(sys.argv[1]))\n"
+        "print(mcp_node.__file__, mcp_node.sql.__file__, reg.schema_version(),"
+        " latest_version(), sep='\\n')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}   # before the editable install's finder
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "reg.db")],
+                         check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+    pkg, sql_pkg, version, latest = out.stdout.split("\n")[:4]
+    assert pkg == str(site / "mcp_node" / "__init__.py")
+    assert sql_pkg == str(site / "mcp_node" / "sql" / "__init__.py")
+    assert int(version) == int(latest) == latest_version()
+    db = sqlite3.connect(tmp_path / "reg.db")
+    applied = [r[0] for r in db.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+    db.close()
+    assert applied == [v for v, _, _ in migrations()]

@@ -445,15 +445,16 @@ class PodmanRuntime(Runtime):
         if self._owned(name) is not None:
             self._stop(name, timeout)
 
-    def start(self, service: str, component: str) -> None:
-        """Start an existing stopped container (agent convenience, not in the protocol)."""
+    def start(self, service: str, component: str) -> bool:
+        """Start the existing container as it is (its log kept); False if there is none."""
         name = workload_name(service, component)
         if self._owned(name) is None:
-            raise NotFoundError(f"no container {name}")
+            return False
         log.info("podman: start %s", name)
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
             raise WorkloadError(f"podman start {name}: {_response_message(resp)}")
+        return True
 
     def remove(self, service: str, component: str, timeout: float = 10.0) -> None:
         name = workload_name(service, component)

@@ -20,14 +20,14 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import health
 from .config import AgentConfig
 from .errors import ConflictError, MCPError, RuntimeUnavailable, ValidationError
 from .files import atomic_write, flocked
 from .monitor import Monitor, View, is_drift
+from .reconcile import Policy, Reconciler
 from .registry import ComponentRecord, Registry, ServiceRecord
 from .runtime import (
-    DEFAULT_RUNTIME,
     RUNTIME_NAMES,
     Runtime,
     Workload,
@@ -36,7 +36,7 @@ from .runtime import (
     workload_name,
 )
 from .servicedef import ComponentDef, ServiceDef, check_name, route_env
-from .states import MISSING, RUNNING, STOPPED, UNKNOWN, State
+from .states import BACKOFF, MISSING, RUNNING, STOPPED, UNKNOWN, State
 
 if TYPE_CHECKING:
     from .edge import EdgeManager
@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.agent")
 
 STOP_TIMEOUT_S = 10.0
+
+
+def rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def node_id(state_dir: Path) -> str:
@@ -62,17 +66,20 @@ class Agent:
 
     ``runtimes`` maps runtime names to implementations; by default each is
     loaded from ``runtime.RUNTIMES`` on first use. Tests pass fakes here.
+    ``monitor`` starts the monitor thread; ``reconcile`` (default: the same)
+    makes each monitor round drive the runtimes to the registry.
     """
 
     def __init__(self, config: AgentConfig, *, monitor: bool = False,
-                 runtimes: Mapping[str, type[Runtime]] | None = None) -> None:
+                 runtimes: Mapping[str, type[Runtime]] | None = None,
+                 reconcile: bool | None = None) -> None:
         self.config = config
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry = Registry(self.state_dir / "registry.db")
         self.node = socket.gethostname()
         self.owner = node_id(self.state_dir)
-        self.started_at = time.time()
+        self.started_at = time.monotonic()
         self._impls = dict(runtimes) if runtimes is not None else None
         self._runtimes: dict[str, Runtime] = {}
         self._rt_lock = threading.Lock()
@@ -83,6 +90,10 @@ class Agent:
         self._health: dict[str, Any] = {}
         self._edge_checked = time.time()
         self._edge_reasons: list[str] = []
+        self.reconciler = Reconciler(self, Policy(config.monitor.restart_backoff_max_s,
+                                                  config.monitor.restart_reset_s))
+        # Only the daemon acts on what the monitor sees; ``mcp --local ps`` must not.
+        self._reconciling = monitor if reconcile is None else reconcile
         self.monitor = Monitor(self.registry, self._listable, config.monitor, self._on_refresh)
         if monitor:
             self.monitor.start()
@@ -141,19 +152,26 @@ class Agent:
     # -- locking ------------------------------------------------------------
 
     @contextmanager
-    def _service_lock(self, name: str) -> Iterator[None]:
+    def _service_lock(self, name: str, wait: bool = True) -> Iterator[bool]:
         """Operations on one service are serialised; different services run in parallel.
 
         A thread lock inside this process, and a file lock across processes sharing the
-        state dir (``mcp --local`` beside a running daemon).
+        state dir (``mcp --local`` beside a running daemon). ``wait=False`` (reconcile)
+        yields False at once, holding nothing, while an operation has the service.
         """
         with self._locks_guard:
             lock = self._locks.setdefault(name, threading.Lock())
-        with lock, self._file_lock(f"service-{name}"):
-            yield
+        if not lock.acquire(blocking=wait):
+            yield False
+            return
+        try:
+            with self._file_lock(f"service-{name}", wait) as got:
+                yield got
+        finally:
+            lock.release()
 
-    def _file_lock(self, key: str) -> AbstractContextManager[None]:
-        return flocked(self.state_dir / "locks" / f"{key}.lock")
+    def _file_lock(self, key: str, wait: bool = True) -> AbstractContextManager[bool]:
+        return flocked(self.state_dir / "locks" / f"{key}.lock", wait)
 
     # -- specs --------------------------------------------------------------
 
@@ -349,8 +367,11 @@ class Agent:
 
     def _row(self, svc: ServiceRecord, comp: ComponentRecord, view: View,
              now: float) -> dict[str, Any]:
-        w = view.workloads.get((svc.name, comp.defn.name))
+        key = (svc.name, comp.defn.name)
+        w = view.workloads.get(key)
         state = w.state if w else (UNKNOWN if comp.defn.runtime in view.errors else MISSING)
+        if state != RUNNING and key in self.reconciler.last.waiting:
+            state = BACKOFF
         uptime = int(now - w.started_at) if w and w.state == RUNNING and w.started_at else 0
         return {
             "service": svc.name, "component": comp.defn.name, "node": self.node,
@@ -385,6 +406,7 @@ class Agent:
             row["image"] = c.defn.image
             row["drift"] = is_drift(c.desired_state, row["state"])
             row["flapping"] = (svc.name, c.defn.name) in view.flapping
+            row.update(self._restart_fields(svc.name, c, w))
             row.update(self._status_extra(svc.name, c, w))
             comps.append(row)
         return {
@@ -397,6 +419,20 @@ class Agent:
                  "to": e.new_state, "detail": e.detail, "unplanned": e.unplanned}
                 for e in self.registry.events(svc.name, limit=20)
             ],
+        }
+
+    def _restart_fields(self, service: str, comp: ComponentRecord,
+                        w: Workload | None) -> dict[str, Any]:
+        key = (service, comp.defn.name)
+        b = self.reconciler.backoff.get(key)
+        due = self.reconciler.last.waiting.get(key)
+        return {
+            "restarts": b.restarts if b else 0,
+            "exit_code": w.exit_code if w and w.exit_code is not None else (
+                b.exit_code if b else None),
+            "next_attempt": rfc3339(time.time() + due - self.reconciler.clock()) if due else None,
+            "spec_drift": bool(w and w.spec_digest and w.spec_digest != self.spec(
+                service, comp).digest),
         }
 
     def _status_extra(self, service: str, comp: ComponentRecord,
@@ -426,7 +462,12 @@ class Agent:
             log.exception("edge reconcile failed")
 
     def _on_refresh(self, view: View) -> None:
-        """After each monitor round: edge checks, renewals on their own timer, health."""
+        """After each monitor round: reconcile, edge checks, renewals on their own timer,
+        health."""
+        if self._reconciling:
+            done = self.reconciler.run(view.records, view.workloads, view.orphans, view.errors)
+            if done:
+                self.monitor.poke()
         now = time.time()
         # A node without edge routes is no edge node: its proxy and CA are not its concern,
         # and the edge modules (cryptography, dnspython) are not even loaded.
@@ -443,14 +484,8 @@ class Agent:
         self._health = self._compute_health(view, edge_routes)
 
     def _compute_health(self, view: View, edge_routes: int) -> dict[str, Any]:
-        used = {c.defn.runtime for s in view.records for c in s.components}
-        reasons = [f"{name} runtime: {why}" for name, why in sorted(view.errors.items())
-                   if name == DEFAULT_RUNTIME or name in used]
-        drifted = [f"{svc}/{comp}" for svc, comp in view.drifted]
-        if drifted:
-            reasons.append("drifted: " + ", ".join(drifted))
-        reasons.extend(self._edge_reasons)
         runtimes: dict[str, Any] = {}
+        runtime_reasons: list[str] = []
         for name in self.runtime_names:
             rt = self._runtimes.get(name)
             info: dict[str, Any] = {"available": name not in view.errors}
@@ -459,22 +494,26 @@ class Agent:
             if rt is not None:
                 try:
                     info.update(rt.info())
+                    runtime_reasons.extend(rt.health_reasons())
                 except Exception as exc:  # health must not fail because a probe did
                     info["reason"] = str(exc)
             runtimes[name] = info
-        return {
-            "status": "degraded" if reasons else "healthy",
-            "node": self.node,
-            "version": __version__,
-            "containers": sum(1 for w in view.workloads.values() if w.state == RUNNING),
-            "services": len(view.records),
-            "drifted": drifted,
-            "orphans": [f"{w.service}/{w.component} ({w.runtime})" for w in view.orphans],
-            "runtimes": runtimes,
-            "edge_routes": edge_routes,
-            "reasons": reasons,
-            "checked_at": view.refreshed_at,
-        }
+        return health.compute(view, health.Inputs(
+            node=self.node, runtimes=runtimes, runtime_reasons=runtime_reasons,
+            spec_drift=[f"{s}/{c}" for s, c in self._spec_drift(view)],
+            held_down=sorted(f"{s}/{c}" for s, c in self.reconciler.last.held),
+            edge_reasons=self._edge_reasons, edge_routes=edge_routes,
+            monitor_error=self.monitor.last_error))
+
+    def _spec_drift(self, view: View) -> list[tuple[str, str]]:
+        out = []
+        for rec in view.records:
+            for c in rec.components:
+                w = view.workloads.get((rec.name, c.defn.name))
+                if w is not None and w.spec_digest and w.runtime == c.defn.runtime and \
+                        w.spec_digest != self.spec(rec.name, c).digest:
+                    out.append((rec.name, c.defn.name))
+        return out
 
     def health(self) -> dict[str, Any]:
         """healthy | degraded with reasons, from the last monitor round; does not raise."""
@@ -483,7 +522,12 @@ class Agent:
         if not self._health:
             self._on_refresh(self.monitor.view)
         out = dict(self._health)
-        out["uptime_s"] = int(time.time() - self.started_at)
+        out["uptime_s"] = int(time.monotonic() - self.started_at)
+        interval = self.config.monitor.interval_s
+        if self.monitor.running and time.time() - self.monitor.view.refreshed_at > 3 * interval:
+            out["status"] = "degraded"
+            out["reasons"] = [*out["reasons"], f"monitor stalled: no refresh for "
+                              f"{time.time() - self.monitor.view.refreshed_at:.0f} s"]
         return out
 
     def close(self) -> None:

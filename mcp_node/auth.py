@@ -230,7 +230,7 @@ class TokenStore:
             raise ForbiddenError(f"token {tok.name!r} has role {tok.role}; needs {least_role}")
         return tok
 
-    def _file_lock(self) -> AbstractContextManager[None]:
+    def _file_lock(self) -> AbstractContextManager[bool]:
         return flocked(self.path.with_name(self.path.name + ".lock"))
 
     def add(self, name: str, role: str) -> str:

@@ -28,6 +28,13 @@ class ServerConfig:
     tls_key: str = ""
     tokens_file: str = ""
     max_body: int = 1 << 20
+    max_tail: int = 10_000              # logs ?tail= above it is a 400 (podman holds the tail)
+    header_timeout_s: float = 10.0      # a request line and headers must arrive within it
+    body_timeout_s: float = 30.0        # a request body must arrive within it, else 408
+    idle_timeout_s: float = 120.0       # an authenticated keep-alive connection may idle so long
+    max_connections: int = 1024         # open connections (a thread each); 503 beyond
+    max_unauthenticated: int = 256      # connections with no valid token yet; oldest dropped
+    max_unauthenticated_per_peer: int = 64  # the same, per peer address
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,8 @@ class MonitorConfig:
     flap_changes: int = 3
     flap_window_s: float = 600.0
     edge_interval_s: float = 3600.0   # edge reconcile: lost routes, certificate renewals
+    restart_backoff_max_s: float = 60.0   # cap of the restart backoff (1 s, 2 s, 4 s, ...)
+    restart_reset_s: float = 60.0         # running this long resets the backoff
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,16 @@ RANGES: dict[str, tuple[float, float]] = {
     "monitor.edge_interval_s": (1, 30 * 86400),
     "monitor.flap_window_s": (1, 30 * 86400),
     "monitor.flap_changes": (0, 1_000_000),
+    "monitor.restart_backoff_max_s": (1, 86400),
+    "monitor.restart_reset_s": (1, 86400),
     "server.max_body": (1, 1 << 30),
+    "server.max_tail": (0, 10_000_000),
+    "server.header_timeout_s": (0.1, 3600),
+    "server.body_timeout_s": (0.1, 3600),
+    "server.idle_timeout_s": (0.1, 86400),
+    "server.max_connections": (1, 1_000_000),
+    "server.max_unauthenticated": (1, 1_000_000),
+    "server.max_unauthenticated_per_peer": (1, 1_000_000),
     "dns.timeout_s": (0.1, 60),
 }
 

@@ -37,13 +37,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 @contextmanager
-def flocked(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` (made 0600): every holder, in any process, waits."""
+def flocked(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive flock on ``path`` (made 0600): every holder, in any process, waits.
+
+    With ``wait=False`` it yields False at once, holding nothing, when another has it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 

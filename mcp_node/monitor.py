@@ -100,6 +100,8 @@ class Monitor:
         self._restarts: dict[Key, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.last_error = ""          # why the last refresh failed ("" if it did not)
         self._thread: threading.Thread | None = None
         self._on_refresh = on_refresh
 
@@ -156,15 +158,26 @@ class Monitor:
     def refresh_safely(self) -> None:
         try:
             self.refresh()
-        except Exception:  # the loop must survive anything; the next round retries
+            self.last_error = ""
+        except Exception as exc:  # the loop must survive anything; the next round retries
+            self.last_error = str(exc) or type(exc).__name__
             log.exception("monitor refresh failed")
 
+    def poke(self) -> None:
+        """Run the next round now (after reconcile acted), not an interval later."""
+        self._wake.set()
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.config.interval_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.config.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             self.refresh_safely()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None

@@ -13,7 +13,10 @@ are spelled only in ``RUNTIMES``; a new runtime is one module and one entry.
 
 from __future__ import annotations
 
+import builtins
+import hashlib
 import importlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -73,6 +76,16 @@ class WorkloadSpec:
     def name(self) -> str:
         return workload_name(self.service, self.component)
 
+    @property
+    def digest(self) -> str:
+        """What the workload is made from; a runtime keeps it with the workload
+        (label, metadata) so a workload that differs from its record shows as spec
+        drift. The restart policy and stop timeout are the agent's, not the workload's."""
+        made_of = [self.service, self.component, self.image, self.cmd, self.env,
+                   self.volumes, self.ports, self.memory_mb, self.vcpus, self.binary,
+                   self.image_sha256]
+        return hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:16]
+
 
 @dataclass
 class Workload:
@@ -87,6 +100,8 @@ class Workload:
     started_at: float | None = None  # unix time
     restart_count: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # runtime-specific observations
+    spec_digest: str = ""            # WorkloadSpec.digest it was made from ("" unknown)
+    exit_code: int | None = None     # of the last exit, where the runtime knows it
 
 
 class Runtime(ABC):
@@ -115,6 +130,13 @@ class Runtime(ABC):
     @abstractmethod
     def run(self, spec: WorkloadSpec) -> Workload:
         """Create and start the workload, replacing any existing one of that name."""
+
+    def start(self, service: str, component: str) -> bool:
+        """Start an existing, stopped workload as it is (its log kept).
+
+        False when there is nothing to start; the agent then runs it anew.
+        """
+        return False
 
     @abstractmethod
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
@@ -150,6 +172,10 @@ class Runtime(ABC):
     def info(self) -> dict[str, Any]:
         """Facts for the node's health (accel, socket, usage); must not raise."""
         return {}
+
+    def health_reasons(self) -> builtins.list[str]:
+        """Why this runtime makes the node degraded (e.g. a fallback in use); must not raise."""
+        return []
 
     def status_extra(self, spec: WorkloadSpec, observed: Workload | None) -> dict[str, Any]:
         """Extra keys this runtime adds to a component's status (flat, JSON-safe)."""

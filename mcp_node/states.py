@@ -14,9 +14,11 @@ class State(StrEnum):
     STOPPED = "stopped"   # exists, not running (exited, created, powered off)
     MISSING = "missing"   # the runtime has no such workload
     UNKNOWN = "unknown"   # the runtime could not be asked
+    BACKOFF = "backoff"   # exited; the agent restarts it after a growing delay
 
 
 RUNNING = State.RUNNING
 STOPPED = State.STOPPED
 MISSING = State.MISSING
 UNKNOWN = State.UNKNOWN
+BACKOFF = State.BACKOFF

@@ -30,6 +30,7 @@ class Running:
     state: str = RUNNING
     id: str = ""
     started_at: float = 0.0
+    exit_code: int | None = None
     log: list[bytes] = field(default_factory=list)
 
 
@@ -51,6 +52,11 @@ class FakeWorld:
     def fail(self, op: str, component: str, error: MCPError | None = None) -> None:
         """The next ``op`` on ``component`` raises ``error`` (once)."""
         self.failures[(op, component)] = error or WorkloadError(f"injected {op} failure")
+
+    def crash(self, service: str, component: str, code: int = 1) -> None:
+        """The workload exits by itself with ``code``."""
+        w = self.workloads[(service, component)]
+        w.state, w.exit_code = STOPPED, code
 
     def ops(self, *kinds: str) -> list[tuple[str, str]]:
         """(op, component) of the calls so far, optionally only of the given kinds."""
@@ -91,6 +97,14 @@ class DummyRuntime(Runtime):
         assert w is not None
         return w
 
+    def start(self, service: str, component: str) -> bool:
+        self._step("start", component)
+        w = self._mine().get((service, component))
+        if w is None:
+            return False
+        w.state, w.exit_code = RUNNING, None
+        return True
+
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
         self._step("stop", component)
         w = self.world.workloads.get((service, component))
@@ -109,7 +123,8 @@ class DummyRuntime(Runtime):
         if w is None:
             return None
         return Workload(service, component, self.name, w.state, id=w.id, image=w.spec.image,
-                        started_at=w.started_at, extra={"fake_id": w.id})
+                        started_at=w.started_at, extra={"fake_id": w.id},
+                        spec_digest=w.spec.digest, exit_code=w.exit_code)
 
     def list(self) -> list[Workload]:
         self.world.calls.append((self.name, "list", ""))

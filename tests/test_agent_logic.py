@@ -178,7 +178,8 @@ def test_status_shape_includes_the_runtime_extras(agent: Agent, world: FakeWorld
                        "events"}
     web, box = st["components"]
     common = {"service", "component", "node", "runtime", "state", "desired_state", "version",
-              "uptime_s", "routes", "image", "drift", "flapping"}
+              "uptime_s", "routes", "image", "drift", "flapping", "restarts", "exit_code",
+              "next_attempt", "spec_drift"}
     assert set(web) == common | {"fake_id", "memory_mb"}
     assert (web["runtime"], web["state"], web["drift"]) == (CONTAINER, "running", False)
     assert box["runtime"] == VM and box["memory_mb"] == 256

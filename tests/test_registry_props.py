@@ -4,6 +4,7 @@ the schema of a fresh database; stopping after any migration resumes cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -56,11 +57,10 @@ def fill(db: sqlite3.Connection, data: st.DataObject) -> None:
                     if name in row or (pk and ctype == "INTEGER" and table == "events"):
                         continue
                     row[name] = data.draw(VALUES[ctype], label=f"{table}.{name}")
-                try:
+                # A drawn key may collide with an earlier row: skip that row.
+                with contextlib.suppress(sqlite3.IntegrityError):
                     db.execute(f"INSERT INTO {table} ({', '.join(row)}) "  # noqa: S608
                                f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
-                except sqlite3.IntegrityError:
-                    pass  # a drawn key collided with an earlier row: skip it
 
 
 def snapshot(db: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:

@@ -1,0 +1,252 @@
+"""Reconcile: the actions that drive observed state to desired state.
+
+``plan`` is pure: from the registry records, the monitor's view of the
+runtimes and each component's restart bookkeeping it returns what to do,
+and why. The agent carries the actions out under each service's lock. A
+workload whose spec digest differs from the one its record implies is
+*spec drift* (a deploy interrupted half-way, an old container left behind)
+and is replaced; a workload no record owns is removed.
+
+Restart policies (design §9): ``no`` reports only; ``on-failure`` restarts
+after a non-zero (or unknown) exit; ``always`` and ``unless-stopped`` (the
+default) restart after any exit. Restarts back off exponentially from
+``BACKOFF_START_S`` to the configured cap, and the count resets once a
+component has run for ``reset_after_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .errors import MCPError, NotFoundError
+from .registry import ComponentRecord, Event, Registry, ServiceRecord
+from .runtime import Runtime, Workload, WorkloadSpec
+from .states import RUNNING
+
+log = logging.getLogger("mcp_node.reconcile")
+
+BACKOFF_START_S = 1.0
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str          # "run" (create anew) | "start" (existing) | "stop" | "remove"
+    service: str
+    component: str
+    runtime: str
+    reason: str
+    restart: bool = False   # counts as a restart of a component that exited
+
+
+@dataclass
+class Backoff:
+    """Restart bookkeeping of one component (in memory; monotonic times)."""
+
+    restarts: int = 0
+    exit_code: int | None = None
+    next_attempt: float = 0.0
+    running_since: float | None = None
+
+    def delay(self, cap_s: float) -> float:
+        return float(min(cap_s, BACKOFF_START_S * 2.0 ** min(max(self.restarts - 1, 0), 32)))
+
+
+@dataclass
+class Policy:
+    backoff_cap_s: float = 60.0
+    reset_after_s: float = 60.0
+
+
+@dataclass
+class Plan:
+    actions: list[Action] = field(default_factory=list)
+    waiting: dict[Key, float] = field(default_factory=dict)   # in backoff until (monotonic)
+    held: dict[Key, str] = field(default_factory=dict)        # down and left down, why
+
+
+def wants_restart(policy: str, exit_code: int | None) -> bool:
+    if policy == "no":
+        return False
+    if policy == "on-failure":
+        return exit_code != 0
+    return True   # always, unless-stopped, "" (the default)
+
+
+def plan(
+    records: Iterable[ServiceRecord],
+    workloads: dict[Key, Workload],
+    orphans: Iterable[Workload],
+    digest: Callable[[ServiceRecord, ComponentRecord], str],
+    backoff: dict[Key, Backoff],
+    now: float,
+    policy: Policy,
+    skip_runtimes: Iterable[str] = (),
+) -> Plan:
+    """What to do now; ``backoff`` is updated in place (exit codes, resets)."""
+    out = Plan()
+    skip = set(skip_runtimes)
+    for rec in records:
+        for comp in rec.components:
+            d = comp.defn
+            key = (rec.name, d.name)
+            if d.runtime in skip:
+                continue   # that runtime could not be listed: we cannot tell
+            w = workloads.get(key)
+            if w is not None and w.runtime != d.runtime:
+                w = None
+            b = backoff.setdefault(key, Backoff())
+            if comp.desired_state != RUNNING:
+                b.restarts, b.running_since = 0, None
+                if w is not None and w.state == RUNNING:
+                    out.actions.append(Action("stop", rec.name, d.name, d.runtime,
+                                              "desired stopped"))
+                continue
+            want = digest(rec, comp)
+            if w is not None and w.spec_digest and w.spec_digest != want:
+                out.actions.append(Action("run", rec.name, d.name, d.runtime,
+                                          f"spec drift ({w.spec_digest} != {want})"))
+                continue
+            if w is not None and w.state == RUNNING:
+                if b.running_since is None:
+                    b.running_since = now
+                elif now - b.running_since >= policy.reset_after_s:
+                    b.restarts = 0
+                continue
+            # Down: exited (w stopped) or gone (w None).
+            if w is not None:
+                b.exit_code = w.exit_code
+            b.running_since = None
+            if not wants_restart(d.restart, b.exit_code if w is not None else None):
+                out.held[key] = f"restart={d.restart or 'unless-stopped'}"
+                continue
+            if now < b.next_attempt:
+                out.waiting[key] = b.next_attempt
+                continue
+            kind = "start" if w is not None else "run"
+            why = (f"exited ({w.exit_code})" if w is not None else "missing")
+            out.actions.append(Action(kind, rec.name, d.name, d.runtime, why, restart=True))
+    for w in orphans:
+        if w.runtime not in skip:
+            out.actions.append(Action("remove", w.service, w.component, w.runtime,
+                                      "orphan: no service record owns it"))
+    return out
+
+
+def note_attempt(b: Backoff, now: float, policy: Policy) -> None:
+    """After an automatic (re)start: count it and set the next earliest attempt."""
+    b.restarts += 1
+    b.next_attempt = now + b.delay(policy.backoff_cap_s)
+
+
+def still_wanted(a: Action, rec: ServiceRecord | None, w: Workload | None,
+                 digest: Callable[[ServiceRecord, ComponentRecord], str]) -> bool:
+    """Re-judge an action under the service lock, against the record and workload as
+    they are now (the listing it was planned from may predate a deploy)."""
+    comp = next((c for c in rec.components if c.defn.name == a.component), None) if rec else None
+    if comp is not None and comp.defn.runtime != a.runtime:
+        comp = None
+    if a.kind == "remove":
+        return comp is None and w is not None
+    if comp is None or rec is None:
+        return False
+    if a.kind == "stop":
+        return comp.desired_state != RUNNING and w is not None and w.state == RUNNING
+    if comp.desired_state != RUNNING:
+        return False
+    if not a.restart:  # spec drift
+        return w is not None and bool(w.spec_digest) and w.spec_digest != digest(rec, comp)
+    return w is None or w.state != RUNNING
+
+
+class Host(Protocol):
+    """What the reconciler needs of the agent."""
+
+    registry: Registry
+
+    def runtime(self, name: str) -> Runtime: ...
+
+    def spec(self, service: str, comp: ComponentRecord) -> WorkloadSpec: ...
+
+    def _service_lock(self, name: str, wait: bool = True) -> AbstractContextManager[bool]: ...
+
+
+class Reconciler:
+    """Carries out ``plan`` for the daemon; keeps restart bookkeeping between rounds."""
+
+    def __init__(self, host: Host, policy: Policy,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.host = host
+        self.policy = policy
+        self.clock = clock
+        self.backoff: dict[Key, Backoff] = {}
+        self.last = Plan()
+
+    def digest(self, rec: ServiceRecord, comp: ComponentRecord) -> str:
+        return self.host.spec(rec.name, comp).digest
+
+    def run(self, records: list[ServiceRecord], workloads: dict[Key, Workload],
+            orphans: list[Workload], errors: Iterable[str]) -> list[str]:
+        """Plan from a monitor view and act; returns what was done, for the log."""
+        self.last = plan(records, workloads, orphans, self.digest, self.backoff,
+                         self.clock(), self.policy, errors)
+        done = []
+        for a in self.last.actions:
+            with self.host._service_lock(a.service, wait=False) as got:
+                if got and self._act(a):
+                    done.append(f"{a.kind} {a.service}/{a.component}: {a.reason}")
+        return done
+
+    def _act(self, a: Action) -> bool:
+        try:
+            rec: ServiceRecord | None = self.host.registry.get_service(a.service)
+        except NotFoundError:
+            rec = None
+        rt = self.host.runtime(a.runtime)
+        try:
+            w = rt.inspect(a.service, a.component)
+            if not still_wanted(a, rec, w, self.digest):
+                return False
+            log.info("reconcile %s service=%s component=%s: %s", a.kind, a.service,
+                     a.component, a.reason)
+            if a.kind == "remove":
+                rt.remove(a.service, a.component)
+            elif a.kind == "stop":
+                rt.stop(a.service, a.component)
+            else:
+                assert rec is not None
+                comp = rec.component(a.component)
+                if a.restart:
+                    note_attempt(self.backoff.setdefault((a.service, a.component), Backoff()),
+                                 self.clock(), self.policy)
+                if a.kind != "start" or not rt.start(a.service, a.component):
+                    rt.run(self.host.spec(a.service, comp))
+        except MCPError as exc:
+            log.warning("reconcile %s service=%s component=%s failed: %s", a.kind, a.service,
+                        a.component, exc)
+            self._event(a, f"reconcile {a.kind} failed: {exc}")
+            return False
+        if rec is not None and a.kind != "remove":
+            b = self.backoff.get((a.service, a.component))
+            detail = (f"restarted by agent after {a.reason}, restart {b.restarts}"
+                      if a.restart and b else f"{a.kind}: {a.reason}")
+            self._event(a, detail)
+        return True
+
+    def _event(self, a: Action, detail: str) -> None:
+        try:
+            rec = self.host.registry.get_service(a.service)
+            state = rec.component(a.component).observed_state
+        except MCPError:
+            return
+        try:
+            self.host.registry.record_observed([Event(a.service, a.component, time.time(),
+                                                      state, state, detail, unplanned=True)])
+        except MCPError:
+            log.exception("reconcile: could not record an event")

@@ -25,6 +25,7 @@ from .config import AgentConfig
 from .errors import ConflictError, MCPError, RuntimeUnavailable, ValidationError
 from .files import atomic_write, flocked
 from .monitor import Monitor, View, is_drift
+from .readiness import probe
 from .reconcile import Policy, Reconciler
 from .registry import ComponentRecord, Registry, ServiceRecord
 from .runtime import (
@@ -36,7 +37,7 @@ from .runtime import (
     workload_name,
 )
 from .servicedef import ComponentDef, ServiceDef, check_name, route_env
-from .states import BACKOFF, MISSING, RUNNING, STOPPED, UNKNOWN, State
+from .states import BACKOFF, MISSING, RUNNING, STARTING, STOPPED, UNKNOWN, State
 
 if TYPE_CHECKING:
     from .edge import EdgeManager
@@ -94,6 +95,8 @@ class Agent:
                                                   config.monitor.restart_reset_s))
         # Only the daemon acts on what the monitor sees; ``mcp --local ps`` must not.
         self._reconciling = monitor if reconcile is None else reconcile
+        # (service, component) -> (workload id, started_at) of the run judged ready
+        self._ready: dict[tuple[str, str], tuple[str, float | None]] = {}
         self.monitor = Monitor(self.registry, self._listable, config.monitor, self._on_refresh)
         if monitor:
             self.monitor.start()
@@ -372,6 +375,8 @@ class Agent:
         state = w.state if w else (UNKNOWN if comp.defn.runtime in view.errors else MISSING)
         if state != RUNNING and key in self.reconciler.last.waiting:
             state = BACKOFF
+        elif w is not None and state == RUNNING and not self._is_ready(key, comp, w):
+            state = STARTING
         uptime = int(now - w.started_at) if w and w.state == RUNNING and w.started_at else 0
         return {
             "service": svc.name, "component": comp.defn.name, "node": self.node,
@@ -383,6 +388,16 @@ class Agent:
                 for r in comp.defn.routes
             ],
         }
+
+    def _is_ready(self, key: tuple[str, str], comp: ComponentRecord, w: Workload) -> bool:
+        """Probed until it passes once per run (a new id or start time probes again)."""
+        mark = (w.id, w.started_at)
+        if self._ready.get(key) == mark:
+            return True
+        if probe(comp.defn, comp.host_ports):
+            self._ready[key] = mark
+            return True
+        return False
 
     def ps(self) -> list[dict[str, Any]]:
         """One row per component of every service; raises RegistryError."""
@@ -404,7 +419,9 @@ class Agent:
             row = self._row(svc, c, view, now)
             w = view.workloads.get((svc.name, c.defn.name))
             row["image"] = c.defn.image
-            row["drift"] = is_drift(c.desired_state, row["state"])
+            row["ready"] = row["state"] == RUNNING
+            row["drift"] = is_drift(c.desired_state, RUNNING if row["state"] == STARTING
+                                    else row["state"])
             row["flapping"] = (svc.name, c.defn.name) in view.flapping
             row.update(self._restart_fields(svc.name, c, w))
             row.update(self._status_extra(svc.name, c, w))

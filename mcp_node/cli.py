@@ -18,13 +18,16 @@ import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import click
 
 from . import __version__
 from .errors import MCPError, ValidationError
 from .states import RUNNING, UNKNOWN
+
+if TYPE_CHECKING:
+    from .agent import Agent
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_AGENT = "http://127.0.0.1:9444"
@@ -124,12 +127,14 @@ class RemoteBackend:
 class LocalBackend:
     """The same operations in-process, against this node's registry."""
 
-    def __init__(self) -> None:
-        from .agent import Agent
-        from .config import load
+    def __init__(self, agent: Agent | None = None) -> None:
+        if agent is None:
+            from .agent import Agent
+            from .config import load
 
-        self.agent = Agent(load(None))
-        self.node = self.agent.node
+            agent = Agent(load(None))
+        self.agent = agent
+        self.node = agent.node
 
     def call(self, op: str, *args: Any) -> Any:
         from .servicedef import from_dict
@@ -400,14 +405,56 @@ def load_definition(ctx: Ctx, arg: str) -> dict[str, Any]:
 @click.option("--direct", is_flag=True, help="Dial the node agent directly (the default here).")
 @click.option("-n", "--node", "node", metavar="NODE", help="Node name from mcp.toml [[nodes]].")
 @click.option("--local", is_flag=True, help="Run in-process against the local registry.")
+@click.option("--wait", "wait", is_flag=True,
+              help="Return once every component is ready (its check passes).")
+@click.option("--timeout", type=click.FloatRange(0.1, 86400), default=120.0, show_default=True,
+              help="With --wait: seconds to wait before failing.")
 @json_option
 @pass_ctx
-def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool) -> None:
-    """Deploy SERVICE (a name in the services dir) or a definition FILE."""
+def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, wait: bool,
+           timeout: float) -> None:
+    """Deploy SERVICE (a name in the services dir) or a definition FILE.
+
+    With --wait it returns when every component that should run is ready, and
+    fails (exit 1) with the last log lines of those that are not.
+    """
     ctx.node = node or ctx.node
     ctx.local = local or ctx.local
-    st = ctx.backend().call("deploy", load_definition(ctx, service))
+    backend = ctx.backend()
+    st = backend.call("deploy", load_definition(ctx, service))
+    if wait:
+        st = wait_ready(backend, st["service"], timeout)
     emit(ctx, st, lambda s: f"deployed {s['service']}\n{status_text(s)}")
+
+
+def not_ready(st: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in st["components"] if c["desired_state"] == "running" and not c["ready"]]
+
+
+def wait_ready(backend: Backend, service: str, timeout: float) -> dict[str, Any]:
+    """Poll the service's status until every component that should run is ready."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        st: dict[str, Any] = backend.call("status", service)
+        waiting = not_ready(st)
+        if not waiting:
+            return st
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+        delay = min(delay * 1.5, 1.0)
+    lines = [f"{service}: not ready after {timeout:g} s:"]
+    for c in waiting:
+        lines.append(f"  {c['component']}: {c['state']}"
+                     + (f", exit code {c['exit_code']}" if c.get("exit_code") is not None
+                        else ""))
+        try:
+            tail = b"".join(backend.logs(service, c["component"], 10, False))
+        except MCPError as exc:
+            tail = f"(logs unavailable: {exc})".encode()
+        lines.extend("    | " + ln for ln in tail.decode(errors="replace").splitlines()[-10:])
+    raise MCPError("\n".join(lines))
 
 
 def _lifecycle(op: str, past: str) -> None:

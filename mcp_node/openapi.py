@@ -162,6 +162,8 @@ def _schemas() -> dict[str, Any]:
             "binary": {"type": "string"},
             "image_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
             "routes": {"type": "array", "items": route_def},
+            "check": {"type": "string",
+                      "pattern": "^(|tcp|none|http:/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255})$"},
         },
     }
     route_out = {

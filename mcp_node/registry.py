@@ -229,11 +229,12 @@ class Registry:
                 db.execute(
                     "INSERT INTO components (service, name, image, cmd, env, volumes, restart, "
                     "desired_state, observed_state, version, updated_at, runtime, memory_mb, "
-                    "vcpus, binary, image_sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "vcpus, binary, image_sha256, health_check) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (svc.name, c.name, c.image, json.dumps(c.cmd), json.dumps(c.env),
                      json.dumps(c.volumes), c.restart, state,
                      old_observed.get(c.name, UNKNOWN), c.version, ts, c.runtime,
-                     c.memory_mb, c.vcpus, c.binary, c.image_sha256),
+                     c.memory_mb, c.vcpus, c.binary, c.image_sha256, c.check),
                 )
                 for r in c.routes:
                     host_port = keep.get((c.name, r.name)) or self._allocate(db)
@@ -299,7 +300,7 @@ class Registry:
                 cmd=tuple(json.loads(c["cmd"])), env=tuple(json.loads(c["env"])),
                 volumes=tuple(json.loads(c["volumes"])), restart=c["restart"],
                 memory_mb=c["memory_mb"], vcpus=c["vcpus"], binary=c["binary"],
-                image_sha256=c["image_sha256"],
+                image_sha256=c["image_sha256"], check=c["health_check"],
                 routes=tuple(
                     RouteDef(name=r["name"], port=r["port"], mode=r["mode"],
                              hostname=r["hostname"]) for r in rs

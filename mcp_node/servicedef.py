@@ -49,6 +49,7 @@ class ComponentDef:
     binary: str = ""
     image_sha256: str = ""
     routes: tuple[RouteDef, ...] = ()
+    check: str = ""                  # readiness: "" (tcp with routes), tcp, none, http:/path
 
     @property
     def version(self) -> str:
@@ -160,8 +161,22 @@ def _route(data: object, where: str, single: bool) -> RouteDef:
 
 COMPONENT_KEYS = {
     "name", "image", "cmd", "env", "volumes", "restart", "runtime", "memory_mb",
-    "vcpus", "binary", "image_sha256", "routes",
+    "vcpus", "binary", "image_sha256", "routes", "check",
 }
+CHECK_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255}")
+
+
+def _check(data: dict[str, Any], routes: tuple[RouteDef, ...], where: str) -> str:
+    """``tcp`` | ``none`` | ``http:/path``; tcp and http need a route to probe."""
+    check = _str(data.get("check", ""), where + "check", allow_empty=True)
+    if check in ("", "none"):
+        return check
+    if check != "tcp" and not (check.startswith("http:") and CHECK_PATH_RE.fullmatch(check[5:])):
+        raise ValidationError(f"{check[:80]!r} is not tcp, none or http:/path",
+                              where + "check")
+    if not routes:
+        raise ValidationError(f"{check!r} needs a route to probe", where + "check")
+    return check
 
 
 def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
@@ -221,7 +236,7 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
         name=name, image=image, runtime=runtime,
         cmd=_str_list(data.get("cmd", []), where + "cmd"), env=env, volumes=volumes,
         restart=restart, memory_mb=memory_mb, vcpus=vcpus, binary=binary,
-        image_sha256=sha, routes=routes,
+        image_sha256=sha, routes=routes, check=_check(data, routes, where),
     )
 
 

@@ -15,6 +15,7 @@ class State(StrEnum):
     MISSING = "missing"   # the runtime has no such workload
     UNKNOWN = "unknown"   # the runtime could not be asked
     BACKOFF = "backoff"   # exited; the agent restarts it after a growing delay
+    STARTING = "starting" # running, its readiness check not passed yet
 
 
 RUNNING = State.RUNNING
@@ -22,3 +23,4 @@ STOPPED = State.STOPPED
 MISSING = State.MISSING
 UNKNOWN = State.UNKNOWN
 BACKOFF = State.BACKOFF
+STARTING = State.STARTING

@@ -1,0 +1,125 @@
+"""Readiness: the check grammar, the probes against real sockets, and
+``deploy --wait`` against real podman (ready, and never ready with its logs)."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from mcp_node.agent import Agent
+from mcp_node.cli import LocalBackend, wait_ready
+from mcp_node.config import AgentConfig, MonitorConfig
+from mcp_node.errors import MCPError, ValidationError
+from mcp_node.readiness import effective, probe
+from mcp_node.servicedef import ComponentDef, RouteDef, from_dict
+
+
+def comp(check: str = "", routes: int = 1) -> ComponentDef:
+    return ComponentDef(name="web", image="i", check=check,
+                        routes=tuple(RouteDef(name=f"r{i}", port=80) for i in range(routes)))
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])   # bound, never listening, then closed
+
+
+@pytest.fixture
+def http_server() -> Iterator[int]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200 if self.path == "/ok" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_defaults_tcp_with_routes_none_without() -> None:
+    assert effective(comp()) == "tcp" and effective(comp(routes=0)) == "none"
+    assert effective(comp("http:/healthz")) == "http:/healthz"
+
+
+def test_tcp_probe_needs_every_route_listening(listener: int, closed_port: int) -> None:
+    assert probe(comp(), {"r0": listener})
+    assert not probe(comp(), {"r0": closed_port})
+    assert not probe(comp(routes=2), {"r0": listener, "r1": closed_port})
+    assert probe(comp("none"), {"r0": closed_port})
+
+
+def test_http_probe_needs_a_2xx(http_server: int) -> None:
+    assert probe(comp("http:/ok"), {"r0": http_server})
+    assert not probe(comp("http:/failing"), {"r0": http_server})
+
+
+@pytest.mark.parametrize(("check", "routes", "match"), [
+    ("http", 1, "is not tcp, none or http:/path"),
+    ("http:nope", 1, "is not tcp, none or http:/path"),
+    ("http:/a b", 1, "is not tcp, none or http:/path"),
+    ("udp", 1, "is not tcp, none or http:/path"),
+    ("tcp", 0, "needs a route"),
+    ("http:/x", 0, "needs a route"),
+])
+def test_bad_checks_are_refused_naming_the_field(check: str, routes: int, match: str) -> None:
+    data = {"name": "s", "components": [{"name": "web", "image": "i", "check": check,
+                                         "routes": [{"port": 80}] * routes}]}
+    with pytest.raises(ValidationError, match=match) as err:
+        from_dict(data)
+    assert err.value.field == "components[0].check"
+
+
+@pytest.fixture
+def agent(podman_config: AgentConfig, podman_cleanup: object) -> Iterator[Agent]:
+    a = Agent(replace(podman_config, monitor=MonitorConfig(interval_s=0.2)))
+    podman_cleanup.add(a.owner)  # type: ignore[attr-defined]
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+def test_deploy_wait_returns_once_ready(agent: Agent, hello_image: str) -> None:
+    name = f"r{uuid.uuid4().hex[:8]}"
+    agent.deploy(from_dict({"name": name, "components": [
+        {"name": "web", "image": hello_image, "check": "http:/", "routes": [{"port": 8080}]}]}))
+    st = wait_ready(LocalBackend(agent), name, 30)
+    [c] = st["components"]
+    assert c["ready"] is True and c["state"] == "running"
+
+
+def test_deploy_wait_fails_with_the_last_log_lines(agent: Agent, busybox_image: str) -> None:
+    name = f"r{uuid.uuid4().hex[:8]}"
+    agent.deploy(from_dict({"name": name, "components": [{
+        "name": "web", "image": busybox_image,
+        "cmd": ["sh", "-c", "echo not listening on $PORT; exec sleep 600"],
+        "routes": [{"port": 8080}]}]}))
+    with pytest.raises(MCPError) as err:
+        wait_ready(LocalBackend(agent), name, 1.5)
+    msg = str(err.value)
+    assert msg.startswith(f"{name}: not ready after 1.5 s:\n  web: starting")
+    assert "    | not listening on " in msg
+    [c] = agent.status(name)["components"]
+    assert c["state"] == "starting" and c["ready"] is False and c["drift"] is False

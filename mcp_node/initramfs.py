@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import logging
 import lzma
 import os
@@ -24,9 +23,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .config import QemuConfig
-from .errors import ImageError
+from .cpio import Cpio
+from .errors import ImageError, ValidationError
 from .files import atomic_write
-from .vmimage import BootPlan, BuildRequest, Volume, check_env, elf_info, run_tool, sha256_file
+from .grammar import Volume, parse_env
+from .vmimage import (
+    BootPlan,
+    BuildRequest,
+    elf_info,
+    run_tool,
+    sha256_file,
+    volume_tag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,84 +103,10 @@ def guest_config(program: str, argv: tuple[str, ...], env: tuple[str, ...],
     lines.append("set -- " + " ".join(shlex.quote(a) for a in (program, *argv)))
     lines.append("mcp_env() {")
     lines.append(f"  export PATH={DEFAULT_PATH}")
-    lines += [f"  export {k}={shlex.quote(v)}" for k, v in check_env(env)]
+    lines += [f"  export {k}={shlex.quote(v)}" for k, v in parse_env(env)]
     lines.append("  :")
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def volume_tag(i: int) -> str:
-    return f"mcpvol{i}"
-
-
-# -- cpio (newc) ---------------------------------------------------------------------------------
-
-S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
-
-
-class Cpio:
-    """A deterministic newc archive writer (what the kernel unpacks)."""
-
-    def __init__(self) -> None:
-        self.buf = io.BytesIO()
-        self.ino = 0
-        self.names: set[str] = set()
-
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
-               nlink: int = 1) -> None:
-        if name in self.names:
-            raise ImageError(f"duplicate initramfs entry {name}")
-        self.names.add(name)
-        self.ino += 1
-        raw = name.encode() + b"\0"
-        fields = (self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw), 0)
-        self.buf.write(b"070701" + b"".join(b"%08X" % f for f in fields) + raw)
-        self._pad()
-        self.buf.write(data)
-        self._pad()
-
-    def _pad(self) -> None:
-        self.buf.write(b"\0" * (-self.buf.tell() % 4))
-
-    def dir(self, name: str) -> None:
-        self._entry(name, S_IFDIR | 0o755, nlink=2)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self._entry(name, S_IFREG | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        self._entry(name, S_IFLNK | 0o777, target.encode())
-
-    def chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
-        self._entry(name, S_IFCHR | mode, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self.ino += 1
-        raw = b"TRAILER!!!\0"
-        self.buf.write(b"070701" + b"".join(b"%08X" % f for f in
-                                            (0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(raw), 0)) + raw)
-        self._pad()
-        return self.buf.getvalue()
-
-
-def read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
-    """Parse a newc archive into name -> (mode, data); for tests and checks."""
-    out: dict[str, tuple[int, bytes]] = {}
-    pos = 0
-    while True:
-        if data[pos:pos + 6] != b"070701":
-            raise ImageError(f"bad cpio header at {pos}")
-        f = [int(data[pos + 6 + 8 * i: pos + 14 + 8 * i], 16) for i in range(13)]
-        namesize, filesize, mode = f[11], f[6], f[1]
-        name = data[pos + 110: pos + 110 + namesize - 1].decode()
-        pos += 110 + namesize
-        pos += -pos % 4
-        body = data[pos:pos + filesize]
-        pos += filesize
-        pos += -pos % 4
-        if name == "TRAILER!!!":
-            return out
-        out[name] = (mode, body)
 
 
 # -- kernel and modules --------------------------------------------------------------------------
@@ -394,6 +328,13 @@ class InitramfsBuilder:
     def __init__(self, cfg: QemuConfig) -> None:
         self.cfg = cfg
 
+    def check(self, volumes: tuple[Volume, ...]) -> None:
+        if self.cfg.machine != "q35":
+            # Measured: the Debian kernel prints nothing on microvm (qboot) here.
+            raise ValidationError(
+                f"{self.cfg.machine!r} is for the Nanos builders (ops, nanos); the initramfs "
+                "builder (a Linux guest) boots q35", "qemu.machine")
+
     def available(self) -> tuple[bool, str]:
         kernel, why = find_kernel(self.cfg)
         if kernel is None:
@@ -409,10 +350,7 @@ class InitramfsBuilder:
         return True, ""
 
     def build(self, req: BuildRequest, out: Path) -> BootPlan:
-        if self.cfg.machine != "q35":
-            # Measured: the Debian kernel prints nothing on microvm (qboot) here.
-            raise ImageError(f"machine {self.cfg.machine!r} is for the Nanos builders (ops, "
-                             "nanos); the initramfs builder boots q35")
+        self.check(req.volumes)
         kernel, why = find_kernel(self.cfg)
         if kernel is None:
             raise ImageError(f"initramfs builder: no {why}")

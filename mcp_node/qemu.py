@@ -1,10 +1,20 @@
 """The unikernel runtime: each component a QEMU VM (design §4).
 
-State lives on disk only, in ``<state_dir>/vms/<service>-<component>/``
-(``meta.json``, ``qemu.pid``, ``qmp.sock``, ``console.log``, ``image/``), so a
-restarted agent re-adopts running VMs by reading it and never has to kill
-anything on start. qemu runs daemonised; liveness is "pid alive *and*
-/proc/<pid>/cmdline is this VM's qemu", which guards against pid reuse.
+State lives on disk only (``vmstate.py``), so a restarted agent re-adopts running VMs
+by reading it and never has to kill anything on start. qemu runs daemonised;
+liveness is "pid alive *and* /proc/<pid>/cmdline is this VM's qemu", which guards
+against pid reuse.
+
+``run`` goes in four steps: the ELF (``_elf``: extracted from the OCI image, cached
+by image id), the image (``_image``: built by the node's builder, pin checked),
+the install (``_install``: the old VM stopped, the new image and ``VMMeta`` put in
+place) and the launch (``_launch``: qemu started).
+
+What a guest gets on stop depends on the machine type: on q35 the ACPI power button
+(the program gets SIGTERM, the guest powers off), waited for up to the stop timeout,
+then QMP ``quit``, then SIGKILL. A Nanos guest on microvm gets the SIGTERM too but
+cannot power itself off, so it is not waited for: ``quit`` follows after a short grace
+(``MICROVM_GRACE_S``) for the program's handler.
 """
 
 from __future__ import annotations
@@ -26,73 +36,64 @@ from pathlib import Path
 from typing import Any
 
 from . import qmp
+from .builders import choose_builder
 from .config import AgentConfig
 from .errors import (
     ConflictError,
     ImageError,
     NotFoundError,
     ResourceError,
-    RuntimeError_,
     RuntimeUnavailable,
     ValidationError,
+    WorkloadError,
 )
-from .files import atomic_write, read_cmdline
+from .files import atomic_write
+from .grammar import Volume, parse_volumes
 from .initramfs import find_busybox, find_kernel
-from .qemuargs import (
-    VMParams,
+from .kvmprobe import choose_accel
+from .qemuargs import VMParams, mac_for, qemu_argv
+from .runtime import Runtime, Workload, WorkloadSpec
+from .servicedef import SHA256_RE, check_name
+from .states import State
+from .vmimage import BootPlan, Builder, BuildRequest
+from .vmpull import Podman, PulledELF, extract_elf
+from .vmstate import (
+    VMDir,
+    VMMeta,
     console_rotate,
     host_cpus,
     host_memory_mb,
-    mac_for,
-    probe_kvm,
-    qemu_argv,
+    live_pid,
+    read_console,
+    read_meta,
+    wait_exit,
+    write_meta,
 )
-from .runtime import RUNNING, STOPPED, Workload, WorkloadSpec, workload_name
-from .servicedef import SHA256_RE, check_name
-from .vmimage import BootPlan, BuildRequest, choose_builder, parse_volumes
-from .vmpull import Podman, PulledELF, extract_elf
 
 log = logging.getLogger(__name__)
 
-META = "meta.json"
-PIDFILE = "qemu.pid"
-QMP_SOCK = "qmp.sock"
 CACHE_GRACE_S = 600.0
-CONSOLE = "console.log"
+MICROVM_GRACE_S = 0.2     # microvm: time the program gets for its SIGTERM handler
+QUIT_WAIT_S = 3.0
+KILL_WAIT_S = 5.0
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode())
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _lf(data: bytes) -> bytes:
-    """The serial line is a tty (CRLF); logs read like a container's (LF)."""
-    return data.replace(b"\r\n", b"\n")
-
-
-class QemuRuntime:
+class QemuRuntime(Runtime):
     name = "unikernel"
 
-    def __init__(self, config: AgentConfig, state_dir: Path | None = None) -> None:
+    def __init__(self, config: AgentConfig, state_dir: Path, owner: str) -> None:
         self.config = config
         self.cfg = config.qemu
+        self.owner = owner
         # Absolute: qemu runs with its cwd in the VM directory, so a relative pidfile or
         # console path (``--state-dir ./st``) would resolve below it.
-        self.state_dir = (Path(state_dir) if state_dir else config.state_dir).absolute()
+        self.state_dir = Path(state_dir).absolute()
         self.vms_dir = self.state_dir / "vms"
         self.cache_dir = self.state_dir / "vm-cache"
         self.podman = Podman(containers_conf=config.podman.containers_conf)
         self._accel: str | None = None
         self._avail: tuple[bool, str] | None = None
-        self._builder_name = ""
+        self._builder: Builder | None = None
         self._lock = threading.RLock()            # capacity check + launch, dir claims
         self._guard = threading.Lock()            # _vm_locks and the accel probe
         self._vm_locks: dict[str, threading.RLock] = {}
@@ -113,7 +114,7 @@ class QemuRuntime:
         if not self._qemu_binary():
             missing.append(f"qemu binary ({self.cfg.binary!r} not found)")
         choice = choose_builder(self.cfg)
-        self._builder_name = choice.builder.name if choice.builder else ""
+        self._builder = choice.builder
         if choice.builder is None:
             missing.append("an image builder: " + "; ".join(choice.missing))
         if not shutil.which(self.podman.binary):
@@ -122,95 +123,67 @@ class QemuRuntime:
         return self._avail
 
     @property
-    def builder_name(self) -> str:
+    def builder(self) -> Builder | None:
+        """The node's image builder (chosen once, by ``builders.choose_builder``)."""
         self.available()
-        return self._builder_name
+        return self._builder
+
+    @property
+    def builder_name(self) -> str:
+        b = self.builder
+        return b.name if b else ""
 
     @property
     def accel(self) -> str:
         """kvm only if configured or a probe boot under KVM printed; cached."""
         with self._guard:
             if self._accel is None:
-                if self.cfg.accel != "auto":
-                    self._accel = self.cfg.accel
-                else:
-                    ok, why = self._probe_cached()
-                    self._accel = "kvm" if ok else "tcg"
-                    if not ok:
-                        log.warning("qemu: KVM is not usable (%s); VMs run under TCG, slowly", why)
+                kernel = find_kernel(self.cfg)[0] if self.cfg.accel == "auto" else None
+                self._accel = choose_accel(
+                    self.cfg.accel, self.vms_dir / ".accel-probe.json",
+                    self._qemu_binary() or self.cfg.binary, kernel, find_busybox())
             return self._accel
 
-    def _probe_cached(self) -> tuple[bool, str]:
-        """The KVM probe (up to ~20 s where KVM is broken), cached on disk per qemu binary,
-        kernel and host kernel release, for a day."""
-        binary = self._qemu_binary() or self.cfg.binary
-        kernel, _ = find_kernel(self.cfg)
+    @property
+    def graceful_stop(self) -> bool:
+        """False on microvm: a Nanos guest there cannot power itself off."""
+        return self.cfg.machine != "microvm"
 
-        def stamp(p: str | Path | None) -> str:
-            try:
-                st = os.stat(p) if p else None
-            except OSError:
-                st = None
-            return f"{p}:{st.st_mtime_ns}:{st.st_size}" if st else f"{p}:-"
-
-        key = "|".join((stamp(binary), stamp(kernel), os.uname().release))
-        cache = self.vms_dir / ".accel-probe.json"
-        cached = _read_json(cache)
-        if cached and cached.get("key") == key and time.time() - cached.get("at", 0) < 86400:
-            return bool(cached["ok"]), str(cached.get("why", ""))
-        ok, why = probe_kvm(binary, kernel=kernel, busybox=find_busybox())
-        with contextlib.suppress(OSError):
-            self.vms_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(cache, {"key": key, "ok": ok, "why": why, "at": time.time()})
-        return ok, why
-
-    def _require(self) -> None:
+    def _require(self) -> Builder:
         ok, why = self.available()
-        if not ok:
+        if not ok or self._builder is None:
             raise RuntimeUnavailable(f"unikernel runtime unavailable on this node: missing {why}")
+        return self._builder
 
     # -- paths and names -----------------------------------------------------------------------
 
-    def _dir(self, service: str, component: str) -> Path:
+    def _dir(self, service: str, component: str) -> VMDir:
         check_name(service, "service")
         check_name(component, "component")
-        return self.vms_dir / f"{service}-{component}"
+        return VMDir(self.vms_dir / f"{service}-{component}")
 
-    def _vm_lock(self, d: Path) -> threading.RLock:
+    def _vm_lock(self, d: VMDir) -> threading.RLock:
         with self._guard:
             return self._vm_locks.setdefault(d.name, threading.RLock())
 
-    def _meta(self, service: str, component: str) -> tuple[Path, dict[str, Any] | None]:
+    def _meta(self, service: str, component: str) -> tuple[VMDir, VMMeta | None]:
         """The VM's dir and meta; a dir owned by another (service, component) is a conflict."""
         d = self._dir(service, component)
-        meta = _read_json(d / META)
-        if meta and (meta.get("service"), meta.get("component")) != (service, component):
+        meta = read_meta(d)
+        if meta and (meta.service, meta.component) != (service, component):
             raise ConflictError(
-                f"VM state directory {d.name} belongs to service {meta.get('service')!r} "
-                f"component {meta.get('component')!r}; {service}/{component} maps to the same name")
+                f"VM state directory {d.name} belongs to service {meta.service!r} "
+                f"component {meta.component!r}; {service}/{component} maps to the same name")
         return d, meta
-
-    def _pid(self, d: Path, meta: dict[str, Any]) -> int | None:
-        """The qemu pid if that process is alive and is this VM's qemu."""
-        try:
-            pid = int((d / PIDFILE).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        argv = read_cmdline(pid)
-        name = workload_name(meta["service"], meta["component"])
-        if argv and "-pidfile" in argv and argv[argv.index("-pidfile") + 1:][:1] == [
-                str(d / PIDFILE)] and f"guest={name}" in argv:
-            return pid
-        return None
 
     # -- resources -----------------------------------------------------------------------------
 
     def _usage(self, exclude: str = "") -> tuple[int, int, int]:
         mem = cpus = n = 0
         for d, meta in self._scan():
-            if d.name != exclude and self._pid(d, meta):
-                mem += int(meta.get("memory_mb", 0))
-                cpus += int(meta.get("vcpus", 1))
+            if d.name != exclude and live_pid(d, meta):
+                mem += meta.memory_mb
+                cpus += meta.vcpus
                 n += 1
         return mem, cpus, n
 
@@ -230,7 +203,8 @@ class QemuRuntime:
             raise ResourceError(f"{spec.name}: {spec.vcpus} vCPUs requested, this host has "
                                 f"{host_cpus()} CPUs ({self.cfg.reserve_vcpus} reserved)")
 
-    def _check_spec(self, spec: WorkloadSpec) -> None:
+    def _check_spec(self, spec: WorkloadSpec) -> tuple[Volume, ...]:
+        """Every rule a spec must meet, before anything changes; its volumes, parsed."""
         check_name(spec.service, "service")
         check_name(spec.component, "component")
         if spec.memory_mb is None or spec.memory_mb <= 0:
@@ -239,8 +213,12 @@ class QemuRuntime:
             raise ValidationError("must be >= 1", "vcpus")
         if spec.image_sha256 and not SHA256_RE.fullmatch(spec.image_sha256):
             raise ValidationError("must be 64 lowercase hex digits", "image_sha256")
+        volumes = parse_volumes(spec.volumes)
+        if volumes and self.builder is not None:
+            self.builder.check(volumes)
+        return volumes
 
-    # -- pull ----------------------------------------------------------------------------------
+    # -- the ELF -------------------------------------------------------------------------------
 
     def _cache_key(self, spec: WorkloadSpec) -> str:
         return hashlib.sha256(f"{spec.image}\0{spec.binary}\0{spec.component}".encode()
@@ -248,174 +226,190 @@ class QemuRuntime:
 
     def pull(self, spec: WorkloadSpec) -> None:
         """Get the image and extract the ELF into the cache; ImageError if it is not there."""
-        check_name(spec.service, "service")
-        check_name(spec.component, "component")
+        self._check_spec(spec)
+        self._pull(spec)
+
+    def _pull(self, spec: WorkloadSpec) -> PulledELF:
         if not shutil.which(self.podman.binary):
             raise RuntimeUnavailable("unikernel runtime needs podman to extract the ELF")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         key = self._cache_key(spec)
         elf = self.cache_dir / f"{key}.elf"
-        cached = None
-        with contextlib.suppress(TypeError, ValueError):
-            old = _read_json(self.cache_dir / f"{key}.json")
-            if old:
-                cached = PulledELF(**{**old, "argv": tuple(old.get("argv", ()))})
+        cached = self._cached_elf(spec)
         pulled = extract_elf(self.podman, spec.image, spec.binary, spec.component, spec.cmd, elf,
                              cached)
         os.utime(elf)  # podman cp keeps the image's mtime; the cache prunes by last use
-        _write_json(self.cache_dir / f"{key}.json", asdict(pulled))
+        if pulled != cached:
+            atomic_write(self.cache_dir / f"{key}.json", json.dumps(asdict(pulled)).encode(),
+                         0o644)
+        return pulled
+
+    def _cached_elf(self, spec: WorkloadSpec) -> PulledELF | None:
+        key = self._cache_key(spec)
+        try:
+            old = json.loads((self.cache_dir / f"{key}.json").read_bytes())
+            return PulledELF(**{**old, "argv": tuple(old.get("argv", ()))})
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _elf(self, spec: WorkloadSpec) -> tuple[PulledELF, Path]:
+        """The ELF step of ``run``: what ``pull`` extracted, else pulled now."""
+        elf = self.cache_dir / f"{self._cache_key(spec)}.elf"
+        pulled = self._cached_elf(spec)
+        if pulled is None or pulled.image != spec.image or not elf.is_file():
+            pulled = self._pull(spec)
+        return pulled, elf
 
     # -- run -----------------------------------------------------------------------------------
 
     def run(self, spec: WorkloadSpec) -> Workload:
         """Build the image, verify a pin, then replace any running VM and boot the new one."""
-        self._check_spec(spec)
+        volumes = self._check_spec(spec)
         for p in spec.ports:
             if not 1 <= p <= 65535:
                 raise ValidationError(f"port {p} out of range", "ports")
-        self._require()
+        builder = self._require()
         d, _meta = self._meta(spec.service, spec.component)
-        volumes = parse_volumes(spec.volumes)
         with self._vm_lock(d):
-            key = self._cache_key(spec)
-            pulled = _read_json(self.cache_dir / f"{key}.json")
-            if pulled is None or not (self.cache_dir / f"{key}.elf").is_file():
-                self.pull(spec)
-                pulled = _read_json(self.cache_dir / f"{key}.json") or {}
-            choice = choose_builder(self.cfg)
-            if choice.builder is None:
-                raise RuntimeUnavailable("no image builder: " + "; ".join(choice.missing))
+            pulled, elf = self._elf(spec)
             self.vms_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self.vms_dir, prefix=f".build-{d.name}-"))
             created = False
             try:
                 req = BuildRequest(
-                    service=spec.service, component=spec.component,
-                    elf=self.cache_dir / f"{key}.elf",
-                    guest_path=str(pulled.get("binary") or f"/usr/local/bin/{spec.component}"),
-                    argv=tuple(pulled.get("argv", ())),
-                    env=spec.env, volumes=volumes, memory_mb=int(spec.memory_mb or 0),
-                    vcpus=spec.vcpus, ports=spec.ports, cache_dir=self.cache_dir)
-                plan = choice.builder.build(req, tmp)
-                if spec.image_sha256 and plan.sha256 != spec.image_sha256:
-                    raise ImageError(
-                        f"image digest mismatch for {spec.name}: built {plan.sha256}, "
-                        f"image_sha256 pins {spec.image_sha256}; not booting it")
+                    service=spec.service, component=spec.component, elf=elf,
+                    guest_path=pulled.binary or f"/usr/local/bin/{spec.component}",
+                    argv=pulled.argv, env=spec.env, volumes=volumes,
+                    memory_mb=int(spec.memory_mb or 0), vcpus=spec.vcpus, ports=spec.ports,
+                    cache_dir=self.cache_dir)
+                plan = self._image(spec, builder, req, tmp)
                 accel = self.accel
                 self.check_capacity(spec, replacing=True)   # refuse before touching the old VM
                 self.stop(spec.service, spec.component, spec.stop_timeout_s)
                 with self._lock:
-                    d, _meta = self._meta(spec.service, spec.component)  # re-check the claim
-                    self.check_capacity(spec, replacing=True)
-                    created = not d.exists()
-                    d.mkdir(exist_ok=True)
-                    old = d / "image.old"
-                    shutil.rmtree(old, ignore_errors=True)
-                    if (d / "image").exists():
-                        os.replace(d / "image", old)
-                    os.replace(tmp, d / "image")
-                    shutil.rmtree(old, ignore_errors=True)
-                    plan = plan.relocated(tmp, d / "image")
-                    meta = {
-                        "service": spec.service, "component": spec.component,
-                        "image": spec.image, "binary": pulled.get("binary", spec.binary),
-                        "builder": plan.builder, "image_sha256": plan.sha256,
-                        "memory_mb": int(spec.memory_mb or 0), "vcpus": spec.vcpus,
-                        "machine": self.cfg.machine, "accel": accel, "ports": list(spec.ports),
-                        "mac": mac_for(spec.service, spec.component),
-                        "stop_timeout_s": spec.stop_timeout_s, "boot": plan.to_dict(),
-                        "started_at": time.time(),
-                    }
-                    _write_json(d / META, meta)
-                    self._launch(d, meta, plan)
+                    created = not d.path.exists()
+                    meta = self._install(spec, pulled, d, tmp, plan, accel)
+                    pid = self._launch(d, meta)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if created:
-                    shutil.rmtree(d, ignore_errors=True)
+                    shutil.rmtree(d.path, ignore_errors=True)
                 raise
-        w = self.inspect(spec.service, spec.component)
-        if w is None:
-            raise RuntimeError_(f"{spec.name}: VM vanished right after start")
-        return w
+        return self._workload(d, meta, pid)
 
-    def params(self, d: Path, meta: dict[str, Any], plan: BootPlan) -> VMParams:
+    def _image(self, spec: WorkloadSpec, builder: Builder, req: BuildRequest,
+               out: Path) -> BootPlan:
+        """The image step: build into ``out``, refuse a digest that breaks the pin."""
+        plan = builder.build(req, out)
+        if spec.image_sha256 and plan.sha256 != spec.image_sha256:
+            raise ImageError(
+                f"image digest mismatch for {spec.name}: built {plan.sha256}, "
+                f"image_sha256 pins {spec.image_sha256}; not booting it")
+        return plan
+
+    def _install(self, spec: WorkloadSpec, pulled: PulledELF, d: VMDir, tmp: Path,
+                 plan: BootPlan, accel: str) -> VMMeta:
+        """The install step (the old VM is stopped): claim and capacity checked again,
+        image and meta put in place."""
+        d, _old = self._meta(spec.service, spec.component)  # re-check the claim
+        self.check_capacity(spec, replacing=True)
+        d.path.mkdir(exist_ok=True)
+        old = d.path / "image.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if d.image.exists():
+            os.replace(d.image, old)
+        os.replace(tmp, d.image)
+        shutil.rmtree(old, ignore_errors=True)
+        meta = VMMeta(
+            service=spec.service, component=spec.component, image=spec.image,
+            binary=pulled.binary or spec.binary, builder=plan.builder,
+            image_sha256=plan.sha256, memory_mb=int(spec.memory_mb or 0), vcpus=spec.vcpus,
+            machine=self.cfg.machine, accel=accel, ports=tuple(spec.ports),
+            mac=mac_for(spec.service, spec.component), stop_timeout_s=spec.stop_timeout_s,
+            boot=plan.relocated(tmp, d.image), started_at=time.time(), owner=self.owner)
+        write_meta(d, meta)
+        return meta
+
+    def params(self, d: VMDir, meta: VMMeta) -> VMParams:
         return VMParams(
-            binary=self._qemu_binary() or self.cfg.binary,
-            name=workload_name(meta["service"], meta["component"]),
-            machine=meta["machine"], accel=meta["accel"], memory_mb=meta["memory_mb"],
-            vcpus=meta["vcpus"], pidfile=str(d / PIDFILE), qmp=QMP_SOCK,
-            console=str(d / CONSOLE), ports=tuple(meta["ports"]), mac=meta["mac"], plan=plan)
+            binary=self._qemu_binary() or self.cfg.binary, name=meta.name,
+            machine=meta.machine, accel=meta.accel, memory_mb=meta.memory_mb,
+            vcpus=meta.vcpus, pidfile=str(d.pidfile), qmp=d.qmp.name,
+            console=str(d.console), ports=meta.ports, mac=meta.mac, plan=meta.boot)
 
-    def _launch(self, d: Path, meta: dict[str, Any], plan: BootPlan) -> None:
-        console_rotate(d / CONSOLE, self.cfg.console_max_bytes)
-        with contextlib.suppress(FileNotFoundError):
-            (d / QMP_SOCK).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (d / PIDFILE).unlink()
-        argv = qemu_argv(self.params(d, meta, plan))
-        log.info("run (cwd %s): %s", d, " ".join(argv))
+    def _launch(self, d: VMDir, meta: VMMeta) -> int:
+        """The launch step: qemu daemonised in the VM dir; its pid once it runs."""
+        console_rotate(d.console, self.cfg.console_max_bytes)
+        for stale in (d.qmp, d.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        argv = qemu_argv(self.params(d, meta))
+        log.info("run (cwd %s): %s", d.path, " ".join(argv))
         try:
-            proc = subprocess.run(argv, cwd=d, capture_output=True, timeout=60, check=False,
-                                  stdin=subprocess.DEVNULL)
+            proc = subprocess.run(argv, cwd=d.path, capture_output=True, timeout=60,
+                                  check=False, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RuntimeError_(f"qemu failed to start for {d.name}: {exc}") from exc
+            raise WorkloadError(f"qemu failed to start for {d.name}: {exc}") from exc
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip()[-800:]
-            raise RuntimeError_(
+            raise WorkloadError(
                 f"qemu failed to start for {d.name} (exit {proc.returncode}): {err}")
-        if self._pid(d, meta) is None:
-            raise RuntimeError_(f"qemu for {d.name} exited right after starting; see {d / CONSOLE}")
+        pid = live_pid(d, meta)
+        if pid is None:
+            raise WorkloadError(f"qemu for {d.name} exited right after starting; "
+                                f"see {d.console}")
+        return pid
 
     # -- stop / remove -------------------------------------------------------------------------
 
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
-        """Power button, bounded wait, QMP quit, SIGKILL. Stopped or missing: no-op."""
+        """Power button, then (bounded) wait, QMP quit, SIGKILL. Stopped or missing: no-op.
+
+        A guest that cannot power off (microvm) is not waited for: after the power button
+        (its program's SIGTERM) it gets MICROVM_GRACE_S, then quit.
+        """
         d, meta = self._meta(service, component)
         if meta is None:
             return
         with self._vm_lock(d):
-            pid = self._pid(d, meta)
+            pid = live_pid(d, meta)
             if pid is None:
                 return
-            sock = d / QMP_SOCK
+
+            def ours() -> bool:
+                return live_pid(d, meta) == pid
+
+            wait = timeout if meta.machine != "microvm" else min(timeout, MICROVM_GRACE_S)
             try:
-                qmp.execute(sock, "system_powerdown")
-                log.info("qemu %s: system_powerdown sent, waiting up to %.1fs", d.name, timeout)
+                qmp.execute(d.qmp, "system_powerdown")
+                log.info("qemu %s: system_powerdown sent, waiting up to %.1fs", d.name, wait)
             except qmp.QMPError as exc:
                 log.warning("qemu %s: %s", d.name, exc)
-            if self._wait_gone(d, meta, timeout):
+            if wait_exit(pid, wait, ours):
                 return
-            log.warning("qemu %s: guest ignored the power button for %.1fs; quitting",
-                        d.name, timeout)
+            if meta.machine != "microvm":
+                log.warning("qemu %s: guest ignored the power button for %.1fs; quitting",
+                            d.name, wait)
             try:
-                qmp.execute(sock, "quit")
+                qmp.execute(d.qmp, "quit")
             except qmp.QMPError as exc:
                 log.warning("qemu %s: %s", d.name, exc)
-            if self._wait_gone(d, meta, 3.0):
+            if wait_exit(pid, QUIT_WAIT_S, ours):
                 return
             log.warning("qemu %s: SIGKILL pid %d", d.name, pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            if not self._wait_gone(d, meta, 5.0):
-                raise RuntimeError_(f"qemu pid {pid} of {d.name} survived SIGKILL")
-
-    def _wait_gone(self, d: Path, meta: dict[str, Any], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._pid(d, meta) is None:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
+            if not wait_exit(pid, KILL_WAIT_S, ours):
+                raise WorkloadError(f"qemu pid {pid} of {d.name} survived SIGKILL")
 
     def remove(self, service: str, component: str) -> None:
         d, meta = self._meta(service, component)
-        if meta is None and not d.exists():
+        if meta is None and not d.path.exists():
             return
         with self._vm_lock(d):
             if meta is not None:
-                self.stop(service, component, float(meta.get("stop_timeout_s", 10.0)))
-            shutil.rmtree(d)
+                self.stop(service, component, meta.stop_timeout_s)
+            shutil.rmtree(d.path)
         self._prune_cache()
 
     def _prune_cache(self) -> None:
@@ -434,58 +428,58 @@ class QemuRuntime:
 
     # -- observe -------------------------------------------------------------------------------
 
-    def _scan(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+    def _scan(self) -> Iterator[tuple[VMDir, VMMeta]]:
         try:
             entries = sorted(self.vms_dir.iterdir())
         except FileNotFoundError:
             return
-        for d in entries:
-            if d.name.startswith(".") or not d.is_dir():
+        for p in entries:
+            if p.name.startswith(".") or not p.is_dir():
                 continue
-            meta = _read_json(d / META)
-            if meta and "service" in meta and "component" in meta:
+            d = VMDir(p)
+            meta = read_meta(d)
+            if meta is not None:
                 yield d, meta
 
-    def _workload(self, d: Path, meta: dict[str, Any], pid: int | None,
+    def _workload(self, d: VMDir, meta: VMMeta, pid: int | None,
                   qmp_status: str = "") -> Workload:
-        extra = {
-            "pid": pid, "accel": meta.get("accel"), "image_sha256": meta.get("image_sha256"),
-            "memory_mb": meta.get("memory_mb"), "vcpus": meta.get("vcpus"),
-            "builder": meta.get("builder"), "machine": meta.get("machine"),
-            "ports": meta.get("ports", []), "mac": meta.get("mac"),
-            "state_dir": str(d), "console": str(d / CONSOLE),
+        extra: dict[str, Any] = {
+            "pid": pid, "accel": meta.accel, "image_sha256": meta.image_sha256,
+            "memory_mb": meta.memory_mb, "vcpus": meta.vcpus, "builder": meta.builder,
+            "machine": meta.machine, "ports": list(meta.ports), "mac": meta.mac,
+            "stop": self.stop_text(meta.machine, meta.stop_timeout_s),
+            "state_dir": str(d.path), "console": str(d.console),
         }
         if qmp_status:
             extra["qmp_status"] = qmp_status
-        return Workload(service=meta["service"], component=meta["component"],
-                        runtime=self.name, state=RUNNING if pid else STOPPED, id=d.name,
-                        image=meta.get("image", ""), started_at=meta.get("started_at"),
-                        extra=extra)
+        return Workload(service=meta.service, component=meta.component, runtime=self.name,
+                        state=State.RUNNING if pid else State.STOPPED, id=d.name,
+                        image=meta.image, started_at=meta.started_at, extra=extra)
 
     def inspect(self, service: str, component: str) -> Workload | None:
         d, meta = self._meta(service, component)
         if meta is None:
             return None
-        pid = self._pid(d, meta)
+        pid = live_pid(d, meta)
         status = ""
         if pid:
             try:
-                status = str(qmp.execute(d / QMP_SOCK, "query-status").get("status", ""))
+                status = str(qmp.execute(d.qmp, "query-status").get("status", ""))
             except (qmp.QMPError, AttributeError) as exc:
                 status = f"unreachable: {exc}"
-            console_rotate(d / CONSOLE, self.cfg.console_max_bytes)
+            console_rotate(d.console, self.cfg.console_max_bytes)
         w = self._workload(d, meta, pid, status)
         if pid and status and not status.startswith("unreachable") and status != "running":
-            w.state = STOPPED   # paused, shutdown, internal-error: not serving
+            w.state = State.STOPPED   # paused, shutdown, internal-error: not serving
         return w
 
     def list(self) -> list[Workload]:
         """One pass over the state directories; no QMP, no subprocess."""
         out = []
         for d, meta in self._scan():
-            pid = self._pid(d, meta)
+            pid = live_pid(d, meta)
             if pid:
-                console_rotate(d / CONSOLE, self.cfg.console_max_bytes)
+                console_rotate(d.console, self.cfg.console_max_bytes)
             out.append(self._workload(d, meta, pid))
         return out
 
@@ -494,53 +488,40 @@ class QemuRuntime:
         d, meta = self._meta(service, component)
         if meta is None:
             raise NotFoundError(f"no VM {service}/{component} on this node")
-        return self._logs(d, meta, tail, follow)
+        return read_console(d, tail, follow, lambda: live_pid(d, meta) is not None)
 
-    def _logs(self, d: Path, meta: dict[str, Any], tail: int | None,
-              follow: bool) -> Iterator[bytes]:
-        path = d / CONSOLE
-        data, cur, ino = b"", b"", None
-        with contextlib.suppress(OSError):
-            data = (d / (CONSOLE + ".1")).read_bytes()
-        with contextlib.suppress(OSError), path.open("rb") as f:
-            ino = os.fstat(f.fileno()).st_ino
-            cur = f.read()
-        # Follow from exactly what was read: a line written meanwhile is not skipped.
-        pos = len(cur)
-        data += cur
-        if tail is not None:
-            lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-tail:]) if tail > 0 else b""
-        if data:
-            yield _lf(data)
-        if not follow:
-            return
-        while True:
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                return
-            if st.st_ino != ino or st.st_size < pos:   # rotated
-                ino, pos = st.st_ino, 0
-            if st.st_size > pos:
-                with path.open("rb") as f:
-                    f.seek(pos)
-                    chunk = f.read(1 << 20)
-                pos += len(chunk)
-                yield _lf(chunk)
-                continue
-            if self._pid(d, meta) is None:
-                return
-            time.sleep(0.25)
+    # -- what status and health show -----------------------------------------------------------
+
+    @staticmethod
+    def stop_text(machine: str, timeout: float) -> str:
+        """What a guest gets on stop, as status shows it."""
+        if machine == "microvm":
+            return (f"power button (SIGTERM), quit after {MICROVM_GRACE_S:g}s "
+                    "(microvm: the guest cannot power off)")
+        return f"power button (SIGTERM), quit after {timeout:g}s if still running"
+
+    def status_extra(self, spec: WorkloadSpec, observed: Workload | None) -> dict[str, Any]:
+        extra = observed.extra if observed is not None else {}
+        planned = {
+            "image_sha256": spec.image_sha256 or None, "memory_mb": spec.memory_mb,
+            "vcpus": spec.vcpus, "accel": None, "pid": None,
+            "builder": self.builder_name or None,
+            "stop": self.stop_text(self.cfg.machine, spec.stop_timeout_s),
+        }
+        return {k: extra.get(k, v) for k, v in planned.items()}
 
     def info(self) -> dict[str, Any]:
-        ok, missing = self.available()
-        mem, cpus, n = self._usage()
-        return {
-            "available": ok, "missing": missing, "accel": self.accel if ok else "",
-            "builder": self._builder_name, "machine": self.cfg.machine,
-            "vms_running": n, "memory_mb_used": mem, "vcpus_used": cpus,
-            "host_memory_mb": host_memory_mb(), "host_cpus": host_cpus(),
-            "reserve_memory_mb": self.cfg.reserve_memory_mb,
-        }
-
+        try:
+            ok, missing = self.available()
+            mem, cpus, n = self._usage()
+            return {
+                "available": ok, "missing": missing, "accel": self.accel if ok else "",
+                "builder": self.builder_name, "machine": self.cfg.machine,
+                "stop": self.stop_text(self.cfg.machine, 10.0),
+                "vms_running": n, "memory_mb_used": mem, "vcpus_used": cpus,
+                "host_memory_mb": host_memory_mb(), "host_cpus": host_cpus(),
+                "reserve_memory_mb": self.cfg.reserve_memory_mb,
+            }
+        except Exception as exc:  # noqa: BLE001 - health must not raise
+            log.exception("qemu: info failed")
+            return {"available": False, "missing": f"runtime error: {exc}"}

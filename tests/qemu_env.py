@@ -3,8 +3,14 @@
 - ``kernel_path()``: the kernel the initramfs builder uses in tests (``$MCP_KERNEL``,
   else ``.build/kernel/vmlinuz`` from scripts/setup.sh); ``need_qemu()`` skips (or fails
   under MCP_REQUIRE_INTEGRATION=1) without qemu, podman, busybox-static or that kernel.
+- ``nanos_dir()``: the Nanos build tests and benches use: ``$MCP_NANOS_DIR``, else
+  ``<repo>/../shared/nanos`` (read-only; nothing is written beside it). ``need_nanos()``
+  skips without it, saying why (fails under MCP_REQUIRE_INTEGRATION=1), and without qemu
+  and podman.
 - ``qemu_config(state_dir, **qemu)``: an ``AgentConfig`` for a runtime over ``state_dir``
   with that kernel, accel tcg (KVM does not run guests here; the probe has its own test).
+  ``nanos_config(state_dir, machine, **qemu)``: the same with ``nanos_dir`` set (the nanos
+  builder wins over initramfs). ``qemu_runtime(config)``: a ``QemuRuntime`` over it.
 - ``VMReaper``: records every (runtime, service, component) a test boots and, at teardown,
   removes them through the runtime and SIGKILLs by pid any qemu still recorded in their
   state directories (only those).
@@ -34,7 +40,8 @@ import pytest
 from mcp_node.config import AgentConfig, from_dict
 
 __all__ = ["kernel_path", "need_qemu", "qemu_config", "VMReaper", "vm_reaper",
-           "busybox_image", "notelf_image", "qemu_pids_in", "wait_gone"]
+           "busybox_image", "notelf_image", "qemu_pids_in", "wait_gone", "nanos_dir",
+           "need_nanos", "nanos_config", "qemu_runtime", "TEST_OWNER"]
 
 _TOP = Path(__file__).resolve().parent.parent
 
@@ -50,12 +57,40 @@ def need_qemu() -> None:
     need("qemu-system-x86_64", "podman", "busybox", also=tuple(kernel))
 
 
+def nanos_dir() -> Path:
+    """``$MCP_NANOS_DIR``, else ``<repo>/../shared/nanos``."""
+    return Path(os.environ.get("MCP_NANOS_DIR") or _TOP.parent / "shared" / "nanos")
+
+
+def need_nanos() -> None:
+    from conftest import need
+
+    d = nanos_dir()
+    missing = [f for f in ("kernel.img", "boot.img", "mkfs") if not (d / f).is_file()]
+    also = (f"a Nanos build at {d} ({', '.join(missing)} missing; set MCP_NANOS_DIR)",
+            ) if missing else ()
+    need("qemu-system-x86_64", "podman", also=also)
+
+
 def qemu_config(state_dir: Path, **qemu: Any) -> AgentConfig:
     from podman_env import containers_conf
 
     section = {"kernel": str(kernel_path()), "accel": "tcg", **qemu}
     return from_dict({"qemu": section, "state": {"dir": str(state_dir)},
                       "podman": {"containers_conf": containers_conf()}})
+
+
+def nanos_config(state_dir: Path, machine: str = "q35", **qemu: Any) -> AgentConfig:
+    return qemu_config(state_dir, nanos_dir=str(nanos_dir()), machine=machine, **qemu)
+
+
+TEST_OWNER = "test-node"
+
+
+def qemu_runtime(config: AgentConfig, owner: str = TEST_OWNER) -> Any:
+    from mcp_node.qemu import QemuRuntime
+
+    return QemuRuntime(config, config.state_dir, owner)
 
 
 def qemu_pids_in(state_dir: Path) -> list[int]:
@@ -135,9 +170,10 @@ def _import_image(ref: str, files: dict[str, tuple[bytes, int]], entrypoint: str
 
 @pytest.fixture(scope="session")
 def busybox_image() -> Iterator[str]:
+    from conftest import need
     from podman_env import podman_cli
 
-    need_qemu()
+    need("podman", "busybox")
     ref = f"localhost/mcp-bb-{uuid.uuid4().hex[:8]}:v1"
     busybox = Path(shutil.which("busybox") or "/bin/busybox").read_bytes()
     _import_image(ref, {"bin/busybox": (busybox, 0o755), "tmp/.keep": (b"", 0o644)},

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from podman_env import free_port, podman_cli, wait_http
-from qemu_env import VMReaper, kernel_path, need_qemu, qemu_config, wait_gone
+from qemu_env import VMReaper, kernel_path, need_qemu, qemu_config, qemu_runtime, wait_gone
 
 from mcp_node.errors import (
     ConflictError,
@@ -33,18 +33,18 @@ from mcp_node.errors import (
     RuntimeUnavailable,
     ValidationError,
 )
-from mcp_node.qemu import QemuRuntime
-from mcp_node.qemuargs import (
+from mcp_node.kvmprobe import (
     PROBE_MARK,
     boot_prints_mark,
-    host_memory_mb,
     kernel_probe_argv,
     probe_argv,
     probe_image,
     probe_initramfs,
     probe_kvm,
 )
+from mcp_node.qemu import QemuRuntime
 from mcp_node.runtime import RUNNING, STOPPED, WorkloadSpec
+from mcp_node.vmstate import host_memory_mb
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ def hello_vm(tmp_path_factory: pytest.TempPathFactory,
              hello_images: dict[str, str]) -> Iterator[Booted]:
     need_qemu()
     state = tmp_path_factory.mktemp("qemu-state")
-    rt = QemuRuntime(qemu_config(state), state_dir=state)
+    rt = qemu_runtime(qemu_config(state))
     port = free_port()
     spec = WorkloadSpec(service=f"t{uuid.uuid4().hex[:8]}", component="web-a",
                         image=hello_images["v1"], env=(f"PORT={port}", "MESSAGE=the vm"),
@@ -103,7 +103,7 @@ def hello_vm(tmp_path_factory: pytest.TempPathFactory,
 
 def test_available_with_qemu_and_a_kernel(tmp_path: Path) -> None:
     need_qemu()
-    rt = QemuRuntime(qemu_config(tmp_path), state_dir=tmp_path)
+    rt = qemu_runtime(qemu_config(tmp_path))
     assert rt.available() == (True, "")
     assert rt.builder_name == "initramfs"
     info = rt.info()
@@ -114,7 +114,7 @@ def test_available_with_qemu_and_a_kernel(tmp_path: Path) -> None:
 def test_unavailable_names_what_is_missing_and_refuses_run(tmp_path: Path) -> None:
     cfg = qemu_config(tmp_path, binary="/nonexistent/qemu-system-x86_64",
                       kernel=str(tmp_path / "no-vmlinuz"), ops=str(tmp_path / "no-ops"))
-    rt = QemuRuntime(cfg, state_dir=tmp_path)
+    rt = qemu_runtime(cfg)
     ok, why = rt.available()
     assert not ok
     assert "qemu binary" in why and "no-vmlinuz" in why and "ops" in why and "Nanos" in why
@@ -151,12 +151,12 @@ def test_kvm_probe_stub_prints_under_tcg_and_accel_follows_the_probe(tmp_path: P
                                                  str(initrd)), 120)
     assert ok, why
     ok, why = probe_kvm("qemu-system-x86_64", kernel=kernel_path(), busybox=Path("/bin/busybox"))
-    rt = QemuRuntime(qemu_config(tmp_path, accel="auto"), state_dir=tmp_path)
+    rt = qemu_runtime(qemu_config(tmp_path, accel="auto"))
     assert rt.accel == ("kvm" if ok else "tcg")
     assert ok or why
     cached = json.loads((tmp_path / "vms" / ".accel-probe.json").read_text())
     assert cached["ok"] is ok
-    assert QemuRuntime(qemu_config(tmp_path, accel="auto"), state_dir=tmp_path).accel == rt.accel
+    assert qemu_runtime(qemu_config(tmp_path, accel="auto")).accel == rt.accel
 
 
 # -- the hello VM ------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_logs_tail_and_follow(hello_vm: Booted) -> None:
 
 def test_a_new_runtime_readopts_the_running_vm(hello_vm: Booted) -> None:
     pid = hello_vm.pid()
-    again = QemuRuntime(qemu_config(hello_vm.state), state_dir=hello_vm.state)
+    again = qemu_runtime(qemu_config(hello_vm.state))
     w = again.inspect(hello_vm.spec.service, hello_vm.spec.component)
     assert w is not None and w.state == RUNNING and w.extra["pid"] == pid
     assert [x.extra["pid"] for x in again.list()] == [pid]
@@ -274,7 +274,7 @@ def test_bad_specs_refused_and_nothing_written(hello_vm: Booted) -> None:
                        (dict(component="-x"), "component"), (dict(service="a/b"), "service"),
                        (dict(vcpus=0), "vcpus"), (dict(image_sha256="abc"), "image_sha256")):
         with pytest.raises(ValidationError) as err:
-            hello_vm.rt.run(replace(hello_vm.spec, **bad))  # type: ignore[arg-type]
+            hello_vm.rt.run(replace(hello_vm.spec, **bad))
         assert err.value.field == field
     assert vm_files(hello_vm.state) == before
 
@@ -376,7 +376,7 @@ def bb_vm(tmp_path_factory: pytest.TempPathFactory, busybox_image: str) -> Itera
     data = tmp_path_factory.mktemp("vol-data")
     (data / "in.txt").write_text("from the host\n")
     ro = tmp_path_factory.mktemp("vol-ro")
-    rt = QemuRuntime(qemu_config(state, console_max_bytes=1024), state_dir=state)
+    rt = qemu_runtime(qemu_config(state, console_max_bytes=1024))
     port = free_port()
     spec = WorkloadSpec(
         service=f"t{uuid.uuid4().hex[:8]}", component="bb", image=busybox_image,

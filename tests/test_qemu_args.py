@@ -1,32 +1,30 @@
-"""Unit tests of the qemu command lines (initramfs and Nanos, q35 and microvm layouts),
-the KVM probe stub, MACs, console rotation."""
+"""Unit tests of the qemu command lines (initramfs and Nanos, q35 and microvm layouts,
+9p volumes), the KVM probe stub, MACs, console rotation, the VM's metadata record."""
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from mcp_node.qemuargs import (
-    PROBE_MARK,
-    VMParams,
-    console_rotate,
-    mac_for,
-    probe_argv,
-    probe_image,
-    qemu_argv,
-)
-from mcp_node.vmimage import BootPlan, Volume
+from mcp_node.grammar import Volume
+from mcp_node.kvmprobe import PROBE_MARK, probe_argv, probe_image
+from mcp_node.qemuargs import VMParams, mac_for, qemu_argv
+from mcp_node.vmimage import BootPlan
+from mcp_node.vmstate import VMDir, VMMeta, console_rotate, read_meta, write_meta
 
 INITRAMFS = BootPlan(
     builder="initramfs", sha256="0" * 64, image="/s/vms/a-b/image/initrd.img",
     kernel="/k/vmlinuz", initrd="/s/vms/a-b/image/initrd.img", append="console=ttyS0 quiet",
     fw_cfg=(("opt/mcp/config", "/s/vms/a-b/image/guest.conf"),),
-    volumes=(Volume("/srv/da,ta", "/data"), Volume("/srv/ro", "/ro", readonly=True)))
+    volumes=(Volume("/srv/da,ta", "/data"), Volume("/srv/ro", "/ro", ("ro",))))
 NANOS = BootPlan(builder="nanos", sha256="1" * 64, image="/s/vms/a-b/image/disk.raw",
                  disk="/s/vms/a-b/image/disk.raw", nanos=True)
+NANOS_VOLS = replace(NANOS, volumes=(Volume("/srv/da,ta", "/data"),
+                                     Volume("/srv/ro", "/ro", ("ro",))))
 
 
 def params(plan: BootPlan = INITRAMFS, **kw: object) -> VMParams:
@@ -100,6 +98,24 @@ def test_nanos_q35_layout_matches_testbed() -> None:
     assert opt(argv, "-drive") == ["if=none,id=hd0,format=raw,file=/s/vms/a-b/image/disk.raw"]
 
 
+def test_nanos_q35_volumes_are_9p_pci_devices_tagged_by_index() -> None:
+    """Nanos names a 9p device virtfs<tag> from a numeric mount tag (its manifest's
+    ``mounts`` refer to that name), and drives 9p over PCI."""
+    argv = qemu_argv(params(NANOS_VOLS, ports=(8080,)))
+    assert opt(argv, "-device")[-2:] == ["virtio-9p-pci,fsdev=fs0,mount_tag=0",
+                                         "virtio-9p-pci,fsdev=fs1,mount_tag=1"]
+    assert opt(argv, "-fsdev") == [
+        "local,id=fs0,path=/srv/da,,ta,security_model=none",
+        "local,id=fs1,path=/srv/ro,security_model=none,readonly=on",
+    ]
+
+
+def test_nanos_microvm_refuses_volumes() -> None:
+    plan = replace(NANOS_VOLS, kernel="/n/kernel.img")
+    with pytest.raises(ValueError, match="q35"):
+        qemu_argv(params(plan, machine="microvm"))
+
+
 def test_nanos_microvm_layout_matches_testbed() -> None:
     plan = replace(NANOS, kernel="/n/kernel.img")
     argv = qemu_argv(params(plan, machine="microvm"))
@@ -118,7 +134,7 @@ def test_nanos_microvm_layout_matches_testbed() -> None:
 ])
 def test_argv_refuses_injection_and_nonsense(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        qemu_argv(params(**bad))
+        qemu_argv(params(INITRAMFS, **bad))
 
 
 def test_mac_is_deterministic_local_and_distinct() -> None:
@@ -159,6 +175,16 @@ def test_console_rotate(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "console.log.1"]
 
 
+def meta_for(plan: BootPlan = INITRAMFS, **kw: object) -> VMMeta:
+    base: dict[str, object] = dict(
+        service="a", component="b", image="localhost/x:v1", binary="/usr/local/bin/x",
+        builder=plan.builder, image_sha256=plan.sha256, memory_mb=64, vcpus=1,
+        machine="q35", accel="tcg", ports=(8080,), mac=mac_for("a", "b"),
+        stop_timeout_s=10.0, boot=plan, started_at=1.5, owner="node-1")
+    base.update(kw)
+    return VMMeta(**base)  # type: ignore[arg-type]
+
+
 def test_relative_state_dir_gives_absolute_qemu_paths(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """qemu runs with its cwd in the VM directory: a relative pidfile or console path
@@ -168,14 +194,36 @@ def test_relative_state_dir_gives_absolute_qemu_paths(tmp_path: Path,
 
     monkeypatch.chdir(tmp_path)
     cfg = from_dict({"state": {"dir": "st"}, "qemu": {"accel": "tcg"}})
-    rt = QemuRuntime(cfg, state_dir=Path("st"))
+    rt = QemuRuntime(cfg, Path("st"), "node-1")
     d = rt._dir("a", "b")
-    meta = {"service": "a", "component": "b", "machine": "q35", "accel": "tcg",
-            "memory_mb": 64, "vcpus": 1, "ports": [], "mac": mac_for("a", "b")}
-    p = rt.params(d, meta, INITRAMFS)
-    assert d == tmp_path / "st" / "vms" / "a-b"
+    p = rt.params(d, meta_for())
+    assert d.path == tmp_path / "st" / "vms" / "a-b"
     assert Path(p.pidfile).is_absolute() and Path(p.console).is_absolute()
+    assert p.qmp == "qmp.sock"
     assert rt.cache_dir.is_absolute()
+
+
+def test_meta_record_round_trips_and_keeps_unknown_keys(tmp_path: Path) -> None:
+    d = VMDir(tmp_path / "a-b")
+    meta = meta_for(NANOS_VOLS)
+    write_meta(d, meta)
+    assert read_meta(d) == meta
+    raw = json.loads(d.meta.read_text())
+    assert raw["boot"]["volumes"][1] == {"host": "/srv/ro", "guest": "/ro", "options": ["ro"]}
+    raw["future_key"] = [1, 2]
+    d.meta.write_text(json.dumps(raw))
+    again = read_meta(d)
+    assert again is not None and again.extra == {"future_key": [1, 2]}
+    assert json.loads(again.to_json())["future_key"] == [1, 2]
+    # an older record (no owner) still reads; a broken one is None, not an exception
+    del raw["owner"]
+    d.meta.write_text(json.dumps(raw))
+    assert read_meta(d) is not None and read_meta(d).owner == ""  # type: ignore[union-attr]
+    for broken in ("{", "[]", json.dumps({**raw, "memory_mb": "many"}),
+                   json.dumps({k: v for k, v in raw.items() if k != "boot"})):
+        d.meta.write_text(broken)
+        assert read_meta(d) is None
+    assert read_meta(VMDir(tmp_path / "none")) is None
 
 
 def test_console_rotate_concurrent_callers_rotate_once(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from podman_env import wait_http
 from qemu_env import VMReaper, kernel_path, need_qemu, qemu_pids_in, wait_gone
 
 from mcp_node.errors import MCPError
-from mcp_node.qemuargs import host_memory_mb
+from mcp_node.vmstate import host_memory_mb
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """Unit tests of the VM image builders: ops config.json and argv, Nanos manifest and
-mkfs argv, the initramfs (contents, module order, guest config quoting), ELF checks,
-builder selection."""
+mkfs argv (and a real mkfs when Nanos is at hand), the initramfs (contents, module
+order, guest config quoting), ELF checks, builder selection, the module layout."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 from qemu_env import kernel_path
 
+from mcp_node.builders import choose_builder
 from mcp_node.config import QemuConfig
+from mcp_node.cpio import Cpio, read_cpio
 from mcp_node.errors import ImageError, ValidationError
+from mcp_node.grammar import Volume
 from mcp_node.initramfs import (
     INIT,
     InitramfsBuilder,
@@ -23,24 +26,12 @@ from mcp_node.initramfs import (
     guest_config,
     kernel_version,
     modinfo,
-    read_cpio,
     read_module,
     resolve_modules,
 )
-from mcp_node.vmimage import (
-    BuildRequest,
-    NanosBuilder,
-    OpsBuilder,
-    Volume,
-    choose_builder,
-    elf_info,
-    nanos_manifest,
-    nanos_mkfs_argv,
-    nanos_quote,
-    ops_build_argv,
-    ops_config,
-    parse_volumes,
-)
+from mcp_node.nanos import NanosBuilder, nanos_manifest, nanos_mkfs_argv, nanos_quote
+from mcp_node.ops import OpsBuilder, ops_build_argv, ops_config
+from mcp_node.vmimage import BuildRequest, elf_info
 
 NASTY = "a b (c) \"d\" 'e' $HOME `id` \\ ;x\nnewline"
 
@@ -66,15 +57,20 @@ def req(tmp_path: Path, **kw: object) -> BuildRequest:
 
 # -- ops -------------------------------------------------------------------------------------
 
-def test_ops_config_carries_args_env_memory_cpus_and_dirs(tmp_path: Path) -> None:
-    r = req(tmp_path, volumes=(Volume("/srv/data", "/data"),))
-    cfg = ops_config(r)
+def test_ops_config_carries_args_env_memory_cpus(tmp_path: Path) -> None:
+    cfg = ops_config(req(tmp_path))
     assert cfg["Args"] == ["hello", "--flag", NASTY]
     assert cfg["Env"] == {"PORT": "8080", "MESSAGE": NASTY}
     assert cfg["RunConfig"] == {"Memory": "128M", "CPUs": 2, "Ports": ["8080"]}
-    assert cfg["MapDirs"] == {"/srv/data/*": "/data"}
     # JSON round-trips the awkward value exactly
     assert json.loads(json.dumps(cfg))["Env"]["MESSAGE"] == NASTY
+
+
+def test_ops_builder_refuses_volumes_naming_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as err:
+        OpsBuilder(QemuConfig()).check((Volume("/srv/data", "/data"),))
+    assert err.value.field == "volumes" and "nanos builder" in str(err.value)
+    OpsBuilder(QemuConfig()).check(())
 
 
 def test_ops_config_rejects_bad_env(tmp_path: Path) -> None:
@@ -112,21 +108,47 @@ def test_nanos_quote(value: str, expected: str) -> None:
     assert nanos_quote(value) == expected
 
 
-def test_nanos_manifest_program_args_env_and_files(tmp_path: Path) -> None:
-    host = tmp_path / "vol"
-    host.mkdir()
-    (host / "index.html").write_text("x")
-    r = req(tmp_path, argv=("serve", "a b"), env=("PORT=8080", "MSG=hello (world)"))
-    m = nanos_manifest(r, {"/data/index.html": host / "index.html"})
+def test_nanos_manifest_program_args_env_and_volume_mounts(tmp_path: Path) -> None:
+    r = req(tmp_path, argv=("serve", "a b"), env=("PORT=8080", "MSG=hello (world)"),
+            volumes=(Volume(str(tmp_path), "/usr/local/data"),
+                     Volume(str(tmp_path), "/ro dir", ("ro",))))
+    m = nanos_manifest(r)
     elf = str(r.elf.resolve())
     assert m.startswith("(\n") and m.endswith(")\n")
     assert "program:/usr/local/bin/hello\n" in m
     assert 'arguments:[hello serve "a b"]' in m
     assert 'environment:(USER:root PWD:/ PORT:8080 MSG:"hello (world)")' in m
     assert f"hello:(contents:(host:{elf}))" in m
-    assert "usr:(children:(local:(children:(bin:(children:(hello:" in m
-    assert f"data:(children:(index.html:(contents:(host:{host / 'index.html'}))))" in m
+    # each mount point is an empty directory in the image, beside the program
+    assert ("usr:(children:(local:(children:(bin:(children:(hello:(contents:(host:"
+            f"{elf})))) data:(children:()))))") in m
+    assert '"ro dir":(children:())' in m
+    assert 'mounts:(virtfs0:/usr/local/data virtfs1:"/ro dir")' in m
     assert m.count("(") == m.count(")")
+    assert "mounts" not in nanos_manifest(req(tmp_path))
+
+
+@pytest.mark.parametrize("volumes,match", [
+    ((Volume("/h", "/"),), "volumes\\[0\\]: cannot mount a volume on /"),
+    ((Volume("/h", "/usr"),), "volumes\\[0\\]: /usr would hide the program"),
+    ((Volume("/h", "/data"), Volume("/h", "/data/sub")), "volumes\\[1\\]: .* overlaps"),
+    ((Volume("/h", "/data"), Volume("/h", "/data")), "volumes\\[1\\]: .* overlaps"),
+])
+def test_nanos_refuses_volume_mount_points_it_cannot_honour(
+        tmp_path: Path, volumes: tuple[Volume, ...], match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        nanos_manifest(req(tmp_path, volumes=volumes))
+
+
+def test_nanos_builder_checks_volumes_against_the_machine(tmp_path: Path) -> None:
+    vols = (Volume(str(tmp_path), "/data"),)
+    NanosBuilder(QemuConfig(machine="q35")).check(vols)
+    with pytest.raises(ValidationError) as err:
+        NanosBuilder(QemuConfig(machine="microvm")).check(vols)
+    assert err.value.field == "volumes" and "microvm" in str(err.value)
+    NanosBuilder(QemuConfig(machine="microvm")).check(())
+    with pytest.raises(ValidationError, match=r"volumes\[0\]: .* is not a directory"):
+        NanosBuilder(QemuConfig()).check((Volume(str(tmp_path / "none"), "/data"),))
 
 
 def test_nanos_manifest_quotes_host_paths_with_spaces(tmp_path: Path) -> None:
@@ -190,20 +212,13 @@ def test_program_path_must_be_clean(tmp_path: Path) -> None:
             _ = req(tmp_path, guest_path=bad).program
 
 
-def test_parse_volumes() -> None:
-    assert parse_volumes(("/a:/b", "/c:/d:ro")) == (Volume("/a", "/b"), Volume("/c", "/d", True))
-    for bad in ("rel:/b", "/a:rel", "/a", "/a:/b:rx"):
-        with pytest.raises(ValidationError, match="volumes"):
-            parse_volumes((bad,))
-
-
 # -- initramfs -------------------------------------------------------------------------------
 
 def test_guest_config_round_trips_through_sh(tmp_path: Path) -> None:
     """Values reach the program exactly, whatever they contain (checked with busybox sh)."""
     conf = guest_config("/usr/local/bin/hello", ("arg one", NASTY),
                         ("MESSAGE=" + NASTY, "EMPTY=", "PATH=/custom"),
-                        (Volume("/h", "/data dir", readonly=True),))
+                        (Volume("/h", "/data dir", ("ro",)),))
     script = tmp_path / "conf"
     script.write_text(conf)
     out = tmp_path / "out"
@@ -231,8 +246,6 @@ def test_guest_config_rejects_bad_env_key() -> None:
 
 
 def test_cpio_round_trip() -> None:
-    from mcp_node.initramfs import Cpio
-
     a = Cpio()
     a.dir("d")
     a.file("d/f", b"abc", 0o600)
@@ -335,7 +348,10 @@ def test_initramfs_unavailable_names_the_kernel(tmp_path: Path) -> None:
 
 def test_initramfs_refuses_microvm(tmp_path: Path) -> None:
     b = InitramfsBuilder(QemuConfig(kernel=str(kernel_path()), machine="microvm"))
-    with pytest.raises(ImageError, match="microvm"):
+    with pytest.raises(ValidationError) as err:
+        b.check(())
+    assert err.value.field == "qemu.machine" and "microvm" in str(err.value)
+    with pytest.raises(ValidationError, match="microvm"):
         b.build(req(tmp_path), tmp_path)
     assert list(tmp_path.iterdir()) == [tmp_path / "cache.elf"]
 

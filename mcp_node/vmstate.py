@@ -1,0 +1,257 @@
+"""A VM's on-disk state: its directory, its metadata as a typed record, its liveness,
+its console log; and the host resources VMs are admitted against.
+
+``<state_dir>/vms/<service>-<component>/`` holds ``meta.json`` (``VMMeta``),
+``qemu.pid``, ``qmp.sock``, ``console.log`` (+ ``.1``) and ``image/``. A restarted agent
+re-adopts a running VM from these files alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .files import atomic_write, read_cmdline
+from .runtime import workload_name
+from .vmimage import BootPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VMDir:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.path / "qemu.pid"
+
+    @property
+    def qmp(self) -> Path:
+        return self.path / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.path / "console.log"
+
+    @property
+    def image(self) -> Path:
+        return self.path / "image"
+
+
+@dataclass(frozen=True)
+class VMMeta:
+    """What the runtime records about a VM when it launches it (``meta.json``)."""
+
+    service: str
+    component: str
+    image: str                      # the OCI image reference
+    binary: str                     # the ELF's path inside that image
+    builder: str
+    image_sha256: str
+    memory_mb: int
+    vcpus: int
+    machine: str                    # q35 | microvm
+    accel: str                      # kvm | tcg
+    ports: tuple[int, ...]
+    mac: str
+    stop_timeout_s: float
+    boot: BootPlan
+    started_at: float
+    owner: str = ""                 # node id of the agent that launched it
+    extra: dict[str, Any] = field(default_factory=dict)   # keys of newer versions, kept
+
+    @property
+    def name(self) -> str:
+        return workload_name(self.service, self.component)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["ports"] = list(self.ports)
+        d["boot"] = self.boot.to_dict()
+        d.update(d.pop("extra"))
+        return json.dumps(d, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VMMeta:
+        """KeyError/TypeError/ValueError on a record that is not one."""
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(
+            service=str(d["service"]), component=str(d["component"]),
+            image=str(d.get("image", "")), binary=str(d.get("binary", "")),
+            builder=str(d.get("builder", "")), image_sha256=str(d.get("image_sha256", "")),
+            memory_mb=int(d["memory_mb"]), vcpus=int(d.get("vcpus", 1)),
+            machine=str(d["machine"]), accel=str(d["accel"]),
+            ports=tuple(int(p) for p in d.get("ports", ())), mac=str(d["mac"]),
+            stop_timeout_s=float(d.get("stop_timeout_s", 10.0)),
+            boot=BootPlan.from_dict(d["boot"]), started_at=float(d.get("started_at", 0.0)),
+            owner=str(d.get("owner", "")),
+            extra={k: v for k, v in d.items() if k not in known})
+
+
+def write_meta(d: VMDir, meta: VMMeta) -> None:
+    atomic_write(d.meta, meta.to_json())
+
+
+def read_meta(d: VMDir) -> VMMeta | None:
+    """The VM's record, or None if there is none or it is unreadable."""
+    try:
+        raw = json.loads(d.meta.read_bytes())
+        return VMMeta.from_dict(raw) if isinstance(raw, dict) else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("qemu: unreadable %s: %s", d.meta, exc)
+        return None
+
+
+def live_pid(d: VMDir, meta: VMMeta) -> int | None:
+    """The qemu pid if that process is alive and is this VM's qemu (not a reused pid)."""
+    try:
+        pid = int(d.pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    argv = read_cmdline(pid)
+    if argv and "-pidfile" in argv and argv[argv.index("-pidfile") + 1:][:1] == [
+            str(d.pidfile)] and f"guest={meta.name}" in argv:
+        return pid
+    return None
+
+
+def host_memory_mb() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError("MemTotal missing from /proc/meminfo")
+
+
+def host_cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def console_rotate(path: Path, max_bytes: int) -> bool:
+    """Copy-truncate rotation to ``<path>.1`` once the log passes ``max_bytes``.
+
+    qemu holds the file open with O_APPEND, so truncating in place is safe:
+    its next write lands at the new end. Never truncated otherwise. Serialised:
+    the monitor's listing and an API inspect may rotate at once, and a second
+    copy-truncate would drop what qemu wrote in between (or trip on the temp file).
+    """
+    with _rotate_lock:
+        try:
+            if path.stat().st_size <= max_bytes:
+                return False
+        except FileNotFoundError:
+            return False
+        rotated = path.with_name(path.name + ".1")
+        tmp = path.with_name(path.name + ".1.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, rotated)
+        with path.open("r+b") as f:
+            f.truncate(0)
+    log.info("console %s rotated at %d bytes", path, max_bytes)
+    return True
+
+
+_rotate_lock = threading.Lock()
+
+
+# -- processes and the console -------------------------------------------------------------------
+
+LOG_POLL_S = 0.25
+
+
+def _lf(data: bytes) -> bytes:
+    """The serial line is a tty (CRLF); logs read like a container's (LF)."""
+    return data.replace(b"\r\n", b"\n")
+
+
+def wait_exit(pid: int, timeout: float, still_ours: Callable[[], bool]) -> bool:
+    """True once ``pid`` has ended (a zombie counts: PID 1 reaps it late), within
+    ``timeout``. A pidfd wakes us at the exit itself; ``still_ours()`` is checked after
+    opening it, so a reused pid is never waited on."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:            # no pidfd (old kernel): poll
+        fd = -1
+    try:
+        if not still_ours():
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if fd >= 0:
+                if select.select([fd], [], [], max(left, 0))[0]:
+                    return True
+            elif not still_ours():
+                return True
+            else:
+                time.sleep(min(0.02, max(left, 0)))
+            if not still_ours():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def read_console(d: VMDir, tail: int | None, follow: bool,
+                 alive: Callable[[], bool]) -> Iterator[bytes]:
+    """The serial console (the rotated part first), LF line ends; with ``follow``, what
+    is written next, until ``alive()`` says the VM is gone."""
+    path = d.console
+    data, cur, ino = b"", b"", None
+    with contextlib.suppress(OSError):
+        data = path.with_name(path.name + ".1").read_bytes()
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        ino = os.fstat(f.fileno()).st_ino
+        cur = f.read()
+    # Follow from exactly what was read: a line written meanwhile is not skipped.
+    pos = len(cur)
+    data += cur
+    if tail is not None:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail:]) if tail > 0 else b""
+    if data:
+        yield _lf(data)
+    if not follow:
+        return
+    while True:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        if st.st_ino != ino or st.st_size < pos:   # rotated
+            ino, pos = st.st_ino, 0
+        if st.st_size > pos:
+            with path.open("rb") as f:
+                f.seek(pos)
+                chunk = f.read(1 << 20)
+            pos += len(chunk)
+            yield _lf(chunk)
+            continue
+        if not alive():
+            return
+        time.sleep(LOG_POLL_S)

@@ -1,0 +1,117 @@
+"""The nanos builder against the real Nanos (``$MCP_NANOS_DIR``, else ../shared/nanos),
+through QemuRuntime: volumes shared live over 9p on q35, env and arguments reaching
+the program exactly, a real mkfs image that ``dump`` reads back; volumes refused on
+microvm before anything changes. Nanos boots in under a second under TCG, so these
+cost little; the whole lifecycle through mcp-agent is in test_unikernel_e2e.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from qemu_env import (
+    VMReaper,
+    nanos_config,
+    nanos_dir,
+    need_nanos,
+    qemu_runtime,
+    wait_gone,
+)
+
+from mcp_node.config import QemuConfig
+from mcp_node.errors import ValidationError
+from mcp_node.grammar import Volume
+from mcp_node.nanos import NanosBuilder
+from mcp_node.runtime import STOPPED, WorkloadSpec
+from mcp_node.vmimage import BuildRequest
+
+pytestmark = pytest.mark.integration
+
+NASTY = "it's a (test) \"x\" $HOME `id` ; done \\ end"
+# busybox sh on Nanos: builtins only (Nanos has no fork). The program exits at the end,
+# so the q35 guest powers itself off.
+SCRIPT = """read line < /data/in.txt
+echo "guest-read<$line>"
+echo "guest-arg<$0>"
+printf '%s' "$MESSAGE" > /data/out.txt
+echo x > /ro/try || echo ro-refused
+echo guest-done
+"""
+
+
+def vm_files(state: Path) -> list[str]:
+    vms = state / "vms"
+    return sorted(p.name for p in vms.iterdir()) if vms.exists() else []
+
+
+def test_nanos_mkfs_image_holds_program_env_and_mount_points(tmp_path: Path) -> None:
+    need_nanos()
+    elf = tmp_path / "app.elf"
+    elf.write_bytes(Path("/bin/busybox").read_bytes())
+    data = tmp_path / "data"
+    data.mkdir()
+    req = BuildRequest(service="s", component="c", elf=elf, guest_path="/bin/busybox",
+                       argv=("sh", "-c", "echo hi"), env=("PORT=8080", f"MESSAGE={NASTY}"),
+                       volumes=(Volume(str(data), "/data"),), cache_dir=tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = NanosBuilder(QemuConfig(nanos_dir=str(nanos_dir()))).build(req, out)
+    assert plan.builder == "nanos" and plan.nanos and plan.kernel == ""
+    assert Path(plan.disk).is_file() and len(plan.sha256) == 64
+    assert plan.volumes == req.volumes
+    dump = subprocess.run([str(nanos_dir() / "dump"), plan.disk], capture_output=True,
+                          text=True, timeout=30, check=True).stdout
+    assert "program:/bin/busybox" in dump.replace(" ", "")
+    assert "virtfs0" in dump and "MESSAGE" in dump
+
+
+def test_nanos_q35_volumes_env_and_args_reach_the_program(
+        tmp_path: Path, busybox_image: str) -> None:
+    need_nanos()
+    state = tmp_path / "state"
+    data = tmp_path / "vol-data"
+    data.mkdir()
+    (data / "in.txt").write_text("from the host\n")
+    ro = tmp_path / "vol-ro"
+    ro.mkdir()
+    rt = qemu_runtime(nanos_config(state, "q35"))
+    assert rt.builder_name == "nanos"
+    spec = WorkloadSpec(
+        service=f"n{uuid.uuid4().hex[:8]}", component="bb", image=busybox_image,
+        cmd=("sh", "-c", SCRIPT, "arg with (space)"), env=(f"MESSAGE={NASTY}",),
+        volumes=(f"{data}:/data", f"{ro}:/ro:ro"), memory_mb=128)
+    reaper = VMReaper()
+    reaper.add(rt, spec.service, spec.component)
+    try:
+        w = rt.run(spec)
+        assert w.extra["builder"] == "nanos" and w.extra["machine"] == "q35"
+        # the program ends after its script; a Nanos guest on q35 then powers itself off
+        assert wait_gone(int(w.extra["pid"]), 60)
+        console = b"".join(rt.logs(spec.service, spec.component)).decode(errors="replace")
+        assert "guest-done" in console, console
+        assert "guest-read<from the host>" in console          # 9p read
+        assert (data / "out.txt").read_text() == NASTY          # 9p write, exact env
+        assert "guest-arg<arg with (space)>" in console         # argv exact
+        assert "ro-refused" in console and list(ro.iterdir()) == []
+        after = rt.inspect(spec.service, spec.component)
+        assert after is not None and after.state == STOPPED
+    finally:
+        reaper.run()
+
+
+def test_nanos_microvm_refuses_volumes_before_anything_changes(
+        tmp_path: Path, busybox_image: str) -> None:
+    need_nanos()
+    state = tmp_path / "state"
+    rt = qemu_runtime(nanos_config(state, "microvm"))
+    spec = WorkloadSpec(service="n", component="bb", image=busybox_image,
+                        volumes=(f"{tmp_path}:/data",), memory_mb=128)
+    for call in (lambda: rt.check_capacity(spec, False), lambda: rt.pull(spec),
+                 lambda: rt.run(spec)):
+        with pytest.raises(ValidationError) as err:
+            call()
+        assert err.value.field == "volumes" and "microvm" in str(err.value)
+    assert vm_files(state) == [] and not (state / "vm-cache").exists()

@@ -284,7 +284,8 @@ def ports_text(routes: list[dict[str, Any]]) -> str:
 # Keys every component's status has; a runtime's own keys (status_extra) are the rest.
 COMMON_STATUS_KEYS = frozenset({
     "service", "component", "node", "runtime", "state", "desired_state", "version",
-    "uptime_s", "routes", "image", "drift", "flapping",
+    "uptime_s", "routes", "image", "drift", "flapping", "ready", "restarts", "exit_code",
+    "next_attempt", "spec_drift",
 })
 
 
@@ -306,12 +307,18 @@ def status_text(st: dict[str, Any]) -> str:
              f"{'active' if st['active'] else 'inactive'}"
              f"{', DRIFT' if st['drift'] else ''}{', FLAPPING' if st['flapping'] else ''}"]
     lines.append(table(
-        ["COMPONENT", "RUNTIME", "STATE", "DESIRED", "VERSION", "UPTIME", "PORTS", "DRIFT"],
+        ["COMPONENT", "RUNTIME", "STATE", "DESIRED", "VERSION", "UPTIME", "RESTARTS", "PORTS",
+         "DRIFT"],
         [[c["component"], c["runtime"], c["state"], c["desired_state"], c["version"],
-          fmt_uptime(c.get("uptime_s"), c["state"]), ports_text(c["routes"]),
-          "yes" if c["drift"] else "no"] for c in st["components"]],
+          fmt_uptime(c.get("uptime_s"), c["state"]), str(c.get("restarts", 0)),
+          ports_text(c["routes"]),
+          "spec" if c.get("spec_drift") else "yes" if c["drift"] else "no"]
+         for c in st["components"]],
     ))
     for c in st["components"]:
+        if c.get("exit_code") is not None or c.get("next_attempt"):
+            lines.append(f"  {c['component']}: last exit code {status_value(c.get('exit_code'))}"
+                         f", next attempt {status_value(c.get('next_attempt'))}")
         extra = sorted(set(c) - COMMON_STATUS_KEYS)
         if extra:
             lines.append(f"  {c['component']}: "

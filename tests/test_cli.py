@@ -115,10 +115,20 @@ def test_status_text_shows_runtime_keys_generically() -> None:
                "accel": "tcg", "builder": "", "ports": [1, 2], "kvm": True}]}
     assert status_text(st).splitlines() == [
         "service s on n1: active",
-        "COMPONENT  RUNTIME  STATE    DESIRED  VERSION  UPTIME  PORTS  DRIFT",
-        "web        rt-a     running  running  v1       5s      -      no",
-        "vm         rt-b     running  running  v1       5s      -      no",
+        "COMPONENT  RUNTIME  STATE    DESIRED  VERSION  UPTIME  RESTARTS  PORTS  DRIFT",
+        "web        rt-a     running  running  v1       5s      0         -      no",
+        "vm         rt-b     running  running  v1       5s      0         -      no",
         "  vm: accel=tcg builder=- kvm=yes pid=- ports=1,2 vcpus=2",
+    ]
+    looping = {**common, "component": "web", "runtime": "rt-a", "state": "backoff",
+               "drift": True, "restarts": 3, "exit_code": 3, "ready": False,
+               "next_attempt": "2026-11-29T15:00:04Z", "spec_drift": False}
+    st["components"] = [looping, {**common, "component": "old", "runtime": "rt-a",
+                                  "spec_drift": True, "drift": False, "restarts": 0}]
+    assert status_text(st).splitlines()[2:] == [
+        "web        rt-a     backoff  running  v1       -       3         -      yes",
+        "old        rt-a     running  running  v1       5s      0         -      spec",
+        "  web: last exit code 3, next attempt 2026-11-29T15:00:04Z",
     ]
 
 

@@ -1,223 +1,31 @@
 """The operator CLI, ``mcp`` (design §7).
 
-Every command runs against a ``Backend``: the agent over HTTP (default), or
-the modules in-process with ``--local``. Domain errors come up from either
-and become ``click.ClickException`` in one place, ``ErrorGroup.invoke`` (exit
-1, message on stderr); usage errors stay click's (exit 2). Heavy modules are
-imported on first use so ``mcp --version`` starts fast.
+Every command runs against a ``Backend`` (clictx): the agent over HTTP
+(default), or the modules in-process with ``--local``. Domain errors come up
+from either and become ``click.ClickException`` in one place,
+``ErrorGroup.invoke`` (exit 1, message on stderr); usage errors stay click's
+(exit 2). Heavy modules are imported on first use so ``mcp --version`` starts
+fast.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
-import tomllib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from . import __version__
-from .errors import MCPError, ValidationError
-from .states import RUNNING, UNKNOWN
-
-if TYPE_CHECKING:
-    from .agent import Agent
+from .clictx import DEFAULT_AGENT, Backend, Ctx, config_home
+from .cliformat import health_text, ps_table, services_summary, status_text, table
+from .errors import MCPError
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_AGENT = "http://127.0.0.1:9444"
-
-
-# -- CLI configuration ---------------------------------------------------------
-
-
-@dataclass
-class CLIConfig:
-    nodes: dict[str, str] = field(default_factory=dict)  # name -> address
-    token_path: str = ""
-    services_dir: str = ""
-
-
-def config_home() -> Path:
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mcp"
-
-
-def load_cli_config() -> CLIConfig:
-    path = Path(os.environ.get("MCP_CLI_CONFIG") or config_home() / "mcp.toml")
-    if not path.exists():
-        return CLIConfig()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise MCPError(f"cannot read {path}: {exc}") from exc
-    nodes = {}
-    for i, n in enumerate(data.get("nodes", [])):
-        if not isinstance(n, dict) or not isinstance(n.get("name"), str) \
-                or not isinstance(n.get("address"), str):
-            raise ValidationError("needs string name and address", f"{path}: nodes[{i}]")
-        nodes[n["name"]] = n["address"]
-    return CLIConfig(nodes=nodes, token_path=str(data.get("token_path", "")),
-                     services_dir=str(data.get("services_dir", "")))
-
-
-def agent_url(address: str) -> str:
-    return address if "://" in address else f"http://{address}"
-
-
-# -- backends ------------------------------------------------------------------
-
-
-class Backend(Protocol):
-    node: str
-
-    def call(self, op: str, *args: Any) -> Any: ...
-    def logs(self, service: str, component: str | None, tail: int | None,
-             follow: bool) -> Iterator[bytes]: ...
-
-
-class RemoteBackend:
-    """The agent's HTTP API; ``op`` names map to the routes of design §6."""
-
-    def __init__(self, url: str, token: str | None, node: str = "") -> None:
-        from .client import Client
-
-        self.node = node or url
-        self.client = Client(url, token)
-
-    def call(self, op: str, *args: Any) -> Any:
-        from urllib.parse import quote
-
-        c = self.client
-        q = [quote(str(a), safe="") for a in args]
-        if op == "deploy":
-            return c.post("/v1/services", args[0])
-        if op in ("stop", "start", "restart"):
-            return c.post(f"/v1/services/{q[0]}/{op}", {})
-        if op == "undeploy":
-            return c.delete(f"/v1/services/{q[0]}")
-        if op == "ps":
-            return c.get("/v1/services")
-        if op == "status":
-            return c.get(f"/v1/services/{q[0]}")
-        if op == "health":
-            return c.get("/v1/health")
-        if op == "edge_list":
-            return c.get("/v1/edge-routes")
-        if op == "edge_setup":
-            return c.post("/v1/edge-routes", args[0])
-        if op == "edge_remove":
-            return c.delete(f"/v1/edge-routes/{q[0]}")
-        raise AssertionError(op)
-
-    def logs(self, service: str, component: str | None, tail: int | None,
-             follow: bool) -> Iterator[bytes]:
-        from urllib.parse import quote, urlencode
-
-        params = {"component": component or "", "tail": "" if tail is None else tail,
-                  "follow": "1" if follow else ""}
-        query = urlencode({k: v for k, v in params.items() if v != ""})
-        return self.client.stream(f"/v1/services/{quote(service, safe='')}/logs?{query}")
-
-
-class LocalBackend:
-    """The same operations in-process, against this node's registry."""
-
-    def __init__(self, agent: Agent | None = None) -> None:
-        if agent is None:
-            from .agent import Agent
-            from .config import load
-
-            agent = Agent(load(None))
-        self.agent = agent
-        self.node = agent.node
-
-    def call(self, op: str, *args: Any) -> Any:
-        from .servicedef import from_dict
-
-        a = self.agent
-        if op == "deploy":
-            return a.deploy(from_dict(args[0]))
-        if op == "undeploy":
-            a.undeploy(args[0])
-            return {"service": args[0], "undeployed": True}
-        if op in ("stop", "start", "restart", "status"):
-            return getattr(a, op)(args[0])
-        if op in ("ps", "health"):
-            return getattr(a, op)()
-        if op == "edge_list":
-            return a.edge.list()
-        if op == "edge_setup":
-            return a.edge.setup(**args[0])
-        if op == "edge_remove":
-            a.edge.remove(args[0])
-            return {"hostname": args[0], "removed": True}
-        raise AssertionError(op)
-
-    def logs(self, service: str, component: str | None, tail: int | None,
-             follow: bool) -> Iterator[bytes]:
-        it: Iterator[bytes] = self.agent.logs(service, component, tail, follow)
-        return it
-
-
-@dataclass
-class Ctx:
-    agent: str | None
-    token_file: str | None
-    json: bool
-    node: str | None
-    local: bool
-    _cfg: CLIConfig | None = None
-
-    @property
-    def cfg(self) -> CLIConfig:
-        if self._cfg is None:
-            self._cfg = load_cli_config()
-        return self._cfg
-
-    def token(self) -> str | None:
-        path = self.token_file or os.environ.get("MCP_TOKEN_FILE") or self.cfg.token_path
-        if not path:
-            from .config import default_state_dir
-
-            path = str(default_state_dir() / "token")
-        from .auth import read_token_file
-
-        file = Path(path).expanduser()
-        if not file.exists():
-            if self.token_file or os.environ.get("MCP_TOKEN_FILE"):
-                raise MCPError(f"token file {path} not found")
-            return None  # the agent will answer 401, which says more than a guess here
-        return read_token_file(file)  # refuses a token file others can read
-
-    def targets(self) -> list[tuple[str, str]]:
-        """(node name, URL) of the agents a command talks to."""
-        if self.agent or os.environ.get("MCP_AGENT"):
-            url = agent_url(self.agent or os.environ["MCP_AGENT"])
-            return [(self.node or "", url)]
-        nodes = self.cfg.nodes
-        if self.node:
-            if self.node not in nodes:
-                known = ", ".join(sorted(nodes)) or "none configured"
-                raise MCPError(f"unknown node {self.node!r} (known: {known})")
-            return [(self.node, agent_url(nodes[self.node]))]
-        if nodes:
-            return [(n, agent_url(a)) for n, a in nodes.items()]
-        return [("", DEFAULT_AGENT)]
-
-    def backends(self) -> list[Backend]:
-        if self.local:
-            return [LocalBackend()]
-        token = self.token()
-        return [RemoteBackend(url, token, name) for name, url in self.targets()]
-
-    def backend(self) -> Backend:
-        """The single agent a mutating command goes to (first node unless -n)."""
-        return self.backends()[0]
 
 
 class ErrorGroup(click.Group):
@@ -242,120 +50,6 @@ def emit(ctx: Ctx, data: Any, text: Callable[[Any], str]) -> None:
         out = text(data)
         if out:
             click.echo(out)
-
-
-# -- formatting ------------------------------------------------------------------
-
-
-def fmt_uptime(seconds: int | None, state: str) -> str:
-    if state != RUNNING or seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [headers, *rows]]
-    return "\n".join(lines)
-
-
-def ps_table(rows: list[dict[str, Any]]) -> str:
-    return table(
-        ["SERVICE", "COMPONENT", "NODE", "RUNTIME", "STATE", "VERSION", "UPTIME"],
-        [[r["service"], r["component"], r["node"], r["runtime"], r["state"], r["version"],
-          fmt_uptime(r.get("uptime_s"), r["state"])] for r in rows],
-    )
-
-
-def ports_text(routes: list[dict[str, Any]]) -> str:
-    return ",".join(f"{r['name'] + '=' if r['name'] else ''}127.0.0.1:{r['host_port']}"
-                    for r in routes) or "-"
-
-
-# Keys every component's status has; a runtime's own keys (status_extra) are the rest.
-COMMON_STATUS_KEYS = frozenset({
-    "service", "component", "node", "runtime", "state", "desired_state", "version",
-    "uptime_s", "routes", "image", "drift", "flapping", "ready", "restarts", "exit_code",
-    "next_attempt", "spec_drift",
-})
-
-
-def status_value(value: Any) -> str:
-    """One value of a runtime's status keys on a single line; ``-`` when empty."""
-    if value is None or value == "" or (isinstance(value, list | tuple | dict) and not value):
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return str(value)
-
-
-def status_text(st: dict[str, Any]) -> str:
-    lines = [f"service {st['service']} on {st['node']}: "
-             f"{'active' if st['active'] else 'inactive'}"
-             f"{', DRIFT' if st['drift'] else ''}{', FLAPPING' if st['flapping'] else ''}"]
-    lines.append(table(
-        ["COMPONENT", "RUNTIME", "STATE", "DESIRED", "VERSION", "UPTIME", "RESTARTS", "PORTS",
-         "DRIFT"],
-        [[c["component"], c["runtime"], c["state"], c["desired_state"], c["version"],
-          fmt_uptime(c.get("uptime_s"), c["state"]), str(c.get("restarts", 0)),
-          ports_text(c["routes"]),
-          "spec" if c.get("spec_drift") else "yes" if c["drift"] else "no"]
-         for c in st["components"]],
-    ))
-    for c in st["components"]:
-        if c.get("exit_code") is not None or c.get("next_attempt"):
-            lines.append(f"  {c['component']}: last exit code {status_value(c.get('exit_code'))}"
-                         f", next attempt {status_value(c.get('next_attempt'))}")
-        extra = sorted(set(c) - COMMON_STATUS_KEYS)
-        if extra:
-            lines.append(f"  {c['component']}: "
-                         + " ".join(f"{k}={status_value(c[k])}" for k in extra))
-    if st["events"]:
-        lines.append("events:")
-        for e in st["events"][-10:]:
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["time"]))
-            detail = f" ({e['detail']})" if e["detail"] else ""
-            lines.append(f"  {when} {e['component']}: {e['from']} -> {e['to']}{detail}")
-    return "\n".join(lines)
-
-
-def services_summary(rows: list[dict[str, Any]]) -> str:
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by.setdefault(r["service"], []).append(r)
-    out = []
-    for name, comps in by.items():
-        running = sum(c["state"] == RUNNING for c in comps)
-        drift = any((c["desired_state"] == RUNNING) != (c["state"] == RUNNING)
-                    for c in comps if c["state"] != UNKNOWN)
-        out.append([name, comps[0]["node"], f"{running}/{len(comps)}", "yes" if drift else "no"])
-    return table(["SERVICE", "NODE", "RUNNING", "DRIFT"], out)
-
-
-def health_text(h: dict[str, Any]) -> str:
-    lines = [f"status: {h['status']}", f"node: {h.get('node', '')}",
-             f"containers: {h.get('containers', 0)}"]
-    for name, info in sorted(h.get("runtimes", {}).items()):
-        extra = " ".join(f"{k}={v}" for k, v in sorted(info.items())
-                         if k not in ("available", "reason") and not isinstance(v, dict | list))
-        state = "available" if info.get("available") else "unavailable"
-        lines.append(f"runtime {name}: {state}{' ' + extra if extra else ''}")
-    for reason in h.get("reasons", []):
-        lines.append(f"reason: {reason}")
-    return "\n".join(lines)
 
 
 # -- commands ------------------------------------------------------------------------

@@ -18,8 +18,8 @@ stand for, so they hang off the root::
      +-- ConflictError            409 conflict
      |    +-- ResourceError       409 resources    (would overcommit the node)
      +-- TokenStoreError          500 token_store  (tokens file untrusted or unreadable)
-     +-- RegistryError            500 registry
-     |    +-- SchemaTooNewError   500 schema_too_new
+     +-- RegistryError            503 registry     (storage: full, read-only, corrupt)
+     |    +-- SchemaTooNewError   503 schema_too_new
      +-- WorkloadError            502 runtime      (podman / qemu refused or failed)
      |    +-- ImageError          502 image        (pull, extract, build)
      |    +-- qmp.QMPError        502 runtime      (QEMU's monitor; in mcp_node.qmp)
@@ -91,6 +91,10 @@ class TokenStoreError(MCPError):
 
 
 class RegistryError(MCPError):
+    """The registry cannot be read or written (full disk, read-only, I/O error, corrupt):
+    the node is unavailable for that operation, not the request wrong."""
+
+    status = 503
     code = "registry"
 
 

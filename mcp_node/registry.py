@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -118,47 +118,114 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def corrupt_message(path: Path, detail: str) -> str:
+    """One line: which file, what SQLite said, and what the operator can do."""
+    return (f"registry {path} is corrupt ({detail}); the agent will not start on it: "
+            f"move it aside (mv {path} {path}.corrupt, with its -wal and -shm files) and "
+            "restore a backup, or start mcp-agent --adopt on a new registry to take the "
+            "running workloads over as orphans")
+
+
+def storage_error(path: Path, what: str, exc: sqlite3.Error) -> RegistryError:
+    """A RegistryError for a failed SQLite call, with the likely cause spelled out."""
+    msg = str(exc)
+    low = msg.lower()
+    if isinstance(exc, sqlite3.DatabaseError) and (
+            "not a database" in low or "malformed" in low or "corrupt" in low):
+        return RegistryError(corrupt_message(path, msg))
+    if "full" in low:
+        hint = "the filesystem of the state dir is full; free space and retry"
+    elif "readonly" in low or "read-only" in low:
+        hint = "the registry file or its directory is read-only; make it writable and retry"
+    elif "i/o" in low or "unable to open" in low:
+        hint = "the registry file cannot be read or written; check the disk and permissions"
+    else:
+        hint = "nothing was changed"
+    return RegistryError(f"registry {path}: {what} failed: {msg} ({hint})")
+
+
+def inspect_file(path: Path) -> int | None:
+    """Services recorded in the registry at ``path``, or None when there is no file.
+
+    Run by the daemon before it starts: a corrupt file is refused here, naming it,
+    and a new or empty registry is told apart from one that has services.
+    """
+    if not path.exists():
+        return None
+    reg = Registry(path)
+    try:
+        reg.check()
+        return len(reg._query("SELECT name FROM services"))
+    finally:
+        reg.close()
+
+
 class Registry:
     def __init__(self, path: Path, migrate_to: int | None = None) -> None:
         """Open (creating) and migrate; ``migrate_to`` stops early, as an older release would."""
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
                 str(path), timeout=10.0, isolation_level=None, check_same_thread=False
             )
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise RegistryError(f"cannot open registry {path}: {exc}") from exc
         self._db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self.migrate(migrate_to)
+        try:
+            with self._guard("open"):
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._db.execute("PRAGMA synchronous=FULL")
+            self.migrate(migrate_to)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Storage failures (full disk, read-only file or directory, I/O error, a corrupt
+        file) become a RegistryError naming the file and the cause, never a bare
+        sqlite3 error (which the server would answer as a generic 500)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, what, exc) from exc
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        """One transaction; on any failure it is rolled back, so nothing half-written stays."""
+        with self._lock, self._guard("write"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._guard("read"):
             return self._db.execute(sql, args).fetchall()
+
+    def check(self) -> None:
+        """Raise RegistryError if SQLite finds the file damaged (``PRAGMA quick_check``)."""
+        rows = self._query("PRAGMA quick_check")
+        bad = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        if bad:
+            raise RegistryError(corrupt_message(self.path, "; ".join(bad[:3])))
 
     # -- migrations ---------------------------------------------------------
 
     def schema_version(self) -> int:
-        with self._lock:
+        with self._lock, self._guard("read"):
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
@@ -186,7 +253,7 @@ class Registry:
                         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?,?,?)",
                         (version, name, now_iso()),
                     )
-            except sqlite3.Error as exc:
+            except RegistryError as exc:
                 raise RegistryError(f"migration {version:03d}_{name} failed: {exc}") from exc
         return self.schema_version()
 
@@ -279,7 +346,7 @@ class Registry:
     def _load(self, name: str | None) -> list[ServiceRecord]:
         where, args = ("WHERE name=?", (name,)) if name else ("", ())
         cwhere = "WHERE service=?" if name else ""
-        with self._lock:
+        with self._lock, self._guard("read"):
             svcs = self._db.execute(
                 f"SELECT * FROM services {where} ORDER BY name", args  # noqa: S608
             ).fetchall()

@@ -16,8 +16,10 @@ from mcp_node.errors import (
     ForbiddenError,
     HTTPError,
     MCPError,
+    RegistryError,
     RemoteError,
     ResourceError,
+    SchemaTooNewError,
     TokenStoreError,
     ValidationError,
 )
@@ -70,6 +72,9 @@ def test_moved_classes_keep_their_wire_contract() -> None:
     assert (ForbiddenError.status, ForbiddenError.code) == (403, "forbidden")
     assert (TokenStoreError.status, TokenStoreError.code) == (500, "token_store")
     assert (AgentUnreachable.status, AgentUnreachable.code) == (503, "unreachable")
+    # storage trouble is the node's, not the request's: 503, never a generic 500
+    assert (RegistryError.status, RegistryError.code) == (503, "registry")
+    assert (SchemaTooNewError.status, SchemaTooNewError.code) == (503, "schema_too_new")
     err = HTTPError(405, "method_not_allowed", "use GET", headers=(("Allow", "GET"),))
     assert (err.status, err.code, str(err), err.headers) == (
         405, "method_not_allowed", "use GET", (("Allow", "GET"),))

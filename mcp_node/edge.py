@@ -113,7 +113,7 @@ class EdgeManager:
         start = time.perf_counter()
         try:
             return fn()
-        except EdgeError as exc:
+        except (EdgeError, DNSCheckError) as exc:
             step = name.split("_")[0]
             raise type(exc)(f"edge route {host}: {step} step failed: {exc}") from exc
         finally:

@@ -125,15 +125,9 @@ class EdgeError(MCPError):
     code = "edge"
 
 
-class DNSCheckError(ValidationError, EdgeError):
-    """The backend does not resolve to Tailnet addresses: the request names a bad backend.
+class DNSCheckError(ValidationError):
+    """The backend does not resolve to Tailnet addresses: the request names a bad backend."""
 
-    Its branch is ValidationError (400). EdgeError is a second base only until
-    ``edge.EdgeManager._step``, which prefixes the failing step to edge errors,
-    catches DNSCheckError itself; then it goes.
-    """
-
-    status = 400
     code = "dns"
 
 

@@ -86,22 +86,33 @@ def make_resolver(nameservers: Sequence[str], timeout: float) -> dns.resolver.Re
 
 
 def resolve(hostname: str, nameservers: Sequence[str] = (), timeout: float = 3.0) -> list[str]:
-    """A and AAAA addresses of ``hostname`` (A first); NXDOMAIN or no answer at all -> error."""
+    """A and AAAA addresses of ``hostname`` (A first), each type asked on its own.
+
+    Some servers answer A but NXDOMAIN for AAAA (a contradiction RFC 8020 forbids, yet
+    common): an NXDOMAIN on one type beside an answer on the other is logged and the
+    answers are what the Tailnet check judges. No answer on either type is an error;
+    so is a failure (timeout, SERVFAIL) on either, since it could hide an address.
+    """
     res = make_resolver(nameservers, timeout)
     out: list[str] = []
+    nxdomain: list[str] = []
     for rdtype in ("A", "AAAA"):
         log.debug("resolve %s %s via %s:%s", hostname, rdtype, res.nameservers, res.port)
         try:
             answer = res.resolve(hostname, rdtype, search=False)
-        except dns.resolver.NXDOMAIN as exc:
-            raise DNSCheckError(f"{hostname} does not exist (NXDOMAIN)") from exc
+        except dns.resolver.NXDOMAIN:
+            nxdomain.append(rdtype)
+            continue
         except dns.resolver.NoAnswer:
             continue
-        except (dns.resolver.NoNameservers, dns.exception.Timeout) as exc:
-            raise DNSCheckError(f"cannot resolve {hostname} ({rdtype}): {exc}") from exc
         except dns.exception.DNSException as exc:
             raise DNSCheckError(f"cannot resolve {hostname} ({rdtype}): {exc}") from exc
         out.extend(str(ipaddress.ip_address(r.to_text())) for r in answer)
+    if nxdomain and not out:
+        raise DNSCheckError(f"{hostname} does not exist (NXDOMAIN)")
+    if nxdomain:
+        log.warning("dns: %s answered %s but NXDOMAIN for %s; judging the answers received",
+                    hostname, ", ".join(out), "/".join(nxdomain))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 
 import pytest
 from edge_env import INTERNAL_ZONE, Dnsmasq
@@ -144,3 +145,87 @@ def test_resolve_unreachable_server_times_out() -> None:
     port = free_port(udp_too=True)  # nothing listens there
     with pytest.raises(DNSCheckError, match="cannot resolve"):
         resolve(f"app.{INTERNAL_ZONE}", [f"127.0.0.1:{port}"], 0.5)
+
+
+# -- a server that answers A but NXDOMAIN for AAAA (real DNS wire protocol) ----------------
+
+class SplitDNS:
+    """A tiny UDP DNS server on loopback, in a thread: per (name, type) an address list or
+    NXDOMAIN, as some servers answer (RFC 8020 says they must not; they do)."""
+
+    def __init__(self, answers: dict[tuple[str, str], list[str] | None]) -> None:
+        import socket
+        import threading
+
+        self.answers = answers
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+        import dns.rrset
+
+        while not self.stopping.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            q = dns.message.from_wire(data)
+            resp = dns.message.make_response(q)
+            question = q.question[0]
+            key = (question.name.to_text().rstrip("."), dns.rdatatype.to_text(question.rdtype))
+            addrs = self.answers.get(key, [])
+            if addrs is None:
+                resp.set_rcode(dns.rcode.NXDOMAIN)
+            elif addrs:
+                resp.answer.append(dns.rrset.from_text(question.name, 60, "IN", key[1], *addrs))
+            self.sock.sendto(resp.to_wire(), peer)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.fixture
+def split_dns() -> Iterator[SplitDNS]:
+    srv = SplitDNS({
+        ("a-only.svc.example.test", "A"): ["100.64.0.2"],
+        ("a-only.svc.example.test", "AAAA"): None,
+        ("v6-only.svc.example.test", "A"): None,
+        ("v6-only.svc.example.test", "AAAA"): ["fd7a:115c:a1e0::2"],
+        ("lan-a.svc.example.test", "A"): ["10.0.0.5"],
+        ("lan-a.svc.example.test", "AAAA"): None,
+        ("gone.svc.example.test", "A"): None,
+        ("gone.svc.example.test", "AAAA"): None,
+    })
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def test_a_answer_with_aaaa_nxdomain_is_judged_on_the_answer(
+        split_dns: SplitDNS, caplog: pytest.LogCaptureFixture) -> None:
+    """The defect: an A answer beside an AAAA NXDOMAIN failed as 'does not exist'."""
+    ns = [f"127.0.0.1:{split_dns.port}"]
+    assert resolve_tailnet("a-only.svc.example.test", ns, 2.0) == ["100.64.0.2"]
+    assert "NXDOMAIN for AAAA" in caplog.text
+    assert resolve_tailnet("v6-only.svc.example.test", ns, 2.0) == ["fd7a:115c:a1e0::2"]
+
+
+def test_split_answer_outside_the_tailnet_is_still_refused(split_dns: SplitDNS) -> None:
+    with pytest.raises(DNSCheckError, match=r"10\.0\.0\.5"):
+        resolve_tailnet("lan-a.svc.example.test", [f"127.0.0.1:{split_dns.port}"], 2.0)
+
+
+def test_nxdomain_on_both_types_still_fails(split_dns: SplitDNS) -> None:
+    with pytest.raises(DNSCheckError, match="does not exist"):
+        resolve_tailnet("gone.svc.example.test", [f"127.0.0.1:{split_dns.port}"], 2.0)

@@ -15,7 +15,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,7 @@ from . import health
 from .config import AgentConfig
 from .errors import ConflictError, MCPError, RuntimeUnavailable, ValidationError
 from .files import atomic_write, flocked
+from .grammar import default_volume_roots
 from .monitor import Monitor, View, is_drift
 from .readiness import probe
 from .reconcile import Policy, Reconciler
@@ -36,7 +37,7 @@ from .runtime import (
     load_runtime,
     workload_name,
 )
-from .servicedef import ComponentDef, ServiceDef, check_name, route_env
+from .servicedef import ComponentDef, ServiceDef, check_name, check_volume_roots, route_env
 from .states import BACKOFF, MISSING, RUNNING, STARTING, STOPPED, UNKNOWN, State
 
 if TYPE_CHECKING:
@@ -73,10 +74,12 @@ class Agent:
 
     def __init__(self, config: AgentConfig, *, monitor: bool = False,
                  runtimes: Mapping[str, type[Runtime]] | None = None,
-                 reconcile: bool | None = None) -> None:
+                 reconcile: bool | None = None,
+                 on_round: Callable[[], None] | None = None) -> None:
         self.config = config
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state_dir.chmod(0o700)  # an existing 0755 one too: it holds tokens and keys
         self.registry = Registry(self.state_dir / "registry.db")
         self.node = socket.gethostname()
         self.owner = node_id(self.state_dir)
@@ -97,11 +100,28 @@ class Agent:
         self._reconciling = monitor if reconcile is None else reconcile
         # (service, component) -> (workload id, started_at) of the run judged ready
         self._ready: dict[tuple[str, str], tuple[str, float | None]] = {}
-        self.monitor = Monitor(self.registry, self._listable, config.monitor, self._on_refresh)
+        self.on_round = on_round  # after every monitor round: the daemon's watchdog ping
+        self.monitor = Monitor(self.registry, self._listable, config.monitor,
+                               self._after_round)
         if monitor:
-            self.monitor.start()
-            if self.registry.list_edge_routes():
-                self._reconcile_edge()
+            self.start_monitor()
+
+    def start_monitor(self, reconcile: bool | None = None) -> None:
+        """Start the monitor thread; its first round (with reconcile) is done on return.
+
+        The daemon builds the agent without it, binds its listener, checks the registry
+        against what the runtimes run, and only then starts it (and so adopts workloads).
+        """
+        if reconcile is not None:
+            self._reconciling = reconcile
+        self.monitor.start()
+        if self.registry.list_edge_routes():
+            self._reconcile_edge()
+
+    def _after_round(self, view: View) -> None:
+        self._on_refresh(view)
+        if self.on_round is not None:
+            self.on_round()
 
     # -- runtimes -----------------------------------------------------------
 
@@ -206,6 +226,8 @@ class Agent:
         WorkloadError (a runtime failed; the previous state is restored),
         RegistryError.
         """
+        check_volume_roots(defn, self.config.podman.volume_roots
+                           or default_volume_roots(self.state_dir))
         with self._service_lock(defn.name):
             previous = (self.registry.get_service(defn.name)
                         if self.registry.has_service(defn.name) else None)
@@ -336,10 +358,15 @@ class Agent:
         """Remove every component and the record.
 
         Raises ValidationError, NotFoundError, WorkloadError (the record stays), RegistryError.
+        The record is marked stopped before anything is removed: a registry that cannot
+        be written fails here with nothing changed, and one that fails later, at the
+        delete, leaves a stopped record (undeploy again), never one that reconcile
+        would run again or that claims the removed workloads still run.
         """
         name = check_name(name, "service")
         with self._service_lock(name):
             rec = self.registry.get_service(name)  # under the lock: what a deploy just made
+            self.registry.set_desired(name, STOPPED)
             for comp in rec.components:
                 self.runtime(comp.defn.runtime).remove(rec.name, comp.defn.name)
             self.registry.delete_service(rec.name)
@@ -363,6 +390,10 @@ class Agent:
             comp = rec.components[0]
         else:
             comp = rec.component(check_name(component, "component"))
+        cap = self.config.server.max_tail  # podman holds the whole tail in memory
+        if tail is not None and not 0 <= tail <= cap:
+            raise ValidationError(f"{tail} is not within 0-{cap} lines (server.max_tail)",
+                                  "tail")
         rt = self.available_runtime(comp.defn.runtime)
         return rt.logs(rec.name, comp.defn.name, tail, follow)
 
@@ -428,6 +459,7 @@ class Agent:
             comps.append(row)
         return {
             "service": svc.name, "active": svc.active, "node": self.node,
+            "definition": svc.definition().to_dict(),
             "drift": any(c["drift"] for c in comps),
             "flapping": any(c["flapping"] for c in comps),
             "components": comps,

@@ -86,8 +86,18 @@ def cli(ctx: click.Context, agent: str | None, token_file: str | None, as_json: 
 
 
 def load_definition(ctx: Ctx, arg: str) -> dict[str, Any]:
-    from .servicedef import check_name, load_file
+    """A definition from FILE, ``-`` (stdin: JSON if it starts with ``{``, else TOML), or
+    a service name looked up in the services dir; validated here, before any call."""
+    from .servicedef import check_name, from_dict, load_file, loads_toml
 
+    if arg == "-":
+        text = sys.stdin.read()
+        if text.lstrip().startswith("{"):
+            try:
+                return from_dict(json.loads(text)).to_dict()
+            except (ValueError, RecursionError) as exc:
+                raise MCPError(f"stdin: not valid JSON: {exc}") from exc
+        return loads_toml(text).to_dict()
     path = Path(arg)
     if not path.is_file():
         if "/" in arg or arg.endswith((".toml", ".json")):
@@ -156,6 +166,54 @@ def wait_ready(backend: Backend, service: str, timeout: float) -> dict[str, Any]
             tail = f"(logs unavailable: {exc})".encode()
         lines.extend("    | " + ln for ln in tail.decode(errors="replace").splitlines()[-10:])
     raise MCPError("\n".join(lines))
+
+
+@cli.command()
+@click.argument("definition")
+@json_option
+@pass_ctx
+def validate(ctx: Ctx, definition: str) -> None:
+    """Check a definition FILE (or - for stdin) without deploying it.
+
+    \b
+    Example:
+      mcp validate examples/hello.toml
+    """
+    d = load_definition(ctx, definition)
+    emit(ctx, {"service": d["name"], "valid": True, "components": len(d["components"])},
+         lambda r: f"{r['service']}: valid ({r['components']} component(s))")
+
+
+@cli.command(name="plan")
+@click.argument("definition")
+@json_option
+@pass_ctx
+def plan_cmd(ctx: Ctx, definition: str) -> None:
+    """Show what deploying SERVICE|FILE would create, replace, start, stop or remove.
+
+    Exit status: 0 when nothing would change, 3 when something would
+    (1 and 2 keep their meaning: an error, a usage error).
+
+    \b
+    Example:
+      mcp plan examples/hello.toml && echo "nothing to do"
+    """
+    from .errors import NotFoundError
+    from .plan import plan, plan_text
+    from .servicedef import from_dict
+
+    new = from_dict(load_definition(ctx, definition))
+    try:
+        st = ctx.backend().call("status", new.name)
+    except NotFoundError:
+        st = None
+    deployed = from_dict(st["definition"]) if st else None
+    states = {c["component"]: c["state"] for c in st["components"]} if st else {}
+    p = plan(deployed, new, states)
+    emit(ctx, {"service": p.service, "changed": p.changed,
+               "changes": [c.to_dict() for c in p.changes]}, lambda _: plan_text(p))
+    if p.changed:
+        sys.exit(3)
 
 
 def _lifecycle(op: str, past: str) -> None:

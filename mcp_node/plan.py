@@ -1,0 +1,89 @@
+"""What a deploy would change: a pure comparison of two service definitions.
+
+The agent replaces a component whose definition differs in any field and
+leaves an identical, running one alone; ``plan`` says the same thing ahead
+of time, field by field, so an operator sees that a changed env recreates a
+container before it does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .servicedef import ComponentDef, ServiceDef
+
+
+@dataclass(frozen=True)
+class Change:
+    action: str            # create | replace | remove | start | stop
+    component: str
+    fields: tuple[tuple[str, Any, Any], ...] = ()   # (field, deployed, new)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "component": self.component, "reason": self.reason,
+                "fields": [{"field": f, "from": plain(a), "to": plain(b)}
+                           for f, a, b in self.fields]}
+
+
+@dataclass
+class Plan:
+    service: str
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+    return value
+
+
+def differences(old: ComponentDef, new: ComponentDef) -> tuple[tuple[str, Any, Any], ...]:
+    return tuple((f.name, getattr(old, f.name), getattr(new, f.name)) for f in fields(old)
+                 if getattr(old, f.name) != getattr(new, f.name))
+
+
+def plan(deployed: ServiceDef | None, new: ServiceDef,
+         states: dict[str, str] | None = None) -> Plan:
+    """Changes from ``deployed`` (None: not deployed) to ``new``; ``states`` are the
+    components' observed states, so a component that is down shows as started."""
+    out = Plan(new.name)
+    states = states or {}
+    old = {c.name: c for c in deployed.components} if deployed else {}
+    for c in new.components:
+        prev = old.get(c.name)
+        if prev is None:
+            out.changes.append(Change("create" if new.active else "stop", c.name,
+                                      reason="new component"))
+            continue
+        diff = differences(prev, c)
+        if diff:
+            out.changes.append(Change("replace", c.name, diff,
+                                      "definition differs"))
+        elif new.active and states.get(c.name, "running") != "running":
+            out.changes.append(Change("start", c.name,
+                                      reason=f"is {states.get(c.name)}"))
+        elif not new.active and deployed is not None and deployed.active:
+            out.changes.append(Change("stop", c.name, reason="service made inactive"))
+    names = {c.name for c in new.components}
+    out.changes.extend(Change("remove", n, reason="not in the new definition")
+                       for n in old if n not in names)
+    return out
+
+
+def plan_text(p: Plan) -> str:
+    if not p.changes:
+        return f"{p.service}: no changes"
+    lines = [f"{p.service}: {len(p.changes)} change(s)"]
+    for ch in p.changes:
+        lines.append(f"  {ch.action} {ch.component}" + (f" ({ch.reason})" if ch.reason else ""))
+        for name, a, b in ch.fields:
+            lines.append(f"      {name}: {plain(a)!r} -> {plain(b)!r}")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""plan: the pure comparison, and ``mcp plan`` / ``validate`` / ``deploy -`` through the CLI
+with exact output and exit codes (in-process against the fake runtime)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from fake_runtime import FakeWorld
+
+from mcp_node import clictx
+from mcp_node.agent import Agent
+from mcp_node.cli import cli
+from mcp_node.config import from_dict as config_from_dict
+from mcp_node.plan import plan
+from mcp_node.servicedef import from_dict
+
+
+def svc(active: bool = True, **web: Any) -> Any:
+    return from_dict({"name": "shop", "active": active, "components": [
+        {"name": "web", "image": "img:v1", "env": ["A=1"], **web},
+        {"name": "db", "image": "db:v1"}]})
+
+
+def test_nothing_changes_for_the_same_definition() -> None:
+    assert plan(svc(), svc()).changes == []
+
+
+def test_a_changed_field_replaces_naming_the_field() -> None:
+    [ch] = plan(svc(), svc(env=["A=2"])).changes
+    assert (ch.action, ch.component, ch.fields) == ("replace", "web",
+                                                   (("env", ("A=1",), ("A=2",)),))
+
+
+def test_new_removed_down_and_inactive() -> None:
+    new = from_dict({"name": "shop", "components": [
+        {"name": "web", "image": "img:v1", "env": ["A=1"]}, {"name": "cache", "image": "c:1"}]})
+    p = plan(svc(), new, {"web": "stopped"})
+    assert [(c.action, c.component) for c in p.changes] == [
+        ("start", "web"), ("create", "cache"), ("remove", "db")]
+    assert [(c.action, c.component) for c in plan(svc(), svc(active=False)).changes] == [
+        ("stop", "web"), ("stop", "db")]
+    assert [c.action for c in plan(None, svc()).changes] == ["create", "create"]
+
+
+@pytest.fixture
+def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
+    world = FakeWorld()
+    agent = Agent(config_from_dict({"state": {"dir": str(tmp_path / "st")}}),
+                  runtimes=world.runtimes())
+    backend = clictx.LocalBackend
+    monkeypatch.setattr(clictx, "LocalBackend", lambda: backend(agent))  # --local: this agent
+    yield agent
+    agent.close()
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "shop.toml"
+    p.write_text(text)
+    return p
+
+
+DEF = 'name = "shop"\n[[components]]\nname = "web"\nimage = "img:v1"\nenv = ["A=1"]\n'
+
+
+def run(*args: str, input: str | None = None) -> Any:
+    return CliRunner().invoke(cli, ["--local", *args], input=input)
+
+
+def test_plan_validate_and_deploy_from_stdin(local: Agent, tmp_path: Path) -> None:
+    f = write(tmp_path, DEF)
+    res = run("validate", str(f))
+    assert (res.exit_code, res.stdout) == (0, "shop: valid (1 component(s))\n")
+    res = run("plan", str(f))
+    assert (res.exit_code, res.stdout) == (3, "shop: 1 change(s)\n  create web (new component)\n")
+    res = run("deploy", "-", input=DEF)
+    assert res.exit_code == 0, res.output
+    assert local.registry.get_service("shop").component("web").defn.env == ("A=1",)
+    res = run("plan", str(f))
+    assert (res.exit_code, res.stdout) == (0, "shop: no changes\n")
+    f.write_text(DEF.replace("A=1", "A=2"))
+    res = run("--json", "plan", str(f))
+    assert res.exit_code == 3
+    assert json.loads(res.stdout) == {"service": "shop", "changed": True, "changes": [
+        {"action": "replace", "component": "web", "reason": "definition differs",
+         "fields": [{"field": "env", "from": ["A=1"], "to": ["A=2"]}]}]}
+    res = run("deploy", "-", input=json.dumps({"name": "shop", "components": [
+        {"name": "web", "image": "img:v1", "env": ["A=2"]}]}))
+    assert res.exit_code == 0, res.output
+    assert run("plan", str(f)).exit_code == 0
+
+
+def test_validate_names_the_bad_field_and_changes_nothing(local: Agent,
+                                                          tmp_path: Path) -> None:
+    f = write(tmp_path, DEF.replace('name = "web"', 'name = "Web"'))
+    res = run("validate", str(f))
+    assert res.exit_code == 1
+    assert res.stderr.startswith("Error: components[0].name: ")
+    res = run("deploy", "-", input="name = \n")
+    assert res.exit_code == 1 and res.stderr.startswith("Error: not valid TOML")
+    assert local.registry.list_services() == []

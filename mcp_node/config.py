@@ -46,6 +46,7 @@ class StateConfig:
 class PodmanConfig:
     socket: str = ""
     containers_conf: str = ""
+    volume_roots: tuple[str, ...] = ()   # host paths volumes may use; empty: <state>/volumes, /srv
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,9 @@ def from_dict(data: dict[str, Any]) -> AgentConfig:
         value = getattr(getattr(cfg, section), name)
         if not low <= value <= high:
             raise ValidationError(f"must be {low:g}-{high:g} (is {value:g})", key)
+    for root in cfg.podman.volume_roots:
+        if not root.startswith("/") or "\x00" in root:
+            raise ValidationError(f"{root[:80]!r} is not an absolute path", "podman.volume_roots")
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ValidationError("tls_cert and tls_key must be set together", "server.tls_cert")
     return cfg

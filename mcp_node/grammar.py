@@ -1,32 +1,89 @@
 """The grammars of the definition's small strings, each parsed in one place.
 
-``KEY=VALUE`` env items and ``/host:/guest[:opt,opt]`` volumes are checked by
-servicedef (errors name the field) and taken apart again by the runtimes and
-VM builders with the same functions, so no two readers disagree.
+``KEY=VALUE`` env items, ``/host:/guest[:opt,opt]`` volumes and OCI image
+references are checked by servicedef (errors name the field) and taken apart
+again by the runtimes and VM builders with the same functions, so no two
+readers disagree. The regular expressions are exported so the OpenAPI
+document states exactly the rules enforced here.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from .errors import ValidationError
 
+MAX_STR = 4096
+# A lone UTF-16 surrogate (JSON "\ud800") cannot be encoded: podman's client raised
+# UnicodeEncodeError (a 500) on it, or it silently became U+FFFD in the container.
+BAD_CHARS_RE = re.compile("[\x00\ud800-\udfff]")
+TEXT_PATTERN = "^[^\\u0000\\ud800-\\udfff]*$"
+
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# $PORT and $PORT_<NAME> are the agent's (route_env): a definition setting one would
+# be overridden silently, so they are refused whether or not a route uses them now.
+RESERVED_ENV_RE = re.compile(r"PORT(_[A-Za-z0-9_]*)?")
+ENV_PATTERN = "^(?!PORT(=|_[A-Za-z0-9_]*=))[A-Za-z_][A-Za-z0-9_]*=[^\\u0000\\ud800-\\udfff]*$"
+
 VOLUME_OPTIONS = ("ro", "rw", "z", "Z")
+_VPATH = r"/[^:,\x00\ud800-\udfff]*"
+_VOPT = "(?:ro|rw|z|Z)"
+VOLUME_RE = re.compile(f"({_VPATH}):({_VPATH})(?::({_VOPT}(?:,{_VOPT})*))?")
+VOLUME_PATTERN = ("^/[^:,\\u0000\\ud800-\\udfff]*:/[^:,\\u0000\\ud800-\\udfff]*"
+                  "(:(ro|rw|z|Z)(,(ro|rw|z|Z))*)?$")
+
+# distribution/reference (the grammar podman's containers/image parses), regexp.go.
+_ALNUM = r"[a-z0-9]+"
+_SEP = r"(?:[._]|__|[-]+)"
+_PATH_COMPONENT = f"{_ALNUM}(?:{_SEP}{_ALNUM})*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])"
+_DOMAIN = rf"{_HOST}(?::[0-9]+)?"
+_NAME = f"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+# go-digest accepts only the algorithms it knows, each with its exact lowercase length.
+_DIGEST = r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}"
+IMAGE_RE = re.compile(f"({_NAME})(?::({_TAG}))?(?:@({_DIGEST}))?")
+IMAGE_PATTERN = f"^{_NAME}(?::{_TAG}|@(?:{_DIGEST}))?$"
+# distribution caps the name at 255 (NameTotalLengthMax); capping the whole reference
+# there is a little stricter and states the same rule in one JSON Schema maxLength.
+MAX_IMAGE = 255
 
 
-@dataclass(frozen=True)
-class Volume:
-    host: str
-    guest: str
-    options: tuple[str, ...] = ()
+def check_text(value: object, field: str, *, max_len: int = MAX_STR,
+               allow_empty: bool = True) -> str:
+    """A string that can reach argv, labels, files and JSON: bounded, no NUL or lone
+    surrogate (neither survives encoding to UTF-8 unchanged)."""
+    if not isinstance(value, str):
+        raise ValidationError("must be a string", field)
+    if not value and not allow_empty:
+        raise ValidationError("must not be empty", field)
+    if len(value) > max_len:
+        raise ValidationError(f"longer than {max_len} characters", field)
+    bad = BAD_CHARS_RE.search(value)
+    if bad:
+        what = "NUL" if bad.group() == "\x00" else f"a lone surrogate U+{ord(bad.group()):04X}"
+        raise ValidationError(f"contains {what} at offset {bad.start()}", field)
+    return value
 
-    @property
-    def readonly(self) -> bool:
-        return "ro" in self.options
+
+def check_image(value: object, field: str = "image") -> str:
+    """An OCI image reference as distribution/reference parses it: ``[domain/]path[:tag]``
+    or ``...@sha256:<64 hex>``, at most 255 characters. podman would refuse anything
+    else only after the deploy started (a 502 for a client mistake)."""
+    text = check_text(value, field, max_len=MAX_IMAGE, allow_empty=False)
+    m = IMAGE_RE.fullmatch(text)
+    if m is None:
+        raise ValidationError(
+            f"{text[:80]!r} is not an image reference ([domain[:port]/]path[:tag] or "
+            "...@sha256:<64 hex>; path components lowercase)", field)
+    if m.group(2) and m.group(3):
+        raise ValidationError(f"{text[:80]!r} has both a tag and a digest; give one", field)
+    return text
 
 
 def parse_env_item(item: str, field: str = "env") -> tuple[str, str]:
@@ -39,6 +96,32 @@ def parse_env_item(item: str, field: str = "env") -> tuple[str, str]:
 def parse_env(items: Iterable[str], field: str = "env") -> list[tuple[str, str]]:
     """``KEY=VALUE`` items as pairs, in order; an error names ``field[i]``."""
     return [parse_env_item(item, f"{field}[{i}]") for i, item in enumerate(items)]
+
+
+def check_env(items: Sequence[str], field: str = "env") -> list[tuple[str, str]]:
+    """A definition's env: well-formed, no key the agent sets itself, no key twice."""
+    pairs = parse_env(items, field)
+    seen: dict[str, int] = {}
+    for i, (key, _) in enumerate(pairs):
+        if RESERVED_ENV_RE.fullmatch(key):
+            raise ValidationError(f"{key} is set by the agent (PORT, PORT_<ROUTE>); "
+                                  "rename it", f"{field}[{i}]")
+        if key in seen:
+            raise ValidationError(f"{key} is set twice (also {field}[{seen[key]}])",
+                                  f"{field}[{i}]")
+        seen[key] = i
+    return pairs
+
+
+@dataclass(frozen=True)
+class Volume:
+    host: str
+    guest: str
+    options: tuple[str, ...] = ()
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
 
 
 def parse_volume(text: str, field: str = "volumes") -> Volume:
@@ -59,4 +142,34 @@ def parse_volume(text: str, field: str = "volumes") -> Volume:
 
 
 def parse_volumes(items: Iterable[str], field: str = "volumes") -> tuple[Volume, ...]:
-    return tuple(parse_volume(v, f"{field}[{i}]") for i, v in enumerate(items))
+    """Each volume, and no host or guest path twice: podman kept only the last mount of
+    a guest path, and two mounts of one host path are one volume the definition hides."""
+    vols = tuple(parse_volume(v, f"{field}[{i}]") for i, v in enumerate(items))
+    hosts: dict[str, int] = {}
+    guests: dict[str, int] = {}
+    for i, v in enumerate(vols):
+        for what, path, seen in (("host", v.host, hosts), ("guest", v.guest, guests)):
+            key = os.path.normpath(path)
+            if key in seen:
+                raise ValidationError(f"{what} path {path!r} is also in {field}[{seen[key]}]",
+                                      f"{field}[{i}]")
+            seen[key] = i
+    return vols
+
+
+def default_volume_roots(state_dir: os.PathLike[str] | str) -> tuple[str, ...]:
+    return (os.path.join(os.fspath(state_dir), "volumes"), "/srv")
+
+
+def check_volume_roots(volumes: Iterable[Volume], roots: Sequence[str], field: str) -> None:
+    """Every host path, symlinks resolved, lies under one resolved root; else the error
+    names ``field[j]``. A root token would otherwise mount ``/`` or ``/etc`` read-write
+    into a container running as root."""
+    real_roots = [os.path.realpath(r) for r in roots]
+    for j, v in enumerate(volumes):
+        real = os.path.realpath(v.host)
+        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in real_roots):
+            shown = v.host if real == v.host else f"{v.host} (resolves to {real})"
+            raise ValidationError(
+                f"host path {shown} is outside the volume roots ({', '.join(roots)}); "
+                "widen [podman] volume_roots to allow it", f"{field}[{j}]")

@@ -6,9 +6,18 @@ own state directory (``PodmanService``). Connecting is lazy, so an agent can be
 built on a node without podman and report why in ``available()``.
 
 Every container is named ``workload_name(service, component)`` and labelled
-``mcp.managed``, ``mcp.service``, ``mcp.component`` and ``mcp.owner``; the
-runtime only lists, replaces, stops or removes containers carrying its own
-owner label, so a user's container of the same name is never touched.
+``mcp.managed``, ``mcp.service``, ``mcp.component``, ``mcp.owner`` and
+``mcp.spec`` (the ``WorkloadSpec.digest`` it was made from, so spec drift is
+seen from one listing); the runtime only lists, replaces, stops or removes
+containers carrying its own owner label, so a user's container of the same
+name is never touched. Containers get no podman restart policy: the agent's
+reconciler restarts them with backoff, so a crash loop is seen, not hidden.
+
+Two kinds of podman breakage would otherwise block a name for good: a
+storage-only container (the service killed mid-create: only ``podman ps
+--external`` shows it) and a ``Created`` container whose storage is gone
+(``podman rm -f`` racing a create: inspect answers 500). Both are cleared by
+name through the podman CLI (logged), for our own workload names only.
 
 ``list()`` is one ``containers/json`` request whatever the number of
 containers (podman-py's ``containers.list`` is not used, since a non-sparse
@@ -22,6 +31,7 @@ left alone. Containers survive either way: conmon, not the service, owns them.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import logging
@@ -45,12 +55,14 @@ from .errors import (
     MCPError,
     NotFoundError,
     RuntimeUnavailable,
+    ValidationError,
     WorkloadError,
 )
 from .grammar import parse_env, parse_volumes
 from .podman_logs import LogStream, frames
 from .podman_service import (
     PodmanService,
+    run_cli,
     service_argv,
     service_env,
     socket_answers,
@@ -70,7 +82,7 @@ from .runtime import (
 from .states import RUNNING, STOPPED, State
 
 __all__ = [
-    "PodmanRuntime", "PodmanService", "create_kwargs", "env_dict", "owner_filters",
+    "LABEL_SPEC", "PodmanRuntime", "PodmanService", "create_kwargs", "env_dict", "owner_filters",
     "owner_labels", "parse_time", "service_argv", "service_env", "socket_answers",
     "socket_path", "socket_url", "volume_binds", "workload_from_inspect", "workload_from_list",
 ]
@@ -81,6 +93,12 @@ LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 120.0        # any single REST call; stop adds its own grace time
 FOLLOW_OPEN_WAIT_S = 0.5         # see PodmanRuntime.logs
 AVAILABLE_CACHE_S = 10.0         # a call that succeeded this recently proves podman is up
+LABEL_SPEC = "mcp.spec"          # WorkloadSpec.digest of what the container was made from
+EXITED = ("exited", "stopped")   # podman states in which ExitCode means something
+# podman's words for a name held by a storage-only container, and for a container whose
+# storage is gone (podman 4.3; matched loosely, the checks around them are strict).
+NAME_IN_USE = "already in use"
+STORAGE_GONE = ("container not known", "no such file or directory", "getting container from store")
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -92,6 +110,7 @@ def owner_labels(spec: WorkloadSpec, owner: str) -> dict[str, str]:
         LABEL_SERVICE: spec.service,
         LABEL_COMPONENT: spec.component,
         LABEL_OWNER: owner,
+        LABEL_SPEC: spec.digest,
     }
 
 
@@ -110,7 +129,9 @@ def create_kwargs(spec: WorkloadSpec, owner: str) -> dict[str, Any]:
     """Keyword arguments for ``podman_client.containers.create`` for one component.
 
     Ports are published on 127.0.0.1 only, host port p to container port p,
-    because the component listens on the $PORT it was given.
+    because the component listens on the $PORT it was given. No restart policy:
+    podman restarting a crashing container itself would hide the crash loop
+    from the agent, which applies ``spec.restart`` with backoff instead.
     """
     kwargs: dict[str, Any] = {
         "image": spec.image,
@@ -124,8 +145,6 @@ def create_kwargs(spec: WorkloadSpec, owner: str) -> dict[str, Any]:
         kwargs["command"] = list(spec.cmd)
     if spec.volumes:
         kwargs["volumes"] = volume_binds(spec.volumes)
-    if spec.restart:
-        kwargs["restart_policy"] = {"Name": spec.restart, "MaximumRetryCount": 0}
     if spec.memory_mb:
         kwargs["mem_limit"] = f"{spec.memory_mb}m"
     return kwargs
@@ -158,6 +177,23 @@ def _state(raw: str) -> State:
     return RUNNING if raw == "running" else STOPPED
 
 
+def _exit_code(raw: str, value: Any) -> int | None:
+    """The last exit code, only for a container that has exited (a created one has none)."""
+    if raw not in EXITED or value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def is_workload_name(name: str) -> bool:
+    """``mcp-<service>-<component>`` with valid names: the only names we ever clear."""
+    parts = name.split("-")
+    return len(parts) >= 3 and parts[0] == "mcp" and all(
+        p and p.isascii() and all(c.islower() or c.isdigit() for c in p) for p in parts[1:])
+
+
 def workload_from_list(entry: Mapping[str, Any]) -> Workload | None:
     """One ``containers/json`` entry; None if it lacks the service/component labels."""
     labels = entry.get("Labels") or {}
@@ -171,6 +207,8 @@ def workload_from_list(entry: Mapping[str, Any]) -> Workload | None:
         id=str(entry.get("Id", "")), image=str(entry.get("Image", "")),
         started_at=parse_time(entry.get("StartedAt")),
         restart_count=int(entry.get("Restarts") or 0),
+        spec_digest=str(labels.get(LABEL_SPEC, "")),
+        exit_code=_exit_code(raw, entry.get("ExitCode")),
         extra={
             "name": names[0] if names else "",
             "status": raw,
@@ -180,6 +218,25 @@ def workload_from_list(entry: Mapping[str, Any]) -> Workload | None:
             "labels": dict(labels),
         },
     )
+
+
+# podman's words for a mistake in the definition: a 400 naming the field, not a 502.
+# servicedef checks these first; this is the backstop for anything it lets through.
+CLIENT_MISTAKES = (
+    ("invalid reference", "image"), ("invalid image name", "image"),
+    ("repository name must", "image"), ("invalid option", "volumes"),
+    ("invalid mount option", "volumes"), ("unrecognized mount option", "volumes"),
+    ("invalid volume", "volumes"),
+)
+
+
+def client_mistake(message: str, component: str) -> ValidationError | None:
+    low = message.lower()
+    for words, field in CLIENT_MISTAKES:
+        if words in low:
+            return ValidationError(f"component {component}: podman refused it: {message[:300]}",
+                                   field)
+    return None
 
 
 def workload_from_inspect(attrs: Mapping[str, Any]) -> Workload | None:
@@ -199,6 +256,8 @@ def workload_from_inspect(attrs: Mapping[str, Any]) -> Workload | None:
         id=str(attrs.get("Id", "")), image=str(attrs.get("ImageName") or attrs.get("Image", "")),
         started_at=parse_time(st.get("StartedAt")),
         restart_count=int(attrs.get("RestartCount") or 0),
+        spec_digest=str(labels.get(LABEL_SPEC, "")),
+        exit_code=_exit_code(raw, st.get("ExitCode")),
         extra={
             "name": str(attrs.get("Name", "")),
             "status": raw,
@@ -328,6 +387,13 @@ class PodmanRuntime(Runtime):
             return False, f"podman ping answered {resp.status_code}"
         return True, ""
 
+    def health_reasons(self) -> builtins.list[str]:
+        """A configured socket that did not answer: we run on a fallback service."""
+        if self.configured_url and self.url and self.url != self.configured_url:
+            return [f"podman: configured socket {self.configured_url} does not answer; "
+                    f"using the agent's own podman service on {self.url}"]
+        return []
+
     def info(self) -> dict[str, Any]:
         """For the agent's health: where podman is, and the REST calls made so far."""
         return {
@@ -351,9 +417,50 @@ class PodmanRuntime(Runtime):
         if resp.status_code == 404:
             return None
         if resp.status_code >= 400:
-            raise WorkloadError(f"podman inspect {name}: {_response_message(resp)}")
+            message = _response_message(resp)
+            if any(w in message for w in STORAGE_GONE) and self._clear_storage_gone(
+                    name, message):
+                return None
+            raise WorkloadError(f"podman inspect {name}: {message}")
         data: dict[str, Any] = resp.json()
         return data
+
+    def _cli(self, *args: str) -> None:
+        """One podman CLI call (logged); a failure is a WorkloadError with its stderr."""
+        proc = run_cli(self.service.podman, self.service.containers_conf, *args)
+        if proc.returncode != 0:
+            raise WorkloadError(f"podman {' '.join(args)}: {proc.stderr.strip()[-500:]}")
+
+    def _clear_storage_gone(self, name: str, why: str) -> bool:
+        """A container of ours whose storage is gone (inspect fails, start fails, REST
+        remove may too): remove it by name so the name can be used again.
+
+        Ours: an exact-name entry in our owner's listing (the listing still has its
+        labels). Anything else is left alone and the error stands.
+        """
+        if not is_workload_name(name):
+            return False
+        filters = json.dumps({"label": [f"{LABEL_OWNER}={self.owner}"],
+                              "name": [f"^{name}$"]})
+        resp = self._request("GET", "/containers/json", f"list {name}",
+                             params={"all": "true", "filters": filters})
+        entries = resp.json() if resp.status_code < 400 else []
+        if not any(name in (e.get("Names") or []) for e in entries or []):
+            return False
+        log.warning("podman: container %s is ours but its storage is gone (%s); removing it",
+                    name, why)
+        self._cli("rm", "--force", name)
+        return True
+
+    def _clear_storage_only(self, name: str) -> bool:
+        """The name is held by a container only podman's storage knows (the service died
+        mid-create): libpod has no such container, so it has no labels to check;
+        our workload names are ours by construction."""
+        if not is_workload_name(name) or self._inspect_raw(name) is not None:
+            return False
+        log.warning("podman: name %s is held by a storage-only container; removing it", name)
+        self._cli("rm", "--force", "--storage", name)
+        return True
 
     def _owned(self, name: str) -> dict[str, Any] | None:
         """The container's inspect data if it is ours; None if missing; Conflict if foreign."""
@@ -393,7 +500,9 @@ class PodmanRuntime(Runtime):
                              params={"reference": ref, "quiet": "true"}, stream=True)
         try:
             if resp.status_code >= 400:
-                raise ImageError(f"cannot pull image {ref}: {_response_message(resp)}")
+                message = _response_message(resp)
+                raise (client_mistake(message, spec.component)
+                       or ImageError(f"cannot pull image {ref}: {message}"))
             errors: list[str] = []
             for line in resp.iter_lines():
                 try:
@@ -407,7 +516,8 @@ class PodmanRuntime(Runtime):
         finally:
             resp.close()
         if errors:
-            raise ImageError(f"cannot pull image {ref}: {errors[-1]}")
+            raise (client_mistake(errors[-1], spec.component)
+                   or ImageError(f"cannot pull image {ref}: {errors[-1]}"))
 
     def run(self, spec: WorkloadSpec) -> Workload:
         name = spec.name
@@ -415,18 +525,12 @@ class PodmanRuntime(Runtime):
         if self._owned(name) is not None:
             self._stop(name, spec.stop_timeout_s)
             self._delete(name)
-        client = self._client_or_connect()
-        log.info("podman: create %s image=%s ports=%s cmd=%s", name, spec.image,
-                 list(spec.ports), list(spec.cmd))
         try:
-            container = client.containers.create(**kwargs)
-        except (OSError, PodmanError) as exc:
-            message = _message(exc)
-            if isinstance(exc, ImageNotFound) or "image not known" in message:
-                raise ImageError(f"image {spec.image} is not present: {message}") from exc
-            if not isinstance(exc, APIError) or exc.response is None:
-                self._drop_client()   # transport failure, not podman's answer
-            raise WorkloadError(f"podman create {name}: {message}") from exc
+            container = self._create(spec, kwargs)
+        except WorkloadError as exc:
+            if NAME_IN_USE not in str(exc) or not self._clear_storage_only(name):
+                raise
+            container = self._create(spec, kwargs)   # once: the name is free now
         log.info("podman: start %s (%s)", name, container.id[:12])
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
@@ -439,6 +543,23 @@ class PodmanRuntime(Runtime):
         if workload is None:
             raise WorkloadError(f"podman: container {name} vanished right after start")
         return workload
+
+    def _create(self, spec: WorkloadSpec, kwargs: dict[str, Any]) -> Any:
+        client = self._client_or_connect()
+        log.info("podman: create %s image=%s ports=%s cmd=%s spec=%s", spec.name, spec.image,
+                 list(spec.ports), list(spec.cmd), spec.digest)
+        try:
+            return client.containers.create(**kwargs)
+        except (OSError, PodmanError) as exc:
+            message = _message(exc)
+            if isinstance(exc, ImageNotFound) or "image not known" in message:
+                raise ImageError(f"image {spec.image} is not present: {message}") from exc
+            mistake = client_mistake(message, spec.component)
+            if mistake is not None:
+                raise mistake from exc
+            if not isinstance(exc, APIError) or exc.response is None:
+                self._drop_client()   # transport failure, not podman's answer
+            raise WorkloadError(f"podman create {spec.name}: {message}") from exc
 
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
         name = workload_name(service, component)

@@ -25,7 +25,7 @@ from pathlib import Path
 from podman import PodmanClient
 from podman.errors import PodmanError
 
-from .errors import RuntimeUnavailable
+from .errors import RuntimeUnavailable, WorkloadError
 from .files import read_cmdline
 
 log = logging.getLogger("mcp_node.podman")
@@ -63,6 +63,23 @@ def service_env(base: Mapping[str, str], containers_conf: str) -> dict[str, str]
     if containers_conf:
         env["CONTAINERS_CONF"] = containers_conf
     return env
+
+
+def run_cli(podman: str, containers_conf: str, *args: str,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """The podman CLI, for what the REST API cannot reach (storage-only containers).
+
+    Logged at warning level: it runs only to repair podman's own breakage, and an
+    operator reading the log should see exactly what was done.
+    """
+    argv = [podman, *args]
+    log.warning("podman: running %s", " ".join(argv))
+    try:
+        return subprocess.run(argv, env=service_env(os.environ, containers_conf),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise WorkloadError(f"{' '.join(argv)}: {exc}") from exc
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

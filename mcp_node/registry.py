@@ -10,6 +10,7 @@ transaction together with its row in ``schema_migrations``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import sqlite3
@@ -109,6 +110,16 @@ class EdgeRouteRecord:
     updated_at: str = ""
 
 
+def _private(path: Path) -> None:
+    """The database holds env values (secrets among them): 0600 from its first byte, and
+    an older 0644 one tightened. SQLite gives its -wal and -shm the database's mode."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with suppress(FileNotFoundError):
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -166,7 +177,8 @@ class Registry:
         self.path = path
         self._lock = threading.RLock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _private(path)
             self._db = sqlite3.connect(
                 str(path), timeout=10.0, isolation_level=None, check_same_thread=False
             )
@@ -290,6 +302,9 @@ class Registry:
             db.execute("DELETE FROM components WHERE service=?", (svc.name,))
             keep = dict(old_ports)
             keep.update(ports or {})
+            # Read once per deploy, not once per new port: 8,000 routes took 34 s (N²).
+            used = {r[0] for r in db.execute("SELECT host_port FROM routes")}
+            used.update(keep.values())
             for c in svc.components:
                 state = RUNNING if svc.active else STOPPED
                 state = (desired or {}).get(c.name, state)
@@ -304,7 +319,7 @@ class Registry:
                      c.memory_mb, c.vcpus, c.binary, c.image_sha256, c.check),
                 )
                 for r in c.routes:
-                    host_port = keep.get((c.name, r.name)) or self._allocate(db)
+                    host_port = keep.get((c.name, r.name)) or self._allocate(used)
                     db.execute(
                         "INSERT INTO routes (service, component, name, port, mode, hostname, "
                         "host_port) VALUES (?,?,?,?,?,?,?)",
@@ -313,16 +328,16 @@ class Registry:
         return self.get_service(svc.name)
 
     @staticmethod
-    def _allocate(db: sqlite3.Connection) -> int:
-        """A host port no route holds and nothing on the host is bound to.
+    def _allocate(used: set[int]) -> int:
+        """A host port not in ``used`` (then added to it) that nothing on the host is bound to.
 
         Runs inside the writer transaction, so concurrent deploys cannot
         both take the same port; UNIQUE(host_port) is the backstop.
         """
-        used = {r[0] for r in db.execute("SELECT host_port FROM routes")}
         for _ in range(200):
             port = random.randint(PORT_MIN, PORT_MAX)
             if port not in used and _port_free(port):
+                used.add(port)
                 return port
         raise ConflictError(f"no free host port in {PORT_MIN}-{PORT_MAX}")
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import grammar
 from .errors import ValidationError
-from .grammar import parse_env, parse_volumes
+from .grammar import MAX_STR, check_env, check_image, check_text, parse_volumes
 from .runtime import DEFAULT_RUNTIME, RUNTIME_NAMES
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -24,7 +26,12 @@ HOSTNAME_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 RESTART_POLICIES = ("", "no", "always", "on-failure", "unless-stopped")
 ROUTE_MODES = ("l4", "l7")
 MAX_LIST = 256
-MAX_STR = 4096
+# Bounded work per deploy: 8,000 routes once held the registry's writer for 34 s.
+MAX_COMPONENTS = 64
+MAX_ROUTES = 32            # per component
+# Below this no VM builder's guest boots (QEMU failed with a 502 for memory_mb = 1).
+MIN_VM_MEMORY_MB = 64
+MAX_MEMORY_MB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -105,13 +112,7 @@ def check_hostname(value: object, field_name: str) -> str:
 
 
 def _str(value: object, field_name: str, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise ValidationError("must be a string", field_name)
-    if not value and not allow_empty:
-        raise ValidationError("must not be empty", field_name)
-    if len(value) > MAX_STR or "\x00" in value:
-        raise ValidationError("too long or contains NUL", field_name)
-    return value
+    return check_text(value, field_name, max_len=MAX_STR, allow_empty=allow_empty)
 
 
 def _int(value: object, field_name: str) -> int:
@@ -185,14 +186,12 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
         raise ValidationError("must be a table", f"components[{i}]")
     _check_keys(data, COMPONENT_KEYS, where)
     name = check_name(data.get("name"), where + "name")
-    image = _str(data.get("image"), where + "image")
-    if any(c.isspace() for c in image) or image.startswith("-"):
-        raise ValidationError(f"{image[:80]!r} is not an image reference", where + "image")
+    image = check_image(data.get("image"), where + "image")
     runtime = data.get("runtime", default_runtime)
     if runtime not in RUNTIME_NAMES:
         raise ValidationError(f"must be one of {', '.join(RUNTIME_NAMES)}", where + "runtime")
     env = _str_list(data.get("env", []), where + "env")
-    parse_env(env, where + "env")
+    check_env(env, where + "env")
     volumes = _str_list(data.get("volumes", []), where + "volumes")
     parse_volumes(volumes, where + "volumes")
     restart = data.get("restart", "")
@@ -205,8 +204,11 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
         memory_mb = _int(memory_mb, where + "memory_mb")
     if runtime == "unikernel" and (memory_mb is None or memory_mb <= 0):
         raise ValidationError("must be > 0 for a unikernel component", where + "memory_mb")
-    if memory_mb is not None and not 0 <= memory_mb <= 1 << 20:
-        raise ValidationError("must be 0-1048576", where + "memory_mb")
+    if runtime == "unikernel" and memory_mb is not None and memory_mb < MIN_VM_MEMORY_MB:
+        raise ValidationError(f"must be at least {MIN_VM_MEMORY_MB} for a unikernel "
+                              f"component (is {memory_mb})", where + "memory_mb")
+    if memory_mb is not None and not 0 <= memory_mb <= MAX_MEMORY_MB:
+        raise ValidationError(f"must be 0-{MAX_MEMORY_MB}", where + "memory_mb")
     vcpus = _int(data.get("vcpus", 1), where + "vcpus")
     if not 1 <= vcpus <= 64:
         raise ValidationError("must be 1-64", where + "vcpus")
@@ -219,6 +221,9 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list):
         raise ValidationError("must be a list of tables", where + "routes")
+    if len(raw_routes) > MAX_ROUTES:
+        raise ValidationError(f"at most {MAX_ROUTES} routes per component (has "
+                              f"{len(raw_routes)})", where + "routes")
     routes = tuple(
         _route(r, f"{where}routes[{j}].", len(raw_routes) == 1) for j, r in enumerate(raw_routes)
     )
@@ -255,8 +260,9 @@ def from_dict(data: object) -> ServiceDef:
     raw = data.get("components")
     if not isinstance(raw, list) or not raw:
         raise ValidationError("at least one component is required", "components")
-    if len(raw) > 64:
-        raise ValidationError("at most 64 components", "components")
+    if len(raw) > MAX_COMPONENTS:
+        raise ValidationError(f"at most {MAX_COMPONENTS} components (has {len(raw)})",
+                              "components")
     comps = tuple(_component(c, i, runtime) for i, c in enumerate(raw))
     seen: set[str] = set()
     for i, c in enumerate(comps):
@@ -295,3 +301,11 @@ def route_env(component: ComponentDef, host_ports: dict[str, int]) -> tuple[str,
 
 def route_env_key(route_name: str) -> str:
     return f"PORT_{route_name.upper().replace('-', '_')}" if route_name else "PORT"
+
+
+def check_volume_roots(defn: ServiceDef, roots: Sequence[str]) -> None:
+    """Every volume's host path under one of ``roots`` (the agent's config, which
+    ``from_dict`` does not have); run before anything changes, naming
+    ``components[i].volumes[j]``."""
+    for i, c in enumerate(defn.components):
+        grammar.check_volume_roots(parse_volumes(c.volumes), roots, f"components[{i}].volumes")

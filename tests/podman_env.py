@@ -11,6 +11,11 @@
   per-test state dir.
 - ``podman_runtime``: a ``PodmanRuntime(podman_config, state_dir, podman_owner)``.
 
+Breakage makers (real podman, a race run until it happens; each returns its seed):
+``make_storage_only(name, image)`` (a container only storage knows holds the name),
+``make_storage_gone(name, image, labels)`` (a ``Created`` container without storage);
+``external_states(name)`` lists the states ``podman ps --external`` shows for a name.
+
 Helpers: ``free_port()`` (a free 127.0.0.1 port), ``wait_http(port, path)`` (GET with a
 deadline, returns the body), ``podman_cli(*args)`` (runs the podman CLI with our
 CONTAINERS_CONF, returns CompletedProcess).
@@ -19,7 +24,10 @@ CONTAINERS_CONF, returns CompletedProcess).
 from __future__ import annotations
 
 import http.client
+import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import time
@@ -39,7 +47,10 @@ __all__ = [
     "PodmanCleanup", "free_port", "wait_http", "podman_cli", "containers_conf",
     "hello_images", "hello_image", "hello_image_v2", "podman_socket", "podman_cleanup",
     "podman_owner", "podman_config", "podman_runtime", "podman_binary",
+    "external_states", "make_storage_only", "make_storage_gone",
 ]
+
+RACE_ROUNDS = 400   # each race happened within ~10 rounds when measured
 
 _TOP = Path(__file__).resolve().parent.parent
 
@@ -76,6 +87,51 @@ def wait_http(port: int, path: str = "/", timeout: float = 30.0, host: str = "12
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def external_states(name: str) -> list[str]:
+    """States of the containers named exactly ``name``, storage-only ones included."""
+    out = podman_cli("ps", "-a", "--external", "--format", "json", "--filter",
+                     f"name=^{name}$", check=True).stdout
+    return sorted(str(e["State"]).lower() for e in json.loads(out or "[]")
+                  if name in (e.get("Names") or []))
+
+
+def make_storage_only(name: str, image: str) -> int:
+    """SIGKILL ``podman create`` at random points (a create takes ~60 ms here) until
+    it dies after storage made the container and before libpod recorded it."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    for _ in range(RACE_ROUNDS):
+        proc = subprocess.Popen(["podman", "create", "--name", name, image], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.02, 0.07))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        if external_states(name) == ["storage"]:
+            return seed
+        podman_cli("rm", "-f", name)
+    raise AssertionError(f"no storage-only container after {RACE_ROUNDS} rounds (seed {seed})")
+
+
+def make_storage_gone(name: str, image: str, labels: dict[str, str]) -> int:
+    """Race ``podman rm -f`` against ``podman create`` until the create recorded a
+    container whose storage the rm had already removed (inspect then fails)."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    argv = ["podman", "create", "--name", name,
+            *[f"--label={k}={v}" for k, v in labels.items()], image]
+    for _ in range(RACE_ROUNDS):
+        proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, 0.06))
+        podman_cli("rm", "-f", name)
+        proc.wait(timeout=30)
+        if external_states(name) == ["created"] and \
+                podman_cli("inspect", name).returncode != 0:
+            return seed
+        podman_cli("rm", "-f", "-t", "0", name)
+    raise AssertionError(f"no storage-less container after {RACE_ROUNDS} rounds (seed {seed})")
 
 
 class PodmanCleanup:

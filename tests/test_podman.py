@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 from podman.domain.containers_create import CreateMixin
-from podman_env import PodmanCleanup, free_port, podman_cli, wait_http
+from podman_env import (
+    PodmanCleanup,
+    external_states,
+    free_port,
+    make_storage_gone,
+    make_storage_only,
+    podman_cli,
+    wait_http,
+)
 
 from mcp_node.config import AgentConfig, from_dict
 from mcp_node.errors import (
@@ -58,13 +66,14 @@ def test_create_kwargs_full() -> None:
     assert kw["name"] == "mcp-svc-web"
     assert kw["image"] == "localhost/x:v1"
     assert kw["labels"] == {"mcp.managed": "true", "mcp.service": "svc",
-                            "mcp.component": "web", "mcp.owner": "node-1"}
+                            "mcp.component": "web", "mcp.owner": "node-1",
+                            "mcp.spec": spec.digest}
     assert kw["ports"] == {"12345/tcp": ("127.0.0.1", 12345), "12346/tcp": ("127.0.0.1", 12346)}
     assert kw["environment"] == {"PORT": "12345", "A": "b=c"}
     assert kw["command"] == ["serve", "--x"]
     assert kw["volumes"] == {"/srv/a": {"bind": "/data", "extended_mode": []},
                              "/srv/b": {"bind": "/ro", "extended_mode": ["ro", "z"]}}
-    assert kw["restart_policy"] == {"Name": "unless-stopped", "MaximumRetryCount": 0}
+    assert "restart_policy" not in kw   # the agent restarts, with backoff
     assert kw["mem_limit"] == "64m"
     assert kw["stop_timeout"] == 7
 
@@ -86,8 +95,24 @@ def test_podman_py_renders_loopback_port_mappings() -> None:
                                         "host_ip": "127.0.0.1", "host_port": 20001}]
     assert payload["mounts"] == [{"destination": "/data", "options": ["ro"],
                                   "source": "/srv/a", "type": "bind"}]
-    assert payload["restart_policy"] == "always"
+    assert "restart_policy" not in payload
     assert payload["labels"]["mcp.owner"] == "o"
+
+
+def test_spec_label_follows_what_the_container_is_made_of() -> None:
+    base = create_kwargs(_spec(ports=(5,), env=("A=1",)), "o")["labels"]["mcp.spec"]
+    assert create_kwargs(_spec(ports=(5,), env=("A=1",), restart="no"),
+                         "o")["labels"]["mcp.spec"] == base   # the agent's, not podman's
+    for changed in ({"ports": (6,)}, {"env": ("A=2",)}, {"image": "localhost/x:v2"}):
+        kw = {"ports": (5,), "env": ("A=1",), **changed}
+        assert create_kwargs(_spec(**kw), "o")["labels"]["mcp.spec"] != base, changed
+
+
+def test_workload_names_we_may_clear() -> None:
+    from mcp_node.podman import is_workload_name
+    assert is_workload_name("mcp-svc-web") and is_workload_name("mcp-a-b-c2")
+    for name in ("mcp-svc", "other-svc-web", "mcp--web", "mcp-Svc-web", "mcp-s-w/x", ""):
+        assert not is_workload_name(name), name
 
 
 def test_env_and_volume_errors_name_the_field() -> None:
@@ -108,7 +133,8 @@ def test_built_from_the_runtime_table_without_touching_podman(tmp_path: Path) ->
     cls = load_runtime(PodmanRuntime.name)
     assert cls is PodmanRuntime and issubclass(cls, Runtime)
     rt = cls(from_dict({}), tmp_path, "node-1")
-    assert rt.graceful_stop and rt.check_capacity(_spec(memory_mb=1 << 30), False) is None
+    assert rt.graceful_stop
+    rt.check_capacity(_spec(memory_mb=1 << 30), False)   # no limit of its own: no error
     assert rt.info() == {"socket": rt.service.url, "service_pid": None, "api_calls": 0,
                          "listings": 0}
     rt.close()
@@ -167,8 +193,11 @@ def test_workload_from_list_and_inspect() -> None:
     assert (w.service, w.component, w.runtime, w.state, w.id) == ("s", "c", "container",
                                                                    RUNNING, "abc")
     assert w.started_at == 1795869503.0 and w.extra["host_ports"] == [5]
-    exited = workload_from_list({**entry, "State": "exited", "Restarts": 2})
+    assert w.exit_code is None and w.spec_digest == ""
+    exited = workload_from_list({**entry, "State": "exited", "Restarts": 2, "ExitCode": 1,
+                                 "Labels": {**labels, "mcp.spec": "d1"}})
     assert exited is not None and exited.state == STOPPED and exited.restart_count == 2
+    assert exited.exit_code == 1 and exited.spec_digest == "d1"
     assert workload_from_list({**entry, "Labels": {"mcp.owner": "o"}}) is None
     attrs = {"Id": "abc", "ImageName": "localhost/x:v1", "Name": "mcp-s-c",
              "Config": {"Labels": labels}, "RestartCount": 3,
@@ -178,6 +207,10 @@ def test_workload_from_list_and_inspect() -> None:
     wi = workload_from_inspect(attrs)
     assert wi is not None and wi.state == STOPPED and wi.started_at is None
     assert wi.restart_count == 3 and wi.image == "localhost/x:v1" and wi.extra["host_ports"] == [5]
+    assert wi.exit_code is None   # created, never ran: no exit code
+    we = workload_from_inspect({**attrs, "Config": {"Labels": {**labels, "mcp.spec": "d2"}},
+                                "State": {"Status": "exited", "ExitCode": 137}})
+    assert we is not None and we.exit_code == 137 and we.spec_digest == "d2"
 
 
 def test_construct_never_connects_and_reports_missing_podman(
@@ -257,7 +290,9 @@ def test_list_is_one_call_whatever_the_count(podman_runtime: PodmanRuntime,
         w = by_service[spec.service]
         assert w.component == "web" and w.state == RUNNING and w.runtime == "container"
         assert w.extra["labels"] == {"mcp.managed": "true", "mcp.service": spec.service,
-                                     "mcp.component": "web", "mcp.owner": podman_runtime.owner}
+                                     "mcp.component": "web", "mcp.owner": podman_runtime.owner,
+                                     "mcp.spec": spec.digest}
+        assert w.spec_digest == spec.digest and w.exit_code is None
         assert w.extra["host_ports"] == list(spec.ports)
         assert w.started_at is not None and w.started_at <= time.time() + 5
 
@@ -407,8 +442,10 @@ def test_owners_do_not_see_or_touch_each_other(podman_runtime: PodmanRuntime,
     assert wait_http(port) == "hello from x\n"
 
 
-def test_env_cmd_volume_and_restart_policy(podman_runtime: PodmanRuntime, hello_image: str,
-                                           tmp_path: Path) -> None:
+def test_env_cmd_volume_and_no_podman_restart(podman_runtime: PodmanRuntime,
+                                              hello_image: str, tmp_path: Path) -> None:
+    """A crashing container stays exited with its exit code: podman does not restart
+    it behind the agent's back (the agent's reconciler does, with backoff)."""
     data = tmp_path / "vol"
     data.mkdir()
     port = free_port()
@@ -416,20 +453,81 @@ def test_env_cmd_volume_and_restart_policy(podman_runtime: PodmanRuntime, hello_
                   restart="always", cmd=("ignored-arg",))
     podman_runtime.run(spec)
     info = json.loads(podman_cli("inspect", "--format", "json", spec.name, check=True).stdout)[0]
-    assert info["HostConfig"]["RestartPolicy"]["Name"] == "always"
+    assert info["HostConfig"]["RestartPolicy"]["Name"] in ("", "no")
+    assert info["Config"]["Labels"]["mcp.spec"] == spec.digest
     assert any(m["Source"] == str(data) and m["Destination"] == "/data" and not m["RW"]
                for m in info["Mounts"])
     assert "EXIT_AFTER=1" in info["Config"]["Env"]
     assert info["Config"]["Cmd"] == ["ignored-arg"]
-    wait_http(port)                    # the one request it serves; then it exits
-    deadline = time.monotonic() + 60   # and podman restarts it
+    deadline = time.monotonic() + 30
     while True:
         w = podman_runtime.inspect(spec.service, spec.component)
-        if w is not None and w.restart_count >= 1 and w.state == RUNNING:
+        if w is not None and w.state == STOPPED:
             break
-        assert time.monotonic() < deadline, f"not restarted: {w}"
-        time.sleep(0.2)
-    wait_http(port)
+        assert time.monotonic() < deadline, f"did not exit: {w}"
+        time.sleep(0.1)
+    assert w.exit_code == 1 and w.spec_digest == spec.digest
+    time.sleep(1.5)   # long enough for podman's own restart, had it one
+    [listed] = podman_runtime.list()
+    assert listed.state == STOPPED and listed.restart_count == 0
+    assert listed.exit_code == 1 and listed.spec_digest == spec.digest
+
+
+def test_name_held_by_storage_only_container_is_cleared(
+        podman_runtime: PodmanRuntime, hello_image: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`podman create` killed half-way leaves a container only storage knows, holding
+    the name: run() clears it by name through the CLI and goes on."""
+    spec = _hello(hello_image, free_port())
+    seed = make_storage_only(spec.name, hello_image)
+    print(f"storage-only container made (seed {seed})")
+    assert podman_runtime.inspect(spec.service, spec.component) is None
+    with caplog.at_level("WARNING", logger="mcp_node.podman"):
+        podman_runtime.run(spec)
+    assert f"rm --force --storage {spec.name}" in caplog.text
+    assert wait_http(spec.ports[0]) == "hello from x\n"
+    assert external_states(spec.name) == ["running"]
+    podman_runtime.remove(spec.service, spec.component)
+    assert external_states(spec.name) == []
+
+
+def test_created_container_with_storage_gone_is_cleared(
+        podman_runtime: PodmanRuntime, podman_owner: str, hello_image: str) -> None:
+    """`podman rm -f` racing a create leaves a `Created` container whose storage is gone
+    (inspect and start fail): inspect, remove and run get past it."""
+    spec = _hello(hello_image, free_port())
+    labels = {"mcp.managed": "true", "mcp.service": spec.service,
+              "mcp.component": spec.component, "mcp.owner": podman_owner}
+    seed = make_storage_gone(spec.name, hello_image, labels)
+    print(f"created container without storage made (seed {seed})")
+    [listed] = podman_runtime.list()   # the listing still shows it, as ours
+    assert listed.component == spec.component and listed.state == STOPPED
+    assert podman_runtime.inspect(spec.service, spec.component) is None   # cleared
+    assert external_states(spec.name) == []
+    seed = make_storage_gone(spec.name, hello_image, labels)
+    print(f"and again (seed {seed}), now cleared by run()")
+    podman_runtime.run(spec)
+    assert wait_http(spec.ports[0]) == "hello from x\n"
+    seed = make_storage_gone(f"{spec.name}x", hello_image, {**labels, "mcp.component":
+                                                            f"{spec.component}x"})
+    print(f"and once more (seed {seed}), cleared by remove()")
+    podman_runtime.remove(spec.service, f"{spec.component}x")
+    assert external_states(f"{spec.name}x") == []
+
+
+def test_storage_gone_container_of_another_owner_is_left_alone(
+        podman_runtime: PodmanRuntime, podman_cleanup: PodmanCleanup,
+        hello_image: str) -> None:
+    spec = _hello(hello_image, free_port())
+    other = podman_cleanup.add(f"other-{uuid.uuid4().hex[:8]}")
+    labels = {"mcp.managed": "true", "mcp.service": spec.service,
+              "mcp.component": spec.component, "mcp.owner": other}
+    seed = make_storage_gone(spec.name, hello_image, labels)
+    print(f"foreign created container without storage made (seed {seed})")
+    with pytest.raises(WorkloadError, match="inspect"):
+        podman_runtime.inspect(spec.service, spec.component)
+    assert external_states(spec.name) == ["created"]   # not ours: not touched
+    podman_cli("rm", "-f", spec.name)
 
 
 def test_agent_started_service_reused_and_stopped_by_pid(
@@ -442,6 +540,7 @@ def test_agent_started_service_reused_and_stopped_by_pid(
     owner = podman_cleanup.add(f"svc-{uuid.uuid4().hex[:8]}")
     first = PodmanRuntime(cfg, state, owner)
     assert first.service.pid is None           # lazy: nothing started yet
+    assert first.health_reasons() == []        # not connected yet: nothing to say
     assert first.available() == (True, "")
     pid = first.service.pid
     assert pid is not None and Path(f"/proc/{pid}").exists()
@@ -454,11 +553,16 @@ def test_agent_started_service_reused_and_stopped_by_pid(
     first.run(spec)
     wait_http(port)
 
+    # The configured socket did not answer: the fallback is a health reason.
+    [reason] = first.health_reasons()
+    assert "absent.sock does not answer" in reason and first.url in reason
+
     # An agent restart (here: a second runtime on the same state dir) reuses and adopts it.
     second = PodmanRuntime(from_dict({}), state, owner)
     try:
         assert [w.service for w in second.list()] == [spec.service]
         assert second.service.pid == pid
+        assert second.health_reasons() == []   # no socket configured: no fallback
     finally:
         first.service.pid = None   # hand ownership to `second` alone
         first.close()

@@ -16,13 +16,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
 import click
 
-from . import __version__
+from . import __version__, sdnotify
 from .cli import ErrorGroup
 from .config import AgentConfig, load
 from .errors import MCPError
@@ -68,55 +69,131 @@ def build_config(config_path: Path | None, state_dir: Path | None,
               help="HOST:PORT to listen on (overrides [server] listen).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--adopt", is_flag=True,
+              help="Start on a new (missing or empty) registry although workloads with "
+                   "this node's owner label run: they become orphans, which reconcile "
+                   "removes.")
 @click.version_option(__version__, prog_name="mcp-agent")
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
-         listen: str | None, log_level: str) -> None:
+         listen: str | None, log_level: str, adopt: bool) -> None:
     """Run the mcp node agent (no subcommand), or manage its tokens."""
     cfg = build_config(config_path, state_dir, listen)
     ctx.obj = cfg
     if ctx.invoked_subcommand is None:
         setup_logging(log_level)
-        run_daemon(cfg)
+        run_daemon(cfg, adopt=adopt,
+                   reread=lambda: build_config(config_path, state_dir, listen))
 
 
-def run_daemon(cfg: AgentConfig) -> None:
+def _watchdog_clamp(cfg: AgentConfig, every: float | None) -> AgentConfig:
+    """The watchdog is pinged after each monitor round, so a round must come at least
+    every ``every`` seconds (half of WatchdogSec): a longer interval is lowered, logged."""
+    if every is None or cfg.monitor.interval_s <= every:
+        return cfg
+    logging.getLogger("mcp_node.agent_cli").warning(
+        "monitor.interval_s=%g lowered to %g: the unit's WatchdogSec needs a round that "
+        "often", cfg.monitor.interval_s, every)
+    return replace(cfg, monitor=replace(cfg.monitor, interval_s=every))
+
+
+def run_daemon(cfg: AgentConfig, *, adopt: bool = False,
+               reread: Callable[[], AgentConfig] | None = None) -> None:
+    """Start-up order: state-dir lock (a second agent stops here, having touched nothing),
+    listen address checked, registry checked (corrupt: refused), listener bound, a new
+    registry checked against the workloads this node owns, first monitor and reconcile
+    round, READY=1. Then SIGHUP reloads the config, SIGTERM/SIGINT stop the agent (its
+    workloads keep running)."""
     from .agent import Agent
     from .auth import tokens_path
+    from .daemon import StateLock, check_new_registry, reload_plan
     from .httpapi import check_listen
+    from .reconcile import Policy
+    from .registry import inspect_file
     from .server import serve
 
     log = logging.getLogger("mcp_node.agent_cli")
-    stop = threading.Event()
+    wake = threading.Event()
     got: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         got.append(signum)
-        stop.set()
+        wake.set()
 
-    check_listen(cfg)  # refuse a bad listen address before touching podman or the registry
-    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    agent = Agent(cfg, monitor=True)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
-        srv = serve(agent, cfg)
-    except MCPError:
-        agent.close()
-        raise
-    gc.freeze()  # start-up objects never die: keep them out of every later full collection
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    token_file = srv.token_file
-    click.echo(f"mcp-agent {__version__} listening on {srv.url}")
-    shown = token_file if token_file else f"(none generated; tokens in {tokens_path(cfg)})"
-    click.echo(f"token file: {shown}")
-    sys.stdout.flush()
-    log.info("started version=%s url=%s state_dir=%s pid=%d", __version__, srv.url,
-             cfg.state_dir, os.getpid())
-    while not stop.wait(3600):
-        pass
-    log.info("stopping signal=%s", signal.Signals(got[0]).name if got else "?")
-    srv.shutdown()
-    agent.close()
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise MCPError(f"cannot create state dir {cfg.state_dir}: {exc}") from exc
+    lock = StateLock(cfg.state_dir)
+    lock.acquire()
+    try:
+        check_listen(cfg)  # a bad listen address is refused before podman or the registry
+        services = inspect_file(cfg.state_dir / "registry.db")
+        every = sdnotify.watchdog_interval()
+        cfg = _watchdog_clamp(cfg, every)
+
+        def ping() -> None:
+            sdnotify.notify("WATCHDOG=1")
+
+        agent = Agent(cfg, reconcile=False, on_round=ping if every else None)
+        try:
+            srv = serve(agent, cfg)
+        except MCPError:
+            agent.close()
+            raise
+        try:
+            check_new_registry(agent, services, adopt)
+            agent.start_monitor(reconcile=True)
+        except BaseException:
+            srv.shutdown()
+            agent.close()
+            raise
+        gc.freeze()  # start-up objects never die: keep them out of every later full collection
+        token_file = srv.token_file
+        click.echo(f"mcp-agent {__version__} listening on {srv.url}")
+        shown = token_file if token_file else f"(none generated; tokens in {tokens_path(cfg)})"
+        click.echo(f"token file: {shown}")
+        sys.stdout.flush()
+        sdnotify.notify(f"READY=1\nSTATUS=listening on {srv.url}\nMAINPID={os.getpid()}")
+        log.info("started version=%s url=%s state_dir=%s pid=%d watchdog_s=%s", __version__,
+                 srv.url, cfg.state_dir, os.getpid(), every or 0)
+        while True:
+            wake.wait()
+            wake.clear()
+            sigs, got[:] = list(got), []
+            stop = [s for s in sigs if s != signal.SIGHUP]
+            if stop:
+                break
+            if reread is None:
+                continue
+            sdnotify.notify("RELOADING=1")
+            try:
+                fresh = _watchdog_clamp(reread(), every)
+            except MCPError as exc:
+                log.error("config reload failed, the running config is kept: %s", exc)
+                sdnotify.notify("READY=1")
+                continue
+            run, applied, restart = reload_plan(cfg, fresh)
+            for key in applied:
+                log.info("config reload key=%s applied=live", key)
+            for key in restart:
+                log.warning("config reload key=%s applied=no restart_needed=true", key)
+            cfg = run
+            agent.config, agent.monitor.config, srv.config = run, run.monitor, run
+            agent.reconciler.policy = Policy(run.monitor.restart_backoff_max_s,
+                                             run.monitor.restart_reset_s)
+            agent.monitor.poke()  # a new interval counts from now
+            log.info("config reloaded applied=%s restart_needed=%s",
+                     ",".join(applied) or "-", ",".join(restart) or "-")
+            sdnotify.notify("READY=1")
+        log.info("stopping signal=%s", signal.Signals(stop[0]).name)
+        sdnotify.notify("STOPPING=1")
+        srv.shutdown()
+        agent.close()  # workloads keep running: only the agent and its helpers stop
+    finally:
+        lock.release()
     log.info("stopped")
 
 

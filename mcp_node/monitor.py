@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .config import MonitorConfig
-from .errors import MCPError
+from .errors import MCPError, RegistryError
 from .registry import Event, Registry, ServiceRecord
 from .runtime import Runtime, Workload
 from .states import MISSING, RUNNING, UNKNOWN
@@ -120,12 +120,19 @@ class Monitor:
             now = time.time()
             records = self.registry.list_services()
             workloads, orphans, events = observe(records, listings, errors, self._restarts, now)
-            self.registry.record_observed(events)
-            for e in events:
+            # The view shows what was observed even when the registry cannot store it (full
+            # disk, read-only): it must never go on claiming an older state. The error is
+            # raised after the view is in place; the next round records the change again.
+            unwritten: RegistryError | None = None
+            try:
+                self.registry.record_observed(events)
+                counts = self.registry.event_counts(now - self.config.flap_window_s)
+                flapping = {k for k, n in counts.items() if n > self.config.flap_changes}
+            except RegistryError as exc:
+                unwritten, flapping = exc, self.view.flapping
+            for e in events if unwritten is None else ():
                 log.info("state service=%s component=%s %s->%s %s", e.service, e.component,
                          e.prev_state, e.new_state, e.detail)
-            counts = self.registry.event_counts(now - self.config.flap_window_s)
-            flapping = {k for k, n in counts.items() if n > self.config.flap_changes}
             drifted = [
                 (rec.name, c.defn.name) for rec in records for c in rec.components
                 if c.defn.runtime not in errors and is_drift(
@@ -135,6 +142,8 @@ class Monitor:
             self.view = View(workloads, orphans, errors, flapping, drifted, records, now)
         if self._on_refresh:
             self._on_refresh(self.view)
+        if unwritten is not None:
+            raise unwritten
         return self.view
 
     @property

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,17 +190,20 @@ class QemuRuntime(Runtime):
     def check_capacity(self, spec: WorkloadSpec, replacing: bool) -> None:
         """Refuse a VM that would overcommit host memory (minus the reserve) or CPUs."""
         self._check_spec(spec)
-        mem = int(spec.memory_mb or 0)
         d = self._dir(spec.service, spec.component)
-        used, _cpus, n = self._usage(exclude=d.name if replacing else "")
+        self._check_room(spec.name, int(spec.memory_mb or 0), spec.vcpus,
+                         exclude=d.name if replacing else "")
+
+    def _check_room(self, name: str, mem: int, vcpus: int, exclude: str) -> None:
+        used, _cpus, n = self._usage(exclude=exclude)
         total, reserve = host_memory_mb(), self.cfg.reserve_memory_mb
         if used + mem + reserve > total:
             raise ResourceError(
-                f"not enough memory for {spec.name}: requested {mem} MiB + {used} MiB in {n} "
+                f"not enough memory for {name}: requested {mem} MiB + {used} MiB in {n} "
                 f"running VMs + {reserve} MiB reserve > {total} MiB on this host")
         cpus = host_cpus() - self.cfg.reserve_vcpus
-        if spec.vcpus > cpus:
-            raise ResourceError(f"{spec.name}: {spec.vcpus} vCPUs requested, this host has "
+        if vcpus > cpus:
+            raise ResourceError(f"{name}: {vcpus} vCPUs requested, this host has "
                                 f"{host_cpus()} CPUs ({self.cfg.reserve_vcpus} reserved)")
 
     def _check_spec(self, spec: WorkloadSpec) -> tuple[Volume, ...]:
@@ -326,7 +329,8 @@ class QemuRuntime(Runtime):
             image_sha256=plan.sha256, memory_mb=int(spec.memory_mb or 0), vcpus=spec.vcpus,
             machine=self.cfg.machine, accel=accel, ports=tuple(spec.ports),
             mac=mac_for(spec.service, spec.component), stop_timeout_s=spec.stop_timeout_s,
-            boot=plan.relocated(tmp, d.image), started_at=time.time(), owner=self.owner)
+            boot=plan.relocated(tmp, d.image), started_at=time.time(), owner=self.owner,
+            spec_digest=spec.digest)
         write_meta(d, meta)
         return meta
 
@@ -359,6 +363,23 @@ class QemuRuntime(Runtime):
             raise WorkloadError(f"qemu for {d.name} exited right after starting; "
                                 f"see {d.console}")
         return pid
+
+    def start(self, service: str, component: str) -> bool:
+        """Boot a stopped VM again from its image as it is (its disk and console kept);
+        False when there is no VM to start."""
+        d, meta = self._meta(service, component)
+        if meta is None or not d.image.is_dir():
+            return False
+        self._require()
+        with self._vm_lock(d):
+            if live_pid(d, meta):
+                return True
+            with self._lock:
+                self._check_room(meta.name, meta.memory_mb, meta.vcpus, exclude=d.name)
+                meta = replace(meta, started_at=time.time())
+                write_meta(d, meta)
+                self._launch(d, meta)
+        return True
 
     # -- stop / remove -------------------------------------------------------------------------
 
@@ -454,7 +475,8 @@ class QemuRuntime(Runtime):
             extra["qmp_status"] = qmp_status
         return Workload(service=meta.service, component=meta.component, runtime=self.name,
                         state=State.RUNNING if pid else State.STOPPED, id=d.name,
-                        image=meta.image, started_at=meta.started_at, extra=extra)
+                        image=meta.image, started_at=meta.started_at, extra=extra,
+                        spec_digest=meta.spec_digest)
 
     def inspect(self, service: str, component: str) -> Workload | None:
         d, meta = self._meta(service, component)

@@ -77,6 +77,7 @@ class VMMeta:
     boot: BootPlan
     started_at: float
     owner: str = ""                 # node id of the agent that launched it
+    spec_digest: str = ""           # WorkloadSpec.digest it was made from
     extra: dict[str, Any] = field(default_factory=dict)   # keys of newer versions, kept
 
     @property
@@ -103,7 +104,7 @@ class VMMeta:
             ports=tuple(int(p) for p in d.get("ports", ())), mac=str(d["mac"]),
             stop_timeout_s=float(d.get("stop_timeout_s", 10.0)),
             boot=BootPlan.from_dict(d["boot"]), started_at=float(d.get("started_at", 0.0)),
-            owner=str(d.get("owner", "")),
+            owner=str(d.get("owner", "")), spec_digest=str(d.get("spec_digest", "")),
             extra={k: v for k, v in d.items() if k not in known})
 
 

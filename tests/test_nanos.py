@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from podman_env import free_port, wait_http
 from qemu_env import (
     VMReaper,
     nanos_config,
@@ -115,3 +116,36 @@ def test_nanos_microvm_refuses_volumes_before_anything_changes(
             call()
         assert err.value.field == "volumes" and "microvm" in str(err.value)
     assert vm_files(state) == [] and not (state / "vm-cache").exists()
+
+
+def test_nanos_microvm_stop_then_start_boots_the_same_image_again(
+        tmp_path: Path, hello_image: str) -> None:
+    """start() relaunches a stopped VM from its image as it is: no rebuild (same digest),
+    its console appended; a microvm guest, which cannot power off, is quit on stop."""
+    need_nanos()
+    state = tmp_path / "state"
+    rt = qemu_runtime(nanos_config(state, "microvm"))
+    port = free_port()
+    spec = WorkloadSpec(service=f"n{uuid.uuid4().hex[:8]}", component="web",
+                        image=hello_image, env=(f"PORT={port}", "MESSAGE=micro"),
+                        ports=(port,), memory_mb=128)
+    reaper = VMReaper()
+    reaper.add(rt, spec.service, spec.component)
+    try:
+        assert rt.start(spec.service, spec.component) is False     # nothing to start yet
+        w = rt.run(spec)
+        assert wait_http(port, timeout=60) == "hello from micro\n"
+        assert w.spec_digest == spec.digest and w.extra["machine"] == "microvm"
+        assert "cannot power off" in w.extra["stop"] and rt.graceful_stop is False
+        rt.stop(spec.service, spec.component)
+        assert wait_gone(int(w.extra["pid"]), 5)
+        assert rt.inspect(spec.service, spec.component).state == STOPPED  # type: ignore[union-attr]
+        assert rt.start(spec.service, spec.component) is True
+        assert wait_http(port, timeout=60) == "hello from micro\n"
+        again = rt.inspect(spec.service, spec.component)
+        assert again is not None and again.extra["pid"] != w.extra["pid"]
+        assert again.extra["image_sha256"] == w.extra["image_sha256"]
+        console = b"".join(rt.logs(spec.service, spec.component)).decode(errors="replace")
+        assert console.count(f"hello: listening on :{port}") == 2
+    finally:
+        reaper.run()

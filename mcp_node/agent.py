@@ -22,23 +22,22 @@ from typing import TYPE_CHECKING, Any
 
 from . import health
 from .config import AgentConfig
-from .errors import ConflictError, MCPError, RuntimeUnavailable, ValidationError
+from .errors import ConflictError, MCPError, NotFoundError, RuntimeUnavailable, ValidationError
 from .files import atomic_write, flocked
 from .grammar import default_volume_roots
-from .monitor import Monitor, View, is_drift
-from .readiness import probe
+from .monitor import Monitor, View
 from .reconcile import Policy, Reconciler
-from .registry import ComponentRecord, Registry, ServiceRecord
+from .registry import ComponentRecord, Registry, ServiceRecord, definition_digest
 from .runtime import (
     RUNTIME_NAMES,
     Runtime,
-    Workload,
     WorkloadSpec,
     load_runtime,
     workload_name,
 )
 from .servicedef import ComponentDef, ServiceDef, check_name, check_volume_roots, route_env
-from .states import BACKOFF, MISSING, RUNNING, STARTING, STOPPED, UNKNOWN, State
+from .states import RUNNING, STOPPED, State
+from .views import Views, rfc3339
 
 if TYPE_CHECKING:
     from .edge import EdgeManager
@@ -46,10 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.agent")
 
 STOP_TIMEOUT_S = 10.0
-
-
-def rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def node_id(state_dir: Path) -> str:
@@ -98,8 +93,7 @@ class Agent:
                                                   config.monitor.restart_reset_s))
         # Only the daemon acts on what the monitor sees; ``mcp --local ps`` must not.
         self._reconciling = monitor if reconcile is None else reconcile
-        # (service, component) -> (workload id, started_at) of the run judged ready
-        self._ready: dict[tuple[str, str], tuple[str, float | None]] = {}
+        self.views = Views(self)
         self.on_round = on_round  # after every monitor round: the daemon's watchdog ping
         self.monitor = Monitor(self.registry, self._listable, config.monitor,
                                self._after_round)
@@ -244,7 +238,9 @@ class Agent:
             except BaseException:
                 self._rollback(rec, previous)
                 raise
-            log.info("deployed service=%s components=%d", defn.name, len(defn.components))
+            version = self.registry.record_deployment(defn)
+            log.info("deployed service=%s components=%d version=%d", defn.name,
+                     len(defn.components), version)
             # Under the lock: an undeploy queued behind us must not turn this reply into a 404.
             self.monitor.refresh_safely()
             return self.status(defn.name)
@@ -311,6 +307,38 @@ class Agent:
                     self.runtime(comp.defn.runtime).run(self.spec(rec.name, comp))
                 except Exception:
                     log.exception("rollback: could not restart %s/%s", rec.name, comp.defn.name)
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Each deployed version, oldest first; raises ValidationError, NotFoundError."""
+        name = check_name(name, "service")
+        rows = self.registry.history(name)
+        if not rows:
+            raise NotFoundError(f"no deployments of service {name!r}")
+        digest = (definition_digest(self.registry.get_service(name).definition())
+                  if self.registry.has_service(name) else "")
+        current = max((d.version for d in rows if d.digest == digest), default=0)
+        return [{"service": name, "version": d.version, "time": rfc3339(d.time),
+                 "digest": d.digest, "current": d.version == current,
+                 "images": [c.image for c in d.definition.components]} for d in rows]
+
+    def rollback(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """Deploy an earlier version again (default: the one before the current).
+
+        Raises NotFoundError (no such version), ConflictError (nothing earlier), and
+        whatever ``deploy`` raises.
+        """
+        rows = {h["version"]: h for h in self.history(name)}
+        if version is None:
+            current = [v for v, h in rows.items() if h["current"]]
+            earlier = [v for v in rows if not current or v < current[-1]]
+            if not earlier or (current and earlier[-1] == current[-1]):
+                raise ConflictError(f"service {name!r} has no version before the current one")
+            version = earlier[-1]
+        if version not in rows:
+            raise NotFoundError(f"service {name!r} has no version {version} "
+                                f"(versions: {', '.join(map(str, rows))})")
+        defn = next(d.definition for d in self.registry.history(name) if d.version == version)
+        return self.deploy(defn)
 
     def stop(self, name: str) -> dict[str, Any]:
         """Stop every component and keep it stopped; returns the status.
@@ -397,101 +425,18 @@ class Agent:
         rt = self.available_runtime(comp.defn.runtime)
         return rt.logs(rec.name, comp.defn.name, tail, follow)
 
-    # -- views --------------------------------------------------------------
-
-    def _row(self, svc: ServiceRecord, comp: ComponentRecord, view: View,
-             now: float) -> dict[str, Any]:
-        key = (svc.name, comp.defn.name)
-        w = view.workloads.get(key)
-        state = w.state if w else (UNKNOWN if comp.defn.runtime in view.errors else MISSING)
-        if state != RUNNING and key in self.reconciler.last.waiting:
-            state = BACKOFF
-        elif w is not None and state == RUNNING and not self._is_ready(key, comp, w):
-            state = STARTING
-        uptime = int(now - w.started_at) if w and w.state == RUNNING and w.started_at else 0
-        return {
-            "service": svc.name, "component": comp.defn.name, "node": self.node,
-            "runtime": comp.defn.runtime, "state": state, "desired_state": comp.desired_state,
-            "version": comp.defn.version, "uptime_s": max(uptime, 0),
-            "routes": [
-                {"name": r.name, "port": r.port, "mode": r.mode, "hostname": r.hostname,
-                 "host_port": comp.host_ports.get(r.name)}
-                for r in comp.defn.routes
-            ],
-        }
-
-    def _is_ready(self, key: tuple[str, str], comp: ComponentRecord, w: Workload) -> bool:
-        """Probed until it passes once per run (a new id or start time probes again)."""
-        mark = (w.id, w.started_at)
-        if self._ready.get(key) == mark:
-            return True
-        if probe(comp.defn, comp.host_ports):
-            self._ready[key] = mark
-            return True
-        return False
+    # -- views (read-only; see views.py) ------------------------------------
 
     def ps(self) -> list[dict[str, Any]]:
         """One row per component of every service; raises RegistryError."""
-        view = self.monitor.fresh_view()
-        now = time.time()
-        return [self._row(s, c, view, now) for s in self.registry.list_services()
-                for c in s.components]
+        return self.views.ps()
 
     def status(self, name: str) -> dict[str, Any]:
-        """Components, drift, flapping and recent events of one service.
+        """Components, drift, flapping, restarts and recent events of one service.
 
         Raises ValidationError, NotFoundError, RegistryError.
         """
-        svc = self._get(name)
-        view = self.monitor.fresh_view()
-        now = time.time()
-        comps = []
-        for c in svc.components:
-            row = self._row(svc, c, view, now)
-            w = view.workloads.get((svc.name, c.defn.name))
-            row["image"] = c.defn.image
-            row["ready"] = row["state"] == RUNNING
-            row["drift"] = is_drift(c.desired_state, RUNNING if row["state"] == STARTING
-                                    else row["state"])
-            row["flapping"] = (svc.name, c.defn.name) in view.flapping
-            row.update(self._restart_fields(svc.name, c, w))
-            row.update(self._status_extra(svc.name, c, w))
-            comps.append(row)
-        return {
-            "service": svc.name, "active": svc.active, "node": self.node,
-            "definition": svc.definition().to_dict(),
-            "drift": any(c["drift"] for c in comps),
-            "flapping": any(c["flapping"] for c in comps),
-            "components": comps,
-            "events": [
-                {"time": e.time, "component": e.component, "from": e.prev_state,
-                 "to": e.new_state, "detail": e.detail, "unplanned": e.unplanned}
-                for e in self.registry.events(svc.name, limit=20)
-            ],
-        }
-
-    def _restart_fields(self, service: str, comp: ComponentRecord,
-                        w: Workload | None) -> dict[str, Any]:
-        key = (service, comp.defn.name)
-        b = self.reconciler.backoff.get(key)
-        due = self.reconciler.last.waiting.get(key)
-        return {
-            "restarts": b.restarts if b else 0,
-            "exit_code": w.exit_code if w and w.exit_code is not None else (
-                b.exit_code if b else None),
-            "next_attempt": rfc3339(time.time() + due - self.reconciler.clock()) if due else None,
-            "spec_drift": bool(w and w.spec_digest and w.spec_digest != self.spec(
-                service, comp).digest),
-        }
-
-    def _status_extra(self, service: str, comp: ComponentRecord,
-                      observed: Workload | None) -> dict[str, Any]:
-        """What the component's runtime adds to its status; nothing if it cannot load."""
-        try:
-            rt = self.runtime(comp.defn.runtime)
-        except MCPError:
-            return {}
-        return rt.status_extra(self.spec(service, comp), observed)
+        return self.views.status(self._get(name))
 
     # -- health -------------------------------------------------------------
 

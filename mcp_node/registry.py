@@ -9,6 +9,7 @@ transaction together with its row in ``schema_migrations``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConflictError, NotFoundError, RegistryError, SchemaTooNewError
-from .servicedef import ComponentDef, RouteDef, ServiceDef
+from .servicedef import ComponentDef, RouteDef, ServiceDef, from_dict
 from .states import RUNNING, STOPPED, UNKNOWN, State
 
 PORT_MIN, PORT_MAX = 10000, 60000
@@ -169,6 +170,22 @@ def inspect_file(path: Path) -> int | None:
         return len(reg._query("SELECT name FROM services"))
     finally:
         reg.close()
+
+
+HISTORY_KEEP = 20
+
+
+@dataclass(frozen=True)
+class Deployment:
+    service: str
+    version: int
+    time: float
+    digest: str
+    definition: ServiceDef
+
+
+def definition_digest(svc: ServiceDef) -> str:
+    return hashlib.sha256(json.dumps(svc.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 class Registry:
@@ -457,6 +474,31 @@ class Registry:
             db.execute("DELETE FROM events WHERE time < ?", (time.time() - older_than_s,))
 
     # -- edge routes --------------------------------------------------------
+
+    # -- deployment history ---------------------------------------------------
+
+    def record_deployment(self, svc: ServiceDef, keep: int = HISTORY_KEEP) -> int:
+        """Add ``svc`` as the next version unless it is the latest already; returns the
+        version that is now current. Only the newest ``keep`` versions stay."""
+        digest = definition_digest(svc)
+        with self._tx() as db:
+            last = db.execute("SELECT version, digest FROM deployments WHERE service=? "
+                              "ORDER BY version DESC LIMIT 1", (svc.name,)).fetchone()
+            if last is not None and last["digest"] == digest:
+                return int(last["version"])
+            version = int(last["version"]) + 1 if last is not None else 1
+            db.execute("INSERT INTO deployments (service, version, time, digest, definition) "
+                       "VALUES (?,?,?,?,?)", (svc.name, version, time.time(), digest,
+                                             json.dumps(svc.to_dict(), sort_keys=True)))
+            db.execute("DELETE FROM deployments WHERE service=? AND version<=?",
+                       (svc.name, version - keep))
+        return version
+
+    def history(self, service: str) -> list[Deployment]:
+        rows = self._query("SELECT * FROM deployments WHERE service=? ORDER BY version",
+                           (service,))
+        return [Deployment(r["service"], r["version"], r["time"], r["digest"],
+                           from_dict(json.loads(r["definition"]))) for r in rows]
 
     def put_edge_route(self, rec: EdgeRouteRecord) -> None:
         ts = now_iso()

@@ -3,6 +3,7 @@ name clashes, capacity, status and health shape. No podman, no root, millisecond
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,13 +176,22 @@ def test_status_shape_includes_the_runtime_extras(agent: Agent, world: FakeWorld
                      vm()))
     st = agent.status("shop")
     assert set(st) == {"service", "active", "node", "drift", "flapping", "components",
-                       "events"}
+                       "events", "definition"}
+    assert from_dict(st["definition"]) == agent.registry.get_service("shop").definition()
     web, box = st["components"]
     common = {"service", "component", "node", "runtime", "state", "desired_state", "version",
               "uptime_s", "routes", "image", "drift", "flapping", "restarts", "exit_code",
-              "next_attempt", "spec_drift"}
+              "next_attempt", "spec_drift", "ready"}
     assert set(web) == common | {"fake_id", "memory_mb"}
-    assert (web["runtime"], web["state"], web["drift"]) == (CONTAINER, "running", False)
+    # Nothing listens on its port yet: running, but not ready.
+    assert (web["runtime"], web["state"], web["drift"], web["ready"]) == (
+        CONTAINER, "starting", False, False)
+    assert (box["state"], box["ready"]) == ("running", True)   # no routes: ready when running
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", web["routes"][0]["host_port"]))
+        s.listen()
+        web = agent.status("shop")["components"][0]
+    assert (web["state"], web["ready"]) == ("running", True)
     assert box["runtime"] == VM and box["memory_mb"] == 256
     assert box["fake_id"] == world.workloads[("shop", "vm")].id
     [route] = web["routes"]
@@ -201,7 +211,7 @@ def test_stop_start_restart_and_undeploy(agent: Agent, world: FakeWorld) -> None
     agent.deploy(svc())
     world.reset_calls()
     assert agent.stop("shop")["components"][0]["state"] == "stopped"
-    assert agent.start("shop")["components"][0]["state"] == "running"
+    assert agent.start("shop")["components"][0]["state"] == "starting"  # up; its port not listening
     assert world.ops("stop", "run") == [("stop", "web"), ("run", "web")]
     world.reset_calls()
     agent.start("shop")  # already running: nothing to do
@@ -254,3 +264,38 @@ def test_monitor_lists_each_runtime_once_per_round(agent: Agent, world: FakeWorl
     world.reset_calls()
     agent.monitor.refresh()
     assert sorted(world.ops("list")) == [("list", ""), ("list", "")]
+
+
+def test_history_and_rollback(agent: Agent, world: FakeWorld) -> None:
+    v1 = svc("shop", {"name": "web", "image": "img:v1"})
+    v2 = svc("shop", {"name": "web", "image": "img:v2"})
+    agent.deploy(v1)
+    agent.deploy(v1)                       # unchanged: no new version
+    agent.deploy(v2)
+    hist = agent.history("shop")
+    assert [(h["version"], h["images"], h["current"]) for h in hist] == [
+        (1, ["img:v1"], False), (2, ["img:v2"], True)]
+    assert len(hist[0]["digest"]) == 12 and hist[0]["time"].endswith("Z")
+    agent.rollback("shop")                 # to the version before the current
+    assert world.workloads[("shop", "web")].spec.image == "img:v1"
+    assert [h["current"] for h in agent.history("shop")] == [False, False, True]
+    agent.rollback("shop", 2)
+    assert world.workloads[("shop", "web")].spec.image == "img:v2"
+    with pytest.raises(NotFoundError, match="has no version 9"):
+        agent.rollback("shop", 9)
+    with pytest.raises(NotFoundError, match="no deployments"):
+        agent.history("other")
+
+
+def test_rollback_with_a_single_version_is_a_conflict(agent: Agent) -> None:
+    agent.deploy(svc())
+    with pytest.raises(ConflictError, match="no version before the current one"):
+        agent.rollback("shop")
+
+
+def test_a_failed_deploy_is_no_version(agent: Agent, world: FakeWorld) -> None:
+    agent.deploy(svc())
+    world.fail("run", "web")
+    with pytest.raises(WorkloadError):
+        agent.deploy(svc("shop", {"name": "web", "image": "img:v2"}))
+    assert [h["version"] for h in agent.history("shop")] == [1]

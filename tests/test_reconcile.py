@@ -112,7 +112,7 @@ def test_crash_loop_backs_off_counts_and_flaps(agent: Agent, world: FakeWorld,
             agent.monitor.refresh()
             agent.monitor.refresh()
             row = comp_row(agent, "loop")
-        assert row["state"] == "running"
+        assert row["state"] == "starting"   # up again (nothing listens in the fake)
     row = comp_row(agent, "loop")
     assert row["restarts"] == 5 and row["exit_code"] == 3
     assert delays == [1.0, 2.0, 4.0, 8.0]       # the first restart is immediate

@@ -1,0 +1,121 @@
+"""Read-only views of the node: ``ps`` rows and ``status``, from the registry,
+the monitor's last view and the reconciler's restart bookkeeping.
+
+A row's ``state`` is what an operator needs to know, not only what the runtime
+says: ``starting`` until the readiness check passes once per run, ``backoff``
+while a restart waits its turn.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import MCPError
+from .monitor import View, is_drift
+from .readiness import probe
+from .registry import ComponentRecord, ServiceRecord
+from .runtime import Workload
+from .states import BACKOFF, MISSING, RUNNING, STARTING, UNKNOWN
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+
+def rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+class Views:
+    def __init__(self, agent: Agent) -> None:
+        self.a = agent
+        # (service, component) -> (workload id, started_at) of the run judged ready
+        self._ready: dict[tuple[str, str], tuple[str, float | None]] = {}
+
+    def _row(self, svc: ServiceRecord, comp: ComponentRecord, view: View,
+             now: float) -> dict[str, Any]:
+        key = (svc.name, comp.defn.name)
+        w = view.workloads.get(key)
+        state = w.state if w else (UNKNOWN if comp.defn.runtime in view.errors else MISSING)
+        if state != RUNNING and key in self.a.reconciler.last.waiting:
+            state = BACKOFF
+        elif w is not None and state == RUNNING and not self._is_ready(key, comp, w):
+            state = STARTING
+        uptime = int(now - w.started_at) if w and w.state == RUNNING and w.started_at else 0
+        return {
+            "service": svc.name, "component": comp.defn.name, "node": self.a.node,
+            "runtime": comp.defn.runtime, "state": state, "desired_state": comp.desired_state,
+            "version": comp.defn.version, "uptime_s": max(uptime, 0),
+            "routes": [
+                {"name": r.name, "port": r.port, "mode": r.mode, "hostname": r.hostname,
+                 "host_port": comp.host_ports.get(r.name)}
+                for r in comp.defn.routes
+            ],
+        }
+
+    def _is_ready(self, key: tuple[str, str], comp: ComponentRecord, w: Workload) -> bool:
+        """Probed until it passes once per run (a new id or start time probes again)."""
+        mark = (w.id, w.started_at)
+        if self._ready.get(key) == mark:
+            return True
+        if probe(comp.defn, comp.host_ports):
+            self._ready[key] = mark
+            return True
+        return False
+
+    def ps(self) -> list[dict[str, Any]]:
+        view = self.a.monitor.fresh_view()
+        now = time.time()
+        return [self._row(s, c, view, now) for s in self.a.registry.list_services()
+                for c in s.components]
+
+    def status(self, svc: ServiceRecord) -> dict[str, Any]:
+        view = self.a.monitor.fresh_view()
+        now = time.time()
+        comps = []
+        for c in svc.components:
+            row = self._row(svc, c, view, now)
+            w = view.workloads.get((svc.name, c.defn.name))
+            row["image"] = c.defn.image
+            row["ready"] = row["state"] == RUNNING
+            row["drift"] = is_drift(c.desired_state, RUNNING if row["state"] == STARTING
+                                    else row["state"])
+            row["flapping"] = (svc.name, c.defn.name) in view.flapping
+            row.update(self._restart_fields(svc.name, c, w))
+            row.update(self._status_extra(svc.name, c, w))
+            comps.append(row)
+        return {
+            "service": svc.name, "active": svc.active, "node": self.a.node,
+            "definition": svc.definition().to_dict(),
+            "drift": any(c["drift"] for c in comps),
+            "flapping": any(c["flapping"] for c in comps),
+            "components": comps,
+            "events": [
+                {"time": e.time, "component": e.component, "from": e.prev_state,
+                 "to": e.new_state, "detail": e.detail, "unplanned": e.unplanned}
+                for e in self.a.registry.events(svc.name, limit=20)
+            ],
+        }
+
+    def _restart_fields(self, service: str, comp: ComponentRecord,
+                        w: Workload | None) -> dict[str, Any]:
+        key = (service, comp.defn.name)
+        b = self.a.reconciler.backoff.get(key)
+        due = self.a.reconciler.last.waiting.get(key)
+        return {
+            "restarts": b.restarts if b else 0,
+            "exit_code": w.exit_code if w and w.exit_code is not None else (
+                b.exit_code if b else None),
+            "next_attempt": rfc3339(time.time() + due - self.a.reconciler.clock()) if due else None,
+            "spec_drift": bool(w and w.spec_digest and w.spec_digest != self.a.spec(
+                service, comp).digest),
+        }
+
+    def _status_extra(self, service: str, comp: ComponentRecord,
+                      observed: Workload | None) -> dict[str, Any]:
+        """What the component's runtime adds to its status; nothing if it cannot load."""
+        try:
+            rt = self.a.runtime(comp.defn.runtime)
+        except MCPError:
+            return {}
+        return rt.status_extra(self.a.spec(service, comp), observed)

@@ -216,6 +216,34 @@ def plan_cmd(ctx: Ctx, definition: str) -> None:
         sys.exit(3)
 
 
+@cli.command()
+@click.argument("service")
+@json_option
+@pass_ctx
+def history(ctx: Ctx, service: str) -> None:
+    """List the deployed versions of SERVICE, oldest first (* marks the current one)."""
+    emit(ctx, ctx.backend().call("history", service), lambda rows: table(
+        ["VERSION", "DEPLOYED", "DIGEST", "IMAGES"],
+        [[f"{r['version']}{'*' if r['current'] else ''}", r["time"], r["digest"],
+          ",".join(r["images"])] for r in rows]))
+
+
+@cli.command()
+@click.argument("service")
+@click.argument("version", required=False, type=click.IntRange(1))
+@json_option
+@pass_ctx
+def rollback(ctx: Ctx, service: str, version: int | None) -> None:
+    """Deploy VERSION of SERVICE again (default: the version before the current one).
+
+    \b
+    Example:
+      mcp history web && mcp rollback web 3
+    """
+    st = ctx.backend().call("rollback", service, version)
+    emit(ctx, st, lambda s: f"rolled back {s['service']}\n{status_text(s)}")
+
+
 def _lifecycle(op: str, past: str) -> None:
     @cli.command(name=op, help=f"{op.capitalize()} every component of SERVICE.")
     @click.argument("service")

@@ -92,6 +92,11 @@ class RemoteBackend:
             return c.get(f"/v1/services/{q[0]}")
         if op == "health":
             return c.get("/v1/health")
+        if op == "history":
+            return c.get(f"/v1/services/{q[0]}/history")
+        if op == "rollback":
+            return c.post(f"/v1/services/{q[0]}/rollback",
+                          {} if args[1] is None else {"version": args[1]})
         if op == "edge_list":
             return c.get("/v1/edge-routes")
         if op == "edge_setup":
@@ -135,6 +140,10 @@ class LocalBackend:
             return getattr(a, op)(args[0])
         if op in ("ps", "health"):
             return getattr(a, op)()
+        if op == "history":
+            return a.history(args[0])
+        if op == "rollback":
+            return a.rollback(args[0], args[1])
         if op == "edge_list":
             return a.edge.list()
         if op == "edge_setup":

@@ -103,3 +103,25 @@ def test_validate_names_the_bad_field_and_changes_nothing(local: Agent,
     res = run("deploy", "-", input="name = \n")
     assert res.exit_code == 1 and res.stderr.startswith("Error: not valid TOML")
     assert local.registry.list_services() == []
+
+
+def test_history_and_rollback_commands(local: Agent, tmp_path: Path) -> None:
+    f = write(tmp_path, DEF)
+    assert run("deploy", str(f)).exit_code == 0
+    f.write_text(DEF.replace("img:v1", "img:v2"))
+    assert run("deploy", str(f)).exit_code == 0
+    res = run("history", "shop")
+    lines = res.stdout.splitlines()
+    assert res.exit_code == 0 and lines[0].split() == ["VERSION", "DEPLOYED", "DIGEST", "IMAGES"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["1", "2*"]
+    assert [ln.split()[-1] for ln in lines[1:]] == ["img:v1", "img:v2"]
+    res = run("rollback", "shop")
+    assert res.exit_code == 0 and res.stdout.startswith("rolled back shop\n")
+    assert local.registry.get_service("shop").component("web").defn.image == "img:v1"
+    res = run("--json", "history", "shop")
+    assert [r["current"] for r in json.loads(res.stdout)] == [False, False, True]
+    res = run("rollback", "shop", "7")
+    assert (res.exit_code, res.stderr) == (
+        1, "Error: service 'shop' has no version 7 (versions: 1, 2, 3)\n")
+    res = run("rollback", "shop", "0")
+    assert res.exit_code == 2

@@ -24,6 +24,9 @@ from . import __version__
 from .clictx import DEFAULT_AGENT, Backend, Ctx, config_home
 from .cliformat import health_text, ps_table, services_summary, status_text, table
 from .errors import MCPError
+from .fleet import PARTIAL_EXIT, Answers, ask_all, locate, named
+
+DEGRADED_EXIT = 3   # node health: some node is degraded
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,6 +88,28 @@ def cli(ctx: click.Context, agent: str | None, token_file: str | None, as_json: 
     ctx.obj = Ctx(agent, token_file, as_json, node, local)
 
 
+def service_backend(ctx: Ctx, backends: list[Backend], service: str,
+                    new_ok: bool = False) -> Backend:
+    """The node a per-service command goes to: the one -n names, else the one that
+    has the service; ``new_ok``: a service no node has yet needs -n on a fleet."""
+    from .errors import NotFoundError
+
+    try:
+        return locate(backends, service)
+    except NotFoundError:
+        if not new_ok or len(backends) > 1:
+            raise
+        return backends[0]
+
+
+def partial(answers: Answers) -> None:
+    """After a fleet read's output: say which nodes did not answer, exit 4."""
+    if answers.failed:
+        for line in answers.failures_text():
+            click.echo(f"warning: {line}", err=True)
+        sys.exit(PARTIAL_EXIT)
+
+
 def load_definition(ctx: Ctx, arg: str) -> dict[str, Any]:
     """A definition from FILE, ``-`` (stdin: JSON if it starts with ``{``, else TOML), or
     a service name looked up in the services dir; validated here, before any call."""
@@ -131,8 +156,9 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
     """
     ctx.node = node or ctx.node
     ctx.local = local or ctx.local
-    backend = ctx.backend()
-    st = backend.call("deploy", load_definition(ctx, service))
+    defn = load_definition(ctx, service)
+    backend = service_backend(ctx, ctx.backends(), defn["name"], new_ok=True)
+    st = backend.call("deploy", defn)
     if wait:
         st = wait_ready(backend, st["service"], timeout)
     emit(ctx, st, lambda s: f"deployed {s['service']}\n{status_text(s)}")
@@ -204,7 +230,8 @@ def plan_cmd(ctx: Ctx, definition: str) -> None:
 
     new = from_dict(load_definition(ctx, definition))
     try:
-        st = ctx.backend().call("status", new.name)
+        st = service_backend(ctx, ctx.backends(), new.name, new_ok=True).call(
+            "status", new.name)
     except NotFoundError:
         st = None
     deployed = from_dict(st["definition"]) if st else None
@@ -222,7 +249,8 @@ def plan_cmd(ctx: Ctx, definition: str) -> None:
 @pass_ctx
 def history(ctx: Ctx, service: str) -> None:
     """List the deployed versions of SERVICE, oldest first (* marks the current one)."""
-    emit(ctx, ctx.backend().call("history", service), lambda rows: table(
+    emit(ctx, service_backend(ctx, ctx.backends(), service).call("history", service),
+         lambda rows: table(
         ["VERSION", "DEPLOYED", "DIGEST", "IMAGES"],
         [[f"{r['version']}{'*' if r['current'] else ''}", r["time"], r["digest"],
           ",".join(r["images"])] for r in rows]))
@@ -240,7 +268,7 @@ def rollback(ctx: Ctx, service: str, version: int | None) -> None:
     Example:
       mcp history web && mcp rollback web 3
     """
-    st = ctx.backend().call("rollback", service, version)
+    st = service_backend(ctx, ctx.backends(), service).call("rollback", service, version)
     emit(ctx, st, lambda s: f"rolled back {s['service']}\n{status_text(s)}")
 
 
@@ -250,7 +278,7 @@ def _lifecycle(op: str, past: str) -> None:
     @json_option
     @pass_ctx
     def command(ctx: Ctx, service: str) -> None:
-        st = ctx.backend().call(op, service)
+        st = service_backend(ctx, ctx.backends(), service).call(op, service)
         show = op in ("start", "restart")
         emit(ctx, st, lambda s: f"{past} {service}" + (
             f"\n{status_text(s)}" if show and isinstance(s, dict) else ""))
@@ -267,7 +295,9 @@ _lifecycle("undeploy", "undeployed")
 @pass_ctx
 def ps(ctx: Ctx) -> None:
     """List every component on the node(s)."""
-    emit(ctx, [r for b in ctx.backends() for r in b.call("ps")], ps_table)
+    answers = ask_all(ctx.backends(), lambda b: b.call("ps"))
+    emit(ctx, [named(b, r) for b, rows in answers.ok for r in rows], ps_table)
+    partial(answers)
 
 
 @cli.command()
@@ -277,9 +307,12 @@ def ps(ctx: Ctx) -> None:
 def status(ctx: Ctx, service: str | None) -> None:
     """Status of SERVICE with drift and events, or a summary of all services."""
     if service:
-        emit(ctx, ctx.backend().call("status", service), status_text)
+        b = service_backend(ctx, ctx.backends(), service)
+        emit(ctx, named(b, b.call("status", service)), status_text)
     else:
-        emit(ctx, [r for b in ctx.backends() for r in b.call("ps")], services_summary)
+        answers = ask_all(ctx.backends(), lambda b: b.call("ps"))
+        emit(ctx, [named(b, r) for b, rows in answers.ok for r in rows], services_summary)
+        partial(answers)
 
 
 @cli.command()
@@ -293,7 +326,8 @@ def logs(ctx: Ctx, service: str, component: str | None, tail: int | None,
     """Print the output of a component, as its runtime records it."""
     out = sys.stdout.buffer
     with contextlib.suppress(KeyboardInterrupt):
-        for chunk in ctx.backend().logs(service, component, tail, follow):
+        for chunk in service_backend(ctx, ctx.backends(), service).logs(
+                service, component, tail, follow):
             out.write(chunk)
             out.flush()
 
@@ -359,9 +393,15 @@ def node() -> None:
 @pass_ctx
 def health(ctx: Ctx) -> None:
     """Agent health: runtimes, running workloads, and why it is degraded."""
-    results = [b.call("health") for b in ctx.backends()]
-    data = results[0] if len(results) == 1 else results
-    emit(ctx, data, lambda d: "\n\n".join(health_text(h) for h in results))
+    answers = ask_all(ctx.backends(), lambda b: b.call("health"))
+    rows = [named(b, h) for b, h in answers.ok] + [
+        {"node": b.node, "status": "unreachable", "reasons": [str(err)]}
+        for b, err in answers.failed]
+    emit(ctx, rows, lambda d: "\n\n".join(health_text(h) for h in d))
+    if answers.failed:
+        sys.exit(PARTIAL_EXIT)
+    if any(h["status"] != "healthy" for h in rows):
+        sys.exit(DEGRADED_EXIT)
 
 
 def main() -> None:

@@ -21,34 +21,70 @@ DEFAULT_AGENT = "http://127.0.0.1:9444"
 
 # -- CLI configuration ---------------------------------------------------------
 
+TOP_KEYS = ("token_path", "services_dir", "ca", "nodes")
+NODE_KEYS = ("name", "address", "token_path", "ca")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    address: str
+    token_path: str = ""   # else the top-level token_path
+    ca: str = ""           # CA bundle for an https agent; else the top-level ca
+
 
 @dataclass
 class CLIConfig:
-    nodes: dict[str, str] = field(default_factory=dict)  # name -> address
+    nodes: dict[str, NodeConfig] = field(default_factory=dict)
     token_path: str = ""
     services_dir: str = ""
+    ca: str = ""
+    path: str = ""
 
 
 def config_home() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mcp"
 
 
+def _strings(table: dict[str, Any], known: tuple[str, ...], where: str) -> dict[str, str]:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ValidationError(f"unknown key {unknown[0]!r} (known: {', '.join(known)})",
+                              f"{where}{unknown[0]}")
+    for k, v in table.items():
+        if k != "nodes" and not isinstance(v, str):
+            raise ValidationError("must be a string", f"{where}{k}")
+    return {k: v for k, v in table.items() if k != "nodes"}
+
+
 def load_cli_config() -> CLIConfig:
+    """``mcp.toml``; every unknown key is refused naming it, so a typo never silently
+    sends commands to the default agent."""
     path = Path(os.environ.get("MCP_CLI_CONFIG") or config_home() / "mcp.toml")
     if not path.exists():
         return CLIConfig()
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MCPError(f"cannot read {path}: {exc}") from exc
-    nodes = {}
-    for i, n in enumerate(data.get("nodes", [])):
-        if not isinstance(n, dict) or not isinstance(n.get("name"), str) \
-                or not isinstance(n.get("address"), str):
-            raise ValidationError("needs string name and address", f"{path}: nodes[{i}]")
-        nodes[n["name"]] = n["address"]
-    return CLIConfig(nodes=nodes, token_path=str(data.get("token_path", "")),
-                     services_dir=str(data.get("services_dir", "")))
+    top = _strings(data, TOP_KEYS, f"{path}: ")
+    raw = data.get("nodes", [])
+    if not isinstance(raw, list):
+        raise ValidationError("must be [[nodes]] tables", f"{path}: nodes")
+    nodes: dict[str, NodeConfig] = {}
+    for i, n in enumerate(raw):
+        where = f"{path}: nodes[{i}]."
+        if not isinstance(n, dict):
+            raise ValidationError("must be a table", where.rstrip("."))
+        vals = _strings(n, NODE_KEYS, where)
+        if not vals.get("name") or not vals.get("address"):
+            raise ValidationError("needs a name and an address", where.rstrip("."))
+        if vals["name"] in nodes:
+            raise ValidationError(f"duplicate node name {vals['name']!r}", where + "name")
+        nodes[vals["name"]] = NodeConfig(**vals)
+    return CLIConfig(nodes=nodes, token_path=top.get("token_path", ""),
+                     services_dir=top.get("services_dir", ""), ca=top.get("ca", ""),
+                     path=str(path))
 
 
 def agent_url(address: str) -> str:
@@ -60,6 +96,7 @@ def agent_url(address: str) -> str:
 
 class Backend(Protocol):
     node: str
+    named: bool   # ``node`` is a configured name (shown instead of the agent's host name)
 
     def call(self, op: str, *args: Any) -> Any: ...
     def logs(self, service: str, component: str | None, tail: int | None,
@@ -69,11 +106,13 @@ class Backend(Protocol):
 class RemoteBackend:
     """The agent's HTTP API; ``op`` names map to the routes of design §6."""
 
-    def __init__(self, url: str, token: str | None, node: str = "") -> None:
+    def __init__(self, url: str, token: str | None, node: str = "", *,
+                 ca_file: str | None = None) -> None:
         from .client import Client
 
         self.node = node or url
-        self.client = Client(url, token)
+        self.named = bool(node)   # a configured node name, shown instead of the agent's
+        self.client = Client(url, token, ca_file=ca_file)
 
     def call(self, op: str, *args: Any) -> Any:
         from urllib.parse import quote
@@ -126,6 +165,7 @@ class LocalBackend:
             agent = Agent(load(None))
         self.agent = agent
         self.node = agent.node
+        self.named = False
 
     def call(self, op: str, *args: Any) -> Any:
         from .servicedef import from_dict
@@ -174,8 +214,9 @@ class Ctx:
             self._cfg = load_cli_config()
         return self._cfg
 
-    def token(self) -> str | None:
-        path = self.token_file or os.environ.get("MCP_TOKEN_FILE") or self.cfg.token_path
+    def token(self, node: NodeConfig | None = None) -> str | None:
+        path = (self.token_file or os.environ.get("MCP_TOKEN_FILE")
+                or (node.token_path if node else "") or self.cfg.token_path)
         if not path:
             from .config import default_state_dir
 
@@ -184,31 +225,33 @@ class Ctx:
 
         file = Path(path).expanduser()
         if not file.exists():
-            if self.token_file or os.environ.get("MCP_TOKEN_FILE"):
+            if self.token_file or os.environ.get("MCP_TOKEN_FILE") or (node and node.token_path):
                 raise MCPError(f"token file {path} not found")
             return None  # the agent will answer 401, which says more than a guess here
         return read_token_file(file)  # refuses a token file others can read
 
-    def targets(self) -> list[tuple[str, str]]:
-        """(node name, URL) of the agents a command talks to."""
+    def targets(self) -> list[NodeConfig]:
+        """The agents a command talks to: --agent/$MCP_AGENT, else -n NODE, else every
+        configured node, else the default local agent."""
         if self.agent or os.environ.get("MCP_AGENT"):
             url = agent_url(self.agent or os.environ["MCP_AGENT"])
-            return [(self.node or "", url)]
+            return [NodeConfig(self.node or "", url)]
         nodes = self.cfg.nodes
         if self.node:
             if self.node not in nodes:
                 known = ", ".join(sorted(nodes)) or "none configured"
-                raise MCPError(f"unknown node {self.node!r} (known: {known})")
-            return [(self.node, agent_url(nodes[self.node]))]
+                raise MCPError(f"unknown node {self.node!r} (known: {known}); nodes are "
+                               f"the [[nodes]] of {self.cfg.path or config_home() / 'mcp.toml'}")
+            return [nodes[self.node]]
         if nodes:
-            return [(n, agent_url(a)) for n, a in nodes.items()]
-        return [("", DEFAULT_AGENT)]
+            return list(nodes.values())
+        return [NodeConfig("", DEFAULT_AGENT)]
 
     def backends(self) -> list[Backend]:
         if self.local:
             return [LocalBackend()]
-        token = self.token()
-        return [RemoteBackend(url, token, name) for name, url in self.targets()]
+        return [RemoteBackend(agent_url(n.address), self.token(n), n.name,
+                              ca_file=n.ca or self.cfg.ca or None) for n in self.targets()]
 
     def backend(self) -> Backend:
         """The single agent a mutating command goes to (first node unless -n)."""

@@ -132,6 +132,10 @@ def _port_free(port: int) -> bool:
 
 def corrupt_message(path: Path, detail: str) -> str:
     """One line: which file, what SQLite said, and what the operator can do."""
+    found = [ln.strip() for ln in detail.splitlines() if ln.strip() and "***" not in ln]
+    detail = found[0][:200] if found else "unreadable"
+    if len(found) > 1:
+        detail += f", and {len(found) - 1} more problems"
     return (f"registry {path} is corrupt ({detail}); the agent will not start on it: "
             f"move it aside (mv {path} {path}.corrupt, with its -wal and -shm files) and "
             "restore a backup, or start mcp-agent --adopt on a new registry to take the "
@@ -164,9 +168,22 @@ def inspect_file(path: Path) -> int | None:
     """
     if not path.exists():
         return None
+    # Checked before Registry() migrates: a scribbled page can read as any schema version.
+    try:
+        con = sqlite3.connect(str(path), timeout=10.0)
+    except sqlite3.Error as exc:
+        raise storage_error(path, "open", exc) from exc
+    try:
+        bad = [str(r[0]) for r in con.execute("PRAGMA quick_check") if str(r[0]) != "ok"]
+        bad = [line for b in bad for line in b.splitlines()]
+    except sqlite3.Error as exc:
+        raise storage_error(path, "integrity check", exc) from exc
+    finally:
+        con.close()
+    if bad:
+        raise RegistryError(corrupt_message(path, "\n".join(bad)))
     reg = Registry(path)
     try:
-        reg.check()
         return len(reg._query("SELECT name FROM services"))
     finally:
         reg.close()
@@ -249,7 +266,7 @@ class Registry:
         rows = self._query("PRAGMA quick_check")
         bad = [str(r[0]) for r in rows if str(r[0]) != "ok"]
         if bad:
-            raise RegistryError(corrupt_message(self.path, "; ".join(bad[:3])))
+            raise RegistryError(corrupt_message(self.path, "\n".join(bad)))
 
     # -- migrations ---------------------------------------------------------
 

@@ -241,7 +241,8 @@ def test_nodes_from_cli_config(live: Live, tmp_path: Path) -> None:
     runner = CliRunner()
     assert runner.invoke(cli, ["-n", "n1", "ps"]).output == PS_HEADER + "\n"
     res = runner.invoke(cli, ["-n", "n2", "ps"])
-    assert res.exit_code == 1 and res.output == "Error: unknown node 'n2' (known: n1)\n"
+    assert res.exit_code == 1 and res.output == (
+        f"Error: unknown node 'n2' (known: n1); nodes are the [[nodes]] of {cfg / 'mcp.toml'}\n")
 
 
 def test_local_mode_runs_in_process(podman_config: AgentConfig, tmp_path: Path,

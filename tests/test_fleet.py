@@ -4,6 +4,7 @@ find the node that has the service; mcp.toml typos are refused naming them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,10 +51,8 @@ def nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
     (conf / "mcp.toml").write_text("".join(lines))
     yield out
     for n in out.values():
-        try:
+        with contextlib.suppress(OSError):   # stopped by the test already
             n.stop()
-        except OSError:
-            pass
         n.agent.close()
 
 

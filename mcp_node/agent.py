@@ -16,9 +16,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import health
 from .config import AgentConfig
@@ -45,6 +47,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.agent")
 
 STOP_TIMEOUT_S = 10.0
+
+
+T = TypeVar("T")
+
+
+def in_parallel(tasks: list[Callable[[], T]]) -> list[T]:
+    """Run independent steps at once; every one finishes before the first error is
+    raised, so a rollback sees the runtimes settled."""
+    if len(tasks) <= 1:
+        return [t() for t in tasks]
+    with ThreadPoolExecutor(max_workers=min(8, len(tasks))) as pool:
+        futures = [pool.submit(t) for t in tasks]
+        wait(futures)
+    return [f.result() for f in futures]
 
 
 def node_id(state_dir: Path) -> str:
@@ -234,16 +250,17 @@ class Agent:
                 self._check_workload_names(defn)
                 rec = self.registry.put_service(defn)
             try:
-                self._converge(rec, previous)
+                changes = self._converge(rec, previous)
             except BaseException:
                 self._rollback(rec, previous)
                 raise
             version = self.registry.record_deployment(defn)
-            log.info("deployed service=%s components=%d version=%d", defn.name,
-                     len(defn.components), version)
+            unchanged = changes == 0 and previous is not None and previous.definition() == defn
+            log.info("deployed service=%s components=%d version=%d%s", defn.name,
+                     len(defn.components), version, " unchanged" if unchanged else "")
             # Under the lock: an undeploy queued behind us must not turn this reply into a 404.
             self.monitor.refresh_safely()
-            return self.status(defn.name)
+            return {**self.status(defn.name), "unchanged": unchanged}
 
     def _check_workload_names(self, defn: ServiceDef) -> None:
         """Service "a-b" component "c" and service "a" component "b-c" would share one
@@ -268,24 +285,34 @@ class Agent:
             self.runtime(c.runtime).check_capacity(
                 self._unallocated_spec(defn.name, c), c.name in replacing)
 
-    def _converge(self, rec: ServiceRecord, previous: ServiceRecord | None) -> None:
-        """Make the runtimes match ``rec``; an unchanged running component is left alone."""
+    def _converge(self, rec: ServiceRecord, previous: ServiceRecord | None) -> int:
+        """Make the runtimes match ``rec``; an unchanged running component is left alone.
+
+        Components are independent, so each one's steps run in parallel with the
+        others'. Returns how many workloads were created or removed.
+        """
         old = {c.defn.name: c for c in previous.components} if previous else {}
-        for name, oc in old.items():
-            if name not in {c.defn.name for c in rec.components} or \
-                    oc.defn.runtime != rec.component(name).defn.runtime:
-                self.runtime(oc.defn.runtime).remove(rec.name, name)
-        for comp in rec.components:
+        gone = [oc for name, oc in old.items()
+                if name not in {c.defn.name for c in rec.components}
+                or oc.defn.runtime != rec.component(name).defn.runtime]
+        in_parallel([partial(self.runtime(oc.defn.runtime).remove, rec.name, oc.defn.name)
+                     for oc in gone])
+
+        def one(comp: ComponentRecord) -> bool:
             rt = self.runtime(comp.defn.runtime)
             if comp.desired_state != RUNNING:
                 rt.stop(rec.name, comp.defn.name, STOP_TIMEOUT_S)
-                continue
+                return False
             prev = old.get(comp.defn.name)
             if prev is not None and prev.defn == comp.defn and prev.host_ports == comp.host_ports:
                 live = rt.inspect(rec.name, comp.defn.name)
                 if live is not None and live.state == RUNNING:
-                    continue
+                    return False
             rt.run(self.spec(rec.name, comp))
+            return True
+
+        ran = in_parallel([partial(one, c) for c in rec.components])
+        return len(gone) + sum(ran)
 
     def _rollback(self, rec: ServiceRecord, previous: ServiceRecord | None) -> None:
         log.warning("deploy of %s failed; rolling back", rec.name)
@@ -368,19 +395,28 @@ class Agent:
                 for comp in rec.components:
                     self.available_runtime(comp.defn.runtime)
             self.registry.set_desired(name, desired)
-            for comp in rec.components:
-                rt = self.runtime(comp.defn.runtime)
-                if desired != RUNNING or restart:
-                    rt.stop(name, comp.defn.name, STOP_TIMEOUT_S)
-                    if desired != RUNNING:
-                        continue
-                else:
-                    live = rt.inspect(name, comp.defn.name)
-                    if live is not None and live.state == RUNNING:
-                        continue
-                rt.run(self.spec(name, comp))
+            in_parallel([partial(self._to_state, name, comp, desired, restart)
+                         for comp in rec.components])
             self.monitor.refresh_safely()
             return self.status(name)
+
+    def _to_state(self, service: str, comp: ComponentRecord, desired: State,
+                  restart: bool) -> None:
+        """One component to its desired state. A stopped workload made from the same
+        spec is started as it is, so its log survives a stop/start."""
+        rt = self.runtime(comp.defn.runtime)
+        if desired != RUNNING or restart:
+            rt.stop(service, comp.defn.name, STOP_TIMEOUT_S)
+            if desired != RUNNING:
+                return
+        spec = self.spec(service, comp)
+        live = rt.inspect(service, comp.defn.name)
+        if live is not None and live.state == RUNNING:
+            return
+        if live is not None and live.spec_digest == spec.digest and \
+                rt.start(service, comp.defn.name):
+            return
+        rt.run(spec)
 
     def undeploy(self, name: str) -> None:
         """Remove every component and the record.
@@ -395,8 +431,8 @@ class Agent:
         with self._service_lock(name):
             rec = self.registry.get_service(name)  # under the lock: what a deploy just made
             self.registry.set_desired(name, STOPPED)
-            for comp in rec.components:
-                self.runtime(comp.defn.runtime).remove(rec.name, comp.defn.name)
+            in_parallel([partial(self.runtime(c.defn.runtime).remove, rec.name, c.defn.name)
+                         for c in rec.components])
             self.registry.delete_service(rec.name)
             log.info("undeployed service=%s", rec.name)
         self.monitor.refresh_safely()

@@ -161,7 +161,8 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
     st = backend.call("deploy", defn)
     if wait:
         st = wait_ready(backend, st["service"], timeout)
-    emit(ctx, st, lambda s: f"deployed {s['service']}\n{status_text(s)}")
+    emit(ctx, st, lambda s: f"{'unchanged' if s.get('unchanged') else 'deployed'} "
+                            f"{s['service']}\n{status_text(s)}")
 
 
 def not_ready(st: dict[str, Any]) -> list[dict[str, Any]]:
@@ -318,7 +319,7 @@ def status(ctx: Ctx, service: str | None) -> None:
 @cli.command()
 @click.argument("service")
 @click.argument("component", required=False)
-@click.option("-n", "--tail", "tail", type=click.IntRange(min=0), help="Last N lines.")
+@click.option("-t", "--tail", "tail", type=click.IntRange(min=0), help="Last N lines.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 @pass_ctx
 def logs(ctx: Ctx, service: str, component: str | None, tail: int | None,

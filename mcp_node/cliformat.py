@@ -33,9 +33,9 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 def ps_table(rows: list[dict[str, Any]]) -> str:
     return table(
-        ["SERVICE", "COMPONENT", "NODE", "RUNTIME", "STATE", "VERSION", "UPTIME"],
+        ["SERVICE", "COMPONENT", "NODE", "RUNTIME", "STATE", "VERSION", "UPTIME", "PORTS"],
         [[r["service"], r["component"], r["node"], r["runtime"], r["state"], r["version"],
-          fmt_uptime(r.get("uptime_s"), r["state"])] for r in rows],
+          fmt_uptime(r.get("uptime_s"), r["state"]), ports_text(r["routes"])] for r in rows],
     )
 
 
@@ -89,7 +89,7 @@ def status_text(st: dict[str, Any]) -> str:
     if st["events"]:
         lines.append("events:")
         for e in st["events"][-10:]:
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["time"]))
+            when = e["time"]
             detail = f" ({e['detail']})" if e["detail"] else ""
             lines.append(f"  {when} {e['component']}: {e['from']} -> {e['to']}{detail}")
     return "\n".join(lines)

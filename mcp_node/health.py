@@ -6,6 +6,7 @@ an operator can act on; the list is empty exactly when the node is healthy.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,5 +65,6 @@ def compute(view: View, inp: Inputs) -> dict[str, Any]:
         "runtimes": dict(inp.runtimes),
         "edge_routes": inp.edge_routes,
         "reasons": reasons,
-        "checked_at": view.refreshed_at,
+        "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(view.refreshed_at))
+        if view.refreshed_at else None,
     }

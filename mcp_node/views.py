@@ -26,6 +26,11 @@ def rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def rfc3339_ms(t: float) -> str:
+    """Event times keep their milliseconds: several changes can fall in one second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
 class Views:
     def __init__(self, agent: Agent) -> None:
         self.a = agent
@@ -91,7 +96,7 @@ class Views:
             "flapping": any(c["flapping"] for c in comps),
             "components": comps,
             "events": [
-                {"time": e.time, "component": e.component, "from": e.prev_state,
+                {"time": rfc3339_ms(e.time), "component": e.component, "from": e.prev_state,
                  "to": e.new_state, "detail": e.detail, "unplanned": e.unplanned}
                 for e in self.a.registry.events(svc.name, limit=20)
             ],

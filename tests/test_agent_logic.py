@@ -3,6 +3,7 @@ name clashes, capacity, status and health shape. No podman, no root, millisecond
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,9 +63,9 @@ def test_deploy_order_is_available_pull_capacity_registry_run(agent: Agent,
 
     agent.registry.put_service = spy_put  # type: ignore[method-assign]
     agent.deploy(svc("shop", {"name": "web", "image": "img:v1"}, vm()))
-    assert world.ops("pull", "capacity", "run") == [
-        ("pull", "web"), ("pull", "vm"), ("capacity", "web"), ("capacity", "vm"),
-        ("run", "web"), ("run", "vm")]
+    ops = world.ops("pull", "capacity", "run")
+    assert ops[:4] == [("pull", "web"), ("pull", "vm"), ("capacity", "web"), ("capacity", "vm")]
+    assert sorted(ops[4:]) == [("run", "vm"), ("run", "web")]   # components run in parallel
     assert seen == ["registry after [('capacity', 'vm')]"]
 
 
@@ -211,13 +212,23 @@ def test_stop_start_restart_and_undeploy(agent: Agent, world: FakeWorld) -> None
     agent.deploy(svc())
     world.reset_calls()
     assert agent.stop("shop")["components"][0]["state"] == "stopped"
+    world.workloads[("shop", "web")].log.append(b"kept\n")
     assert agent.start("shop")["components"][0]["state"] == "starting"  # up; its port not listening
-    assert world.ops("stop", "run") == [("stop", "web"), ("run", "web")]
+    # The stopped workload is started as it is, not made anew: its log survives.
+    assert world.ops("stop", "start", "run") == [("stop", "web"), ("start", "web")]
+    assert world.workloads[("shop", "web")].log == [b"kept\n"]
     world.reset_calls()
     agent.start("shop")  # already running: nothing to do
-    assert world.ops("stop", "run") == []
+    assert world.ops("stop", "start", "run") == []
     agent.restart("shop")
-    assert world.ops("stop", "run") == [("stop", "web"), ("run", "web")]
+    assert world.ops("stop", "start", "run") == [("stop", "web"), ("start", "web")]
+    # A stopped workload made from another spec is replaced, not started.
+    agent.stop("shop")
+    stale = world.workloads[("shop", "web")]
+    stale.spec = dataclasses.replace(stale.spec, image="old:1")
+    world.reset_calls()
+    agent.start("shop")
+    assert world.ops("start", "run") == [("run", "web")]
     agent.undeploy("shop")
     assert world.workloads == {} and not agent.registry.has_service("shop")
     with pytest.raises(NotFoundError):
@@ -299,3 +310,29 @@ def test_a_failed_deploy_is_no_version(agent: Agent, world: FakeWorld) -> None:
     with pytest.raises(WorkloadError):
         agent.deploy(svc("shop", {"name": "web", "image": "img:v2"}))
     assert [h["version"] for h in agent.history("shop")] == [1]
+
+
+def test_unchanged_redeploy_says_so(agent: Agent) -> None:
+    assert agent.deploy(svc())["unchanged"] is False
+    assert agent.deploy(svc())["unchanged"] is True
+    assert agent.deploy(svc("shop", {"name": "web", "image": "img:v2"}))["unchanged"] is False
+
+
+def test_components_of_one_service_run_in_parallel(agent: Agent, world: FakeWorld) -> None:
+    import threading
+    import time as _time
+    entered: list[str] = []
+    both = threading.Barrier(2, timeout=5)
+    real_step = type(agent.runtime(CONTAINER))._step
+
+    def step(self: Any, op: str, component: str) -> None:
+        real_step(self, op, component)
+        if op == "run":
+            entered.append(component)
+            both.wait()          # would time out (BrokenBarrierError) if run one by one
+            _time.sleep(0)
+
+    for name in RUNTIME_NAMES:
+        type(agent.runtime(name))._step = step  # type: ignore[method-assign]
+    agent.deploy(svc("shop", {"name": "web", "image": "img:v1"}, vm()))
+    assert sorted(entered) == ["vm", "web"]

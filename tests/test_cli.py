@@ -21,7 +21,7 @@ from mcp_node.cliformat import fmt_uptime, status_text, table
 from mcp_node.config import AgentConfig, ServerConfig
 from mcp_node.server import AgentServer
 
-PS_HEADER = "SERVICE  COMPONENT  NODE  RUNTIME  STATE  VERSION  UPTIME"
+PS_HEADER = "SERVICE  COMPONENT  NODE  RUNTIME  STATE  VERSION  UPTIME  PORTS"
 
 
 @dataclass
@@ -72,7 +72,7 @@ def test_usage_errors_exit_2() -> None:
     assert runner.invoke(cli, ["bogus"]).exit_code == 2
     result = runner.invoke(cli, ["edge", "setup", "a.example.net", "nohostport"])
     assert result.exit_code == 2 and "is not HOST:PORT" in result.output
-    assert runner.invoke(cli, ["logs", "x", "-n", "-3"]).exit_code == 2
+    assert runner.invoke(cli, ["logs", "x", "--tail", "-3"]).exit_code == 2
 
 
 def test_unreachable_agent_exit_1() -> None:
@@ -174,7 +174,7 @@ def test_full_lifecycle_output(live: Live, tmp_path: Path, hello_image: str) -> 
         f"{svc}  {node.ljust(width)}  1/1      no",
     ]
 
-    logs = live.mcp("logs", svc, "web", "-n", "5")
+    logs = live.mcp("logs", svc, "web", "--tail", "5")
     assert logs.exit_code == 0 and "GET / HTTP" in logs.output
 
     assert live.mcp("stop", svc).output == f"stopped {svc}\n"

@@ -155,7 +155,7 @@ def test_container_and_vm_service_end_to_end(daemon: Daemon, tmp_path: Path,
     assert qemu_pids_in(daemon.state) == [pid]
 
     # logs: the serial console
-    logs = daemon.mcp("logs", svc, "vm", "-n", "50").output
+    logs = daemon.mcp("logs", svc, "vm", "--tail", "50").output
     assert f"hello: listening on :{vm_port}" in logs and "mcp-init: started" in logs
 
     # health: which runtimes and which accel the node has

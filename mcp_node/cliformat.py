@@ -4,7 +4,6 @@ views. Pure functions of the JSON the agent answers, so tests pin exact output."
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from .states import RUNNING, UNKNOWN

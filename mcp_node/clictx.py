@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import MCPError, ValidationError
+from .errors import MCPError, RemoteError, ValidationError
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -107,14 +107,36 @@ class RemoteBackend:
     """The agent's HTTP API; ``op`` names map to the routes of design §6."""
 
     def __init__(self, url: str, token: str | None, node: str = "", *,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, token_source: str = "") -> None:
         from .client import Client
 
         self.node = node or url
+        self.token_source = token_source
         self.named = bool(node)   # a configured node name, shown instead of the agent's
         self.client = Client(url, token, ca_file=ca_file)
 
     def call(self, op: str, *args: Any) -> Any:
+        try:
+            return self._call(op, *args)
+        except RemoteError as exc:
+            raise self._explained(exc) from exc
+
+    def _explained(self, exc: RemoteError) -> RemoteError:
+        """Auth failures say which token went to which node, and how to get a good one."""
+        where = f"node {self.node}, token from {self.token_source or 'nowhere'}"
+        if exc.status == 401:
+            return RemoteError(exc.status, exc.code, f"{exc.message} ({where}); make one on "
+                               "the node with `mcp-agent token add NAME ROLE --output FILE` "
+                               "and pass --token-file FILE")
+        if exc.status == 403:
+            role = exc.message.rsplit("needs ", 1)[-1] if "needs " in exc.message else "ROLE"
+            article = "an" if role[:1] in "aeiou" else "a"
+            return RemoteError(exc.status, exc.code, f"{exc.message} ({where}); make {article} "
+                               f"{role} token on the node with `mcp-agent token add NAME "
+                               f"{role} --output FILE` and pass --token-file FILE")
+        return exc
+
+    def _call(self, op: str, *args: Any) -> Any:
         from urllib.parse import quote
 
         c = self.client
@@ -214,13 +236,17 @@ class Ctx:
             self._cfg = load_cli_config()
         return self._cfg
 
-    def token(self, node: NodeConfig | None = None) -> str | None:
+    def token_path(self, node: NodeConfig | None = None) -> str:
         path = (self.token_file or os.environ.get("MCP_TOKEN_FILE")
                 or (node.token_path if node else "") or self.cfg.token_path)
         if not path:
             from .config import default_state_dir
 
             path = str(default_state_dir() / "token")
+        return path
+
+    def token(self, node: NodeConfig | None = None) -> str | None:
+        path = self.token_path(node)
         from .auth import read_token_file
 
         file = Path(path).expanduser()
@@ -251,7 +277,8 @@ class Ctx:
         if self.local:
             return [LocalBackend()]
         return [RemoteBackend(agent_url(n.address), self.token(n), n.name,
-                              ca_file=n.ca or self.cfg.ca or None) for n in self.targets()]
+                              ca_file=n.ca or self.cfg.ca or None,
+                              token_source=self.token_path(n)) for n in self.targets()]
 
     def backend(self) -> Backend:
         """The single agent a mutating command goes to (first node unless -n)."""

@@ -76,7 +76,10 @@ class Client:
 
     def _unreachable(self, exc: BaseException) -> AgentUnreachable:
         what = "timed out" if isinstance(exc, TimeoutError | socket.timeout) else str(exc)
-        return AgentUnreachable(f"the agent is not reachable at {self.base_url}: {what}")
+        return AgentUnreachable(
+            f"the agent is not reachable at {self.base_url}: {what}; is mcp-agent running "
+            "there? (start it with `mcp-agent`, or point --agent, $MCP_AGENT or the [[nodes]] "
+            "of mcp.toml at it)")
 
     @staticmethod
     def _error(resp: http.client.HTTPResponse, raw: bytes) -> RemoteError:

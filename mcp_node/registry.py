@@ -82,7 +82,9 @@ class ServiceRecord:
         for c in self.components:
             if c.defn.name == name:
                 return c
-        raise NotFoundError(f"service {self.name!r} has no component {name!r}")
+        names = ", ".join(c.defn.name for c in self.components)
+        raise NotFoundError(f"service {self.name!r} has no component {name!r} "
+                            f"(components: {names})")
 
 
 @dataclass
@@ -386,7 +388,11 @@ class Registry:
     def get_service(self, name: str) -> ServiceRecord:
         recs = self._load(name)
         if not recs:
-            raise NotFoundError(f"unknown service {name!r}")
+            names = [r["name"] for r in self._query("SELECT name FROM services ORDER BY name "
+                                                    "LIMIT 11")]
+            known = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            raise NotFoundError(f"unknown service {name!r} "
+                                f"({'services: ' + known if known else 'no services deployed'})")
         return recs[0]
 
     def list_services(self) -> list[ServiceRecord]:

@@ -81,8 +81,10 @@ def test_unreachable_agent_exit_1() -> None:
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
         result = CliRunner().invoke(cli, ["--agent", url, "ps"])
     assert (result.exit_code, result.stdout) == (1, "")
-    assert result.stderr == (f"Error: the agent is not reachable at {url}: "
-                             "[Errno 111] Connection refused\n")
+    assert result.stderr == (
+        f"Error: the agent is not reachable at {url}: [Errno 111] Connection refused; is "
+        "mcp-agent running there? (start it with `mcp-agent`, or point --agent, $MCP_AGENT or "
+        "the [[nodes]] of mcp.toml at it)\n")
 
 
 def test_validation_error_before_any_call_exit_1(tmp_path: Path) -> None:
@@ -195,15 +197,19 @@ def test_full_lifecycle_output(live: Live, tmp_path: Path, hello_image: str) -> 
 
 def test_operation_errors_exit_1(live: Live, tmp_path: Path) -> None:
     unknown = live.mcp("status", "nosuch")
-    assert unknown.exit_code == 1 and unknown.output == "Error: unknown service 'nosuch'\n"
-    assert (unknown.stdout, unknown.stderr) == ("", "Error: unknown service 'nosuch'\n")
+    msg = "Error: unknown service 'nosuch' (no services deployed)\n"
+    assert unknown.exit_code == 1 and unknown.output == msg
+    assert (unknown.stdout, unknown.stderr) == ("", msg)
     reader = tmp_path / "reader-token"
     reader.write_text(live.server.tokens.add("viewer", "reader"))
     reader.chmod(0o600)
     base = ["--agent", live.url, "--token-file", str(reader)]
     forbidden = CliRunner().invoke(cli, [*base, "stop", "nosuch"])
     assert (forbidden.exit_code, forbidden.stdout) == (1, "")
-    assert forbidden.stderr == "Error: token 'viewer' has role reader; needs operator\n"
+    assert forbidden.stderr == (
+        f"Error: token 'viewer' has role reader; needs operator (node {live.url}, token from "
+        f"{reader}); make an operator token on the node with `mcp-agent token add NAME operator "
+        "--output FILE` and pass --token-file FILE\n")
     assert CliRunner().invoke(cli, [*base, "ps"]).stdout == PS_HEADER + "\n"
     bad = live.mcp("stop", "a,b")
     assert bad.exit_code == 1 and "is not a valid name" in bad.output

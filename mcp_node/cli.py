@@ -405,5 +405,22 @@ def health(ctx: Ctx) -> None:
         sys.exit(DEGRADED_EXIT)
 
 
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the completion script for SHELL.
+
+    \b
+    Examples:
+      eval "$(mcp completion bash)"                 # in ~/.bashrc
+      mcp completion fish > ~/.config/fish/completions/mcp.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    comp = get_completion_class(shell)
+    assert comp is not None  # every choice is one click ships
+    click.echo(comp(cli, {}, "mcp", "_MCP_COMPLETE").source())
+
+
 def main() -> None:
     cli(prog_name="mcp")

@@ -278,3 +278,20 @@ def test_pure_helpers() -> None:
     assert fmt_uptime(5, "stopped") == "-"
     assert table(["A", "BB"], [["xyz", "1"]]) == "A    BB\nxyz  1"
     assert split_backend("b.svc.example.net:8443") == ("b.svc.example.net", 8443)
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts_complete_real_commands(shell: str) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    res = CliRunner().invoke(cli, ["completion", shell])
+    assert res.exit_code == 0 and "_MCP_COMPLETE" in res.stdout
+    mcp = shutil.which("mcp")
+    assert mcp is not None
+    # bash and zsh pass the index of the word being completed, fish the word itself
+    env = {**os.environ, "_MCP_COMPLETE": f"{shell}_complete", "COMP_WORDS": "mcp dep",
+           "COMP_CWORD": "dep" if shell == "fish" else "1"}
+    out = subprocess.run([mcp], env=env, capture_output=True, text=True, timeout=30).stdout
+    assert "deploy" in out and "undeploy" not in out

@@ -11,10 +11,23 @@ import json
 from functools import cache
 from typing import Any
 
-from . import __version__
+from . import __version__, grammar, servicedef
 from .runtime import DEFAULT_RUNTIME, RUNTIME_NAMES
 
 NAME_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
+ROUTE_NAME_PATTERN = "^[a-z0-9][a-z0-9_-]{0,31}$"
+_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# servicedef.check_hostname: ASCII labels, at most 253 characters, one optional trailing dot.
+HOSTNAME_PATTERN = f"^(?=.{{1,253}}\\.?$){_LABEL}(\\.{_LABEL})*\\.?$"
+_NO_DOTDOT = "(?!.*(^|/)\\.\\.(/|$))"
+BINARY_PATTERN = f"^$|^{_NO_DOTDOT}/[^\\u0000]*$"
+# grammar.parse_volume: no '..' segment in either path, not both ro and rw.
+VOLUME_PATTERN = ("^(?!([^:]*/)?\\.\\.[/:])(?![^:]*:([^:]*/)?\\.\\.(/|:|$))"
+                  "(?![^:]*:[^:]*:(.*,)?ro(,.*)?,rw(,|$))(?![^:]*:[^:]*:(.*,)?rw(,.*)?,ro(,|$))"
+                  + grammar.VOLUME_PATTERN[1:])
+# httpapi.parse_count with the default server.max_tail (10000); empty means all lines.
+TAIL_PATTERN = "^(|(?=[0-9]{1,19}$)0*([0-9]{1,4}|10000))$"
+BOOL_PATTERN = "^(|[01]|[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Yy][Ee][Ss]|[Nn][Oo])$"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -26,16 +39,28 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 ERROR_RESPONSES: dict[str, str] = {
-    "400": "Invalid request (bad JSON, wrong types, bad names, unknown keys)",
+    "400": "Invalid request: bad JSON or duplicate keys, wrong types, bad names, unknown keys "
+           "or query parameters, a malformed request line or header",
     "401": "Missing or invalid bearer token",
     "403": "The token's role is too low for this operation",
     "404": "No such service, component or route",
-    "409": "Conflict (e.g. not enough resources on the node)",
-    "413": "Request body larger than server.max_body",
+    "405": "Another method than this path allows (the Allow header lists them)",
+    "408": "Request head or body not complete in time (server.header_timeout_s, "
+           "server.body_timeout_s)",
+    "409": "Conflict: the node lacks resources, a workload name clashes, a container "
+           "of the same name is not ours, or the service is busy",
+    "411": "A chunked request body (send Content-Length)",
+    "413": "Request body larger than server.max_body (on any route, bodiless ones too)",
+    "414": "Request line too long",
+    "431": "Request headers too large or too many",
     "500": "Internal error (details only in the agent's log)",
     "502": "A runtime, image pull, proxy or certificate issuer failed",
-    "503": "The runtime this operation needs is not available on this node",
+    "503": "Too many connections, the registry's storage failed, or the runtime this "
+           "operation needs is not available on this node",
+    "505": "HTTP version other than 1.0 or 1.1",
 }
+# What the protocol layer can answer on any route, before the route's own handler runs.
+PROTOCOL = ("400", "405", "408", "411", "413", "414", "431", "500", "503", "505")
 
 NAME_PARAM = {
     "name": "name", "in": "path", "required": True, "description": "Service name",
@@ -43,24 +68,31 @@ NAME_PARAM = {
 }
 HOSTNAME_PARAM = {
     "name": "hostname", "in": "path", "required": True, "description": "Public DNS name",
-    "schema": {"type": "string", "maxLength": 253},
+    "schema": {"type": "string", "pattern": HOSTNAME_PATTERN, "maxLength": 254},
 }
 LOG_PARAMS = [
     {"name": "component", "in": "query", "required": False,
-     "description": "Only this component (default: all)",
-     "schema": {"type": "string", "pattern": NAME_PATTERN}},
+     "description": "Only this component (empty or absent: all)",
+     "schema": {"type": "string", "pattern": f"^$|{NAME_PATTERN}"}},
     {"name": "tail", "in": "query", "required": False,
-     "description": "Only the last N lines of each component",
-     "schema": {"type": "integer", "minimum": 0}},
+     "description": "Only the last N lines of each component (ASCII digits, at most "
+                    "server.max_tail, default 10000; empty: all)",
+     "schema": {"type": "string", "pattern": TAIL_PATTERN}},
     {"name": "follow", "in": "query", "required": False,
-     "description": "Keep streaming new output (chunked transfer encoding)",
-     "schema": {"type": "boolean", "default": False}},
+     "description": "Keep streaming new output (chunked transfer encoding); "
+                    "true/false/yes/no/1/0, any case",
+     "schema": {"type": "string", "pattern": BOOL_PATTERN}},
 ]
+ALLOW_HEADER = {"Allow": {"description": "The methods this path allows",
+                          "schema": {"type": "string"}}}
+AUTH_HEADER = {"WWW-Authenticate": {"description": "Bearer challenge",
+                                    "schema": {"type": "string"}}}
 
 
 def _op(op_id: str, summary: str, role: str | None, ok: dict[str, Any], *,
         params: list[dict[str, Any]] | None = None, body: str | None = None,
-        errors: tuple[str, ...] = ("400", "401", "403", "500")) -> dict[str, Any]:
+        errors: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One operation; its error statuses are the protocol's, the role's and ``errors``."""
     op: dict[str, Any] = {"operationId": op_id, "summary": summary, "x-mcp-role": role}
     if params:
         op["parameters"] = params
@@ -68,13 +100,25 @@ def _op(op_id: str, summary: str, role: str | None, ok: dict[str, Any], *,
         op["requestBody"] = {"required": True, "content": {"application/json": {
             "schema": _ref(body)}}}
     op["responses"] = {"200": ok}
-    for code in errors:
-        op["responses"][code] = _json(_ref("Error"), ERROR_RESPONSES[code])
+    codes = set(PROTOCOL) | set(errors)
+    if role is not None:
+        codes.add("401")
+        if role != "reader":  # every token is at least a reader
+            codes.add("403")
+    for code in sorted(codes):
+        resp = _json(_ref("Error"), ERROR_RESPONSES[code])
+        if code == "405":
+            resp["headers"] = ALLOW_HEADER
+        elif code == "401":
+            resp["headers"] = AUTH_HEADER
+        op["responses"][code] = resp
     op["security"] = [] if role is None else [{"bearer": []}]
     return op
 
 
-_SERVICE_ERRORS = ("400", "401", "403", "404", "500", "502", "503")
+# Routes that act on one service: it may be missing (404), busy or clash (409), its
+# runtime may fail (502).
+_SERVICE_ERRORS = ("404", "409", "502")
 
 
 def _paths() -> dict[str, dict[str, Any]]:
@@ -82,22 +126,19 @@ def _paths() -> dict[str, dict[str, Any]]:
     return {
         "/v1/health": {"get": _op(
             "HealthCheck", "Node health, served from the monitor's cached view", "reader",
-            _json(_ref("Health"), "Health of the node"), errors=("401", "500"))},
+            _json(_ref("Health"), "Health of the node"))},
         "/v1/openapi.json": {"get": _op(
             "OpenAPI", "This document", None,
-            _json({"type": "object"}, "OpenAPI 3 document"), errors=("500",))},
+            _json({"type": "object"}, "OpenAPI 3 document"))},
         "/v1/services": {
             "get": _op("ListComponents", "Every component of every service (ps)", "reader",
-                       _json({"type": "array", "items": _ref("PsRow")}, "Components"),
-                       errors=("401", "500")),
+                       _json({"type": "array", "items": _ref("PsRow")}, "Components")),
             "post": _op("Deploy", "Deploy or redeploy a service definition", "operator",
-                        status, body="ServiceDefinition",
-                        errors=("400", "401", "403", "409", "413", "500", "502", "503")),
+                        status, body="ServiceDefinition", errors=("404", "409", "502")),
         },
         "/v1/services/{name}": {
             "get": _op("ServiceStatus", "Status of one service, with drift and events",
-                       "reader", status, params=[NAME_PARAM],
-                       errors=("400", "401", "404", "500")),
+                       "reader", status, params=[NAME_PARAM], errors=("404",)),
             "delete": _op("Undeploy", "Remove the service's workloads and registry rows",
                           "operator", _json(_ref("Undeployed"), "Undeployed"), params=[NAME_PARAM],
                           errors=_SERVICE_ERRORS),
@@ -119,52 +160,82 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/edge-routes": {
             "get": _op("ListEdgeRoutes", "Edge routes on this node", "reader",
                        _json({"type": "array", "items": _ref("EdgeRoute")}, "Edge routes"),
-                       errors=("401", "500", "502")),
+                       errors=("502",)),
             "post": _op("SetupEdgeRoute", "Create or update a public TLS route to a backend",
                         "master", _json(_ref("EdgeRoute"), "The route"),
-                        body="EdgeRouteSetup",
-                        errors=("400", "401", "403", "413", "500", "502")),
+                        body="EdgeRouteSetup", errors=("409", "502")),
         },
         "/v1/edge-routes/{hostname}": {"delete": _op(
             "RemoveEdgeRoute", "Remove an edge route", "master",
             _json(_ref("RouteRemoved"), "Removed"), params=[HOSTNAME_PARAM],
-            errors=("400", "401", "403", "404", "500", "502"))},
+            errors=("404", "409", "502"))},
     }
 
 
 _STR = {"type": "string"}
-_STRS = {"type": "array", "items": _STR, "maxItems": 256}
+
+
+def _text(max_len: int = grammar.MAX_STR, pattern: str = grammar.TEXT_PATTERN,
+          **more: Any) -> dict[str, Any]:
+    return {"type": "string", "maxLength": max_len, "pattern": pattern, **more}
+
+
+def _strs(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": item, "maxItems": servicedef.MAX_LIST}
 
 
 def _schemas() -> dict[str, Any]:
     route_def = {
         "type": "object", "additionalProperties": False, "required": ["port"],
         "properties": {
-            "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$",
-                     "description": "-> $PORT_<NAME>; a single unnamed route -> $PORT"},
+            "name": {"type": "string", "pattern": f"^$|{ROUTE_NAME_PATTERN}",
+                     "description": "-> $PORT_<NAME>; only a single route may be unnamed "
+                                    "(-> $PORT); names unique, also as $PORT_<NAME>"},
             "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-            "mode": {"type": "string", "enum": ["l4", "l7"], "default": "l7"},
-            "hostname": {"type": "string", "maxLength": 253},
+            "mode": {"type": "string", "enum": list(servicedef.ROUTE_MODES), "default": "l7"},
+            "hostname": {"type": "string", "pattern": f"^$|{HOSTNAME_PATTERN}",
+                         "maxLength": 254},
         },
     }
+    vm_memory = {"required": ["memory_mb"],
+                 "properties": {"memory_mb": {"minimum": servicedef.MIN_VM_MEMORY_MB}}}
     component_def = {
         "type": "object", "additionalProperties": False, "required": ["name", "image"],
         "properties": {
             "name": {"type": "string", "pattern": NAME_PATTERN},
-            "image": {"type": "string", "minLength": 1},
-            "cmd": _STRS, "env": _STRS, "volumes": _STRS,
-            "restart": {"type": "string",
-                        "enum": ["", "no", "always", "on-failure", "unless-stopped"]},
+            "image": {"type": "string", "minLength": 1, "maxLength": grammar.MAX_IMAGE,
+                      "pattern": grammar.IMAGE_PATTERN,
+                      "description": "OCI reference: [domain[:port]/]path[:tag] or "
+                                     "[domain[:port]/]path@sha256:<64 hex>"},
+            "cmd": _strs(_text()),
+            "env": _strs(_text(pattern=grammar.ENV_PATTERN, description=(
+                "KEY=VALUE; keys unique; PORT and PORT_* are the agent's"))),
+            "volumes": _strs(_text(pattern=VOLUME_PATTERN, description=(
+                "/host:/guest[:ro|rw|z|Z,...]; host and guest paths unique; the host path "
+                "(symlinks resolved) must lie under [podman] volume_roots (default "
+                "<state>/volumes and /srv)"))),
+            "restart": {"type": "string", "enum": list(servicedef.RESTART_POLICIES)},
             "runtime": {"type": "string", "enum": list(RUNTIME_NAMES)},
-            "memory_mb": {"type": "integer", "minimum": 0,
-                          "description": "required > 0 for a VM component"},
+            "memory_mb": {"type": "integer", "minimum": 0, "maximum": servicedef.MAX_MEMORY_MB,
+                          "description": f"required, at least {servicedef.MIN_VM_MEMORY_MB}, "
+                                         "for a VM component"},
             "vcpus": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
-            "binary": {"type": "string"},
-            "image_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
-            "routes": {"type": "array", "items": route_def},
-            "check": {"type": "string",
-                      "pattern": "^(|tcp|none|http:/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255})$"},
+            "binary": _text(pattern=BINARY_PATTERN),
+            "image_sha256": {"type": "string", "pattern": "^$|^[0-9a-fA-F]{64}$"},
+            "routes": {"type": "array", "items": route_def, "maxItems": servicedef.MAX_ROUTES,
+                       "if": {"minItems": 2},
+                       "then": {"items": {"required": ["name"],
+                                          "properties": {"name": {"minLength": 1}}}}},
+            "check": {"type": "string", "maxLength": grammar.MAX_STR,
+                      "pattern": "^(|tcp|none|http:/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255})$",
+                      "description": "tcp and http:/path need a route to probe"},
         },
+        "allOf": [
+            {"if": {"required": ["runtime"], "properties": {"runtime": {"const": "unikernel"}}},
+             "then": vm_memory},
+            {"if": {"required": ["check"], "properties": {"check": {"pattern": "^(tcp|http:)"}}},
+             "then": {"required": ["routes"], "properties": {"routes": {"minItems": 1}}}},
+        ],
     }
     route_out = {
         "type": "object",
@@ -181,14 +252,19 @@ def _schemas() -> dict[str, Any]:
         },
         "ServiceDefinition": {
             "type": "object", "additionalProperties": False, "required": ["name", "components"],
+            "description": "Component names unique; a component without its own runtime "
+                           "takes the service's",
             "properties": {
                 "name": {"type": "string", "pattern": NAME_PATTERN},
                 "active": {"type": "boolean", "default": True},
                 "runtime": {"type": "string", "enum": list(RUNTIME_NAMES),
                             "default": DEFAULT_RUNTIME},
-                "components": {"type": "array", "minItems": 1, "maxItems": 64,
-                               "items": component_def},
+                "components": {"type": "array", "minItems": 1,
+                               "maxItems": servicedef.MAX_COMPONENTS, "items": component_def},
             },
+            "if": {"required": ["runtime"], "properties": {"runtime": {"const": "unikernel"}}},
+            "then": {"properties": {"components": {"items": {
+                "if": {"not": {"required": ["runtime"]}}, "then": vm_memory}}}},
         },
         "PsRow": {
             "type": "object",
@@ -223,11 +299,15 @@ def _schemas() -> dict[str, Any]:
         "EdgeRouteSetup": {
             "type": "object", "additionalProperties": False,
             "required": ["hostname", "backend_hostname", "backend_port"],
+            "description": "hostname must be under one of edge.allowed_domains and outside "
+                           "edge.internal_zone; backend_hostname inside edge.internal_zone",
             "properties": {
-                "hostname": {"type": "string", "maxLength": 253},
-                "backend_hostname": {"type": "string", "maxLength": 253},
+                "hostname": {"type": "string", "pattern": HOSTNAME_PATTERN, "maxLength": 254},
+                "backend_hostname": {"type": "string", "pattern": HOSTNAME_PATTERN,
+                                     "maxLength": 254},
                 "backend_port": {"type": "integer", "minimum": 1, "maximum": 65535},
-                "backend_tls": {"type": "boolean", "default": True},
+                "backend_tls": {"type": "boolean", "enum": [True], "default": True,
+                                "description": "no cleartext to backends: false is refused"},
             },
         },
         "EdgeRoute": {

@@ -102,8 +102,9 @@ def check_hostname(value: object, field_name: str) -> str:
     """A DNS name: ≤ 253 chars, labels of [a-z0-9-] ≤ 63, no wildcards."""
     if not isinstance(value, str):
         raise ValidationError("must be a string", field_name)
-    name = value.lower().rstrip(".")
-    if not name or len(name) > 253:
+    # ASCII first: str.lower() maps the Kelvin sign to "k"; one trailing dot, not "a..".
+    name = value.lower()[:-1] if value.endswith(".") else value.lower()
+    if not value.isascii() or not name or len(name) > 253:
         raise ValidationError(f"{value[:80]!r} is not a valid DNS name", field_name)
     for label in name.split("."):
         if not HOSTNAME_LABEL_RE.fullmatch(label):

@@ -77,7 +77,16 @@ def build_config(config_path: Path | None, state_dir: Path | None,
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
          listen: str | None, log_level: str, adopt: bool) -> None:
-    """Run the mcp node agent (no subcommand), or manage its tokens."""
+    """Run the mcp node agent (no subcommand), or manage its tokens.
+
+    \b
+    Examples:
+      mcp-agent                                   # embedded defaults, loopback only
+      mcp-agent --config /etc/mcp/agent.toml check-config
+      mcp-agent token add ci-bot reader --output ci-bot.tok
+    """
+    if ctx.invoked_subcommand == "check-config":
+        return   # it reads the file itself, to list every error rather than the first
     cfg = build_config(config_path, state_dir, listen)
     ctx.obj = cfg
     if ctx.invoked_subcommand is None:
@@ -202,15 +211,91 @@ def token() -> None:
     """Manage API tokens (stored as SHA-256 hashes only)."""
 
 
+OUTPUT = click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the token to FILE (mode 0600, ready for mcp --token-file) instead of stdout.")
+
+
+def give(token: str, output: Path | None) -> None:
+    """Print the token once, or write it where the CLI will accept it (0600, new file)."""
+    if output is None:
+        click.echo(token)
+        return
+    from .files import atomic_write
+
+    if output.exists():
+        raise MCPError(f"{output} exists; remove it or choose another --output")
+    atomic_write(output, (token + "\n").encode(), 0o600)
+    click.echo(f"token written to {output} (mode 0600)")
+
+
 @token.command("add")
 @click.argument("name")
 @click.argument("role", type=click.Choice(["reader", "operator", "master"]))
+@OUTPUT
 @click.pass_obj
-def token_add(cfg: AgentConfig, name: str, role: str) -> None:
-    """Create token NAME with ROLE; the token is printed once and never stored."""
+def token_add(cfg: AgentConfig, name: str, role: str, output: Path | None) -> None:
+    """Create token NAME with ROLE; the token is shown once and only its hash is stored.
+
+    \b
+    Example:
+      mcp-agent token add ci-bot reader --output ci-bot.tok
+      mcp --token-file ci-bot.tok ps
+    """
     from .auth import TokenStore
 
-    click.echo(TokenStore.for_config(cfg).add(name, role))
+    if output is not None and output.exists():   # before the token exists anywhere
+        raise MCPError(f"{output} exists; remove it or choose another --output")
+    give(TokenStore.for_config(cfg).add(name, role), output)
+
+
+@token.command("remove")
+@click.argument("name")
+@click.pass_obj
+def token_remove(cfg: AgentConfig, name: str) -> None:
+    """Revoke token NAME (the running agent refuses it from its next request)."""
+    from .auth import TokenStore
+
+    TokenStore.for_config(cfg).remove(name)
+    click.echo(f"removed token {name}")
+
+
+@token.command("rotate")
+@click.argument("name")
+@OUTPUT
+@click.pass_obj
+def token_rotate(cfg: AgentConfig, name: str, output: Path | None) -> None:
+    """Replace token NAME with a new one of the same role; the old one stops working."""
+    from .auth import TokenStore
+
+    if output is not None and output.exists():
+        raise MCPError(f"{output} exists; remove it or choose another --output")
+    give(TokenStore.for_config(cfg).rotate(name), output)
+
+
+@main.command("check-config")
+@click.pass_context
+def check_config(ctx: click.Context) -> None:
+    """Check the config (--config or $MCP_AGENT_CONFIG) and list every error in it.
+
+    \b
+    Example:
+      mcp-agent --config /etc/mcp/agent.toml check-config
+    """
+    from .config import parse, read
+
+    path = ctx.parent.params.get("config_path") if ctx.parent else None
+    path = path or (Path(os.environ["MCP_AGENT_CONFIG"]) if os.environ.get(
+        "MCP_AGENT_CONFIG") else None)
+    if path is None:
+        click.echo("no config file: the embedded defaults apply")
+        return
+    _cfg, errors = parse(read(path))
+    if errors:
+        for err in errors:
+            click.echo(f"{path}: {err}", err=True)
+        raise MCPError(f"{path}: {len(errors)} error(s)")
+    click.echo(f"{path}: ok")
 
 
 @token.command("list")

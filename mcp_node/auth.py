@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AgentConfig
-from .errors import AuthError, ForbiddenError, TokenStoreError, ValidationError
+from .errors import AuthError, ForbiddenError, NotFoundError, TokenStoreError, ValidationError
 from .files import atomic_write, flocked
 from .servicedef import SHA256_RE, check_name
 
@@ -246,6 +246,35 @@ class TokenStore:
             atomic_write(self.path, render_tokens(tokens).encode())
         self.reload(force=True)
         log.info("token added name=%s role=%s file=%s", name, role, self.path)
+        return token
+
+    def remove(self, name: str) -> None:
+        """Forget token ``name``: it stops working at the agent's next request."""
+        check_name(name, "name")
+        with self._file_lock():
+            tokens, _ = self._read()
+            if not any(t.name == name for t in tokens):
+                raise NotFoundError(f"no token named {name!r} "
+                                    f"(tokens: {', '.join(t.name for t in tokens) or 'none'})")
+            atomic_write(self.path, render_tokens([t for t in tokens if t.name != name]).encode())
+        self.reload(force=True)
+        log.info("token removed name=%s file=%s", name, self.path)
+
+    def rotate(self, name: str) -> str:
+        """A new token for ``name``, same role; the old one stops working at once."""
+        check_name(name, "name")
+        with self._file_lock():
+            tokens, _ = self._read()
+            old = next((t for t in tokens if t.name == name), None)
+            if old is None:
+                raise NotFoundError(f"no token named {name!r} "
+                                    f"(tokens: {', '.join(t.name for t in tokens) or 'none'})")
+            token = new_token()
+            tokens = [Token(name=name, role=old.role, sha256=hash_token(token))
+                      if t.name == name else t for t in tokens]
+            atomic_write(self.path, render_tokens(tokens).encode())
+        self.reload(force=True)
+        log.info("token rotated name=%s role=%s file=%s", name, old.role, self.path)
         return token
 
     def ensure_initial(self, token_file: Path) -> Path | None:

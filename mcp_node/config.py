@@ -161,39 +161,64 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
     return value
 
 
-def from_dict(data: dict[str, Any]) -> AgentConfig:
+def parse(data: dict[str, Any]) -> tuple[AgentConfig, list[ValidationError]]:
+    """The config with every valid value applied, and every error found (not only the
+    first): ``mcp-agent check-config`` lists them all, ``from_dict`` raises the first."""
+    errors: list[ValidationError] = []
     cfg = AgentConfig()
     updates: dict[str, Any] = {}
     sections = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     for section, values in data.items():
         if section not in sections:
-            raise ValidationError("unknown section", section)
+            errors.append(ValidationError(
+                f"unknown section (known: {', '.join(sections)})", section))
+            continue
         if not isinstance(values, dict):
-            raise ValidationError("must be a table", section)
+            errors.append(ValidationError("must be a table", section))
+            continue
         current = sections[section]
-        known = {f.name for f in fields(current)}
+        known = [f.name for f in fields(current)]
         changes = {}
         for key, value in values.items():
             if key not in known:
-                raise ValidationError("unknown key", f"{section}.{key}")
-            changes[key] = _coerce(section, key, getattr(current, key), value)
+                errors.append(ValidationError(f"unknown key (known: {', '.join(known)})",
+                                              f"{section}.{key}"))
+                continue
+            try:
+                changes[key] = _coerce(section, key, getattr(current, key), value)
+            except ValidationError as exc:
+                errors.append(exc)
         updates[section] = replace(current, **changes)
     cfg = replace(cfg, **updates)
-    if cfg.qemu.accel not in ("auto", "kvm", "tcg"):
-        raise ValidationError("must be auto, kvm or tcg", "qemu.accel")
-    if cfg.qemu.machine not in ("q35", "microvm"):
-        raise ValidationError("must be q35 or microvm", "qemu.machine")
+    checks: list[tuple[bool, str, str]] = [
+        (cfg.qemu.accel in ("auto", "kvm", "tcg"), "must be auto, kvm or tcg", "qemu.accel"),
+        (cfg.qemu.machine in ("q35", "microvm"), "must be q35 or microvm", "qemu.machine"),
+        (bool(cfg.server.tls_cert) == bool(cfg.server.tls_key),
+         "tls_cert and tls_key must be set together", "server.tls_cert"),
+    ]
     for key, (low, high) in RANGES.items():
         section, _, name = key.partition(".")
         value = getattr(getattr(cfg, section), name)
-        if not low <= value <= high:
-            raise ValidationError(f"must be {low:g}-{high:g} (is {value:g})", key)
-    for root in cfg.podman.volume_roots:
-        if not root.startswith("/") or "\x00" in root:
-            raise ValidationError(f"{root[:80]!r} is not an absolute path", "podman.volume_roots")
-    if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
-        raise ValidationError("tls_cert and tls_key must be set together", "server.tls_cert")
+        checks.append((low <= value <= high, f"must be {low:g}-{high:g} (is {value:g})", key))
+    checks.extend((root.startswith("/") and "\x00" not in root,
+                   f"{root[:80]!r} is not an absolute path", "podman.volume_roots")
+                  for root in cfg.podman.volume_roots)
+    errors.extend(ValidationError(msg, key) for ok, msg, key in checks if not ok)
+    return cfg, errors
+
+
+def from_dict(data: dict[str, Any]) -> AgentConfig:
+    cfg, errors = parse(data)
+    if errors:
+        raise errors[0]
     return cfg
+
+
+def read(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"cannot load config {path}: {exc}") from exc
 
 
 def load(path: Path | None) -> AgentConfig:
@@ -202,8 +227,4 @@ def load(path: Path | None) -> AgentConfig:
         path = Path(os.environ["MCP_AGENT_CONFIG"])
     if path is None:
         return AgentConfig()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ValidationError(f"cannot load config {path}: {exc}") from exc
-    return from_dict(data)
+    return from_dict(read(path))

@@ -1,0 +1,67 @@
+"""mcp-agent's own commands, in-process with CliRunner: tokens (add --output, remove,
+rotate) against the real token store, and check-config listing every error."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from mcp_node.agent_cli import main
+from mcp_node.auth import TokenStore, hash_token, read_token_file
+
+
+def agent(state: Path, *args: str) -> Result:
+    return CliRunner().invoke(main, ["--state-dir", str(state), *args])
+
+
+def store(state: Path) -> TokenStore:
+    return TokenStore(state / "tokens.toml")
+
+
+def test_token_add_output_remove_rotate(tmp_path: Path) -> None:
+    state = tmp_path / "st"
+    out = tmp_path / "bot.tok"
+    res = agent(state, "token", "add", "bot", "reader", "--output", str(out))
+    assert (res.exit_code, res.stdout) == (0, f"token written to {out} (mode 0600)\n")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    first = read_token_file(out)                  # the CLI accepts it as it is
+    assert store(state).lookup(first) is not None
+    res = agent(state, "token", "add", "bot2", "reader", "--output", str(out))
+    assert (res.exit_code, res.stderr) == (
+        1, f"Error: {out} exists; remove it or choose another --output\n")
+    assert [t.name for t in store(state).tokens] == ["bot"]   # nothing half-made
+
+    res = agent(state, "token", "rotate", "bot")
+    assert res.exit_code == 0
+    second = res.stdout.strip()
+    s = store(state)
+    assert s.lookup(first) is None and s.lookup(second) is not None
+    assert [(t.name, t.role, t.sha256) for t in s.tokens] == [
+        ("bot", "reader", hash_token(second))]
+
+    assert agent(state, "token", "remove", "bot").stdout == "removed token bot\n"
+    assert store(state).lookup(second) is None
+    res = agent(state, "token", "remove", "bot")
+    assert (res.exit_code, res.stderr) == (1, "Error: no token named 'bot' (tokens: none)\n")
+    res = agent(state, "token", "rotate", "ghost")
+    assert res.exit_code == 1 and "no token named 'ghost'" in res.stderr
+
+
+def test_check_config_lists_every_error(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[server]\nlisten = 9444\nmax_body = 0\nbogus = 1\n'
+                    '[monitor]\ninterval_s = inf\n[qemu]\naccel = "fast"\n[nope]\n')
+    res = CliRunner().invoke(main, ["--config", str(conf), "check-config"])
+    assert res.exit_code == 1
+    lines = res.stderr.splitlines()
+    assert lines[-1] == f"Error: {conf}: 6 error(s)"
+    fields = sorted(ln.split(": ")[1] for ln in lines[:-1])
+    assert fields == ["monitor.interval_s", "nope", "qemu.accel", "server.bogus",
+                      "server.listen", "server.max_body"]
+    conf.write_text('[monitor]\ninterval_s = 2\n')
+    res = CliRunner().invoke(main, ["--config", str(conf), "check-config"])
+    assert (res.exit_code, res.stdout) == (0, f"{conf}: ok\n")
+    res = CliRunner().invoke(main, ["check-config"])
+    assert (res.exit_code, res.stdout) == (0, "no config file: the embedded defaults apply\n")

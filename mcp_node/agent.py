@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.agent")
 
 STOP_TIMEOUT_S = 10.0
+MAX_STOP_TIMEOUT_S = 3600.0
 
 
 T = TypeVar("T")
@@ -367,46 +368,56 @@ class Agent:
         defn = next(d.definition for d in self.registry.history(name) if d.version == version)
         return self.deploy(defn)
 
-    def stop(self, name: str) -> dict[str, Any]:
-        """Stop every component and keep it stopped; returns the status.
+    def stop(self, name: str, component: str | None = None,
+             timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
+        """Stop every component (or one) and keep it stopped; returns the status.
 
+        ``timeout``: how long a workload may take to end itself before it is killed.
         Raises ValidationError (bad name), NotFoundError, WorkloadError, RegistryError.
         """
-        return self._set_state(name, STOPPED)
+        return self._set_state(name, STOPPED, component=component, timeout=timeout)
 
-    def start(self, name: str) -> dict[str, Any]:
-        """Run every component that is not running; returns the status.
+    def start(self, name: str, component: str | None = None) -> dict[str, Any]:
+        """Run every component (or one) that is not running; returns the status.
 
         Raises ValidationError, NotFoundError, RuntimeUnavailable, WorkloadError,
         RegistryError.
         """
-        return self._set_state(name, RUNNING)
+        return self._set_state(name, RUNNING, component=component)
 
-    def restart(self, name: str) -> dict[str, Any]:
-        """Stop, then run, every component; as ``start`` for errors."""
-        return self._set_state(name, RUNNING, restart=True)
+    def restart(self, name: str, component: str | None = None,
+                timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
+        """Stop, then run, every component (or one); as ``start`` for errors."""
+        return self._set_state(name, RUNNING, restart=True, component=component,
+                               timeout=timeout)
 
-    def _set_state(self, name: str, desired: State, restart: bool = False) -> dict[str, Any]:
-        """Record the desired state, then make each component match it."""
+    def _set_state(self, name: str, desired: State, restart: bool = False,
+                   component: str | None = None,
+                   timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
+        """Record the desired state, then make each component (or the one) match it."""
         name = check_name(name, "service")
+        if not 0 <= timeout <= MAX_STOP_TIMEOUT_S:
+            raise ValidationError(f"must be 0-{MAX_STOP_TIMEOUT_S:g} seconds", "timeout")
         with self._service_lock(name):
             rec = self.registry.get_service(name)
+            comps = ([rec.component(check_name(component, "component"))] if component
+                     else rec.components)
             if desired == RUNNING:
-                for comp in rec.components:
+                for comp in comps:
                     self.available_runtime(comp.defn.runtime)
-            self.registry.set_desired(name, desired)
-            in_parallel([partial(self._to_state, name, comp, desired, restart)
-                         for comp in rec.components])
+            self.registry.set_desired(name, desired, component)
+            in_parallel([partial(self._to_state, name, comp, desired, restart, timeout)
+                         for comp in comps])
             self.monitor.refresh_safely()
             return self.status(name)
 
     def _to_state(self, service: str, comp: ComponentRecord, desired: State,
-                  restart: bool) -> None:
+                  restart: bool, timeout: float = STOP_TIMEOUT_S) -> None:
         """One component to its desired state. A stopped workload made from the same
         spec is started as it is, so its log survives a stop/start."""
         rt = self.runtime(comp.defn.runtime)
         if desired != RUNNING or restart:
-            rt.stop(service, comp.defn.name, STOP_TIMEOUT_S)
+            rt.stop(service, comp.defn.name, timeout)
             if desired != RUNNING:
                 return
         spec = self.spec(service, comp)

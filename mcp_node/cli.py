@@ -273,22 +273,84 @@ def rollback(ctx: Ctx, service: str, version: int | None) -> None:
     emit(ctx, st, lambda s: f"rolled back {s['service']}\n{status_text(s)}")
 
 
-def _lifecycle(op: str, past: str) -> None:
-    @cli.command(name=op, help=f"{op.capitalize()} every component of SERVICE.")
+def with_progress(ctx: Ctx, verb: str, what: str, call: Callable[[], Any]) -> Any:
+    """Run ``call``; on a terminal (not --json) say what runs and for how long, and on
+    Ctrl-C say what the agent is still doing, since it goes on without us."""
+    if ctx.json or not sys.stderr.isatty():
+        return call()
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # re-raised below, in the main thread
+            box["error"] = exc
+
+    t = threading.Thread(target=work, daemon=True)
+    start = time.monotonic()
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(1.0)
+            if t.is_alive():
+                click.echo(f"\r{verb} {what} ... {time.monotonic() - start:.0f}s", err=True,
+                           nl=False)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the agent goes on {verb} {what}; `mcp status "
+                   f"{what.split('/')[0]}` shows where it is", err=True)
+        sys.exit(130)
+    if time.monotonic() - start >= 1.0:
+        click.echo(f"\r{verb} {what} ... done in {time.monotonic() - start:.1f}s", err=True)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _lifecycle(op: str, past: str, verb: str) -> None:
+    timeout_opt = click.option(
+        "--timeout", type=click.FloatRange(0, 3600), default=None,
+        help="Seconds a workload may take to end itself before it is killed (default 10).")
+
     @click.argument("service")
+    @click.argument("component", required=False)
     @json_option
     @pass_ctx
-    def command(ctx: Ctx, service: str) -> None:
-        st = service_backend(ctx, ctx.backends(), service).call(op, service)
+    def command(ctx: Ctx, service: str, component: str | None,
+                timeout: float | None = None) -> None:
+        b = service_backend(ctx, ctx.backends(), service)
+        what = f"{service}/{component}" if component else service
+        st = with_progress(ctx, verb, what, lambda: b.call(op, service, component, timeout))
         show = op in ("start", "restart")
-        emit(ctx, st, lambda s: f"{past} {service}" + (
+        emit(ctx, st, lambda s: f"{past} {what}" + (
             f"\n{status_text(s)}" if show and isinstance(s, dict) else ""))
 
+    if op != "start":
+        command = timeout_opt(command)
+    cli.command(name=op, help=f"{op.capitalize()} every component of SERVICE, or only "
+                "COMPONENT.\n\n\b\nExample:\n  mcp " + op + " web api")(command)
 
-_lifecycle("stop", "stopped")
-_lifecycle("start", "started")
-_lifecycle("restart", "restarted")
-_lifecycle("undeploy", "undeployed")
+
+_lifecycle("stop", "stopped", "stopping")
+_lifecycle("start", "started", "starting")
+_lifecycle("restart", "restarted", "restarting")
+
+
+@cli.command()
+@click.argument("service")
+@json_option
+@pass_ctx
+def undeploy(ctx: Ctx, service: str) -> None:
+    """Remove every component of SERVICE and its record.
+
+    \b
+    Example:
+      mcp undeploy web
+    """
+    b = service_backend(ctx, ctx.backends(), service)
+    st = with_progress(ctx, "undeploying", service, lambda: b.call("undeploy", service))
+    emit(ctx, st, lambda _: f"undeployed {service}")
 
 
 @cli.command()

@@ -144,7 +144,10 @@ class RemoteBackend:
         if op == "deploy":
             return c.post("/v1/services", args[0])
         if op in ("stop", "start", "restart"):
-            return c.post(f"/v1/services/{q[0]}/{op}", {})
+            body = {k: v for k, v in (("component", args[1] if len(args) > 1 else None),
+                                      ("timeout", args[2] if len(args) > 2 else None))
+                    if v is not None}
+            return c.post(f"/v1/services/{q[0]}/{op}", body)
         if op == "undeploy":
             return c.delete(f"/v1/services/{q[0]}")
         if op == "ps":
@@ -198,8 +201,13 @@ class LocalBackend:
         if op == "undeploy":
             a.undeploy(args[0])
             return {"service": args[0], "undeployed": True}
-        if op in ("stop", "start", "restart", "status"):
-            return getattr(a, op)(args[0])
+        if op == "status":
+            return a.status(args[0])
+        if op == "start":
+            return a.start(args[0], args[1] if len(args) > 1 else None)
+        if op in ("stop", "restart"):
+            kw = {"timeout": args[2]} if len(args) > 2 and args[2] is not None else {}
+            return getattr(a, op)(args[0], args[1] if len(args) > 1 else None, **kw)
         if op in ("ps", "health"):
             return getattr(a, op)()
         if op == "history":

@@ -449,8 +449,9 @@ class Registry:
             if component:
                 sql, args = sql + " AND name=?", (*args, component)
             db.execute(sql, args)
-            db.execute("UPDATE services SET active=? WHERE name=?",
-                       (int(state == RUNNING), service))
+            # Active while any component should run (one component stopped is not the service).
+            db.execute("UPDATE services SET active=EXISTS(SELECT 1 FROM components WHERE "
+                       "service=? AND desired_state=?) WHERE name=?", (service, RUNNING, service))
 
     def record_observed(self, changes: list[Event]) -> None:
         """Store new observed states and their events in one transaction."""

@@ -42,6 +42,7 @@ class FakeWorld:
         self.unavailable: dict[str, str] = {}            # runtime -> why
         self.capacity_mb: dict[str, int] = {}            # runtime -> memory it may hold
         self.closed: list[str] = []
+        self.stop_timeouts: list[float] = []
         self._ids = itertools.count(1)
         self.clock = 1000.0
 
@@ -107,6 +108,7 @@ class DummyRuntime(Runtime):
 
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
         self._step("stop", component)
+        self.world.stop_timeouts.append(timeout)
         w = self.world.workloads.get((service, component))
         if w is not None:
             w.state = STOPPED

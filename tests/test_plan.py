@@ -125,3 +125,52 @@ def test_history_and_rollback_commands(local: Agent, tmp_path: Path) -> None:
         1, "Error: service 'shop' has no version 7 (versions: 1, 2, 3)\n")
     res = run("rollback", "shop", "0")
     assert res.exit_code == 2
+
+
+TWO = DEF + '[[components]]\nname = "db"\nimage = "db:v1"\n'
+
+
+def test_per_component_lifecycle_and_stop_timeout(local: Agent, tmp_path: Path) -> None:
+    world = local.runtime("container").world  # type: ignore[attr-defined]
+    assert run("deploy", str(write(tmp_path, TWO))).exit_code == 0
+    res = run("stop", "shop", "db", "--timeout", "2.5")
+    assert (res.exit_code, res.stdout) == (0, "stopped shop/db\n")
+    assert world.stop_timeouts[-1] == 2.5
+    rec = local.registry.get_service("shop")
+    assert [(c.defn.name, c.desired_state) for c in rec.components] == [
+        ("web", "running"), ("db", "stopped")]
+    assert rec.active is True                       # one component stopped, not the service
+    assert world.workloads[("shop", "web")].state == "running"
+    res = run("start", "shop", "db")
+    assert res.exit_code == 0 and res.stdout.startswith("started shop/db\n")
+    res = run("restart", "shop", "nope")
+    assert (res.exit_code, res.stderr) == (
+        1, "Error: service 'shop' has no component 'nope' (components: web, db)\n")
+    res = run("stop", "shop", "--timeout", "99999")
+    assert res.exit_code == 2
+    assert run("stop", "shop").exit_code == 0
+    assert local.registry.get_service("shop").active is False
+
+
+def test_ctrl_c_says_what_the_agent_still_does(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+    import threading
+
+    from mcp_node.cli import with_progress
+    from mcp_node.clictx import Ctx
+
+    release = threading.Event()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+
+    def join(self: threading.Thread, timeout: float | None = None) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "join", join)
+    ctx = Ctx(None, None, False, None, False)
+    with pytest.raises(SystemExit) as exit_:
+        with_progress(ctx, "stopping", "shop", release.wait)
+    release.set()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == (
+        "\ninterrupted: the agent goes on stopping shop; `mcp status shop` shows where it is\n")

@@ -39,8 +39,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -55,243 +54,51 @@ from .errors import (
     MCPError,
     NotFoundError,
     RuntimeUnavailable,
-    ValidationError,
     WorkloadError,
 )
-from .grammar import parse_env, parse_volumes
 from .podman_logs import LogStream, frames
 from .podman_service import (
     PodmanService,
     run_cli,
-    service_argv,
-    service_env,
     socket_answers,
-    socket_path,
     socket_url,
 )
+from .podmanargs import (
+    RUNTIME_NAME,
+    client_mistake,
+    create_kwargs,
+    error_message,
+    is_workload_name,
+    owner_filters,
+    response_message,
+    workload_from_inspect,
+    workload_from_list,
+)
 from .runtime import (
-    LABEL_COMPONENT,
-    LABEL_MANAGED,
     LABEL_OWNER,
-    LABEL_SERVICE,
     Runtime,
     Workload,
     WorkloadSpec,
     workload_name,
 )
-from .states import RUNNING, STOPPED, State
 
-__all__ = [
-    "LABEL_SPEC", "PodmanRuntime", "PodmanService", "create_kwargs", "env_dict", "owner_filters",
-    "owner_labels", "parse_time", "service_argv", "service_env", "socket_answers",
-    "socket_path", "socket_url", "volume_binds", "workload_from_inspect", "workload_from_list",
-]
+__all__ = ["PodmanRuntime", "PodmanService"]
 
 log = logging.getLogger("mcp_node.podman")
 
-LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 120.0        # any single REST call; stop adds its own grace time
 FOLLOW_OPEN_WAIT_S = 0.5         # see PodmanRuntime.logs
 AVAILABLE_CACHE_S = 10.0         # a call that succeeded this recently proves podman is up
-LABEL_SPEC = "mcp.spec"          # WorkloadSpec.digest of what the container was made from
-EXITED = ("exited", "stopped")   # podman states in which ExitCode means something
 # podman's words for a name held by a storage-only container, and for a container whose
 # storage is gone (podman 4.3; matched loosely, the checks around them are strict).
 NAME_IN_USE = "already in use"
 STORAGE_GONE = ("container not known", "no such file or directory", "getting container from store")
 
 
-# --------------------------------------------------------------------------- pure helpers
-
-
-def owner_labels(spec: WorkloadSpec, owner: str) -> dict[str, str]:
-    return {
-        LABEL_MANAGED: "true",
-        LABEL_SERVICE: spec.service,
-        LABEL_COMPONENT: spec.component,
-        LABEL_OWNER: owner,
-        LABEL_SPEC: spec.digest,
-    }
-
-
-def env_dict(env: tuple[str, ...]) -> dict[str, str]:
-    """``KEY=VALUE`` items to the mapping podman-py sends (a later key wins, as in a shell)."""
-    return dict(parse_env(env))
-
-
-def volume_binds(volumes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """``/host:/guest[:opt,opt]`` items to podman-py's bind-mount form."""
-    return {v.host: {"bind": v.guest, "extended_mode": list(v.options)}
-            for v in parse_volumes(volumes)}
-
-
-def create_kwargs(spec: WorkloadSpec, owner: str) -> dict[str, Any]:
-    """Keyword arguments for ``podman_client.containers.create`` for one component.
-
-    Ports are published on 127.0.0.1 only, host port p to container port p,
-    because the component listens on the $PORT it was given. No restart policy:
-    podman restarting a crashing container itself would hide the crash loop
-    from the agent, which applies ``spec.restart`` with backoff instead.
-    """
-    kwargs: dict[str, Any] = {
-        "image": spec.image,
-        "name": spec.name,
-        "labels": owner_labels(spec, owner),
-        "environment": env_dict(spec.env),
-        "ports": {f"{p}/tcp": (LOOPBACK, p) for p in spec.ports},
-        "stop_timeout": max(0, int(round(spec.stop_timeout_s))),
-    }
-    if spec.cmd:
-        kwargs["command"] = list(spec.cmd)
-    if spec.volumes:
-        kwargs["volumes"] = volume_binds(spec.volumes)
-    if spec.memory_mb:
-        kwargs["mem_limit"] = f"{spec.memory_mb}m"
-    return kwargs
-
-
-def owner_filters(owner: str) -> str:
-    """The ``filters`` query value selecting one owner's containers."""
-    return json.dumps({"label": [f"{LABEL_OWNER}={owner}"]})
-
-
-def parse_time(value: Any) -> float | None:
-    """Unix time from podman's ints or RFC 3339 strings with nanoseconds; None if unset."""
-    if isinstance(value, int | float):
-        return float(value) if value > 0 else None
-    if not isinstance(value, str) or not value or value.startswith("0001-"):
-        return None
-    text = value.replace("Z", "+00:00")
-    if "." in text:   # Python parses at most microseconds
-        head, _, rest = text.partition(".")
-        digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6]}{rest[len(digits):]}"
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
-
-
-def _state(raw: str) -> State:
-    """podman's status word (running, exited, created, paused, ...) to ours."""
-    return RUNNING if raw == "running" else STOPPED
-
-
-def _exit_code(raw: str, value: Any) -> int | None:
-    """The last exit code, only for a container that has exited (a created one has none)."""
-    if raw not in EXITED or value is None:
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def is_workload_name(name: str) -> bool:
-    """``mcp-<service>-<component>`` with valid names: the only names we ever clear."""
-    parts = name.split("-")
-    return len(parts) >= 3 and parts[0] == "mcp" and all(
-        p and p.isascii() and all(c.islower() or c.isdigit() for c in p) for p in parts[1:])
-
-
-def workload_from_list(entry: Mapping[str, Any]) -> Workload | None:
-    """One ``containers/json`` entry; None if it lacks the service/component labels."""
-    labels = entry.get("Labels") or {}
-    service, component = labels.get(LABEL_SERVICE), labels.get(LABEL_COMPONENT)
-    if not service or not component:
-        return None
-    raw = str(entry.get("State", ""))
-    names = entry.get("Names") or []
-    return Workload(
-        service=service, component=component, runtime=PodmanRuntime.name, state=_state(raw),
-        id=str(entry.get("Id", "")), image=str(entry.get("Image", "")),
-        started_at=parse_time(entry.get("StartedAt")),
-        restart_count=int(entry.get("Restarts") or 0),
-        spec_digest=str(labels.get(LABEL_SPEC, "")),
-        exit_code=_exit_code(raw, entry.get("ExitCode")),
-        extra={
-            "name": names[0] if names else "",
-            "status": raw,
-            "exit_code": entry.get("ExitCode"),
-            "host_ports": sorted(int(p["host_port"]) for p in entry.get("Ports") or []
-                                 if p.get("host_port")),
-            "labels": dict(labels),
-        },
-    )
-
-
-# podman's words for a mistake in the definition: a 400 naming the field, not a 502.
-# servicedef checks these first; this is the backstop for anything it lets through.
-CLIENT_MISTAKES = (
-    ("invalid reference", "image"), ("invalid image name", "image"),
-    ("repository name must", "image"), ("invalid option", "volumes"),
-    ("invalid mount option", "volumes"), ("unrecognized mount option", "volumes"),
-    ("invalid volume", "volumes"),
-)
-
-
-def client_mistake(message: str, component: str) -> ValidationError | None:
-    low = message.lower()
-    for words, field in CLIENT_MISTAKES:
-        if words in low:
-            return ValidationError(f"component {component}: podman refused it: {message[:300]}",
-                                   field)
-    return None
-
-
-def workload_from_inspect(attrs: Mapping[str, Any]) -> Workload | None:
-    """One ``containers/{name}/json`` answer; None if it lacks the service/component labels."""
-    config = attrs.get("Config") or {}
-    labels = config.get("Labels") or {}
-    service, component = labels.get(LABEL_SERVICE), labels.get(LABEL_COMPONENT)
-    if not service or not component:
-        return None
-    st = attrs.get("State") or {}
-    raw = str(st.get("Status", ""))
-    bindings = (attrs.get("HostConfig") or {}).get("PortBindings") or {}
-    host_ports = sorted(int(b["HostPort"]) for bs in bindings.values() for b in bs or []
-                        if b.get("HostPort"))
-    return Workload(
-        service=service, component=component, runtime=PodmanRuntime.name, state=_state(raw),
-        id=str(attrs.get("Id", "")), image=str(attrs.get("ImageName") or attrs.get("Image", "")),
-        started_at=parse_time(st.get("StartedAt")),
-        restart_count=int(attrs.get("RestartCount") or 0),
-        spec_digest=str(labels.get(LABEL_SPEC, "")),
-        exit_code=_exit_code(raw, st.get("ExitCode")),
-        extra={
-            "name": str(attrs.get("Name", "")),
-            "status": raw,
-            "exit_code": st.get("ExitCode"),
-            "host_ports": host_ports,
-            "labels": dict(labels),
-        },
-    )
-
-
-def _message(exc: BaseException) -> str:
-    """podman's own message; for a transport failure, what the socket said."""
-    text = str(exc.explanation) if isinstance(exc, APIError) and exc.explanation else ""
-    cause = exc.__cause__
-    if isinstance(exc, APIError) and exc.response is None and cause is not None:
-        text = f"{text}: {cause}" if text else str(cause)
-    return text or str(exc) or type(exc).__name__
-
-
-def _response_message(resp: Any) -> str:
-    try:
-        body = resp.json()
-        return str(body.get("message") or body.get("cause") or resp.text)
-    except ValueError:
-        return str(resp.text)[:500]
-
-
-# --------------------------------------------------------------------------- the runtime
-
-
 class PodmanRuntime(Runtime):
     """Containers under podman, each one a workload (see mcp_node.runtime.Runtime)."""
 
-    name = "container"
+    name = RUNTIME_NAME
 
     def __init__(self, config: AgentConfig, state_dir: Path, owner: str) -> None:
         if not owner:
@@ -368,7 +175,7 @@ class PodmanRuntime(Runtime):
             resp = getattr(client.api, method.lower())(path, **kwargs)
         except (OSError, PodmanError) as exc:
             self._drop_client()
-            raise WorkloadError(f"podman {what}: {_message(exc)}") from exc
+            raise WorkloadError(f"podman {what}: {error_message(exc)}") from exc
         self._last_ok = time.monotonic()
         return resp
 
@@ -417,7 +224,7 @@ class PodmanRuntime(Runtime):
         if resp.status_code == 404:
             return None
         if resp.status_code >= 400:
-            message = _response_message(resp)
+            message = response_message(resp)
             if any(w in message for w in STORAGE_GONE) and self._clear_storage_gone(
                     name, message):
                 return None
@@ -480,14 +287,14 @@ class PodmanRuntime(Runtime):
                              params={"timeout": max(0, int(round(timeout)))},
                              timeout=timeout + 60)
         if resp.status_code not in (204, 304, 404):
-            raise WorkloadError(f"podman stop {name}: {_response_message(resp)}")
+            raise WorkloadError(f"podman stop {name}: {response_message(resp)}")
 
     def _delete(self, name: str) -> None:
         log.info("podman: remove %s", name)
         resp = self._request("DELETE", f"/containers/{name}", f"remove {name}",
                              params={"force": "true", "v": "true"})
         if resp.status_code not in (200, 204, 404):
-            raise WorkloadError(f"podman remove {name}: {_response_message(resp)}")
+            raise WorkloadError(f"podman remove {name}: {response_message(resp)}")
 
     def pull(self, spec: WorkloadSpec) -> None:
         ref = spec.image
@@ -500,7 +307,7 @@ class PodmanRuntime(Runtime):
                              params={"reference": ref, "quiet": "true"}, stream=True)
         try:
             if resp.status_code >= 400:
-                message = _response_message(resp)
+                message = response_message(resp)
                 raise (client_mistake(message, spec.component)
                        or ImageError(f"cannot pull image {ref}: {message}"))
             errors: list[str] = []
@@ -534,7 +341,7 @@ class PodmanRuntime(Runtime):
         log.info("podman: start %s (%s)", name, container.id[:12])
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
-            message = _response_message(resp)
+            message = response_message(resp)
             with contextlib.suppress(WorkloadError):
                 self._delete(name)   # no half state: a created but unstartable container
             raise WorkloadError(f"podman start {name}: {message}")
@@ -551,7 +358,7 @@ class PodmanRuntime(Runtime):
         try:
             return client.containers.create(**kwargs)
         except (OSError, PodmanError) as exc:
-            message = _message(exc)
+            message = error_message(exc)
             if isinstance(exc, ImageNotFound) or "image not known" in message:
                 raise ImageError(f"image {spec.image} is not present: {message}") from exc
             mistake = client_mistake(message, spec.component)
@@ -574,7 +381,7 @@ class PodmanRuntime(Runtime):
         log.info("podman: start %s", name)
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
-            raise WorkloadError(f"podman start {name}: {_response_message(resp)}")
+            raise WorkloadError(f"podman start {name}: {response_message(resp)}")
         return True
 
     def remove(self, service: str, component: str, timeout: float = 10.0) -> None:
@@ -600,7 +407,7 @@ class PodmanRuntime(Runtime):
         resp = self._request("GET", "/containers/json", "list containers",
                              params={"all": "true", "filters": owner_filters(self.owner)})
         if resp.status_code >= 400:
-            raise WorkloadError(f"podman list: {_response_message(resp)}")
+            raise WorkloadError(f"podman list: {response_message(resp)}")
         out = []
         for entry in resp.json() or []:
             workload = workload_from_list(entry)
@@ -644,7 +451,7 @@ class PodmanRuntime(Runtime):
         resp = self._request("GET", f"/containers/{name}/logs", f"logs {name}", params=params,
                              stream=True, timeout=timeout)
         if resp.status_code >= 400:
-            message = _response_message(resp)
+            message = response_message(resp)
             resp.close()
             if resp.status_code == 404:
                 raise NotFoundError(f"no container {name}")

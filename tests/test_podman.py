@@ -31,17 +31,13 @@ from mcp_node.errors import (
     ValidationError,
     WorkloadError,
 )
-from mcp_node.podman import (
-    PodmanRuntime,
-    PodmanService,
+from mcp_node.podman import PodmanRuntime, PodmanService
+from mcp_node.podman_service import service_argv, service_env, socket_path, socket_url
+from mcp_node.podmanargs import (
     create_kwargs,
     env_dict,
     owner_filters,
     parse_time,
-    service_argv,
-    service_env,
-    socket_path,
-    socket_url,
     volume_binds,
     workload_from_inspect,
     workload_from_list,
@@ -109,7 +105,7 @@ def test_spec_label_follows_what_the_container_is_made_of() -> None:
 
 
 def test_workload_names_we_may_clear() -> None:
-    from mcp_node.podman import is_workload_name
+    from mcp_node.podmanargs import is_workload_name
     assert is_workload_name("mcp-svc-web") and is_workload_name("mcp-a-b-c2")
     for name in ("mcp-svc", "other-svc-web", "mcp--web", "mcp-Svc-web", "mcp-s-w/x", ""):
         assert not is_workload_name(name), name

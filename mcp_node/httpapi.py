@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import queue
 import select
 import socket
 import ssl
 import threading
+import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
@@ -24,13 +26,32 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 
+# -- numbers ----------------------------------------------------------------------
+
+
+def is_ascii_digits(text: str, max_len: int) -> bool:
+    """``str.isdigit`` alone accepts any Unicode digit ('²', '٣'), which ``int()`` then
+    refuses or reads in another script: wire numbers are ASCII 0-9 only."""
+    return 0 < len(text) <= max_len and text.isascii() and text.isdigit()
+
+
+def parse_count(text: str, field: str, maximum: int, unit: str = "") -> int:
+    """A non-negative decimal integer up to ``maximum``; ValidationError naming ``field``."""
+    if not is_ascii_digits(text, 19):
+        raise ValidationError(f"{text[:20]!r} is not a non-negative integer", field)
+    value = int(text)
+    if value > maximum:
+        raise ValidationError(f"{value} is above the limit of {maximum}{unit}", field)
+    return value
+
+
 # -- listen address -------------------------------------------------------------
 
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port)."""
     host, sep, port_s = value.rpartition(":")
-    if not sep or not port_s.isdigit() or int(port_s) > 65535:
+    if not sep or not is_ascii_digits(port_s, 5) or int(port_s) > 65535:
         raise ValidationError(f"{value!r} is not HOST:PORT", "server.listen")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -156,11 +177,24 @@ def resolve(method: str, path: str) -> tuple[Route, Params]:
 # -- request helpers -----------------------------------------------------------------
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValidationError(f"duplicate key {k[:40]!r} in a JSON object", "body")
+            seen.add(k)
+    return out
+
+
 def parse_json(body: bytes) -> Any:
+    """The body as JSON. A key given twice is refused: the last one silently winning
+    would let a client's duplicate hide what it meant."""
     if not body:
         raise ValidationError("request body is empty; expected JSON", "body")
     try:
-        return json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as exc:
         raise ValidationError("request body is not UTF-8", "body") from exc
     except RecursionError as exc:
@@ -213,62 +247,101 @@ def edge_setup_args(data: Any) -> tuple[str, str, int, bool]:
     return hostname, backend, port, tls
 
 
-class LogOpener:
-    """Calls ``agent.logs(..., follow=True)`` in a thread of its own, since it may block."""
+END = object()  # LogPump.get: the stream ended
 
-    def __init__(self, agent: Agent, name: str, component: str | None,
-                 tail: int | None) -> None:
-        self.done = threading.Event()
+
+class LogPump:
+    """A follow stream read in a thread of its own and handed over a bounded queue.
+
+    ``agent.logs(..., follow=True)`` may block before its first chunk, and a quiet
+    component yields nothing for hours: a request thread blocked in it would never see
+    its client leave. The request thread instead waits on ``get`` with a timeout,
+    checks its client in between, and calls ``stop`` once it is gone. An iterator with
+    a thread-safe ``close`` (podman's ``LogStream``) is closed there and then, which
+    wakes the pump; a generator may only be closed by the thread running it, so the
+    pump closes it after its next chunk.
+    """
+
+    POLL_S = 0.25
+
+    def __init__(self, agent: Agent, name: str, component: str | None, tail: int | None,
+                 depth: int = 64) -> None:
+        self.opened = threading.Event()
+        self.open_error: BaseException | None = None
+        self.stream_error: BaseException | None = None
+        self._queue: queue.Queue[object] = queue.Queue(depth)
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
-        self._abandoned = False
         self._it: Iterator[bytes] | None = None
-        self._exc: BaseException | None = None
-        threading.Thread(target=self._run, args=(agent, name, component, tail),
-                         name="mcp-logs-open", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, args=(agent, name, component, tail),
+                                       name="mcp-logs-follow", daemon=True)
+        self.thread.start()
 
     def _run(self, agent: Agent, name: str, component: str | None, tail: int | None) -> None:
         try:
             it = agent.logs(name, component, tail, True)
         except BaseException as exc:  # handed to the request thread
-            self._exc = exc
-        else:
-            with self._lock:
-                self._it = it
-                abandoned = self._abandoned
-            if abandoned:
-                self._close(it)
-        finally:
-            self.done.set()
-
-    @staticmethod
-    def _close(it: Iterator[bytes]) -> None:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-
-    def result(self) -> Iterator[bytes]:
-        if self._exc is not None:
-            raise self._exc
-        assert self._it is not None
-        return self._it
-
-    def wait_or_hangup(self, sock: socket.socket) -> bool:
-        """Wait for the opener; False if the client went away first."""
-        while not self.done.wait(0.5):
-            r, _, _ = select.select([sock], [], [], 0)
-            if r:
-                try:
-                    if not sock.recv(1, socket.MSG_PEEK):
-                        return False
-                except (OSError, ValueError):
-                    return False
-        return True
-
-    def abandon(self) -> None:
-        """Whoever finishes last closes the podman stream."""
+            self.open_error = exc
+            self.opened.set()
+            self._put(END)
+            return
         with self._lock:
-            self._abandoned = True
-            it = self._it
-        if it is not None and self.done.is_set():
-            self._close(it)
+            self._it = it
+        self.opened.set()
+        try:
+            if not self._stopped.is_set():
+                for chunk in it:
+                    if not self._put(chunk):
+                        break
+        except Exception as exc:  # handed to the request thread, which logs it
+            self.stream_error = exc
+        finally:
+            close_iterator(it)
+            self._put(END)
 
+    def _put(self, item: object) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=self.POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, timeout: float) -> bytes | object | None:
+        """The next chunk, ``END`` once the stream ended, or None if nothing came in time."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            it = self._it
+        if it is not None and not isinstance(it, types.GeneratorType):
+            close_iterator(it)
+
+
+def close_iterator(it: Iterator[bytes]) -> None:
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+def client_gone(poller: select.poll) -> bool:
+    """True once the client hung up (FIN, RST, or our own shutdown of the socket).
+
+    Polls for POLLRDHUP only, not POLLIN: a client that pipelined its next request
+    is still there. ``poll``, not ``select``: descriptors above 1023 are common here.
+    """
+    return any(ev & _HANGUP for _, ev in poller.poll(0))
+
+
+_HANGUP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def hangup_poller(sock: socket.socket) -> select.poll:
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLRDHUP)
+    return p

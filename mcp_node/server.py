@@ -4,10 +4,20 @@ ThreadingHTTPServer with one daemon thread per keep-alive connection. The
 request parser is our own small HTTP/1.1 reader instead of
 ``BaseHTTPRequestHandler.parse_request``: the stock one runs the ``email``
 header parser on every request, which costs more than the whole health
-answer. Every response leaves in one ``sendall``; Nagle is off.
+answer, and it reads with per-``recv`` timeouts, which a client sending one
+byte a second defeats. Every response leaves in one ``sendall``; Nagle is off.
 
-Order of checks per request: path (404), method (405), token and role
-(401/403), body size (413), body JSON (400), names (400), then the agent.
+Each phase has a deadline, not just an idle timeout: a request's line and
+headers (``server.header_timeout_s``), its body (``server.body_timeout_s``,
+408), the wait for the next request on an authenticated keep-alive
+connection (``server.idle_timeout_s``). A connection counts as
+unauthenticated until it shows a valid token; those are capped in total and
+per peer address, and at a cap the oldest one is dropped to admit the new one,
+so idle or slow connections can never lock an authenticated client out.
+
+Order of checks per request: request line and headers (400/408/414/431/505),
+path (404), method (405), token and role (401/403), body size (413), body
+deadline (408), body JSON (400), query and names (400), then the agent.
 Domain errors map to their ``status``/``code``; anything else is a 500 with
 a generic message and the traceback in the log only.
 """
@@ -17,11 +27,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
+import re
+import resource
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,14 +43,20 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, openapi
 from .auth import Token, TokenStore, token_file_path
 from .config import AgentConfig
-from .errors import HTTPError, MCPError, ValidationError
+from .errors import ForbiddenError, HTTPError, MCPError, ValidationError
 from .httpapi import (
-    LogOpener,
+    END,
+    LogPump,
     Params,
     Route,
     check_listen,
+    client_gone,
+    close_iterator,
     edge_setup_args,
+    hangup_poller,
+    is_ascii_digits,
     parse_bool,
+    parse_count,
     parse_json,
     parse_query,
     resolve,
@@ -55,13 +74,21 @@ log = logging.getLogger(__name__)
 SERVER_HEADER = f"mcp-agent/{__version__}"
 MAX_LINE = 8192
 MAX_HEADERS = 100
-IDLE_TIMEOUT_S = 120.0
+MAX_HEAD = 64 << 10
 SHUTDOWN_GRACE_S = 10.0
 MAX_LOG_BYTES = 64 << 20
 FOLLOW_HEADERS_AFTER_S = 1.0
+HANGUP_CHECK_S = 0.5          # a follow stream notices its client gone within about this
 LINGER_S = 2.0
 LINGER_BYTES = 4 << 20
+DROP_LOG_EVERY_S = 10.0
 _ACCESS_FMT = "http method=%s path=%s status=%d bytes=%d ms=%.2f token=%s peer=%s"
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET_RE = re.compile(r"[!-~]+")                      # visible ASCII, no space
+_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB (RFC 9110 §5.5)
+_HOST_RE = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*")
+_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -72,7 +99,16 @@ def _error_body(code: str, message: str) -> bytes:
     return _dumps({"error": {"code": code, "message": message}})
 
 
-MAX_CONNECTIONS = 512
+def log_safe(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` and with everything but visible ASCII as ``\\xNN``: what
+    a client sends must not put terminal escapes, NUL or fake fields in the log."""
+    text = text[:limit]
+    if text.isascii() and text.isprintable() and " " not in text and "\\" not in text:
+        return text
+    return "".join(c if "!" <= c <= "~" and c != "\\" else
+                   f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
+
+
 _BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
 _BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                   b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
@@ -88,28 +124,53 @@ def _http_date() -> str:
     return str(_date_cache[1])
 
 
+class Conn:
+    """One accepted connection as the server's caps see it."""
+
+    __slots__ = ("raw", "sock", "peer", "deadline", "authenticated", "dropped")
+
+    def __init__(self, raw: socket.socket, peer: str, deadline: float) -> None:
+        self.raw = raw                  # as accepted (the key); ``sock`` once TLS-wrapped
+        self.sock = raw
+        self.peer = peer
+        self.deadline = deadline        # for the next request head while unauthenticated
+        self.authenticated = False
+        self.dropped = ""               # why the server closed it ("" while it has not)
+
+
 # -- handler -------------------------------------------------------------------
 
 
 class Handler(BaseHTTPRequestHandler):
+    """One connection. Reads go through ``self._buf`` and ``_recv`` only (no ``rfile``),
+    so every read knows its deadline and the socket timeout is set only when it changes."""
+
     protocol_version = "HTTP/1.1"
     server_version = SERVER_HEADER
-    timeout = IDLE_TIMEOUT_S
+    timeout = None
     disable_nagle_algorithm = True
     server: AgentServer
 
+    _token: Token | None = None
+    _route: Route
+    _linger = False
+    _busy = False
+    _head_only = False
+    _gone = False  # a read or write on the client's socket failed: nothing more to send
+    _cur_timeout: float | None = None
+
     def setup(self) -> None:
+        self.conn = self.server.conn_of(self.request)
+        self._buf = bytearray()
+        self.connection = self.request
         ctx = self.server.ssl_context
-        if ctx is not None:
-            self.request.settimeout(self.timeout)
-            self.request = ctx.wrap_socket(self.request, server_side=True)
-        super().setup()
-        self.server.track(self.request, True)
+        if ctx is not None:  # the handshake is part of the first request's header deadline
+            self._set_timeout(max(self.conn.deadline - time.monotonic(), 0.001))
+            self.request = self.connection = ctx.wrap_socket(self.request, server_side=True)
+            self.conn.sock = self.request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
 
     def finish(self) -> None:
-        self.server.track(self.request, False)
-        with contextlib.suppress(OSError):
-            super().finish()
         if self._linger:
             self._drain()
 
@@ -117,7 +178,7 @@ class Handler(BaseHTTPRequestHandler):
         """Lingering close: closing with an unread body would send a TCP RST that can
         destroy our error response in the client's buffer, so half-close and discard
         what the client still sends, bounded in bytes and time."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             self.request.shutdown(socket.SHUT_WR)
             self.request.settimeout(LINGER_S)
             left, deadline = LINGER_BYTES, time.monotonic() + LINGER_S
@@ -129,47 +190,155 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- wire --------------------------------------------------------------------
 
+    def _set_timeout(self, seconds: float) -> None:
+        if seconds != self._cur_timeout:
+            self.request.settimeout(seconds)
+            self._cur_timeout = seconds
+
+    def _recv(self, deadline: float, timeout: float | None = None) -> bool:
+        """One read into the buffer, bounded by ``deadline`` (or ``timeout``, which keeps
+        the socket's timeout unchanged, and a syscall saved, on a keep-alive connection);
+        False at end of stream. TimeoutError when time is up, OSError if the socket failed."""
+        if timeout is None:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError
+        self._set_timeout(timeout)
+        data = self.request.recv(65536)
+        self._buf += data
+        return bool(data)
+
+    def _write(self, data: bytes) -> None:
+        limits = self.server.config.server
+        try:
+            self._set_timeout(limits.idle_timeout_s if self.conn.authenticated
+                              else limits.header_timeout_s)
+            self.request.sendall(data)
+        except (OSError, ValueError):
+            self._gone = True
+            raise
+
     def _read_head(self) -> tuple[str, str, str, dict[str, str]] | None:
-        line = self.rfile.readline(MAX_LINE + 1)
-        while line in (b"\r\n", b"\n"):  # tolerate stray CRLF between requests (RFC 9112 §2.2)
-            line = self.rfile.readline(MAX_LINE + 1)
-        if not line:
-            return None
+        """The next request's line and headers; None if the client closed (or stayed
+        silent) before sending any of it."""
+        limits = self.server.config.server
+        buf = self._buf
+        if self.conn.authenticated:
+            # an authenticated client may idle between requests; the head then has its own
+            # deadline from its first byte
+            if not buf and not self._recv(0, limits.idle_timeout_s):
+                return None
+            deadline = time.monotonic() + limits.header_timeout_s
+        else:
+            deadline = self.conn.deadline
+        scanned = 0  # the head's end is looked for in new bytes only (a client sending one
+        try:         # byte at a time must not make each read rescan the whole buffer)
+            while True:
+                while buf.startswith((b"\n", b"\r\n")):  # stray CRLFs (RFC 9112 §2.2)
+                    del buf[:1 if buf[0] == 10 else 2]
+                    scanned = 0
+                m = _HEAD_END_RE.search(buf, max(scanned - 3, 0), MAX_HEAD)
+                if m is not None:
+                    break
+                scanned = len(buf)
+                if len(buf) > MAX_LINE and buf.find(b"\n", 0, MAX_LINE + 1) < 0:
+                    raise HTTPError(414, "uri_too_long", "request line too long", close=True)
+                if len(buf) >= MAX_HEAD:
+                    raise HTTPError(431, "headers_too_large",
+                                    f"request head larger than {MAX_HEAD} bytes", close=True)
+                if not self._recv(deadline):
+                    if self.conn.dropped and buf.strip():
+                        raise HTTPError(503, "busy", self.conn.dropped, close=True)
+                    if buf.strip():
+                        raise HTTPError(400, "bad_request", "connection closed in headers",
+                                        close=True)
+                    return None
+        except TimeoutError:
+            if not buf.strip():
+                return None
+            self._peek_request_line()
+            raise HTTPError(408, "request_timeout",
+                            f"request headers not complete within "
+                            f"{limits.header_timeout_s:g} s (server.header_timeout_s)",
+                            close=True) from None
+        head = bytes(buf[:m.start()])
+        del buf[:m.end()]
+        return self._parse_head(head.decode("latin-1"))
+
+    def _peek_request_line(self) -> None:
+        """For the access line of a request refused before its head was complete."""
+        parts = bytes(self._buf.partition(b"\n")[0]).decode("latin-1").split(" ")
+        self._method, self._target = parts[0], parts[1] if len(parts) > 1 else "-"
+
+    def _parse_head(self, head: str) -> tuple[str, str, str, dict[str, str]]:
+        lines = head.split("\n")
+        line = lines[0].removesuffix("\r")
         if len(line) > MAX_LINE:
             raise HTTPError(414, "uri_too_long", "request line too long", close=True)
-        parts = line.decode("latin-1").split()
+        parts = line.split(" ")
+        if len(parts) == 3:
+            self._method, self._target = parts[0], parts[1]
+        else:
+            self._method = line
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            raise HTTPError(400, "bad_request", "malformed request line", close=True)
+            raise HTTPError(400, "bad_request",
+                            "malformed request line; expected METHOD SP TARGET SP HTTP/1.1",
+                            close=True)
         method, target, version = parts
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise HTTPError(505, "http_version", "HTTP/1.0 or 1.1 only", close=True)
         self.request_version = version
+        if not _TOKEN_RE.fullmatch(method):
+            raise HTTPError(400, "bad_request",
+                            f"malformed method {method[:20]!r} in the request line", close=True)
+        if not _TARGET_RE.fullmatch(target):
+            raise HTTPError(400, "bad_request",
+                            "request target must be visible ASCII (percent-encode the rest)",
+                            close=True)
+        if len(lines) > MAX_HEADERS + 1:
+            raise HTTPError(431, "headers_too_large", "too many header lines", close=True)
         headers: dict[str, str] = {}
-        for _ in range(MAX_HEADERS + 1):
-            h = self.rfile.readline(MAX_LINE + 1)
-            if h in (b"\r\n", b"\n"):
-                return method, target, version, headers
-            if not h:
-                raise HTTPError(400, "bad_request", "connection closed in headers", close=True)
+        for h in lines[1:]:
             if len(h) > MAX_LINE:
                 raise HTTPError(431, "headers_too_large", "header line too long", close=True)
-            name, sep, value = h.decode("latin-1").partition(":")
+            name, sep, value = h.removesuffix("\r").partition(":")
+            if not sep or not _TOKEN_RE.fullmatch(name):
+                raise HTTPError(400, "bad_request", f"malformed header line {h[:40]!r}",
+                                close=True)
             key = name.lower()
-            if not sep or not key or key != key.strip():
-                raise HTTPError(400, "bad_request", "malformed header line", close=True)
-            value = value.strip()
+            if _VALUE_BAD_RE.search(value):
+                raise HTTPError(400, "bad_request",
+                                f"header {name[:40]!r} has a control character (NUL, CR, ...) "
+                                "in its value", close=True)
+            value = value.strip(" \t")
             if key in headers:
                 if key in ("content-length", "authorization", "host"):
-                    raise HTTPError(400, "bad_request", f"duplicate {key} header", close=True)
+                    raise HTTPError(400, "bad_request", f"duplicate {name} header", close=True)
                 value = headers[key] + ", " + value
             headers[key] = value
-        raise HTTPError(431, "headers_too_large", "too many header lines", close=True)
+        if "host" in headers:
+            if not _HOST_RE.fullmatch(headers["host"]):
+                raise HTTPError(400, "bad_request", "malformed Host header", close=True)
+        elif version == "HTTP/1.1":
+            raise HTTPError(400, "bad_request", "HTTP/1.1 request without a Host header",
+                            close=True)
+        if "content-length" in headers:
+            raw = headers["content-length"]
+            if not is_ascii_digits(raw, 18):
+                raise HTTPError(400, "bad_request",
+                                f"Content-Length {raw[:20]!r} is not a number of bytes (0-9)",
+                                close=True)
+        return method, target, version, headers
 
     def _send(self, status: int, body: bytes, ctype: str = "application/json",
               extra: tuple[tuple[str, str], ...] = ()) -> None:
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
                 f"Server: {SERVER_HEADER}\r\nDate: {_http_date()}\r\n"
-                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"]
+                f"Content-Type: {ctype}\r\n"]
+        if self._head_only:  # no body, and no length it would not have had (RFC 9110 §8.6)
+            body = b""
+        else:
+            head.append(f"Content-Length: {len(body)}\r\n")
         for k, v in extra:
             head.append(f"{k}: {v}\r\n")
         if self.close_connection:
@@ -177,7 +346,7 @@ class Handler(BaseHTTPRequestHandler):
         elif self.request_version == "HTTP/1.0":
             head.append("Connection: keep-alive\r\n")
         head.append("\r\n")
-        self.wfile.write("".join(head).encode("latin-1") + body)
+        self._write("".join(head).encode("latin-1") + body)
         self._status, self._bytes = status, len(body)
 
     def _send_json(self, obj: Any, status: int = 200) -> None:
@@ -193,22 +362,23 @@ class Handler(BaseHTTPRequestHandler):
             extra = (("WWW-Authenticate", 'Bearer realm="mcp-agent"'),)
         self._send(exc.status, _error_body(exc.code, str(exc)), extra=extra)
 
-    _token: Token | None = None
-    _route: Route
-    _linger = False
-    _busy = False
-
     def handle_one_request(self) -> None:
         self._status, self._bytes, self._token = 0, 0, None
+        self._method, self._target = "-", "-"
+        self._head_only = False
         self.request_version = "HTTP/1.1"
         self.close_connection = True
+        started = time.perf_counter()
         try:
             head = self._read_head()
         except HTTPError as exc:
-            self._linger = True
-            self._send_error(exc)
+            # refused before routing: answered, and logged like any other request
+            self._linger = exc.status not in (408, 503)  # a stalled client is not waited for
+            with contextlib.suppress(OSError, ValueError):
+                self._send_error(exc)
+            self._log(started)
             return
-        except (TimeoutError, OSError, ssl.SSLError):
+        except (OSError, ValueError):  # includes TimeoutError of an idle wait, TLS errors
             return
         if head is None:
             return
@@ -219,31 +389,34 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.close_connection = "keep-alive" not in conn
         self.command, self.path = method, target
+        self._head_only = method == "HEAD"
         started = time.perf_counter()
         self._busy = True
         self.server.busy(1)
         try:
             self._dispatch(method, target, headers)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError, ssl.SSLError):
+        except (OSError, ValueError):  # the client's socket failed (see _gone)
             self.close_connection = True
         finally:
             self._not_busy()
-            self._log(method, target, started)
+            self._log(started)
+            if not self.conn.authenticated:
+                self.conn.deadline = time.monotonic() + self.server.config.server.header_timeout_s
 
-    def _log(self, method: str, target: str, started: float) -> None:
+    def _log(self, started: float) -> None:
         # One access line per request. makeRecord + handle instead of log.info: skips the
         # caller lookup (stack walk), which cost a third of a /v1/health answer.
         if log.isEnabledFor(logging.INFO):
-            path = target if target.isprintable() else repr(target)
             tok = self._token.name if self._token else "-"
-            args = (method[:16], path[:300], self._status, self._bytes,
-                    (time.perf_counter() - started) * 1000, tok, self.client_address[0])
+            args = (log_safe(self._method, 16), log_safe(self._target), self._status,
+                    self._bytes, (time.perf_counter() - started) * 1000, tok,
+                    self.client_address[0])
             log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _ACCESS_FMT, args,
                                       None, "http"))
 
     def _dispatch(self, method: str, target: str, headers: dict[str, str]) -> None:
         body_pending = ("transfer-encoding" in headers
-                        or headers.get("content-length", "0") not in ("", "0"))
+                        or headers.get("content-length", "0").lstrip("0") != "")
         try:
             if not target.startswith("/"):
                 raise HTTPError(400, "bad_request", "request target must be a path", close=True)
@@ -251,8 +424,7 @@ class Handler(BaseHTTPRequestHandler):
             route, params = resolve(method, path)
             self._route = route
             if route.role is not None:
-                self._token = self.server.tokens.authorize(headers.get("authorization"),
-                                                           route.role)
+                self._authorize(headers.get("authorization"), route.role)
             body = self._read_body(headers) if body_pending else b""
             body_pending = False
             q = parse_query(query, route.query)
@@ -260,35 +432,56 @@ class Handler(BaseHTTPRequestHandler):
                 self, route.handler)
             handler(params, q, body)
         except MCPError as exc:
-            if body_pending:
+            if body_pending and exc.status != 408:
                 self.close_connection = self._linger = True  # unread body left on the wire
             self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            raise
         except Exception:
-            log.exception("unhandled error method=%s path=%s", method, target[:300])
+            if self._gone:  # broken pipe, reset, or it stopped reading: nothing to answer
+                raise
+            log.exception("unhandled error method=%s path=%s", log_safe(method, 16),
+                          log_safe(target))
             self.close_connection = True
             self._send(500, _error_body("internal", "internal error; see the agent's log"))
+
+    def _authorize(self, header: str | None, role: str) -> None:
+        try:
+            self._token = self.server.tokens.authorize(header, role)
+        except ForbiddenError:  # a valid token, short of the role: still a known client
+            self.server.authenticated(self.conn)
+            raise
+        self.server.authenticated(self.conn)
 
     def _read_body(self, headers: dict[str, str]) -> bytes:
         if "transfer-encoding" in headers:
             raise HTTPError(411, "length_required",
                             "chunked request bodies are not accepted; send Content-Length",
                             close=True)
-        raw = headers["content-length"]
-        if not raw.isdigit() or len(raw) > 18:
-            raise HTTPError(400, "bad_request", "bad Content-Length", close=True)
-        length = int(raw)
-        limit = self.server.config.server.max_body
-        if length > limit:
+        length = int(headers["content-length"])  # checked ASCII digits in _parse_head
+        limits = self.server.config.server
+        if length > limits.max_body:
             raise HTTPError(413, "too_large",
-                            f"request body of {length} bytes exceeds the limit of {limit}",
-                            close=True)
-        if headers.get("expect", "").lower() == "100-continue" and length:
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise HTTPError(400, "bad_request", "request body ended early", close=True)
+                            f"request body of {length} bytes exceeds the limit of "
+                            f"{limits.max_body} (server.max_body)", close=True)
+        if headers.get("expect", "").lower() == "100-continue" and len(self._buf) < length:
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        deadline = time.monotonic() + limits.body_timeout_s
+        buf = self._buf
+        try:
+            while len(buf) < length:
+                if not self._recv(deadline):
+                    raise HTTPError(400, "bad_request",
+                                    f"request body ended after {len(buf)} of {length} bytes",
+                                    close=True)
+        except TimeoutError:  # before OSError: it is one
+            raise HTTPError(408, "request_timeout",
+                            f"request body not complete within {limits.body_timeout_s:g} s "
+                            f"(server.body_timeout_s): {len(buf)} of {length} bytes",
+                            close=True) from None
+        except (OSError, ValueError):
+            self._gone = True
+            raise
+        body = bytes(buf[:length])
+        del buf[:length]
         return body
 
     # -- endpoints -----------------------------------------------------------------
@@ -340,13 +533,11 @@ class Handler(BaseHTTPRequestHandler):
             check_name(component, "component")
         tail: int | None = None
         if query.get("tail"):
-            t = query["tail"]
-            if not t.isdigit() or len(t) > 9:
-                raise ValidationError(f"{t[:20]!r} is not a non-negative integer", "tail")
-            tail = int(t)
+            cap = self.server.config.server.max_tail
+            tail = parse_count(query["tail"], "tail", cap, " lines (server.max_tail)")
         follow = parse_bool(query.get("follow", ""), "follow")
         if follow:
-            self._follow(LogOpener(self.agent, name, component, tail))
+            self._follow(name, component, tail)
             return
         chunks = self.agent.logs(name, component, tail, False)
         buf: list[bytes] = []
@@ -358,61 +549,65 @@ class Handler(BaseHTTPRequestHandler):
                 if size > MAX_LOG_BYTES:
                     raise ValidationError(f"more than {MAX_LOG_BYTES} bytes; use tail", "tail")
         finally:
-            LogOpener._close(chunks)
+            close_iterator(chunks)
         self._send(200, b"".join(buf), "text/plain; charset=utf-8")
 
-    def _follow(self, opener: LogOpener) -> None:
+    def _follow(self, name: str, component: str | None, tail: int | None) -> None:
         """Errors the agent raises at once still become JSON errors; after a short wait
         the 200 headers go out anyway, since podman answers a follow request only
         when the first line arrives (the client would otherwise see nothing at all)."""
-        if opener.done.wait(FOLLOW_HEADERS_AFTER_S):
-            self._stream(opener.result())
-            return
-        self._stream(None, opener)
+        pump = LogPump(self.agent, name, component, tail)
+        self.server.stream(pump, True)
+        try:
+            if pump.opened.wait(FOLLOW_HEADERS_AFTER_S) and pump.open_error is not None:
+                raise pump.open_error
+            self._stream(pump)
+        finally:
+            pump.stop()
+            self.server.stream(pump, False)
 
     def _not_busy(self) -> None:
         if self._busy:
             self._busy = False
             self.server.busy(-1)
 
-    def _stream(self, chunks: Iterator[bytes] | None, opener: LogOpener | None = None) -> None:
+    def _stream(self, pump: LogPump) -> None:
+        """Chunks as they come; between them, whether the client is still there, so a
+        stream of a quiet component ends (and frees its thread and connection) within
+        about ``HANGUP_CHECK_S`` of its client leaving."""
         self._not_busy()  # a follow stream never "finishes": shutdown must not wait for it
         chunked = self.request_version == "HTTP/1.1"
-        if not chunked:
-            self.close_connection = True
+        self.close_connection = True  # unless the stream ends cleanly below
         head = (f"HTTP/1.1 200 OK\r\nServer: {SERVER_HEADER}\r\nDate: {_http_date()}\r\n"
                 "Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n"
                 "X-Content-Type-Options: nosniff\r\n"
                 + ("Transfer-Encoding: chunked\r\n" if chunked else "Connection: close\r\n")
                 + "\r\n")
-        self.wfile.write(head.encode("latin-1"))
+        self._write(head.encode("latin-1"))
         self._status = 200
-        try:
-            if chunks is None:
-                assert opener is not None
-                if not opener.wait_or_hangup(self.request):
-                    self.close_connection = True
+        poller = hangup_poller(self.request)
+        checked = time.monotonic()
+        while True:
+            item = pump.get(HANGUP_CHECK_S)
+            if item is END:
+                break
+            now = time.monotonic()
+            if item is None or now - checked >= HANGUP_CHECK_S:
+                checked = now
+                if client_gone(poller):
                     return
-                chunks = opener.result()
-            for c in chunks:
-                if not c:
-                    continue
-                self.wfile.write(b"%x\r\n%b\r\n" % (len(c), c) if chunked else c)
-                self._bytes += len(c)
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True
-        except Exception:
+            if isinstance(item, bytes) and item:
+                self._write(b"%x\r\n%b\r\n" % (len(item), item) if chunked else item)
+                self._bytes += len(item)
+        err = pump.open_error or pump.stream_error
+        if err is not None:
             # Headers are gone: cut the stream without its terminator so the client sees it broke.
-            log.exception("log stream failed path=%s", self.path[:300])
-            self.close_connection = True
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-            if opener is not None:
-                opener.abandon()
+            log.error("log stream failed path=%s: %s", log_safe(self.path), err,
+                      exc_info=None if isinstance(err, MCPError) else err)
+            return
+        if chunked:
+            self._write(b"0\r\n\r\n")
+            self.close_connection = False
 
     def h_edge_list(self, params: Params, query: dict[str, str], body: bytes) -> None:
         self._send_json(self.agent.edge.list())
@@ -433,10 +628,64 @@ class Handler(BaseHTTPRequestHandler):
 # -- server ----------------------------------------------------------------------
 
 
+class Workers:
+    """Connection threads, reused. ``Thread.start`` waits until the new thread runs, which
+    cost the accept loop ~0.4 ms a connection; under a flood of reconnects that became a
+    listen backlog every new client waited in. So the accept loop only queues the
+    connection: an idle worker takes it, and when none is idle a spawner thread (not the
+    accept loop) starts one. At most ``IDLE_MAX`` wait idle; the others end."""
+
+    IDLE_MAX = 64
+
+    def __init__(self, run: Callable[[Any, Any], None]) -> None:
+        self._run = run
+        self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._spawns: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._closed = False
+        threading.Thread(target=self._spawner, name="mcp-conn-spawner", daemon=True).start()
+
+    def submit(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1
+        self._queue.put((request, client_address))
+        if spawn:
+            self._spawns.put(True)
+
+    def _spawner(self) -> None:
+        while self._spawns.get():
+            threading.Thread(target=self._work, name="mcp-conn", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            self._run(*item)
+            with self._lock:
+                if self._closed or self._idle >= self.IDLE_MAX:
+                    return
+                self._idle += 1
+
+    def close(self) -> None:
+        """End the spawner and the idle workers (busy ones end with their connection)."""
+        self._spawns.put(False)
+        with self._lock:
+            self._closed = True
+            n, self._idle = self._idle, 0
+        for _ in range(n):
+            self._queue.put(None)
+
+
 class AgentServer(ThreadingHTTPServer):
+    """Accepts connections within the caps of ``[server]``; see the module docstring."""
+
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    request_queue_size = 1024  # listen backlog: a burst of connects is not met by SYN drops
 
     def __init__(self, address: tuple[str, int], agent: Agent, config: AgentConfig,
                  tokens: TokenStore, ssl_context: ssl.SSLContext | None) -> None:
@@ -444,13 +693,20 @@ class AgentServer(ThreadingHTTPServer):
         self.config = config
         self.tokens = tokens
         self.ssl_context = ssl_context
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, Conn] = {}        # every open one, by accepted socket
+        self._unauth: dict[Conn, None] = {}                # oldest first
+        self._unauth_by_peer: dict[str, dict[Conn, None]] = {}
+        self._dropped_open = 0                            # dropped, thread not finished yet
         self._conns_lock = threading.Lock()
+        self._streams: set[LogPump] = set()
         self._busy_lock = threading.Lock()
         self._busy = 0
+        self._drops = 0
+        self._drops_logged_at = 0.0
         self.health_cache: tuple[dict[str, Any], bytes] | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._workers = Workers(self.process_request_thread)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
 
@@ -465,26 +721,141 @@ class AgentServer(ThreadingHTTPServer):
         path = token_file_path(self.config)
         return path if path.exists() else None
 
-    def track(self, sock: socket.socket, add: bool) -> None:
+    # -- connection accounting (tests and the bench read these) ----------------------
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    @property
+    def unauthenticated_connections(self) -> int:
+        return len(self._unauth)
+
+    def unauthenticated_by_peer(self) -> dict[str, int]:
+        with self._conns_lock:
+            return {peer: len(conns) for peer, conns in self._unauth_by_peer.items()}
+
+    @property
+    def open_streams(self) -> list[LogPump]:
+        with self._conns_lock:
+            return list(self._streams)
+
+    def stream(self, pump: LogPump, add: bool) -> None:
         with self._conns_lock:
             if add:
-                self._conns.add(sock)
+                self._streams.add(pump)
             else:
-                self._conns.discard(sock)
+                self._streams.discard(pump)
 
     def busy(self, delta: int) -> None:
         with self._busy_lock:
             self._busy += delta
 
+    def conn_of(self, sock: socket.socket) -> Conn:
+        with self._conns_lock:
+            return self._conns[sock]
+
+    def authenticated(self, conn: Conn) -> None:
+        """``conn`` showed a valid token: it leaves the unauthenticated caps for good."""
+        if conn.authenticated:
+            return
+        with self._conns_lock:
+            if not conn.authenticated:
+                conn.authenticated = True
+                self._forget_unauth(conn)
+
+    def _forget_unauth(self, conn: Conn) -> None:
+        if conn in self._unauth:
+            del self._unauth[conn]
+            peer = self._unauth_by_peer[conn.peer]
+            del peer[conn]
+            if not peer:
+                del self._unauth_by_peer[conn.peer]
+
+    def _drop_oldest(self, conns: dict[Conn, None], why: str) -> Conn:
+        victim = next(iter(conns))
+        self._forget_unauth(victim)
+        victim.dropped = why
+        self._dropped_open += 1
+        self._drops += 1
+        return victim
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Cap open connections (a thread each): beyond it, a 503 and close."""
-        if len(self._conns) < MAX_CONNECTIONS:
-            return True
-        with contextlib.suppress(OSError):
-            request.send(_BUSY_RESPONSE, socket.MSG_DONTWAIT)
-        log.warning("connection refused peer=%s reason=too_many_connections open=%d",
-                    client_address[0], len(self._conns))
-        return False
+        """Admit every new connection while it can: at an unauthenticated cap the oldest
+        unauthenticated connection (of the same peer first) is dropped to make room.
+        Only when every open connection is authenticated is the new one refused (503)."""
+        limits = self.config.server
+        peer = str(client_address[0])
+        conn = Conn(request, peer, time.monotonic() + limits.header_timeout_s)
+        victims: list[Conn] = []
+        admit = True
+        with self._conns_lock:
+            mine = self._unauth_by_peer.get(peer)
+            if mine is not None and len(mine) >= limits.max_unauthenticated_per_peer:
+                victims.append(self._drop_oldest(mine, (
+                    f"too many unauthenticated connections from {peer} (more than "
+                    f"server.max_unauthenticated_per_peer = "
+                    f"{limits.max_unauthenticated_per_peer}); the oldest was closed")))
+            elif len(self._unauth) >= limits.max_unauthenticated:
+                heaviest = max(self._unauth_by_peer.values(), key=len)
+                victims.append(self._drop_oldest(heaviest, (
+                    f"too many unauthenticated connections (more than "
+                    f"server.max_unauthenticated = {limits.max_unauthenticated}); "
+                    "the oldest of the peer with the most was closed")))
+            if len(self._conns) - self._dropped_open >= limits.max_connections:
+                if not self._unauth:
+                    admit = False
+                else:
+                    heaviest = max(self._unauth_by_peer.values(), key=len)
+                    victims.append(self._drop_oldest(heaviest, (
+                        f"too many open connections (server.max_connections = "
+                        f"{limits.max_connections}); the oldest unauthenticated was closed")))
+            open_now = len(self._conns)
+            if admit:
+                self._conns[request] = conn
+                self._unauth[conn] = None
+                self._unauth_by_peer.setdefault(peer, {})[conn] = None
+        for v in victims:
+            # SHUT_RD wakes its thread's read with end-of-stream; it may still answer 503
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(v.sock, socket.SHUT_RD)
+        if victims:
+            self._log_drops()
+        if not admit:
+            with contextlib.suppress(OSError):
+                request.send(_BUSY_RESPONSE, socket.MSG_DONTWAIT)
+            log.warning("connection refused peer=%s reason=too_many_connections open=%d",
+                        peer, open_now)
+        return admit
+
+    def _log_drops(self) -> None:
+        """One warning per ``DROP_LOG_EVERY_S`` at most: under attack, drops come by
+        the thousand and must not flood the log."""
+        now = time.monotonic()
+        if now - self._drops_logged_at >= DROP_LOG_EVERY_S:
+            with self._conns_lock:
+                n, self._drops = self._drops, 0
+                unauth = len(self._unauth)
+            self._drops_logged_at = now
+            log.warning("dropped unauthenticated connections count=%d open=%d "
+                        "unauthenticated=%d", n, len(self._conns), unauth)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._workers.submit(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Every accepted connection ends here, whatever happened to it."""
+        with self._conns_lock:
+            conn = self._conns.pop(request, None)
+            if conn is not None:
+                if conn.dropped:
+                    self._dropped_open -= 1
+                elif not conn.authenticated:
+                    self._forget_unauth(conn)
+        if conn is not None and conn.sock is not request:
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection error peer=%r", client_address, exc_info=True)
@@ -506,11 +877,28 @@ class AgentServer(ThreadingHTTPServer):
         while self._busy > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         with self._conns_lock:
-            conns = list(self._conns)
-        for s in conns:
+            conns = list(self._conns.values())
+        for c in conns:
             with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(c.sock, socket.SHUT_RDWR)
+        self._workers.close()
         self.server_close()
+
+
+def raise_fd_limit(want: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard one when ``want`` descriptors would
+    not fit (a connection is one); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = hard if hard != resource.RLIM_INFINITY else want
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            log.info("raised the open-file limit soft=%d->%d", soft, new)
+            soft = new
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning("open-file limit %d is below server.max_connections + headroom (%d)",
+                    soft, want)
+    return soft
 
 
 def serve(agent: Agent, config: AgentConfig, *, tokens: TokenStore | None = None) -> AgentServer:
@@ -519,6 +907,7 @@ def serve(agent: Agent, config: AgentConfig, *, tokens: TokenStore | None = None
     ctx = tls_context(config)
     store = tokens if tokens is not None else TokenStore.for_config(config)
     store.ensure_initial(token_file_path(config))
+    raise_fd_limit(config.server.max_connections + 256)
     try:
         srv = AgentServer((host, port), agent, config, store, ctx)
     except OSError as exc:

@@ -116,3 +116,85 @@ def test_paths_and_queries_never_500(live_server: LiveServer) -> None:
 
     check()
     assert live_server.agent.ps() == []
+
+
+# -- raw bytes and headers (what schemathesis never sends) -----------------------------------
+
+_NAMES = st.sampled_from(["Host", "Content-Length", "Transfer-Encoding", "Authorization",
+                          "Expect", "Connection", "X-A", "host", "Bad Name", ""])
+_VALUES = st.one_of(st.sampled_from(["", "0", "5", "\xb2", "٣", "-1", "chunked", "close",
+                                     "100-continue", "Bearer x", " 7 "]),
+                    st.binary(max_size=20).map(lambda b: b.decode("latin-1")))
+_METHODS = st.sampled_from(["GET", "POST", "DELETE", "HEAD", "PUT", "G\x00T", "", "\x1b[2J"])
+_TARGETS = st.one_of(st.sampled_from(["/v1/health", "/v1/services", "/v1/services/web/logs",
+                                      "/v1/services/web/logs?tail=%C2%B2", "*", "/v1/openapi.json",
+                                      "/v1/services/web/logs?tail=99999999999999999999"]),
+                     st.binary(max_size=30).map(lambda b: "/" + b.decode("latin-1")))
+_USUAL_TARGETS = ["/v1/health", "/v1/services", "/v1/services/web", "/v1/services/web/logs",
+                  "/v1/services/web/logs?tail=3", "/v1/services/web/stop", "/v1/edge-routes",
+                  "/v1/services/web/logs?tail=%C2%B2", "/v1/services/web/logs?tail=10001",
+                  "/v1/health?x=1"]
+_VERSIONS = st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1 ", "http/1.1", ""])
+
+
+def _mostly(draw: st.DrawFn, usual: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> Any:
+    return draw(odd) if draw(st.integers(0, 5)) == 0 else draw(usual)
+
+
+@st.composite
+def _raw_requests(draw: st.DrawFn, token: str) -> bytes:
+    """Mostly near-valid requests with an odd part or two, so most get past the parser
+    into routing, auth and the handlers; now and then plain random bytes."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=300))
+    method = _mostly(draw, st.sampled_from(["GET", "GET", "POST", "DELETE"]), _METHODS)
+    target = _mostly(draw, st.sampled_from(_USUAL_TARGETS), _TARGETS)
+    version = _mostly(draw, st.just("HTTP/1.1"), _VERSIONS)
+    headers = []
+    if _mostly(draw, st.just(True), st.booleans()):
+        headers.append(("Host", "127.0.0.1:9444"))
+    if _mostly(draw, st.just(True), st.booleans()):
+        headers.append(("Authorization", f"Bearer {token}"))
+    headers += _mostly(draw, st.just([]), st.lists(st.tuples(_NAMES, _VALUES), max_size=3))
+    body = draw(st.sampled_from([b"", b"{}", b'{"name": "a", "name": "b"}', b"{"])
+                | st.binary(max_size=60))
+    if method == "POST" and _mostly(draw, st.just(True), st.booleans()):
+        headers.append(("Content-Length", str(len(body))))
+    head = "\r\n".join([f"{method} {target} {version}", *(f"{k}: {v}" for k, v in headers),
+                         "", ""])
+    eol = _mostly(draw, st.just(b"\r\n"), st.sampled_from([b"\n", b"\r"]))
+    return head.encode("utf-8").replace(b"\r\n", eol) + body
+
+
+def test_raw_requests_never_500_nor_hang(tmp_path: Any) -> None:
+    """Each request is sent, then the client half-closes: whatever the bytes, every answer
+    is a well-formed non-5xx (503 ``busy`` aside) and the connection ends without waiting
+    out a deadline; afterwards the server still answers."""
+    import re
+    import socket
+
+    from fake_http import deploy, fake_live
+
+    with fake_live(tmp_path, header_timeout_s=30, body_timeout_s=30) as live:
+        deploy(live)
+        token = live.token("operator")
+
+        @settings(max_examples=300, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                         HealthCheck.too_slow])
+        @given(st.data())
+        def check(data: st.DataObject) -> None:
+            raw = data.draw(_raw_requests(token))
+            with socket.create_connection(live.address, timeout=10) as s:
+                s.sendall(raw)
+                s.shutdown(socket.SHUT_WR)
+                out = b""
+                while chunk := s.recv(65536):  # a hang would be a TimeoutError here
+                    out += chunk
+            for status in re.findall(rb"(?:^|\n)HTTP/1\.1 (\d{3}) ", out):
+                assert not status.startswith(b"5") or status in (b"503", b"505"), (raw, out)
+            assert b"Traceback" not in out
+
+        check()
+        assert live.client("reader").get("/v1/health")["status"]
+        assert live.server.open_connections <= 1

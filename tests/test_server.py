@@ -203,7 +203,7 @@ def test_oversized_body_is_413(live_server: LiveServer) -> None:
 
 def test_protocol_errors(live_server: LiveServer) -> None:
     tok = live_server.token("operator").encode()
-    auth = b"Authorization: Bearer " + tok + b"\r\n"
+    auth = b"Host: x\r\nAuthorization: Bearer " + tok + b"\r\n"
     cases = {
         b"GARBAGE\r\n\r\n": 400,
         b"GET /v1/health HTTP/2.0\r\n\r\n": 505,
@@ -213,10 +213,11 @@ def test_protocol_errors(live_server: LiveServer) -> None:
         b"POST /v1/services HTTP/1.1\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n":
             411,
         b"GET http://x/v1/health HTTP/1.1\r\n" + auth + b"\r\n": 400,
-        b"GET /v1/nope HTTP/1.1\r\n\r\n": 404,
+        b"GET /v1/nope HTTP/1.1\r\nHost: x\r\n\r\n": 404,
+        b"GET /v1/nope HTTP/1.1\r\n\r\n": 400,  # HTTP/1.1 without Host
         b"PUT /v1/services HTTP/1.1\r\n" + auth + b"\r\n": 405,
         b"GET /v1/services?x=1 HTTP/1.1\r\n" + auth + b"\r\n": 400,
-        b"GET /v1/health HTTP/1.1\r\n" + auth + auth + b"\r\n": 400,
+        b"GET /v1/health HTTP/1.1\r\n" + auth + b"Authorization: x\r\n\r\n": 400,
     }
     for req, status in cases.items():
         r = live_server.raw(req)[0]

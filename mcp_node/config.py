@@ -103,6 +103,30 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Fleet mode on etcd (issue 12); ``etcd`` empty: a single node, no etcd."""
+
+    etcd: tuple[str, ...] = ()          # endpoints, e.g. ["http://127.0.0.1:23791"]
+    node: str = ""                      # default: the host name's first label
+    roles: tuple[str, ...] = ("compute",)   # compute | edge
+    pool: str = ""
+    advertise: str = ""                 # address other nodes reach this one's proxy on
+    ca_cert: str = ""                   # TLS to etcd: CA bundle, client cert and key
+    cert_file: str = ""
+    key_file: str = ""
+    lease_ttl_s: int = 10               # the node record lives this long without keepalives
+    grace_s: float = 30.0               # after the lease expired, before work is re-placed
+    memory_mb: int = 0                  # offered to placements; 0: the host's memory
+    vcpus: int = 0                      # 0: the host's CPUs
+    deploy_wait_s: float = 120.0        # a fleet deploy waits so long for the node's answer
+    timeout_s: float = 2.0              # one etcd request; beyond it etcd counts as lost
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etcd)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     state: StateConfig = field(default_factory=StateConfig)
@@ -113,6 +137,7 @@ class AgentConfig:
     dns: DnsConfig = field(default_factory=DnsConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -137,6 +162,12 @@ RANGES: dict[str, tuple[float, float]] = {
     "server.max_unauthenticated": (1, 1_000_000),
     "server.max_unauthenticated_per_peer": (1, 1_000_000),
     "dns.timeout_s": (0.1, 60),
+    "cluster.lease_ttl_s": (2, 3600),
+    "cluster.grace_s": (0, 86400),
+    "cluster.memory_mb": (0, 1 << 30),
+    "cluster.vcpus": (0, 65536),
+    "cluster.deploy_wait_s": (1, 86400),
+    "cluster.timeout_s": (0.2, 60),
 }
 
 
@@ -203,8 +234,27 @@ def parse(data: dict[str, Any]) -> tuple[AgentConfig, list[ValidationError]]:
     checks.extend((root.startswith("/") and "\x00" not in root,
                    f"{root[:80]!r} is not an absolute path", "podman.volume_roots")
                   for root in cfg.podman.volume_roots)
+    checks.extend(_cluster_checks(cfg.cluster))
     errors.extend(ValidationError(msg, key) for ok, msg, key in checks if not ok)
     return cfg, errors
+
+
+def _cluster_checks(c: ClusterConfig) -> list[tuple[bool, str, str]]:
+    import re
+
+    name = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+    return [
+        *((r in ("compute", "edge"), f"{r[:40]!r} is not compute or edge", "cluster.roles")
+          for r in c.roles),
+        *((e.startswith(("http://", "https://")) and "\x00" not in e,
+           f"{e[:80]!r} is not an http:// or https:// URL", "cluster.etcd") for e in c.etcd),
+        (not c.node or bool(name.fullmatch(c.node)),
+         f"{c.node[:80]!r} is not a node name ([a-z0-9][a-z0-9-]{{0,62}})", "cluster.node"),
+        (not c.pool or bool(name.fullmatch(c.pool)),
+         f"{c.pool[:80]!r} is not a pool name ([a-z0-9][a-z0-9-]{{0,62}})", "cluster.pool"),
+        (bool(c.cert_file) == bool(c.key_file), "cert_file and key_file must be set together",
+         "cluster.cert_file"),
+    ]
 
 
 def from_dict(data: dict[str, Any]) -> AgentConfig:

@@ -10,7 +10,7 @@ import json
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class RouteDef:
     port: int
     mode: str = "l7"
     hostname: str = ""
+    public_hostname: str = ""        # fleet mode: served by every edge node
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class ServiceDef:
     components: tuple[ComponentDef, ...]
     active: bool = True
     runtime: str = DEFAULT_RUNTIME
+    node: str = ""                   # fleet mode: "NAME" pinned, "pool:NAME", "" any
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (lists, not tuples): what ``from_dict`` and the API accept."""
@@ -84,7 +86,20 @@ class ServiceDef:
             return value
 
         out: dict[str, Any] = plain(asdict(self))
+        if not self.node:   # the fleet keys only where set: single-node output is unchanged
+            del out["node"]
+        for c in out["components"]:
+            for r in c["routes"]:
+                if not r["public_hostname"]:
+                    del r["public_hostname"]
         return out
+
+    def local_part(self) -> ServiceDef:
+        """What one node runs: without the fleet's keys (its registry keeps no
+        placement, and a move between nodes must not change a workload's spec)."""
+        return replace(self, node="", components=tuple(
+            replace(c, routes=tuple(replace(r, public_hostname="") for r in c.routes))
+            for c in self.components))
 
 
 def check_name(value: object, field_name: str) -> str:
@@ -139,7 +154,7 @@ def _check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
 def _route(data: object, where: str, single: bool) -> RouteDef:
     if not isinstance(data, dict):
         raise ValidationError("must be a table", where.rstrip("."))
-    _check_keys(data, {"name", "port", "mode", "hostname"}, where)
+    _check_keys(data, {"name", "port", "mode", "hostname", "public_hostname"}, where)
     name = data.get("name", "")
     if not isinstance(name, str):  # before the truthiness test: [] or 0 is no "unnamed"
         raise ValidationError("must be a string", where + "name")
@@ -158,7 +173,12 @@ def _route(data: object, where: str, single: bool) -> RouteDef:
         raise ValidationError("must be a string", where + "hostname")
     if hostname:
         hostname = check_hostname(hostname, where + "hostname")
-    return RouteDef(name=name, port=port, mode=mode, hostname=hostname)
+    public = data.get("public_hostname", "")
+    if not isinstance(public, str):
+        raise ValidationError("must be a string", where + "public_hostname")
+    if public:
+        public = check_hostname(public, where + "public_hostname")
+    return RouteDef(name=name, port=port, mode=mode, hostname=hostname, public_hostname=public)
 
 
 COMPONENT_KEYS = {
@@ -250,7 +270,7 @@ def from_dict(data: object) -> ServiceDef:
     """Validate a decoded definition (TOML or JSON) into a ServiceDef."""
     if not isinstance(data, dict):
         raise ValidationError("a service definition must be an object")
-    _check_keys(data, {"name", "active", "runtime", "components"}, "")
+    _check_keys(data, {"name", "active", "runtime", "components", "node"}, "")
     name = check_name(data.get("name"), "name")
     active = data.get("active", True)
     if not isinstance(active, bool):
@@ -270,7 +290,15 @@ def from_dict(data: object) -> ServiceDef:
         if c.name in seen:
             raise ValidationError(f"duplicate component name {c.name!r}", f"components[{i}].name")
         seen.add(c.name)
-    return ServiceDef(name=name, components=comps, active=active, runtime=runtime)
+    node = data.get("node", "")
+    if not isinstance(node, str):
+        raise ValidationError("must be a string", "node")
+    if node:
+        target = node[5:] if node.startswith("pool:") else node
+        if not NAME_RE.fullmatch(target):
+            raise ValidationError(f"{node[:80]!r} is not NAME or pool:NAME "
+                                  "([a-z0-9][a-z0-9-]{0,62})", "node")
+    return ServiceDef(name=name, components=comps, active=active, runtime=runtime, node=node)
 
 
 def loads_toml(text: str) -> ServiceDef:

@@ -23,7 +23,8 @@ import pytest
 TOP = Path(__file__).resolve().parent.parent
 
 
-INTEGRATION_MODULES = ("podman_env", "qemu_env", "edge_env", "server_env", "daemon_env")
+INTEGRATION_MODULES = ("podman_env", "qemu_env", "edge_env", "server_env", "daemon_env",
+                       "etcd_env")
 _current: list[pytest.Item] = []
 
 
@@ -74,6 +75,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from edge_env import *  # noqa: E402,F401,F403
+from etcd_env import *  # noqa: E402,F401,F403
 from podman_env import *  # noqa: E402,F401,F403
 from qemu_env import *  # noqa: E402,F401,F403
 from server_env import *  # noqa: E402,F401,F403

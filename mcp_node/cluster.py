@@ -1,0 +1,252 @@
+"""etcd for fleet mode: one small client over etcd's JSON gateway (etcd3gw), the key
+layout, leases, transactions and a watch that reports its own end.
+
+Every call has a deadline (``cluster.timeout_s``) and moves on to the next
+endpoint when one does not answer; when none answers, ``FleetUnavailable``
+(503) says so, which is how a node tells "etcd has no quorum" from a slow one.
+No secret goes into etcd: definitions, node records and placements only.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .config import ClusterConfig
+from .errors import MCPError
+
+log = logging.getLogger("mcp_node.cluster")
+
+PREFIX = "/mcp/"
+NODES = PREFIX + "nodes/"          # lease-bound: each live node's record
+OBSERVED = PREFIX + "observed/"    # lease-bound: what each node runs, per service
+SERVICES = PREFIX + "services/"    # desired: definition, placement, state
+ALLOC = PREFIX + "alloc/"          # per node: the demand of every placement on it
+CORDON = PREFIX + "cordon/"        # drained nodes
+LOST = PREFIX + "lost/"            # when the leader first saw a node's record gone
+LEADER = PREFIX + "leader"         # lease-bound: the agent that re-places work
+
+
+class FleetUnavailable(MCPError):
+    """etcd did not answer (no quorum, or every endpoint down)."""
+
+    status = 503
+    code = "fleet_unavailable"
+
+
+class Conflict(Exception):
+    """A transaction's compare failed: someone changed what we read; read again."""
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+def prefix_end(prefix: str) -> str:
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: Any              # decoded JSON
+    mod_revision: int
+    lease: int = 0
+
+
+class Traffic:
+    """Requests and bytes (request plus response bodies) sent to etcd: the idle
+    cost of an agent, which bench/fleet.py reports."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, sent: int, received: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.bytes += sent + received
+
+
+class Etcd:
+    """The few etcd operations fleet mode needs, over every configured endpoint."""
+
+    def __init__(self, cfg: ClusterConfig, traffic: Traffic | None = None) -> None:
+        from etcd3gw.client import Etcd3Client
+
+        self.cfg = cfg
+        self.traffic = traffic or Traffic()
+        self._clients = []
+        for url in cfg.etcd:
+            u = urlsplit(url)
+            self._clients.append(Etcd3Client(
+                host=u.hostname or "127.0.0.1", port=u.port or 2379, protocol=u.scheme,
+                ca_cert=cfg.ca_cert or None, cert_key=cfg.key_file or None,
+                cert_cert=cfg.cert_file or None, timeout=cfg.timeout_s, api_path="/v3/"))
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the first endpoint that answers; FleetUnavailable when none does."""
+        from etcd3gw import exceptions as ex
+
+        errors = []
+        n = len(self._clients)
+        with self._lock:
+            start = self._current
+        for i in range(n):
+            idx = (start + i) % n
+            client = self._clients[idx]
+            data = json.dumps(body)
+            try:
+                out: dict[str, Any] = client.post(client.get_url(path), data=data)
+            except (ex.ConnectionFailedError, ex.ConnectionTimeoutError) as exc:
+                errors.append(f"{self.cfg.etcd[idx]}: {str(exc)[:160]}")
+                continue
+            except ex.Etcd3Exception as exc:
+                detail = getattr(exc, "detail_text", "") or str(exc)
+                # A member without quorum answers "request timed out" or "no leader".
+                if any(w in str(detail) for w in ("timed out", "no leader", "not capable",
+                                                  "unhealthy", "stopped")):
+                    errors.append(f"{self.cfg.etcd[idx]}: {str(detail)[:160]}")
+                    continue
+                raise MCPError(f"etcd {path}: {str(detail)[:300]}") from exc
+            self.traffic.add(len(data), len(json.dumps(out)))
+            with self._lock:
+                self._current = idx
+            return out
+        raise FleetUnavailable("etcd is unreachable or has no quorum (" + "; ".join(errors)
+                               + "): fleet writes are refused until it is back; reads answer "
+                               "from this node's own record, marked stale")
+
+    # -- keys ---------------------------------------------------------------
+
+    def get(self, key: str) -> KV | None:
+        kvs = self._range({"key": _b64(key)})[1]
+        return kvs[0] if kvs else None
+
+    def get_prefix(self, prefix: str) -> tuple[int, dict[str, KV]]:
+        """(revision, key -> KV) of every key under ``prefix``."""
+        rev, kvs = self._range({"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
+        return rev, {kv.key: kv for kv in kvs}
+
+    def _range(self, body: dict[str, Any]) -> tuple[int, list[KV]]:
+        out = self._post("/kv/range", body)
+        rev = int(out.get("header", {}).get("revision", 0))
+        return rev, [_kv(kv) for kv in out.get("kvs", [])]
+
+    def put(self, key: str, value: Any, lease: int = 0) -> None:
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(json.dumps(value, sort_keys=True))}
+        if lease:
+            body["lease"] = lease
+        self._post("/kv/put", body)
+
+    def delete(self, key: str) -> None:
+        self._post("/kv/deleterange", {"key": _b64(key)})
+
+    def txn(self, expect: dict[str, int], puts: dict[str, Any],
+            deletes: tuple[str, ...] = (), lease: dict[str, int] | None = None) -> None:
+        """Put and delete as one step if every key in ``expect`` still has that
+        mod_revision (0: absent); Conflict otherwise."""
+        compare = [{"key": _b64(k), "result": "EQUAL", "target": "MOD", "mod_revision": str(r)}
+                   for k, r in expect.items()]
+        ops: list[dict[str, Any]] = []
+        for k, v in puts.items():
+            put: dict[str, Any] = {"key": _b64(k), "value": _b64(json.dumps(v, sort_keys=True))}
+            if lease and lease.get(k):
+                put["lease"] = lease[k]
+            ops.append({"request_put": put})
+        ops.extend({"request_delete_range": {"key": _b64(k)}} for k in deletes)
+        out = self._post("/kv/txn", {"compare": compare, "success": ops})
+        if not out.get("succeeded"):
+            raise Conflict(", ".join(expect))
+
+    # -- leases -------------------------------------------------------------
+
+    def grant(self, ttl: int) -> int:
+        return int(self._post("/lease/grant", {"TTL": ttl, "ID": 0})["ID"])
+
+    def keepalive(self, lease: int) -> int:
+        """The lease's TTL after the refresh; -1 when it had already expired."""
+        out = self._post("/lease/keepalive", {"ID": lease})
+        return int(out.get("result", {}).get("TTL", -1))
+
+    def revoke(self, lease: int) -> None:
+        self._post("/kv/lease/revoke", {"ID": lease})
+
+    # -- watch --------------------------------------------------------------
+
+    def watch(self, prefix: str, start_revision: int, stop: threading.Event,
+              on_event: Callable[[str, str], None]) -> None:
+        """Stream changes under ``prefix`` from ``start_revision`` until ``stop`` or the
+        stream ends (a member died, etcd restarted); the caller resyncs and watches
+        again. ``on_event(kind, key)``, kind PUT or DELETE."""
+        client = self._clients[self._current]
+        create = {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
+                  "start_revision": start_revision}
+        body: dict[str, Any] = {"create_request": create}
+        resp = client.session.post(client.get_url("/watch"), data=json.dumps(body), stream=True,
+                                   timeout=(self.cfg.timeout_s, None))
+        self.traffic.add(len(json.dumps(body)), 0)
+        done = threading.Event()
+        threading.Thread(target=_close_on, args=(stop, done, resp), daemon=True).start()
+        try:
+            for line in _lines(resp, stop):
+                self.traffic.add(0, len(line))
+                result = json.loads(line).get("result", {})
+                for ev in result.get("events", []):
+                    on_event(ev.get("type", "PUT"), _unb64(ev["kv"]["key"]))
+                if result.get("canceled"):
+                    return
+        finally:
+            done.set()
+            resp.close()
+
+
+def _lines(resp: Any, stop: threading.Event) -> Iterator[str]:
+    """The stream's lines; its end, however abrupt, is only the end."""
+    import requests
+
+    try:
+        for raw in resp.iter_lines(chunk_size=None):
+            if raw and raw.strip():
+                yield raw.decode()
+    except (requests.RequestException, OSError, AttributeError, ValueError) as exc:
+        if not stop.is_set():
+            log.info("etcd watch ended: %s", exc)
+
+
+def _close_on(stop: threading.Event, done: threading.Event, resp: Any) -> None:
+    """Ends a blocked stream read when the agent stops."""
+    while not done.is_set():
+        if stop.wait(0.5):
+            break
+    # A read blocked on the stream ends only when its socket is shut down (as etcd3gw's
+    # own watcher does); close() from another thread does not wake it.
+    with contextlib.suppress(Exception):   # a stream that already ended
+        fd = resp.raw._fp.fileno()
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+            dup.shutdown(socket.SHUT_RDWR)
+
+
+def _kv(raw: dict[str, Any]) -> KV:
+    text = _unb64(raw.get("value", ""))
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        value = text
+    return KV(_unb64(raw["key"]), value, int(raw.get("mod_revision", 0)),
+              int(raw.get("lease", 0)))

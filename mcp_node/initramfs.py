@@ -32,7 +32,6 @@ from .vmimage import (
     BuildRequest,
     elf_info,
     run_tool,
-    sha256_file,
     volume_tag,
 )
 
@@ -380,6 +379,6 @@ class InitramfsBuilder:
         conf.write_text(guest_config(req.program, req.argv, req.env, req.volumes))
         log.info("initramfs: %s for kernel %s (%s)", initrd, ver,
                  "cached" if cached is not None and cached.is_file() else "built")
-        return BootPlan(builder=self.name, sha256=sha256_file(initrd), image=str(initrd),
+        return BootPlan(builder=self.name, image=str(initrd),
                         kernel=str(kernel.resolve()), initrd=str(initrd), append=CMDLINE,
                         fw_cfg=((GUEST_CONFIG, str(conf)),), volumes=req.volumes)

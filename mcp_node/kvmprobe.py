@@ -2,10 +2,11 @@
 
 ``/dev/kvm`` opening is not enough (on the test machines it opens, yet guests print
 nothing under KVM), so the probe boots something: stage 1 a tiny multiboot stub that
-writes a mark to COM1; stage 2, when a Linux kernel and busybox-static are at hand, that
-kernel with a busybox initramfs, because on some hosts the stub runs under KVM while
-Linux never prints a line. The verdict is cached on disk for a day per qemu binary,
-kernel and host kernel release (a failing probe costs up to ~20 s).
+writes a mark to COM1; stage 2 a real guest of the node's builder (a Linux kernel with a
+busybox initramfs, or a Nanos image whose program prints the mark), because on some
+hosts the stub runs under KVM while real guests never print a line. The verdict is
+cached on disk for a day per qemu binary, probe guest and host kernel release (a failing
+probe costs up to ~20 s).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cpio import Cpio
@@ -72,36 +75,114 @@ def kernel_probe_argv(binary: str, accel: str, kernel: str, initrd: str) -> list
 
 
 def boot_prints_mark(argv: list[str], timeout: float) -> tuple[bool, str]:
-    """Run ``argv`` (serial on stdout) until PROBE_MARK shows or ``timeout``; always killed."""
+    """Run ``argv`` (serial on stdout) until PROBE_MARK shows, qemu reports a KVM internal
+    error or exits, or ``timeout``; always killed."""
     log.info("run (kvm probe): %s", " ".join(argv))
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    out = b""
+    out = err = b""
     deadline = time.monotonic() + timeout
     try:
-        assert proc.stdout is not None
-        while PROBE_MARK not in out and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-            if ready:
-                chunk = os.read(proc.stdout.fileno(), 4096)
+        assert proc.stdout is not None and proc.stderr is not None
+        open_fds = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}
+        while (PROBE_MARK not in out and b"internal error" not in err and open_fds
+               and time.monotonic() < deadline):
+            ready, _, _ = select.select(list(open_fds), [], [], 0.1)
+            for fd in ready:
+                chunk = os.read(fd, 4096)
                 if not chunk:
-                    break
-                out += chunk
+                    del open_fds[fd]
+                elif open_fds[fd] == "out":
+                    out += chunk
+                else:
+                    err += chunk
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate(timeout=5)
+        proc.wait(timeout=5)
     if PROBE_MARK in out:
         return True, ""
-    detail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-    return False, f"printed nothing within {timeout:.0f}s ({detail[0]})"
+    lines = err.decode(errors="replace").strip().splitlines()
+    detail = next((x for x in lines if "internal error" in x), lines[-1] if lines else "")
+    return False, f"did not print the mark within {timeout:.0f}s ({detail or 'no output'})"
 
 
-def probe_kvm(binary: str, timeout: float = 3.0, kernel: Path | None = None,
-              busybox: Path | None = None, kernel_timeout: float = 15.0) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class GuestProbe:
+    """Stage 2: a real guest of the node's builder that prints PROBE_MARK on its serial
+    console. ``argv(tmp, binary, accel)`` writes what it needs into ``tmp``."""
+
+    key: str                                        # identifies it in the verdict cache
+    argv: Callable[[Path, str, str], list[str]]
+    timeout: float = 15.0
+
+
+def linux_guest(kernel: Path, busybox: Path) -> GuestProbe:
+    """The initramfs builder's guest: that Linux kernel to a busybox /init."""
+    def argv(tmp: Path, binary: str, accel: str) -> list[str]:
+        initrd = tmp / "probe.cpio.gz"
+        initrd.write_bytes(probe_initramfs(busybox.read_bytes()))
+        return kernel_probe_argv(binary, accel, str(kernel), str(initrd))
+
+    return GuestProbe(f"linux:{_stamp(kernel)}", argv)
+
+
+def probe_elf() -> bytes:
+    """A static x86-64 Linux ELF that writes PROBE_MARK to stdout and exits."""
+    msg = PROBE_MARK + b"\n"
+    base, head = 0x400000, 64 + 56
+    code = (b"\xb8\x01\x00\x00\x00"                      # mov eax, 1 (write)
+            b"\xbf\x01\x00\x00\x00"                      # mov edi, 1
+            b"\x48\x8d\x35" + struct.pack("<i", 16)         # lea rsi, [rip+16] (msg)
+            + b"\xba" + struct.pack("<I", len(msg))        # mov edx, len
+            + b"\x0f\x05"                                  # syscall
+            b"\xb8\xe7\x00\x00\x00"                      # mov eax, 231 (exit_group)
+            b"\x31\xff\x0f\x05")                          # xor edi, edi; syscall
+    size = head + len(code) + len(msg)
+    ehdr = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, base + head, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD r-x
+    return ehdr + phdr + code + msg
+
+
+def nanos_probe_argv(binary: str, accel: str, nanos_dir: Path, machine: str,
+                     disk: Path) -> list[str]:
+    common = [binary, "-accel", accel, "-m", "64", "-nodefaults", "-no-user-config",
+              "-display", "none", "-no-reboot", "-serial", "stdio",
+              "-drive", f"if=none,id=hd0,format=raw,file={str(disk).replace(',', ',,')}"]
+    if machine == "microvm":
+        return [*common, "-machine", "microvm,rtc=on,ioapic2=off",
+                "-kernel", str(nanos_dir / "kernel.img"),
+                "-global", "virtio-mmio.force-legacy=false",
+                "-device", "virtio-blk-device,drive=hd0"]
+    return [*common, "-machine", "q35", "-device", "virtio-scsi-pci,id=scsi0",
+            "-device", "scsi-hd,bus=scsi0.0,drive=hd0"]
+
+
+def nanos_guest(nanos_dir: Path, machine: str) -> GuestProbe:
+    """The nanos builder's guest: a Nanos image (its mkfs) whose program prints the mark,
+    booted as VMs are on ``machine`` (measured here: the stub runs under KVM, Nanos
+    stops with a KVM internal error)."""
+    def argv(tmp: Path, binary: str, accel: str) -> list[str]:
+        elf = tmp / "probe"
+        elf.write_bytes(probe_elf())
+        elf.chmod(0o755)
+        manifest = (f"(children:(probe:(contents:(host:{elf}))) program:/probe "
+                    "arguments:[probe] environment:(USER:root PWD:/))\n")
+        disk = tmp / "probe.raw"
+        subprocess.run([str(nanos_dir / "mkfs"), "-b", str(nanos_dir / "boot.img"),
+                        "-k", str(nanos_dir / "kernel.img"), str(disk)],
+                       input=manifest.encode(), capture_output=True, timeout=60, check=True)
+        return nanos_probe_argv(binary, accel, nanos_dir, machine, disk)
+
+    return GuestProbe(f"nanos:{_stamp(nanos_dir / 'kernel.img')}:{machine}", argv)
+
+
+def probe_kvm(binary: str, timeout: float = 3.0,
+              guest: GuestProbe | None = None) -> tuple[bool, str]:
     """KVM is usable only if guests really run under it. Stage 1 boots a tiny stub; stage 2
-    (when a kernel is given) boots that Linux kernel to a busybox /init, because on some
-    hosts the stub runs under KVM while Linux never prints a line (measured here)."""
+    (``guest``) boots a real guest of the node's builder, because on some hosts the stub
+    runs under KVM while Linux never prints a line and Nanos stops (measured here)."""
     if not os.path.exists("/dev/kvm"):
         return False, "/dev/kvm does not exist"
     try:
@@ -116,14 +197,14 @@ def probe_kvm(binary: str, timeout: float = 3.0, kernel: Path | None = None,
         ok, why = boot_prints_mark(probe_argv(binary, "kvm", str(img)), timeout)
         if not ok:
             return False, f"probe stub under KVM {why}"
-        if kernel is None or busybox is None:
+        if guest is None:
             return True, ""
-        initrd = Path(tmp) / "probe.cpio.gz"
-        initrd.write_bytes(probe_initramfs(busybox.read_bytes()))
-        ok, why = boot_prints_mark(
-            kernel_probe_argv(binary, "kvm", str(kernel), str(initrd)), kernel_timeout)
-        return (True, "") if ok else (False, f"kernel {kernel} under KVM {why}")
-
+        try:
+            argv = guest.argv(Path(tmp), binary, "kvm")
+        except (OSError, subprocess.SubprocessError) as exc:
+            return False, f"cannot prepare the {guest.key.split(':')[0]} probe guest: {exc}"
+        ok, why = boot_prints_mark(argv, guest.timeout)
+        return (True, "") if ok else (False, f"{guest.key.split(':')[0]} guest under KVM {why}")
 
 
 # -- the cached verdict --------------------------------------------------------------------------
@@ -136,30 +217,28 @@ def _stamp(p: str | Path | None) -> str:
     return f"{p}:{st.st_mtime_ns}:{st.st_size}" if st else f"{p}:-"
 
 
-def probe_kvm_cached(cache: Path, binary: str, kernel: Path | None,
-                     busybox: Path | None) -> tuple[bool, str]:
+def probe_kvm_cached(cache: Path, binary: str, guest: GuestProbe | None) -> tuple[bool, str]:
     """``probe_kvm``, its verdict kept in ``cache`` (JSON) for a day per qemu binary,
-    kernel and host kernel release."""
-    key = "|".join((_stamp(binary), _stamp(kernel), os.uname().release))
+    probe guest and host kernel release."""
+    key = "|".join((_stamp(binary), guest.key if guest else "-", os.uname().release))
     cached: object = None
     with contextlib.suppress(OSError, ValueError):
         cached = json.loads(cache.read_text())
     if (isinstance(cached, dict) and cached.get("key") == key
             and time.time() - float(cached.get("at", 0)) < CACHE_TTL_S):
         return bool(cached.get("ok")), str(cached.get("why", ""))
-    ok, why = probe_kvm(binary, kernel=kernel, busybox=busybox)
+    ok, why = probe_kvm(binary, guest=guest)
     with contextlib.suppress(OSError):
         atomic_write(cache, json.dumps({"key": key, "ok": ok, "why": why, "at": time.time()},
                                        sort_keys=True).encode())
     return ok, why
 
 
-def choose_accel(configured: str, cache: Path, binary: str, kernel: Path | None,
-                 busybox: Path | None) -> str:
+def choose_accel(configured: str, cache: Path, binary: str, guest: GuestProbe | None) -> str:
     """``kvm`` or ``tcg`` as configured; for ``auto``, kvm only if the probe boots."""
     if configured != "auto":
         return configured
-    ok, why = probe_kvm_cached(cache, binary, kernel, busybox)
+    ok, why = probe_kvm_cached(cache, binary, guest)
     if not ok:
         log.warning("qemu: KVM is not usable (%s); VMs run under TCG, slowly", why)
     return "kvm" if ok else "tcg"

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from .config import QemuConfig
 from .errors import ImageError, ValidationError
 from .grammar import Volume, parse_env
-from .vmimage import BootPlan, BuildRequest, run_tool, sha256_file
+from .vmimage import BootPlan, BuildRequest, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -149,5 +149,5 @@ class NanosBuilder:
         run_tool(nanos_mkfs_argv(d / "mkfs", d / "boot.img", d / "kernel.img", disk),
                  stdin=manifest.encode())
         kernel = str(d / "kernel.img") if self.cfg.machine == "microvm" else ""
-        return BootPlan(builder=self.name, sha256=sha256_file(disk), image=str(disk),
+        return BootPlan(builder=self.name, image=str(disk),
                         disk=str(disk), kernel=kernel, volumes=req.volumes, nanos=True)

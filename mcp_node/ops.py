@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import QemuConfig
 from .errors import ImageError, ValidationError
 from .grammar import Volume, parse_env
-from .vmimage import BootPlan, BuildRequest, find_tool, run_tool, sha256_file
+from .vmimage import BootPlan, BuildRequest, find_tool, run_tool
 
 
 def ops_config(req: BuildRequest) -> dict[str, object]:
@@ -80,5 +80,5 @@ class OpsBuilder:
             if not kernels:
                 raise ImageError("microvm needs Nanos's kernel.img; none found under ~/.ops")
             kernel = str(kernels[-1])
-        return BootPlan(builder=self.name, sha256=sha256_file(disk), image=str(disk),
+        return BootPlan(builder=self.name, image=str(disk),
                         disk=str(disk), kernel=kernel, nanos=True)

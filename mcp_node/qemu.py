@@ -5,10 +5,11 @@ by reading it and never has to kill anything on start. qemu runs daemonised;
 liveness is "pid alive *and* /proc/<pid>/cmdline is this VM's qemu", which guards
 against pid reuse.
 
-``run`` goes in four steps: the ELF (``_elf``: extracted from the OCI image, cached
-by image id), the image (``_image``: built by the node's builder, pin checked),
-the install (``_install``: the old VM stopped, the new image and ``VMMeta`` put in
-place) and the launch (``_launch``: qemu started).
+``run`` goes in four steps: the ELF (``_elf``: extracted from the OCI image; no podman
+call while the image store is unchanged), the image (``_image``: built by the node's
+builder, a pin checked), the install (``_install``: image and ``VMMeta`` put in place
+once the old VM is stopped) and the launch (``_launch``: qemu started with the guest
+paused while the image is hashed, then let run).
 
 What a guest gets on stop depends on the machine type: on q35 the ACPI power button
 (the program gets SIGTERM, the guest powers off), waited for up to the stop timeout,
@@ -50,14 +51,15 @@ from .errors import (
 from .files import atomic_write
 from .grammar import Volume, parse_volumes
 from .initramfs import find_busybox, find_kernel
-from .kvmprobe import choose_accel
+from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
 from .qemuargs import VMParams, mac_for, qemu_argv
 from .runtime import Runtime, Workload, WorkloadSpec
 from .servicedef import SHA256_RE, check_name
 from .states import State
-from .vmimage import BootPlan, Builder, BuildRequest
+from .vmimage import BootPlan, Builder, BuildRequest, hash_into, sha256_file
 from .vmpull import Podman, PulledELF, extract_elf
 from .vmstate import (
+    MICROVM_GRACE_S,
     VMDir,
     VMMeta,
     console_rotate,
@@ -66,6 +68,7 @@ from .vmstate import (
     live_pid,
     read_console,
     read_meta,
+    stop_text,
     wait_exit,
     write_meta,
 )
@@ -73,8 +76,8 @@ from .vmstate import (
 log = logging.getLogger(__name__)
 
 CACHE_GRACE_S = 600.0
-MICROVM_GRACE_S = 0.2     # microvm: time the program gets for its SIGTERM handler
 QUIT_WAIT_S = 3.0
+POWER_BUTTON_REPEAT_S = 1.0
 KILL_WAIT_S = 5.0
 
 
@@ -95,7 +98,8 @@ class QemuRuntime(Runtime):
         self._avail: tuple[bool, str] | None = None
         self._builder: Builder | None = None
         self._lock = threading.RLock()            # capacity check + launch, dir claims
-        self._guard = threading.Lock()            # _vm_locks and the accel probe
+        self._guard = threading.Lock()            # _vm_locks
+        self._accel_lock = threading.Lock()       # the accel probe (seconds, once)
         self._vm_locks: dict[str, threading.RLock] = {}
 
     # -- enablement ----------------------------------------------------------------------------
@@ -136,13 +140,23 @@ class QemuRuntime(Runtime):
     @property
     def accel(self) -> str:
         """kvm only if configured or a probe boot under KVM printed; cached."""
-        with self._guard:
+        with self._accel_lock:
             if self._accel is None:
-                kernel = find_kernel(self.cfg)[0] if self.cfg.accel == "auto" else None
+                guest = self._probe_guest() if self.cfg.accel == "auto" else None
                 self._accel = choose_accel(
                     self.cfg.accel, self.vms_dir / ".accel-probe.json",
-                    self._qemu_binary() or self.cfg.binary, kernel, find_busybox())
+                    self._qemu_binary() or self.cfg.binary, guest)
             return self._accel
+
+    def _probe_guest(self) -> GuestProbe | None:
+        """The KVM probe's stage 2: a guest like the ones the node's builder makes."""
+        name = self.builder_name
+        if name == "nanos":
+            return nanos_guest(Path(self.cfg.nanos_dir).expanduser(), self.cfg.machine)
+        kernel, busybox = find_kernel(self.cfg)[0], find_busybox()
+        if name == "initramfs" and kernel is not None and busybox is not None:
+            return linux_guest(kernel, busybox)
+        return None
 
     @property
     def graceful_stop(self) -> bool:
@@ -251,17 +265,15 @@ class QemuRuntime(Runtime):
         key = self._cache_key(spec)
         try:
             old = json.loads((self.cache_dir / f"{key}.json").read_bytes())
-            return PulledELF(**{**old, "argv": tuple(old.get("argv", ()))})
+            return PulledELF(**{**old, **{k: tuple(old.get(k, ())) for k in (
+                "argv", "entrypoint", "image_cmd")}})
         except (OSError, ValueError, TypeError):
             return None
 
     def _elf(self, spec: WorkloadSpec) -> tuple[PulledELF, Path]:
-        """The ELF step of ``run``: what ``pull`` extracted, else pulled now."""
-        elf = self.cache_dir / f"{self._cache_key(spec)}.elf"
-        pulled = self._cached_elf(spec)
-        if pulled is None or pulled.image != spec.image or not elf.is_file():
-            pulled = self._pull(spec)
-        return pulled, elf
+        """The ELF step of ``run``: the cached extraction while the image store is
+        unchanged (no podman call), else pulled and extracted again."""
+        return self._pull(spec), self.cache_dir / f"{self._cache_key(spec)}.elf"
 
     # -- run -----------------------------------------------------------------------------------
 
@@ -292,7 +304,7 @@ class QemuRuntime(Runtime):
                 with self._lock:
                     created = not d.path.exists()
                     meta = self._install(spec, pulled, d, tmp, plan, accel)
-                    pid = self._launch(d, meta)
+                    meta, pid = self._launch(d, meta)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if created:
@@ -302,12 +314,16 @@ class QemuRuntime(Runtime):
 
     def _image(self, spec: WorkloadSpec, builder: Builder, req: BuildRequest,
                out: Path) -> BootPlan:
-        """The image step: build into ``out``, refuse a digest that breaks the pin."""
+        """The image step: build into ``out``. A pin is checked here, before anything
+        boots; without one the digest is taken at launch, while qemu initialises."""
         plan = builder.build(req, out)
-        if spec.image_sha256 and plan.sha256 != spec.image_sha256:
-            raise ImageError(
-                f"image digest mismatch for {spec.name}: built {plan.sha256}, "
-                f"image_sha256 pins {spec.image_sha256}; not booting it")
+        if spec.image_sha256:
+            digest = sha256_file(Path(plan.image))
+            if digest != spec.image_sha256:
+                raise ImageError(
+                    f"image digest mismatch for {spec.name}: built {digest}, "
+                    f"image_sha256 pins {spec.image_sha256}; not booting it")
+            plan = replace(plan, sha256=digest)
         return plan
 
     def _install(self, spec: WorkloadSpec, pulled: PulledELF, d: VMDir, tmp: Path,
@@ -334,26 +350,42 @@ class QemuRuntime(Runtime):
         write_meta(d, meta)
         return meta
 
-    def params(self, d: VMDir, meta: VMMeta) -> VMParams:
+    def params(self, d: VMDir, meta: VMMeta, paused: bool = False) -> VMParams:
         return VMParams(
             binary=self._qemu_binary() or self.cfg.binary, name=meta.name,
             machine=meta.machine, accel=meta.accel, memory_mb=meta.memory_mb,
             vcpus=meta.vcpus, pidfile=str(d.pidfile), qmp=d.qmp.name,
-            console=str(d.console), ports=meta.ports, mac=meta.mac, plan=meta.boot)
+            console=str(d.console), ports=meta.ports, mac=meta.mac, plan=meta.boot,
+            paused=paused)
 
-    def _launch(self, d: VMDir, meta: VMMeta) -> int:
-        """The launch step: qemu daemonised in the VM dir; its pid once it runs."""
+    def _launch(self, d: VMDir, meta: VMMeta) -> tuple[VMMeta, int]:
+        """The launch step: qemu daemonised in the VM dir; the meta (with the image digest)
+        and qemu's pid once the guest runs.
+
+        An image not hashed yet is hashed while qemu initialises, with the guest's CPUs
+        held (``-S``) until the digest is recorded, so the digest is of the image as built
+        and costs no time before boot.
+        """
         console_rotate(d.console, self.cfg.console_max_bytes)
         for stale in (d.qmp, d.pidfile):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        argv = qemu_argv(self.params(d, meta))
+        paused = not meta.image_sha256
+        argv = qemu_argv(self.params(d, meta, paused))
+        digest: list[str | BaseException] = []
+        hasher = threading.Thread(target=hash_into, args=(Path(meta.boot.image), digest),
+                                  name=f"hash-{d.name}", daemon=True)
+        if paused:
+            hasher.start()
         log.info("run (cwd %s): %s", d.path, " ".join(argv))
         try:
             proc = subprocess.run(argv, cwd=d.path, capture_output=True, timeout=60,
                                   check=False, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise WorkloadError(f"qemu failed to start for {d.name}: {exc}") from exc
+        finally:
+            if paused:
+                hasher.join()
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip()[-800:]
             raise WorkloadError(
@@ -362,7 +394,19 @@ class QemuRuntime(Runtime):
         if pid is None:
             raise WorkloadError(f"qemu for {d.name} exited right after starting; "
                                 f"see {d.console}")
-        return pid
+        if paused:
+            try:
+                if isinstance(digest[0], BaseException):
+                    raise WorkloadError(f"cannot hash the image of {d.name}: {digest[0]}")
+                meta = replace(meta, image_sha256=digest[0],
+                               boot=replace(meta.boot, sha256=digest[0]))
+                write_meta(d, meta)
+                qmp.execute(d.qmp, "cont")
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                raise
+        return meta, pid
 
     def start(self, service: str, component: str) -> bool:
         """Boot a stopped VM again from its image as it is (its disk and console kept);
@@ -373,6 +417,7 @@ class QemuRuntime(Runtime):
         self._require()
         with self._vm_lock(d):
             if live_pid(d, meta):
+                self._resume(d)
                 return True
             with self._lock:
                 self._check_room(meta.name, meta.memory_mb, meta.vcpus, exclude=d.name)
@@ -380,6 +425,16 @@ class QemuRuntime(Runtime):
                 write_meta(d, meta)
                 self._launch(d, meta)
         return True
+
+    def _resume(self, d: VMDir) -> None:
+        """A VM left paused before its first instruction (the agent died between launch
+        and ``cont``) is let run."""
+        try:
+            if qmp.execute(d.qmp, "query-status").get("status") == "prelaunch":
+                log.warning("qemu %s: found paused before boot; continuing it", d.name)
+                qmp.execute(d.qmp, "cont")
+        except (qmp.QMPError, AttributeError) as exc:
+            log.warning("qemu %s: %s", d.name, exc)
 
     # -- stop / remove -------------------------------------------------------------------------
 
@@ -401,13 +456,18 @@ class QemuRuntime(Runtime):
                 return live_pid(d, meta) == pid
 
             wait = timeout if meta.machine != "microvm" else min(timeout, MICROVM_GRACE_S)
-            try:
-                qmp.execute(d.qmp, "system_powerdown")
-                log.info("qemu %s: system_powerdown sent, waiting up to %.1fs", d.name, wait)
-            except qmp.QMPError as exc:
-                log.warning("qemu %s: %s", d.name, exc)
-            if wait_exit(pid, wait, ours):
-                return
+            log.info("qemu %s: power button, waiting up to %.1fs", d.name, wait)
+            deadline = time.monotonic() + wait
+            while True:   # pressed again each second: a guest still booting missed it
+                try:
+                    qmp.execute(d.qmp, "system_powerdown")
+                except qmp.QMPError as exc:
+                    log.warning("qemu %s: %s", d.name, exc)
+                left = deadline - time.monotonic()
+                if wait_exit(pid, min(max(left, 0), POWER_BUTTON_REPEAT_S), ours):
+                    return
+                if left <= POWER_BUTTON_REPEAT_S:
+                    break
             if meta.machine != "microvm":
                 log.warning("qemu %s: guest ignored the power button for %.1fs; quitting",
                             d.name, wait)
@@ -468,7 +528,7 @@ class QemuRuntime(Runtime):
             "pid": pid, "accel": meta.accel, "image_sha256": meta.image_sha256,
             "memory_mb": meta.memory_mb, "vcpus": meta.vcpus, "builder": meta.builder,
             "machine": meta.machine, "ports": list(meta.ports), "mac": meta.mac,
-            "stop": self.stop_text(meta.machine, meta.stop_timeout_s),
+            "stop": stop_text(meta.machine, meta.stop_timeout_s),
             "state_dir": str(d.path), "console": str(d.console),
         }
         if qmp_status:
@@ -514,21 +574,13 @@ class QemuRuntime(Runtime):
 
     # -- what status and health show -----------------------------------------------------------
 
-    @staticmethod
-    def stop_text(machine: str, timeout: float) -> str:
-        """What a guest gets on stop, as status shows it."""
-        if machine == "microvm":
-            return (f"power button (SIGTERM), quit after {MICROVM_GRACE_S:g}s "
-                    "(microvm: the guest cannot power off)")
-        return f"power button (SIGTERM), quit after {timeout:g}s if still running"
-
     def status_extra(self, spec: WorkloadSpec, observed: Workload | None) -> dict[str, Any]:
         extra = observed.extra if observed is not None else {}
         planned = {
             "image_sha256": spec.image_sha256 or None, "memory_mb": spec.memory_mb,
             "vcpus": spec.vcpus, "accel": None, "pid": None,
             "builder": self.builder_name or None,
-            "stop": self.stop_text(self.cfg.machine, spec.stop_timeout_s),
+            "stop": stop_text(self.cfg.machine, spec.stop_timeout_s),
         }
         return {k: extra.get(k, v) for k, v in planned.items()}
 
@@ -539,7 +591,7 @@ class QemuRuntime(Runtime):
             return {
                 "available": ok, "missing": missing, "accel": self.accel if ok else "",
                 "builder": self.builder_name, "machine": self.cfg.machine,
-                "stop": self.stop_text(self.cfg.machine, 10.0),
+                "stop": stop_text(self.cfg.machine, 10.0),
                 "vms_running": n, "memory_mb_used": mem, "vcpus_used": cpus,
                 "host_memory_mb": host_memory_mb(), "host_cpus": host_cpus(),
                 "reserve_memory_mb": self.cfg.reserve_memory_mb,

@@ -35,6 +35,7 @@ class VMParams:
     ports: tuple[int, ...]
     mac: str
     plan: BootPlan
+    paused: bool = False      # -S: CPUs stay stopped until QMP ``cont``
 
 
 def esc(value: str) -> str:
@@ -129,6 +130,7 @@ def qemu_argv(p: VMParams) -> list[str]:
         "-serial", "chardev:con0",
         "-netdev", f"user,id=n0{fwd}",
         *_devices(p),
+        *(["-S"] if p.paused else []),
     ]
     for a in argv[1:]:
         if a.startswith("-") and a not in _OPTIONS:
@@ -139,4 +141,4 @@ def qemu_argv(p: VMParams) -> list[str]:
 _OPTIONS = {"-name", "-machine", "-accel", "-m", "-smp", "-nodefaults", "-no-user-config",
             "-display", "-no-reboot", "-daemonize", "-pidfile", "-qmp", "-chardev", "-serial",
             "-netdev", "-device", "-drive", "-kernel", "-initrd", "-append", "-fw_cfg",
-            "-fsdev", "-global"}
+            "-fsdev", "-global", "-S"}

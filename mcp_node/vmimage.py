@@ -68,8 +68,8 @@ class BootPlan:
     """How qemu boots a built image; the runtime adds machine, net, QMP, console."""
 
     builder: str
-    sha256: str                       # digest of the image file (``image``)
-    image: str                        # the file the digest covers
+    image: str                        # the image file (the digest covers it)
+    sha256: str = ""                  # its digest: computed by the runtime, not the builder
     kernel: str = ""                  # -kernel
     initrd: str = ""                  # -initrd
     append: str = ""                  # -append
@@ -91,7 +91,7 @@ class BootPlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BootPlan:
         return cls(
-            builder=str(d["builder"]), sha256=str(d["sha256"]), image=str(d["image"]),
+            builder=str(d["builder"]), sha256=str(d.get("sha256", "")), image=str(d["image"]),
             kernel=str(d.get("kernel", "")), initrd=str(d.get("initrd", "")),
             append=str(d.get("append", "")), disk=str(d.get("disk", "")),
             fw_cfg=tuple((str(n), str(f)) for n, f in d.get("fw_cfg", ())),
@@ -113,6 +113,10 @@ class BootPlan:
 
 
 class Builder(Protocol):
+    """Writes the image files; the runtime computes the image's digest (``sha256_file``)
+    where it costs least: before boot when a pin must be checked, else while qemu
+    initialises with the guest paused."""
+
     name: str
 
     def available(self) -> tuple[bool, str]:
@@ -161,6 +165,14 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def hash_into(path: Path, out: list[str | BaseException]) -> None:
+    """``sha256_file`` for a thread: the digest, or what went wrong, appended to ``out``."""
+    try:
+        out.append(sha256_file(path))
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+        out.append(exc)
 
 
 def elf_info(data: bytes, what: str) -> dict[str, object]:

@@ -3,6 +3,12 @@
 ``podman create`` + ``podman cp`` + ``podman rm`` works as root and rootless,
 needs no OCI runtime (nothing is started) and no image mount privileges.
 The image's own command (Entrypoint/Cmd) decides the program's arguments.
+
+A redeploy should not pay a podman call (~30 ms, more under load) to learn that
+nothing changed: containers/storage rewrites its image index
+(``<graphRoot>/<driver>-images/images.json``) whenever an image is added, removed
+or (re)tagged, so while that file's stamp is the one recorded with an extraction,
+the extraction stands. Where the index cannot be found, every pull asks podman.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ class PulledELF:
     argv: tuple[str, ...]           # arguments after argv[0]
     image_id: str
     elf_sha256: str
+    entrypoint: tuple[str, ...] = ()   # the image's own command, to re-derive argv
+    image_cmd: tuple[str, ...] = ()
+    store_stamp: str = ""           # image index stamp when it was extracted ("" unknown)
 
 
 def podman_argv(podman: str, *args: str) -> list[str]:
@@ -44,6 +53,39 @@ class Podman:
         self.env = dict(os.environ)
         if containers_conf:
             self.env["CONTAINERS_CONF"] = containers_conf
+
+        self._index: Path | None = None
+        self._index_known = False
+
+    def image_index(self) -> Path | None:
+        """containers/storage's image index file, from ``podman info`` (asked once)."""
+        if not self._index_known:
+            self._index_known = True
+            try:
+                proc = self.run("info", "--format",
+                                "{{.Store.GraphRoot}}\t{{.Store.GraphDriverName}}",
+                                check=False, timeout=60)
+            except ImageError as exc:
+                log.info("podman info failed (%s); every pull asks podman", exc)
+                return None
+            root, _, driver = proc.stdout.decode(errors="replace").strip().partition("\t")
+            index = Path(root) / f"{driver}-images" / "images.json"
+            if proc.returncode == 0 and root.startswith("/") and driver and index.is_file():
+                self._index = index
+            else:
+                log.info("podman image index not found (%r); every pull asks podman", root)
+        return self._index
+
+    def store_stamp(self) -> str:
+        """Changes whenever the image store does; "" when it cannot be told."""
+        index = self.image_index()
+        if index is None:
+            return ""
+        try:
+            st = index.stat()
+        except OSError:
+            return ""
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
     def run(self, *args: str, timeout: float = 120, check: bool = True
             ) -> subprocess.CompletedProcess[bytes]:
@@ -71,18 +113,42 @@ def choose_binary(spec_binary: str, component: str, entrypoint: list[str], cmd: 
     return f"/usr/local/bin/{component}", tuple(spec_cmd)
 
 
+def unchanged(podman: Podman, image: str, spec_binary: str, component: str,
+              spec_cmd: tuple[str, ...], dest: Path, cached: PulledELF | None
+              ) -> PulledELF | None:
+    """The cached extraction, argv re-derived for ``spec_cmd``, if the image store has not
+    changed since it was made (and ``dest`` is still there); else None."""
+    if cached is None or cached.image != image or not cached.store_stamp:
+        return None
+    if podman.store_stamp() != cached.store_stamp or not dest.is_file():
+        return None
+    binary, argv = choose_binary(spec_binary, component, list(cached.entrypoint),
+                                 list(cached.image_cmd), spec_cmd)
+    if binary != cached.binary:
+        return None
+    return PulledELF(image=image, binary=binary, argv=argv, image_id=cached.image_id,
+                     elf_sha256=cached.elf_sha256, entrypoint=cached.entrypoint,
+                     image_cmd=cached.image_cmd, store_stamp=cached.store_stamp)
+
+
 def extract_elf(podman: Podman, image: str, spec_binary: str, component: str,
                 spec_cmd: tuple[str, ...], dest: Path,
                 cached: PulledELF | None = None) -> PulledELF:
     """Pull ``image`` if needed and copy its ELF to ``dest`` (atomically).
 
-    ``cached`` is what an earlier extraction to ``dest`` found: when the image id and
-    the binary are the same and ``dest`` still hashes to it, nothing is copied again
-    (one podman call instead of four on a redeploy).
+    ``cached`` is what an earlier extraction to ``dest`` found: while the image store is
+    unchanged, no podman call is made at all; when the image id and the binary are the
+    same and ``dest`` still hashes to it, nothing is copied again (one podman call
+    instead of four).
     """
+    same = unchanged(podman, image, spec_binary, component, spec_cmd, dest, cached)
+    if same is not None:
+        return same
+    stamp = podman.store_stamp()   # before inspecting: a change meanwhile is seen next time
     proc = podman.run("image", "inspect", "--format", "json", image, check=False)
     if proc.returncode != 0:
         podman.run("pull", image, timeout=600)
+        stamp = podman.store_stamp()
         proc = podman.run("image", "inspect", "--format", "json", image)
     raw = proc.stdout
     try:
@@ -90,16 +156,23 @@ def extract_elf(podman: Podman, image: str, spec_binary: str, component: str,
     except (ValueError, IndexError, KeyError) as exc:
         raise ImageError(f"podman image inspect {image}: unreadable output") from exc
     conf = info.get("Config") or {}
-    binary, argv = choose_binary(spec_binary, component, conf.get("Entrypoint") or [],
-                                 conf.get("Cmd") or [], spec_cmd)
+    entrypoint = tuple(str(a) for a in conf.get("Entrypoint") or [])
+    image_cmd = tuple(str(a) for a in conf.get("Cmd") or [])
+    binary, argv = choose_binary(spec_binary, component, list(entrypoint), list(image_cmd),
+                                 spec_cmd)
     if not PurePosixPath(binary).is_absolute():
         raise ImageError(f"binary {binary!r} of image {image} is not an absolute path")
     image_id = str(info.get("Id", ""))
+
+    def found(elf_sha256: str) -> PulledELF:
+        return PulledELF(image=image, binary=binary, argv=argv, image_id=image_id,
+                         elf_sha256=elf_sha256, entrypoint=entrypoint, image_cmd=image_cmd,
+                         store_stamp=stamp)
+
     if (cached is not None and image_id and cached.image_id == image_id
             and cached.binary == binary and dest.is_file()
             and hashlib.sha256(dest.read_bytes()).hexdigest() == cached.elf_sha256):
-        return PulledELF(image=image, binary=binary, argv=argv, image_id=image_id,
-                         elf_sha256=cached.elf_sha256)
+        return found(cached.elf_sha256)
     name = f"mcp-extract-{secrets.token_hex(6)}"
     podman.run("create", "--pull=never", "--name", name, "--entrypoint", "/mcp-extract", image)
     try:
@@ -124,5 +197,4 @@ def extract_elf(podman: Podman, image: str, spec_binary: str, component: str,
             os.replace(out, dest)
     finally:
         podman.run("rm", "-f", name, check=False)
-    return PulledELF(image=image, binary=binary, argv=argv, image_id=image_id,
-                     elf_sha256=hashlib.sha256(data).hexdigest())
+    return found(hashlib.sha256(data).hexdigest())

@@ -27,6 +27,19 @@ from .vmimage import BootPlan
 
 log = logging.getLogger(__name__)
 
+MICROVM_GRACE_S = 0.2     # microvm: time the program gets for its SIGTERM handler
+
+
+def stop_text(machine: str, timeout: float) -> str:
+    """What a guest gets on stop, as status and health show it. The power button is ACPI
+    ``system_powerdown``: the program gets SIGTERM (Nanos; the initramfs init sends it),
+    and on q35 the guest then powers itself off. A Nanos guest on microvm cannot, so it
+    is not waited for."""
+    if machine == "microvm":
+        return (f"power button, quit after {MICROVM_GRACE_S:g}s "
+                "(microvm: the guest cannot power off)")
+    return f"power button, quit after {timeout:g}s"
+
 
 @dataclass(frozen=True)
 class VMDir:

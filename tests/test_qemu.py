@@ -37,6 +37,7 @@ from mcp_node.kvmprobe import (
     PROBE_MARK,
     boot_prints_mark,
     kernel_probe_argv,
+    linux_guest,
     probe_argv,
     probe_image,
     probe_initramfs,
@@ -150,7 +151,8 @@ def test_kvm_probe_stub_prints_under_tcg_and_accel_follows_the_probe(tmp_path: P
     ok, why = boot_prints_mark(kernel_probe_argv("qemu-system-x86_64", "tcg", str(kernel_path()),
                                                  str(initrd)), 120)
     assert ok, why
-    ok, why = probe_kvm("qemu-system-x86_64", kernel=kernel_path(), busybox=Path("/bin/busybox"))
+    ok, why = probe_kvm("qemu-system-x86_64",
+                        guest=linux_guest(kernel_path(), Path("/bin/busybox")))
     rt = qemu_runtime(qemu_config(tmp_path, accel="auto"))
     assert rt.accel == ("kvm" if ok else "tcg")
     assert ok or why

@@ -41,6 +41,11 @@ def opt(argv: list[str], flag: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
 
 
+def test_paused_adds_dash_s_only_when_asked() -> None:
+    assert "-S" not in qemu_argv(params())
+    assert qemu_argv(params(paused=True))[-1] == "-S"
+
+
 def test_common_part() -> None:
     argv = qemu_argv(params())
     assert argv[0] == "qemu-system-x86_64"

@@ -107,6 +107,13 @@ port = 8081
     return path
 
 
+def node_health(daemon: Daemon) -> dict[str, Any]:
+    """``mcp --json node health`` (a row per asked node; here the one agent)."""
+    rows = json.loads(daemon.mcp("--json", "node", "health").output)
+    row: dict[str, Any] = rows[0] if isinstance(rows, list) else rows
+    return row
+
+
 def comp(st: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in st["components"] if c["component"] == name)
 
@@ -159,7 +166,7 @@ def test_container_and_vm_service_end_to_end(daemon: Daemon, tmp_path: Path,
     assert f"hello: listening on :{vm_port}" in logs and "mcp-init: started" in logs
 
     # health: which runtimes and which accel the node has
-    health = json.loads(daemon.mcp("--json", "node", "health").output)
+    health = node_health(daemon)
     vm_rt = health["runtimes"]["unikernel"]
     assert vm_rt["available"] is True and vm_rt["accel"] == "tcg"
     assert vm_rt["builder"] == "initramfs" and vm_rt["vms_running"] == 1
@@ -248,9 +255,9 @@ def test_unikernel_refusals_leave_nothing(daemon: Daemon, tmp_path: Path,
 
 
 def stop_text(machine: str) -> str:
-    from mcp_node.qemu import QemuRuntime
+    from mcp_node.vmstate import stop_text
 
-    return QemuRuntime.stop_text(machine, 10.0)
+    return stop_text(machine, 10.0)
 
 
 def test_nanos_service_end_to_end(nanos_daemon: tuple[Daemon, str], tmp_path: Path,
@@ -291,7 +298,7 @@ def test_nanos_service_end_to_end(nanos_daemon: tuple[Daemon, str], tmp_path: Pa
     assert "builder=nanos" in text and f"pid={pid}" in text and "stop=power button" in text
     logs = daemon.mcp("logs", svc, "vm").output
     assert f"hello: listening on :{vm_port}" in logs and "assigned 10.0.2.15" in logs, logs
-    health = json.loads(daemon.mcp("--json", "node", "health").output)
+    health = node_health(daemon)
     vm_rt = health["runtimes"]["unikernel"]
     assert vm_rt["builder"] == "nanos" and vm_rt["machine"] == machine
     assert vm_rt["stop"] == stop_text(machine) and vm_rt["vms_running"] == 1

@@ -218,6 +218,28 @@ class Http01Responder:
             self._thread = None
 
 
+def issue_files(client: AcmeClient, hostname: str, responder: Http01Responder,
+                paths: Callable[[str], tuple[Path, Path]]) -> tuple[Path, Path, CertInfo]:
+    """A key made here, its certificate, both written under the serial-bearing names
+    ``paths(serial)`` gives (key 0600); the responder is closed after the order. Shared by
+    edge routes and node routes, so both issue and store certificates the same way."""
+    key = new_key()
+    try:
+        chain = client.issue(hostname, key, responder)
+    finally:
+        responder.close()
+    info = cert_info(chain)
+    cert_file, key_file = paths(info.serial)
+    try:
+        atomic_write(key_file, key_pem(key), 0o600)
+        atomic_write(cert_file, chain, 0o644)
+    except OSError as exc:
+        for f in (cert_file, key_file):
+            f.unlink(missing_ok=True)
+        raise IssuerError(f"cannot write certificate files: {exc}") from exc
+    return cert_file, key_file, info
+
+
 # -- the client ----------------------------------------------------------------
 
 @dataclass

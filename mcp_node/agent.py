@@ -103,6 +103,8 @@ class Agent:
         self._locks_guard = threading.Lock()
         self._names_guard = threading.Lock()
         self._edge: EdgeManager | None = None
+        self._routes: Any = None   # NodeRoutes, with proxy.serve_routes (issue 11)
+        self._routes_checked = time.time()
         self._health: dict[str, Any] = {}
         self._edge_checked = time.time()
         self._edge_reasons: list[str] = []
@@ -239,6 +241,8 @@ class Agent:
         """
         check_volume_roots(defn, self.config.podman.volume_roots
                            or default_volume_roots(self.state_dir))
+        if self.config.proxy.serve_routes:
+            self.node_routes.check(defn)
         with self._service_lock(defn.name):
             previous = (self.registry.get_service(defn.name)
                         if self.registry.has_service(defn.name) else None)
@@ -261,6 +265,7 @@ class Agent:
                      len(defn.components), version, " unchanged" if unchanged else "")
             # Under the lock: an undeploy queued behind us must not turn this reply into a 404.
             self.monitor.refresh_safely()
+            self._routes_after(defn.name)
             return {**self.status(defn.name), "unchanged": unchanged}
 
     def _check_workload_names(self, defn: ServiceDef) -> None:
@@ -409,6 +414,7 @@ class Agent:
             in_parallel([partial(self._to_state, name, comp, desired, restart, timeout)
                          for comp in comps])
             self.monitor.refresh_safely()
+            self._routes_after(name)
             return self.status(name)
 
     def _to_state(self, service: str, comp: ComponentRecord, desired: State,
@@ -446,6 +452,7 @@ class Agent:
                          for c in rec.components])
             self.registry.delete_service(rec.name)
             log.info("undeployed service=%s", rec.name)
+            self._routes_after(rec.name)
         self.monitor.refresh_safely()
 
     def logs(
@@ -495,6 +502,21 @@ class Agent:
             self._edge = EdgeManager(self.config, self.registry)
         return self._edge
 
+    @property
+    def node_routes(self) -> Any:
+        """Component routes on the node proxy (noderoutes), loaded on first use."""
+        if self._routes is None:
+            from .noderoutes import NodeRoutes
+
+            self._routes = NodeRoutes(self.config, self.registry, f"{self.node}/{self.owner}")
+        return self._routes
+
+    def _routes_after(self, name: str) -> None:
+        """Proxy, certificates and DNS in step after a change; RouteError names the step
+        that failed while the components keep running."""
+        if self.config.proxy.serve_routes:
+            self.node_routes.after_change(name)
+
     def _reconcile_edge(self) -> None:
         try:
             for action in self.edge.reconcile():
@@ -510,6 +532,10 @@ class Agent:
             if done:
                 self.monitor.poke()
         now = time.time()
+        if self._reconciling and self.config.proxy.serve_routes:
+            due = now - self._routes_checked >= self.config.monitor.edge_interval_s
+            self._routes_checked = now if due else self._routes_checked
+            self.node_routes.reconcile(reassert=due)
         # A node without edge routes is no edge node: its proxy and CA are not its concern,
         # and the edge modules (cryptography, dnspython) are not even loaded.
         edge_routes = len(self.registry.list_edge_routes())
@@ -543,7 +569,9 @@ class Agent:
             node=self.node, runtimes=runtimes, runtime_reasons=runtime_reasons,
             spec_drift=[f"{s}/{c}" for s, c in self._spec_drift(view)],
             held_down=sorted(f"{s}/{c}" for s, c in self.reconciler.last.held),
-            edge_reasons=self._edge_reasons, edge_routes=edge_routes,
+            edge_reasons=self._edge_reasons + (self.node_routes.health() if
+                                               self.config.proxy.serve_routes else []),
+            edge_routes=edge_routes,
             monitor_error=self.monitor.last_error))
 
     def _spec_drift(self, view: View) -> list[tuple[str, str]]:

@@ -67,6 +67,10 @@ class ProxyConfig:
     backend: str = "caddy"
     admin: str = "http://127.0.0.1:2019"
     https_port: int = 443
+    serve_routes: bool = False           # component routes on the node proxy (noderoutes)
+    l4: str = "haproxy"                  # L4 proxy for mode "l4" routes; "" refuses them
+    l4_binary: str = "haproxy"
+    low_ports: tuple[int, ...] = ()      # route ports below 1024 allowed on this node
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,15 @@ class AcmeConfig:
 class DnsConfig:
     nameservers: tuple[str, ...] = ()
     timeout_s: float = 3.0
+    update_server: str = ""              # RFC 2136 target "host:port"; empty: no registration
+    tsig_name: str = ""
+    tsig_secret_file: str = ""           # base64 secret; must be mode 0600
+    tsig_algorithm: str = "hmac-sha256"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    advertise: str = "127.0.0.1"         # address the node proxy listens on (a Tailnet one)
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,7 @@ class AgentConfig:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -171,6 +185,9 @@ RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+INT_LISTS = {"proxy.low_ports"}
+
+
 def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
     where = f"{section}.{key}"
     if isinstance(default, bool):
@@ -182,6 +199,10 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
         value = float(value) if ok else value
         if ok and not math.isfinite(value):
             raise ValidationError(f"must be a finite number (is {value})", where)
+    elif isinstance(default, tuple) and where in INT_LISTS:
+        ok = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
     elif isinstance(default, tuple):
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
@@ -235,6 +256,7 @@ def parse(data: dict[str, Any]) -> tuple[AgentConfig, list[ValidationError]]:
                    f"{root[:80]!r} is not an absolute path", "podman.volume_roots")
                   for root in cfg.podman.volume_roots)
     checks.extend(_cluster_checks(cfg.cluster))
+    checks.extend(_route_checks(cfg))
     errors.extend(ValidationError(msg, key) for ok, msg, key in checks if not ok)
     return cfg, errors
 
@@ -254,6 +276,30 @@ def _cluster_checks(c: ClusterConfig) -> list[tuple[bool, str, str]]:
          f"{c.pool[:80]!r} is not a pool name ([a-z0-9][a-z0-9-]{{0,62}})", "cluster.pool"),
         (bool(c.cert_file) == bool(c.key_file), "cert_file and key_file must be set together",
          "cluster.cert_file"),
+    ]
+
+
+def _route_checks(cfg: AgentConfig) -> list[tuple[bool, str, str]]:
+    """Node-proxy keys (issue 11): an address, known names, ports below 1024 only."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(cfg.node.advertise)
+        address_ok = True
+    except ValueError:
+        address_ok = False
+    algs = ("hmac-sha256", "hmac-sha512", "hmac-sha384", "hmac-sha224", "hmac-sha1",
+            "hmac-md5")
+    d = cfg.dns
+    return [
+        (address_ok, f"{cfg.node.advertise[:80]!r} is not an IP address", "node.advertise"),
+        (cfg.proxy.l4 in ("haproxy", ""), "must be haproxy or empty", "proxy.l4"),
+        *((0 < p < 1024, f"{p} is not a port below 1024", "proxy.low_ports")
+          for p in cfg.proxy.low_ports),
+        (d.tsig_algorithm.lower() in algs, f"{d.tsig_algorithm[:40]!r} is not one of "
+         f"{', '.join(algs)}", "dns.tsig_algorithm"),
+        (not d.update_server or bool(d.tsig_name and d.tsig_secret_file),
+         "needs dns.tsig_name and dns.tsig_secret_file", "dns.update_server"),
     ]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import tailnet
-from .acme import AcmeClient, Http01Responder, cert_info, key_pem, new_key
+from .acme import AcmeClient, Http01Responder, issue_files
 from .config import AgentConfig
 from .errors import (
     DNSCheckError,
@@ -30,7 +30,6 @@ from .errors import (
     ProxyError,
     ValidationError,
 )
-from .files import atomic_write
 from .proxy import ProxyRoute, Router, make_router
 from .registry import EdgeRouteRecord, Registry
 from .servicedef import check_hostname
@@ -125,21 +124,10 @@ class EdgeManager:
 
     def _issue(self, host: str) -> tuple[Path, Path, str, str]:
         """New key + certificate, written under serial-bearing names (key 0600)."""
-        key = new_key()
-        responder = Http01Responder(self.config.acme.http01_port)
-        try:
-            chain = self.issuer.issue(host, key, responder)
-        finally:
-            responder.close()
-        info = cert_info(chain)
-        cert_file = self.router.cert_path(host, info.serial)
-        key_file = self.router.key_path(host, info.serial)
-        try:
-            atomic_write(key_file, key_pem(key), 0o600)
-            atomic_write(cert_file, chain, 0o644)
-        except OSError as exc:
-            _unlink(key_file, cert_file)
-            raise IssuerError(f"cannot write certificate files: {exc}") from exc
+        cert_file, key_file, info = issue_files(
+            self.issuer, host, Http01Responder(self.config.acme.http01_port),
+            lambda serial: (self.router.cert_path(host, serial),
+                            self.router.key_path(host, serial)))
         return cert_file, key_file, info.serial, info.expires
 
     def _due(self, rec: EdgeRouteRecord) -> bool:

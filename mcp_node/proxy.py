@@ -146,6 +146,12 @@ class CaddyRouter:
     def key_path(self, hostname: str, serial: str) -> Path:
         return self.cert_dir / f"{hostname}.{serial}.key"
 
+    def call(self, method: str, path: str, body: Any = None, ok404: bool = False,
+             created_id: str = "") -> Any:
+        """One admin request, for other route kinds on this Caddy (noderoutes); a 404 with
+        ``ok404`` is None for GET, else a sentinel that is not None."""
+        return self._call(method, path, body, ok404, created_id)
+
     def _call(self, method: str, path: str, body: Any = None, ok404: bool = False,
               created_id: str = "") -> Any:
         """One admin request; a connection reset is retried (bounded).

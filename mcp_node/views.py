@@ -88,6 +88,9 @@ class Views:
             row["flapping"] = (svc.name, c.defn.name) in view.flapping
             row.update(self._restart_fields(svc.name, c, w))
             row.update(self._status_extra(svc.name, c, w))
+            if self.a.config.proxy.serve_routes:   # URL, certificate, DNS, proxy (issue 11)
+                row["routes"] = self.a.node_routes.describe(svc.name, c.defn.name,
+                                                            row["routes"])
             comps.append(row)
         return {
             "service": svc.name, "active": svc.active, "node": self.a.node,

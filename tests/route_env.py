@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = ["ZONE", "TSIG_NAME", "HOST_ADDR", "NS_ADDR", "RouteNetns", "Bind",
+           "make_route_config", "route_netns", "bind_dns", "route_pebble"]
+
 ZONE = "svc.example.test"
 TSIG_NAME = "mcp-test-key"
 HOST_ADDR, NS_ADDR = "100.64.1.1", "100.64.1.2"

@@ -173,8 +173,9 @@ def test_fault_leaves_nothing_half_made(live: Live, fault: str) -> None:
     name = host.split(".")[0]
     if fault == "tsig":
         live.bind.secret_file(live.secret_file, "d3Jvbmcgc2VjcmV0IHdyb25nIHNlY3JldA==")
-    stopped = {"bind_down": live.bind, "pebble_down": live.pebble,
-               "caddy_down": live.caddy}.get(fault)
+    faults: dict[str, Bind | Pebble | Caddy] = {
+        "bind_down": live.bind, "pebble_down": live.pebble, "caddy_down": live.caddy}
+    stopped = faults.get(fault)
     if stopped is not None:
         stopped.stop()
     with pytest.raises(RouteError) as err:

@@ -29,7 +29,7 @@ import dns.tsigkeyring
 import dns.update
 
 from .config import DnsConfig
-from .errors import ConflictError, EdgeError
+from .errors import DNSUpdateError, EdgeError, HostnameTaken
 from .tailnet import parse_nameserver
 
 log = logging.getLogger(__name__)
@@ -41,18 +41,6 @@ ALGORITHMS = {
     "hmac-sha384": dns.tsig.HMAC_SHA384, "hmac-sha224": dns.tsig.HMAC_SHA224,
     "hmac-sha1": dns.tsig.HMAC_SHA1, "hmac-md5": dns.tsig.HMAC_MD5,
 }
-
-
-class DNSUpdateError(EdgeError):
-    """The update server refused or could not be reached (502: a dependency failed)."""
-
-    code = "dns_update"
-
-
-class HostnameTaken(ConflictError):
-    """The name already points at another address: registering it would hijack it."""
-
-    code = "hostname_taken"
 
 
 def absolute(hostname: str) -> dns.name.Name:

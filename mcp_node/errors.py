@@ -17,6 +17,7 @@ stand for, so they hang off the root::
      +-- NotFoundError            404 not_found
      +-- ConflictError            409 conflict
      |    +-- ResourceError       409 resources    (would overcommit the node)
+     |    +-- HostnameTaken       409 hostname_taken (DNS name held for another address)
      +-- TokenStoreError          500 token_store  (tokens file untrusted or unreadable)
      +-- RegistryError            503 registry     (storage: full, read-only, corrupt)
      |    +-- SchemaTooNewError   503 schema_too_new
@@ -25,8 +26,11 @@ stand for, so they hang off the root::
      |    +-- qmp.QMPError        502 runtime      (QEMU's monitor; in mcp_node.qmp)
      +-- EdgeError                502 edge
      |    +-- IssuerError         502 issuer       (ACME CA)
-     |    +-- ProxyError          502 proxy        (Caddy admin API)
+     |    +-- ProxyError          502 proxy        (Caddy admin API, HAProxy)
+     |    +-- DNSUpdateError      502 dns_update   (RFC 2136 server refused or unreachable)
+     |    +-- RouteError          502 route        (a node route not set up; components run)
      +-- RuntimeUnavailable       503 runtime_unavailable
+     +-- FleetUnavailable         503 fleet_unavailable (etcd lost: no fleet writes)
      +-- AgentUnreachable         503 unreachable  (client side: no answer at all)
      +-- HTTPError                4xx/5xx          (server side: protocol-level refusal)
      +-- RemoteError              4xx/5xx          (client side: the agent's error reply)
@@ -109,6 +113,13 @@ class RuntimeUnavailable(MCPError):
     code = "runtime_unavailable"
 
 
+class FleetUnavailable(MCPError):
+    """Fleet mode: etcd does not answer (no quorum, or every endpoint down)."""
+
+    status = 503
+    code = "fleet_unavailable"
+
+
 class WorkloadError(MCPError):
     """podman or qemu refused or failed an operation."""
 
@@ -137,6 +148,24 @@ class IssuerError(EdgeError):
 
 class ProxyError(EdgeError):
     code = "proxy"
+
+
+class DNSUpdateError(EdgeError):
+    """The RFC 2136 update server refused or could not be reached."""
+
+    code = "dns_update"
+
+
+class RouteError(EdgeError):
+    """A node route could not be set up (its step named); the components run."""
+
+    code = "route"
+
+
+class HostnameTaken(ConflictError):
+    """The route hostname already points at another address: taking it would hijack it."""
+
+    code = "hostname_taken"
 
 
 class AgentUnreachable(MCPError):

@@ -32,7 +32,7 @@ from . import dnsupdate, nodeproxy
 from .acme import AcmeClient, Http01Responder, issue_files
 from .config import AgentConfig
 from .edge import parse_time, under_domain
-from .errors import ConflictError, EdgeError, MCPError, ValidationError
+from .errors import ConflictError, MCPError, RouteError, ValidationError
 from .l4proxy import HAProxy, L4Route
 from .proxy import CaddyRouter, make_router
 from .registry import Registry, ServiceRecord, now_iso
@@ -46,13 +46,7 @@ Key = tuple[str, str, str]   # service, component, route name
 BACKOFF_MAX_S = 300.0
 
 
-class RouteError(EdgeError):
-    """A route could not be set up; the components run (502: a dependency failed)."""
-
-    code = "route"
-
-
-class StepError(Exception):
+class _StepError(Exception):
     def __init__(self, step: str, message: str) -> None:
         super().__init__(message)
         self.step = step
@@ -228,7 +222,7 @@ class NodeRoutes:
         try:
             return fn()
         except (MCPError, OSError) as exc:
-            raise StepError(step, str(exc)) from exc
+            raise _StepError(step, str(exc)) from exc
         finally:
             self.timings[step] = self.timings.get(step, 0.0) + time.perf_counter() - start
 
@@ -248,13 +242,13 @@ class NodeRoutes:
             by_host: dict[str, list[Want]] = {}
             for w in wants:
                 by_host.setdefault(w.hostname, []).append(w)
-            host_fail: dict[str, StepError] = {}
+            host_fail: dict[str, _StepError] = {}
             undo: dict[str, Callable[[], None]] = {}
             retired: dict[str, list[Path]] = {}   # renewed: old files, dropped once served
             pinged = False
             for host, ws in sorted(by_host.items()):
                 if reconcile and self._waiting([w.key for w in ws], now):
-                    host_fail[host] = StepError("", "")   # keep its failure as it is
+                    host_fail[host] = _StepError("", "")   # keep its failure as it is
                     continue
                 needs_cert = any(w.mode == "l7" for w in ws)
                 rec = rows.get(host) or HostRecord(host)
@@ -263,12 +257,12 @@ class NodeRoutes:
                     try:   # a down proxy costs no certificate and no record
                         self._step("proxy", self.caddy.ping)
                         pinged = True
-                    except StepError as exc:
+                    except _StepError as exc:
                         host_fail[host] = exc
                         continue
                 try:
                     new, undo_one = self._host(rec, due, reassert)
-                except StepError as exc:
+                except _StepError as exc:
                     host_fail[host] = exc
                     continue
                 rows[host] = new
@@ -305,7 +299,7 @@ class NodeRoutes:
                 new.cert_serial, new.cert_expires = info.serial, info.expires
             if new != rec:
                 self._step("persist", lambda: self.hosts.put(new))
-        except StepError:
+        except _StepError:
             self._undo(rec, made_dns, files, restore_row=False)
             raise
 
@@ -340,14 +334,14 @@ class NodeRoutes:
             lambda serial: (self.caddy.cert_path(host, serial), self.caddy.key_path(host, serial)))
 
     def _proxies(self, live: list[Want], rows: dict[str, HostRecord], wants: list[Want],
-                 reconcile: bool, now: float) -> dict[Key, StepError]:
+                 reconcile: bool, now: float) -> dict[Key, _StepError]:
         """Caddy to the live l7 routes, HAProxy to the live l4 ones; failures per route."""
-        out: dict[Key, StepError] = {}
+        out: dict[Key, _StepError] = {}
         l7 = [w for w in live if w.mode == "l7" and rows.get(w.hostname, HostRecord(""))
               .cert_path]
         l4 = [w for w in live if w.mode == "l4"]
         if reconcile and now < self._proxy_next:
-            return {w.key: StepError("", "") for w in live if w.key not in self.served}
+            return {w.key: _StepError("", "") for w in live if w.key not in self.served}
         if l7 or not self._caddy_known_empty:
             routes = [nodeproxy.L7Route(w.port, w.hostname, w.host_port) for w in l7]
             certs = {w.hostname: (rows[w.hostname].cert_path, rows[w.hostname].key_path)
@@ -355,7 +349,7 @@ class NodeRoutes:
             try:
                 self._step("proxy", lambda: self._caddy_apply(routes, certs))
                 self._caddy_known_empty = not l7
-            except StepError as exc:
+            except _StepError as exc:
                 if l7:
                     out.update({w.key: exc for w in l7})
                 else:
@@ -363,7 +357,7 @@ class NodeRoutes:
         try:
             self._step("proxy", lambda: self.l4.apply(
                 [L4Route(w.port, self.address, w.host_port, w.label) for w in l4]))
-        except StepError as exc:
+        except _StepError as exc:
             out.update({w.key: exc for w in l4})
         self._proxy_next = now + 5.0 if out else 0.0
         served = {w.key for w in l7 + l4 if w.key not in out}
@@ -395,8 +389,8 @@ class NodeRoutes:
             self.stale_dns.pop(host, None)
             log.info("node route hostname %s released", host)
 
-    def _record(self, wants: list[Want], host_fail: dict[str, StepError],
-                proxy_fail: dict[Key, StepError], now: float) -> None:
+    def _record(self, wants: list[Want], host_fail: dict[str, _StepError],
+                proxy_fail: dict[Key, _StepError], now: float) -> None:
         keep: dict[Key, Failure] = {}
         for w in wants:
             err = host_fail.get(w.hostname) or proxy_fail.get(w.key)

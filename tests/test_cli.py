@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -288,8 +289,8 @@ def test_completion_scripts_complete_real_commands(shell: str) -> None:
 
     res = CliRunner().invoke(cli, ["completion", shell])
     assert res.exit_code == 0 and "_MCP_COMPLETE" in res.stdout
-    mcp = shutil.which("mcp")
-    assert mcp is not None
+    mcp = shutil.which("mcp", path=str(Path(sys.executable).parent)) or shutil.which("mcp")
+    assert mcp is not None, "the mcp entry point is installed beside this python"
     # bash and zsh pass the index of the word being completed, fish the word itself
     env = {**os.environ, "_MCP_COMPLETE": f"{shell}_complete", "COMP_WORDS": "mcp dep",
            "COMP_CWORD": "dep" if shell == "fish" else "1"}

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import health
 from .config import AgentConfig
-from .errors import ConflictError, MCPError, NotFoundError, RuntimeUnavailable, ValidationError
+from .errors import (
+    ConflictError,
+    FleetUnavailable,
+    MCPError,
+    NotFoundError,
+    RuntimeUnavailable,
+    ValidationError,
+)
 from .files import atomic_write, flocked
 from .grammar import default_volume_roots
 from .monitor import Monitor, View
@@ -43,6 +50,7 @@ from .views import Views, rfc3339
 
 if TYPE_CHECKING:
     from .edge import EdgeManager
+    from .fleetnode import Fleet
 
 log = logging.getLogger("mcp_node.agent")
 
@@ -116,6 +124,14 @@ class Agent:
         self.on_round = on_round  # after every monitor round: the daemon's watchdog ping
         self.monitor = Monitor(self.registry, self._listable, config.monitor,
                                self._after_round)
+        # Fleet mode ([cluster] etcd set): writes go through etcd placement, reads come
+        # from etcd; without it every method below is the single node's, as before.
+        self.fleet: Fleet | None = None
+        if config.cluster.enabled:
+            from .fleetnode import Fleet
+
+            self.fleet = Fleet(self)
+            self.node = self.fleet.name
         if monitor:
             self.start_monitor()
 
@@ -127,12 +143,16 @@ class Agent:
         """
         if reconcile is not None:
             self._reconciling = reconcile
+        if self.fleet is not None:
+            self.fleet.start()   # joins and converges to etcd before the first round
         self.monitor.start()
         if self.registry.list_edge_routes():
             self._reconcile_edge()
 
     def _after_round(self, view: View) -> None:
         self._on_refresh(view)
+        if self.fleet is not None:
+            self.fleet.after_round()
         if self.on_round is not None:
             self.on_round()
 
@@ -232,6 +252,25 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------
 
     def deploy(self, defn: ServiceDef) -> dict[str, Any]:
+        """Deploy ``defn``: placed through etcd in fleet mode (FleetUnavailable while
+        etcd is lost), else on this node. A single node refuses a ``node`` other than
+        its own name."""
+        if self.fleet is not None:
+            self._fleet_writable()
+            return self.fleet.deploy(defn)
+        if defn.node and defn.node != self.node:
+            raise ValidationError(f"{defn.node!r} is not this node ({self.node}); placement "
+                                  "on other nodes needs fleet mode ([cluster] in the agent's "
+                                  "config)", "node")
+        return self.deploy_local(defn.local_part())
+
+    def _fleet_writable(self) -> None:
+        """Fleet writes need etcd: refused at once, with nothing changed, while it is lost."""
+        assert self.fleet is not None
+        if not self.fleet.reachable and self.fleet.last_error:
+            raise FleetUnavailable(self.fleet.last_error)
+
+    def deploy_local(self, defn: ServiceDef) -> dict[str, Any]:
         """Make the node run ``defn`` (validated); returns its status.
 
         Raises RuntimeUnavailable (a runtime it needs is missing), ImageError,
@@ -380,6 +419,9 @@ class Agent:
         ``timeout``: how long a workload may take to end itself before it is killed.
         Raises ValidationError (bad name), NotFoundError, WorkloadError, RegistryError.
         """
+        if self.fleet is not None:
+            self._fleet_writable()
+            return self.fleet.set_state(check_name(name, "service"), STOPPED, component)
         return self._set_state(name, STOPPED, component=component, timeout=timeout)
 
     def start(self, name: str, component: str | None = None) -> dict[str, Any]:
@@ -388,11 +430,18 @@ class Agent:
         Raises ValidationError, NotFoundError, RuntimeUnavailable, WorkloadError,
         RegistryError.
         """
+        if self.fleet is not None:
+            self._fleet_writable()
+            return self.fleet.set_state(check_name(name, "service"), RUNNING, component)
         return self._set_state(name, RUNNING, component=component)
 
     def restart(self, name: str, component: str | None = None,
                 timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
         """Stop, then run, every component (or one); as ``start`` for errors."""
+        if self.fleet is not None:
+            self._fleet_writable()
+            return self.fleet.set_state(check_name(name, "service"), RUNNING, component,
+                                        restart=True)
         return self._set_state(name, RUNNING, restart=True, component=component,
                                timeout=timeout)
 
@@ -436,6 +485,14 @@ class Agent:
         rt.run(spec)
 
     def undeploy(self, name: str) -> None:
+        """Undeploy from the fleet (its node removes it), or from this node."""
+        if self.fleet is not None:
+            self._fleet_writable()
+            self.fleet.undeploy(check_name(name, "service"))
+            return
+        self.undeploy_local(name)
+
+    def undeploy_local(self, name: str) -> None:
         """Remove every component and the record.
 
         Raises ValidationError, NotFoundError, WorkloadError (the record stays), RegistryError.
@@ -482,7 +539,19 @@ class Agent:
     # -- views (read-only; see views.py) ------------------------------------
 
     def ps(self) -> list[dict[str, Any]]:
-        """One row per component of every service; raises RegistryError."""
+        """One row per component of every service; raises RegistryError.
+
+        Fleet mode: every node's, from etcd; while etcd is lost, this node's, ``stale``.
+        """
+        if self.fleet is not None:
+            from .fleetnode import stale
+
+            try:
+                if self.fleet.reachable or not self.fleet.last_error:
+                    return self.fleet.ps()
+            except FleetUnavailable:
+                pass
+            return list(stale(self.views.ps()))
         return self.views.ps()
 
     def status(self, name: str) -> dict[str, Any]:
@@ -490,6 +559,15 @@ class Agent:
 
         Raises ValidationError, NotFoundError, RegistryError.
         """
+        if self.fleet is not None:
+            from .fleetnode import stale
+
+            try:
+                if self.fleet.reachable or not self.fleet.last_error:
+                    return self.fleet.status(check_name(name, "service"))
+            except FleetUnavailable:
+                pass
+            return dict(stale(self.views.status(self._get(name))))
         return self.views.status(self._get(name))
 
     # -- health -------------------------------------------------------------
@@ -592,6 +670,12 @@ class Agent:
             self._on_refresh(self.monitor.view)
         out = dict(self._health)
         out["uptime_s"] = int(time.monotonic() - self.started_at)
+        if self.fleet is not None:
+            out["fleet"] = self.fleet.health()
+            if out["fleet"]["etcd"] != "reachable" and self.monitor.running:
+                out["status"] = "degraded"
+                out["reasons"] = [*out["reasons"], "fleet: etcd unreachable or without "
+                                  "quorum; running on the local record"]
         interval = self.config.monitor.interval_s
         if self.monitor.running and time.time() - self.monitor.view.refreshed_at > 3 * interval:
             out["status"] = "degraded"
@@ -600,6 +684,8 @@ class Agent:
         return out
 
     def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.close()
         self.monitor.stop()
         for rt in self._runtimes.values():
             rt.close()

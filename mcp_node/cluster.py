@@ -21,7 +21,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import ClusterConfig
-from .errors import MCPError
+from .errors import FleetUnavailable, MCPError
+
+__all__ = ["KV", "Etcd", "FleetUnavailable", "Traffic"]
 
 log = logging.getLogger("mcp_node.cluster")
 
@@ -33,17 +35,6 @@ ALLOC = PREFIX + "alloc/"          # per node: the demand of every placement on 
 CORDON = PREFIX + "cordon/"        # drained nodes
 LOST = PREFIX + "lost/"            # when the leader first saw a node's record gone
 LEADER = PREFIX + "leader"         # lease-bound: the agent that re-places work
-
-
-class FleetUnavailable(MCPError):
-    """etcd did not answer (no quorum, or every endpoint down)."""
-
-    status = 503
-    code = "fleet_unavailable"
-
-
-class Conflict(Exception):
-    """A transaction's compare failed: someone changed what we read; read again."""
 
 
 def _b64(text: str) -> str:
@@ -158,9 +149,9 @@ class Etcd:
         self._post("/kv/deleterange", {"key": _b64(key)})
 
     def txn(self, expect: dict[str, int], puts: dict[str, Any],
-            deletes: tuple[str, ...] = (), lease: dict[str, int] | None = None) -> None:
+            deletes: tuple[str, ...] = (), lease: dict[str, int] | None = None) -> bool:
         """Put and delete as one step if every key in ``expect`` still has that
-        mod_revision (0: absent); Conflict otherwise."""
+        mod_revision (0: absent); False (nothing written) when one moved on."""
         compare = [{"key": _b64(k), "result": "EQUAL", "target": "MOD", "mod_revision": str(r)}
                    for k, r in expect.items()]
         ops: list[dict[str, Any]] = []
@@ -171,8 +162,7 @@ class Etcd:
             ops.append({"request_put": put})
         ops.extend({"request_delete_range": {"key": _b64(k)}} for k in deletes)
         out = self._post("/kv/txn", {"compare": compare, "success": ops})
-        if not out.get("succeeded"):
-            raise Conflict(", ".join(expect))
+        return bool(out.get("succeeded"))
 
     # -- leases -------------------------------------------------------------
 

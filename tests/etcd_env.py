@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import need
 
 __all__ = ["EtcdCluster", "etcd_cluster", "free_ports"]

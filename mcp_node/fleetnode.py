@@ -1,0 +1,727 @@
+"""Fleet mode (issue 12): this agent as one member of a fleet whose desired state is
+in etcd. There is no master of our own: leases are the heartbeats, transactions make
+placement safe, one watch carries every change, and etcd's compare-and-create on a
+lease-bound key elects the one agent that re-places a dead node's work.
+
+What each agent does:
+- keeps ``/mcp/nodes/<node>`` (lease-bound) saying what it is and what it has;
+- follows ``/mcp/services/*`` placed on it, converging through the local agent
+  (SQLite stays its record of what it runs), and publishes what it runs under its
+  lease at ``/mcp/observed/<node>``;
+- answers fleet reads from etcd and fleet writes into etcd, whichever node it is;
+- while etcd has no quorum: runs and reconciles what it has, reads answer from the
+  local record marked ``stale``, writes are refused (503 fleet_unavailable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .cluster import (
+    ALLOC,
+    CORDON,
+    KV,
+    LEADER,
+    LOST,
+    NODES,
+    OBSERVED,
+    PREFIX,
+    SERVICES,
+    Etcd,
+    Traffic,
+)
+from .errors import (
+    FleetUnavailable,
+    MCPError,
+    NotFoundError,
+    ResourceError,
+    ValidationError,
+    WorkloadError,
+)
+from .files import atomic_write
+from .placement import Demand, choose, demand_of, nodes_from, parse_target
+from .servicedef import ServiceDef, check_name, from_dict
+from .states import RUNNING, STOPPED
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger("mcp_node.fleet")
+
+RECORD_EVERY_S = 30.0     # the node record's capacity and last reconcile time, at most so often
+RESYNC_EVERY_S = 60.0     # a full read beside the watch, in case an event was missed
+TXN_ATTEMPTS = 60
+
+
+def default_node_name() -> str:
+    label = socket.gethostname().split(".", 1)[0].lower()
+    return "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in label)[:63] or "node"
+
+
+def _host_memory_mb() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class Fleetview:
+    """One read of the fleet's keys (except what nodes observe)."""
+
+    nodes: dict[str, KV] = field(default_factory=dict)
+    services: dict[str, KV] = field(default_factory=dict)
+    allocs: dict[str, KV] = field(default_factory=dict)
+    cordons: set[str] = field(default_factory=set)
+    lost: dict[str, KV] = field(default_factory=dict)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        return {k[len(NODES):]: kv.value for k, kv in self.nodes.items()}
+
+    def alloc(self, node: str) -> dict[str, Any]:
+        kv = self.allocs.get(ALLOC + node)
+        return dict(kv.value) if kv else {}
+
+    def placement_nodes(self) -> dict[str, Any]:
+        allocs = {k[len(ALLOC):]: kv.value for k, kv in self.allocs.items()}
+        return nodes_from(self.records(), allocs, self.cordons)
+
+
+class Fleet:
+    def __init__(self, agent: Agent) -> None:
+        self.a = agent
+        self.cfg = agent.config.cluster
+        self.name = self.cfg.node or default_node_name()
+        self.traffic = Traffic()
+        self.etcd = Etcd(self.cfg, self.traffic)
+        self.lease = 0
+        self.leader = False
+        self.reachable = False
+        self.last_error = ""
+        self.last_reconcile = 0.0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._dirty = {"services": True, "nodes": True, "leader": True, "publish": True}
+        self._state_file = agent.state_dir / "fleet.json"
+        self._managed: set[str] = self._load_managed()
+        self._results: dict[str, tuple[int, str]] = {}   # service -> (generation, error)
+        self._restart_seen: dict[str, int] = {}
+        self._published = ""
+        self._record_at = 0.0
+        self._resync_at = 0.0
+        self._lost_due: dict[str, float] = {}
+        self._threads: list[threading.Thread] = []
+        self._sync_lock = threading.Lock()
+
+    # -- life ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Join the fleet and converge once (before the first local reconcile round, so
+        a node that comes back removes what moved away before restarting it); then the
+        fleet thread and the watch run. An etcd that does not answer is no reason not to
+        start: the node runs what it has and joins when etcd is back."""
+        try:
+            self._join()
+            self.sync()
+        except FleetUnavailable as exc:
+            self._lost_etcd(exc)
+        for target in (self._loop, self._watch_loop):
+            t = threading.Thread(target=target, name=f"fleet-{target.__name__}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.lease and self.reachable:
+            with contextlib.suppress(MCPError):   # leave at once: nothing to wait out
+                self.etcd.revoke(self.lease)
+
+    def after_round(self) -> None:
+        """After each local monitor round: publish what changed (from the fleet thread)."""
+        self.last_reconcile = time.time()
+        self._dirty["publish"] = True
+        self._wake.set()
+
+    def _join(self) -> None:
+        self.lease = self.etcd.grant(self.cfg.lease_ttl_s)
+        self._put_record()
+        self.reachable, self.last_error = True, ""
+        self._campaign()
+        log.info("fleet: joined as node=%s lease=%x leader=%s", self.name, self.lease,
+                 self.leader)
+
+    def _lost_etcd(self, exc: MCPError) -> None:
+        if self.reachable or not self.last_error:
+            log.warning("fleet: etcd lost (%s); running on the local record", exc)
+        self.reachable, self.last_error, self.leader = False, str(exc), False
+
+    def _loop(self) -> None:
+        tick = max(0.5, self.cfg.lease_ttl_s / 3)
+        next_keepalive = time.monotonic() + tick
+        while not self._stop.is_set():
+            self._wake.wait(min(tick, 1.0))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if not self.reachable or not self.lease:
+                    self._join()
+                    self._dirty = {k: True for k in self._dirty}
+                if time.monotonic() >= next_keepalive:
+                    next_keepalive = time.monotonic() + tick
+                    if self.etcd.keepalive(self.lease) <= 0:
+                        log.warning("fleet: lease expired; joining again")
+                        self._join()
+                        self._dirty = {k: True for k in self._dirty}
+                self._round()
+            except FleetUnavailable as exc:
+                self._lost_etcd(exc)
+            except Exception:
+                log.exception("fleet round failed")
+
+    def _round(self) -> None:
+        now = time.time()
+        if now >= self._resync_at:
+            self._resync_at = now + RESYNC_EVERY_S
+            self._dirty = {k: True for k in self._dirty}
+        if self._dirty["services"]:
+            self._dirty["services"] = False
+            self.sync()
+        if self._dirty["leader"]:
+            self._dirty["leader"] = False
+            if not self.leader:
+                self._campaign()
+        if self.leader and (self._dirty["nodes"] or any(
+                due <= now for due in self._lost_due.values())):
+            self._dirty["nodes"] = False
+            self._leader_round()
+        self._dirty["nodes"] = False
+        if self._dirty["publish"]:
+            self._dirty["publish"] = False
+            self.publish()
+        if now - self._record_at >= RECORD_EVERY_S:
+            self._put_record()
+
+    def _watch_loop(self) -> None:
+        watcher = Etcd(self.cfg, self.traffic)
+        while not self._stop.is_set():
+            try:
+                rev, _ = watcher.get_prefix(LEADER)
+                self._dirty = {k: True for k in self._dirty}   # whatever passed meanwhile
+                self._wake.set()
+                watcher.watch(PREFIX, rev + 1, self._stop, self._on_event)
+            except MCPError as exc:
+                log.debug("fleet watch: %s", exc)
+            except Exception:
+                log.exception("fleet watch failed")
+            self._stop.wait(1.0)
+
+    def _on_event(self, kind: str, key: str) -> None:
+        if key.startswith(SERVICES):
+            self._dirty["services"] = True
+        elif key == LEADER:
+            self._dirty["leader"] = True
+        elif key.startswith((NODES, LOST, CORDON)):
+            self._dirty["nodes"] = True
+        else:
+            return
+        self._wake.set()
+
+    # -- membership -----------------------------------------------------------
+
+    def _put_record(self) -> None:
+        self._record_at = time.time()
+        self.etcd.put(NODES + self.name, self.record(), lease=self.lease)
+
+    def record(self) -> dict[str, Any]:
+        """What this node says of itself; capacity offered to placements is configured
+        or the host's (memory less the VM reserve, CPUs)."""
+        q = self.a.config.qemu
+        mem = self.cfg.memory_mb or max(_host_memory_mb() - q.reserve_memory_mb, 0)
+        cpus = self.cfg.vcpus or max((os.cpu_count() or 1) - q.reserve_vcpus, 0)
+        runtimes = []
+        for name in self.a.runtime_names:
+            try:
+                self.a.available_runtime(name)
+                runtimes.append(name)
+            except MCPError:
+                pass
+        used_ports = sum(len(c.host_ports) for s in self.a.registry.list_services()
+                         for c in s.components)
+        return {
+            "node": self.name, "roles": list(self.cfg.roles), "pool": self.cfg.pool,
+            "address": self.cfg.advertise or self.a.config.server.listen.rpartition(":")[0],
+            "agent": self.a.config.server.listen, "runtimes": runtimes,
+            "capacity": {"memory_mb": mem, "vcpus": cpus, "ports": 50_000},
+            "used": {"ports": used_ports}, "version": __version__,
+            "last_reconcile": self.last_reconcile, "time": time.time(),
+        }
+
+    def _campaign(self) -> None:
+        if self.etcd.txn({LEADER: 0}, {LEADER: self.name}, lease={LEADER: self.lease}):
+            self.leader = True
+            self._dirty["nodes"] = True      # look at once: it may have won because one died
+            log.info("fleet: node=%s is the leader (re-places the work of lost nodes)",
+                     self.name)
+        else:
+            kv = self.etcd.get(LEADER)
+            self.leader = bool(kv and kv.value == self.name and kv.lease == self.lease)
+
+    # -- reads of etcd ----------------------------------------------------------
+
+    def read(self) -> Fleetview:
+        v = Fleetview()
+        _, v.nodes = self.etcd.get_prefix(NODES)
+        _, v.services = self.etcd.get_prefix(SERVICES)
+        _, v.allocs = self.etcd.get_prefix(ALLOC)
+        _, cordons = self.etcd.get_prefix(CORDON)
+        v.cordons = {k[len(CORDON):] for k in cordons}
+        _, v.lost = self.etcd.get_prefix(LOST)
+        return v
+
+    def observed(self) -> dict[str, dict[str, Any]]:
+        _, kvs = self.etcd.get_prefix(OBSERVED)
+        return {k[len(OBSERVED):]: kv.value for k, kv in kvs.items()}
+
+    # -- following placements -------------------------------------------------
+
+    def sync(self) -> None:
+        """Make this node run exactly the services placed on it (and leave alone what
+        an operator deployed here before fleet mode). Errors are published per
+        service and generation, where the deploying agent waits for them."""
+        with self._sync_lock:
+            _, kvs = self.etcd.get_prefix(SERVICES)
+            mine = {k[len(SERVICES):]: kv.value for k, kv in kvs.items()
+                    if kv.value.get("node") == self.name}
+            for name, rec in sorted(mine.items()):
+                gen = int(rec.get("generation", 0))
+                if self._results.get(name, (0, ""))[0] == gen and self._results[name][1]:
+                    continue            # this generation failed here; the deployer reverts it
+                try:
+                    self._apply(name, rec)
+                    self._results[name] = (gen, "")
+                except MCPError as exc:
+                    log.warning("fleet: service=%s generation=%d failed here: %s", name, gen,
+                                exc)
+                    self._results[name] = (gen, str(exc))
+                self._managed.add(name)
+            for name in sorted(self._managed - set(mine)):
+                if self.a.registry.has_service(name):
+                    log.info("fleet: service=%s is no longer placed here; removing it", name)
+                    try:
+                        self.a.undeploy_local(name)
+                    except MCPError as exc:
+                        log.warning("fleet: removing service=%s failed: %s", name, exc)
+                        continue
+                self._managed.discard(name)
+                self._results.pop(name, None)
+            self._save_managed()
+        self._dirty["publish"] = True
+        self.publish()
+
+    def _apply(self, name: str, rec: dict[str, Any]) -> None:
+        defn = from_dict(rec["definition"]).local_part()
+        reg = self.a.registry
+        if not reg.has_service(name) or reg.get_service(name).definition() != defn:
+            self.a.deploy_local(defn)
+        current = reg.get_service(name)
+        want = rec.get("state", RUNNING)
+        if want == STOPPED and any(c.desired_state == RUNNING for c in current.components):
+            self.a._set_state(name, STOPPED)
+        elif want == RUNNING and any(c.desired_state != RUNNING for c in current.components):
+            self.a._set_state(name, RUNNING)
+        restarts = int(rec.get("restarts", 0))
+        seen = self._restart_seen.setdefault(name, restarts)
+        if restarts > seen:
+            self._restart_seen[name] = restarts
+            self.a._set_state(name, RUNNING, restart=True)
+
+    def _load_managed(self) -> set[str]:
+        try:
+            return set(json.loads(self._state_file.read_text()).get("managed", []))
+        except (OSError, ValueError):
+            return set()
+
+    def _save_managed(self) -> None:
+        atomic_write(self._state_file, json.dumps({"managed": sorted(self._managed)}).encode(),
+                     0o600)
+
+    def publish(self) -> None:
+        """This node's services as its status shows them, under its lease; only when
+        something other than the passing of time changed."""
+        services: dict[str, Any] = {}
+        now = time.time()
+        for rec in self.a.registry.list_services():
+            st = self.a.views.status(rec)
+            for c in st["components"]:
+                c["since"] = int(now - c.pop("uptime_s", 0))
+                c["node"] = self.name
+            st["node"] = self.name
+            gen, err = self._results.get(rec.name, (0, ""))
+            services[rec.name] = {"generation": gen, "error": err, "status": st}
+        for name, (gen, err) in self._results.items():
+            if name not in services:
+                services[name] = {"generation": gen, "error": err, "status": None}
+        body = {"node": self.name, "services": services}
+        key = json.dumps(body, sort_keys=True, default=str)
+        stable = json.dumps(_without_since(body), sort_keys=True, default=str)
+        if stable == self._published:
+            return
+        self.etcd.put(OBSERVED + self.name, json.loads(key), lease=self.lease)
+        self._published = stable
+
+    # -- writes ---------------------------------------------------------------
+
+    def _txn_loop(self, step: Callable[[Fleetview], tuple[dict[str, int], dict[str, Any],
+                                                         tuple[str, ...]] | None]) -> Fleetview:
+        """Read, decide, commit with compares on what was read; again on a conflict."""
+        for attempt in range(TXN_ATTEMPTS):
+            view = self.read()
+            plan = step(view)
+            if plan is None:
+                return view
+            expect, puts, deletes = plan
+            if self.etcd.txn(expect, puts, deletes):
+                return view
+            time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # noqa: S311
+        raise MCPError(f"fleet: {TXN_ATTEMPTS} conflicting writes in a row; try again")
+
+    def deploy(self, defn: ServiceDef) -> dict[str, Any]:
+        """Place ``defn`` (the choice and its capacity in one transaction), then wait for
+        the node's answer. A node's failure puts the previous record back."""
+        name = defn.name
+        want = demand_of(defn)
+        out: dict[str, Any] = {}
+
+        def step(v: Fleetview) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]]:
+            prev = v.services.get(SERVICES + name)
+            old = prev.value if prev else None
+            current = old["node"] if old else ""
+            holding = Demand.from_dict(old["demand"]) if old else None
+            choice = choose(name, want, defn.node, v.placement_nodes(), current=current,
+                            holding=holding)
+            if not choice.node:
+                raise ResourceError(choice.refusal(name))
+            rec = {"definition": defn.to_dict(), "node": choice.node, "target": defn.node,
+                   "state": RUNNING, "demand": want.to_dict(), "placement": choice.mode,
+                   "generation": int(old["generation"]) + 1 if old else 1,
+                   "restarts": int(old.get("restarts", 0)) if old else 0,
+                   "waiting": "", "time": time.time()}
+            out.update(rec=rec, old=old, prev_rev=prev.mod_revision if prev else 0)
+            return self._placement_txn(v, name, prev, rec)
+
+        self._txn_loop(step)
+        rec = out["rec"]
+        try:
+            st = self._await(name, rec["node"], rec["generation"])
+        except WorkloadError:
+            self._revert(name, rec, out["old"])
+            raise
+        log.info("fleet: deployed service=%s node=%s placement=%s generation=%d", name,
+                 rec["node"], rec["placement"], rec["generation"])
+        return {**st, "node": rec["node"], "placement": rec["placement"],
+                "generation": rec["generation"]}
+
+    def _placement_txn(self, v: Fleetview, name: str, prev: KV | None,
+                       rec: dict[str, Any] | None) -> tuple[dict[str, int], dict[str, Any],
+                                                            tuple[str, ...]]:
+        """The compares and writes that move ``name``'s record and its demand together."""
+        old_node = prev.value["node"] if prev else ""
+        new_node = rec["node"] if rec else ""
+        expect = {SERVICES + name: prev.mod_revision if prev else 0}
+        puts: dict[str, Any] = {}
+        deletes: list[str] = []
+        for node in {old_node, new_node} - {""}:
+            kv = v.allocs.get(ALLOC + node)
+            expect[ALLOC + node] = kv.mod_revision if kv else 0
+            alloc = v.alloc(node)
+            alloc.pop(name, None)
+            if node == new_node and rec is not None:
+                alloc[name] = rec["demand"]
+            puts[ALLOC + node] = alloc
+        if rec is None:
+            deletes.append(SERVICES + name)
+        else:
+            puts[SERVICES + name] = rec
+        return expect, puts, tuple(deletes)
+
+    def _revert(self, name: str, rec: dict[str, Any], old: dict[str, Any] | None) -> None:
+        def step(v: Fleetview) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]] | None:
+            cur = v.services.get(SERVICES + name)
+            if cur is None or cur.value.get("generation") != rec["generation"]:
+                return None          # someone wrote after us: theirs stands
+            back = None if old is None else {**old, "generation": rec["generation"] + 1}
+            return self._placement_txn(v, name, cur, back)
+
+        try:
+            self._txn_loop(step)
+        except MCPError:
+            log.exception("fleet: could not revert service=%s", name)
+
+    def _await(self, name: str, node: str, gen: int) -> dict[str, Any]:
+        """The node's status of ``name`` once it applied generation ``gen``;
+        WorkloadError with its message when it failed there."""
+        deadline = time.monotonic() + self.cfg.deploy_wait_s
+        if node == self.name:
+            self._dirty["services"] = True
+            self._wake.set()
+        delay = 0.02
+        while True:
+            kv = self.etcd.get(OBSERVED + node)
+            got = (kv.value or {}).get("services", {}).get(name) if kv else None
+            if got and int(got.get("generation", 0)) >= gen:
+                if got.get("error"):
+                    raise WorkloadError(f"node {node}: {got['error']}")
+                return _with_uptime(got.get("status") or {"service": name, "components": []})
+            if time.monotonic() > deadline:
+                return {"service": name, "node": node, "pending": True, "components": [],
+                        "message": f"placed on {node}; it has not answered within "
+                                   f"{self.cfg.deploy_wait_s:g} s"}
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def undeploy(self, name: str) -> None:
+        def step(v: Fleetview) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]]:
+            prev = v.services.get(SERVICES + name)
+            if prev is None:
+                raise NotFoundError(f"unknown service {name!r} in the fleet")
+            return self._placement_txn(v, name, prev, None)
+
+        self._txn_loop(step)
+        log.info("fleet: undeployed service=%s", name)
+
+    def set_state(self, name: str, desired: str, component: str | None,
+                  restart: bool = False) -> dict[str, Any]:
+        if component:
+            raise ValidationError("fleet mode stops, starts and restarts whole services",
+                                  "component")
+        out: dict[str, Any] = {}
+
+        def step(v: Fleetview) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]]:
+            prev = v.services.get(SERVICES + name)
+            if prev is None:
+                raise NotFoundError(f"unknown service {name!r} in the fleet")
+            rec = {**prev.value, "state": desired, "generation": prev.value["generation"] + 1,
+                   "restarts": int(prev.value.get("restarts", 0)) + (1 if restart else 0)}
+            out["rec"] = rec
+            return {SERVICES + name: prev.mod_revision}, {SERVICES + name: rec}, ()
+
+        self._txn_loop(step)
+        rec = out["rec"]
+        if not rec["node"]:
+            return self.status(name)
+        return {**self._await(name, rec["node"], rec["generation"]), "node": rec["node"]}
+
+    # -- failover, drain -----------------------------------------------------
+
+    def _leader_round(self) -> None:
+        log.debug("fleet: leader round on node=%s", self.name)
+        v = self.read()
+        live = set(v.records())
+        now = time.time()
+        placed: dict[str, list[str]] = {}
+        for k, kv in v.services.items():
+            placed.setdefault(kv.value.get("node", ""), []).append(k[len(SERVICES):])
+        self._lost_due = {}
+        for node in sorted(set(placed) | {k[len(LOST):] for k in v.lost} - {""}):
+            if node in live:
+                if LOST + node in v.lost:
+                    self.etcd.delete(LOST + node)
+                    log.info("fleet: node=%s is back", node)
+                for name in placed.get(node, []):
+                    kv = v.services[SERVICES + name]
+                    if kv.value.get("waiting"):
+                        self.etcd.txn(   # False: a newer write stands
+                            {kv.key: kv.mod_revision},
+                                          {kv.key: {**kv.value, "waiting": ""}})
+                continue
+            lost = v.lost.get(LOST + node)
+            if lost is None:
+                self.etcd.txn({LOST + node: 0}, {LOST + node: {"since": now}})
+                log.warning("fleet: node=%s lost its lease; grace %g s", node, self.cfg.grace_s)
+                self._lost_due[node] = now + self.cfg.grace_s
+                continue
+            due = float(lost.value.get("since", now)) + self.cfg.grace_s
+            log.debug("fleet: node=%s lost, due in %.1f s", node, due - now)
+            if now < due:
+                self._lost_due[node] = due
+                continue
+            out = self.move_off(node, placed.get(node, []), "lost")
+            log.debug("fleet: moved off node=%s: %s", node, out)
+
+    def move_off(self, node: str, services: list[str], why: str) -> dict[str, Any]:
+        """Re-place each unpinned service of ``node`` elsewhere; pinned ones (and those
+        that fit nowhere) stay with the reason they wait."""
+        moved, stayed = [], []
+        for name in services:
+            res: dict[str, Any] = {}
+
+            def step(v: Fleetview, name: str = name, res: dict[str, Any] = res
+                     ) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]] | None:
+                prev = v.services.get(SERVICES + name)
+                if prev is None or prev.value.get("node") != node:
+                    return None
+                old = prev.value
+                if parse_target(old.get("target", ""))[0] == "node":
+                    res["stayed"] = f"pinned to {node} ({why}): waits for it"
+                else:
+                    choice = choose(name, Demand.from_dict(old["demand"]), old.get("target", ""),
+                                    v.placement_nodes(), exclude=frozenset({node}))
+                    if choice.node:
+                        res["to"] = choice.node
+                        rec = {**old, "node": choice.node, "waiting": "",
+                               "generation": old["generation"] + 1, "time": time.time()}
+                        return self._placement_txn(v, name, prev, rec)
+                    res["stayed"] = choice.refusal(name)
+                if old.get("waiting") == res["stayed"]:
+                    return None
+                rec = {**old, "waiting": res["stayed"]}
+                return {SERVICES + name: prev.mod_revision}, {SERVICES + name: rec}, ()
+
+            self._txn_loop(step)
+            if "to" in res:
+                log.warning("fleet: service=%s moved from node=%s (%s) to node=%s", name, node,
+                            why, res["to"])
+                moved.append({"service": name, "from": node, "to": res["to"]})
+            elif "stayed" in res:
+                stayed.append({"service": name, "node": node, "reason": res["stayed"]})
+        return {"moved": moved, "stayed": stayed}
+
+    def drain(self, node: str) -> dict[str, Any]:
+        node = check_name(node, "node")
+        v = self.read()
+        known = set(v.records()) | {kv.value.get("node") for kv in v.services.values()}
+        if node not in known:
+            raise NotFoundError(f"unknown node {node!r} (known: {', '.join(sorted(known))})")
+        self.etcd.put(CORDON + node, {"since": time.time()})
+        names = [k[len(SERVICES):] for k, kv in v.services.items() if kv.value["node"] == node]
+        return {"node": node, "cordoned": True, **self.move_off(node, names, "drained")}
+
+    def uncordon(self, node: str) -> dict[str, Any]:
+        node = check_name(node, "node")
+        if self.etcd.get(CORDON + node) is None:
+            raise NotFoundError(f"node {node!r} is not cordoned")
+        self.etcd.delete(CORDON + node)
+        return {"node": node, "cordoned": False}
+
+    # -- fleet reads ------------------------------------------------------------
+
+    def nodes(self) -> list[dict[str, Any]]:
+        v = self.read()
+        leader = self.etcd.get(LEADER)
+        infos = v.placement_nodes()
+        names = set(v.records()) | {kv.value.get("node", "") for kv in v.services.values()}
+        names |= {k[len(LOST):] for k in v.lost} | v.cordons
+        rows = []
+        for n in sorted(names - {""}):
+            rec = v.records().get(n)
+            info = infos.get(n)
+            count = sum(1 for kv in v.services.values() if kv.value.get("node") == n)
+            lost = v.lost.get(LOST + n)
+            rows.append({
+                "node": n, "state": "up" if rec else "down",
+                "roles": rec.get("roles", []) if rec else [],
+                "pool": rec.get("pool", "") if rec else "",
+                "address": rec.get("address", "") if rec else "",
+                "cordoned": n in v.cordons, "leader": bool(leader and leader.value == n),
+                "services": count, "runtimes": rec.get("runtimes", []) if rec else [],
+                "memory_mb": {"total": info.memory_mb, "used": info.held.memory_mb,
+                              "free": info.free_memory_mb} if info else None,
+                "vcpus": {"total": info.vcpus, "used": info.held.vcpus,
+                          "free": info.free_vcpus} if info else None,
+                "ports": {"total": info.ports, "used": info.held.ports,
+                          "free": info.free_ports} if info else None,
+                "version": rec.get("version", "") if rec else "",
+                "last_reconcile": rec.get("last_reconcile", 0) if rec else 0,
+                "lost_since": lost.value.get("since") if lost else None,
+            })
+        return rows
+
+    def ps(self) -> list[dict[str, Any]]:
+        v = self.read()
+        obs = self.observed()
+        rows: list[dict[str, Any]] = []
+        for k, kv in sorted(v.services.items()):
+            name = k[len(SERVICES):]
+            st = self._observed_status(obs, name, kv.value)
+            rows.extend({key: c.get(key) for key in (
+                "service", "component", "node", "runtime", "state", "desired_state", "version",
+                "uptime_s", "routes")} for c in st["components"])
+        return rows
+
+    def status(self, name: str) -> dict[str, Any]:
+        kv = self.etcd.get(SERVICES + name)
+        if kv is None:
+            raise NotFoundError(f"unknown service {name!r} in the fleet")
+        return self._observed_status(self.observed(), name, kv.value)
+
+    def _observed_status(self, obs: dict[str, dict[str, Any]], name: str,
+                         rec: dict[str, Any]) -> dict[str, Any]:
+        node = rec.get("node", "")
+        got = (obs.get(node) or {}).get("services", {}).get(name) if node else None
+        fleet = {"node": node, "placement": rec.get("placement", ""),
+                 "waiting": rec.get("waiting", ""), "generation": rec.get("generation", 0),
+                 "desired_state": rec.get("state", RUNNING)}
+        if got and got.get("status"):
+            st = _with_uptime(got["status"])
+            return {**st, "fleet": fleet}
+        defn = from_dict(rec["definition"])
+        state = "waiting" if rec.get("waiting") else "missing"
+        comps = [{"service": name, "component": c.name, "node": node, "runtime": c.runtime,
+                  "state": state, "desired_state": rec.get("state", RUNNING),
+                  "version": c.version, "uptime_s": 0, "ready": False, "drift": True,
+                  "flapping": False, "restarts": 0, "exit_code": None, "image": c.image,
+                  "routes": [{"name": r.name, "port": r.port, "mode": r.mode,
+                              "hostname": r.hostname, "host_port": None} for r in c.routes]}
+                 for c in defn.components]
+        return {"service": name, "active": defn.active, "node": node,
+                "definition": rec["definition"], "drift": True, "flapping": False,
+                "components": comps, "events": [], "fleet": fleet}
+
+    def health(self) -> dict[str, Any]:
+        return {"node": self.name, "etcd": "reachable" if self.reachable else "unreachable",
+                "leader": self.leader, "error": self.last_error}
+
+
+def _without_since(body: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(body, default=str))
+    for svc in out["services"].values():
+        for c in (svc.get("status") or {}).get("components", []):
+            c.pop("since", None)
+            c.pop("next_attempt", None)
+    return dict(out)
+
+
+def _with_uptime(st: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
+    st = json.loads(json.dumps(st))
+    for c in st.get("components", []):
+        since = c.pop("since", None)
+        running = c.get("state") in (RUNNING, "starting")
+        c["uptime_s"] = max(int(now - since), 0) if since and running else 0
+    return dict(st)
+
+
+def stale(rows: Any) -> Any:
+    """Local reads while etcd is lost: what this node runs, flagged ``stale``."""
+    if isinstance(rows, list):
+        return [{**r, "stale": True} for r in rows]
+    return {**rows, "stale": True}

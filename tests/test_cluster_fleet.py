@@ -1,0 +1,239 @@
+"""Fleet mode with a real 3-member etcd and three in-process agents (two compute, one
+edge) whose runtimes are the in-memory fakes: placement, concurrency against capacity,
+failover, return and clean-up, drain/uncordon, one member lost, quorum lost.
+
+The agents are real (registry, reconcile, fleet threads); only the workloads are
+fakes, so the fleet logic runs in seconds. The real-podman, real-daemon case is in
+tests/test_cluster_e2e.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from etcd_env import EtcdCluster
+from fake_runtime import FakeWorld
+
+from mcp_node.agent import Agent
+from mcp_node.cluster import SERVICES, Etcd, FleetUnavailable
+from mcp_node.config import from_dict as config_from_dict
+from mcp_node.errors import MCPError, ResourceError, ValidationError
+from mcp_node.servicedef import from_dict
+
+
+class Node:
+    def __init__(self, name: str, base: Path, etcd: list[str], roles: list[str],
+                 pool: str = "", memory_mb: int = 1024) -> None:
+        self.name, self.world = name, FakeWorld()
+        self.cfg = config_from_dict({
+            "state": {"dir": str(base / name)},
+            "monitor": {"interval_s": 0.2},
+            "cluster": {"etcd": etcd, "node": name, "roles": roles, "pool": pool,
+                        "lease_ttl_s": 2, "grace_s": 1, "memory_mb": memory_mb,
+                        "timeout_s": 1, "deploy_wait_s": 20}})
+        self.agent: Agent | None = None
+
+    def start(self) -> Agent:
+        self.agent = Agent(self.cfg, runtimes=self.world.runtimes())
+        self.agent.start_monitor(reconcile=True)
+        return self.agent
+
+    def crash(self) -> None:
+        """As SIGKILL of the agent and its workloads: threads end, nothing is revoked."""
+        a = self.agent
+        assert a is not None and a.fleet is not None
+        f = a.fleet
+        f._stop.set()
+        f._wake.set()
+        for t in f._threads:
+            t.join(timeout=10)
+        f.lease = 0                        # close() must not revoke it: it expires
+        a.close()
+        self.agent = None
+        for w in self.world.workloads.values():
+            w.state = "stopped"
+
+    def running(self) -> set[str]:
+        return {s for (s, _c), w in self.world.workloads.items() if w.state == "running"}
+
+
+@pytest.fixture
+def fleet(etcd_cluster: EtcdCluster, tmp_path: Path) -> Iterator[dict[str, Node]]:
+    eps = etcd_cluster.endpoints
+    nodes = {"c1": Node("c1", tmp_path, eps, ["compute"], pool="blue"),
+             "c2": Node("c2", tmp_path, eps, ["compute"], pool="green"),
+             "e1": Node("e1", tmp_path, eps, ["edge"])}
+    try:
+        for n in nodes.values():
+            n.start()
+        yield nodes
+    finally:
+        for n in nodes.values():
+            if n.agent is not None:
+                n.agent.close()
+
+
+def svc(name: str, memory_mb: int = 256, node: str = "", image: str = "img:v1") -> Any:
+    d: dict[str, Any] = {"name": name, "components": [
+        {"name": "web", "image": image, "memory_mb": memory_mb,
+         "routes": [{"port": 8443, "public_hostname": f"{name}.example.net"}]}]}
+    if node:
+        d["node"] = node
+    return from_dict(d)
+
+
+def until(what: Callable[[], Any], timeout: float = 20, msg: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got:
+            return got
+        assert time.monotonic() < deadline, msg or "timed out"
+        time.sleep(0.05)
+
+
+def a(n: Node) -> Agent:
+    assert n.agent is not None
+    return n.agent
+
+
+def test_placement_modes_reads_anywhere_and_refusals(fleet: dict[str, Node]) -> None:
+    c1, c2, e1 = fleet["c1"], fleet["c2"], fleet["e1"]
+    st = a(e1).deploy(svc("pinned", node="c2"))            # any agent takes fleet writes
+    assert st["node"] == "c2" and st["placement"] == "pinned"
+    assert c2.running() == {"pinned"} and not c1.running() and not e1.running()
+    st = a(c2).deploy(svc("pooled", node="pool:blue"))
+    assert (st["node"], st["placement"]) == ("c1", "pool:blue")
+    st = a(c1).deploy(svc("spread", memory_mb=100))         # c2 has more free memory now? no:
+    assert st["node"] in ("c1", "c2") and st["placement"] == "spread"
+    # equal demand on both (256 each): spread goes by free memory, ties by name
+    assert {n["node"]: n["memory_mb"]["used"] for n in a(e1).fleet.nodes()  # type: ignore
+            if n["node"] != "e1"} == ({"c1": 356, "c2": 256} if st["node"] == "c1"
+                                      else {"c1": 256, "c2": 356})
+    # the registry of each node holds only its own; every agent answers the fleet's ps
+    rows = {(r["service"], r["node"]) for r in a(e1).ps()}
+    assert ("pinned", "c2") in rows and ("pooled", "c1") in rows and len(rows) == 3
+    assert a(c1).status("pinned")["node"] == "c2"
+    with pytest.raises(ResourceError) as exc:               # each node's reason
+        a(e1).deploy(svc("huge", memory_mb=5000))
+    msg = str(exc.value)
+    assert "c1: needs 5000 MB memory" in msg and "e1: not a compute node" in msg
+    with pytest.raises(ResourceError, match="not in pool red"):
+        a(e1).deploy(svc("nopool", node="pool:red"))
+    with pytest.raises(ResourceError, match="nowhere: not up"):
+        a(e1).deploy(svc("ghost", node="nowhere"))
+    assert {r["service"] for r in a(c1).ps()} == {"pinned", "pooled", "spread"}
+    # a failing deploy on the node puts the previous record back, nothing half-made
+    with pytest.raises(MCPError, match="not found"):
+        a(e1).deploy(svc("pinned", node="c2", image="img:missing"))
+    assert a(c2).status("pinned")["definition"]["components"][0]["image"] == "img:v1"
+    time.sleep(0.5)
+    assert c2.running() == {"pinned"}
+    # undeploy through any agent: the node removes it and the capacity is free again
+    a(c1).undeploy("pinned")
+    until(lambda: "pinned" not in c2.running() and not a(c2).registry.has_service("pinned"))
+    assert next(n for n in a(c1).fleet.nodes() if n["node"] == "c2"  # type: ignore
+                )["memory_mb"]["used"] in (0, 100)
+
+
+def test_ten_concurrent_deploys_never_overcommit(fleet: dict[str, Node]) -> None:
+    # 1024 MB per compute node, 300 MB each: 3 fit per node, 6 in all, 4 refused
+    with ThreadPoolExecutor(10) as pool:
+        agents = [a(fleet[n]) for n in ("c1", "c2", "e1")]
+        futs = [pool.submit(agents[i % 3].deploy, svc(f"s{i}", memory_mb=300))
+                for i in range(10)]
+        results = []
+        for f in futs:
+            try:
+                results.append(f.result()["node"])
+            except ResourceError as exc:
+                results.append(str(exc))
+    placed = [r for r in results if r in ("c1", "c2")]
+    assert sorted(placed) == ["c1"] * 3 + ["c2"] * 3, results
+    assert all("fits no node" in r for r in results if r not in ("c1", "c2"))
+    used = {n["node"]: n["memory_mb"]["used"] for n in a(fleet["e1"]).fleet.nodes()  # type: ignore
+            if n["node"] != "e1"}
+    assert used == {"c1": 900, "c2": 900}
+    until(lambda: len(fleet["c1"].running()) == 3 and len(fleet["c2"].running()) == 3)
+
+
+def test_failover_return_cleanup_drain_uncordon(fleet: dict[str, Node]) -> None:
+    c1, c2, e1 = fleet["c1"], fleet["c2"], fleet["e1"]
+    assert a(e1).deploy(svc("free"))["node"] == "c1"   # unpinned (ties go by name)
+    a(e1).deploy(svc("pin", node="c1"))
+    assert c1.running() == {"free", "pin"}
+    c1.crash()
+    t0 = time.monotonic()
+    until(lambda: "free" in c2.running(), 30, "free did not move to c2")
+    print(f"failover of 'free' c1 -> c2: {time.monotonic() - t0:.1f} s (ttl 2 s, grace 1 s)")
+    st = a(e1).status("pin")
+    assert st["node"] == "c1" and "pinned to c1" in st["fleet"]["waiting"]
+    assert {n["node"]: n["state"] for n in a(e1).fleet.nodes()}["c1"] == "down"  # type: ignore
+    # the node comes back: it removes what moved away (before running it) and runs its pin
+    c1.start()
+    until(lambda: c1.running() == {"pin"} and not a(c1).registry.has_service("free"))
+    assert "free" not in {s for (s, _), _w in c1.world.workloads.items()}
+    until(lambda: not a(e1).status("pin")["fleet"]["waiting"])
+    # drain c2: its work moves to c1 on purpose; new work avoids it until uncordoned
+    out = a(e1).fleet.drain("c2")  # type: ignore[union-attr]
+    assert out["moved"] == [{"service": "free", "from": "c2", "to": "c1"}]
+    until(lambda: "free" in c1.running() and "free" not in c2.running())
+    assert a(e1).deploy(svc("later"))["node"] == "c1"
+    with pytest.raises(ResourceError, match="c2: cordoned"):
+        a(e1).deploy(svc("nowhere", node="c2"))
+    a(e1).fleet.uncordon("c2")  # type: ignore[union-attr]
+    assert a(e1).deploy(svc("after"))["node"] == "c2"
+
+
+def test_etcd_member_lost_then_quorum_lost(fleet: dict[str, Node],
+                                           etcd_cluster: EtcdCluster) -> None:
+    c1, e1 = fleet["c1"], fleet["e1"]
+    a(e1).deploy(svc("web", node="c1"))
+    ids = {k: w.id for k, w in c1.world.workloads.items()}
+    etcd_cluster.kill(0)                      # one member: nothing changes
+    assert a(e1).deploy(svc("api", node="c2"))["node"] == "c2"
+    assert {r["service"] for r in a(c1).ps()} == {"web", "api"}
+    etcd_cluster.kill(1)                      # quorum lost
+    until(lambda: not a(c1).fleet.reachable and not a(e1).fleet.reachable,  # type: ignore
+          15, "agents did not notice")
+    rows = a(c1).ps()                          # the local record, flagged stale
+    assert [(r["service"], r["stale"]) for r in rows] == [("web", True)]
+    assert a(c1).status("web")["stale"] is True
+    assert a(c1).health()["status"] == "degraded"
+    with pytest.raises(FleetUnavailable, match="no quorum"):
+        a(e1).deploy(svc("refused", node="c2"))
+    c1.world.crash("web", "web")               # the node still reconciles on its own
+    until(lambda: c1.running() == {"web"}, 15, "local reconcile did not restart web")
+    ids = {k: w.id for k, w in c1.world.workloads.items()}
+    etcd_cluster.start(0)
+    etcd_cluster.start(1)
+    etcd_cluster.wait_healthy()
+    until(lambda: a(c1).fleet.reachable and a(e1).fleet.reachable, 20)  # type: ignore
+    time.sleep(1.0)
+    assert {k: w.id for k, w in c1.world.workloads.items()} == ids   # nothing restarted
+    assert "stale" not in a(c1).ps()[0]
+    assert a(e1).deploy(svc("later", node="c2"))["node"] == "c2"
+    etcd = Etcd(a(e1).config.cluster)
+    _, kvs = etcd.get_prefix("/mcp/")
+    tokens = [p.read_text().strip() for n in fleet.values()
+              for p in [Path(n.cfg.state_dir) / "token"] if p.exists()]
+    blob = repr([kv.value for kv in kvs.values()])
+    assert not any(t and t in blob for t in tokens)          # no secret in etcd
+    assert SERVICES + "web" in kvs
+
+
+def test_single_node_refuses_other_node_names(tmp_path: Path) -> None:
+    cfg = config_from_dict({"state": {"dir": str(tmp_path / "s")}})
+    agent = Agent(cfg, runtimes=FakeWorld().runtimes())
+    try:
+        with pytest.raises(ValidationError, match="needs fleet mode"):
+            agent.deploy(svc("x", node="elsewhere"))
+        assert agent.deploy(svc("y"))["service"] == "y"
+        assert "node" not in agent.status("y")["definition"]
+    finally:
+        agent.close()

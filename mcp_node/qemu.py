@@ -400,12 +400,13 @@ class QemuRuntime(Runtime):
                     raise WorkloadError(f"cannot hash the image of {d.name}: {digest[0]}")
                 meta = replace(meta, image_sha256=digest[0],
                                boot=replace(meta.boot, sha256=digest[0]))
+                qmp.execute(d.qmp, "cont")   # the digest is known: the guest may run
                 write_meta(d, meta)
-                qmp.execute(d.qmp, "cont")
             except BaseException:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 raise
+        log.info("qemu %s: running, pid %d", d.name, pid)
         return meta, pid
 
     def start(self, service: str, component: str) -> bool:

@@ -11,6 +11,9 @@
   with that kernel, accel tcg (KVM does not run guests here; the probe has its own test).
   ``nanos_config(state_dir, machine, **qemu)``: the same with ``nanos_dir`` set (the nanos
   builder wins over initramfs). ``qemu_runtime(config)``: a ``QemuRuntime`` over it.
+- ``nanos`` fixture: ``nanos_dir()`` after ``need_nanos()``; ``qemu_kernel``: the kernel
+  after ``need_qemu()``; ``paused_qemu``: a qemu with no guest, CPUs stopped (``-S``),
+  its QMP socket past sun_path's 108 bytes; stopped by pid at the end.
 - ``VMReaper``: records every (runtime, service, component) a test boots and, at teardown,
   removes them through the runtime and SIGKILLs by pid any qemu still recorded in their
   state directories (only those).
@@ -41,7 +44,8 @@ from mcp_node.config import AgentConfig, from_dict
 
 __all__ = ["kernel_path", "need_qemu", "qemu_config", "VMReaper", "vm_reaper",
            "busybox_image", "notelf_image", "qemu_pids_in", "wait_gone", "nanos_dir",
-           "need_nanos", "nanos_config", "qemu_runtime", "TEST_OWNER"]
+           "need_nanos", "nanos_config", "qemu_runtime", "TEST_OWNER", "nanos", "qemu_kernel",
+           "paused_qemu"]
 
 _TOP = Path(__file__).resolve().parent.parent
 
@@ -85,6 +89,40 @@ def nanos_config(state_dir: Path, machine: str = "q35", **qemu: Any) -> AgentCon
 
 
 TEST_OWNER = "test-node"
+
+
+@pytest.fixture
+def nanos() -> Path:
+    need_nanos()
+    return nanos_dir()
+
+
+@pytest.fixture
+def qemu_kernel() -> Path:
+    need_qemu()
+    return kernel_path()
+
+
+@pytest.fixture
+def paused_qemu(tmp_path: Path) -> Iterator[Path]:
+    from conftest import need
+
+    need("qemu-system-x86_64")
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    pidfile = deep / "qemu.pid"
+    subprocess.run(["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "32",
+                    "-nodefaults", "-no-user-config", "-display", "none", "-S",
+                    "-daemonize", "-pidfile", str(pidfile),
+                    "-qmp", "unix:qmp.sock,server=on,wait=off"],
+                   cwd=deep, check=True, capture_output=True, timeout=60)
+    pid = int(pidfile.read_text())
+    try:
+        yield deep / "qmp.sock"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(pid, 10)
 
 
 def qemu_runtime(config: AgentConfig, owner: str = TEST_OWNER) -> Any:

@@ -14,14 +14,7 @@ from pathlib import Path
 
 import pytest
 from podman_env import free_port, wait_http
-from qemu_env import (
-    VMReaper,
-    nanos_config,
-    nanos_dir,
-    need_nanos,
-    qemu_runtime,
-    wait_gone,
-)
+from qemu_env import VMReaper, nanos_config, qemu_runtime, wait_gone
 
 from mcp_node.config import QemuConfig
 from mcp_node.errors import ValidationError
@@ -50,8 +43,8 @@ def vm_files(state: Path) -> list[str]:
     return sorted(p.name for p in vms.iterdir()) if vms.exists() else []
 
 
-def test_nanos_mkfs_image_holds_program_env_and_mount_points(tmp_path: Path) -> None:
-    need_nanos()
+def test_nanos_mkfs_image_holds_program_env_and_mount_points(tmp_path: Path,
+                                                             nanos: Path) -> None:
     elf = tmp_path / "app.elf"
     elf.write_bytes(Path("/bin/busybox").read_bytes())
     data = tmp_path / "data"
@@ -61,19 +54,18 @@ def test_nanos_mkfs_image_holds_program_env_and_mount_points(tmp_path: Path) -> 
                        volumes=(Volume(str(data), "/data"),), cache_dir=tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    plan = NanosBuilder(QemuConfig(nanos_dir=str(nanos_dir()))).build(req, out)
+    plan = NanosBuilder(QemuConfig(nanos_dir=str(nanos))).build(req, out)
     assert plan.builder == "nanos" and plan.nanos and plan.kernel == ""
     assert Path(plan.disk).is_file() and plan.image == plan.disk and plan.sha256 == ""
     assert plan.volumes == req.volumes
-    dump = subprocess.run([str(nanos_dir() / "dump"), plan.disk], capture_output=True,
+    dump = subprocess.run([str(nanos / "dump"), plan.disk], capture_output=True,
                           text=True, timeout=30, check=True).stdout
     assert "program:/bin/busybox" in dump.replace(" ", "")
     assert "virtfs0" in dump and "MESSAGE" in dump
 
 
 def test_nanos_q35_volumes_env_and_args_reach_the_program(
-        tmp_path: Path, busybox_image: str) -> None:
-    need_nanos()
+        tmp_path: Path, nanos: Path, busybox_image: str) -> None:
     state = tmp_path / "state"
     data = tmp_path / "vol-data"
     data.mkdir()
@@ -106,8 +98,7 @@ def test_nanos_q35_volumes_env_and_args_reach_the_program(
 
 
 def test_nanos_microvm_refuses_volumes_before_anything_changes(
-        tmp_path: Path, busybox_image: str) -> None:
-    need_nanos()
+        tmp_path: Path, nanos: Path, busybox_image: str) -> None:
     state = tmp_path / "state"
     rt = qemu_runtime(nanos_config(state, "microvm"))
     spec = WorkloadSpec(service="n", component="bb", image=busybox_image,
@@ -121,10 +112,9 @@ def test_nanos_microvm_refuses_volumes_before_anything_changes(
 
 
 def test_nanos_microvm_stop_then_start_boots_the_same_image_again(
-        tmp_path: Path, hello_image: str) -> None:
+        tmp_path: Path, nanos: Path, hello_image: str) -> None:
     """start() relaunches a stopped VM from its image as it is: no rebuild (same digest),
     its console appended; a microvm guest, which cannot power off, is quit on stop."""
-    need_nanos()
     state = tmp_path / "state"
     rt = qemu_runtime(nanos_config(state, "microvm"))
     port = free_port()
@@ -153,15 +143,15 @@ def test_nanos_microvm_stop_then_start_boots_the_same_image_again(
         reaper.run()
 
 
-def test_kvm_probe_boots_a_nanos_guest_and_auto_accel_follows_it(tmp_path: Path) -> None:
+def test_kvm_probe_boots_a_nanos_guest_and_auto_accel_follows_it(tmp_path: Path,
+                                                                 nanos: Path) -> None:
     """On a Nanos node the probe's second stage is a Nanos image whose program prints the
     mark (here the stub runs under KVM but Nanos stops with a KVM internal error, so
     without this stage auto picked kvm and no VM ever answered)."""
-    need_nanos()
     for machine in ("q35", "microvm"):
         work = tmp_path / machine
         work.mkdir()
-        argv = nanos_guest(nanos_dir(), machine).argv(work, "qemu-system-x86_64", "tcg")
+        argv = nanos_guest(nanos, machine).argv(work, "qemu-system-x86_64", "tcg")
         ok, why = boot_prints_mark(argv, 60)     # the guest itself is sound: under TCG
         assert ok, (machine, why)
     rt = qemu_runtime(nanos_config(tmp_path / "state", "microvm", accel="auto"))

@@ -102,8 +102,7 @@ def hello_vm(tmp_path_factory: pytest.TempPathFactory,
 
 # -- enablement (no boot) ----------------------------------------------------------------------
 
-def test_available_with_qemu_and_a_kernel(tmp_path: Path) -> None:
-    need_qemu()
+def test_available_with_qemu_and_a_kernel(tmp_path: Path, qemu_kernel: Path) -> None:
     rt = qemu_runtime(qemu_config(tmp_path))
     assert rt.available() == (True, "")
     assert rt.builder_name == "initramfs"
@@ -125,9 +124,9 @@ def test_unavailable_names_what_is_missing_and_refuses_run(tmp_path: Path) -> No
     assert vm_files(tmp_path) == []
 
 
-def test_kvm_probe_stub_prints_under_tcg_and_accel_follows_the_probe(tmp_path: Path) -> None:
+def test_kvm_probe_stub_prints_under_tcg_and_accel_follows_the_probe(
+        tmp_path: Path, qemu_kernel: Path) -> None:
     """The probe's stub really boots (checked under TCG); auto-accel is what the KVM probe says."""
-    need_qemu()
     img = tmp_path / "probe.bin"
     img.write_bytes(probe_image())
     proc = subprocess.Popen(probe_argv("qemu-system-x86_64", "tcg", str(img)),
@@ -423,3 +422,44 @@ def test_guest_ignoring_the_power_button_is_killed_at_the_timeout(bb_vm: Booted)
     assert refused(bb_vm.port)
     bb_vm.rt.remove(bb_vm.spec.service, "bb")
     assert vm_files(bb_vm.state) == []
+
+
+def test_pull_asks_podman_nothing_while_the_image_store_is_unchanged(
+        tmp_path: Path, hello_images: dict[str, str]) -> None:
+    """A redeploy of an unchanged image costs no podman call (the store's image index is
+    unchanged); a retag is seen at once, and the new image's id recorded."""
+    rt = qemu_runtime(qemu_config(tmp_path))
+    ref = f"localhost/mcp-pullcache-{uuid.uuid4().hex[:8]}:t"
+    assert podman_cli("tag", hello_images["v1"], ref).returncode == 0
+    calls: list[str] = []
+    real = rt.podman.run
+
+    def counting(*args: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+        calls.append(args[0])
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    rt.podman.run = counting  # type: ignore[method-assign]
+    spec = WorkloadSpec(service="p", component="c", image=ref, memory_mb=64)
+    cache = tmp_path / "vm-cache" / f"{rt._cache_key(spec)}.json"
+
+    def image_id(tag: str) -> str:
+        return podman_cli("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+
+    try:
+        rt.pull(spec)
+        assert "cp" in calls and json.loads(cache.read_text())["image_id"] == image_id(ref)
+        for _ in range(5):   # other processes may change the store meanwhile: then asking is right
+            calls.clear()
+            before = rt.podman.store_stamp()
+            rt.pull(replace(spec, cmd=("--flag",)))
+            if rt.podman.store_stamp() == before:
+                break
+        assert before and calls == []
+        assert json.loads(cache.read_text())["argv"] == ["--flag"]   # argv follows cmd
+        assert podman_cli("tag", hello_images["v2"], ref).returncode == 0
+        calls.clear()
+        rt.pull(spec)
+        assert "image" in calls
+        assert json.loads(cache.read_text())["image_id"] == image_id(hello_images["v2"])
+    finally:
+        podman_cli("rmi", ref)

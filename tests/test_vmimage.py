@@ -373,3 +373,42 @@ def test_initrd_cache_key_tracks_every_input(tmp_path: Path) -> None:
     empty = tmp_path / "none"
     empty.mkdir()
     assert initrd_key("/x", b"e", b"b", empty) != initrd_key("/x", b"e", b"b", empty)
+
+
+# -- module layout ---------------------------------------------------------------------------
+
+VM_MODULES = ("vmimage", "cpio", "ops", "nanos", "initramfs", "builders", "kvmprobe",
+              "qemuargs", "qmp", "vmstate", "vmpull", "qemu")
+
+
+def project_imports(module: str) -> set[str]:
+    import ast
+
+    tree = ast.parse((Path(__file__).parent.parent / "mcp_node" / f"{module}.py").read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out.add((node.module or "").split(".")[0])
+            if not node.module:
+                out.update(a.name for a in node.names)
+    return out
+
+
+def test_vm_modules_form_no_cycle_and_builders_stand_alone() -> None:
+    graph = {m: project_imports(m) & set(VM_MODULES) for m in VM_MODULES}
+    assert graph["vmimage"] == set() and graph["cpio"] == set()     # the leaves
+    for builder in ("ops", "nanos", "initramfs"):                    # one module each
+        assert graph[builder] <= {"vmimage", "cpio"}, (builder, graph[builder])
+    assert graph["builders"] == {"ops", "nanos", "initramfs", "vmimage"}  # choice: one place
+    assert "kvmprobe" not in graph["qemuargs"]                      # probe out of the argv
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        assert m not in path, " -> ".join((*path, m))
+        for n in graph[m]:
+            visit(n, (*path, m))
+
+    for m in VM_MODULES:
+        visit(m, ())
+    sizes = {m: len((Path(__file__).parent.parent / "mcp_node" / f"{m}.py").read_text()
+                    .splitlines()) for m in VM_MODULES}
+    assert max(sizes.values()) <= 610, sizes

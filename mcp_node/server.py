@@ -1,7 +1,12 @@
 """The agent's JSON/HTTP API (design §6) on ``http.server``, no framework.
 
-ThreadingHTTPServer with one daemon thread per keep-alive connection. The
-request parser is our own small HTTP/1.1 reader instead of
+Connections are accepted by one selector thread, the intake, which also does
+the TLS handshake and reads request heads for every connection that has not
+shown a valid token yet: a slow or idle connection costs a socket and a
+buffer, not a thread. A complete head goes to a worker thread (reused, see
+``Workers``), which parses and answers it; a connection that authenticated
+stays with its worker (keep-alive), one that did not goes back to the intake.
+The request parser is our own small HTTP/1.1 reader instead of
 ``BaseHTTPRequestHandler.parse_request``: the stock one runs the ``email``
 header parser on every request, which costs more than the whole health
 answer, and it reads with per-``recv`` timeouts, which a client sending one
@@ -10,10 +15,10 @@ byte a second defeats. Every response leaves in one ``sendall``; Nagle is off.
 Each phase has a deadline, not just an idle timeout: a request's line and
 headers (``server.header_timeout_s``), its body (``server.body_timeout_s``,
 408), the wait for the next request on an authenticated keep-alive
-connection (``server.idle_timeout_s``). A connection counts as
-unauthenticated until it shows a valid token; those are capped in total and
-per peer address, and at a cap the oldest one is dropped to admit the new one,
-so idle or slow connections can never lock an authenticated client out.
+connection (``server.idle_timeout_s``). Unauthenticated connections are
+capped in total and per peer address, and at a cap the oldest one is dropped
+to admit the new one, so idle or slow connections never lock out a client
+with a token; ``server.max_connections`` bounds them all.
 
 Order of checks per request: request line and headers (400/408/414/431/505),
 path (404), method (405), token and role (401/403), body size (413), body
@@ -30,6 +35,7 @@ import logging
 import queue
 import re
 import resource
+import selectors
 import socket
 import ssl
 import threading
@@ -43,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, openapi
 from .auth import Token, TokenStore, token_file_path
 from .config import AgentConfig
-from .errors import ForbiddenError, HTTPError, MCPError, ValidationError
+from .errors import ForbiddenError, HTTPError, MCPError, NotFoundError, ValidationError
 from .httpapi import (
     END,
     LogPump,
@@ -68,6 +74,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .agent import Agent
+    from .fleetnode import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,8 @@ HANGUP_CHECK_S = 0.5          # a follow stream notices its client gone within a
 LINGER_S = 2.0
 LINGER_BYTES = 4 << 20
 DROP_LOG_EVERY_S = 10.0
+INTAKE_SWEEP_S = 0.1          # how often the intake looks for expired head deadlines
+ACCEPT_BATCH = 32             # connections accepted before the intake reads again
 _ACCESS_FMT = "http method=%s path=%s status=%d bytes=%d ms=%.2f token=%s peer=%s"
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -109,6 +118,29 @@ def log_safe(text: str, limit: int = 300) -> str:
                    f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
 
 
+def access_line(method: str, target: str, status: int, nbytes: int, ms: float, token: str,
+                peer: str) -> None:
+    """One access line per request. makeRecord + handle instead of log.info: skips the
+    caller lookup (stack walk), which cost a third of a /v1/health answer."""
+    args = (log_safe(method, 16), log_safe(target), status, nbytes, ms, token, peer)
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _ACCESS_FMT, args, None,
+                              "http"))
+
+
+def request_line_of(buf: bytes | bytearray) -> tuple[str, str]:
+    """Method and target of a request head that never completed, for its access line."""
+    parts = bytes(buf.partition(b"\n")[0]).decode("latin-1").split(" ")
+    return parts[0], parts[1] if len(parts) > 1 else "-"
+
+
+def error_response(status: int, code: str, message: str) -> bytes:
+    """A whole error response that closes the connection (the intake sends these)."""
+    body = _error_body(code, message)
+    return (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nServer: {SERVER_HEADER}"
+            f"\r\nDate: {_http_date()}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
 _BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
 _BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                   b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
@@ -125,17 +157,26 @@ def _http_date() -> str:
 
 
 class Conn:
-    """One accepted connection as the server's caps see it."""
+    """One accepted connection as the server's caps and its intake see it."""
 
-    __slots__ = ("raw", "sock", "peer", "deadline", "authenticated", "dropped")
+    __slots__ = ("raw", "sock", "addr", "peer", "deadline", "authenticated", "dropped",
+                 "buf", "scanned", "in_intake", "park", "drain", "drained", "handshaken")
 
-    def __init__(self, raw: socket.socket, peer: str, deadline: float) -> None:
+    def __init__(self, raw: socket.socket, addr: Any, deadline: float) -> None:
         self.raw = raw                  # as accepted (the key); ``sock`` once TLS-wrapped
-        self.sock = raw
-        self.peer = peer
+        self.sock: socket.socket = raw
+        self.addr = addr
+        self.peer = str(addr[0])
         self.deadline = deadline        # for the next request head while unauthenticated
         self.authenticated = False
         self.dropped = ""               # why the server closed it ("" while it has not)
+        self.buf = bytearray()          # read but not yet parsed (the intake's or a handler's)
+        self.scanned = 0                # how far ``buf`` was searched for the head's end
+        self.in_intake = False          # owned by the intake thread (else by a worker)
+        self.park = False               # a worker hands it back to the intake
+        self.drain = False              # ... for a lingering close (see Handler.finish)
+        self.drained = 0                # bytes discarded while lingering
+        self.handshaken = False         # TLS
 
 
 # -- handler -------------------------------------------------------------------
@@ -161,32 +202,29 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.conn = self.server.conn_of(self.request)
-        self._buf = bytearray()
-        self.connection = self.request
-        ctx = self.server.ssl_context
-        if ctx is not None:  # the handshake is part of the first request's header deadline
-            self._set_timeout(max(self.conn.deadline - time.monotonic(), 0.001))
-            self.request = self.connection = ctx.wrap_socket(self.request, server_side=True)
-            self.conn.sock = self.request
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self._buf = self.conn.buf  # what the intake read: at least the first request's head
+        self.request = self.connection = self.conn.sock  # TLS-wrapped by the intake
+
+    def handle(self) -> None:
+        """Requests until the connection closes; a connection without a valid token goes
+        back to the intake between requests, so it never holds a thread while idle."""
+        while True:
+            self.handle_one_request()
+            if self.close_connection:
+                return
+            if not self.conn.authenticated:
+                self.conn.park = True
+                return
 
     def finish(self) -> None:
-        if self._linger:
-            self._drain()
-
-    def _drain(self) -> None:
         """Lingering close: closing with an unread body would send a TCP RST that can
-        destroy our error response in the client's buffer, so half-close and discard
-        what the client still sends, bounded in bytes and time."""
-        with contextlib.suppress(OSError, ValueError):
-            self.request.shutdown(socket.SHUT_WR)
-            self.request.settimeout(LINGER_S)
-            left, deadline = LINGER_BYTES, time.monotonic() + LINGER_S
-            while left > 0 and time.monotonic() < deadline:
-                data = self.request.recv(65536)
-                if not data:
-                    break
-                left -= len(data)
+        destroy our error response in the client's buffer, so half-close and let the
+        intake discard what the client still sends (bounded in bytes and time), which
+        frees this thread at once."""
+        if self._linger and not self._gone:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self.request, socket.SHUT_WR)
+                self.conn.drain = True
 
     # -- wire --------------------------------------------------------------------
 
@@ -247,8 +285,6 @@ class Handler(BaseHTTPRequestHandler):
                     raise HTTPError(431, "headers_too_large",
                                     f"request head larger than {MAX_HEAD} bytes", close=True)
                 if not self._recv(deadline):
-                    if self.conn.dropped and buf.strip():
-                        raise HTTPError(503, "busy", self.conn.dropped, close=True)
                     if buf.strip():
                         raise HTTPError(400, "bad_request", "connection closed in headers",
                                         close=True)
@@ -267,8 +303,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _peek_request_line(self) -> None:
         """For the access line of a request refused before its head was complete."""
-        parts = bytes(self._buf.partition(b"\n")[0]).decode("latin-1").split(" ")
-        self._method, self._target = parts[0], parts[1] if len(parts) > 1 else "-"
+        self._method, self._target = request_line_of(self._buf)
 
     def _parse_head(self, head: str) -> tuple[str, str, str, dict[str, str]]:
         lines = head.split("\n")
@@ -404,15 +439,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.conn.deadline = time.monotonic() + self.server.config.server.header_timeout_s
 
     def _log(self, started: float) -> None:
-        # One access line per request. makeRecord + handle instead of log.info: skips the
-        # caller lookup (stack walk), which cost a third of a /v1/health answer.
         if log.isEnabledFor(logging.INFO):
-            tok = self._token.name if self._token else "-"
-            args = (log_safe(self._method, 16), log_safe(self._target), self._status,
-                    self._bytes, (time.perf_counter() - started) * 1000, tok,
-                    self.client_address[0])
-            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _ACCESS_FMT, args,
-                                      None, "http"))
+            access_line(self._method, self._target, self._status, self._bytes,
+                        (time.perf_counter() - started) * 1000,
+                        self._token.name if self._token else "-", self.client_address[0])
 
     def _dispatch(self, method: str, target: str, headers: dict[str, str]) -> None:
         body_pending = ("transfer-encoding" in headers
@@ -424,7 +454,10 @@ class Handler(BaseHTTPRequestHandler):
             route, params = resolve(method, path)
             self._route = route
             if route.role is not None:
-                self._authorize(headers.get("authorization"), route.role)
+                # Fleet writes act on every node: they need the master role (issue 12).
+                role = ("master" if route.role == "operator" and self.agent.fleet is not None
+                        else route.role)
+                self._authorize(headers.get("authorization"), role)
             body = self._read_body(headers) if body_pending else b""
             body_pending = False
             q = parse_query(query, route.query)
@@ -609,6 +642,23 @@ class Handler(BaseHTTPRequestHandler):
             self._write(b"0\r\n\r\n")
             self.close_connection = False
 
+    def _fleet(self, write: bool = False) -> Fleet:
+        if self.agent.fleet is None:
+            raise NotFoundError("this agent is not in fleet mode (no [cluster] etcd in its "
+                                "config)")
+        if write:
+            self.agent._fleet_writable()
+        return self.agent.fleet
+
+    def h_nodes(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self._fleet().nodes())
+
+    def h_drain(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self._fleet(write=True).drain(check_name(params["node"], "node")))
+
+    def h_uncordon(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self._fleet(write=True).uncordon(check_name(params["node"], "node")))
+
     def h_edge_list(self, params: Params, query: dict[str, str], body: bytes) -> None:
         self._send_json(self.agent.edge.list())
 
@@ -681,7 +731,10 @@ class Workers:
 
 
 class AgentServer(ThreadingHTTPServer):
-    """Accepts connections within the caps of ``[server]``; see the module docstring."""
+    """Accepts connections within the caps of ``[server]`` and reads each request head of
+    a connection without a valid token in one selector thread (the intake), so slow and
+    idle connections cost a socket and a buffer, not a thread; complete heads, and every
+    connection once authenticated, go to the workers. See the module docstring."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -696,7 +749,7 @@ class AgentServer(ThreadingHTTPServer):
         self._conns: dict[socket.socket, Conn] = {}        # every open one, by accepted socket
         self._unauth: dict[Conn, None] = {}                # oldest first
         self._unauth_by_peer: dict[str, dict[Conn, None]] = {}
-        self._dropped_open = 0                            # dropped, thread not finished yet
+        self._dropped_open = 0                            # dropped, not closed yet
         self._conns_lock = threading.Lock()
         self._streams: set[LogPump] = set()
         self._busy_lock = threading.Lock()
@@ -705,8 +758,15 @@ class AgentServer(ThreadingHTTPServer):
         self._drops_logged_at = 0.0
         self.health_cache: tuple[dict[str, Any], bytes] | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self._stopped = False
         self._workers = Workers(self.process_request_thread)
+        self._intake: dict[Conn, None] = {}               # intake thread only
+        self._parked: queue.SimpleQueue[Conn] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
 
@@ -772,22 +832,222 @@ class AgentServer(ThreadingHTTPServer):
             if not peer:
                 del self._unauth_by_peer[conn.peer]
 
-    def _drop_oldest(self, conns: dict[Conn, None], why: str) -> Conn:
-        victim = next(iter(conns))
-        self._forget_unauth(victim)
-        victim.dropped = why
-        self._dropped_open += 1
-        self._drops += 1
-        return victim
+    def _drop_oldest(self, conns: dict[Conn, None], why: str,
+                     completed: list[Conn]) -> Conn | None:
+        """The oldest of ``conns`` still waiting in the intake for its head, marked as
+        dropped. One whose head has arrived meanwhile (unread yet) is not slow: it goes
+        to ``completed`` instead. None if every one is being answered by a worker."""
+        found = None
+        for c in conns:  # oldest first; usually the first one
+            if c.in_intake and c not in completed:
+                if c.drain or not self._head_arrived(c):
+                    found = c
+                    break
+                completed.append(c)
+        if found is not None:
+            self._forget_unauth(found)
+            found.dropped = why
+            self._dropped_open += 1
+            self._drops += 1
+        return found
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
+    def _head_arrived(self, conn: Conn) -> bool:
+        """Read what is waiting on ``conn`` (intake thread; no blocking, no closing)."""
+        try:
+            while conn.handshaken and not self._head_ready(conn):
+                data = conn.sock.recv(65536)
+                if not data:
+                    return False
+                conn.buf += data
+        except (OSError, ValueError):  # includes BlockingIOError, SSLWantReadError
+            return False
+        return conn.handshaken
+
+    # -- the intake (one thread: accepts, caps, reads request heads) -------------------
+
+    def _serve(self) -> None:
+        sel = self._sel
+        self.socket.setblocking(False)
+        sel.register(self.socket, selectors.EVENT_READ, "accept")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        next_sweep = time.monotonic() + INTAKE_SWEEP_S
+        try:
+            while not self._stopping:
+                for key, _ in sel.select(INTAKE_SWEEP_S):
+                    self._guarded(self._intake_event, key.data)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + INTAKE_SWEEP_S
+                    for conn in [c for c in self._intake if c.deadline <= now]:
+                        self._guarded(self._intake_expired, conn)
+        finally:
+            for conn in list(self._intake):
+                self._intake_close(conn)
+            while not self._parked.empty():
+                self._intake_close(self._parked.get())
+
+    def _guarded(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """The intake must outlive any one connection's surprise: log it, drop that one."""
+        try:
+            fn(arg)
+        except Exception:
+            log.exception("intake error")
+            if isinstance(arg, Conn):
+                with contextlib.suppress(Exception):
+                    self._intake_close(arg)
+
+    def _intake_event(self, what: Any) -> None:
+        if what == "accept":
+            self._accept_all()
+        elif what == "wake":
+            with contextlib.suppress(OSError):
+                while self._wake_r.recv(4096):
+                    pass
+            while not self._parked.empty():
+                self._guarded(self._intake_add, self._parked.get())
+        elif what.drain:
+            self._intake_drain(what)
+        else:
+            self._intake_read(what)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _accept_all(self) -> None:
+        for _ in range(ACCEPT_BATCH):  # then read what the accepted ones sent
+            try:
+                raw, addr = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of descriptors: let others finish first
+                log.warning("accept failed: %s", exc)
+                time.sleep(0.05)
+                return
+            conn = self.admit(raw, addr)
+            if conn is None:
+                self.close_request(raw)
+                continue
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            self._intake_add(conn)
+
+    def _intake_add(self, conn: Conn) -> None:
+        try:
+            conn.sock.setblocking(False)
+            if self.ssl_context is not None and conn.sock is conn.raw:
+                conn.sock = self.ssl_context.wrap_socket(conn.raw, server_side=True,
+                                                         do_handshake_on_connect=False)
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+        except (OSError, ValueError):
+            self._release(conn)
+            return
+        conn.in_intake = True
+        self._intake[conn] = None
+        if conn.drain:
+            conn.deadline = time.monotonic() + LINGER_S
+            conn.buf.clear()
+            self._intake_drain(conn)
+        else:
+            self._intake_read(conn)  # a client sends its request at once: read it now
+
+    def _intake_drain(self, conn: Conn) -> None:
+        """Discard what a client still sends after our error (see Handler.finish)."""
+        try:
+            while conn.drained < LINGER_BYTES:
+                data = socket.socket.recv(conn.sock, 65536)  # raw bytes, TLS or not
+                if not data:
+                    break
+                conn.drained += len(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._intake_close(conn)
+
+    def _intake_read(self, conn: Conn) -> None:
+        sock = conn.sock
+        try:
+            if not conn.handshaken and isinstance(sock, ssl.SSLSocket):
+                sock.do_handshake()
+            conn.handshaken = True
+            while not self._head_ready(conn):
+                data = sock.recv(65536)
+                if not data:  # the client is gone, whatever it had begun
+                    self._intake_close(conn)
+                    return
+                conn.buf += data
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return  # more to come (a handshake's small writes do not block in practice)
+        except (OSError, ValueError):
+            self._intake_close(conn)
+            return
+        self._hand_over(conn)
+
+    @staticmethod
+    def _head_ready(conn: Conn) -> bool:
+        """A complete head in ``buf`` (or one too large: the worker refuses it)."""
+        buf = conn.buf
+        while buf.startswith((b"\n", b"\r\n")):
+            del buf[:1 if buf[0] == 10 else 2]
+            conn.scanned = 0
+        if _HEAD_END_RE.search(buf, max(conn.scanned - 3, 0), MAX_HEAD) is not None:
+            return True
+        conn.scanned = len(buf)
+        return len(buf) >= MAX_HEAD or (len(buf) > MAX_LINE
+                                        and buf.find(b"\n", 0, MAX_LINE + 1) < 0)
+
+    def _hand_over(self, conn: Conn) -> None:
+        self._intake_forget(conn)
+        self._workers.submit(conn.raw, conn.addr)
+
+    def _intake_expired(self, conn: Conn) -> None:
+        """Past its header deadline: 408 if it had begun a request (and an access line),
+        else closed without a word. Answered here: no worker for a slowloris."""
+        if conn.buf.strip() and not conn.drain:
+            timeout = self.config.server.header_timeout_s
+            self._intake_close(conn, 408, "request_timeout",
+                               f"request headers not complete within {timeout:g} s "
+                               "(server.header_timeout_s)")
+        else:
+            self._intake_close(conn)
+
+    def _intake_forget(self, conn: Conn) -> None:
+        if conn.in_intake:
+            conn.in_intake = False
+            del self._intake[conn]
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(conn.sock)
+
+    def _intake_close(self, conn: Conn, status: int = 0, code: str = "",
+                      message: str = "") -> None:
+        """Close ``conn``, first answering ``status`` (or 503 if it was dropped) when it
+        had begun a request; never blocks (the response is small, the buffer empty)."""
+        self._intake_forget(conn)
+        if conn.dropped:
+            status, code, message = 503, "busy", conn.dropped
+        if status and conn.buf.strip():
+            data = error_response(status, code, message)
+            with contextlib.suppress(OSError, ValueError):
+                conn.sock.send(data)
+            if log.isEnabledFor(logging.INFO) and not conn.dropped:  # drops: _log_drops
+                began = conn.deadline - self.config.server.header_timeout_s
+                access_line(*request_line_of(conn.buf), status, len(data),
+                            (time.monotonic() - began) * 1000, "-", conn.peer)
+        self._release(conn)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+        self.close_request(conn.raw)
+
+    def admit(self, request: socket.socket, client_address: Any) -> Conn | None:
         """Admit every new connection while it can: at an unauthenticated cap the oldest
         unauthenticated connection (of the same peer first) is dropped to make room.
         Only when every open connection is authenticated is the new one refused (503)."""
         limits = self.config.server
-        peer = str(client_address[0])
-        conn = Conn(request, peer, time.monotonic() + limits.header_timeout_s)
-        victims: list[Conn] = []
+        conn = Conn(request, client_address, time.monotonic() + limits.header_timeout_s)
+        peer = conn.peer
+        victims: list[Conn | None] = []
+        completed: list[Conn] = []
         admit = True
         with self._conns_lock:
             mine = self._unauth_by_peer.get(peer)
@@ -795,38 +1055,43 @@ class AgentServer(ThreadingHTTPServer):
                 victims.append(self._drop_oldest(mine, (
                     f"too many unauthenticated connections from {peer} (more than "
                     f"server.max_unauthenticated_per_peer = "
-                    f"{limits.max_unauthenticated_per_peer}); the oldest was closed")))
+                    f"{limits.max_unauthenticated_per_peer}); the oldest was closed"),
+                    completed))
             elif len(self._unauth) >= limits.max_unauthenticated:
                 heaviest = max(self._unauth_by_peer.values(), key=len)
                 victims.append(self._drop_oldest(heaviest, (
                     f"too many unauthenticated connections (more than "
                     f"server.max_unauthenticated = {limits.max_unauthenticated}); "
-                    "the oldest of the peer with the most was closed")))
+                    "the oldest of the peer with the most was closed"), completed))
             if len(self._conns) - self._dropped_open >= limits.max_connections:
-                if not self._unauth:
-                    admit = False
-                else:
+                victim = None
+                if self._unauth:
                     heaviest = max(self._unauth_by_peer.values(), key=len)
-                    victims.append(self._drop_oldest(heaviest, (
+                    victim = self._drop_oldest(heaviest, (
                         f"too many open connections (server.max_connections = "
-                        f"{limits.max_connections}); the oldest unauthenticated was closed")))
+                        f"{limits.max_connections}); the oldest unauthenticated was closed"),
+                        completed)
+                admit = victim is not None
+                victims.append(victim)
             open_now = len(self._conns)
             if admit:
                 self._conns[request] = conn
                 self._unauth[conn] = None
                 self._unauth_by_peer.setdefault(peer, {})[conn] = None
+        for c in completed:
+            self._hand_over(c)
         for v in victims:
-            # SHUT_RD wakes its thread's read with end-of-stream; it may still answer 503
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(v.sock, socket.SHUT_RD)
-        if victims:
+            if v is not None:
+                self._intake_close(v)
+        if any(victims):
             self._log_drops()
         if not admit:
             with contextlib.suppress(OSError):
                 request.send(_BUSY_RESPONSE, socket.MSG_DONTWAIT)
             log.warning("connection refused peer=%s reason=too_many_connections open=%d",
                         peer, open_now)
-        return admit
+            return None
+        return conn
 
     def _log_drops(self) -> None:
         """One warning per ``DROP_LOG_EVERY_S`` at most: under attack, drops come by
@@ -840,38 +1105,44 @@ class AgentServer(ThreadingHTTPServer):
             log.warning("dropped unauthenticated connections count=%d open=%d "
                         "unauthenticated=%d", n, len(self._conns), unauth)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self._workers.submit(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        """Every accepted connection ends here, whatever happened to it."""
+    def _release(self, conn: Conn) -> None:
         with self._conns_lock:
-            conn = self._conns.pop(request, None)
-            if conn is not None:
+            if self._conns.pop(conn.raw, None) is not None:
                 if conn.dropped:
                     self._dropped_open -= 1
                 elif not conn.authenticated:
                     self._forget_unauth(conn)
-        if conn is not None and conn.sock is not request:
-            with contextlib.suppress(OSError):
-                conn.sock.close()
+
+    def shutdown_request(self, request: Any) -> None:
+        """A worker is done with ``request``: back to the intake, or closed."""
+        with self._conns_lock:
+            conn = self._conns.get(request)
+        if conn is not None and (conn.park or conn.drain) and not self._stopping:
+            conn.park = False
+            self._parked.put(conn)
+            self._wake()
+            return
+        if conn is not None:
+            self._release(conn)
+            if conn.sock is not request:
+                with contextlib.suppress(OSError):
+                    conn.sock.close()
         super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection error peer=%r", client_address, exc_info=True)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, name="mcp-http",
-                                        kwargs={"poll_interval": 0.5}, daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="mcp-http", daemon=True)
         self._thread.start()
 
     def shutdown(self) -> None:
         """Stop accepting, let requests in progress finish (bounded), drop idle connections."""
         if self._stopped:
             return
-        self._stopped = True
+        self._stopped = self._stopping = True
         if self._thread is not None:
-            super().shutdown()
+            self._wake()
             self._thread.join()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         while self._busy > 0 and time.monotonic() < deadline:
@@ -882,6 +1153,9 @@ class AgentServer(ThreadingHTTPServer):
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(c.sock, socket.SHUT_RDWR)
         self._workers.close()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
         self.server_close()
 
 

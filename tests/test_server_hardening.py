@@ -4,6 +4,7 @@ end when their client leaves, and access lines that cannot forge the log."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -158,6 +159,7 @@ def test_authenticated_keep_alive_may_idle_past_the_header_deadline(tmp_path: Pa
 def test_hundreds_of_slow_connections_do_not_lock_out_a_client(tmp_path: Path) -> None:
     """As reported: 530 connections holding a request head open made /v1/health from
     anyone else a 503 ``busy``. With the default caps a new client still gets in."""
+    before = _conn_threads()
     with fake_live(tmp_path) as live:
         slow = []
         for _ in range(600):
@@ -167,8 +169,38 @@ def test_hundreds_of_slow_connections_do_not_lock_out_a_client(tmp_path: Path) -
         r = live.raw(auth_get(live, "/v1/health", "reader"))[0]
         assert r.status == 200, r.body
         assert live.server.unauthenticated_connections <= 64  # the per-peer default
+        assert _conn_threads() - before <= 3  # slow heads are read without a thread each
         for s in slow:
             s.close()
+
+
+def test_idle_unauthenticated_keep_alive_holds_no_thread(tmp_path: Path) -> None:
+    before = _conn_threads()
+    with fake_live(tmp_path) as live:
+        idle = []
+        for _ in range(30):  # each answered, then kept open and silent
+            s = connect(live)
+            s.sendall(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"HTTP/1.1 200 ")
+            idle.append((s, f))
+        assert live.server.open_connections == 30
+        assert _conn_threads() - before <= 3
+        s, f = idle[0]  # and a parked connection is served again when it speaks
+        while f.readline() not in (b"\r\n", b""):
+            pass
+        f.read(len(openapi_bytes()))
+        s.sendall(auth_get(live, "/v1/health", "reader"))
+        assert f.readline().startswith(b"HTTP/1.1 200 ")
+        for s, f in idle:
+            f.close()
+            s.close()
+
+
+def openapi_bytes() -> bytes:
+    from mcp_node import openapi
+
+    return openapi.document_bytes()
 
 
 def _conn_threads() -> int:
@@ -182,6 +214,31 @@ def test_connection_threads_are_reused_and_end_with_the_server(tmp_path: Path) -
             assert live.raw(auth_get(live, "/v1/health", "reader"))[0].status == 200
         assert _conn_threads() - before <= 3
     wait_until(lambda: _conn_threads() <= before, "workers gone with their server")
+
+
+def test_lingering_close_holds_no_thread(tmp_path: Path) -> None:
+    """A refused upload's unread body is drained (so the answer is not lost to a reset)
+    by the intake, not by a worker held for seconds per connection."""
+    before = _conn_threads()
+    with fake_live(tmp_path) as live:
+        uploads = []
+        for _ in range(20):
+            s = connect(live)
+            s.sendall(b"POST /v1/services HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n"
+                      + b"x" * 30000)
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"HTTP/1.1 401 ")
+            uploads.append((s, f))
+        assert _conn_threads() - before <= 3
+        s, f = uploads[0]
+        with contextlib.suppress(OSError):
+            s.sendall(b"x" * 30000)  # the rest of the body: discarded, then closed
+        while f.readline():
+            pass
+        for s, f in uploads:
+            f.close()
+            s.close()
+        wait_until(lambda: live.server.open_connections == 0, "drained and closed")
 
 
 def test_oldest_unauthenticated_of_a_peer_is_dropped(tmp_path: Path) -> None:
@@ -424,3 +481,46 @@ def test_log_safe() -> None:
     assert log_safe("/v1/health?x=1") == "/v1/health?x=1"
     assert log_safe("a b\\c\x00\u00e9\u2028", 100) == "a\\x20b\\x5cc\\x00\\xe9\\u2028"
     assert log_safe("x" * 500, 10) == "x" * 10
+
+
+# -- TLS: the intake does the handshake too -------------------------------------------------
+
+
+def test_tls_slow_handshake_and_parked_connections(tmp_path: Path) -> None:
+    import ssl
+
+    from fake_http import self_signed
+
+    cert, key = self_signed(tmp_path)
+    with fake_live(tmp_path, tls_cert=cert, tls_key=key, header_timeout_s=0.5) as live:
+        deploy(live)
+        ctx = ssl.create_default_context(cafile=cert)
+        # a client that never says hello is closed at the header deadline
+        s = connect(live)
+        assert read_all(s) == b""
+        s.close()
+        # plain HTTP on the TLS port: refused by the handshake, and the server carries on
+        s = connect(live)
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            assert b"200 OK" not in read_all(s)
+        s.close()
+        # unauthenticated keep-alive over TLS: parked between requests, served again,
+        # pipelined requests in separate TLS records included
+        with ctx.wrap_socket(connect(live), server_hostname="127.0.0.1") as t:
+            f = t.makefile("rb")
+            for req in (b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n",
+                        auth_get(live, "/v1/health", "reader")):
+                t.sendall(req)
+                assert f.readline().startswith(b"HTTP/1.1 200 "), req
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                f.read(length)
+            f.close()
+        with ctx.wrap_socket(connect(live), server_hostname="127.0.0.1") as t:
+            t.sendall(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+            t.sendall(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert read_all(t).count(b"HTTP/1.1 200 OK") == 2
+        wait_until(lambda: live.server.open_connections == 0, "all released")

@@ -24,7 +24,16 @@ from . import __version__
 from .clictx import DEFAULT_AGENT, Backend, Ctx, config_home
 from .cliformat import health_text, ps_table, services_summary, status_text, table
 from .errors import MCPError
-from .fleet import PARTIAL_EXIT, Answers, ask_all, locate, named
+from .fleet import (
+    PARTIAL_EXIT,
+    Answers,
+    ask_all,
+    drained_text,
+    locate,
+    named,
+    nodes_table,
+    placed_text,
+)
 
 DEGRADED_EXIT = 3   # node health: some node is degraded
 
@@ -162,7 +171,7 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
     if wait:
         st = wait_ready(backend, st["service"], timeout)
     emit(ctx, st, lambda s: f"{'unchanged' if s.get('unchanged') else 'deployed'} "
-                            f"{s['service']}\n{status_text(s)}")
+                            f"{s['service']}{placed_text(s)}\n{status_text(s)}")
 
 
 def not_ready(st: dict[str, Any]) -> list[dict[str, Any]]:
@@ -393,6 +402,32 @@ def logs(ctx: Ctx, service: str, component: str | None, tail: int | None,
                 service, component, tail, follow):
             out.write(chunk)
             out.flush()
+
+
+@cli.command()
+@json_option
+@pass_ctx
+def nodes(ctx: Ctx) -> None:
+    """Every node of the fleet (fleet mode), from etcd, as any agent sees it."""
+    emit(ctx, ctx.backend().call("nodes"), nodes_table)
+
+
+@cli.command()
+@click.argument("node")
+@json_option
+@pass_ctx
+def drain(ctx: Ctx, node: str) -> None:
+    """Cordon NODE and move its unpinned services to other nodes (fleet mode)."""
+    emit(ctx, ctx.backend().call("drain", node), drained_text)
+
+
+@cli.command()
+@click.argument("node")
+@json_option
+@pass_ctx
+def uncordon(ctx: Ctx, node: str) -> None:
+    """Let placements use NODE again after a drain (fleet mode)."""
+    emit(ctx, ctx.backend().call("uncordon", node), lambda d: f"uncordoned {d['node']}")
 
 
 @cli.group()

@@ -167,6 +167,10 @@ class RemoteBackend:
             return c.post("/v1/edge-routes", args[0])
         if op == "edge_remove":
             return c.delete(f"/v1/edge-routes/{q[0]}")
+        if op == "nodes":
+            return c.get("/v1/nodes")
+        if op in ("drain", "uncordon"):
+            return c.post(f"/v1/nodes/{q[0]}/{op}")
         raise AssertionError(op)
 
     def logs(self, service: str, component: str | None, tail: int | None,
@@ -221,6 +225,10 @@ class LocalBackend:
         if op == "edge_remove":
             a.edge.remove(args[0])
             return {"hostname": args[0], "removed": True}
+        if op in ("nodes", "drain", "uncordon"):
+            if a.fleet is None:
+                raise MCPError("not in fleet mode: no [cluster] etcd in the agent's config")
+            return getattr(a.fleet, op)(*args)
         raise AssertionError(op)
 
     def logs(self, service: str, component: str | None, tail: int | None,

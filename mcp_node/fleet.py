@@ -53,8 +53,9 @@ def ask_all(backends: list[Backend], call: Callable[[Backend], Any]) -> Answers:
 
 
 def named(b: Backend, row: dict[str, Any]) -> dict[str, Any]:
-    """A row with NODE as configured in mcp.toml (the agent only knows its host name)."""
-    return {**row, "node": b.node} if b.named else row
+    """A row with NODE as configured in mcp.toml (the agent only knows its host name);
+    fleet rows (``fleet`` set) already name the node that runs them."""
+    return {**row, "node": b.node} if b.named and "fleet" not in row else row
 
 
 def locate(backends: list[Backend], service: str) -> Backend:
@@ -90,3 +91,38 @@ def _status_everywhere(backends: list[Backend],
 
     with ThreadPoolExecutor(max_workers=min(16, len(backends))) as pool:
         return list(pool.map(one, backends))
+
+
+# -- fleet mode (issue 12): one fleet in etcd, any agent answers -----------------
+
+
+def placed_text(st: dict[str, Any]) -> str:
+    """Where a fleet deploy went, and by which rule; nothing for a single node."""
+    if "placement" not in st:
+        return ""
+    how = {"pinned": "pinned", "spread": "most free memory"}.get(
+        st["placement"], st["placement"])
+    pending = f" (not answered yet: {st['message']})" if st.get("pending") else ""
+    return f" on node {st['node']} ({how}){pending}"
+
+
+def nodes_table(rows: list[dict[str, Any]]) -> str:
+    from .cliformat import table
+
+    def mem(r: dict[str, Any]) -> str:
+        m = r.get("memory_mb")
+        return f"{m['free']}/{m['total']}" if m else "-"
+
+    return table(["NODE", "STATE", "ROLES", "POOL", "SERVICES", "FREE MB", "CORDONED", "LEADER"],
+                 [[r["node"], r["state"], ",".join(r.get("roles", [])) or "-",
+                   r.get("pool") or "-", str(r.get("services", 0)), mem(r),
+                   "yes" if r.get("cordoned") else "", "yes" if r.get("leader") else ""]
+                  for r in rows])
+
+
+def drained_text(d: dict[str, Any]) -> str:
+    lines = [f"drained {d['node']} (cordoned: new work goes elsewhere until "
+             f"`mcp uncordon {d['node']}`)"]
+    lines += [f"  moved {m['service']} -> {m['to']}" for m in d.get("moved", [])]
+    lines += [f"  stayed {s['service']}: {s['reason']}" for s in d.get("stayed", [])]
+    return "\n".join(lines)

@@ -662,9 +662,9 @@ class Fleet:
         for k, kv in sorted(v.services.items()):
             name = k[len(SERVICES):]
             st = self._observed_status(obs, name, kv.value)
-            rows.extend({key: c.get(key) for key in (
+            rows.extend({**{key: c.get(key) for key in (
                 "service", "component", "node", "runtime", "state", "desired_state", "version",
-                "uptime_s", "routes")} for c in st["components"])
+                "uptime_s", "routes")}, "fleet": st["fleet"]} for c in st["components"])
         return rows
 
     def status(self, name: str) -> dict[str, Any]:

@@ -137,6 +137,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/edge-routes", "reader", "h_edge_list"),
     Route("POST", "/v1/edge-routes", "master", "h_edge_setup"),
     Route("DELETE", "/v1/edge-routes/{hostname}", "master", "h_edge_remove"),
+    Route("GET", "/v1/nodes", "reader", "h_nodes"),
+    Route("POST", "/v1/nodes/{node}/drain", "master", "h_drain"),
+    Route("POST", "/v1/nodes/{node}/uncordon", "master", "h_uncordon"),
 )
 
 _STATIC: dict[str, dict[str, Route]] = {}

@@ -66,6 +66,10 @@ NAME_PARAM = {
     "name": "name", "in": "path", "required": True, "description": "Service name",
     "schema": {"type": "string", "pattern": NAME_PATTERN},
 }
+NODE_PARAM = {
+    "name": "node", "in": "path", "required": True, "description": "Fleet node name",
+    "schema": {"type": "string", "pattern": NAME_PATTERN},
+}
 HOSTNAME_PARAM = {
     "name": "hostname", "in": "path", "required": True, "description": "Public DNS name",
     "schema": {"type": "string", "pattern": HOSTNAME_PATTERN, "maxLength": 254},
@@ -169,6 +173,19 @@ def _paths() -> dict[str, dict[str, Any]]:
             "RemoveEdgeRoute", "Remove an edge route", "master",
             _json(_ref("RouteRemoved"), "Removed"), params=[HOSTNAME_PARAM],
             errors=("404", "409", "502"))},
+        # Fleet mode (issue 12): 404 on an agent without [cluster]; 503 fleet_unavailable
+        # while etcd has no quorum. Service writes need the master role in fleet mode.
+        "/v1/nodes": {"get": _op(
+            "ListNodes", "Every node of the fleet, from etcd", "reader",
+            _json({"type": "array", "items": _ref("FleetNode")}, "Nodes"), errors=("404",))},
+        "/v1/nodes/{node}/drain": {"post": _op(
+            "DrainNode", "Cordon a node and move its unpinned services away", "master",
+            _json(_ref("Drained"), "What moved and what stayed"), params=[NODE_PARAM],
+            errors=("404",))},
+        "/v1/nodes/{node}/uncordon": {"post": _op(
+            "UncordonNode", "Let placements use a drained node again", "master",
+            _json(_ref("Drained"), "The node's cordon state"), params=[NODE_PARAM],
+            errors=("404",))},
     }
 
 
@@ -195,6 +212,9 @@ def _schemas() -> dict[str, Any]:
             "mode": {"type": "string", "enum": list(servicedef.ROUTE_MODES), "default": "l7"},
             "hostname": {"type": "string", "pattern": f"^$|{HOSTNAME_PATTERN}",
                          "maxLength": 254},
+            "public_hostname": {"type": "string", "pattern": f"^$|{HOSTNAME_PATTERN}",
+                                "maxLength": 254,
+                                "description": "fleet mode: served by every edge node"},
         },
     }
     vm_memory = {"required": ["memory_mb"],
@@ -261,6 +281,10 @@ def _schemas() -> dict[str, Any]:
                             "default": DEFAULT_RUNTIME},
                 "components": {"type": "array", "minItems": 1,
                                "maxItems": servicedef.MAX_COMPONENTS, "items": component_def},
+                "node": {"type": "string", "pattern": "^$|^(pool:)?" + NAME_PATTERN[1:],
+                         "description": "fleet mode: NAME (pinned), pool:NAME, or absent "
+                                        "(any compute node); a single node refuses any name "
+                                        "but its own"},
             },
             "if": {"required": ["runtime"], "properties": {"runtime": {"const": "unikernel"}}},
             "then": {"properties": {"components": {"items": {
@@ -326,6 +350,19 @@ def _schemas() -> dict[str, Any]:
         "RouteRemoved": {
             "type": "object", "required": ["hostname", "removed"],
             "properties": {"hostname": _STR, "removed": {"type": "boolean", "const": True}},
+        },
+        "FleetNode": {
+            "type": "object", "required": ["node", "state"], "additionalProperties": True,
+            "properties": {"node": _STR, "state": {"type": "string", "enum": ["up", "down"]},
+                           "roles": {"type": "array", "items": _STR}, "pool": _STR,
+                           "cordoned": {"type": "boolean"}, "leader": {"type": "boolean"},
+                           "services": {"type": "integer"}},
+        },
+        "Drained": {
+            "type": "object", "required": ["node", "cordoned"], "additionalProperties": True,
+            "properties": {"node": _STR, "cordoned": {"type": "boolean"},
+                           "moved": {"type": "array", "items": {"type": "object"}},
+                           "stayed": {"type": "array", "items": {"type": "object"}}},
         },
     }
 

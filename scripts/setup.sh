@@ -6,7 +6,8 @@ set -euo pipefail
 
 debs=(podman runc qemu-system-x86 qemu-utils caddy pebble dnsmasq-base haproxy bind9 bind9-utils busybox-static
       iproute2 cpio gcc libc6-dev curl procps python3-venv wrk
-      systemd)  # systemd-analyze: the unit file is verified by the tests
+      systemd   # systemd-analyze: the unit file is verified by the tests
+      etcd-server)  # fleet mode's store; tests run their own members, never a system one
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -14,7 +15,19 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
+  # No package may start its service here (etcd-server would start a system etcd on
+  # 2379): policy-rc.d answers 101 ("not allowed") for the install, and is removed after.
+  own_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+# etcd-server enables its unit: never start a system etcd at boot either.
+if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  systemctl disable --now etcd >/dev/null 2>&1 || true
 fi
 
 # A Linux kernel and its modules for the initramfs VM builder, unpacked

@@ -35,6 +35,7 @@ ALLOC = PREFIX + "alloc/"          # per node: the demand of every placement on 
 CORDON = PREFIX + "cordon/"        # drained nodes
 LOST = PREFIX + "lost/"            # when the leader first saw a node's record gone
 LEADER = PREFIX + "leader"         # lease-bound: the agent that re-places work
+MEMBERS = PREFIX + "members/"      # kept: each node's address and DNS holder, for takeovers
 
 
 def _b64(text: str) -> str:

@@ -32,7 +32,7 @@ class ServerConfig:
     header_timeout_s: float = 10.0      # a request line and headers must arrive within it
     body_timeout_s: float = 30.0        # a request body must arrive within it, else 408
     idle_timeout_s: float = 120.0       # an authenticated keep-alive connection may idle so long
-    max_connections: int = 1024         # open connections (a thread each); 503 beyond
+    max_connections: int = 1024         # open connections (authenticated: a thread each)
     max_unauthenticated: int = 256      # connections with no valid token yet; oldest dropped
     max_unauthenticated_per_peer: int = 64  # the same, per peer address
 
@@ -123,7 +123,6 @@ class ClusterConfig:
     node: str = ""                      # default: the host name's first label
     roles: tuple[str, ...] = ("compute",)   # compute | edge
     pool: str = ""
-    advertise: str = ""                 # address other nodes reach this one's proxy on
     ca_cert: str = ""                   # TLS to etcd: CA bundle, client cert and key
     cert_file: str = ""
     key_file: str = ""

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, fleetedge
 from .cluster import (
     ALLOC,
     CORDON,
     KV,
     LEADER,
     LOST,
+    MEMBERS,
     NODES,
     OBSERVED,
     PREFIX,
@@ -118,7 +119,11 @@ class Fleet:
         self._wake = threading.Event()
         self._dirty = {"services": True, "nodes": True, "leader": True, "publish": True}
         self._state_file = agent.state_dir / "fleet.json"
-        self._managed: set[str] = self._load_managed()
+        state = self._load_state()
+        self._managed: set[str] = set(state.get("managed", []))
+        self.edge = (fleetedge.FleetEdge(agent, dict(state.get("edge", {})))
+                     if "edge" in self.cfg.roles else None)
+        self._edge_retry = (0.0, 0.0)   # (when, delay): a waiting edge route, with backoff
         self._results: dict[str, tuple[int, str]] = {}   # service -> (generation, error)
         self._restart_seen: dict[str, int] = {}
         self._published = ""
@@ -160,9 +165,19 @@ class Fleet:
         self._dirty["publish"] = True
         self._wake.set()
 
+    @property
+    def holder(self) -> str:
+        """This node in the TXT of its DNS names (as noderoutes registers them)."""
+        return f"{self.name}/{self.a.owner}"
+
     def _join(self) -> None:
         self.lease = self.etcd.grant(self.cfg.lease_ttl_s)
         self._put_record()
+        member = {"address": self.a.config.node.advertise, "holder": self.holder,
+                  "roles": list(self.cfg.roles), "pool": self.cfg.pool}
+        kv = self.etcd.get(MEMBERS + self.name)
+        if kv is None or kv.value != member:
+            self.etcd.put(MEMBERS + self.name, member)
         self.reachable, self.last_error = True, ""
         self._campaign()
         log.info("fleet: joined as node=%s lease=%x leader=%s", self.name, self.lease,
@@ -202,7 +217,7 @@ class Fleet:
         if now >= self._resync_at:
             self._resync_at = now + RESYNC_EVERY_S
             self._dirty = {k: True for k in self._dirty}
-        if self._dirty["services"]:
+        if self._dirty["services"] or 0 < self._edge_retry[0] <= time.monotonic():
             self._dirty["services"] = False
             self.sync()
         if self._dirty["leader"]:
@@ -268,7 +283,7 @@ class Fleet:
                          for c in s.components)
         return {
             "node": self.name, "roles": list(self.cfg.roles), "pool": self.cfg.pool,
-            "address": self.cfg.advertise or self.a.config.server.listen.rpartition(":")[0],
+            "address": self.a.config.node.advertise, "holder": self.holder,
             "agent": self.a.config.server.listen, "runtimes": runtimes,
             "capacity": {"memory_mb": mem, "vcpus": cpus, "ports": 50_000},
             "used": {"ports": used_ports}, "version": __version__,
@@ -333,7 +348,14 @@ class Fleet:
                         continue
                 self._managed.discard(name)
                 self._results.pop(name, None)
-            self._save_managed()
+            if self.edge is not None:
+                _, nodes = self.etcd.get_prefix(NODES)
+                pending = self.edge.sync(
+                    {k[len(SERVICES):]: kv.value for k, kv in kvs.items()},
+                    {k[len(NODES):]: kv.value for k, kv in nodes.items()})
+                delay = min(max(self._edge_retry[1] * 2, 0.5), 30.0) if pending else 0.0
+                self._edge_retry = (time.monotonic() + delay, delay) if pending else (0.0, 0.0)
+            self._save_state()
         self._dirty["publish"] = True
         self.publish()
 
@@ -341,6 +363,9 @@ class Fleet:
         defn = from_dict(rec["definition"]).local_part()
         reg = self.a.registry
         if not reg.has_service(name) or reg.get_service(name).definition() != defn:
+            moved = rec.get("moved_from") or {}
+            if moved.get("node") and moved["node"] != self.name:
+                fleetedge.take_over_names(self.a, defn, moved)
             self.a.deploy_local(defn)
         current = reg.get_service(name)
         want = rec.get("state", RUNNING)
@@ -354,15 +379,16 @@ class Fleet:
             self._restart_seen[name] = restarts
             self.a._set_state(name, RUNNING, restart=True)
 
-    def _load_managed(self) -> set[str]:
+    def _load_state(self) -> dict[str, Any]:
         try:
-            return set(json.loads(self._state_file.read_text()).get("managed", []))
+            return dict(json.loads(self._state_file.read_text()))
         except (OSError, ValueError):
-            return set()
+            return {}
 
-    def _save_managed(self) -> None:
-        atomic_write(self._state_file, json.dumps({"managed": sorted(self._managed)}).encode(),
-                     0o600)
+    def _save_state(self) -> None:
+        state = {"managed": sorted(self._managed),
+                 "edge": self.edge.managed if self.edge is not None else {}}
+        atomic_write(self._state_file, json.dumps(state, sort_keys=True).encode(), 0o600)
 
     def publish(self) -> None:
         """This node's services as its status shows them, under its lease; only when
@@ -588,7 +614,8 @@ class Fleet:
                     if choice.node:
                         res["to"] = choice.node
                         rec = {**old, "node": choice.node, "waiting": "",
-                               "generation": old["generation"] + 1, "time": time.time()}
+                               "generation": old["generation"] + 1, "time": time.time(),
+                               "moved_from": {"node": node, **self._member(node)}}
                         return self._placement_txn(v, name, prev, rec)
                     res["stayed"] = choice.refusal(name)
                 if old.get("waiting") == res["stayed"]:
@@ -604,6 +631,10 @@ class Fleet:
             elif "stayed" in res:
                 stayed.append({"service": name, "node": node, "reason": res["stayed"]})
         return {"moved": moved, "stayed": stayed}
+
+    def _member(self, node: str) -> dict[str, Any]:
+        kv = self.etcd.get(MEMBERS + node)
+        return {k: kv.value.get(k, "") for k in ("address", "holder")} if kv else {}
 
     def drain(self, node: str) -> dict[str, Any]:
         node = check_name(node, "node")

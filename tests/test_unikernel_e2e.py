@@ -132,7 +132,9 @@ def test_container_and_vm_service_end_to_end(daemon: Daemon, tmp_path: Path,
                                              hello_image: str) -> None:
     client = daemon.start()
     svc = f"u{uuid.uuid4().hex[:8]}"
-    defn = definition(tmp_path, svc, hello_image)
+    # restart = "no": a killed VM stays down and shows as drift (the reconciler's
+    # automatic restart is tested with it)
+    defn = definition(tmp_path, svc, hello_image, vm_extra='restart = "no"')
 
     # deploy: both components run, each on its own 127.0.0.1 port
     result = daemon.mcp("deploy", str(defn))
@@ -200,7 +202,8 @@ def test_container_and_vm_service_end_to_end(daemon: Daemon, tmp_path: Path,
     assert new_pid and new_pid != pid
 
     # a redeploy that would overcommit memory is refused with the numbers; nothing changes
-    big = definition(tmp_path, svc, hello_image, memory_mb=host_memory_mb())
+    big = definition(tmp_path, svc, hello_image, memory_mb=host_memory_mb(),
+                     vm_extra='restart = "no"')
     result = daemon.mcp("deploy", str(big))
     assert result.exit_code == 1 and "MiB" in result.output and "reserve" in result.output
     assert comp(client.get(f"/v1/services/{svc}"), "vm")["pid"] == new_pid

@@ -87,6 +87,9 @@ def build_route(route: ProxyRoute, backend_ca: str = "") -> dict[str, Any]:
             "handler": "reverse_proxy",
             "upstreams": [{"dial": dial(route.backend_address, route.backend_port)}],
             "transport": {"protocol": "http", "tls": tls},
+            # The backend sees its own name as Host, as SNI: a node proxy (issue 11)
+            # routes by it, so a fleet's public hostname reaches the service (issue 12).
+            "headers": {"request": {"set": {"Host": [route.backend_hostname]}}},
         }],
         "terminal": True,
     }

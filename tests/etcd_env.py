@@ -20,7 +20,7 @@ import pytest
 import requests
 from conftest import need
 
-__all__ = ["EtcdCluster", "etcd_cluster", "free_ports"]
+__all__ = ["EtcdCluster", "NodeNetns", "NodePodman", "etcd_cluster", "free_ports"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -116,3 +116,125 @@ def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.stop_all()
+
+
+# -- simulated nodes: a Tailnet address of their own, a podman of their own ----------
+
+
+class NodeNetns:
+    """A network namespace with a veth pair: ``addr`` (the node's Tailnet address, on
+    the host side, where its proxy listens) and ``peer`` inside. Made and deleted here."""
+
+    def __init__(self, index: int) -> None:
+        import secrets
+
+        self.name = f"mcpfleet{index}{secrets.token_hex(2)}"
+        self.addr, self.peer = f"100.64.{20 + index}.1", f"100.64.{20 + index}.2"
+        self.created = False
+
+    def start(self) -> NodeNetns:
+        out = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, timeout=10)
+        if f"inet {self.addr}/" in out.stdout:
+            raise RuntimeError(f"{self.addr} already in use on this host")
+        tag = self.name[-6:]
+        host_if, ns_if = f"mcf{tag}h", f"mcf{tag}n"
+        ip = ["ip"]
+        subprocess.run([*ip, "netns", "add", self.name], check=True, timeout=20)
+        self.created = True
+        for args in (["link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+                     ["link", "set", ns_if, "netns", self.name],
+                     ["addr", "add", f"{self.addr}/30", "dev", host_if],
+                     ["link", "set", host_if, "up"],
+                     ["-n", self.name, "addr", "add", f"{self.peer}/30", "dev", ns_if],
+                     ["-n", self.name, "link", "set", ns_if, "up"],
+                     ["-n", self.name, "link", "set", "lo", "up"]):
+            subprocess.run([*ip, *args], check=True, capture_output=True, timeout=20)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.socket() as s:
+                    s.bind((self.addr, 0))
+                return self
+            except OSError:
+                assert time.monotonic() < deadline, f"{self.addr} not usable"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.created:
+            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=20)
+            self.created = False
+
+
+class NodePodman:
+    """A podman of the node's own: its own storage, CNI network (bridge and subnet)
+    and REST service, so two simulated nodes may run workloads of the same name, as
+    two machines do. The service is stopped by its pid; storage and bridge removed."""
+
+    def __init__(self, base: Path, index: int, conf: str) -> None:
+        self.base, self.index = base, index
+        self.net = f"mcpfleet{index}"
+        self.sock = base / "podman.sock"
+        self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(base / "storage.conf"),
+                        CONTAINERS_CONF=str(base / "containers.conf"))
+        self.conf = conf
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, images: list[str]) -> NodePodman:
+        import json
+
+        b = self.base
+        (b / "net").mkdir(parents=True, exist_ok=True)
+        (b / "storage.conf").write_text(
+            f'[storage]\ndriver = "overlay"\ngraphroot = "{b}/root"\nrunroot = "{b}/run"\n')
+        (b / "containers.conf").write_text(
+            Path(self.conf).read_text() + f'\n[network]\nnetwork_config_dir = "{b}/net"\n'
+            f'default_network = "{self.net}"\n')
+        subnet = f"10.78.{self.index}"
+        (b / "net" / f"{self.net}.conflist").write_text(json.dumps({
+            "cniVersion": "0.4.0", "name": self.net, "plugins": [
+                {"type": "bridge", "bridge": f"cni-mcpf{self.index}", "isGateway": True,
+                 "ipMasq": True, "hairpinMode": True,
+                 "ipam": {"type": "host-local", "routes": [{"dst": "0.0.0.0/0"}],
+                          "ranges": [[{"subnet": f"{subnet}.0/24",
+                                       "gateway": f"{subnet}.1"}]]}},
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+                {"type": "firewall"}, {"type": "tuning"}]}))
+        for image in images:
+            tar = b / "image.tar"
+            subprocess.run(["podman", "save", "-o", str(tar), image], check=True,
+                           capture_output=True, timeout=120)
+            subprocess.run(["podman", "load", "-i", str(tar)], env=self.env, check=True,
+                           capture_output=True, timeout=120)
+            tar.unlink()
+        with open(b / "podman.log", "ab") as logf:
+            self.proc = subprocess.Popen(
+                ["podman", "system", "service", "--time=0", f"unix://{self.sock}"],
+                env=self.env, stdout=logf, stderr=logf)
+        deadline = time.monotonic() + 30
+        while not self.sock.exists():
+            assert self.proc.poll() is None, "podman service died"
+            assert time.monotonic() < deadline, "podman service did not come up"
+            time.sleep(0.05)
+        return self
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True,
+                              timeout=120)
+
+    def kill_workloads(self) -> None:
+        """As the machine dying: every container of this node gone."""
+        self.cli("rm", "-f", "-a", "-t", "0")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.proc = None
+        self.kill_workloads()
+        self.cli("system", "reset", "-f")
+        subprocess.run(["ip", "link", "del", f"cni-mcpf{self.index}"], capture_output=True,
+                       timeout=20)

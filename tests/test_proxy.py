@@ -40,6 +40,7 @@ def test_build_route_tls_to_backend_with_sni_and_ca() -> None:
             "transport": {"protocol": "http", "tls": {
                 "server_name": "app.svc.example.test",
                 "root_ca_pem_files": ["/etc/backend-ca.pem"]}},
+            "headers": {"request": {"set": {"Host": ["app.svc.example.test"]}}},
         }],
         "terminal": True,
     }

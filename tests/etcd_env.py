@@ -15,12 +15,16 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 from conftest import need
 
-__all__ = ["EtcdCluster", "NodeNetns", "NodePodman", "etcd_cluster", "free_ports"]
+from mcp_node.agent import Agent
+
+__all__ = ["PUBLIC", "EtcdCluster", "NodeNetns", "NodePodman", "SimFleet", "SimNode",
+           "etcd_cluster", "free_ports"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -238,3 +242,132 @@ class NodePodman:
         self.cli("system", "reset", "-f")
         subprocess.run(["ip", "link", "del", f"cni-mcpf{self.index}"], capture_output=True,
                        timeout=20)
+
+
+# -- a whole simulated fleet: two compute nodes and one edge, real components --------
+
+PUBLIC = "app.example.net"
+
+
+class SimNode:
+    """One in-process agent with its node's config (its podman, address and Caddy)."""
+
+    def __init__(self, name: str, cfg: dict[str, Any], pod: NodePodman | None,
+                 caddy: Any) -> None:
+        self.name, self.raw, self.pod, self.caddy = name, cfg, pod, caddy
+        self.agent: Agent | None = None
+
+    def start(self) -> Agent:
+        from mcp_node.config import from_dict
+
+        self.agent = Agent(from_dict(self.raw))
+        self.agent.start_monitor(reconcile=True)
+        return self.agent
+
+    @property
+    def address(self) -> str:
+        return str(self.raw.get("node", {}).get("advertise", ""))
+
+    def crash(self) -> None:
+        """The machine dies: the agent stops without a word (its lease just expires)
+        and every workload of the node is gone."""
+        a = self.agent
+        assert a is not None and a.fleet is not None
+        f = a.fleet
+        f._stop.set()
+        f._wake.set()
+        for t in f._threads:
+            t.join(timeout=10)
+        f.lease = 0
+        a.close()
+        self.agent = None
+        if self.pod is not None:
+            self.pod.kill_workloads()
+
+
+class SimFleet:
+    """etcd endpoints given; BIND (TSIG updates), Pebble, a Caddy per node, and for
+    each compute node a Tailnet address and a podman of its own. ``close`` stops
+    everything this made, by pid, and removes namespaces, bridges and storage."""
+
+    def __init__(self, base: Path, etcd: list[str], image: str, *, ttl: int = 3,
+                 grace: float = 1.0) -> None:
+        self.base, self.etcd, self.image, self.ttl, self.grace = base, etcd, image, ttl, grace
+        self.made: list[Any] = []
+        self.nodes: dict[str, SimNode] = {}
+        self.route_port = 0
+
+    def start(self) -> SimFleet:
+        from edge_env import Caddy, Pebble
+        from edge_env import free_port as edge_free_port
+        from podman_env import containers_conf
+        from route_env import TSIG_NAME, ZONE, Bind
+
+        base = self.base
+        self.bind = Bind(base / "bind").start()
+        self.made.append(self.bind)
+        pebble = Pebble(base / "pebble", self.bind.port, always_valid=True).start()
+        self.made.append(pebble)
+        self.root = base / "pebble-root.pem"
+        self.root.write_bytes(pebble.root_pem())
+        secret = self.bind.secret_file(base / "tsig.secret")
+        self.route_port = edge_free_port()
+        self.zone = ZONE
+        for i, name in enumerate(("c1", "c2", "e1"), start=1):
+            caddy = Caddy(base / f"caddy-{name}").start()
+            self.made.append(caddy)
+            compute = name != "e1"
+            cfg: dict[str, Any] = {
+                "state": {"dir": str(base / name / "state")},
+                "monitor": {"interval_s": 0.5},
+                "proxy": {"admin": caddy.admin_url, "https_port": caddy.https_port,
+                          "serve_routes": compute},
+                "acme": {"directory": pebble.directory_url, "ca_bundle": str(pebble.ca_bundle),
+                         "http01_port": pebble.http01_port if compute else edge_free_port()},
+                "dns": {"update_server": f"127.0.0.1:{self.bind.port}", "tsig_name": TSIG_NAME,
+                        "tsig_secret_file": str(secret), "timeout_s": 2.0,
+                        "nameservers": [f"127.0.0.1:{self.bind.port}"]},
+                "edge": {"internal_zone": ZONE, "allowed_domains": ["example.net"],
+                         "backend_ca": str(self.root)},
+                "cluster": {"etcd": self.etcd, "node": name,
+                            "roles": ["compute"] if compute else ["edge"],
+                            "lease_ttl_s": self.ttl, "grace_s": self.grace, "memory_mb": 2048,
+                            "timeout_s": 1, "deploy_wait_s": 90},
+            }
+            pod = None
+            if compute:
+                ns = NodeNetns(i).start()
+                self.made.append(ns)
+                pod = NodePodman(base / f"podman-{name}", i, containers_conf()).start(
+                    [self.image])
+                self.made.append(pod)
+                cfg["node"] = {"advertise": ns.addr}
+                cfg["podman"] = {"socket": f"unix://{pod.sock}",
+                                 "containers_conf": str(pod.base / "containers.conf")}
+            self.nodes[name] = SimNode(name, cfg, pod, caddy)
+        for n in self.nodes.values():
+            n.start()
+        return self
+
+    def agent(self, name: str) -> Agent:
+        a = self.nodes[name].agent
+        assert a is not None, f"{name} is down"
+        return a
+
+    def public_body(self) -> str:
+        """GET / of the public hostname through the edge's public port ('' unless 200)."""
+        from edge_env import https_get
+
+        status, body, _cert = https_get(self.nodes["e1"].caddy.https_port, PUBLIC, self.root)
+        return body if status == 200 else ""
+
+    def close(self) -> None:
+        for n in self.nodes.values():
+            if n.agent is not None:
+                with contextlib.suppress(Exception):
+                    n.agent.close()
+                n.agent = None
+        for thing in reversed(self.made):
+            with contextlib.suppress(Exception):
+                thing.stop()
+        self.made.clear()

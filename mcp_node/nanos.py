@@ -2,17 +2,26 @@
 build in ``[qemu] nanos_dir``: ``kernel.img``, ``boot.img``, ``mkfs``), no ops needed.
 
 The manifest (Nanos's tuple syntax) names the program, its arguments and
-environment. Volumes are shared live over virtio-9p, which this Nanos drives on
-PCI only: on q35 each volume is a ``virtio-9p-pci`` device whose mount tag is its
-index ``i``, which Nanos names ``virtfs<i>`` and mounts where the manifest's
-``mounts`` says (an empty directory made in the image). On microvm (virtio-mmio)
-Nanos has no 9p driver, so volumes are refused there before anything changes.
+environment. The image is made reproducible, so an ``image_sha256`` pin can hold:
+mkfs runs with address-space randomisation off (its tuple order follows its heap
+addresses) and the two volume UUIDs it draws at random (printed as ``UUID: ...``) are
+replaced by ones derived from the manifest.
+
+Volumes are shared live over virtio-9p, which this Nanos drives on PCI only: on q35
+each volume is a ``virtio-9p-pci`` device whose mount tag is its index ``i``, which
+Nanos names ``virtfs<i>`` and mounts where the manifest's ``mounts`` says (an empty
+directory made in the image). On microvm (virtio-mmio) Nanos has no 9p driver, so
+volumes are refused there before anything changes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import re
+import shutil
+import uuid
 from pathlib import Path, PurePosixPath
 
 from .config import QemuConfig
@@ -101,8 +110,57 @@ def nanos_manifest(req: BuildRequest) -> str:
     return "\n".join(lines) + "\n)\n"
 
 
-def nanos_mkfs_argv(mkfs: Path, boot: Path, kernel: Path, out: Path) -> list[str]:
-    return [str(mkfs), "-b", str(boot), "-k", str(kernel), str(out)]
+def nanos_mkfs_argv(mkfs: Path, boot: Path, kernel: Path, out: Path,
+                    setarch: str | None = None) -> list[str]:
+    """mkfs's command line; under ``setarch <arch> -R`` (no ASLR) when given."""
+    argv = [str(mkfs), "-b", str(boot), "-k", str(kernel), str(out)]
+    return [setarch, platform.machine(), "-R", *argv] if setarch else argv
+
+
+UUID_LINE = re.compile(rb"UUID: ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+UUID_NAMESPACE = uuid.UUID("5b0e8c2a-4a57-4f7e-9a43-6d63702d6e6f")
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the non-hole parts of a sparse file."""
+    out, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:      # ENXIO: a hole to the end
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, end - start))
+        pos = end
+    return out
+
+
+def pin_uuids(disk: Path, mkfs_output: bytes, manifest: str) -> bool:
+    """Replace each UUID mkfs printed by one derived from ``manifest`` (uuid5), where it
+    occurs exactly once in the image; False (image untouched) otherwise."""
+    drawn = [uuid.UUID(m.decode()) for m in UUID_LINE.findall(mkfs_output)]
+    if not drawn:
+        return False
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        found: dict[bytes, list[int]] = {u.bytes: [] for u in drawn}
+        for start, length in _data_extents(fd, size):
+            chunk = os.pread(fd, length, start)
+            for raw, at in found.items():
+                i = chunk.find(raw)
+                while i >= 0:
+                    at.append(start + i)
+                    i = chunk.find(raw, i + 1)
+        if any(len(at) != 1 for at in found.values()):
+            log.warning("nanos: mkfs's UUIDs not found once each in %s; left as drawn", disk)
+            return False
+        for i, u in enumerate(drawn):
+            fixed = uuid.uuid5(UUID_NAMESPACE, f"{i}\0{manifest}")
+            os.pwrite(fd, fixed.bytes, found[u.bytes][0])
+    finally:
+        os.close(fd)
+    return True
 
 
 def check_machine_volumes(machine: str, volumes: tuple[Volume, ...], builder: str) -> None:
@@ -146,8 +204,12 @@ class NanosBuilder:
         manifest = nanos_manifest(req)
         (out / "app.manifest").write_text(manifest)
         disk = out / "disk.raw"
-        run_tool(nanos_mkfs_argv(d / "mkfs", d / "boot.img", d / "kernel.img", disk),
-                 stdin=manifest.encode())
+        setarch = shutil.which("setarch")
+        proc = run_tool(nanos_mkfs_argv(d / "mkfs", d / "boot.img", d / "kernel.img", disk,
+                                        setarch), stdin=manifest.encode())
+        if not (setarch and pin_uuids(disk, proc.stdout, manifest)):
+            log.warning("nanos: %s is not reproducible (setarch %s); an image_sha256 pin "
+                        "cannot match it", disk, "found" if setarch else "missing")
         kernel = str(d / "kernel.img") if self.cfg.machine == "microvm" else ""
         return BootPlan(builder=self.name, image=str(disk),
                         disk=str(disk), kernel=kernel, volumes=req.volumes, nanos=True)

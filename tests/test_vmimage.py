@@ -412,3 +412,30 @@ def test_vm_modules_form_no_cycle_and_builders_stand_alone() -> None:
     sizes = {m: len((Path(__file__).parent.parent / "mcp_node" / f"{m}.py").read_text()
                     .splitlines()) for m in VM_MODULES}
     assert max(sizes.values()) <= 610, sizes
+
+
+def test_pin_uuids_replaces_each_printed_uuid_found_once(tmp_path: Path) -> None:
+    import uuid
+
+    from mcp_node.nanos import pin_uuids
+
+    a, b = uuid.uuid4(), uuid.uuid4()
+    printed = f"UUID: {a}\nmetadata\nUUID: {b}\n".encode()
+    disk = tmp_path / "disk.raw"
+    with disk.open("wb") as f:          # sparse, like mkfs's output
+        f.write(b"head" + a.bytes)
+        f.seek(1 << 20)
+        f.write(b"tail" + b.bytes)
+    assert pin_uuids(disk, printed, "(manifest)") is True
+    data = disk.read_bytes()
+    assert a.bytes not in data and b.bytes not in data
+    again = tmp_path / "again.raw"
+    again.write_bytes(data.replace(data[4:20], a.bytes).replace(data[(1 << 20) + 4:(1 << 20) + 20],
+                                                               b.bytes))
+    assert pin_uuids(again, printed, "(manifest)") is True
+    assert again.read_bytes() == data                  # derived from the manifest alone
+    twice = tmp_path / "twice.raw"
+    twice.write_bytes(a.bytes + a.bytes + b.bytes)
+    assert pin_uuids(twice, printed, "(manifest)") is False
+    assert twice.read_bytes() == a.bytes + a.bytes + b.bytes   # left as drawn
+    assert pin_uuids(twice, b"no uuid printed", "(manifest)") is False

@@ -305,7 +305,7 @@ class Agent:
             # Under the lock: an undeploy queued behind us must not turn this reply into a 404.
             self.monitor.refresh_safely()
             self._routes_after(defn.name)
-            return {**self.status(defn.name), "unchanged": unchanged}
+            return {**self.local_status(defn.name), "unchanged": unchanged}
 
     def _check_workload_names(self, defn: ServiceDef) -> None:
         """Service "a-b" component "c" and service "a" component "b-c" would share one
@@ -464,7 +464,7 @@ class Agent:
                          for comp in comps])
             self.monitor.refresh_safely()
             self._routes_after(name)
-            return self.status(name)
+            return self.local_status(name)
 
     def _to_state(self, service: str, comp: ComponentRecord, desired: State,
                   restart: bool, timeout: float = STOP_TIMEOUT_S) -> None:
@@ -568,6 +568,10 @@ class Agent:
             except FleetUnavailable:
                 pass
             return dict(stale(self.views.status(self._get(name))))
+        return self.views.status(self._get(name))
+
+    def local_status(self, name: str) -> dict[str, Any]:
+        """This node's status of a service it runs (what its own operations answer)."""
         return self.views.status(self._get(name))
 
     # -- health -------------------------------------------------------------

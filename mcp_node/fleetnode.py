@@ -522,7 +522,7 @@ class Fleet:
                         "message": f"placed on {node}; it has not answered within "
                                    f"{self.cfg.deploy_wait_s:g} s"}
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+            delay = min(delay * 1.5, 0.05)   # a deploy is watched closely: it is short
 
     def undeploy(self, name: str) -> None:
         def step(v: Fleetview) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]]:

@@ -544,7 +544,7 @@ class Agent:
         Fleet mode: every node's, from etcd; while etcd is lost, this node's, ``stale``.
         """
         if self.fleet is not None:
-            from .fleetnode import stale
+            from .fleetviews import stale
 
             try:
                 if self.fleet.reachable or not self.fleet.last_error:
@@ -560,7 +560,7 @@ class Agent:
         Raises ValidationError, NotFoundError, RegistryError.
         """
         if self.fleet is not None:
-            from .fleetnode import stale
+            from .fleetviews import stale
 
             try:
                 if self.fleet.reachable or not self.fleet.last_error:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, fleetedge
+from . import __version__, fleetedge, fleetmoves, fleetviews
 from .cluster import (
     ALLOC,
     CORDON,
@@ -52,8 +52,8 @@ from .errors import (
     WorkloadError,
 )
 from .files import atomic_write
-from .placement import Demand, choose, demand_of, nodes_from, parse_target
-from .servicedef import ServiceDef, check_name, from_dict
+from .placement import Demand, choose, demand_of, nodes_from
+from .servicedef import ServiceDef, from_dict
 from .states import RUNNING, STOPPED
 
 if TYPE_CHECKING:
@@ -516,7 +516,8 @@ class Fleet:
             if got and int(got.get("generation", 0)) >= gen:
                 if got.get("error"):
                     raise WorkloadError(f"node {node}: {got['error']}")
-                return _with_uptime(got.get("status") or {"service": name, "components": []})
+                return fleetviews.with_uptime(
+                    got.get("status") or {"service": name, "components": []})
             if time.monotonic() > deadline:
                 return {"service": name, "node": node, "pending": True, "components": [],
                         "message": f"placed on {node}; it has not answered within "
@@ -556,176 +557,28 @@ class Fleet:
             return self.status(name)
         return {**self._await(name, rec["node"], rec["generation"]), "node": rec["node"]}
 
-    # -- failover, drain -----------------------------------------------------
+    # -- failover, drain (fleetmoves) and fleet reads (fleetviews) ---------------
 
     def _leader_round(self) -> None:
-        log.debug("fleet: leader round on node=%s", self.name)
-        v = self.read()
-        live = set(v.records())
-        now = time.time()
-        placed: dict[str, list[str]] = {}
-        for k, kv in v.services.items():
-            placed.setdefault(kv.value.get("node", ""), []).append(k[len(SERVICES):])
-        self._lost_due = {}
-        for node in sorted(set(placed) | {k[len(LOST):] for k in v.lost} - {""}):
-            if node in live:
-                if LOST + node in v.lost:
-                    self.etcd.delete(LOST + node)
-                    log.info("fleet: node=%s is back", node)
-                for name in placed.get(node, []):
-                    kv = v.services[SERVICES + name]
-                    if kv.value.get("waiting"):
-                        self.etcd.txn(   # False: a newer write stands
-                            {kv.key: kv.mod_revision},
-                                          {kv.key: {**kv.value, "waiting": ""}})
-                continue
-            lost = v.lost.get(LOST + node)
-            if lost is None:
-                self.etcd.txn({LOST + node: 0}, {LOST + node: {"since": now}})
-                log.warning("fleet: node=%s lost its lease; grace %g s", node, self.cfg.grace_s)
-                self._lost_due[node] = now + self.cfg.grace_s
-                continue
-            due = float(lost.value.get("since", now)) + self.cfg.grace_s
-            log.debug("fleet: node=%s lost, due in %.1f s", node, due - now)
-            if now < due:
-                self._lost_due[node] = due
-                continue
-            out = self.move_off(node, placed.get(node, []), "lost")
-            log.debug("fleet: moved off node=%s: %s", node, out)
+        fleetmoves.leader_round(self)
 
     def move_off(self, node: str, services: list[str], why: str) -> dict[str, Any]:
-        """Re-place each unpinned service of ``node`` elsewhere; pinned ones (and those
-        that fit nowhere) stay with the reason they wait."""
-        moved, stayed = [], []
-        for name in services:
-            res: dict[str, Any] = {}
-
-            def step(v: Fleetview, name: str = name, res: dict[str, Any] = res
-                     ) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]] | None:
-                prev = v.services.get(SERVICES + name)
-                if prev is None or prev.value.get("node") != node:
-                    return None
-                old = prev.value
-                if parse_target(old.get("target", ""))[0] == "node":
-                    res["stayed"] = f"pinned to {node} ({why}): waits for it"
-                else:
-                    choice = choose(name, Demand.from_dict(old["demand"]), old.get("target", ""),
-                                    v.placement_nodes(), exclude=frozenset({node}))
-                    if choice.node:
-                        res["to"] = choice.node
-                        rec = {**old, "node": choice.node, "waiting": "",
-                               "generation": old["generation"] + 1, "time": time.time(),
-                               "moved_from": {"node": node, **self._member(node)}}
-                        return self._placement_txn(v, name, prev, rec)
-                    res["stayed"] = choice.refusal(name)
-                if old.get("waiting") == res["stayed"]:
-                    return None
-                rec = {**old, "waiting": res["stayed"]}
-                return {SERVICES + name: prev.mod_revision}, {SERVICES + name: rec}, ()
-
-            self._txn_loop(step)
-            if "to" in res:
-                log.warning("fleet: service=%s moved from node=%s (%s) to node=%s", name, node,
-                            why, res["to"])
-                moved.append({"service": name, "from": node, "to": res["to"]})
-            elif "stayed" in res:
-                stayed.append({"service": name, "node": node, "reason": res["stayed"]})
-        return {"moved": moved, "stayed": stayed}
-
-    def _member(self, node: str) -> dict[str, Any]:
-        kv = self.etcd.get(MEMBERS + node)
-        return {k: kv.value.get(k, "") for k in ("address", "holder")} if kv else {}
+        return fleetmoves.move_off(self, node, services, why)
 
     def drain(self, node: str) -> dict[str, Any]:
-        node = check_name(node, "node")
-        v = self.read()
-        known = set(v.records()) | {kv.value.get("node") for kv in v.services.values()}
-        if node not in known:
-            raise NotFoundError(f"unknown node {node!r} (known: {', '.join(sorted(known))})")
-        self.etcd.put(CORDON + node, {"since": time.time()})
-        names = [k[len(SERVICES):] for k, kv in v.services.items() if kv.value["node"] == node]
-        return {"node": node, "cordoned": True, **self.move_off(node, names, "drained")}
+        return fleetmoves.drain(self, node)
 
     def uncordon(self, node: str) -> dict[str, Any]:
-        node = check_name(node, "node")
-        if self.etcd.get(CORDON + node) is None:
-            raise NotFoundError(f"node {node!r} is not cordoned")
-        self.etcd.delete(CORDON + node)
-        return {"node": node, "cordoned": False}
-
-    # -- fleet reads ------------------------------------------------------------
+        return fleetmoves.uncordon(self, node)
 
     def nodes(self) -> list[dict[str, Any]]:
-        v = self.read()
-        leader = self.etcd.get(LEADER)
-        infos = v.placement_nodes()
-        names = set(v.records()) | {kv.value.get("node", "") for kv in v.services.values()}
-        names |= {k[len(LOST):] for k in v.lost} | v.cordons
-        rows = []
-        for n in sorted(names - {""}):
-            rec = v.records().get(n)
-            info = infos.get(n)
-            count = sum(1 for kv in v.services.values() if kv.value.get("node") == n)
-            lost = v.lost.get(LOST + n)
-            rows.append({
-                "node": n, "state": "up" if rec else "down",
-                "roles": rec.get("roles", []) if rec else [],
-                "pool": rec.get("pool", "") if rec else "",
-                "address": rec.get("address", "") if rec else "",
-                "cordoned": n in v.cordons, "leader": bool(leader and leader.value == n),
-                "services": count, "runtimes": rec.get("runtimes", []) if rec else [],
-                "memory_mb": {"total": info.memory_mb, "used": info.held.memory_mb,
-                              "free": info.free_memory_mb} if info else None,
-                "vcpus": {"total": info.vcpus, "used": info.held.vcpus,
-                          "free": info.free_vcpus} if info else None,
-                "ports": {"total": info.ports, "used": info.held.ports,
-                          "free": info.free_ports} if info else None,
-                "version": rec.get("version", "") if rec else "",
-                "last_reconcile": rec.get("last_reconcile", 0) if rec else 0,
-                "lost_since": lost.value.get("since") if lost else None,
-            })
-        return rows
+        return fleetviews.nodes(self)
 
     def ps(self) -> list[dict[str, Any]]:
-        v = self.read()
-        obs = self.observed()
-        rows: list[dict[str, Any]] = []
-        for k, kv in sorted(v.services.items()):
-            name = k[len(SERVICES):]
-            st = self._observed_status(obs, name, kv.value)
-            rows.extend({**{key: c.get(key) for key in (
-                "service", "component", "node", "runtime", "state", "desired_state", "version",
-                "uptime_s", "routes")}, "fleet": st["fleet"]} for c in st["components"])
-        return rows
+        return fleetviews.ps(self)
 
     def status(self, name: str) -> dict[str, Any]:
-        kv = self.etcd.get(SERVICES + name)
-        if kv is None:
-            raise NotFoundError(f"unknown service {name!r} in the fleet")
-        return self._observed_status(self.observed(), name, kv.value)
-
-    def _observed_status(self, obs: dict[str, dict[str, Any]], name: str,
-                         rec: dict[str, Any]) -> dict[str, Any]:
-        node = rec.get("node", "")
-        got = (obs.get(node) or {}).get("services", {}).get(name) if node else None
-        fleet = {"node": node, "placement": rec.get("placement", ""),
-                 "waiting": rec.get("waiting", ""), "generation": rec.get("generation", 0),
-                 "desired_state": rec.get("state", RUNNING)}
-        if got and got.get("status"):
-            st = _with_uptime(got["status"])
-            return {**st, "fleet": fleet}
-        defn = from_dict(rec["definition"])
-        state = "waiting" if rec.get("waiting") else "missing"
-        comps = [{"service": name, "component": c.name, "node": node, "runtime": c.runtime,
-                  "state": state, "desired_state": rec.get("state", RUNNING),
-                  "version": c.version, "uptime_s": 0, "ready": False, "drift": True,
-                  "flapping": False, "restarts": 0, "exit_code": None, "image": c.image,
-                  "routes": [{"name": r.name, "port": r.port, "mode": r.mode,
-                              "hostname": r.hostname, "host_port": None} for r in c.routes]}
-                 for c in defn.components]
-        return {"service": name, "active": defn.active, "node": node,
-                "definition": rec["definition"], "drift": True, "flapping": False,
-                "components": comps, "events": [], "fleet": fleet}
+        return fleetviews.status(self, name)
 
     def health(self) -> dict[str, Any]:
         return {"node": self.name, "etcd": "reachable" if self.reachable else "unreachable",
@@ -739,20 +592,3 @@ def _without_since(body: dict[str, Any]) -> dict[str, Any]:
             c.pop("since", None)
             c.pop("next_attempt", None)
     return dict(out)
-
-
-def _with_uptime(st: dict[str, Any]) -> dict[str, Any]:
-    now = time.time()
-    st = json.loads(json.dumps(st))
-    for c in st.get("components", []):
-        since = c.pop("since", None)
-        running = c.get("state") in (RUNNING, "starting")
-        c["uptime_s"] = max(int(now - since), 0) if since and running else 0
-    return dict(st)
-
-
-def stale(rows: Any) -> Any:
-    """Local reads while etcd is lost: what this node runs, flagged ``stale``."""
-    if isinstance(rows, list):
-        return [{**r, "stale": True} for r in rows]
-    return {**rows, "stale": True}

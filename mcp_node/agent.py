@@ -544,14 +544,7 @@ class Agent:
         Fleet mode: every node's, from etcd; while etcd is lost, this node's, ``stale``.
         """
         if self.fleet is not None:
-            from .fleetviews import stale
-
-            try:
-                if self.fleet.reachable or not self.fleet.last_error:
-                    return self.fleet.ps()
-            except FleetUnavailable:
-                pass
-            return list(stale(self.views.ps()))
+            return self.fleet.read_or_stale(self.fleet.ps, self.views.ps)
         return self.views.ps()
 
     def status(self, name: str) -> dict[str, Any]:
@@ -560,14 +553,8 @@ class Agent:
         Raises ValidationError, NotFoundError, RegistryError.
         """
         if self.fleet is not None:
-            from .fleetviews import stale
-
-            try:
-                if self.fleet.reachable or not self.fleet.last_error:
-                    return self.fleet.status(check_name(name, "service"))
-            except FleetUnavailable:
-                pass
-            return dict(stale(self.views.status(self._get(name))))
+            return self.fleet.read_or_stale(partial(self.fleet.status, check_name(name, "service")),
+                                            lambda: self.views.status(self._get(name)))
         return self.views.status(self._get(name))
 
     def local_status(self, name: str) -> dict[str, Any]:

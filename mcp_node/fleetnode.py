@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import __version__, fleetedge, fleetmoves, fleetviews
 from .cluster import (
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from .agent import Agent
 
 log = logging.getLogger("mcp_node.fleet")
+T = TypeVar("T")
 
 RECORD_EVERY_S = 30.0     # the node record's capacity and last reconcile time, at most so often
 RESYNC_EVERY_S = 60.0     # a full read beside the watch, in case an event was missed
@@ -570,6 +571,15 @@ class Fleet:
 
     def uncordon(self, node: str) -> dict[str, Any]:
         return fleetmoves.uncordon(self, node)
+
+    def read_or_stale(self, fleet_read: Callable[[], T], local_read: Callable[[], T]) -> T:
+        """A fleet read from etcd; while etcd is lost, this node's own, flagged stale."""
+        try:
+            if self.reachable or not self.last_error:
+                return fleet_read()
+        except FleetUnavailable:
+            pass
+        return cast(T, fleetviews.stale(local_read()))
 
     def nodes(self) -> list[dict[str, Any]]:
         return fleetviews.nodes(self)

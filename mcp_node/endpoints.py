@@ -1,0 +1,185 @@
+"""The API's endpoints: one ``h_<name>`` method per route of ``httpapi.ROUTES``,
+on top of the connection handling in ``handler``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import openapi
+from .errors import MCPError, NotFoundError, ValidationError
+from .handler import SERVER_HEADER, Handler, dumps, http_date, log_safe
+from .httpapi import (
+    END,
+    LogPump,
+    Params,
+    client_gone,
+    close_iterator,
+    edge_setup_args,
+    hangup_poller,
+    parse_bool,
+    parse_count,
+    parse_json,
+)
+from .servicedef import check_hostname, check_name, from_dict
+
+if TYPE_CHECKING:
+
+    from .fleetnode import Fleet
+
+
+log = logging.getLogger("mcp_node.server")
+
+
+MAX_LOG_BYTES = 64 << 20
+FOLLOW_HEADERS_AFTER_S = 1.0
+HANGUP_CHECK_S = 0.5          # a follow stream notices its client gone within about this
+
+
+class APIHandler(Handler):
+    # -- endpoints -----------------------------------------------------------------
+
+    def h_health(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        # The hot path: the view changes at most once a second, so comparing the dict
+        # with the last one is cheaper than serialising it again.
+        data = self.agent.health()
+        last = self.server.health_cache
+        if last is None or last[0] != data:
+            last = self.server.health_cache = (data, dumps(data))
+        self._send(200, last[1])
+
+    def h_openapi(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send(200, openapi.document_bytes())
+
+    def h_ps(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self.agent.ps())
+
+    def h_status(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self.agent.status(check_name(params["name"], "name")))
+
+    def h_deploy(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        defn = from_dict(parse_json(body))
+        self._send_json(self.agent.deploy(defn))
+
+    def h_lifecycle(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        name = check_name(params["name"], "name")
+        if body.strip() and parse_json(body) not in ({}, None):
+            raise ValidationError("expected an empty body or {}", "body")
+        op = self._route.template.rsplit("/", 1)[1]  # the raw path may be %-encoded
+        fn = {"stop": self.agent.stop, "start": self.agent.start,
+              "restart": self.agent.restart}[op]
+        self._send_json(fn(name))
+
+    def h_undeploy(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        name = check_name(params["name"], "name")
+        self.agent.undeploy(name)
+        self._send_json({"service": name, "undeployed": True})
+
+    def h_logs(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        name = check_name(params["name"], "name")
+        component = query.get("component") or None
+        if component is not None:
+            check_name(component, "component")
+        tail: int | None = None
+        if query.get("tail"):
+            cap = self.server.config.server.max_tail
+            tail = parse_count(query["tail"], "tail", cap, " lines (server.max_tail)")
+        follow = parse_bool(query.get("follow", ""), "follow")
+        if follow:
+            self._follow(name, component, tail)
+            return
+        chunks = self.agent.logs(name, component, tail, False)
+        buf: list[bytes] = []
+        size = 0
+        try:
+            for c in chunks:
+                buf.append(c)
+                size += len(c)
+                if size > MAX_LOG_BYTES:
+                    raise ValidationError(f"more than {MAX_LOG_BYTES} bytes; use tail", "tail")
+        finally:
+            close_iterator(chunks)
+        self._send(200, b"".join(buf), "text/plain; charset=utf-8")
+
+    def _follow(self, name: str, component: str | None, tail: int | None) -> None:
+        """Errors the agent raises at once still become JSON errors; after a short wait
+        the 200 headers go out anyway, since podman answers a follow request only
+        when the first line arrives (the client would otherwise see nothing at all)."""
+        pump = LogPump(self.agent, name, component, tail)
+        self.server.stream(pump, True)
+        try:
+            if pump.opened.wait(FOLLOW_HEADERS_AFTER_S) and pump.open_error is not None:
+                raise pump.open_error
+            self._stream(pump)
+        finally:
+            pump.stop()
+            self.server.stream(pump, False)
+
+    def _stream(self, pump: LogPump) -> None:
+        """Chunks as they come; between them, whether the client is still there, so a
+        stream of a quiet component ends (and frees its thread and connection) within
+        about ``HANGUP_CHECK_S`` of its client leaving."""
+        self._not_busy()  # a follow stream never "finishes": shutdown must not wait for it
+        chunked = self.request_version == "HTTP/1.1"
+        self.close_connection = True  # unless the stream ends cleanly below
+        head = (f"HTTP/1.1 200 OK\r\nServer: {SERVER_HEADER}\r\nDate: {http_date()}\r\n"
+                "Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n"
+                "X-Content-Type-Options: nosniff\r\n"
+                + ("Transfer-Encoding: chunked\r\n" if chunked else "Connection: close\r\n")
+                + "\r\n")
+        self._write(head.encode("latin-1"))
+        self._status = 200
+        poller = hangup_poller(self.request)
+        checked = time.monotonic()
+        while True:
+            item = pump.get(HANGUP_CHECK_S)
+            if item is END:
+                break
+            now = time.monotonic()
+            if item is None or now - checked >= HANGUP_CHECK_S:
+                checked = now
+                if client_gone(poller):
+                    return
+            if isinstance(item, bytes) and item:
+                self._write(b"%x\r\n%b\r\n" % (len(item), item) if chunked else item)
+                self._bytes += len(item)
+        err = pump.open_error or pump.stream_error
+        if err is not None:
+            # Headers are gone: cut the stream without its terminator so the client sees it broke.
+            log.error("log stream failed path=%s: %s", log_safe(self.path), err,
+                      exc_info=None if isinstance(err, MCPError) else err)
+            return
+        if chunked:
+            self._write(b"0\r\n\r\n")
+            self.close_connection = False
+
+    def _fleet(self, write: bool = False) -> Fleet:
+        if self.agent.fleet is None:
+            raise NotFoundError("this agent is not in fleet mode (no [cluster] etcd in its "
+                                "config)")
+        if write:
+            self.agent._fleet_writable()
+        return self.agent.fleet
+
+    def h_nodes(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self._fleet().nodes())
+
+    def h_drain(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self._fleet(write=True).drain(check_name(params["node"], "node")))
+
+    def h_uncordon(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self._fleet(write=True).uncordon(check_name(params["node"], "node")))
+
+    def h_edge_list(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self.agent.edge.list())
+
+    def h_edge_setup(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        hostname, backend, port, tls = edge_setup_args(parse_json(body))
+        self._send_json(self.agent.edge.setup(hostname, backend, port, tls))
+
+    def h_edge_remove(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        hostname = check_hostname(params["hostname"], "hostname")
+        self.agent.edge.remove(hostname)
+        self._send_json({"hostname": hostname, "removed": True})
+

@@ -104,7 +104,8 @@ def _member(fleet: Fleet, node: str) -> dict[str, Any]:
 def drain(fleet: Fleet, node: str) -> dict[str, Any]:
     node = check_name(node, "node")
     v = fleet.read()
-    known = set(v.records()) | {kv.value.get("node") for kv in v.services.values()}
+    _, members = fleet.etcd.get_prefix(MEMBERS)
+    known = set(v.records()) | {k[len(MEMBERS):] for k in members}
     if node not in known:
         raise NotFoundError(f"unknown node {node!r} (known: {', '.join(sorted(known))})")
     fleet.etcd.put(CORDON + node, {"since": time.time()})

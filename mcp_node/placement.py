@@ -150,8 +150,10 @@ def choose(service: str, want: Demand, target: str, nodes: Mapping[str, NodeInfo
             reasons[n.name] = why
         else:
             fits.append(n)
-    if kind == "node" and name not in nodes and name not in exclude:
-        reasons[name] = "not up (no live record in etcd)"
+    if kind == "node":       # pinned: only its node's reason is news
+        reasons = {k: v for k, v in reasons.items() if k == name}
+        if name not in nodes and name not in exclude:
+            reasons[name] = "not up (no live record in etcd)"
     if not fits:
         return Choice("", reasons, mode)
     if current and any(n.name == current for n in fits):

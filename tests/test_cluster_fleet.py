@@ -237,3 +237,53 @@ def test_single_node_refuses_other_node_names(tmp_path: Path) -> None:
         assert "node" not in agent.status("y")["definition"]
     finally:
         agent.close()
+
+
+def test_api_and_cli_on_any_agent_with_the_master_role(fleet: dict[str, Node],
+                                                       tmp_path: Path) -> None:
+    import json as jsonlib
+    from dataclasses import replace
+
+    from click.testing import CliRunner
+
+    from mcp_node.cli import cli
+    from mcp_node.client import Client
+    from mcp_node.errors import RemoteError
+    from mcp_node.server import serve
+
+    e1 = a(fleet["e1"])
+    cfg = replace(e1.config, server=replace(e1.config.server, listen="127.0.0.1:0"))
+    srv = serve(e1, cfg)
+    try:
+        host, port = srv.server_address[:2]
+        url = f"http://{host}:{port}"
+        assert srv.token_file is not None
+        operator = srv.token_file.read_text().strip()
+        master = srv.tokens.add("fleet-admin", "master")
+        body = svc("api", node="c2").to_dict()
+        with pytest.raises(RemoteError) as exc:        # fleet writes need master
+            Client(url, operator).post("/v1/services", body)
+        assert exc.value.status == 403 and "needs master" in str(exc.value)
+        assert {n["node"] for n in Client(url, operator).get("/v1/nodes")} == {"c1", "c2", "e1"}
+        token_file = tmp_path / "master.token"
+        token_file.write_text(master + "\n")
+        token_file.chmod(0o600)
+        definition = tmp_path / "api.json"
+        definition.write_text(jsonlib.dumps(body))
+        run = CliRunner()
+        base = ["--agent", url, "--token-file", str(token_file)]
+        out = run.invoke(cli, [*base, "deploy", str(definition)])
+        assert out.exit_code == 0, out.output
+        assert "deployed api on node c2 (pinned)" in out.output
+        out = run.invoke(cli, [*base, "nodes"])
+        assert out.exit_code == 0 and "c2" in out.output and "LEADER" in out.output
+        out = run.invoke(cli, [*base, "--json", "ps"])
+        assert [(r["service"], r["node"]) for r in jsonlib.loads(out.output)] == [("api", "c2")]
+        out = run.invoke(cli, [*base, "drain", "c2"])
+        assert out.exit_code == 0 and "stayed api: pinned to c2" in out.output, out.output
+        out = run.invoke(cli, [*base, "uncordon", "c2"])
+        assert out.exit_code == 0 and "uncordoned c2" in out.output
+        out = run.invoke(cli, [*base, "uncordon", "c2"])
+        assert out.exit_code == 1 and "not cordoned" in out.output
+    finally:
+        srv.shutdown()

@@ -512,6 +512,18 @@ class Agent:
             self._routes_after(rec.name)
         self.monitor.refresh_safely()
 
+    def events(self, service: str | None = None, tail: int = 100) -> list[dict[str, Any]]:
+        """The last ``tail`` state changes (of one service, or all), oldest first.
+
+        Raises ValidationError (bad name), NotFoundError, RegistryError.
+        """
+        return self.views.events(check_name(service, "service") if service else None, tail)
+
+    def event_stream(self, service: str | None = None, tail: int = 10) -> Iterator[bytes]:
+        """Those, then every new one as it is recorded (NDJSON); raises as ``events``."""
+        return self.views.event_stream(check_name(service, "service") if service else None,
+                                       tail)
+
     def logs(
         self, name: str, component: str | None, tail: int | None, follow: bool
     ) -> Iterator[bytes]:

@@ -388,6 +388,53 @@ def status(ctx: Ctx, service: str | None) -> None:
 
 
 @cli.command()
+@click.argument("service", required=False)
+@click.option("-t", "--tail", "tail", type=click.IntRange(0, 10000), default=None,
+              help="The last N events first (default 100; 10 with -f).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing events as they happen.")
+@json_option
+@pass_ctx
+def events(ctx: Ctx, service: str | None, tail: int | None, follow: bool) -> None:
+    """State changes of every service, or of SERVICE: what changed, when and why.
+
+    \b
+    Examples:
+      mcp events web --tail 20
+      mcp events -f              # until Ctrl-C; --json prints one JSON object a line
+    """
+    backends = ctx.backends()
+    if follow:
+        if service:
+            b = service_backend(ctx, backends, service)
+        elif len(backends) > 1:
+            raise MCPError("following events of several nodes: name one with -n NODE")
+        else:
+            b = backends[0]
+        with contextlib.suppress(KeyboardInterrupt):
+            for line in b.follow_events(service, 10 if tail is None else tail):
+                if line.strip():
+                    e = json.loads(line)
+                    click.echo(json.dumps(named(b, e)) if ctx.json else event_line(named(b, e)))
+        return
+    n = 100 if tail is None else tail
+    if service:
+        b = service_backend(ctx, backends, service)
+        rows = [named(b, e) for e in b.call("events", service, n)]
+        emit(ctx, rows, lambda rs: "\n".join(event_line(e) for e in rs))
+        return
+    answers = ask_all(backends, lambda b: b.call("events", None, n))
+    rows = sorted((named(b, e) for b, es in answers.ok for e in es), key=lambda e: e["time"])
+    emit(ctx, rows[-n:] if n else [], lambda rs: "\n".join(event_line(e) for e in rs))
+    partial(answers)
+
+
+def event_line(e: dict[str, Any]) -> str:
+    detail = f" ({e['detail']})" if e.get("detail") else ""
+    node = f" [{e['node']}]" if e.get("node") else ""
+    return f"{e['time']} {e['service']}/{e['component']}: {e['from']} -> {e['to']}{detail}{node}"
+
+
+@cli.command()
 @click.argument("service")
 @click.argument("component", required=False)
 @click.option("-t", "--tail", "tail", type=click.IntRange(min=0), help="Last N lines.")

@@ -101,6 +101,7 @@ class Backend(Protocol):
     def call(self, op: str, *args: Any) -> Any: ...
     def logs(self, service: str, component: str | None, tail: int | None,
              follow: bool) -> Iterator[bytes]: ...
+    def follow_events(self, service: str | None, tail: int) -> Iterator[bytes]: ...
 
 
 class RemoteBackend:
@@ -158,6 +159,8 @@ class RemoteBackend:
             return c.get("/v1/health")
         if op == "history":
             return c.get(f"/v1/services/{q[0]}/history")
+        if op == "events":
+            return c.get("/v1/events", params={"service": args[0], "tail": args[1]})
         if op == "rollback":
             return c.post(f"/v1/services/{q[0]}/rollback",
                           {} if args[1] is None else {"version": args[1]})
@@ -181,6 +184,13 @@ class RemoteBackend:
                   "follow": "1" if follow else ""}
         query = urlencode({k: v for k, v in params.items() if v != ""})
         return self.client.stream(f"/v1/services/{quote(service, safe='')}/logs?{query}")
+
+    def follow_events(self, service: str | None, tail: int) -> Iterator[bytes]:
+        from urllib.parse import urlencode
+
+        query = urlencode({"follow": "1", "tail": tail, **({"service": service} if service
+                                                             else {})})
+        return self.client.stream(f"/v1/events?{query}")
 
 
 class LocalBackend:
@@ -216,6 +226,8 @@ class LocalBackend:
             return getattr(a, op)()
         if op == "history":
             return a.history(args[0])
+        if op == "events":
+            return a.events(args[0], args[1])
         if op == "rollback":
             return a.rollback(args[0], args[1])
         if op == "edge_list":
@@ -235,6 +247,9 @@ class LocalBackend:
              follow: bool) -> Iterator[bytes]:
         it: Iterator[bytes] = self.agent.logs(service, component, tail, follow)
         return it
+
+    def follow_events(self, service: str | None, tail: int) -> Iterator[bytes]:
+        return self.agent.event_stream(service, tail)
 
 
 @dataclass

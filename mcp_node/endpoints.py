@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from . import openapi
 from .errors import MCPError, NotFoundError, ValidationError
 from .handler import SERVER_HEADER, Handler, dumps, http_date, log_safe
 from .httpapi import (
     END,
-    LogPump,
     Params,
+    StreamPump,
     client_gone,
     close_iterator,
     edge_setup_args,
@@ -35,6 +36,26 @@ log = logging.getLogger("mcp_node.server")
 MAX_LOG_BYTES = 64 << 20
 FOLLOW_HEADERS_AFTER_S = 1.0
 HANGUP_CHECK_S = 0.5          # a follow stream notices its client gone within about this
+
+
+MAX_EVENTS = 10000
+
+
+def lifecycle_args(data: object, op: str) -> dict[str, Any]:
+    """The optional body of stop/start/restart: ``{"component": NAME, "timeout": S}``."""
+    allowed = {"component"} | ({"timeout"} if op != "start" else set())
+    if not isinstance(data, dict) or set(data) - allowed:
+        raise ValidationError(f"expected {{}} or an object with {', '.join(sorted(allowed))}",
+                              "body")
+    out: dict[str, Any] = {}
+    if data.get("component") is not None:
+        out["component"] = check_name(data["component"], "component")
+    if "timeout" in data:
+        t = data["timeout"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 3600:
+            raise ValidationError("must be a number of seconds, 0-3600", "timeout")
+        out["timeout"] = float(t)
+    return out
 
 
 class APIHandler(Handler):
@@ -64,12 +85,45 @@ class APIHandler(Handler):
 
     def h_lifecycle(self, params: Params, query: dict[str, str], body: bytes) -> None:
         name = check_name(params["name"], "name")
-        if body.strip() and parse_json(body) not in ({}, None):
-            raise ValidationError("expected an empty body or {}", "body")
         op = self._route.template.rsplit("/", 1)[1]  # the raw path may be %-encoded
+        args = lifecycle_args(parse_json(body) if body.strip() else {}, op)
         fn = {"stop": self.agent.stop, "start": self.agent.start,
               "restart": self.agent.restart}[op]
-        self._send_json(fn(name))
+        self._send_json(fn(name, **args))
+
+    def h_history(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self.agent.history(check_name(params["name"], "name")))
+
+    def h_rollback(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        name = check_name(params["name"], "name")
+        data = parse_json(body) if body.strip() else {}
+        if not isinstance(data, dict) or set(data) - {"version"}:
+            raise ValidationError('expected {} or {"version": N}', "body")
+        version = data.get("version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)
+                                    or not 1 <= version <= 1 << 31):
+            raise ValidationError("must be an integer >= 1", "version")
+        self._send_json(self.agent.rollback(name, version))
+
+    def h_events(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        service = query.get("service") or None
+        if service is not None:
+            check_name(service, "service")
+        tail = parse_count(query["tail"], "tail", MAX_EVENTS, " events") \
+            if query.get("tail") else None
+        if parse_bool(query.get("follow", ""), "follow"):
+            opened = self.agent.event_stream(service, 10 if tail is None else tail)
+            self._follow_stream(lambda: opened, "application/x-ndjson")
+            return
+        self._send_json(self.agent.events(service, 100 if tail is None else tail))
+
+    def h_livez(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json({"status": "up"})
+
+    def h_metrics(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        from .metrics import CONTENT_TYPE, render
+
+        self._send(200, render(self.server.metrics), CONTENT_TYPE)
 
     def h_undeploy(self, params: Params, query: dict[str, str], body: bytes) -> None:
         name = check_name(params["name"], "name")
@@ -103,20 +157,24 @@ class APIHandler(Handler):
         self._send(200, b"".join(buf), "text/plain; charset=utf-8")
 
     def _follow(self, name: str, component: str | None, tail: int | None) -> None:
-        """Errors the agent raises at once still become JSON errors; after a short wait
-        the 200 headers go out anyway, since podman answers a follow request only
-        when the first line arrives (the client would otherwise see nothing at all)."""
-        pump = LogPump(self.agent, name, component, tail)
+        self._follow_stream(lambda: self.agent.logs(name, component, tail, True),
+                            "text/plain; charset=utf-8")
+
+    def _follow_stream(self, open_stream: Callable[[], Iterator[bytes]], ctype: str) -> None:
+        """Errors raised at once still become JSON errors; after a short wait the 200
+        headers go out anyway, since podman answers a follow request only when the
+        first line arrives (the client would otherwise see nothing at all)."""
+        pump = StreamPump(open_stream)
         self.server.stream(pump, True)
         try:
             if pump.opened.wait(FOLLOW_HEADERS_AFTER_S) and pump.open_error is not None:
                 raise pump.open_error
-            self._stream(pump)
+            self._stream(pump, ctype)
         finally:
             pump.stop()
             self.server.stream(pump, False)
 
-    def _stream(self, pump: LogPump) -> None:
+    def _stream(self, pump: StreamPump, ctype: str) -> None:
         """Chunks as they come; between them, whether the client is still there, so a
         stream of a quiet component ends (and frees its thread and connection) within
         about ``HANGUP_CHECK_S`` of its client leaving."""
@@ -124,7 +182,7 @@ class APIHandler(Handler):
         chunked = self.request_version == "HTTP/1.1"
         self.close_connection = True  # unless the stream ends cleanly below
         head = (f"HTTP/1.1 200 OK\r\nServer: {SERVER_HEADER}\r\nDate: {http_date()}\r\n"
-                "Content-Type: text/plain; charset=utf-8\r\nCache-Control: no-store\r\n"
+                f"Content-Type: {ctype}\r\nCache-Control: no-store\r\n"
                 "X-Content-Type-Options: nosniff\r\n"
                 + ("Transfer-Encoding: chunked\r\n" if chunked else "Connection: close\r\n")
                 + "\r\n")

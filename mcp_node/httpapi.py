@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
@@ -23,7 +23,7 @@ from .errors import HTTPError, ValidationError
 from .servicedef import check_hostname
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    pass
 
 
 # -- numbers ----------------------------------------------------------------------
@@ -134,6 +134,11 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/services/{name}/restart", "operator", "h_lifecycle"),
     Route("GET", "/v1/services/{name}/logs", "reader", "h_logs",
           query=("component", "tail", "follow")),
+    Route("GET", "/v1/services/{name}/history", "reader", "h_history"),
+    Route("POST", "/v1/services/{name}/rollback", "operator", "h_rollback"),
+    Route("GET", "/v1/events", "reader", "h_events", query=("service", "tail", "follow")),
+    Route("GET", "/v1/livez", None, "h_livez"),
+    Route("GET", "/metrics", "reader", "h_metrics"),
     Route("GET", "/v1/edge-routes", "reader", "h_edge_list"),
     Route("POST", "/v1/edge-routes", "master", "h_edge_setup"),
     Route("DELETE", "/v1/edge-routes/{hostname}", "master", "h_edge_remove"),
@@ -253,8 +258,9 @@ def edge_setup_args(data: Any) -> tuple[str, str, int, bool]:
 END = object()  # LogPump.get: the stream ended
 
 
-class LogPump:
-    """A follow stream read in a thread of its own and handed over a bounded queue.
+class StreamPump:
+    """A follow stream (logs, events) read in a thread of its own and handed over a
+    bounded queue.
 
     ``agent.logs(..., follow=True)`` may block before its first chunk, and a quiet
     component yields nothing for hours: a request thread blocked in it would never see
@@ -267,8 +273,7 @@ class LogPump:
 
     POLL_S = 0.25
 
-    def __init__(self, agent: Agent, name: str, component: str | None, tail: int | None,
-                 depth: int = 64) -> None:
+    def __init__(self, open_stream: Callable[[], Iterator[bytes]], depth: int = 64) -> None:
         self.opened = threading.Event()
         self.open_error: BaseException | None = None
         self.stream_error: BaseException | None = None
@@ -276,13 +281,13 @@ class LogPump:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._it: Iterator[bytes] | None = None
-        self.thread = threading.Thread(target=self._run, args=(agent, name, component, tail),
-                                       name="mcp-logs-follow", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(open_stream,),
+                                       name="mcp-follow", daemon=True)
         self.thread.start()
 
-    def _run(self, agent: Agent, name: str, component: str | None, tail: int | None) -> None:
+    def _run(self, open_stream: Callable[[], Iterator[bytes]]) -> None:
         try:
-            it = agent.logs(name, component, tail, True)
+            it = open_stream()
         except BaseException as exc:  # handed to the request thread
             self.open_error = exc
             self.opened.set()

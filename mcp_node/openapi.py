@@ -87,6 +87,16 @@ LOG_PARAMS = [
                     "true/false/yes/no/1/0, any case",
      "schema": {"type": "string", "pattern": BOOL_PATTERN}},
 ]
+EVENT_PARAMS = [
+    {"name": "service", "in": "query", "required": False,
+     "description": "Only this service (empty or absent: all)",
+     "schema": {"type": "string", "pattern": f"^$|{NAME_PATTERN}"}},
+    {"name": "tail", "in": "query", "required": False,
+     "description": "The last N events first (ASCII digits, at most 10000; default 100, "
+                    "10 when following)",
+     "schema": {"type": "string", "pattern": TAIL_PATTERN}},
+    LOG_PARAMS[2],
+]
 ALLOW_HEADER = {"Allow": {"description": "The methods this path allows",
                           "schema": {"type": "string"}}}
 AUTH_HEADER = {"WWW-Authenticate": {"description": "Bearer challenge",
@@ -95,13 +105,13 @@ AUTH_HEADER = {"WWW-Authenticate": {"description": "Bearer challenge",
 
 def _op(op_id: str, summary: str, role: str | None, ok: dict[str, Any], *,
         params: list[dict[str, Any]] | None = None, body: str | None = None,
-        errors: tuple[str, ...] = ()) -> dict[str, Any]:
+        errors: tuple[str, ...] = (), optional_body: bool = False) -> dict[str, Any]:
     """One operation; its error statuses are the protocol's, the role's and ``errors``."""
     op: dict[str, Any] = {"operationId": op_id, "summary": summary, "x-mcp-role": role}
     if params:
         op["parameters"] = params
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {
+        op["requestBody"] = {"required": not optional_body, "content": {"application/json": {
             "schema": _ref(body)}}}
     op["responses"] = {"200": ok}
     codes = set(PROTOCOL) | set(errors)
@@ -148,14 +158,43 @@ def _paths() -> dict[str, dict[str, Any]]:
                           errors=_SERVICE_ERRORS),
         },
         "/v1/services/{name}/stop": {"post": _op(
-            "Stop", "Stop every component", "operator", status, params=[NAME_PARAM],
-            errors=_SERVICE_ERRORS)},
+            "Stop", "Stop every component, or the one named", "operator", status,
+            params=[NAME_PARAM], errors=_SERVICE_ERRORS, body="StopRequest",
+            optional_body=True)},
         "/v1/services/{name}/start": {"post": _op(
-            "Start", "Start every component", "operator", status, params=[NAME_PARAM],
-            errors=_SERVICE_ERRORS)},
+            "Start", "Start every component, or the one named", "operator", status,
+            params=[NAME_PARAM], errors=_SERVICE_ERRORS, body="StartRequest",
+            optional_body=True)},
         "/v1/services/{name}/restart": {"post": _op(
-            "Restart", "Restart every component", "operator", status, params=[NAME_PARAM],
-            errors=_SERVICE_ERRORS)},
+            "Restart", "Restart every component, or the one named", "operator", status,
+            params=[NAME_PARAM], errors=_SERVICE_ERRORS, body="StopRequest",
+            optional_body=True)},
+        "/v1/services/{name}/history": {"get": _op(
+            "History", "Each deployed version of the service, oldest first", "reader",
+            _json({"type": "array", "items": _ref("Deployment")}, "Versions"),
+            params=[NAME_PARAM], errors=("404",))},
+        "/v1/services/{name}/rollback": {"post": _op(
+            "Rollback", "Deploy an earlier version again (default: the one before the current)",
+            "operator", status, params=[NAME_PARAM], errors=_SERVICE_ERRORS,
+            body="RollbackRequest", optional_body=True)},
+        "/v1/events": {"get": _op(
+            "Events", "State changes of every service (or one); NDJSON while following",
+            "reader",
+            {"description": "A JSON list of events; with follow, one event per line as they "
+                            "happen (chunked)",
+             "content": {"application/json": {"schema": {
+                 "type": "array", "items": _ref("Event")}},
+                 "application/x-ndjson": {"schema": {"type": "string"}}}},
+            params=EVENT_PARAMS, errors=("404",))},
+        "/v1/livez": {"get": _op(
+            "Livez", "Whether the agent process answers; nothing else, no token", None,
+            _json({"type": "object", "required": ["status"],
+                   "properties": {"status": {"const": "up"}}}, "Up"))},
+        "/metrics": {"get": _op(
+            "Metrics", "Prometheus text format: components by state, restarts, deploy "
+                       "durations, API requests and latency, edge certificate expiry", "reader",
+            {"description": "Prometheus exposition format 0.0.4",
+             "content": {"text/plain": {"schema": {"type": "string"}}}})},
         "/v1/services/{name}/logs": {"get": _op(
             "Logs", "Log output of the service's components", "reader",
             {"description": "Log text; chunked when following",
@@ -342,6 +381,36 @@ def _schemas() -> dict[str, Any]:
                 "cert_serial": _STR, "cert_expires": {"type": "string", "format": "date-time"},
                 "created_at": _STR, "updated_at": _STR,
             },
+        },
+        "StopRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"component": {"type": "string", "pattern": NAME_PATTERN},
+                           "timeout": {"type": "number", "minimum": 0, "maximum": 3600}},
+        },
+        "StartRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"component": {"type": "string", "pattern": NAME_PATTERN}},
+        },
+        "RollbackRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"version": {"type": "integer", "minimum": 1, "maximum": 1 << 31}},
+        },
+        "Deployment": {
+            "type": "object",
+            "required": ["service", "version", "time", "digest", "current", "images"],
+            "properties": {"service": _STR, "version": {"type": "integer"},
+                           "time": {"type": "string", "format": "date-time"}, "digest": _STR,
+                           "current": {"type": "boolean"},
+                           "images": {"type": "array", "items": _STR}},
+        },
+        "Event": {
+            "type": "object",
+            "required": ["id", "time", "service", "component", "from", "to", "detail",
+                         "unplanned"],
+            "properties": {"id": {"type": "integer"},
+                           "time": {"type": "string", "format": "date-time"},
+                           "service": _STR, "component": _STR, "from": _STR, "to": _STR,
+                           "detail": _STR, "unplanned": {"type": "boolean"}},
         },
         "Undeployed": {
             "type": "object", "required": ["service", "undeployed"],

@@ -96,6 +96,7 @@ class Event:
     new_state: State
     detail: str = ""
     unplanned: bool = True
+    id: int = 0          # its row id once stored: streams resume after the last one seen
 
 
 @dataclass
@@ -472,16 +473,19 @@ class Registry:
                      int(e.unplanned)),
                 )
 
-    def events(self, service: str, limit: int = 50, since: float = 0.0) -> list[Event]:
-        rows = self._query(
-            "SELECT * FROM events WHERE service=? AND time>=? ORDER BY id DESC LIMIT ?",
-            (service, since, limit),
-        )
+    def events(self, service: str | None, limit: int = 50, since: float = 0.0,
+               after_id: int = 0) -> list[Event]:
+        """The newest ``limit`` events (of one service, or all), oldest first."""
+        where = "time>=? AND id>?"
+        args: list[Any] = [since, after_id]
+        if service is not None:
+            where, args = where + " AND service=?", [*args, service]
+        rows = self._query(f"SELECT * FROM events WHERE {where} "  # noqa: S608
+                           "ORDER BY id DESC LIMIT ?", (*args, limit))
         return [
             Event(service=r["service"], component=r["component"], time=r["time"],
                   prev_state=State(r["prev_state"]), new_state=State(r["new_state"]),
-                  detail=r["detail"],
-                  unplanned=bool(r["unplanned"]))
+                  detail=r["detail"], unplanned=bool(r["unplanned"]), id=r["id"])
             for r in reversed(rows)
         ]
 

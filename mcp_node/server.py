@@ -45,10 +45,11 @@ from .handler import (
     request_line_of,
 )
 from .httpapi import (
-    LogPump,
+    StreamPump,
     check_listen,
     tls_context,
 )
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -169,12 +170,13 @@ class AgentServer(ThreadingHTTPServer):
         self._unauth_by_peer: dict[str, dict[Conn, None]] = {}
         self._dropped_open = 0                            # dropped, not closed yet
         self._conns_lock = threading.Lock()
-        self._streams: set[LogPump] = set()
+        self._streams: set[StreamPump] = set()
         self._busy_lock = threading.Lock()
         self._busy = 0
         self._drops = 0
         self._drops_logged_at = 0.0
         self.health_cache: tuple[dict[str, Any], bytes] | None = None
+        self.metrics = Metrics(agent)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stopped = False
@@ -214,11 +216,11 @@ class AgentServer(ThreadingHTTPServer):
             return {peer: len(conns) for peer, conns in self._unauth_by_peer.items()}
 
     @property
-    def open_streams(self) -> list[LogPump]:
+    def open_streams(self) -> list[StreamPump]:
         with self._conns_lock:
             return list(self._streams)
 
-    def stream(self, pump: LogPump, add: bool) -> None:
+    def stream(self, pump: StreamPump, add: bool) -> None:
         with self._conns_lock:
             if add:
                 self._streams.add(pump)

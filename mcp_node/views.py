@@ -8,13 +8,15 @@ while a restart waits its turn.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import MCPError
 from .monitor import View, is_drift
 from .readiness import probe
-from .registry import ComponentRecord, ServiceRecord
+from .registry import ComponentRecord, Event, ServiceRecord
 from .runtime import Workload
 from .states import BACKOFF, MISSING, RUNNING, STARTING, UNKNOWN
 
@@ -24,6 +26,15 @@ if TYPE_CHECKING:
 
 def rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+EVENT_POLL_S = 0.5   # events are rows in SQLite; a follower looks for new ones this often
+
+
+def event_dict(e: Event) -> dict[str, Any]:
+    return {"id": e.id, "time": rfc3339_ms(e.time), "service": e.service,
+            "component": e.component, "from": e.prev_state, "to": e.new_state,
+            "detail": e.detail, "unplanned": e.unplanned}
 
 
 def rfc3339_ms(t: float) -> str:
@@ -99,9 +110,7 @@ class Views:
             "flapping": any(c["flapping"] for c in comps),
             "components": comps,
             "events": [
-                {"time": rfc3339_ms(e.time), "component": e.component, "from": e.prev_state,
-                 "to": e.new_state, "detail": e.detail, "unplanned": e.unplanned}
-                for e in self.a.registry.events(svc.name, limit=20)
+                event_dict(e) for e in self.a.registry.events(svc.name, limit=20)
             ],
         }
 
@@ -127,3 +136,31 @@ class Views:
         except MCPError:
             return {}
         return rt.status_extra(self.a.spec(service, comp), observed)
+
+    # -- events ------------------------------------------------------------------
+
+    def events(self, service: str | None, tail: int) -> list[dict[str, Any]]:
+        if service is not None:
+            self.a.registry.get_service(service)   # NotFoundError names the known ones
+        return [event_dict(e) for e in self.a.registry.events(service, limit=tail)]
+
+    def event_stream(self, service: str | None, tail: int) -> Iterator[bytes]:
+        """The last ``tail`` events, then each new one, one JSON object a line. Yields
+        ``b""`` between polls so whoever pumps it can stop it while nothing happens."""
+        if service is not None:
+            self.a.registry.get_service(service)
+        return self._stream(service, tail)
+
+    def _stream(self, service: str | None, tail: int) -> Iterator[bytes]:
+        last = 0
+        batch = self.a.registry.events(service, limit=tail) if tail else []
+        if not tail:
+            newest = self.a.registry.events(service, limit=1)
+            last = newest[-1].id if newest else 0
+        while True:
+            for e in batch:
+                last = e.id
+                yield json.dumps(event_dict(e), separators=(",", ":")).encode() + b"\n"
+            yield b""
+            time.sleep(EVENT_POLL_S)
+            batch = self.a.registry.events(service, limit=1000, after_id=last)

@@ -10,7 +10,7 @@ import pytest
 from fake_http import connect, wait_until
 from server_env import LiveServer
 
-from mcp_node.httpapi import LogPump
+from mcp_node.httpapi import StreamPump
 
 
 def _threads(prefix: str) -> list[threading.Thread]:
@@ -35,7 +35,7 @@ def test_follow_stream_ends_when_its_client_leaves(live_server: LiveServer, hell
     assert s.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")  # the headers, then silence
     wait_until(lambda: len(srv.open_streams) == 1, "the stream registered")
     [pump] = srv.open_streams
-    assert isinstance(pump, LogPump) and pump.thread.is_alive()
+    assert isinstance(pump, StreamPump) and pump.thread.is_alive()
     assert srv.open_connections == 1
     s.close()
     wait_until(lambda: not srv.open_streams, "stream released after the client left")

@@ -1,0 +1,93 @@
+"""``GET /metrics``: the agent in Prometheus text format (prometheus-client).
+
+Request counts and latencies are counted as requests finish; everything about
+the node (components by state, restarts, health, certificate expiry) is read
+from the agent when scraped, so a scrape always shows the current view and
+costs nothing between scrapes. The registry is this agent's own, not the
+library's global one, so two agents in one process (tests) never mix.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DEPLOY_ROUTE = ("POST", "/v1/services")
+
+
+class Metrics:
+    def __init__(self, agent: Agent) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("mcp_http_requests", "API requests answered",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("mcp_http_request_duration_seconds", "API request latency",
+                                 ["route"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
+                                          2.5, 5, 10, 30))
+        self.deploys = Histogram("mcp_deploy_duration_seconds", "Successful deploys, end to end",
+                                 registry=self.registry,
+                                 buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.registry.register(NodeCollector(agent))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One answered request; ``route`` is the template (bounded cardinality)."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+        if (method, route) == DEPLOY_ROUTE and status == 200:
+            self.deploys.observe(seconds)
+
+
+class NodeCollector(Collector):
+    """The node's state, read from the agent at scrape time."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self.agent.ps()
+        by_state = GaugeMetricFamily("mcp_components", "Components by runtime and state",
+                                     labels=["runtime", "state"])
+        for (runtime, state), n in sorted(Tally((r["runtime"], r["state"]) for r in rows).items()):
+            by_state.add_metric([runtime, state], n)
+        yield by_state
+        restarts = GaugeMetricFamily("mcp_component_restarts",
+                                     "Restarts by the agent since the backoff last reset",
+                                     labels=["service", "component"])
+        for (svc, comp), b in sorted(self.agent.reconciler.backoff.items()):
+            restarts.add_metric([svc, comp], b.restarts)
+        yield restarts
+        health = self.agent.health()
+        yield GaugeMetricFamily("mcp_node_healthy", "1 when health is healthy, else 0",
+                                value=1 if health["status"] == "healthy" else 0)
+        yield GaugeMetricFamily("mcp_agent_uptime_seconds", "Seconds since the agent started",
+                                value=health.get("uptime_s", 0))
+        expiry = GaugeMetricFamily("mcp_edge_certificate_expiry_timestamp_seconds",
+                                   "Edge route certificate expiry (unix time)",
+                                   labels=["hostname"])
+        for route in self.agent.registry.list_edge_routes():
+            if route.cert_expires:
+                expiry.add_metric([route.hostname], parse_rfc3339(route.cert_expires))
+        yield expiry
+
+
+def parse_rfc3339(text: str) -> float:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def render(metrics: Metrics) -> bytes:
+    data: bytes = generate_latest(metrics.registry)
+    return data
+

@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,43 +87,56 @@ class Etcd:
             u = urlsplit(url)
             self._clients.append(Etcd3Client(
                 host=u.hostname or "127.0.0.1", port=u.port or 2379, protocol=u.scheme,
-                ca_cert=cfg.ca_cert or None, cert_key=cfg.key_file or None,
-                cert_cert=cfg.cert_file or None, timeout=cfg.timeout_s, api_path="/v3/"))
+                timeout=cfg.timeout_s, api_path="/v3/", session=_session(cfg)))
         self._current = 0
         self._lock = threading.Lock()
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST to the first endpoint that answers; FleetUnavailable when none does."""
+        """POST to the first endpoint that answers; FleetUnavailable when none does.
+
+        Every endpoint is tried twice, 0.3 s apart: a leader election after a member
+        died makes the others answer "unavailable" for a moment, which is no loss."""
+        errors: list[str] = []
+        for attempt in range(2):
+            if attempt:
+                time.sleep(0.3)
+            errors = []
+            out = self._pass(path, body, errors)
+            if out is not None:
+                return out
+        raise FleetUnavailable("etcd is unreachable or has no quorum (" + "; ".join(errors)
+                               + "): fleet writes are refused until it is back; reads answer "
+                               "from this node's own record, marked stale")
+
+    def _pass(self, path: str, body: dict[str, Any], errors: list[str]) -> dict[str, Any] | None:
         from etcd3gw import exceptions as ex
 
-        errors = []
         n = len(self._clients)
         with self._lock:
             start = self._current
+        data = json.dumps(body)
         for i in range(n):
             idx = (start + i) % n
             client = self._clients[idx]
-            data = json.dumps(body)
             try:
                 out: dict[str, Any] = client.post(client.get_url(path), data=data)
             except (ex.ConnectionFailedError, ex.ConnectionTimeoutError) as exc:
-                errors.append(f"{self.cfg.etcd[idx]}: {str(exc)[:160]}")
+                why = str(exc) or repr(exc.__cause__ or exc.__context__ or exc)
+                errors.append(f"{self.cfg.etcd[idx]}: {why[:200]}")
                 continue
             except ex.Etcd3Exception as exc:
-                detail = getattr(exc, "detail_text", "") or str(exc)
+                detail = str(getattr(exc, "detail_text", "") or exc)
                 # A member without quorum answers "request timed out" or "no leader".
-                if any(w in str(detail) for w in ("timed out", "no leader", "not capable",
-                                                  "unhealthy", "stopped")):
-                    errors.append(f"{self.cfg.etcd[idx]}: {str(detail)[:160]}")
+                if any(w in detail for w in ("timed out", "no leader", "not capable",
+                                             "unhealthy", "stopped", "Unavailable")):
+                    errors.append(f"{self.cfg.etcd[idx]}: {detail[:160]}")
                     continue
-                raise MCPError(f"etcd {path}: {str(detail)[:300]}") from exc
+                raise MCPError(f"etcd {path}: {detail[:300]}") from exc
             self.traffic.add(len(data), len(json.dumps(out)))
             with self._lock:
                 self._current = idx
             return out
-        raise FleetUnavailable("etcd is unreachable or has no quorum (" + "; ".join(errors)
-                               + "): fleet writes are refused until it is back; reads answer "
-                               "from this node's own record, marked stale")
+        return None
 
     # -- keys ---------------------------------------------------------------
 
@@ -205,6 +219,21 @@ class Etcd:
         finally:
             done.set()
             resp.close()
+
+
+def _session(cfg: ClusterConfig) -> Any:
+    """TLS as configured, and nothing from the environment: a ``REQUESTS_CA_BUNDLE``
+    would replace the configured CA, and an HTTP proxy has no business between an
+    agent and its etcd."""
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    if cfg.ca_cert:
+        session.verify = cfg.ca_cert
+    if cfg.cert_file and cfg.key_file:
+        session.cert = (cfg.cert_file, cfg.key_file)
+    return session
 
 
 def _lines(resp: Any, stop: threading.Event) -> Iterator[str]:

@@ -24,7 +24,7 @@ from conftest import need
 from mcp_node.agent import Agent
 
 __all__ = ["PUBLIC", "EtcdCluster", "NodeNetns", "NodePodman", "SimFleet", "SimNode",
-           "etcd_cluster", "free_ports"]
+           "etcd_cluster", "etcd_tls", "free_ports"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -371,3 +371,54 @@ class SimFleet:
             with contextlib.suppress(Exception):
                 thing.stop()
         self.made.clear()
+
+
+@pytest.fixture
+def etcd_tls(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """One etcd member that wants TLS and a client certificate from its CA; yields the
+    endpoint and the CA, client certificate and key files (a second CA's pair too)."""
+    need("etcd")
+    from edge_env import TestCA
+
+    ca, other = TestCA("etcd-test-ca"), TestCA("someone-else")
+    files: dict[str, str] = {}
+    for name, data in (("ca", ca.pem), *zip(("server_cert", "server_key"),
+                                            ca.leaf(["localhost"], ("127.0.0.1",)), strict=True),
+                       *zip(("cert", "key"), ca.leaf(["mcp-agent"]), strict=True),
+                       *zip(("bad_cert", "bad_key"), other.leaf(["intruder"]), strict=True)):
+        path = tmp_path / f"etcd-{name}.pem"
+        path.write_bytes(data)
+        path.chmod(0o600)
+        files[name] = str(path)
+    cp, pp = free_ports(2)
+    files["endpoint"] = f"https://127.0.0.1:{cp}"
+    with open(tmp_path / "etcd-tls.log", "ab") as logf:
+        proc = subprocess.Popen(
+            ["etcd", "--name", "t1", "--data-dir", str(tmp_path / "etcd-tls"),
+             "--listen-peer-urls", f"http://127.0.0.1:{pp}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{pp}",
+             "--initial-cluster", f"t1=http://127.0.0.1:{pp}",
+             "--listen-client-urls", files["endpoint"], "--advertise-client-urls",
+             files["endpoint"], "--cert-file", files["server_cert"], "--key-file",
+             files["server_key"], "--client-cert-auth", "--trusted-ca-file", files["ca"],
+             "--log-level", "error", "--logger", "zap"], stdout=logf, stderr=logf)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "etcd-tls.log").read_text()[-2000:]
+            with contextlib.suppress(requests.RequestException):
+                r = requests.get(f"{files['endpoint']}/health", timeout=1, verify=files["ca"],
+                                 cert=(files["cert"], files["key"]))
+                if r.ok:
+                    break
+            assert time.monotonic() < deadline, "TLS etcd did not come up"
+            time.sleep(0.1)
+        yield files
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

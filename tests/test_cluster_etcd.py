@@ -50,3 +50,15 @@ def test_keys_lease_txn_watch_and_quorum(etcd_cluster: EtcdCluster) -> None:
     etcd_cluster.start(1)
     etcd_cluster.wait_healthy()
     assert both.get("/mcp/t/w").value == 1
+
+
+def test_client_certificates(etcd_tls: dict[str, str]) -> None:
+    ok = Etcd(ClusterConfig(etcd=(etcd_tls["endpoint"],), ca_cert=etcd_tls["ca"],
+                            cert_file=etcd_tls["cert"], key_file=etcd_tls["key"], timeout_s=2))
+    ok.put("/mcp/t/tls", {"ok": True})
+    assert ok.get("/mcp/t/tls").value == {"ok": True}
+    for cert, key in (("", ""), (etcd_tls["bad_cert"], etcd_tls["bad_key"])):
+        refused = Etcd(ClusterConfig(etcd=(etcd_tls["endpoint"],), ca_cert=etcd_tls["ca"],
+                                     cert_file=cert, key_file=key, timeout_s=2))
+        with pytest.raises(FleetUnavailable):     # the handshake is refused: no answer
+            refused.get("/mcp/t/tls")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from podman import PodmanClient
 from podman.errors import APIError, ImageNotFound, PodmanError
@@ -56,11 +57,12 @@ from .errors import (
     RuntimeUnavailable,
     WorkloadError,
 )
-from .podman_logs import LogStream, frames
+from .podman_logs import LogStream, RawAdapter, UnixFollow, frames
 from .podman_service import (
     PodmanService,
     run_cli,
     socket_answers,
+    socket_path,
     socket_url,
 )
 from .podmanargs import (
@@ -436,12 +438,39 @@ class PodmanRuntime(Runtime):
         if not follow:
             return frames(self._open_logs(name, params, REQUEST_TIMEOUT_S))
         stream = LogStream()
-
-        def opener() -> None:
+        sock_file = socket_path(self.url)
+        if sock_file is not None:   # a connection of our own: close() cuts it before any answer
+            target = (self._client_or_connect().api.path_prefix
+                      + f"containers/{quote(name, safe='')}/logs?{urlencode(params)}")
             try:
-                stream.opened(self._open_logs(name, params, (10, None)), None)
-            except MCPError as exc:
-                stream.opened(None, exc)
+                req = UnixFollow(sock_file, target)
+            except OSError as exc:
+                raise WorkloadError(f"podman logs {name}: {exc}") from exc
+            stream.on_close(req.cancel)
+            with self._count_lock:
+                self._api_calls += 1
+
+            def opener() -> None:
+                try:
+                    resp = req.open()
+                except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
+                    req.cancel()   # also what a close() meanwhile raises here
+                    stream.opened(None, WorkloadError(f"podman logs {name}: {exc}"))
+                    return
+                if resp.status >= 400:
+                    message = resp.read(4096).decode(errors="replace")
+                    req.cancel()
+                    stream.opened(None, NotFoundError(f"no container {name}")
+                                  if resp.status == 404 else
+                                  WorkloadError(f"podman logs {name}: {message}"))
+                    return
+                stream.opened(RawAdapter(resp, req), None)
+        else:
+            def opener() -> None:
+                try:
+                    stream.opened(self._open_logs(name, params, (10, None)), None)
+                except MCPError as exc:
+                    stream.opened(None, exc)
 
         threading.Thread(target=opener, name=f"podman-logs-{name}", daemon=True).start()
         stream.wait_open(FOLLOW_OPEN_WAIT_S)

@@ -4,11 +4,12 @@ thread may need to end (a consumer hung up while the reader is blocked)."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import urllib3
@@ -18,7 +19,8 @@ from .errors import MCPError
 log = logging.getLogger("mcp_node.podman")
 
 
-_STREAM_ENDED = (OSError, ValueError, AttributeError, urllib3.exceptions.HTTPError)
+_STREAM_ENDED = (OSError, ValueError, AttributeError, urllib3.exceptions.HTTPError,
+                 http.client.HTTPException)
 
 
 def frames(resp: Any) -> Iterator[bytes]:
@@ -42,7 +44,16 @@ def frames(resp: Any) -> Iterator[bytes]:
 
 
 class LogStream:
-    """A follow stream whose request may still be waiting for podman's first line."""
+    """A follow stream whose request may still be waiting for podman's first line.
+
+    podman sends no headers for a follow request until the container writes, so
+    the request runs in an opener thread. ``close()`` from any thread ends it:
+    ``__next__`` waits in short steps and gives up once closed, and the opener's
+    own connection (``cancel``, where we hold the socket) is shut down, so no
+    thread of ours or podman's is left waiting for a line that may never come.
+    """
+
+    WAIT_STEP_S = 0.25
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -51,6 +62,15 @@ class LogStream:
         self._exc: MCPError | None = None
         self._closed = False
         self._frames: Iterator[bytes] | None = None
+        self._cancel: Callable[[], None] | None = None
+
+    def on_close(self, cancel: Callable[[], None]) -> None:
+        """How to cut the pending request (its socket) if the stream is closed first."""
+        with self._lock:
+            self._cancel = cancel
+            closed = self._closed
+        if closed:
+            cancel()
 
     def opened(self, resp: Any, exc: MCPError | None) -> None:
         with self._lock:
@@ -70,7 +90,9 @@ class LogStream:
 
     def __next__(self) -> bytes:
         if self._frames is None:
-            self._open.wait()
+            while not self._open.wait(self.WAIT_STEP_S):
+                if self._closed:
+                    raise StopIteration
             if self._exc is not None:
                 raise self._exc
             if self._closed or self._resp is None:
@@ -83,9 +105,11 @@ class LogStream:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            resp = self._resp
+            resp, cancel = self._resp, self._cancel
         if resp is not None:
             _abort(resp)
+        elif cancel is not None:
+            cancel()
 
 
 def _abort(resp: Any) -> None:
@@ -97,3 +121,38 @@ def _abort(resp: Any) -> None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
     resp.close()
+
+
+class UnixFollow:
+    """A follow request on a unix-socket connection of our own (not the shared client's
+    pool), so its socket can be shut down while podman has not answered yet."""
+
+    def __init__(self, socket_file: str, target: str) -> None:
+        self._conn = http.client.HTTPConnection("localhost", timeout=None)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(socket_file)
+        sock.settimeout(None)
+        self._conn.sock = sock
+        self._sock = sock
+        self.target = target
+
+    def open(self) -> http.client.HTTPResponse:
+        self._conn.request("GET", self.target, headers={"Host": "d"})
+        return self._conn.getresponse()
+
+    def cancel(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._conn.close()
+
+
+class RawAdapter:
+    """``frames`` reads ``resp.raw``; an http.client response is its own raw stream."""
+
+    def __init__(self, resp: http.client.HTTPResponse, follow: UnixFollow) -> None:
+        self.raw = resp
+        self._follow = follow
+
+    def close(self) -> None:
+        self._follow.cancel()

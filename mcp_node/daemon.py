@@ -33,7 +33,11 @@ LOCK_NAME = "agent.pid"
 
 # Keys the running agent reads at use time: a reload applies them without a restart.
 LIVE_SECTIONS = ("monitor",)
-LIVE_KEYS = ("server.max_body", "server.max_tail")
+# Read on every request or admission, so a reload takes effect at once (max_connections
+# also sized the fd limit at start: a restart).
+LIVE_KEYS = ("server.max_body", "server.max_tail", "server.header_timeout_s",
+             "server.body_timeout_s", "server.idle_timeout_s", "server.max_unauthenticated",
+             "server.max_unauthenticated_per_peer")
 
 
 class StateLock:

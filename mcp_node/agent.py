@@ -515,9 +515,17 @@ class Agent:
     def events(self, service: str | None = None, tail: int = 100) -> list[dict[str, Any]]:
         """The last ``tail`` state changes (of one service, or all), oldest first.
 
-        Raises ValidationError (bad name), NotFoundError, RegistryError.
+        Raises ValidationError (bad name), NotFoundError, RegistryError. Fleet mode:
+        every node's, from etcd (this node's, stale, while etcd is lost).
         """
-        return self.views.events(check_name(service, "service") if service else None, tail)
+        name = check_name(service, "service") if service else None
+        if self.fleet is not None:
+            from . import fleetviews
+
+            fleet = self.fleet
+            return fleet.read_or_stale(lambda: fleetviews.events(fleet, name, tail),
+                                       lambda: self.views.events(name, tail))
+        return self.views.events(name, tail)
 
     def event_stream(self, service: str | None = None, tail: int = 10) -> Iterator[bytes]:
         """Those, then every new one as it is recorded (NDJSON); raises as ``events``."""

@@ -111,3 +111,19 @@ def stale(rows: Any) -> Any:
     if isinstance(rows, list):
         return [{**r, "stale": True} for r in rows]
     return {**rows, "stale": True}
+
+
+def events(fleet: Fleet, service: str | None, tail: int) -> list[dict[str, Any]]:
+    """The fleet's last ``tail`` state changes (of one service, or all), oldest first,
+    from what each node publishes (its last 20 per service), each naming its node."""
+    if service is not None and fleet.etcd.get(SERVICES + service) is None:
+        raise NotFoundError(f"unknown service {service!r} in the fleet")
+    rows = []
+    for node, body in fleet.observed().items():
+        for name, got in (body or {}).get("services", {}).items():
+            if service is not None and name != service:
+                continue
+            for e in (got.get("status") or {}).get("events", []):
+                rows.append({**e, "service": name, "node": node})
+    rows.sort(key=lambda r: (str(r.get("time", "")), r["service"], r["node"]))
+    return rows[-tail:] if tail else []

@@ -119,6 +119,8 @@ def test_placement_modes_reads_anywhere_and_refusals(fleet: dict[str, Node]) -> 
     rows = {(r["service"], r["node"]) for r in a(e1).ps()}
     assert ("pinned", "c2") in rows and ("pooled", "c1") in rows and len(rows) == 3
     assert a(c1).status("pinned")["node"] == "c2"
+    evs = until(lambda: [e for e in a(e1).events("pinned") if e["to"] == "running"])
+    assert evs[-1]["node"] == "c2" and evs[-1]["service"] == "pinned"   # from etcd, on e1
     with pytest.raises(ResourceError) as exc:               # each node's reason
         a(e1).deploy(svc("huge", memory_mb=5000))
     msg = str(exc.value)

@@ -294,20 +294,3 @@ class TokenStore:
         self.reload(force=True)
         log.info("generated operator token file=%s tokens_file=%s", token_file, self.path)
         return token_file
-
-
-def read_token_file(path: Path) -> str:
-    """The token in ``path`` (CLI side), refusing a file others can read."""
-    try:
-        st = path.stat()
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AuthError(f"cannot read token file {path}: {exc}") from exc
-    if st.st_mode & 0o077:
-        raise AuthError(
-            f"token file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600"
-        )
-    token = text.strip()
-    if not token:
-        raise AuthError(f"token file {path} is empty")
-    return token

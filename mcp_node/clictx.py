@@ -5,13 +5,14 @@ in-process (``--local``)."""
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import MCPError, RemoteError, ValidationError
+from .errors import AuthError, MCPError, RemoteError, ValidationError
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -278,8 +279,6 @@ class Ctx:
 
     def token(self, node: NodeConfig | None = None) -> str | None:
         path = self.token_path(node)
-        from .auth import read_token_file
-
         file = Path(path).expanduser()
         if not file.exists():
             if self.token_file or os.environ.get("MCP_TOKEN_FILE") or (node and node.token_path):
@@ -314,3 +313,20 @@ class Ctx:
     def backend(self) -> Backend:
         """The single agent a mutating command goes to (first node unless -n)."""
         return self.backends()[0]
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path`` (CLI side), refusing a file others can read."""
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuthError(f"cannot read token file {path}: {exc}") from exc
+    if st.st_mode & 0o077:
+        raise AuthError(
+            f"token file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600"
+        )
+    token = text.strip()
+    if not token:
+        raise AuthError(f"token file {path} is empty")
+    return token

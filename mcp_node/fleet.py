@@ -9,7 +9,6 @@ stdout), 1 none did.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,8 @@ def ask_all(backends: list[Backend], call: Callable[[Backend], Any]) -> Answers:
             return b, call(b), None
         except MCPError as exc:
             return b, None, exc
+
+    from concurrent.futures import ThreadPoolExecutor  # only a fleet needs it: lazy
 
     with ThreadPoolExecutor(max_workers=min(16, len(backends))) as pool:
         for b, value, err in pool.map(one, backends):
@@ -88,6 +89,8 @@ def _status_everywhere(backends: list[Backend],
             return b, None
         except MCPError as exc:
             return b, exc
+
+    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(16, len(backends))) as pool:
         return list(pool.map(one, backends))

@@ -9,7 +9,8 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from mcp_node.agent_cli import main
-from mcp_node.auth import TokenStore, hash_token, read_token_file
+from mcp_node.auth import TokenStore, hash_token
+from mcp_node.clictx import read_token_file
 
 
 def agent(state: Path, *args: str) -> Result:

@@ -16,10 +16,10 @@ from mcp_node.auth import (
     TokenStore,
     hash_token,
     parse_tokens,
-    read_token_file,
     render_tokens,
     tokens_path,
 )
+from mcp_node.clictx import read_token_file
 from mcp_node.config import from_dict
 from mcp_node.errors import AuthError, ForbiddenError, TokenStoreError, ValidationError
 

@@ -23,7 +23,7 @@ log = logging.getLogger("mcp_node.fleet")
 def leader_round(fleet: Fleet) -> None:
     log.debug("fleet: leader round on node=%s", fleet.name)
     v = fleet.read()
-    live = set(v.records())
+    live = fleet.live = set(v.records())
     now = time.time()
     placed: dict[str, list[str]] = {}
     for k, kv in v.services.items():

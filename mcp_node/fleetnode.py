@@ -131,6 +131,7 @@ class Fleet:
         self._record_at = 0.0
         self._resync_at = 0.0
         self._lost_due: dict[str, float] = {}
+        self.live: set[str] = set()      # nodes with a record at the leader's last look
         self._threads: list[threading.Thread] = []
         self._sync_lock = threading.Lock()
 
@@ -255,6 +256,8 @@ class Fleet:
             self._dirty["services"] = True
         elif key == LEADER:
             self._dirty["leader"] = True
+        elif key.startswith(NODES) and kind == "PUT" and key[len(NODES):] in self.live:
+            return     # a live node refreshing its record: nothing for the leader to do
         elif key.startswith((NODES, LOST, CORDON)):
             self._dirty["nodes"] = True
         else:

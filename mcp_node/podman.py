@@ -46,7 +46,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from podman import PodmanClient
-from podman.errors import APIError, ImageNotFound, PodmanError
+from podman.errors import PodmanError
 
 from .config import AgentConfig
 from .errors import (
@@ -69,6 +69,7 @@ from .podmanargs import (
     RUNTIME_NAME,
     client_mistake,
     create_kwargs,
+    create_payload,
     error_message,
     is_workload_name,
     owner_filters,
@@ -93,7 +94,7 @@ FOLLOW_OPEN_WAIT_S = 0.5         # see PodmanRuntime.logs
 AVAILABLE_CACHE_S = 10.0         # a call that succeeded this recently proves podman is up
 # podman's words for a name held by a storage-only container, and for a container whose
 # storage is gone (podman 4.3; matched loosely, the checks around them are strict).
-NAME_IN_USE = "already in use"
+NAME_IN_USE = ("already in use", "is in use")   # podman words it both ways
 STORAGE_GONE = ("container not known", "no such file or directory", "getting container from store")
 
 
@@ -329,18 +330,22 @@ class PodmanRuntime(Runtime):
                    or ImageError(f"cannot pull image {ref}: {errors[-1]}"))
 
     def run(self, spec: WorkloadSpec) -> Workload:
+        """Create and start; a container of that name of ours is replaced. The create is
+        tried first, so a new container costs three calls (create, start, inspect)."""
         name = spec.name
-        kwargs = create_kwargs(spec, self.owner)
-        if self._owned(name) is not None:
-            self._stop(name, spec.stop_timeout_s)
-            self._delete(name)
+        payload = create_payload(create_kwargs(spec, self.owner))
         try:
-            container = self._create(spec, kwargs)
+            self._create(spec, payload)
         except WorkloadError as exc:
-            if NAME_IN_USE not in str(exc) or not self._clear_storage_only(name):
+            if not any(words in str(exc) for words in NAME_IN_USE):
                 raise
-            container = self._create(spec, kwargs)   # once: the name is free now
-        log.info("podman: start %s (%s)", name, container.id[:12])
+            if self._owned(name) is not None:          # ours: replace it
+                self._stop(name, spec.stop_timeout_s)
+                self._delete(name)
+            elif not self._clear_storage_only(name):   # a foreign container: leave it
+                raise
+            self._create(spec, payload)                # once: the name is free now
+        log.info("podman: start %s", name)
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
             message = response_message(resp)
@@ -353,22 +358,21 @@ class PodmanRuntime(Runtime):
             raise WorkloadError(f"podman: container {name} vanished right after start")
         return workload
 
-    def _create(self, spec: WorkloadSpec, kwargs: dict[str, Any]) -> Any:
-        client = self._client_or_connect()
+    def _create(self, spec: WorkloadSpec, payload: dict[str, Any]) -> None:
         log.info("podman: create %s image=%s ports=%s cmd=%s spec=%s", spec.name, spec.image,
                  list(spec.ports), list(spec.cmd), spec.digest)
-        try:
-            return client.containers.create(**kwargs)
-        except (OSError, PodmanError) as exc:
-            message = error_message(exc)
-            if isinstance(exc, ImageNotFound) or "image not known" in message:
-                raise ImageError(f"image {spec.image} is not present: {message}") from exc
-            mistake = client_mistake(message, spec.component)
-            if mistake is not None:
-                raise mistake from exc
-            if not isinstance(exc, APIError) or exc.response is None:
-                self._drop_client()   # transport failure, not podman's answer
-            raise WorkloadError(f"podman create {spec.name}: {message}") from exc
+        resp = self._request("POST", "/containers/create", f"create {spec.name}",
+                             data=json.dumps(payload),
+                             headers={"content-type": "application/json"})
+        if resp.status_code < 400:
+            return
+        message = response_message(resp)
+        if resp.status_code == 404 or "image not known" in message:
+            raise ImageError(f"image {spec.image} is not present: {message}")
+        mistake = client_mistake(message, spec.component)
+        if mistake is not None:
+            raise mistake
+        raise WorkloadError(f"podman create {spec.name}: {message}")
 
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
         name = workload_name(service, component)

@@ -79,6 +79,17 @@ def create_kwargs(spec: WorkloadSpec, owner: str) -> dict[str, Any]:
     return kwargs
 
 
+def create_payload(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The libpod create body for ``create_kwargs``, rendered the way podman-py renders
+    it (its ``_render_payload``), so the agent can POST it itself: podman-py's
+    ``containers.create`` inspects the new container again, a call that costs ~100 ms
+    while podman holds its lock, and the agent inspects once after start anyway."""
+    from podman.domain.containers_create import CreateMixin
+
+    payload: dict[str, Any] = CreateMixin._render_payload(dict(kwargs))
+    return payload
+
+
 def owner_filters(owner: str) -> str:
     """The ``filters`` query value selecting one owner's containers."""
     return json.dumps({"label": [f"{LABEL_OWNER}={owner}"]})

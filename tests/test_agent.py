@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from podman_env import podman_cli, wait_http
@@ -57,9 +58,13 @@ def owned_containers(agent: Agent) -> list[str]:
 
 
 @pytest.fixture
-def agent(podman_config: AgentConfig, podman_cleanup: object) -> Iterator[Agent]:
+def agent(podman_config: AgentConfig, podman_cleanup: object,
+          tmp_path: Path) -> Iterator[Agent]:
+    # Volumes under tmp_path pass the roots check, so a missing host path fails in podman:
+    # the tests below use that as a run that fails after the registry was written.
     cfg = replace(podman_config, monitor=MonitorConfig(interval_s=0.2, flap_changes=3,
-                                                      flap_window_s=60))
+                                                      flap_window_s=60),
+                  podman=replace(podman_config.podman, volume_roots=(str(tmp_path),)))
     a = Agent(cfg)
     podman_cleanup.add(a.owner)  # type: ignore[attr-defined]
     try:
@@ -186,10 +191,10 @@ def test_flapping_container_is_flagged(agent: Agent, hello_image: str) -> None:
         "name": "web", "image": hello_image, "env": ["EXIT_AFTER=1"], "restart": "always",
         "routes": [{"port": 8080}]}]})
     agent.deploy(definition)
+    agent.start_monitor(reconcile=True)   # the agent, not podman, restarts it (with backoff)
     deadline = time.monotonic() + 60
     while not agent.status(svc)["flapping"]:
         assert time.monotonic() < deadline, "flapping never flagged"
-        agent.monitor.refresh()
         time.sleep(0.3)
     st = agent.status(svc)
     assert st["components"][0]["flapping"] is True

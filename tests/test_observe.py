@@ -151,9 +151,14 @@ def test_history_rollback_and_component_lifecycle_over_http(live: Live) -> None:
 
 def test_health_polls_are_logged_at_debug_only(live: Live,
                                                caplog: pytest.LogCaptureFixture) -> None:
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("http ")]
+
     with caplog.at_level(logging.INFO, logger="mcp_node.server"):
         live.client.get("/v1/health")
         live.client.get("/v1/services")
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("http ")]
-    assert any("path=/v1/services " in ln for ln in lines)
-    assert not any("path=/v1/health" in ln for ln in lines)
+        deadline = time.monotonic() + 5   # the line is written after the answer is sent
+        while not any("path=/v1/services " in ln for ln in lines()):
+            assert time.monotonic() < deadline, lines()
+            time.sleep(0.01)
+    assert not any("path=/v1/health" in ln for ln in lines())

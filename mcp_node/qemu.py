@@ -231,8 +231,8 @@ class QemuRuntime(Runtime):
         if spec.image_sha256 and not SHA256_RE.fullmatch(spec.image_sha256):
             raise ValidationError("must be 64 lowercase hex digits", "image_sha256")
         volumes = parse_volumes(spec.volumes)
-        if volumes and self.builder is not None:
-            self.builder.check(volumes)
+        if self.builder is not None:
+            self.builder.check(volumes)   # what the node's builder cannot run here
         return volumes
 
     # -- the ELF -------------------------------------------------------------------------------

@@ -124,6 +124,19 @@ def test_unavailable_names_what_is_missing_and_refuses_run(tmp_path: Path) -> No
     assert vm_files(tmp_path) == []
 
 
+def test_initramfs_on_microvm_refused_before_anything_changes(tmp_path: Path,
+                                                             qemu_kernel: Path) -> None:
+    rt = qemu_runtime(qemu_config(tmp_path, machine="microvm"))
+    assert rt.builder_name == "initramfs"
+    spec = WorkloadSpec(service="x", component="y", image="localhost/none:v1", memory_mb=64)
+    for call in (lambda: rt.check_capacity(spec, False), lambda: rt.pull(spec),
+                 lambda: rt.run(spec)):
+        with pytest.raises(ValidationError) as err:
+            call()
+        assert err.value.field == "qemu.machine" and "microvm" in str(err.value)
+    assert vm_files(tmp_path) == [] and not (tmp_path / "vm-cache").exists()
+
+
 def test_kvm_probe_stub_prints_under_tcg_and_accel_follows_the_probe(
         tmp_path: Path, qemu_kernel: Path) -> None:
     """The probe's stub really boots (checked under TCG); auto-accel is what the KVM probe says."""

@@ -11,7 +11,6 @@ drift on the next start, never as a lost row.
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import threading
 import time
@@ -19,10 +18,8 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import health
 from .config import AgentConfig
 from .errors import (
     ConflictError,
@@ -32,21 +29,22 @@ from .errors import (
     RuntimeUnavailable,
     ValidationError,
 )
-from .files import atomic_write, flocked
+from .files import flocked, node_id
 from .grammar import default_volume_roots
 from .monitor import Monitor, View
 from .reconcile import Policy, Reconciler
-from .registry import ComponentRecord, Registry, ServiceRecord, definition_digest
+from .records import ComponentRecord, ServiceRecord
+from .registry import Registry
+from .rounds import Rounds
 from .runtime import (
     RUNTIME_NAMES,
     Runtime,
     WorkloadSpec,
     load_runtime,
-    workload_name,
 )
 from .servicedef import ComponentDef, ServiceDef, check_name, check_volume_roots, route_env
 from .states import RUNNING, STOPPED, State
-from .views import Views, rfc3339
+from .views import Views
 
 if TYPE_CHECKING:
     from .edge import EdgeManager
@@ -70,17 +68,6 @@ def in_parallel(tasks: list[Callable[[], T]]) -> list[T]:
         futures = [pool.submit(t) for t in tasks]
         wait(futures)
     return [f.result() for f in futures]
-
-
-def node_id(state_dir: Path) -> str:
-    """A stable id for this agent's state; labels its workloads as its own."""
-    path = state_dir / "node_id"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        ident = secrets.token_hex(6)
-        atomic_write(path, (ident + "\n").encode(), 0o644)
-        return ident
 
 
 class Agent:
@@ -112,15 +99,12 @@ class Agent:
         self._names_guard = threading.Lock()
         self._edge: EdgeManager | None = None
         self._routes: Any = None   # NodeRoutes, with proxy.serve_routes (issue 11)
-        self._routes_checked = time.time()
-        self._health: dict[str, Any] = {}
-        self._edge_checked = time.time()
-        self._edge_reasons: list[str] = []
         self.reconciler = Reconciler(self, Policy(config.monitor.restart_backoff_max_s,
                                                   config.monitor.restart_reset_s))
         # Only the daemon acts on what the monitor sees; ``mcp --local ps`` must not.
-        self._reconciling = monitor if reconcile is None else reconcile
+        self.reconciling = monitor if reconcile is None else reconcile
         self.views = Views(self)
+        self.rounds = Rounds(self)
         self.on_round = on_round  # after every monitor round: the daemon's watchdog ping
         self.monitor = Monitor(self.registry, self._listable, config.monitor,
                                self._after_round)
@@ -142,15 +126,15 @@ class Agent:
         against what the runtimes run, and only then starts it (and so adopts workloads).
         """
         if reconcile is not None:
-            self._reconciling = reconcile
+            self.reconciling = reconcile
         if self.fleet is not None:
             self.fleet.start()   # joins and converges to etcd before the first round
         self.monitor.start()
         if self.registry.list_edge_routes():
-            self._reconcile_edge()
+            self.rounds.reconcile_edge()
 
     def _after_round(self, view: View) -> None:
-        self._on_refresh(view)
+        self.rounds.after_round(view)
         if self.fleet is not None:
             self.fleet.after_round()
         if self.on_round is not None:
@@ -291,7 +275,7 @@ class Agent:
             self._check_capacity(defn, previous)
             # Check and write as one step across services (and processes).
             with self._names_guard, self._file_lock("names"):
-                self._check_workload_names(defn)
+                self.registry.check_workload_names(defn)
                 rec = self.registry.put_service(defn)
             try:
                 changes = self._converge(rec, previous)
@@ -306,21 +290,6 @@ class Agent:
             self.monitor.refresh_safely()
             self._routes_after(defn.name)
             return {**self.local_status(defn.name), "unchanged": unchanged}
-
-    def _check_workload_names(self, defn: ServiceDef) -> None:
-        """Service "a-b" component "c" and service "a" component "b-c" would share one
-        workload name; deploying the second would replace the first one's workload."""
-        mine = {workload_name(defn.name, c.name): c.name for c in defn.components}
-        for svc in self.registry.list_services():
-            if svc.name == defn.name:
-                continue
-            for c in svc.components:
-                wname = workload_name(svc.name, c.defn.name)
-                if wname in mine:
-                    raise ConflictError(
-                        f"component {mine[wname]!r} of service {defn.name!r} would be named "
-                        f"{wname}, as component {c.defn.name!r} of service {svc.name!r} is; "
-                        "rename one of them")
 
     def _check_capacity(self, defn: ServiceDef, previous: ServiceRecord | None) -> None:
         if not defn.active:
@@ -382,16 +351,7 @@ class Agent:
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """Each deployed version, oldest first; raises ValidationError, NotFoundError."""
-        name = check_name(name, "service")
-        rows = self.registry.history(name)
-        if not rows:
-            raise NotFoundError(f"no deployments of service {name!r}")
-        digest = (definition_digest(self.registry.get_service(name).definition())
-                  if self.registry.has_service(name) else "")
-        current = max((d.version for d in rows if d.digest == digest), default=0)
-        return [{"service": name, "version": d.version, "time": rfc3339(d.time),
-                 "digest": d.digest, "current": d.version == current,
-                 "images": [c.image for c in d.definition.components]} for d in rows]
+        return self.views.history(check_name(name, "service"))
 
     def rollback(self, name: str, version: int | None = None) -> dict[str, Any]:
         """Deploy an earlier version again (default: the one before the current).
@@ -592,6 +552,15 @@ class Agent:
         return self._edge
 
     @property
+    def edge_loaded(self) -> bool:
+        """Whether the edge modules were loaded (this node has or had edge routes)."""
+        return self._edge is not None
+
+    def loaded_runtimes(self) -> dict[str, Runtime]:
+        """The runtimes built so far (health reports on these, never builds one)."""
+        return dict(self._runtimes)
+
+    @property
     def node_routes(self) -> Any:
         """Component routes on the node proxy (noderoutes), loaded on first use."""
         if self._routes is None:
@@ -606,93 +575,9 @@ class Agent:
         if self.config.proxy.serve_routes:
             self.node_routes.after_change(name)
 
-    def _reconcile_edge(self) -> None:
-        try:
-            for action in self.edge.reconcile():
-                log.info("edge: %s", action)
-        except Exception:
-            log.exception("edge reconcile failed")
-
-    def _on_refresh(self, view: View) -> None:
-        """After each monitor round: reconcile, edge checks, renewals on their own timer,
-        health."""
-        if self._reconciling:
-            done = self.reconciler.run(view.records, view.workloads, view.orphans, view.errors)
-            if done:
-                self.monitor.poke()
-        now = time.time()
-        if self._reconciling and self.config.proxy.serve_routes:
-            due = now - self._routes_checked >= self.config.monitor.edge_interval_s
-            self._routes_checked = now if due else self._routes_checked
-            self.node_routes.reconcile(reassert=due)
-        # A node without edge routes is no edge node: its proxy and CA are not its concern,
-        # and the edge modules (cryptography, dnspython) are not even loaded.
-        edge_routes = len(self.registry.list_edge_routes())
-        has_routes = self._edge is not None or edge_routes > 0
-        if has_routes and self.monitor.running and \
-                now - self._edge_checked >= self.config.monitor.edge_interval_s:
-            self._edge_checked = now
-            self._reconcile_edge()
-        try:
-            self._edge_reasons = self.edge.health() if has_routes else []
-        except Exception as exc:  # a broken edge degrades health, never breaks it
-            self._edge_reasons = [f"edge: {exc}"]
-        self._health = self._compute_health(view, edge_routes)
-
-    def _compute_health(self, view: View, edge_routes: int) -> dict[str, Any]:
-        runtimes: dict[str, Any] = {}
-        runtime_reasons: list[str] = []
-        for name in self.runtime_names:
-            rt = self._runtimes.get(name)
-            info: dict[str, Any] = {"available": name not in view.errors}
-            if name in view.errors:
-                info["reason"] = view.errors[name]
-            if rt is not None:
-                try:
-                    info.update(rt.info())
-                    runtime_reasons.extend(rt.health_reasons())
-                except Exception as exc:  # health must not fail because a probe did
-                    info["reason"] = str(exc)
-            runtimes[name] = info
-        return health.compute(view, health.Inputs(
-            node=self.node, runtimes=runtimes, runtime_reasons=runtime_reasons,
-            spec_drift=[f"{s}/{c}" for s, c in self._spec_drift(view)],
-            held_down=sorted(f"{s}/{c}" for s, c in self.reconciler.last.held),
-            edge_reasons=self._edge_reasons + (self.node_routes.health() if
-                                               self.config.proxy.serve_routes else []),
-            edge_routes=edge_routes,
-            monitor_error=self.monitor.last_error))
-
-    def _spec_drift(self, view: View) -> list[tuple[str, str]]:
-        out = []
-        for rec in view.records:
-            for c in rec.components:
-                w = view.workloads.get((rec.name, c.defn.name))
-                if w is not None and w.spec_digest and w.runtime == c.defn.runtime and \
-                        w.spec_digest != self.spec(rec.name, c).digest:
-                    out.append((rec.name, c.defn.name))
-        return out
-
     def health(self) -> dict[str, Any]:
         """healthy | degraded with reasons, from the last monitor round; does not raise."""
-        if not self.monitor.running:
-            self.monitor.fresh_view()
-        if not self._health:
-            self._on_refresh(self.monitor.view)
-        out = dict(self._health)
-        out["uptime_s"] = int(time.monotonic() - self.started_at)
-        if self.fleet is not None:
-            out["fleet"] = self.fleet.health()
-            if out["fleet"]["etcd"] != "reachable" and self.monitor.running:
-                out["status"] = "degraded"
-                out["reasons"] = [*out["reasons"], "fleet: etcd unreachable or without "
-                                  "quorum; running on the local record"]
-        interval = self.config.monitor.interval_s
-        if self.monitor.running and time.time() - self.monitor.view.refreshed_at > 3 * interval:
-            out["status"] = "degraded"
-            out["reasons"] = [*out["reasons"], f"monitor stalled: no refresh for "
-                              f"{time.time() - self.monitor.view.refreshed_at:.0f} s"]
-        return out
+        return self.rounds.health()
 
     def close(self) -> None:
         if self.fleet is not None:

@@ -31,7 +31,8 @@ from .errors import (
     ValidationError,
 )
 from .proxy import ProxyRoute, Router, make_router
-from .registry import EdgeRouteRecord, Registry
+from .records import EdgeRouteRecord
+from .registry import Registry
 from .servicedef import check_hostname
 
 log = logging.getLogger(__name__)

@@ -65,3 +65,14 @@ def read_cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
+def node_id(state_dir: Path) -> str:
+    """A stable id for this agent's state; labels its workloads as its own."""
+    path = state_dir / "node_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        ident = secrets.token_hex(6)
+        atomic_write(path, (ident + "\n").encode(), 0o644)
+        return ident

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from .config import MonitorConfig
 from .errors import MCPError, RegistryError
-from .registry import Event, Registry, ServiceRecord
+from .records import Event, ServiceRecord
+from .registry import Registry
 from .runtime import Runtime, Workload
 from .states import MISSING, RUNNING, UNKNOWN
 

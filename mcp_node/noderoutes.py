@@ -35,7 +35,8 @@ from .edge import parse_time, under_domain
 from .errors import ConflictError, MCPError, RouteError, ValidationError
 from .l4proxy import HAProxy, L4Route
 from .proxy import CaddyRouter, make_router
-from .registry import Registry, ServiceRecord, now_iso
+from .records import ServiceRecord
+from .registry import Registry, now_iso
 from .servicedef import ServiceDef
 from .states import RUNNING
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import MCPError, NotFoundError
-from .registry import ComponentRecord, Event, Registry, ServiceRecord
+from .records import ComponentRecord, Event, ServiceRecord
+from .registry import Registry
 from .runtime import Runtime, Workload, WorkloadSpec
 from .states import RUNNING
 

@@ -9,7 +9,6 @@ transaction together with its row in ``schema_migrations``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -19,13 +18,21 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import ConflictError, NotFoundError, RegistryError, SchemaTooNewError
+from .records import (
+    ComponentRecord,
+    Deployment,
+    EdgeRouteRecord,
+    Event,
+    ServiceRecord,
+    definition_digest,
+)
+from .runtime import workload_name
 from .servicedef import ComponentDef, RouteDef, ServiceDef, from_dict
 from .states import RUNNING, STOPPED, UNKNOWN, State
 
@@ -54,64 +61,6 @@ def migrations() -> list[tuple[int, str, str]]:
 
 def latest_version() -> int:
     return migrations()[-1][0]
-
-
-@dataclass
-class ComponentRecord:
-    defn: ComponentDef
-    desired_state: State = RUNNING
-    observed_state: State = UNKNOWN
-    host_ports: dict[str, int] = field(default_factory=dict)
-    updated_at: str = ""
-
-
-@dataclass
-class ServiceRecord:
-    name: str
-    active: bool
-    components: list[ComponentRecord]
-    created_at: str = ""
-    updated_at: str = ""
-
-    def definition(self) -> ServiceDef:
-        return ServiceDef(
-            name=self.name, active=self.active, components=tuple(c.defn for c in self.components)
-        )
-
-    def component(self, name: str) -> ComponentRecord:
-        for c in self.components:
-            if c.defn.name == name:
-                return c
-        names = ", ".join(c.defn.name for c in self.components)
-        raise NotFoundError(f"service {self.name!r} has no component {name!r} "
-                            f"(components: {names})")
-
-
-@dataclass
-class Event:
-    service: str
-    component: str
-    time: float
-    prev_state: State
-    new_state: State
-    detail: str = ""
-    unplanned: bool = True
-    id: int = 0          # its row id once stored: streams resume after the last one seen
-
-
-@dataclass
-class EdgeRouteRecord:
-    hostname: str
-    backend_hostname: str
-    backend_port: int
-    backend_address: str
-    cert_path: str
-    key_path: str
-    cert_serial: str = ""
-    cert_expires: str = ""
-    backend_tls: bool = True
-    created_at: str = ""
-    updated_at: str = ""
 
 
 def _private(path: Path) -> None:
@@ -193,19 +142,6 @@ def inspect_file(path: Path) -> int | None:
 
 
 HISTORY_KEEP = 20
-
-
-@dataclass(frozen=True)
-class Deployment:
-    service: str
-    version: int
-    time: float
-    digest: str
-    definition: ServiceDef
-
-
-def definition_digest(svc: ServiceDef) -> str:
-    return hashlib.sha256(json.dumps(svc.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 class Registry:
@@ -501,7 +437,22 @@ class Registry:
         with self._tx() as db:
             db.execute("DELETE FROM events WHERE time < ?", (time.time() - older_than_s,))
 
-    # -- edge routes --------------------------------------------------------
+    # -- names --------------------------------------------------------------
+
+    def check_workload_names(self, defn: ServiceDef) -> None:
+        """Service "a-b" component "c" and service "a" component "b-c" would share one
+        workload name; deploying the second would replace the first one's workload."""
+        mine = {workload_name(defn.name, c.name): c.name for c in defn.components}
+        for svc in self.list_services():
+            if svc.name == defn.name:
+                continue
+            for c in svc.components:
+                wname = workload_name(svc.name, c.defn.name)
+                if wname in mine:
+                    raise ConflictError(
+                        f"component {mine[wname]!r} of service {defn.name!r} would be named "
+                        f"{wname}, as component {c.defn.name!r} of service {svc.name!r} is; "
+                        "rename one of them")
 
     # -- deployment history ---------------------------------------------------
 
@@ -527,6 +478,8 @@ class Registry:
                            (service,))
         return [Deployment(r["service"], r["version"], r["time"], r["digest"],
                            from_dict(json.loads(r["definition"]))) for r in rows]
+
+    # -- edge routes --------------------------------------------------------
 
     def put_edge_route(self, rec: EdgeRouteRecord) -> None:
         ts = now_iso()

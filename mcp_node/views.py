@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .errors import MCPError
+from .errors import MCPError, NotFoundError
 from .monitor import View, is_drift
 from .readiness import probe
-from .registry import ComponentRecord, Event, ServiceRecord
+from .records import ComponentRecord, Event, ServiceRecord, definition_digest
 from .runtime import Workload
 from .states import BACKOFF, MISSING, RUNNING, STARTING, UNKNOWN
 
@@ -164,3 +164,17 @@ class Views:
             yield b""
             time.sleep(EVENT_POLL_S)
             batch = self.a.registry.events(service, limit=1000, after_id=last)
+
+    # -- history -----------------------------------------------------------------
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Each deployed version, oldest first; raises NotFoundError."""
+        rows = self.a.registry.history(name)
+        if not rows:
+            raise NotFoundError(f"no deployments of service {name!r}")
+        digest = (definition_digest(self.a.registry.get_service(name).definition())
+                  if self.a.registry.has_service(name) else "")
+        current = max((d.version for d in rows if d.digest == digest), default=0)
+        return [{"service": name, "version": d.version, "time": rfc3339(d.time),
+                 "digest": d.digest, "current": d.version == current,
+                 "images": [c.image for c in d.definition.components]} for d in rows]

@@ -159,7 +159,8 @@ def test_end_to_end_setup_serve_list_remove(edge: Edge) -> None:
     assert set(edge.em.last_timings) >= {"dns", "certificate", "proxy", "total"}
 
     status, body, served = edge.get(host)
-    assert status == 200 and body.startswith(BACKEND_BODY) and f"host={host}" in body
+    # The backend sees its own name as Host, as in SNI (a node proxy routes by it).
+    assert status == 200 and body.startswith(BACKEND_BODY) and f"host={BACKEND_HOST}" in body
     [listed] = edge.em.list()
     assert listed["cert_serial"] == format(served.serial_number, "x")
     assert listed["cert_expires"] == served.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -390,7 +391,7 @@ def test_relative_state_dir_gives_caddy_absolute_cert_paths(
 def test_unreadable_ca_bundle_is_a_health_reason_not_a_crash(tmp_path: Path) -> None:
     """A missing acme.ca_bundle must degrade health with a reason (and fail issuance with
     an issuer error), not raise an OSError out of the health check."""
-    from mcp_node.registry import EdgeRouteRecord
+    from mcp_node.records import EdgeRouteRecord
 
     dead = free_port()
     cfg = from_dict({"state": {"dir": str(tmp_path)},

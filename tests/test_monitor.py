@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mcp_node.monitor import is_drift, observe
-from mcp_node.registry import ComponentRecord, ServiceRecord
+from mcp_node.records import ComponentRecord, ServiceRecord
 from mcp_node.runtime import Workload
 from mcp_node.servicedef import ComponentDef
 

@@ -162,12 +162,12 @@ def test_spec_drift_after_an_interrupted_redeploy_is_replaced(agent: Agent,
     agent.deploy(svc("s"))
     # The crash point: the new definition is committed, the runtimes never changed.
     agent.registry.put_service(svc("s", image="img:v2"))
-    agent._reconciling = False
+    agent.reconciling = False
     agent.monitor.refresh()
     h = agent.health()
     assert h["spec_drift"] == ["s/web", "s/vm"] and h["status"] == "degraded"
     assert comp_row(agent, "s")["spec_drift"] is True
-    agent._reconciling = True
+    agent.reconciling = True
     agent.monitor.refresh()
     assert {w.spec.image for w in world.workloads.values()} == {"img:v2"}
     agent.monitor.refresh()
@@ -231,7 +231,7 @@ def test_backoff_is_capped() -> None:
 
 def test_plan_is_pure_of_records_it_cannot_judge() -> None:
     rec = svc("s")
-    from mcp_node.registry import ComponentRecord, ServiceRecord
+    from mcp_node.records import ComponentRecord, ServiceRecord
     r = ServiceRecord("s", True, [ComponentRecord(c) for c in rec.components])
     w = Workload("s", "web", CONTAINER, "stopped", exit_code=1)
     out = plan([r], {("s", "web"): w}, [], lambda *_: "d", {}, 0.0, Policy(), [VM])

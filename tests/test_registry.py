@@ -14,15 +14,8 @@ from pathlib import Path
 import pytest
 
 from mcp_node.errors import NotFoundError, SchemaTooNewError
-from mcp_node.registry import (
-    PORT_MAX,
-    PORT_MIN,
-    EdgeRouteRecord,
-    Event,
-    Registry,
-    latest_version,
-    migrations,
-)
+from mcp_node.records import EdgeRouteRecord, Event
+from mcp_node.registry import PORT_MAX, PORT_MIN, Registry, latest_version, migrations
 from mcp_node.servicedef import from_dict
 
 TOP = Path(__file__).resolve().parent.parent

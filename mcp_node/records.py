@@ -1,0 +1,83 @@
+"""The registry's records: what a row of services/components/events/edge_routes/
+deployments means to the rest of the agent, without the SQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .errors import NotFoundError
+from .servicedef import ComponentDef, ServiceDef
+from .states import RUNNING, UNKNOWN, State
+
+
+@dataclass
+class ComponentRecord:
+    defn: ComponentDef
+    desired_state: State = RUNNING
+    observed_state: State = UNKNOWN
+    host_ports: dict[str, int] = field(default_factory=dict)
+    updated_at: str = ""
+
+
+@dataclass
+class ServiceRecord:
+    name: str
+    active: bool
+    components: list[ComponentRecord]
+    created_at: str = ""
+    updated_at: str = ""
+
+    def definition(self) -> ServiceDef:
+        return ServiceDef(
+            name=self.name, active=self.active, components=tuple(c.defn for c in self.components)
+        )
+
+    def component(self, name: str) -> ComponentRecord:
+        for c in self.components:
+            if c.defn.name == name:
+                return c
+        names = ", ".join(c.defn.name for c in self.components)
+        raise NotFoundError(f"service {self.name!r} has no component {name!r} "
+                            f"(components: {names})")
+
+
+@dataclass
+class Event:
+    service: str
+    component: str
+    time: float
+    prev_state: State
+    new_state: State
+    detail: str = ""
+    unplanned: bool = True
+    id: int = 0          # its row id once stored: streams resume after the last one seen
+
+
+@dataclass
+class EdgeRouteRecord:
+    hostname: str
+    backend_hostname: str
+    backend_port: int
+    backend_address: str
+    cert_path: str
+    key_path: str
+    cert_serial: str = ""
+    cert_expires: str = ""
+    backend_tls: bool = True
+    created_at: str = ""
+    updated_at: str = ""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    service: str
+    version: int
+    time: float
+    digest: str
+    definition: ServiceDef
+
+
+def definition_digest(svc: ServiceDef) -> str:
+    return hashlib.sha256(json.dumps(svc.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

@@ -15,7 +15,8 @@ from .placement import Demand, choose, parse_target
 from .servicedef import check_name
 
 if TYPE_CHECKING:
-    from .fleetnode import Fleet, Fleetview
+    from .fleetnode import Fleet
+    from .fleetviews import Fleetview
 
 log = logging.getLogger("mcp_node.fleet")
 

@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -52,7 +51,8 @@ from .errors import (
     WorkloadError,
 )
 from .files import atomic_write
-from .placement import Demand, choose, demand_of, nodes_from
+from .fleetviews import Fleetview
+from .placement import Demand, choose, demand_of
 from .servicedef import ServiceDef, from_dict
 from .states import RUNNING, STOPPED
 
@@ -80,28 +80,6 @@ def _host_memory_mb() -> int:
     except OSError:
         pass
     return 0
-
-
-@dataclass
-class Fleetview:
-    """One read of the fleet's keys (except what nodes observe)."""
-
-    nodes: dict[str, KV] = field(default_factory=dict)
-    services: dict[str, KV] = field(default_factory=dict)
-    allocs: dict[str, KV] = field(default_factory=dict)
-    cordons: set[str] = field(default_factory=set)
-    lost: dict[str, KV] = field(default_factory=dict)
-
-    def records(self) -> dict[str, dict[str, Any]]:
-        return {k[len(NODES):]: kv.value for k, kv in self.nodes.items()}
-
-    def alloc(self, node: str) -> dict[str, Any]:
-        kv = self.allocs.get(ALLOC + node)
-        return dict(kv.value) if kv else {}
-
-    def placement_nodes(self) -> dict[str, Any]:
-        allocs = {k[len(ALLOC):]: kv.value for k, kv in self.allocs.items()}
-        return nodes_from(self.records(), allocs, self.cordons)
 
 
 class Fleet:

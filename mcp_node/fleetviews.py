@@ -7,15 +7,39 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cluster import LEADER, LOST, SERVICES
+from .cluster import ALLOC, KV, LEADER, LOST, NODES, SERVICES
 from .errors import NotFoundError
+from .placement import nodes_from
 from .servicedef import from_dict
 from .states import RUNNING
 
 if TYPE_CHECKING:
     from .fleetnode import Fleet
+
+
+@dataclass
+class Fleetview:
+    """One read of the fleet's keys (except what nodes observe)."""
+
+    nodes: dict[str, KV] = field(default_factory=dict)
+    services: dict[str, KV] = field(default_factory=dict)
+    allocs: dict[str, KV] = field(default_factory=dict)
+    cordons: set[str] = field(default_factory=set)
+    lost: dict[str, KV] = field(default_factory=dict)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        return {k[len(NODES):]: kv.value for k, kv in self.nodes.items()}
+
+    def alloc(self, node: str) -> dict[str, Any]:
+        kv = self.allocs.get(ALLOC + node)
+        return dict(kv.value) if kv else {}
+
+    def placement_nodes(self) -> dict[str, Any]:
+        allocs = {k[len(ALLOC):]: kv.value for k, kv in self.allocs.items()}
+        return nodes_from(self.records(), allocs, self.cordons)
 
 
 def nodes(fleet: Fleet) -> list[dict[str, Any]]:

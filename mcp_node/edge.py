@@ -30,6 +30,7 @@ from .errors import (
     ProxyError,
     ValidationError,
 )
+from .files import unlink_quietly
 from .proxy import ProxyRoute, Router, make_router
 from .records import EdgeRouteRecord
 from .registry import Registry
@@ -192,10 +193,10 @@ class EdgeManager:
                     self.last_timings["persist"] = time.perf_counter() - start
             except BaseException:
                 self._undo_proxy(old, host)
-                _unlink(*new_files)
+                unlink_quietly(*new_files)
                 raise
             if old is not None and new_files:
-                _unlink(Path(old.cert_path), Path(old.key_path))
+                unlink_quietly(Path(old.cert_path), Path(old.key_path))
             self.last_timings["total"] = time.perf_counter() - t0
             saved = self.registry.get_edge_route(host)
             assert saved is not None
@@ -224,7 +225,7 @@ class EdgeManager:
             except ProxyError as exc:
                 raise ProxyError(f"edge route {host}: proxy step failed: {exc}") from exc
             self.registry.delete_edge_route(host)
-            _unlink(Path(rec.cert_path), Path(rec.key_path))
+            unlink_quietly(Path(rec.cert_path), Path(rec.key_path))
             log.info("edge route %s removed", host)
 
     def list(self) -> list[dict[str, Any]]:
@@ -268,7 +269,7 @@ class EdgeManager:
         out = []
         for f in sorted(cert_dir.iterdir()):
             if f.is_file() and f.suffix in (".crt", ".key") and f.name not in keep:
-                _unlink(f)
+                unlink_quietly(f)
                 out.append(f"removed orphaned certificate file {f.name}")
         return out
 
@@ -300,10 +301,10 @@ class EdgeManager:
             self.registry.put_edge_route(new)
         except BaseException:
             self._undo_proxy(rec, rec.hostname)
-            _unlink(cert_file, key_file)
+            unlink_quietly(cert_file, key_file)
             raise
         if rec.cert_path != str(cert_file):
-            _unlink(Path(rec.cert_path), Path(rec.key_path))
+            unlink_quietly(Path(rec.cert_path), Path(rec.key_path))
         return (f"renewed certificate for {rec.hostname}: serial {rec.cert_serial or '-'} -> "
                 f"{serial}, expires {expires}")
 
@@ -338,12 +339,3 @@ def _same(a: EdgeRouteRecord, b: EdgeRouteRecord) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
-def _unlink(*paths: Path) -> None:
-    for p in paths:
-        try:
-            p.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", p, exc)
-
-
-__all__ = ["EdgeManager", "under_domain", "validate", "DNSCheckError"]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger("mcp_node.files")
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -76,3 +79,13 @@ def node_id(state_dir: Path) -> str:
         ident = secrets.token_hex(6)
         atomic_write(path, (ident + "\n").encode(), 0o644)
         return ident
+
+
+def unlink_quietly(*paths: Path) -> None:
+    """Remove files that may be gone already; a failure is logged, never raised (clean-up
+    after a failed step must not hide that step's error)."""
+    for p in paths:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", p, exc)

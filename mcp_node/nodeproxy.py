@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .proxy import dial
+from .proxy import dial, dig
 
 SERVER_PREFIX = "mcp_node_"
 ROUTE_PREFIX = "mcp-node-route-"
@@ -65,14 +65,6 @@ def build_cert(hostname: str, cert_file: str, key_file: str) -> dict[str, Any]:
             "tags": [TAG]}
 
 
-def _dig(obj: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(obj, dict):
-            return None
-        obj = obj.get(k)
-    return obj
-
-
 def _ours(items: Any, prefix: str) -> dict[str, dict[str, Any]]:
     out = {}
     for item in items if isinstance(items, list) else []:
@@ -101,7 +93,7 @@ def plan(apps: Any, address: str, routes: Sequence[L7Route],
             "tls": {"certificates": {"load_files": list(want_certs.values())}}})]
     calls: list[Call] = []
     tls = apps.get("tls")
-    files = _dig(apps, "tls", "certificates", "load_files")
+    files = dig(apps, "tls", "certificates", "load_files")
     have_certs = _ours(files, CERT_PREFIX)
     new_certs = [e for cid, e in want_certs.items() if cid not in have_certs]
     if new_certs:
@@ -117,7 +109,7 @@ def plan(apps: Any, address: str, routes: Sequence[L7Route],
               if cid in have_certs and have_certs[cid] != e]
 
     http = apps.get("http")
-    servers = _dig(apps, "http", "servers")
+    servers = dig(apps, "http", "servers")
     have_servers = {n: s for n, s in (servers or {}).items()
                     if n.startswith(SERVER_PREFIX) and isinstance(s, dict)}
     new_servers = {n: s for n, s in want_servers.items() if n not in have_servers}
@@ -158,13 +150,13 @@ def plan(apps: Any, address: str, routes: Sequence[L7Route],
 def served(apps: Any) -> dict[tuple[int, str], int]:
     """(port, hostname) -> host port of every node route Caddy serves (for status)."""
     out: dict[tuple[int, str], int] = {}
-    for name, server in (_dig(apps, "http", "servers") or {}).items():
+    for name, server in (dig(apps, "http", "servers") or {}).items():
         if not name.startswith(SERVER_PREFIX) or not isinstance(server, dict):
             continue
         port = name[len(SERVER_PREFIX):]
         for rid, r in _ours(server.get("routes"), ROUTE_PREFIX).items():
             host = rid[len(ROUTE_PREFIX) + len(port) + 1:]
-            upstream = str(_dig(r, "handle") and r["handle"][0]["upstreams"][0]["dial"])
+            upstream = str(dig(r, "handle") and r["handle"][0]["upstreams"][0]["dial"])
             hp = upstream.rpartition(":")[2]
             if port.isdigit() and hp.isdigit():
                 out[(int(port), host)] = int(hp)

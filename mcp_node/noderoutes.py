@@ -33,6 +33,7 @@ from .acme import AcmeClient, Http01Responder, issue_files
 from .config import AgentConfig
 from .edge import parse_time, under_domain
 from .errors import ConflictError, MCPError, RouteError, ValidationError
+from .files import unlink_quietly
 from .l4proxy import HAProxy, L4Route
 from .proxy import CaddyRouter, make_router
 from .records import ServiceRecord
@@ -276,7 +277,7 @@ class NodeRoutes:
             for host in {w.hostname for w in live if w.key in proxy_fail} & set(undo):
                 undo.pop(host)()   # the row, records and files back to what they were
                 retired.pop(host, None)
-            _unlink(*(p for files in retired.values() for p in files))
+            unlink_quietly(*(p for files in retired.values() for p in files))
             self._collect(set(by_host))
             self._record(wants, host_fail, proxy_fail, now)
             return dict(self.failures)
@@ -319,7 +320,7 @@ class NodeRoutes:
                 log.warning("undo: DNS record of %s stays: %s", rec.hostname, exc)
                 self.stale_dns[rec.hostname] = str(exc)
         if files:
-            _unlink(*files)
+            unlink_quietly(*files)
         if restore_row:
             try:
                 if rec.cert_path or rec.dns_address:
@@ -383,9 +384,9 @@ class NodeRoutes:
                 except MCPError as exc:
                     self.stale_dns[host] = str(exc)
                     self.hosts.put(replace(rec, cert_path="", key_path=""))
-                    _unlink(*(Path(p) for p in (rec.cert_path, rec.key_path) if p))
+                    unlink_quietly(*(Path(p) for p in (rec.cert_path, rec.key_path) if p))
                     continue
-            _unlink(*(Path(p) for p in (rec.cert_path, rec.key_path) if p))
+            unlink_quietly(*(Path(p) for p in (rec.cert_path, rec.key_path) if p))
             self.hosts.delete(host)
             self.stale_dns.pop(host, None)
             log.info("node route hostname %s released", host)
@@ -464,9 +465,3 @@ class NodeRoutes:
         return out
 
 
-def _unlink(*paths: Path) -> None:
-    for p in paths:
-        try:
-            p.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", p, exc)

@@ -278,9 +278,9 @@ class CaddyRouter:
             return
         apps = self._call("GET", "/config/apps") or {}
         self._ensure_skeleton(apps)
-        have = {r.get("@id") for r in _dig(apps, "http", "servers", SERVER, "routes") or []
+        have = {r.get("@id") for r in dig(apps, "http", "servers", SERVER, "routes") or []
                 if isinstance(r, dict)}
-        have |= {c.get("@id") for c in _dig(apps, "tls", "certificates", "load_files") or []
+        have |= {c.get("@id") for c in dig(apps, "tls", "certificates", "load_files") or []
                  if isinstance(c, dict)}
         fresh = [r for r in routes
                  if route_id(r.hostname) not in have and cert_id(r.hostname) not in have]
@@ -321,8 +321,8 @@ class CaddyRouter:
     def list_routes(self) -> dict[str, ProxyRoute]:
         # One GET of the apps tree: deeper paths are a 400 on a Caddy that lacks them.
         apps = self._call("GET", "/config/apps") or {}
-        routes = _dig(apps, "http", "servers", SERVER, "routes") or []
-        files = _dig(apps, "tls", "certificates", "load_files") or []
+        routes = dig(apps, "http", "servers", SERVER, "routes") or []
+        files = dig(apps, "tls", "certificates", "load_files") or []
         certs = {}
         for entry in files:
             cid = entry.get("@id", "") if isinstance(entry, dict) else ""
@@ -340,7 +340,8 @@ class CaddyRouter:
         return len(json.dumps(self._call("GET", "/config/")))
 
 
-def _dig(obj: Any, *keys: str) -> Any:
+def dig(obj: Any, *keys: str) -> Any:
+    """``obj[k1][k2]...`` of Caddy's JSON, None where a level is missing or not an object."""
     for k in keys:
         if not isinstance(obj, dict):
             return None

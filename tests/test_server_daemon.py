@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import signal
 import ssl
@@ -15,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fake_http import self_signed
 from podman_env import free_port
 
 from mcp_node.client import Client
@@ -79,13 +78,16 @@ def test_daemon_runs_with_no_config(_isolated_state: Path, tmp_path: Path, sig: 
             Client(f"http://127.0.0.1:{port}", None).get("/v1/health")
         assert exc.value.status == 401
         assert token not in (_isolated_state / "tokens.toml").read_text()
+        client.get("/v1/services")
     finally:
         code, out, err = stop(proc, sig)
     assert code == 0, err
     assert f"listening on http://127.0.0.1:{port}" in out
     assert f"token file: {_isolated_state / 'token'}" in out
     assert "level=info logger=mcp_node.server listening" in err
-    assert "logger=mcp_node.server http method=GET path=/v1/health status=200" in err
+    # Successful health polls are debug lines (they come every few seconds); the rest info.
+    assert "logger=mcp_node.server http method=GET path=/v1/services status=200" in err
+    assert "path=/v1/health status=200" not in err
     assert "status=401" in err and token not in err
     assert "stopped" in err.splitlines()[-1]
 
@@ -107,36 +109,10 @@ def test_daemon_rejects_bad_config(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "server.bogus" in proc.stderr
 
 
-def _self_signed(tmp_path: Path) -> tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mcp-agent test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    os.chmod(key_path, 0o600)
-    return str(cert_path), str(key_path)
-
-
 def test_https_listener(podman_config: AgentConfig, tmp_path: Path) -> None:
     from mcp_node.agent import Agent
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     cfg = replace(podman_config, server=replace(podman_config.server, listen="127.0.0.1:0",
                                                 tls_cert=cert, tls_key=key))
     agent = Agent(cfg)

@@ -105,7 +105,7 @@ def main() -> None:
         runtime = PodmanRuntime(cfg, Path(tempfile.mkdtemp(dir=b.dir)), b.owner)
         if vms:
             deploy_vms(client, image, vms)
-            qemu = QemuRuntime(from_dict({"qemu": {"kernel": str(kernel)}}), b.state)
+            qemu = QemuRuntime(from_dict({"qemu": {"kernel": str(kernel)}}), b.state, b.owner)
         deployed = 0
         try:
             for n in sizes:

@@ -197,4 +197,3 @@ class RemoteError(MCPError):
         self.message = message
 
 
-RuntimeError_ = WorkloadError  # temporary: the VM modules still use the old name

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import WorkloadError
+
 log = logging.getLogger(__name__)
 
 _locks: dict[str, threading.Lock] = {}
@@ -28,8 +30,8 @@ _locks_guard = threading.Lock()
 MAX_LINE = 1 << 20
 
 
-class QMPError(Exception):
-    """QMP unreachable, timed out or refused the command."""
+class QMPError(WorkloadError):
+    """QMP unreachable, timed out or refused the command (a runtime failure: 502)."""
 
 
 def _lock_for(path: Path) -> threading.Lock:

@@ -239,6 +239,14 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
     sha = _str(data.get("image_sha256", ""), where + "image_sha256", allow_empty=True).lower()
     if sha and not SHA256_RE.fullmatch(sha):
         raise ValidationError("must be 64 hex digits", where + "image_sha256")
+    if runtime != "unikernel":
+        # Keys only a VM uses would be silently ignored on a container: refuse a value
+        # that asks for something (the defaults ask for nothing, so definitions round-trip).
+        for key, value, default in (("vcpus", vcpus, 1), ("binary", binary, ""),
+                                    ("image_sha256", sha, "")):
+            if value != default:
+                raise ValidationError(f"has no effect on a {runtime} component (VMs only)",
+                                      where + key)
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list):
         raise ValidationError("must be a list of tables", where + "routes")

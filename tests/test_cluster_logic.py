@@ -56,8 +56,7 @@ def test_choose_rules_and_reasons() -> None:
 
 def test_demand_counts_memory_vm_vcpus_ports() -> None:
     d = demand_of(from_dict({"name": "s", "components": [
-        {"name": "a", "image": "i:1", "memory_mb": 100, "vcpus": 3,
-         "routes": [{"port": 1}]},
+        {"name": "a", "image": "i:1", "memory_mb": 100, "routes": [{"port": 1}]},
         {"name": "b", "image": "i:1", "runtime": "unikernel", "memory_mb": 128, "vcpus": 2}]}))
     assert (d.memory_mb, d.vcpus, d.ports, d.runtimes) == (228, 2, 1,
                                                            ("container", "unikernel"))

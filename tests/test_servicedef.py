@@ -416,3 +416,14 @@ def test_port_allocation_reads_the_route_table_once_per_deploy(tmp_path: Path) -
         assert len(reads) == 1
     finally:
         reg.close()
+
+
+@pytest.mark.parametrize("key,value", [("vcpus", 2), ("binary", "/bin/x"),
+                                       ("image_sha256", "a" * 64)])
+def test_vm_only_keys_on_a_container_are_refused(key: str, value: object) -> None:
+    with pytest.raises(ValidationError) as err:
+        from_dict({"name": "s", "components": [{"name": "web", "image": "i:1", key: value}]})
+    assert err.value.field == f"components[0].{key}"
+    assert "has no effect on a container component" in str(err.value)
+    from_dict({"name": "s", "components": [{"name": "vm", "image": "i:1", "runtime": "unikernel",
+                                            "memory_mb": 128, key: value}]})

@@ -262,7 +262,8 @@ def test_oldest_unauthenticated_of_a_peer_is_dropped(tmp_path: Path) -> None:
         wait_until(lambda: srv.open_connections <= 5, "drops down to the cap")
         keep.sendall(auth_get(live, "/v1/health", "reader"))
         assert keep.recv(65536).startswith(b"HTTP/1.1 200 ")
-        assert srv.unauthenticated_connections == 4
+        # Between dropping the oldest and admitting the newest the count is one lower.
+        wait_until(lambda: srv.unauthenticated_connections == 4, "the cap filled again")
         for s in (*slow, newest, keep, *more):
             s.close()
         wait_until(lambda: srv.open_connections == 0, "every connection released")

@@ -29,14 +29,14 @@ ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # $PORT and $PORT_<NAME> are the agent's (route_env): a definition setting one would
 # be overridden silently, so they are refused whether or not a route uses them now.
 RESERVED_ENV_RE = re.compile(r"PORT(_[A-Za-z0-9_]*)?")
-ENV_PATTERN = "^(?!PORT(=|_[A-Za-z0-9_]*=))[A-Za-z_][A-Za-z0-9_]*=[^\\u0000]*$"
+ENV_PATTERN = "^(?!PORT(?:=|_[A-Za-z0-9_]*=))[A-Za-z_][A-Za-z0-9_]*=[^\\u0000]*$"
 
 VOLUME_OPTIONS = ("ro", "rw", "z", "Z")
 _VPATH = r"/[^:,\x00\ud800-\udfff]*"
 _VOPT = "(?:ro|rw|z|Z)"
 VOLUME_RE = re.compile(f"({_VPATH}):({_VPATH})(?::({_VOPT}(?:,{_VOPT})*))?")
 VOLUME_PATTERN = ("^/[^:,\\u0000]*:/[^:,\\u0000]*"
-                  "(:(ro|rw|z|Z)(,(ro|rw|z|Z))*)?$")
+                  "(?::(?:ro|rw|z|Z)(?:,(?:ro|rw|z|Z))*)?$")
 
 # distribution/reference (the grammar podman's containers/image parses), regexp.go.
 _ALNUM = r"[a-z0-9]+"

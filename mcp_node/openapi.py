@@ -16,18 +16,19 @@ from .runtime import DEFAULT_RUNTIME, RUNTIME_NAMES
 
 NAME_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
 ROUTE_NAME_PATTERN = "^[a-z0-9][a-z0-9_-]{0,31}$"
-_LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # servicedef.check_hostname: ASCII labels, at most 253 characters, one optional trailing dot.
-HOSTNAME_PATTERN = f"^(?=.{{1,253}}\\.?$){_LABEL}(\\.{_LABEL})*\\.?$"
-_NO_DOTDOT = "(?!.*(^|/)\\.\\.(/|$))"
+HOSTNAME_PATTERN = f"^(?=.{{1,253}}\\.?$){_LABEL}(?:\\.{_LABEL})*\\.?$"
+_NO_DOTDOT = "(?!.*(?:^|/)\\.\\.(?:/|$))"
 BINARY_PATTERN = f"^$|^{_NO_DOTDOT}/[^\\u0000]*$"
 # grammar.parse_volume: no '..' segment in either path, not both ro and rw.
-VOLUME_PATTERN = ("^(?!([^:]*/)?\\.\\.[/:])(?![^:]*:([^:]*/)?\\.\\.(/|:|$))"
-                  "(?![^:]*:[^:]*:(.*,)?ro(,.*)?,rw(,|$))(?![^:]*:[^:]*:(.*,)?rw(,.*)?,ro(,|$))"
+VOLUME_PATTERN = ("^(?!(?:[^:]*/)?\\.\\.[/:])(?![^:]*:(?:[^:]*/)?\\.\\.(?:/|:|$))"
+                  "(?![^:]*:[^:]*:(?:.*,)?ro(?:,.*)?,rw(?:,|$))"
+                  "(?![^:]*:[^:]*:(?:.*,)?rw(?:,.*)?,ro(?:,|$))"
                   + grammar.VOLUME_PATTERN[1:])
 # httpapi.parse_count with the default server.max_tail (10000); empty means all lines.
-TAIL_PATTERN = "^(|(?=[0-9]{1,19}$)0*([0-9]{1,4}|10000))$"
-BOOL_PATTERN = "^(|[01]|[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Yy][Ee][Ss]|[Nn][Oo])$"
+TAIL_PATTERN = "^(?:|(?=[0-9]{1,19}$)0*(?:[0-9]{1,4}|10000))$"
+BOOL_PATTERN = "^(?:|[01]|[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Yy][Ee][Ss]|[Nn][Oo])$"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -286,13 +287,13 @@ def _schemas() -> dict[str, Any]:
                        "then": {"items": {"required": ["name"],
                                           "properties": {"name": {"minLength": 1}}}}},
             "check": {"type": "string", "maxLength": grammar.MAX_STR,
-                      "pattern": "^(|tcp|none|http:/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255})$",
+                      "pattern": "^(?:|tcp|none|http:/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255})$",
                       "description": "tcp and http:/path need a route to probe"},
         },
         "allOf": [
             {"if": {"required": ["runtime"], "properties": {"runtime": {"const": "unikernel"}}},
              "then": vm_memory},
-            {"if": {"required": ["check"], "properties": {"check": {"pattern": "^(tcp|http:)"}}},
+            {"if": {"required": ["check"], "properties": {"check": {"pattern": "^(?:tcp|http:)"}}},
              "then": {"required": ["routes"], "properties": {"routes": {"minItems": 1}}}},
         ],
     }
@@ -320,7 +321,7 @@ def _schemas() -> dict[str, Any]:
                             "default": DEFAULT_RUNTIME},
                 "components": {"type": "array", "minItems": 1,
                                "maxItems": servicedef.MAX_COMPONENTS, "items": component_def},
-                "node": {"type": "string", "pattern": "^$|^(pool:)?" + NAME_PATTERN[1:],
+                "node": {"type": "string", "pattern": "^$|^(?:pool:)?" + NAME_PATTERN[1:],
                          "description": "fleet mode: NAME (pinned), pool:NAME, or absent "
                                         "(any compute node); a single node refuses any name "
                                         "but its own"},

@@ -48,7 +48,7 @@ def lifecycle_args(data: object, op: str) -> dict[str, Any]:
         raise ValidationError(f"expected {{}} or an object with {', '.join(sorted(allowed))}",
                               "body")
     out: dict[str, Any] = {}
-    if data.get("component") is not None:
+    if "component" in data:  # null is no name: refused like any other non-string
         out["component"] = check_name(data["component"], "component")
     if "timeout" in data:
         t = data["timeout"]
@@ -100,9 +100,9 @@ class APIHandler(Handler):
         if not isinstance(data, dict) or set(data) - {"version"}:
             raise ValidationError('expected {} or {"version": N}', "body")
         version = data.get("version")
-        if version is not None and (not isinstance(version, int) or isinstance(version, bool)
-                                    or not 1 <= version <= 1 << 31):
-            raise ValidationError("must be an integer >= 1", "version")
+        if "version" in data and (not isinstance(version, int) or isinstance(version, bool)
+                                  or not 1 <= version <= 1 << 31):
+            raise ValidationError(f"must be an integer 1-{1 << 31}", "version")
         self._send_json(self.agent.rollback(name, version))
 
     def h_events(self, params: Params, query: dict[str, str], body: bytes) -> None:

@@ -220,9 +220,9 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
         raise ValidationError(
             f"must be one of {', '.join(p for p in RESTART_POLICIES if p)}", where + "restart"
         )
-    memory_mb = data.get("memory_mb")
-    if memory_mb is not None:
-        memory_mb = _int(memory_mb, where + "memory_mb")
+    memory_mb: int | None = None
+    if "memory_mb" in data:  # absent means unset; null is not a number (TOML has no null)
+        memory_mb = _int(data["memory_mb"], where + "memory_mb")
     if runtime == "unikernel" and (memory_mb is None or memory_mb <= 0):
         raise ValidationError("must be > 0 for a unikernel component", where + "memory_mb")
     if runtime == "unikernel" and memory_mb is not None and memory_mb < MIN_VM_MEMORY_MB:

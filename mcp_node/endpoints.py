@@ -23,7 +23,7 @@ from .httpapi import (
     parse_count,
     parse_json,
 )
-from .servicedef import check_hostname, check_name, from_dict
+from .servicedef import check_hostname, check_int, check_name, from_dict
 
 if TYPE_CHECKING:
 
@@ -99,9 +99,8 @@ class APIHandler(Handler):
         data = parse_json(body) if body.strip() else {}
         if not isinstance(data, dict) or set(data) - {"version"}:
             raise ValidationError('expected {} or {"version": N}', "body")
-        version = data.get("version")
-        if "version" in data and (not isinstance(version, int) or isinstance(version, bool)
-                                  or not 1 <= version <= 1 << 31):
+        version = check_int(data["version"], "version") if "version" in data else None
+        if version is not None and not 1 <= version <= 1 << 31:
             raise ValidationError(f"must be an integer 1-{1 << 31}", "version")
         self._send_json(self.agent.rollback(name, version))
 

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, unquote
 
 from .config import AgentConfig
 from .errors import HTTPError, ValidationError
-from .servicedef import check_hostname
+from .servicedef import check_hostname, check_int
 
 if TYPE_CHECKING:
     pass
@@ -246,8 +246,8 @@ def edge_setup_args(data: Any) -> tuple[str, str, int, bool]:
         raise ValidationError("unknown key", str(unknown[0])[:40])
     hostname = check_hostname(data.get("hostname"), "hostname")
     backend = check_hostname(data.get("backend_hostname"), "backend_hostname")
-    port = data.get("backend_port")
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    port = check_int(data.get("backend_port"), "backend_port")
+    if not 1 <= port <= 65535:
         raise ValidationError("must be an integer 1-65535", "backend_port")
     tls = data.get("backend_tls", True)
     if not isinstance(tls, bool):

@@ -131,10 +131,16 @@ def _str(value: object, field_name: str, *, allow_empty: bool = False) -> str:
     return check_text(value, field_name, max_len=MAX_STR, allow_empty=allow_empty)
 
 
-def _int(value: object, field_name: str) -> int:
+def check_int(value: object, field_name: str) -> int:
+    """An integer; JSON has one number type, so 80.0 is the integer 80 (as JSON Schema's
+    "integer" has it, which the OpenAPI document states), while 80.5 and true are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError("must be an integer", field_name)
     return value
+
+
 
 
 def _str_list(value: object, field_name: str) -> tuple[str, ...]:
@@ -162,7 +168,7 @@ def _route(data: object, where: str, single: bool) -> RouteDef:
         name = _str(name, where + "name")
         if not ROUTE_NAME_RE.fullmatch(name):
             raise ValidationError(f"{name[:80]!r} is not a valid route name", where + "name")
-    port = _int(data.get("port"), where + "port")
+    port = check_int(data.get("port"), where + "port")
     if not 1 <= port <= 65535:
         raise ValidationError("must be 1-65535", where + "port")
     mode = data.get("mode", "l7")
@@ -222,7 +228,7 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
         )
     memory_mb: int | None = None
     if "memory_mb" in data:  # absent means unset; null is not a number (TOML has no null)
-        memory_mb = _int(data["memory_mb"], where + "memory_mb")
+        memory_mb = check_int(data["memory_mb"], where + "memory_mb")
     if runtime == "unikernel" and (memory_mb is None or memory_mb <= 0):
         raise ValidationError("must be > 0 for a unikernel component", where + "memory_mb")
     if runtime == "unikernel" and memory_mb is not None and memory_mb < MIN_VM_MEMORY_MB:
@@ -230,7 +236,7 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
                               f"component (is {memory_mb})", where + "memory_mb")
     if memory_mb is not None and not 0 <= memory_mb <= MAX_MEMORY_MB:
         raise ValidationError(f"must be 0-{MAX_MEMORY_MB}", where + "memory_mb")
-    vcpus = _int(data.get("vcpus", 1), where + "vcpus")
+    vcpus = check_int(data.get("vcpus", 1), where + "vcpus")
     if not 1 <= vcpus <= 64:
         raise ValidationError("must be 1-64", where + "vcpus")
     binary = _str(data.get("binary", ""), where + "binary", allow_empty=True)

@@ -98,8 +98,10 @@ class Rounds:
         return out
 
     def health(self) -> dict[str, Any]:
+        """The daemon answers from its last round; without a monitor thread (``--local``,
+        tests) health is judged now, so it never shows a state from before a change."""
         if not self.a.monitor.running:
-            self.a.monitor.fresh_view()
+            self.a.monitor.refresh_safely()   # its callback is after_round
         if not self._health:
             self.after_round(self.a.monitor.view)
         out = dict(self._health)

@@ -155,7 +155,9 @@ def test_cli_setup_list_remove_matches_served_cert(edge_live: EdgeLive) -> None:
 def _health(live: EdgeLive) -> dict[str, Any]:
     res = live.mcp("reader", "--json", "node", "health")
     assert res.output, res
-    return dict(json.loads(res.output))
+    [h] = json.loads(res.output)   # one entry per node, always a list
+    assert res.exit_code == (0 if h["status"] == "healthy" else 3), res
+    return dict(h)
 
 
 def test_node_health_degrades_when_caddy_down(edge_live: EdgeLive) -> None:

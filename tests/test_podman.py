@@ -603,3 +603,26 @@ def test_service_start_failure_is_runtime_unavailable(tmp_path: Path,
         service.ensure(timeout=20)
     assert service.pid is None
 
+
+
+@pytest.mark.parametrize(("state", "raises"), [("exited", False), ("running", True)])
+def test_stop_judges_a_lagging_exit_file_by_the_state(tmp_path: Path, state: str,
+                                                      raises: bool) -> None:
+    """podman may answer 500 'timed out waiting for file .../exits/...' although the
+    container ended (seen under load in CI): stopped is stopped, running is an error."""
+    rt = PodmanRuntime(from_dict({}), tmp_path / "st", "o")
+
+    class Resp:
+        status_code = 500
+        text = '{"cause": "x", "message": "timed out waiting for file /run/libpod/exits/ab"}'
+
+        def json(self) -> dict[str, str]:
+            return {"message": "timed out waiting for file /run/libpod/exits/ab"}
+
+    rt._request = lambda *a, **k: Resp()  # type: ignore[method-assign]
+    rt._inspect_raw = lambda name: {"State": {"Status": state}}  # type: ignore[method-assign]
+    if raises:
+        with pytest.raises(WorkloadError, match="timed out waiting for file"):
+            rt._stop("mcp-s-web", 1)
+    else:
+        rt._stop("mcp-s-web", 1)

@@ -6,6 +6,10 @@ Cross-field rules JSON Schema cannot state (unique component, route and env name
 unique volume paths) and rules that depend on the agent's config (edge domains and
 zone) make some schema-valid deploy and edge-setup bodies a 400; the run accepts a 400
 there for the positive-data check only, and says so in its config below.
+
+The run: all phases (coverage, fuzzing, stateful), --max-examples 25 per operation
+(MCP_SCHEMATHESIS_EXAMPLES), one worker, a random seed printed first (replay one with
+MCP_SCHEMATHESIS_SEED). About 80 s on the 2-core test machine; it fails past 240 s.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from mcp_node.server import AgentServer, serve
 
 ST = Path(sys.executable).with_name("st")
 MAX_EXAMPLES = int(os.environ.get("MCP_SCHEMATHESIS_EXAMPLES", "25"))
-RUN_DEADLINE_S = float(os.environ.get("MCP_SCHEMATHESIS_DEADLINE_S", "300"))
+RUN_DEADLINE_S = float(os.environ.get("MCP_SCHEMATHESIS_DEADLINE_S", "240"))
 
 ST_CONFIG = """
 # A pull of a generated image name fails upstream (no registry here: 502), and a VM on a
@@ -201,10 +205,15 @@ def test_schemathesis_all_checks_against_the_live_agent(st_server: AgentServer,
     config.write_text(ST_CONFIG)
     hooks = tmp_path / "st_hooks.py"
     hooks.write_text(ST_HOOKS)
+    # One worker: st's workers are threads, and CPython 3.11 keeps the AST constructor's
+    # recursion counter in state the threads share, so hypothesis' lambda descriptions
+    # (ast.parse) in two workers at once failed a run here (3.11.7) with "SystemError: AST
+    # constructor recursion depth mismatch" (see python/cpython#106905). Generation is
+    # CPU-bound under the GIL anyway: two workers were no faster (97 s vs 92 s, seed 2).
     argv = [str(ST if ST.exists() else shutil.which("st")), "--config-file", str(config),
             "--no-color", "run", f"{st_server.url}/v1/openapi.json",
             "-H", f"Authorization: Bearer {master}", "--checks", "all",
-            "--max-examples", str(MAX_EXAMPLES), "--workers", "2", "--seed", str(seed),
+            "--max-examples", str(MAX_EXAMPLES), "--workers", "1", "--seed", str(seed),
             "--request-timeout", "20",
             "--generation-database", "none",
             "--report", "junit", "--report-dir", str(tmp_path / "report")]
@@ -221,4 +230,7 @@ def test_schemathesis_all_checks_against_the_live_agent(st_server: AgentServer,
     print(f"schemathesis took {time.monotonic() - started:.1f} s")
     print(out[-6000:])
     assert proc.returncode == 0, f"schemathesis failed (seed {seed}):\n{out[-12000:]}"
-    assert re.search(r"\b0 failures\b|No issues found", out) or "FAILURES" not in out
+    assert "FAILURES" not in out and "ERRORS" not in out, out[-12000:]
+    # GET /v1/openapi.json is the schema's own location, which st does not test.
+    tested = re.search(r"Tested:\s+(\d+)", out)
+    assert tested is not None and int(tested.group(1)) == len(ROUTES) - 1, out[-3000:]

@@ -190,9 +190,11 @@ class NodePodman:
         (b / "net").mkdir(parents=True, exist_ok=True)
         (b / "storage.conf").write_text(
             f'[storage]\ndriver = "overlay"\ngraphroot = "{b}/root"\nrunroot = "{b}/run"\n')
+        # Its own tmp_dir too: conmon's exit files live there (/run/libpod by default),
+        # and a second podman sharing them made the main one's stops time out in CI.
         (b / "containers.conf").write_text(
-            Path(self.conf).read_text() + f'\n[network]\nnetwork_config_dir = "{b}/net"\n'
-            f'default_network = "{self.net}"\n')
+            Path(self.conf).read_text().replace("[engine]\n", f'[engine]\ntmp_dir = "{b}/tmp"\n')
+            + f'\n[network]\nnetwork_config_dir = "{b}/net"\ndefault_network = "{self.net}"\n')
         subnet = f"10.78.{self.index}"
         (b / "net" / f"{self.net}.conflist").write_text(json.dumps({
             "cniVersion": "0.4.0", "name": self.net, "plugins": [

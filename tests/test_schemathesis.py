@@ -215,6 +215,10 @@ def test_schemathesis_all_checks_against_the_live_agent(st_server: AgentServer,
             "-H", f"Authorization: Bearer {master}", "--checks", "all",
             "--max-examples", str(MAX_EXAMPLES), "--workers", "1", "--seed", str(seed),
             "--request-timeout", "20",
+            # A data-generation health check, not a check of the API: for SetupEdgeRoute
+            # (a hostname grammar under a length cap) hypothesis filters many candidates,
+            # and whether that crosses its threshold depends on the seed (1416081871 did).
+            "--suppress-health-check", "filter_too_much",
             "--generation-database", "none",
             "--report", "junit", "--report-dir", str(tmp_path / "report")]
     started = time.monotonic()

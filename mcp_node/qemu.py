@@ -21,8 +21,6 @@ cannot power itself off, so it is not waited for: ``quit`` follows after a short
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -32,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,6 @@ from .errors import (
     ValidationError,
     WorkloadError,
 )
-from .files import atomic_write
 from .grammar import Volume, parse_volumes
 from .initramfs import find_busybox, find_kernel
 from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
@@ -57,7 +54,7 @@ from .runtime import Runtime, Workload, WorkloadSpec
 from .servicedef import SHA256_RE, check_name
 from .states import State
 from .vmimage import BootPlan, Builder, BuildRequest, hash_into, sha256_file
-from .vmpull import Podman, PulledELF, extract_elf
+from .vmpull import ElfCache, Podman, PulledELF
 from .vmstate import (
     MICROVM_GRACE_S,
     VMDir,
@@ -75,7 +72,6 @@ from .vmstate import (
 
 log = logging.getLogger(__name__)
 
-CACHE_GRACE_S = 600.0
 QUIT_WAIT_S = 3.0
 POWER_BUTTON_REPEAT_S = 1.0
 KILL_WAIT_S = 5.0
@@ -94,6 +90,7 @@ class QemuRuntime(Runtime):
         self.vms_dir = self.state_dir / "vms"
         self.cache_dir = self.state_dir / "vm-cache"
         self.podman = Podman(containers_conf=config.podman.containers_conf)
+        self.elfs = ElfCache(self.podman, self.cache_dir)
         self._accel: str | None = None
         self._avail: tuple[bool, str] | None = None
         self._builder: Builder | None = None
@@ -237,43 +234,17 @@ class QemuRuntime(Runtime):
 
     # -- the ELF -------------------------------------------------------------------------------
 
-    def _cache_key(self, spec: WorkloadSpec) -> str:
-        return hashlib.sha256(f"{spec.image}\0{spec.binary}\0{spec.component}".encode()
-                              ).hexdigest()[:24]
-
     def pull(self, spec: WorkloadSpec) -> None:
         """Get the image and extract the ELF into the cache; ImageError if it is not there."""
         self._check_spec(spec)
-        self._pull(spec)
-
-    def _pull(self, spec: WorkloadSpec) -> PulledELF:
-        if not shutil.which(self.podman.binary):
-            raise RuntimeUnavailable("unikernel runtime needs podman to extract the ELF")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        key = self._cache_key(spec)
-        elf = self.cache_dir / f"{key}.elf"
-        cached = self._cached_elf(spec)
-        pulled = extract_elf(self.podman, spec.image, spec.binary, spec.component, spec.cmd, elf,
-                             cached)
-        os.utime(elf)  # podman cp keeps the image's mtime; the cache prunes by last use
-        if pulled != cached:
-            atomic_write(self.cache_dir / f"{key}.json", json.dumps(asdict(pulled)).encode(),
-                         0o644)
-        return pulled
-
-    def _cached_elf(self, spec: WorkloadSpec) -> PulledELF | None:
-        key = self._cache_key(spec)
-        try:
-            old = json.loads((self.cache_dir / f"{key}.json").read_bytes())
-            return PulledELF(**{**old, **{k: tuple(old.get(k, ())) for k in (
-                "argv", "entrypoint", "image_cmd")}})
-        except (OSError, ValueError, TypeError):
-            return None
+        self._elf(spec)
 
     def _elf(self, spec: WorkloadSpec) -> tuple[PulledELF, Path]:
         """The ELF step of ``run``: the cached extraction while the image store is
         unchanged (no podman call), else pulled and extracted again."""
-        return self._pull(spec), self.cache_dir / f"{self._cache_key(spec)}.elf"
+        if not shutil.which(self.podman.binary):
+            raise RuntimeUnavailable("unikernel runtime needs podman to extract the ELF")
+        return self.elfs.fetch(spec.image, spec.binary, spec.component, spec.cmd)
 
     # -- run -----------------------------------------------------------------------------------
 
@@ -495,18 +466,9 @@ class QemuRuntime(Runtime):
         self._prune_cache()
 
     def _prune_cache(self) -> None:
-        """Drop extracted ELFs once no VM is left (they are cheap to extract again).
-
-        Only entries untouched for CACHE_GRACE_S go: a deploy of another service
-        between its pull and its run must not lose the ELF it just extracted.
-        """
-        if not self.cache_dir.exists() or any(True for _ in self._scan()):
-            return
-        cutoff = time.time() - CACHE_GRACE_S
-        for entry in self.cache_dir.iterdir():
-            with contextlib.suppress(OSError):
-                if entry.is_file() and entry.stat().st_mtime < cutoff:
-                    entry.unlink()
+        """Drop extracted ELFs once no VM is left (they are cheap to extract again)."""
+        if not any(True for _ in self._scan()):
+            self.elfs.prune()
 
     # -- observe -------------------------------------------------------------------------------
 

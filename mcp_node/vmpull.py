@@ -13,6 +13,7 @@ the extraction stands. Where the index cannot be found, every pull asks podman.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,10 +21,12 @@ import os
 import secrets
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import ImageError
+from .files import atomic_write
 from .vmimage import elf_info
 
 log = logging.getLogger(__name__)
@@ -198,3 +201,51 @@ def extract_elf(podman: Podman, image: str, spec_binary: str, component: str,
     finally:
         podman.run("rm", "-f", name, check=False)
     return found(hashlib.sha256(data).hexdigest())
+
+
+class ElfCache:
+    """Extracted ELFs under ``<state>/vm-cache``, keyed by image, binary and component,
+    each beside the record of what it was extracted from, so a redeploy asks podman
+    nothing while the image store is unchanged (``extract_elf`` decides)."""
+
+    GRACE_S = 600.0   # an entry this recently used survives a prune (its run may follow)
+
+    def __init__(self, podman: Podman, cache_dir: Path) -> None:
+        self.podman = podman
+        self.dir = cache_dir
+
+    @staticmethod
+    def key(image: str, binary: str, component: str) -> str:
+        return hashlib.sha256(f"{image}\0{binary}\0{component}".encode()).hexdigest()[:24]
+
+    def fetch(self, image: str, binary: str, component: str,
+              cmd: tuple[str, ...]) -> tuple[PulledELF, Path]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key = self.key(image, binary, component)
+        elf, record = self.dir / f"{key}.elf", self.dir / f"{key}.json"
+        cached = self._cached(record)
+        pulled = extract_elf(self.podman, image, binary, component, cmd, elf, cached)
+        os.utime(elf)  # podman cp keeps the image's mtime; the cache prunes by last use
+        if pulled != cached:
+            atomic_write(record, json.dumps(asdict(pulled)).encode(), 0o644)
+        return pulled, elf
+
+    @staticmethod
+    def _cached(record: Path) -> PulledELF | None:
+        try:
+            old = json.loads(record.read_bytes())
+            return PulledELF(**{**old, **{k: tuple(old.get(k, ())) for k in (
+                "argv", "entrypoint", "image_cmd")}})
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def prune(self) -> None:
+        """Entries untouched for GRACE_S go: a deploy of another service between its pull
+        and its run must not lose the ELF it just extracted."""
+        if not self.dir.exists():
+            return
+        cutoff = time.time() - self.GRACE_S
+        for entry in self.dir.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    entry.unlink()

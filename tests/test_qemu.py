@@ -453,7 +453,7 @@ def test_pull_asks_podman_nothing_while_the_image_store_is_unchanged(
 
     rt.podman.run = counting  # type: ignore[method-assign]
     spec = WorkloadSpec(service="p", component="c", image=ref, memory_mb=64)
-    cache = tmp_path / "vm-cache" / f"{rt._cache_key(spec)}.json"
+    cache = tmp_path / "vm-cache" / f"{rt.elfs.key(spec.image, spec.binary, spec.component)}.json"
 
     def image_id(tag: str) -> str:
         return podman_cli("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()

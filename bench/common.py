@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 TOP = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(TOP), str(TOP / "tests")]
@@ -117,3 +118,18 @@ def bed(monitor_interval: float = 5.0, extra_config: str = "") -> Iterator[Bed]:
         yield b
     finally:
         b.close()
+
+
+def run_cases(cases: dict[str, Any], run_case: Callable[[str, str, int], Any],
+              report: Callable[[Any, int], None]) -> None:
+    """``[ROUNDS] [CASE ...]`` from the command line: every case (default all) run, then
+    each reported, so the figures of one case are printed together at the end."""
+    args = sys.argv[1:]
+    rounds = int(args.pop(0)) if args and args[0].isdigit() else 3
+    chosen = args or list(cases)
+    unknown = [c for c in chosen if c not in cases]
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; known: {', '.join(cases)}")
+    image = hello_image()
+    for r in [run_case(c, image, rounds) for c in chosen]:
+        report(r, rounds)

@@ -27,13 +27,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import BIN, TOP, Bed, bed, free_port, hello_image, median
+from common import BIN, TOP, Bed, bed, free_port, median, run_cases
 
 from mcp_node.client import Client
 
@@ -300,16 +299,7 @@ def report(r: dict[str, object], rounds: int) -> None:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    rounds = int(args.pop(0)) if args and args[0].isdigit() else 3
-    cases = args or list(CASES)
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        sys.exit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
-    image = hello_image()
-    results = [run_case(c, image, rounds) for c in cases]
-    for r in results:
-        report(r, rounds)
+    run_cases(CASES, run_case, report)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ Run: .venv/bin/python bench/vm_stop.py [ROUNDS] [CASE ...]   (cases as vm_boot's
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 
-from common import bed, hello_image, median
+from common import bed, median, run_cases
 from vm_boot import (
     CASES,
     Hand,
@@ -121,16 +120,7 @@ def report(r: dict[str, object], rounds: int) -> None:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    rounds = int(args.pop(0)) if args and args[0].isdigit() else 3
-    cases = args or list(CASES)
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        sys.exit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
-    image = hello_image()
-    results = [run_case(c, image, rounds) for c in cases]
-    for r in results:
-        report(r, rounds)
+    run_cases(CASES, run_case, report)
 
 
 if __name__ == "__main__":

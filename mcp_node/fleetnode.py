@@ -130,12 +130,14 @@ class Fleet:
             t.start()
             self._threads.append(t)
 
-    def close(self) -> None:
+    def close(self, revoke: bool = True) -> None:
+        """Stop following; ``revoke`` leaves the fleet at once (without it the lease just
+        expires, as when the node dies)."""
         self._stop.set()
         self._wake.set()
         for t in self._threads:
             t.join(timeout=5)
-        if self.lease and self.reachable:
+        if revoke and self.lease and self.reachable:
             with contextlib.suppress(MCPError):   # leave at once: nothing to wait out
                 self.etcd.revoke(self.lease)
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from click.testing import CliRunner, Result
@@ -103,3 +104,20 @@ class Daemon:
         return CliRunner().invoke(
             cli, ["--agent", self.url, "--token-file", str(self.state / "token"), *args],
             catch_exceptions=False)
+
+
+@contextlib.contextmanager
+def podman_daemon(tmp_path: Path, podman_socket: str, monitor: str = "") -> Iterator[Daemon]:
+    """A Daemon on the shared test podman with a quick monitor; stopped and its containers
+    removed afterwards. ``monitor``: extra ``[monitor]`` lines."""
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[podman]\nsocket = "{podman_socket}"\n[monitor]\ninterval_s = 0.3\n'
+                    + monitor)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    d = Daemon(state, conf)
+    try:
+        yield d
+    finally:
+        d.stop()
+        d.remove_containers()

@@ -275,12 +275,7 @@ class SimNode:
         and every workload of the node is gone."""
         a = self.agent
         assert a is not None and a.fleet is not None
-        f = a.fleet
-        f._stop.set()
-        f._wake.set()
-        for t in f._threads:
-            t.join(timeout=10)
-        f.lease = 0
+        a.fleet.close(revoke=False)        # its lease is not revoked: it expires
         a.close()
         self.agent = None
         if self.pod is not None:

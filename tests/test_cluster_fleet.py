@@ -47,12 +47,7 @@ class Node:
         """As SIGKILL of the agent and its workloads: threads end, nothing is revoked."""
         a = self.agent
         assert a is not None and a.fleet is not None
-        f = a.fleet
-        f._stop.set()
-        f._wake.set()
-        for t in f._threads:
-            t.join(timeout=10)
-        f.lease = 0                        # close() must not revoke it: it expires
+        a.fleet.close(revoke=False)        # its lease is not revoked: it expires
         a.close()
         self.agent = None
         for w in self.world.workloads.values():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_env import Daemon, refused
+from daemon_env import Daemon, podman_daemon, refused
 from podman_env import podman_cli, wait_http
 
 WAIT_S = 60.0
@@ -25,17 +25,8 @@ WAIT_S = 60.0
 
 @pytest.fixture
 def daemon(tmp_path: Path, podman_socket: str) -> Iterator[Daemon]:
-    conf = tmp_path / "agent.toml"
-    conf.write_text(f'[podman]\nsocket = "{podman_socket}"\n'
-                    "[monitor]\ninterval_s = 0.3\nrestart_backoff_max_s = 4\n")
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    d = Daemon(state, conf)
-    try:
+    with podman_daemon(tmp_path, podman_socket, "restart_backoff_max_s = 4\n") as d:
         yield d
-    finally:
-        d.stop()
-        d.remove_containers()
 
 
 def until(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_env import Daemon
+from daemon_env import Daemon, podman_daemon
 from podman_env import podman_cli, wait_http
 
 from mcp_node.agent import Agent
@@ -42,16 +42,8 @@ COMPONENTS = ("a", "b", "c")
 
 @pytest.fixture
 def daemon(tmp_path: Path, podman_socket: str) -> Iterator[Daemon]:
-    conf = tmp_path / "agent.toml"
-    conf.write_text(f'[podman]\nsocket = "{podman_socket}"\n[monitor]\ninterval_s = 0.3\n')
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    d = Daemon(state, conf)
-    try:
+    with podman_daemon(tmp_path, podman_socket) as d:
         yield d
-    finally:
-        d.stop()
-        d.remove_containers()
 
 
 def owned(owner: str) -> list[str]:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from daemon_env import refused
 from podman_env import containers_conf, free_port, podman_cli
 
 from mcp_node import sdnotify
@@ -39,12 +40,6 @@ def wait_until(pred: Callable[[], object], what: str, deadline_s: float = 60.0) 
     while not pred():
         assert time.monotonic() < deadline, f"no {what} within {deadline_s:g} s"
         time.sleep(0.1)
-
-
-def refused(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(2)
-        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 class AgentProc:

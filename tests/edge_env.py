@@ -281,7 +281,7 @@ class Pebble:
             self.get(self.directory_url)
             return True
 
-        wait_until(up, "pebble")
+        wait_until(up, "pebble", timeout=60.0)   # it makes its keys first: slow on a loaded node
         return self
 
     @property

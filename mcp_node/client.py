@@ -1,5 +1,11 @@
 """HTTP client of the agent's JSON API (used by the ``mcp`` CLI and the tests).
 
+HTTP/1.1 on a plain socket rather than ``http.client``: every ``mcp`` run pays
+for its imports before its request leaves, and ``http.client`` (with the email
+parser it reads headers with) costs more than the rest of the call. The agent
+answers with a Content-Length body, or a chunked one for streams; both are read
+here, within bounds (a head of at most 64 KiB, chunk sizes parsed strictly).
+
 One keep-alive connection per Client, reused across calls; a connection the
 agent closed while idle is re-opened once transparently. HTTP errors come
 back as RemoteError carrying the agent's own status, code and message, so
@@ -8,24 +14,135 @@ the CLI reports exactly what the agent said.
 
 from __future__ import annotations
 
-import http.client
+import io
 import json
 import socket
-import ssl
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from . import __version__
 from .errors import AgentUnreachable, MCPError, RemoteError, ValidationError
 
+if TYPE_CHECKING:
+    import ssl
+
 USER_AGENT = f"mcp-client/{__version__}"
 _SAFE_PATH = "/?&=%:@,+;!$'()*~-._"
+MAX_HEAD = 64 << 10          # status line and headers of one response
+MAX_CHUNK_LINE = 1024
+READ_SIZE = 65536
 
 
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-          http.client.CannotSendRequest, http.client.ResponseNotReady)
+class Response:
+    """Status, headers (names lower-cased) and framing of one response."""
+
+    __slots__ = ("status", "reason", "headers", "will_close")
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str],
+                 will_close: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.will_close = will_close
+
+    @property
+    def chunked(self) -> bool:
+        return "chunked" in self.headers.get("transfer-encoding", "").lower()
+
+    @property
+    def length(self) -> int | None:
+        """The Content-Length, 0 for a response that has no body, None: until close."""
+        if self.status in (204, 304) or 100 <= self.status < 200:
+            return 0
+        raw = self.headers.get("content-length")
+        if raw is None or self.chunked:
+            return None
+        if not raw.strip().isdigit():
+            raise ConnectionError(f"bad Content-Length {raw[:40]!r}")
+        return int(raw)
+
+
+def read_head(f: io.BufferedReader) -> Response | None:
+    """The status line and headers; None when the peer closed before a byte (on a
+    reused keep-alive connection: the agent had closed it while idle)."""
+    size = 0
+    lines: list[bytes] = []
+    while True:
+        line = f.readline(MAX_HEAD + 1)
+        size += len(line)
+        if not line:
+            if not lines:
+                return None
+            raise ConnectionError("closed in a response head")
+        if size > MAX_HEAD:
+            raise ConnectionError(f"response head over {MAX_HEAD} bytes")
+        if line in (b"\r\n", b"\n"):
+            if lines:
+                break
+            continue
+        lines.append(line)
+    version, _, rest = lines[0].decode("latin-1").rstrip("\r\n").partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        raise ConnectionError(f"bad status line {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for raw in lines[1:]:
+        name, sep, value = raw.decode("latin-1").partition(":")
+        if not sep:
+            raise ConnectionError(f"bad header line {raw[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    conn = headers.get("connection", "").lower()
+    will_close = "close" in conn or (version == "HTTP/1.0" and "keep-alive" not in conn)
+    return Response(int(code), reason, headers, will_close)
+
+
+def body_parts(f: io.BufferedReader, resp: Response) -> Iterator[bytes]:
+    """The body as it arrives: chunk by chunk, or in reads of up to 64 KiB."""
+    if resp.chunked:
+        while True:
+            line = f.readline(MAX_CHUNK_LINE + 1)
+            size = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not size or any(c not in b"0123456789abcdefABCDEF"
+                                                          for c in size):
+                raise ConnectionError(f"bad chunk size line {line[:40]!r}")
+            n = int(size, 16)
+            if n == 0:
+                while f.readline(MAX_CHUNK_LINE + 1) not in (b"\r\n", b"\n", b""):
+                    pass            # trailers: none expected, none kept
+                return
+            data = f.read(n)
+            if len(data) < n or f.readline(3) not in (b"\r\n", b"\n"):
+                raise ConnectionError("closed in a chunk")
+            yield data
+    left = resp.length
+    while left is None or left > 0:
+        data = f.read1(READ_SIZE if left is None else min(left, READ_SIZE))
+        if not data:
+            if left is not None:
+                raise ConnectionError("closed in a body")
+            return
+        if left is not None:
+            left -= len(data)
+        yield data
+
+
+def _closed() -> Response:
+    """Closed before answering: what a stale keep-alive connection does (retried once)."""
+    raise ConnectionResetError("the agent closed the connection without answering")
+
+
+class Conn:
+    """One connection to the agent: the socket and a buffered reader on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.file: io.BufferedReader = sock.makefile("rb")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
 
 
 class Client:
@@ -43,28 +160,39 @@ class Client:
             self._port = parts.port or (443 if self._https else 80)
         except ValueError as exc:
             raise ValidationError(f"{base_url!r}: bad port", "agent") from exc
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        default = 443 if self._https else 80
+        self._host_header = host if self._port == default else f"{host}:{self._port}"
         self._prefix = parts.path.rstrip("/")
         self._ctx: ssl.SSLContext | None = None
         if self._https:
+            import ssl  # only for https: an http call need not load OpenSSL
+
             self._ctx = ssl.create_default_context(cafile=ca_file)
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: Conn | None = None
         self._lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------
 
-    def _connect(self, timeout: float | None) -> http.client.HTTPConnection:
-        if self._https:
-            return http.client.HTTPSConnection(
-                self._host, self._port, timeout=timeout, context=self._ctx)
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+    def _connect(self, timeout: float | None) -> Conn:
+        sock = socket.create_connection((self._host, self._port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ctx is not None:
+                sock = self._ctx.wrap_socket(sock, server_hostname=self._host)
+        except BaseException:
+            sock.close()
+            raise
+        return Conn(sock)
 
-    def _headers(self, body: bytes | None) -> dict[str, str]:
-        h = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+    def _head(self, method: str, url: str, body: bytes | None) -> bytes:
+        lines = [f"{method} {url} HTTP/1.1", f"Host: {self._host_header}",
+                 f"User-Agent: {USER_AGENT}", "Accept: application/json"]
         if self.token:
-            h["Authorization"] = f"Bearer {self.token}"
+            lines.append(f"Authorization: Bearer {self.token}")
         if body is not None:
-            h["Content-Type"] = "application/json"
-        return h
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _url(self, path: str, params: dict[str, Any] | None) -> str:
         url = self._prefix + quote(path if path.startswith("/") else "/" + path, safe=_SAFE_PATH)
@@ -82,7 +210,7 @@ class Client:
             "of mcp.toml at it)")
 
     @staticmethod
-    def _error(resp: http.client.HTTPResponse, raw: bytes) -> RemoteError:
+    def _error(resp: Response, raw: bytes) -> RemoteError:
         try:
             err = json.loads(raw)["error"]
             return RemoteError(resp.status, str(err["code"]), str(err["message"]))
@@ -94,31 +222,30 @@ class Client:
                 params: dict[str, Any] | None = None) -> Any:
         """Send one request on the shared connection; decoded JSON (or text) back."""
         data = None if body is None else json.dumps(body).encode()
-        url = self._url(path, params)
-        headers = self._headers(data)
+        head = self._head(method, self._url(path, params), data)
         with self._lock:
             for attempt in (0, 1):
                 reused = self._conn is not None
-                if self._conn is None:
-                    self._conn = self._connect(self.timeout)
                 try:
-                    self._conn.request(method, url, body=data, headers=headers)
-                    resp = self._conn.getresponse()
-                    raw = resp.read()
-                except _STALE as exc:
+                    if self._conn is None:
+                        self._conn = self._connect(self.timeout)
+                    self._conn.sock.sendall(head + data if data else head)
+                    resp = read_head(self._conn.file) or _closed()
+                    raw = b"".join(body_parts(self._conn.file, resp))
+                except (BrokenPipeError, ConnectionResetError) as exc:
                     self.close_connection()
                     if reused and attempt == 0:
                         continue
                     raise self._unreachable(exc) from exc
-                except (OSError, http.client.HTTPException) as exc:
+                except (OSError, ValueError) as exc:
                     self.close_connection()
                     raise self._unreachable(exc) from exc
-                if resp.will_close:
+                if resp.will_close or resp.length is None:
                     self.close_connection()
                 break
         if resp.status >= 400:
             raise self._error(resp, raw)
-        ctype = resp.getheader("Content-Type", "")
+        ctype = resp.headers.get("content-type", "")
         if not raw:
             return None
         if ctype.startswith("application/json"):
@@ -161,15 +288,17 @@ class Client:
         ``next``). After the headers the socket waits ``idle_timeout`` between
         chunks (None: forever, as ``logs -f`` must).
         """
-        conn = self._connect(self.timeout)
         try:
-            conn.request("GET", self._url(path, params), headers=self._headers(None))
-            resp = conn.getresponse()
+            conn = self._connect(self.timeout)
+        except OSError as exc:
+            raise self._unreachable(exc) from exc
+        try:
+            conn.sock.sendall(self._head("GET", self._url(path, params), None))
+            resp = read_head(conn.file) or _closed()
             if resp.status >= 400:
-                raise self._error(resp, resp.read())
-            if conn.sock is not None:
-                conn.sock.settimeout(idle_timeout)
-        except (OSError, http.client.HTTPException) as exc:
+                raise self._error(resp, b"".join(body_parts(conn.file, resp)))
+            conn.sock.settimeout(idle_timeout)
+        except (OSError, ValueError) as exc:
             conn.close()
             raise self._unreachable(exc) from exc
         except BaseException:
@@ -177,13 +306,13 @@ class Client:
             raise
         return self._chunks(conn, resp)
 
-    def _chunks(self, conn: http.client.HTTPConnection,
-                resp: http.client.HTTPResponse) -> Iterator[bytes]:
+    def _chunks(self, conn: Conn, resp: Response) -> Iterator[bytes]:
         try:
+            parts = body_parts(conn.file, resp)
             while True:
                 try:
-                    chunk = resp.read1(65536)
-                except (OSError, http.client.HTTPException) as exc:
+                    chunk = next(parts, b"")
+                except (OSError, ValueError) as exc:
                     raise MCPError(f"the stream from {self.base_url} broke off: {exc}") from exc
                 if not chunk:
                     return

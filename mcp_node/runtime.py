@@ -14,7 +14,6 @@ are spelled only in ``RUNTIMES``; a new runtime is one module and one entry.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
@@ -84,6 +83,8 @@ class WorkloadSpec:
         made_of = [self.service, self.component, self.image, self.cmd, self.env,
                    self.volumes, self.ports, self.memory_mb, self.vcpus, self.binary,
                    self.image_sha256]
+        import hashlib  # the agent's; the CLI imports this module for the names only
+
         return hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:16]
 
 

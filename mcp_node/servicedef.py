@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -316,6 +315,8 @@ def from_dict(data: object) -> ServiceDef:
 
 
 def loads_toml(text: str) -> ServiceDef:
+    import tomllib  # a JSON definition (the API's) does without it
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -15,12 +15,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from .config import AgentConfig
+from .converge import STOP_TIMEOUT_S, Steps, in_parallel
 from .errors import (
     ConflictError,
     FleetUnavailable,
@@ -32,6 +32,7 @@ from .errors import (
 from .files import flocked, node_id
 from .grammar import default_volume_roots
 from .monitor import Monitor, View
+from .progress import Progress
 from .reconcile import Policy, Reconciler
 from .records import ComponentRecord, ServiceRecord
 from .registry import Registry
@@ -52,22 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mcp_node.agent")
 
-STOP_TIMEOUT_S = 10.0
 MAX_STOP_TIMEOUT_S = 3600.0
-
-
-T = TypeVar("T")
-
-
-def in_parallel(tasks: list[Callable[[], T]]) -> list[T]:
-    """Run independent steps at once; every one finishes before the first error is
-    raised, so a rollback sees the runtimes settled."""
-    if len(tasks) <= 1:
-        return [t() for t in tasks]
-    with ThreadPoolExecutor(max_workers=min(8, len(tasks))) as pool:
-        futures = [pool.submit(t) for t in tasks]
-        wait(futures)
-    return [f.result() for f in futures]
 
 
 class Agent:
@@ -104,6 +90,8 @@ class Agent:
         # Only the daemon acts on what the monitor sees; ``mcp --local ps`` must not.
         self.reconciling = monitor if reconcile is None else reconcile
         self.views = Views(self)
+        self.progress = Progress()
+        self.steps = Steps(self.runtime, self.spec, self.registry, self.progress)
         self.rounds = Rounds(self)
         self.on_round = on_round  # after every monitor round: the daemon's watchdog ping
         self.monitor = Monitor(self.registry, self._listable, config.monitor,
@@ -266,21 +254,21 @@ class Agent:
                            or default_volume_roots(self.state_dir))
         if self.config.proxy.serve_routes:
             self.node_routes.check(defn)
-        with self._service_lock(defn.name):
+        with self._service_lock(defn.name), self.progress.operation(defn.name, "deploy"):
             previous = (self.registry.get_service(defn.name)
                         if self.registry.has_service(defn.name) else None)
             rts = {c.name: self.available_runtime(c.runtime) for c in defn.components}
-            for c in defn.components:
-                rts[c.name].pull(self._unallocated_spec(defn.name, c))
+            in_parallel([partial(self._pull, defn.name, c, rts[c.name])
+                         for c in defn.components])
             self._check_capacity(defn, previous)
             # Check and write as one step across services (and processes).
             with self._names_guard, self._file_lock("names"):
                 self.registry.check_workload_names(defn)
                 rec = self.registry.put_service(defn)
             try:
-                changes = self._converge(rec, previous)
+                changes = self.steps.converge(rec, previous)
             except BaseException:
-                self._rollback(rec, previous)
+                self.steps.rollback(rec, previous)
                 raise
             version = self.registry.record_deployment(defn)
             unchanged = changes == 0 and previous is not None and previous.definition() == defn
@@ -291,6 +279,10 @@ class Agent:
             self._routes_after(defn.name)
             return {**self.local_status(defn.name), "unchanged": unchanged}
 
+    def _pull(self, service: str, comp: ComponentDef, rt: Runtime) -> None:
+        self.progress.step(service, comp.name, f"pulling {comp.image}")
+        rt.pull(self._unallocated_spec(service, comp))
+
     def _check_capacity(self, defn: ServiceDef, previous: ServiceRecord | None) -> None:
         if not defn.active:
             return
@@ -298,56 +290,6 @@ class Agent:
         for c in defn.components:
             self.runtime(c.runtime).check_capacity(
                 self._unallocated_spec(defn.name, c), c.name in replacing)
-
-    def _converge(self, rec: ServiceRecord, previous: ServiceRecord | None) -> int:
-        """Make the runtimes match ``rec``; an unchanged running component is left alone.
-
-        Components are independent, so each one's steps run in parallel with the
-        others'. Returns how many workloads were created or removed.
-        """
-        old = {c.defn.name: c for c in previous.components} if previous else {}
-        gone = [oc for name, oc in old.items()
-                if name not in {c.defn.name for c in rec.components}
-                or oc.defn.runtime != rec.component(name).defn.runtime]
-        in_parallel([partial(self.runtime(oc.defn.runtime).remove, rec.name, oc.defn.name)
-                     for oc in gone])
-
-        def one(comp: ComponentRecord) -> bool:
-            rt = self.runtime(comp.defn.runtime)
-            if comp.desired_state != RUNNING:
-                rt.stop(rec.name, comp.defn.name, STOP_TIMEOUT_S)
-                return False
-            prev = old.get(comp.defn.name)
-            if prev is not None and prev.defn == comp.defn and prev.host_ports == comp.host_ports:
-                live = rt.inspect(rec.name, comp.defn.name)
-                if live is not None and live.state == RUNNING:
-                    return False
-            rt.run(self.spec(rec.name, comp))
-            return True
-
-        ran = in_parallel([partial(one, c) for c in rec.components])
-        return len(gone) + sum(ran)
-
-    def _rollback(self, rec: ServiceRecord, previous: ServiceRecord | None) -> None:
-        log.warning("deploy of %s failed; rolling back", rec.name)
-        for comp in rec.components:
-            try:
-                self.runtime(comp.defn.runtime).remove(rec.name, comp.defn.name)
-            except Exception:
-                log.exception("rollback: could not remove %s/%s", rec.name, comp.defn.name)
-        if previous is None:
-            self.registry.delete_service(rec.name)
-            return
-        ports = {(c.defn.name, r): p for c in previous.components for r, p in c.host_ports.items()}
-        desired = {c.defn.name: c.desired_state for c in previous.components}
-        restored = self.registry.put_service(previous.definition(), ports=ports,
-                                             desired=desired)
-        for comp in restored.components:
-            if comp.desired_state == RUNNING:
-                try:
-                    self.runtime(comp.defn.runtime).run(self.spec(rec.name, comp))
-                except Exception:
-                    log.exception("rollback: could not restart %s/%s", rec.name, comp.defn.name)
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """Each deployed version, oldest first; raises ValidationError, NotFoundError."""
@@ -412,7 +354,8 @@ class Agent:
         name = check_name(name, "service")
         if not 0 <= timeout <= MAX_STOP_TIMEOUT_S:
             raise ValidationError(f"must be 0-{MAX_STOP_TIMEOUT_S:g} seconds", "timeout")
-        with self._service_lock(name):
+        with self._service_lock(name), self.progress.operation(
+                name, "restart" if restart else "start" if desired == RUNNING else "stop"):
             rec = self.registry.get_service(name)
             comps = ([rec.component(check_name(component, "component"))] if component
                      else rec.components)
@@ -420,29 +363,11 @@ class Agent:
                 for comp in comps:
                     self.available_runtime(comp.defn.runtime)
             self.registry.set_desired(name, desired, component)
-            in_parallel([partial(self._to_state, name, comp, desired, restart, timeout)
+            in_parallel([partial(self.steps.to_state, name, comp, desired, restart, timeout)
                          for comp in comps])
             self.monitor.refresh_safely()
             self._routes_after(name)
             return self.local_status(name)
-
-    def _to_state(self, service: str, comp: ComponentRecord, desired: State,
-                  restart: bool, timeout: float = STOP_TIMEOUT_S) -> None:
-        """One component to its desired state. A stopped workload made from the same
-        spec is started as it is, so its log survives a stop/start."""
-        rt = self.runtime(comp.defn.runtime)
-        if desired != RUNNING or restart:
-            rt.stop(service, comp.defn.name, timeout)
-            if desired != RUNNING:
-                return
-        spec = self.spec(service, comp)
-        live = rt.inspect(service, comp.defn.name)
-        if live is not None and live.state == RUNNING:
-            return
-        if live is not None and live.spec_digest == spec.digest and \
-                rt.start(service, comp.defn.name):
-            return
-        rt.run(spec)
 
     def undeploy(self, name: str) -> None:
         """Undeploy from the fleet (its node removes it), or from this node."""
@@ -462,11 +387,10 @@ class Agent:
         would run again or that claims the removed workloads still run.
         """
         name = check_name(name, "service")
-        with self._service_lock(name):
+        with self._service_lock(name), self.progress.operation(name, "undeploy"):
             rec = self.registry.get_service(name)  # under the lock: what a deploy just made
             self.registry.set_desired(name, STOPPED)
-            in_parallel([partial(self.runtime(c.defn.runtime).remove, rec.name, c.defn.name)
-                         for c in rec.components])
+            in_parallel([partial(self.steps.remove, rec.name, c) for c in rec.components])
             self.registry.delete_service(rec.name)
             log.info("undeployed service=%s", rec.name)
             self._routes_after(rec.name)
@@ -536,6 +460,11 @@ class Agent:
             return self.fleet.read_or_stale(partial(self.fleet.status, check_name(name, "service")),
                                             lambda: self.views.status(self._get(name)))
         return self.views.status(self._get(name))
+
+    def progress_of(self, name: str) -> dict[str, Any]:
+        """What an operation in flight on ``name`` is doing per component (see
+        ``progress``); a service not deployed yet may have one. Raises ValidationError."""
+        return self.progress.of(check_name(name, "service"))
 
     def local_status(self, name: str) -> dict[str, Any]:
         """This node's status of a service it runs (what its own operations answer)."""

@@ -167,7 +167,8 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
     ctx.local = local or ctx.local
     defn = load_definition(ctx, service)
     backend = service_backend(ctx, ctx.backends(), defn["name"], new_ok=True)
-    st = backend.call("deploy", defn)
+    st = with_progress(ctx, "deploying", defn["name"], lambda: backend.call("deploy", defn),
+                       backend)
     if wait:
         st = wait_ready(backend, st["service"], timeout)
     emit(ctx, st, lambda s: f"{'unchanged' if s.get('unchanged') else 'deployed'} "
@@ -278,18 +279,48 @@ def rollback(ctx: Ctx, service: str, version: int | None) -> None:
     Example:
       mcp history web && mcp rollback web 3
     """
-    st = service_backend(ctx, ctx.backends(), service).call("rollback", service, version)
+    b = service_backend(ctx, ctx.backends(), service)
+    st = with_progress(ctx, "rolling back", service,
+                       lambda: b.call("rollback", service, version), b)
     emit(ctx, st, lambda s: f"rolled back {s['service']}\n{status_text(s)}")
 
 
-def with_progress(ctx: Ctx, verb: str, what: str, call: Callable[[], Any]) -> Any:
-    """Run ``call``; on a terminal (not --json) say what runs and for how long, and on
-    Ctrl-C say what the agent is still doing, since it goes on without us."""
+PROGRESS_POLL_S = 0.25
+CLEAR_LINE = "\r\x1b[K"
+
+
+def with_progress(ctx: Ctx, verb: str, what: str, call: Callable[[], Any],
+                  backend: Backend | None = None) -> Any:
+    """Run ``call``; on a terminal (not --json) say what runs and for how long, and each
+    component's step as the agent reports it (``backend``'s progress of the service
+    ``what`` names); on Ctrl-C say what the agent is still doing, since it goes on
+    without us."""
     if ctx.json or not sys.stderr.isatty():
         return call()
     import threading
 
     box: dict[str, Any] = {}
+    service = what.split("/")[0]
+    shown: dict[str, str] = {}
+    counted = 0
+
+    def steps() -> None:
+        if backend is None:
+            return
+        try:
+            now = backend.call("progress", service).get("components", {})
+        except MCPError:   # an older agent, or a blip: the elapsed time still shows
+            return
+        changed = [(c, step) for c, step in sorted(now.items()) if shown.get(c) != step]
+        if not changed:
+            return
+        lines = [f"  {c}: {step}" for c, step in changed]
+        if not shown and not counted:
+            lines.insert(0, f"{verb} {what} ...")
+        shown.update(changed)
+        click.echo(CLEAR_LINE + "\n".join(lines), err=True)
+        if counted:   # the elapsed time stays the last line
+            click.echo(f"{verb} {what} ... {counted}s", err=True, nl=False)
 
     def work() -> None:
         try:
@@ -302,16 +333,19 @@ def with_progress(ctx: Ctx, verb: str, what: str, call: Callable[[], Any]) -> An
     t.start()
     try:
         while t.is_alive():
-            t.join(1.0)
+            t.join(PROGRESS_POLL_S)
             if t.is_alive():
-                click.echo(f"\r{verb} {what} ... {time.monotonic() - start:.0f}s", err=True,
-                           nl=False)
+                steps()
+                if (seconds := int(time.monotonic() - start)) > counted:
+                    counted = seconds
+                    click.echo(f"{CLEAR_LINE}{verb} {what} ... {seconds}s", err=True, nl=False)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: the agent goes on {verb} {what}; `mcp status "
                    f"{what.split('/')[0]}` shows where it is", err=True)
         sys.exit(130)
-    if time.monotonic() - start >= 1.0:
-        click.echo(f"\r{verb} {what} ... done in {time.monotonic() - start:.1f}s", err=True)
+    if counted or shown:
+        click.echo(f"{CLEAR_LINE}{verb} {what} ... done in {time.monotonic() - start:.1f}s",
+                   err=True)
     if "error" in box:
         raise box["error"]
     return box.get("value")
@@ -330,7 +364,7 @@ def _lifecycle(op: str, past: str, verb: str) -> None:
                 timeout: float | None = None) -> None:
         b = service_backend(ctx, ctx.backends(), service)
         what = f"{service}/{component}" if component else service
-        st = with_progress(ctx, verb, what, lambda: b.call(op, service, component, timeout))
+        st = with_progress(ctx, verb, what, lambda: b.call(op, service, component, timeout), b)
         show = op in ("start", "restart")
         emit(ctx, st, lambda s: f"{past} {what}" + (
             f"\n{status_text(s)}" if show and isinstance(s, dict) else ""))
@@ -358,7 +392,7 @@ def undeploy(ctx: Ctx, service: str) -> None:
       mcp undeploy web
     """
     b = service_backend(ctx, ctx.backends(), service)
-    st = with_progress(ctx, "undeploying", service, lambda: b.call("undeploy", service))
+    st = with_progress(ctx, "undeploying", service, lambda: b.call("undeploy", service), b)
     emit(ctx, st, lambda _: f"undeployed {service}")
 
 

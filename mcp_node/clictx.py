@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from .errors import AuthError, MCPError, RemoteError, ValidationError
 
 if TYPE_CHECKING:
     from .agent import Agent
+    from .client import Client
 
 DEFAULT_AGENT = "http://127.0.0.1:9444"
 
@@ -64,6 +64,8 @@ def load_cli_config() -> CLIConfig:
     path = Path(os.environ.get("MCP_CLI_CONFIG") or config_home() / "mcp.toml")
     if not path.exists():
         return CLIConfig()
+    import tomllib  # only with an mcp.toml: every mcp start pays for its imports
+
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -116,6 +118,19 @@ class RemoteBackend:
         self.token_source = token_source
         self.named = bool(node)   # a configured node name, shown instead of the agent's
         self.client = Client(url, token, ca_file=ca_file)
+        self._ca_file = ca_file
+        self._side: Client | None = None
+
+    @property
+    def side(self) -> Client:
+        """A second connection, made on first use: progress is asked while the
+        operation's own call holds ``client``."""
+        if self._side is None:
+            from .client import Client
+
+            self._side = Client(self.client.base_url, self.client.token,
+                                ca_file=self._ca_file, timeout=10)
+        return self._side
 
     def call(self, op: str, *args: Any) -> Any:
         try:
@@ -160,6 +175,8 @@ class RemoteBackend:
             return c.get("/v1/health")
         if op == "history":
             return c.get(f"/v1/services/{q[0]}/history")
+        if op == "progress":
+            return self.side.get(f"/v1/services/{q[0]}/progress")
         if op == "events":
             return c.get("/v1/events", params={"service": args[0], "tail": args[1]})
         if op == "rollback":
@@ -227,6 +244,8 @@ class LocalBackend:
             return getattr(a, op)()
         if op == "history":
             return a.history(args[0])
+        if op == "progress":
+            return a.progress_of(args[0])
         if op == "events":
             return a.events(args[0], args[1])
         if op == "rollback":

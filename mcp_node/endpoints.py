@@ -94,6 +94,9 @@ class APIHandler(Handler):
     def h_history(self, params: Params, query: dict[str, str], body: bytes) -> None:
         self._send_json(self.agent.history(check_name(params["name"], "name")))
 
+    def h_progress(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        self._send_json(self.agent.progress_of(check_name(params["name"], "name")))
+
     def h_rollback(self, params: Params, query: dict[str, str], body: bytes) -> None:
         name = check_name(params["name"], "name")
         data = parse_json(body) if body.strip() else {}

@@ -136,6 +136,7 @@ ROUTES: tuple[Route, ...] = (
           query=("component", "tail", "follow")),
     Route("GET", "/v1/services/{name}/history", "reader", "h_history"),
     Route("POST", "/v1/services/{name}/rollback", "operator", "h_rollback"),
+    Route("GET", "/v1/services/{name}/progress", "reader", "h_progress"),
     Route("GET", "/v1/events", "reader", "h_events", query=("service", "tail", "follow")),
     Route("GET", "/v1/livez", None, "h_livez"),
     Route("GET", "/metrics", "reader", "h_metrics"),

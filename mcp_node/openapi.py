@@ -174,6 +174,10 @@ def _paths() -> dict[str, dict[str, Any]]:
             "History", "Each deployed version of the service, oldest first", "reader",
             _json({"type": "array", "items": _ref("Deployment")}, "Versions"),
             params=[NAME_PARAM], errors=("404",))},
+        "/v1/services/{name}/progress": {"get": _op(
+            "Progress", "What an operation in flight on the service (deploy, stop, start, "
+            "restart, undeploy) is doing to each component; idle: operation null",
+            "reader", _json(_ref("Progress"), "Progress"), params=[NAME_PARAM])},
         "/v1/services/{name}/rollback": {"post": _op(
             "Rollback", "Deploy an earlier version again (default: the one before the current)",
             "operator", status, params=[NAME_PARAM], errors=_SERVICE_ERRORS,
@@ -395,6 +399,16 @@ def _schemas() -> dict[str, Any]:
         "RollbackRequest": {
             "type": "object", "additionalProperties": False,
             "properties": {"version": {"type": "integer", "minimum": 1, "maximum": 1 << 31}},
+        },
+        "Progress": {
+            "type": "object",
+            "required": ["service", "operation", "elapsed_s", "components"],
+            "properties": {
+                "service": _STR,
+                "operation": {"enum": ["deploy", "stop", "start", "restart", "undeploy",
+                                       None]},
+                "elapsed_s": {"type": "number", "minimum": 0},
+                "components": {"type": "object", "additionalProperties": _STR}},
         },
         "Deployment": {
             "type": "object",

@@ -20,6 +20,7 @@ from mcp_node.errors import (
     NotFoundError,
     ResourceError,
     RuntimeUnavailable,
+    ValidationError,
     WorkloadError,
 )
 from mcp_node.runtime import RUNTIME_NAMES
@@ -336,3 +337,39 @@ def test_components_of_one_service_run_in_parallel(agent: Agent, world: FakeWorl
         type(agent.runtime(name))._step = step  # type: ignore[method-assign]
     agent.deploy(svc("shop", {"name": "web", "image": "img:v1"}, vm()))
     assert sorted(entered) == ["vm", "web"]
+
+
+def test_progress_names_each_components_step_while_an_operation_runs(
+        agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, str, str | None, str | None]] = []
+    real_step = type(agent.runtime(CONTAINER))._step
+
+    def step(self: Any, op: str, component: str) -> None:
+        p = agent.progress_of("shop")
+        seen.append((op, component, p["components"].get(component), p["operation"]))
+        real_step(self, op, component)
+
+    for name in RUNTIME_NAMES:
+        monkeypatch.setattr(type(agent.runtime(name)), "_step", step)
+    agent.deploy(svc("shop", {"name": "web", "image": "img:v1"}, vm()))
+    assert ("pull", "web", "pulling img:v1", "deploy") in seen
+    assert ("run", "web", "starting", "deploy") in seen
+    assert ("run", "vm", "starting", "deploy") in seen
+    seen.clear()
+    agent.deploy(svc("shop", {"name": "web", "image": "img:v2"}, vm()))
+    assert [s for s in seen if s[0] == "run"] == [("run", "web", "replacing", "deploy")]
+    seen.clear()
+    agent.stop("shop", "web")
+    assert seen == [("stop", "web", "stopping", "stop")]
+    seen.clear()
+    agent.restart("shop", "vm")
+    assert [s[:3] for s in seen] == [("stop", "vm", "stopping"), ("start", "vm", "starting")]
+    assert {s[3] for s in seen} == {"restart"}
+    seen.clear()
+    agent.undeploy("shop")
+    assert sorted(seen) == [("remove", "vm", "removing", "undeploy"),
+                            ("remove", "web", "removing", "undeploy")]
+    assert agent.progress_of("shop") == {"service": "shop", "operation": None,
+                                         "elapsed_s": 0.0, "components": {}}
+    with pytest.raises(ValidationError):
+        agent.progress_of("../x")

@@ -174,3 +174,47 @@ def test_ctrl_c_says_what_the_agent_still_does(monkeypatch: pytest.MonkeyPatch,
     assert exit_.value.code == 130
     assert capsys.readouterr().err == (
         "\ninterrupted: the agent goes on stopping shop; `mcp status shop` shows where it is\n")
+
+
+def test_progress_shows_each_components_step_as_it_changes(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+    import threading
+    import time
+
+    from mcp_node import cli as cli_mod
+    from mcp_node.clictx import Ctx
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(cli_mod, "PROGRESS_POLL_S", 0.005)
+    monkeypatch.setattr(time, "monotonic", lambda: 100.0)  # no elapsed-time line
+    states: list[dict[str, str]] = [
+        {}, {"web": "pulling img:v1"}, {"web": "pulling img:v1", "db": "unchanged"},
+        {"web": "starting", "db": "unchanged"}, {"web": "running", "db": "unchanged"}]
+    done = threading.Event()
+
+    class Agent:
+        """A backend whose progress moves one step per poll, like a deploy's."""
+
+        asked = 0
+
+        def call(self, op: str, service: str) -> dict[str, Any]:
+            assert (op, service) == ("progress", "shop")
+            now = states[min(self.asked, len(states) - 1)]
+            self.asked += 1
+            if self.asked >= len(states):
+                done.set()
+            return {"service": "shop", "operation": "deploy", "components": now}
+
+    ctx = Ctx(None, None, False, None, False)
+    assert cli_mod.with_progress(ctx, "deploying", "shop", lambda: done.wait(10) and "ok",
+                                 Agent()) == "ok"  # type: ignore[arg-type]
+    assert capsys.readouterr().err == (
+        "\r\x1b[Kdeploying shop ...\n  web: pulling img:v1\n"
+        "\r\x1b[K  db: unchanged\n"
+        "\r\x1b[K  web: starting\n"
+        "\r\x1b[K  web: running\n"
+        "\r\x1b[Kdeploying shop ... done in 0.0s\n")
+    ctx.json = True   # --json (or no terminal): nothing but the call
+    assert cli_mod.with_progress(ctx, "deploying", "shop", lambda: "ok", Agent()) == "ok"  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""

@@ -337,6 +337,35 @@ def test_lifecycle_over_http(live_server: LiveServer, hello_image: str) -> None:
     assert remote_error(c.get, f"/v1/services/{name}").status == 404
 
 
+def test_progress_over_http_while_a_deploy_runs(live_server: LiveServer,
+                                                hello_image: str) -> None:
+    """What ``mcp deploy`` shows on a terminal: each component's step, asked on a
+    second connection while the deploy's call waits on the first."""
+    import threading
+
+    from mcp_node.clictx import RemoteBackend
+
+    name = svc_name()
+    reader = RemoteBackend(live_server.url, live_server.token("reader"))
+    idle = {"service": name, "operation": None, "elapsed_s": 0.0, "components": {}}
+    assert reader.call("progress", name) == idle
+    operator = RemoteBackend(live_server.url, live_server.operator_token)
+    defn = {"name": name, "components": [{"name": "web", "image": hello_image},
+                                         {"name": "api", "image": hello_image}]}
+    deploy = threading.Thread(target=operator.call, args=("deploy", defn))
+    seen: set[tuple[str, str, str]] = set()
+    deploy.start()
+    while deploy.is_alive():
+        p = reader.call("progress", name)
+        seen |= {(p["operation"], c, step) for c, step in p["components"].items()}
+    deploy.join()
+    assert operator.call("status", name)["service"] == name
+    assert {("deploy", "web", "starting"), ("deploy", "api", "starting")} & seen, seen
+    assert {op for op, _, _ in seen} == {"deploy"}
+    assert reader.call("progress", name) == idle
+    operator.call("undeploy", name)
+
+
 def test_missing_image_is_502_not_500(live_server: LiveServer) -> None:
     defn = {"name": svc_name(), "components": [
         {"name": "web", "image": f"localhost/mcp-missing-{uuid.uuid4().hex[:8]}:v1"}]}

@@ -35,6 +35,7 @@ class ServerConfig:
     max_connections: int = 1024         # open connections (authenticated: a thread each)
     max_unauthenticated: int = 256      # connections with no valid token yet; oldest dropped
     max_unauthenticated_per_peer: int = 64  # the same, per peer address
+    intake_nice: int = 10               # the intake thread this much nicer: a flood slows itself
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "server.max_connections": (1, 1_000_000),
     "server.max_unauthenticated": (1, 1_000_000),
     "server.max_unauthenticated_per_peer": (1, 1_000_000),
+    "server.intake_nice": (0, 19),
     "dns.timeout_s": (0.1, 60),
     "cluster.lease_ttl_s": (2, 3600),
     "cluster.grace_s": (0, 86400),

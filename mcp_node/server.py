@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import resource
 import selectors
@@ -235,6 +236,7 @@ class AgentServer(ThreadingHTTPServer):
     # -- the intake (one thread: accepts, caps, reads request heads) -------------------
 
     def _serve(self) -> None:
+        self._lower_priority(self.config.server.intake_nice)
         sel = self._sel
         self.socket.setblocking(False)
         sel.register(self.socket, selectors.EVENT_READ, "accept")
@@ -254,6 +256,20 @@ class AgentServer(ThreadingHTTPServer):
                 self._intake_close(conn)
             while not self._parked.empty():
                 self._intake_close(self._parked.get())
+
+    @staticmethod
+    def _lower_priority(nicer: int) -> None:
+        """This thread (on Linux nice is per thread) ``nicer`` than the agent: on a small
+        machine an attacker's connections would otherwise take the CPU, and the GIL,
+        from the workers answering clients with a token (see ``server.intake_nice``)."""
+        if nicer <= 0:
+            return
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, tid) + nicer))
+        except OSError as exc:   # e.g. a sandbox that forbids it: serve all the same
+            log.warning("cannot lower the intake thread's priority: %s", exc)
 
     def _guarded(self, fn: Callable[[Any], None], arg: Any) -> None:
         """The intake must outlive any one connection's surprise: log it, drop that one."""

@@ -525,3 +525,23 @@ def test_tls_slow_handshake_and_parked_connections(tmp_path: Path) -> None:
             t.sendall(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert read_all(t).count(b"HTTP/1.1 200 OK") == 2
         wait_until(lambda: live.server.open_connections == 0, "all released")
+
+
+def _nice_of(tid: int) -> int:
+    """A thread's nice value, from /proc (field 19 of its stat)."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[16])
+
+
+@pytest.mark.parametrize("nicer", [0, 7])
+def test_the_intake_thread_runs_nicer_than_the_workers(tmp_path: Path, nicer: int) -> None:
+    base = _nice_of(threading.get_native_id())
+    with fake_live(tmp_path, intake_nice=nicer) as live:
+        assert live.client("reader").get("/v1/health")  # a worker has served a request
+        intake = live.server._thread
+        assert intake is not None and intake.native_id is not None
+        wait_until(lambda: _nice_of(intake.native_id) == min(19, base + nicer),  # type: ignore[arg-type]
+                   f"intake thread at nice {min(19, base + nicer)}")
+        workers = [t.native_id for t in threading.enumerate()
+                   if t.name.startswith("mcp-conn") and t.native_id is not None]
+        assert workers and {_nice_of(t) for t in workers} == {base}

@@ -27,6 +27,7 @@ import resource
 import selectors
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ SHUTDOWN_GRACE_S = 10.0
 LINGER_S = 2.0
 LINGER_BYTES = 4 << 20
 DROP_LOG_EVERY_S = 10.0
+GIL_SWITCH_S = 0.0005
 INTAKE_SWEEP_S = 0.1          # how often the intake looks for expired head deadlines
 ACCEPT_BATCH = 32             # connections accepted before the intake reads again
 BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
@@ -567,6 +569,10 @@ def serve(agent: Agent, config: AgentConfig, *, tokens: TokenStore | None = None
     store = tokens if tokens is not None else TokenStore.for_config(config)
     store.ensure_initial(token_file_path(config))
     raise_fd_limit(config.server.max_connections + 256)
+    # A worker woken by a request waits at most this long for the GIL while other threads
+    # (the intake under a flood, the monitor) run Python; the default 5 ms would be the
+    # tail of every answer given while they are busy.
+    sys.setswitchinterval(GIL_SWITCH_S)
     try:
         srv = AgentServer((host, port), agent, config, store, ctx)
     except OSError as exc:

@@ -29,6 +29,29 @@ from daemon_env import Daemon, free_port  # noqa: E402
 from mcp_node.client import Client  # noqa: E402
 from mcp_node.podman import PodmanService  # noqa: E402
 
+# The least any Python CLI built like ours (click, tomllib, dataclasses) could cost: import
+# them, read the same TOML file, send it as one POST, print the answer. No validation,
+# no formatting: the floor under `mcp deploy` on this machine, measured in the same run.
+MINIMAL_CLI = """
+import click, dataclasses, json, pathlib, socket, sys, tomllib
+port, token, path = sys.argv[1:4]
+body = json.dumps(tomllib.loads(pathlib.Path(path).read_text())).encode()
+s = socket.create_connection(("127.0.0.1", int(port)))
+s.sendall(b"POST /v1/services HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Bearer %s\\r\\n"
+          b"Content-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n%s"
+          % (pathlib.Path(token).read_text().strip().encode(), len(body), body))
+buf = b""
+while b"\\r\\n\\r\\n" not in buf:
+    buf += s.recv(65536)
+head, _, rest = buf.partition(b"\\r\\n\\r\\n")
+assert head.startswith(b"HTTP/1.1 200"), head
+length = int(next(v for k, _, v in (ln.partition(b":") for ln in head.split(b"\\r\\n"))
+                  if k.lower() == b"content-length"))
+while len(rest) < length:
+    rest += s.recv(65536)
+sys.stdout.buffer.write(rest)
+"""
+
 
 def hello_image(tag: str = "v1") -> str:
     out = subprocess.run([str(TOP / "scripts" / "build_test_image.sh"), tag], check=True,

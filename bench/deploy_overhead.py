@@ -17,7 +17,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from common import BIN, bed, hello_image, median, timed
+from common import BIN, MINIMAL_CLI, bed, hello_image, median, timed
 
 DIRECT = """
 import sys
@@ -30,27 +30,6 @@ with PodmanClient(base_url=url) as c:
     ctr.start()
 """
 
-# The least any Python CLI built like ours (click, tomllib, dataclasses) could cost: import
-# them, read the same TOML file, send it as one POST, read the answer. No validation, no
-# output: the floor under `mcp deploy` on this machine, measured in the same run.
-MINIMAL_CLI = """
-import click, dataclasses, json, pathlib, socket, sys, tomllib
-port, token, path = sys.argv[1:4]
-body = json.dumps(tomllib.loads(pathlib.Path(path).read_text())).encode()
-s = socket.create_connection(("127.0.0.1", int(port)))
-s.sendall(b"POST /v1/services HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Bearer %s\\r\\n"
-          b"Content-Type: application/json\\r\\nContent-Length: %d\\r\\n\\r\\n%s"
-          % (pathlib.Path(token).read_text().strip().encode(), len(body), body))
-buf = b""
-while b"\\r\\n\\r\\n" not in buf:
-    buf += s.recv(65536)
-head, _, rest = buf.partition(b"\\r\\n\\r\\n")
-assert head.startswith(b"HTTP/1.1 200"), head
-length = int(next(v for k, _, v in (ln.partition(b":") for ln in head.split(b"\\r\\n"))
-                  if k.lower() == b"content-length"))
-while len(rest) < length:
-    rest += s.recv(65536)
-"""
 
 
 def main() -> None:
@@ -79,7 +58,7 @@ def main() -> None:
             def minimal_side(p: Path = path, svc: str = svc) -> None:
                 minimal_t.append(timed(lambda: subprocess.run(
                     [str(BIN / "python"), "-c", MINIMAL_CLI, str(b.port),
-                     str(b.state / "token"), str(p)], check=True)))
+                     str(b.state / "token"), str(p)], check=True, capture_output=True)))
                 b.mcp("undeploy", svc)
 
             def shell_side(n: str = shell, p: str = str(22000 + i)) -> None:

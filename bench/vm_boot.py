@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import BIN, TOP, Bed, bed, free_port, median, run_cases
+from common import BIN, MINIMAL_CLI, TOP, Bed, bed, free_port, median, run_cases
 
 from mcp_node.client import Client
 
@@ -246,23 +246,30 @@ def api_body(svc: str, image: str) -> dict[str, object]:
 
 def run_case(case: str, image: str, rounds: int) -> dict[str, object]:
     """Per round, in a rotating order: `mcp deploy` (a CLI process), the same deploy as
-    one HTTP call from this process (the agent's share without the CLI's start-up), and
-    the hand launch."""
-    times: dict[str, list[float]] = {"cli": [], "returned": [], "api": [], "hand": []}
+    one HTTP call from this process (the agent's share without the CLI's start-up), the
+    least a Python CLI built like ours could cost (common.MINIMAL_CLI), and the hand
+    launch."""
+    times: dict[str, list[float]] = {"cli": [], "returned": [], "api": [], "minimal": [],
+                                     "hand": []}
     accel = "tcg"
-    sides = ("cli", "api", "hand")
+    sides = ("cli", "api", "minimal", "hand")
     with bed(monitor_interval=1.0) as b:
         client = start_bed(b, case, image)
         kept = b.dir / "image"
         hands: list[Hand] = []
         try:
             for i in range(rounds):
-                for side in sides[i % 3:] + sides[:i % 3]:
+                for side in sides[i % 4:] + sides[:i % 4]:
                     svc = f"vb{uuid.uuid4().hex[:6]}"
                     t0 = time.perf_counter()
                     if side == "cli":
                         port = deploy(b, vm_definition(b.dir, svc, image))
                         times["returned"].append(time.perf_counter() - t0)
+                    elif side == "minimal":
+                        port = port_of(subprocess.run(
+                            [str(BIN / "python"), "-c", MINIMAL_CLI, str(b.port),
+                             str(b.state / "token"), str(vm_definition(b.dir, svc, image))],
+                            check=True, capture_output=True, text=True).stdout)
                     elif side == "api":
                         port = port_of(json.dumps(client.post("/v1/services",
                                                               api_body(svc, image))))
@@ -287,15 +294,18 @@ def run_case(case: str, image: str, rounds: int) -> dict[str, object]:
 
 def report(r: dict[str, object], rounds: int) -> None:
     case = str(r["case"])
-    cli, api, hand, returned = (list(r[k]) for k in ("cli", "api", "hand", "returned"))  # type: ignore[call-overload]
-    c, a, h = median(cli), median(api), median(hand)
+    cli, api, hand, returned, minimal = (list(r[k]) for k in (  # type: ignore[call-overload]
+        "cli", "api", "hand", "returned", "minimal"))
+    c, a, h, m = median(cli), median(api), median(hand), median(minimal)
     print(f"vm_boot {case} ({r['accel']}, {rounds} rounds, medians)")
     print(f"  mcp deploy -> first HTTP answer   : {c:6.3f} s  {[round(x, 3) for x in cli]}")
     print(f"    of which mcp deploy returned    : {median(returned):6.3f} s")
     print(f"  HTTP API deploy -> first answer   : {a:6.3f} s  {[round(x, 3) for x in api]}")
+    print(f"  minimal Python CLI -> first answer: {m:6.3f} s  {[round(x, 3) for x in minimal]}")
     print(f"  by hand -> first HTTP answer      : {h:6.3f} s  {[round(x, 3) for x in hand]}")
     print(f"  ratio mcp deploy / by hand        : {c / h:6.3f}  (target <= {TARGETS[case]})")
     print(f"  ratio HTTP API deploy / by hand   : {a / h:6.3f}")
+    print(f"  ratio minimal Python CLI / by hand: {m / h:6.3f}  (the floor for a click CLI)")
 
 
 def main() -> None:

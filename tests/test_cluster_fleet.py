@@ -168,8 +168,11 @@ def test_failover_return_cleanup_drain_uncordon(fleet: dict[str, Node]) -> None:
     t0 = time.monotonic()
     until(lambda: "free" in c2.running(), 30, "free did not move to c2")
     print(f"failover of 'free' c1 -> c2: {time.monotonic() - t0:.1f} s (ttl 2 s, grace 1 s)")
-    st = a(e1).status("pin")
-    assert st["node"] == "c1" and "pinned to c1" in st["fleet"]["waiting"]
+    # 'pin' is judged after 'free' in the same pass (one transaction each), and c2 may run
+    # 'free' before that second transaction lands: wait for the reason, not just the move
+    until(lambda: "pinned to c1" in a(e1).status("pin")["fleet"]["waiting"], 10,
+          "pin does not say it waits for c1")
+    assert a(e1).status("pin")["node"] == "c1"
     assert {n["node"]: n["state"] for n in a(e1).fleet.nodes()}["c1"] == "down"  # type: ignore
     # the node comes back: it removes what moved away (before running it) and runs its pin
     c1.start()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ import click
 from . import __version__
 from .clictx import DEFAULT_AGENT, Backend, Ctx, config_home
 from .cliformat import health_text, ps_table, services_summary, status_text, table
+from .cliwait import wait_ready, with_progress
 from .errors import MCPError
 from .fleet import (
     PARTIAL_EXIT,
@@ -175,36 +175,6 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
                             f"{s['service']}{placed_text(s)}\n{status_text(s)}")
 
 
-def not_ready(st: dict[str, Any]) -> list[dict[str, Any]]:
-    return [c for c in st["components"] if c["desired_state"] == "running" and not c["ready"]]
-
-
-def wait_ready(backend: Backend, service: str, timeout: float) -> dict[str, Any]:
-    """Poll the service's status until every component that should run is ready."""
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        st: dict[str, Any] = backend.call("status", service)
-        waiting = not_ready(st)
-        if not waiting:
-            return st
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
-        delay = min(delay * 1.5, 1.0)
-    lines = [f"{service}: not ready after {timeout:g} s:"]
-    for c in waiting:
-        lines.append(f"  {c['component']}: {c['state']}"
-                     + (f", exit code {c['exit_code']}" if c.get("exit_code") is not None
-                        else ""))
-        try:
-            tail = b"".join(backend.logs(service, c["component"], 10, False))
-        except MCPError as exc:
-            tail = f"(logs unavailable: {exc})".encode()
-        lines.extend("    | " + ln for ln in tail.decode(errors="replace").splitlines()[-10:])
-    raise MCPError("\n".join(lines))
-
-
 @cli.command()
 @click.argument("definition")
 @json_option
@@ -283,72 +253,6 @@ def rollback(ctx: Ctx, service: str, version: int | None) -> None:
     st = with_progress(ctx, "rolling back", service,
                        lambda: b.call("rollback", service, version), b)
     emit(ctx, st, lambda s: f"rolled back {s['service']}\n{status_text(s)}")
-
-
-PROGRESS_POLL_S = 0.25
-CLEAR_LINE = "\r\x1b[K"
-
-
-def with_progress(ctx: Ctx, verb: str, what: str, call: Callable[[], Any],
-                  backend: Backend | None = None) -> Any:
-    """Run ``call``; on a terminal (not --json) say what runs and for how long, and each
-    component's step as the agent reports it (``backend``'s progress of the service
-    ``what`` names); on Ctrl-C say what the agent is still doing, since it goes on
-    without us."""
-    if ctx.json or not sys.stderr.isatty():
-        return call()
-    import threading
-
-    box: dict[str, Any] = {}
-    service = what.split("/")[0]
-    shown: dict[str, str] = {}
-    counted = 0
-
-    def steps() -> None:
-        if backend is None:
-            return
-        try:
-            now = backend.call("progress", service).get("components", {})
-        except MCPError:   # an older agent, or a blip: the elapsed time still shows
-            return
-        changed = [(c, step) for c, step in sorted(now.items()) if shown.get(c) != step]
-        if not changed:
-            return
-        lines = [f"  {c}: {step}" for c, step in changed]
-        if not shown and not counted:
-            lines.insert(0, f"{verb} {what} ...")
-        shown.update(changed)
-        click.echo(CLEAR_LINE + "\n".join(lines), err=True)
-        if counted:   # the elapsed time stays the last line
-            click.echo(f"{verb} {what} ... {counted}s", err=True, nl=False)
-
-    def work() -> None:
-        try:
-            box["value"] = call()
-        except BaseException as exc:  # re-raised below, in the main thread
-            box["error"] = exc
-
-    t = threading.Thread(target=work, daemon=True)
-    start = time.monotonic()
-    t.start()
-    try:
-        while t.is_alive():
-            t.join(PROGRESS_POLL_S)
-            if t.is_alive():
-                steps()
-                if (seconds := int(time.monotonic() - start)) > counted:
-                    counted = seconds
-                    click.echo(f"{CLEAR_LINE}{verb} {what} ... {seconds}s", err=True, nl=False)
-    except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: the agent goes on {verb} {what}; `mcp status "
-                   f"{what.split('/')[0]}` shows where it is", err=True)
-        sys.exit(130)
-    if counted or shown:
-        click.echo(f"{CLEAR_LINE}{verb} {what} ... done in {time.monotonic() - start:.1f}s",
-                   err=True)
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def _lifecycle(op: str, past: str, verb: str) -> None:

@@ -157,8 +157,8 @@ def test_ctrl_c_says_what_the_agent_still_does(monkeypatch: pytest.MonkeyPatch,
     import sys
     import threading
 
-    from mcp_node.cli import with_progress
     from mcp_node.clictx import Ctx
+    from mcp_node.cliwait import with_progress
 
     release = threading.Event()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
@@ -182,7 +182,7 @@ def test_progress_shows_each_components_step_as_it_changes(
     import threading
     import time
 
-    from mcp_node import cli as cli_mod
+    from mcp_node import cliwait as cli_mod
     from mcp_node.clictx import Ctx
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)

@@ -13,8 +13,8 @@ from dataclasses import replace
 import pytest
 
 from mcp_node.agent import Agent
-from mcp_node.cli import wait_ready
 from mcp_node.clictx import LocalBackend
+from mcp_node.cliwait import wait_ready
 from mcp_node.config import AgentConfig, MonitorConfig
 from mcp_node.errors import MCPError, ValidationError
 from mcp_node.readiness import effective, probe

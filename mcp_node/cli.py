@@ -24,7 +24,7 @@ from .clictx import DEFAULT_AGENT, Backend, Ctx, config_home
 from .cliformat import health_text, ps_table, services_summary, status_text, table
 from .cliwait import wait_ready, with_progress
 from .errors import MCPError
-from .fleet import (
+from .multinode import (
     PARTIAL_EXIT,
     Answers,
     ask_all,

@@ -173,7 +173,7 @@ def test_raw_requests_never_500_nor_hang(tmp_path: Any) -> None:
     import re
     import socket
 
-    from fake_http import deploy, fake_live
+    from live_server import deploy, fake_live
 
     with fake_live(tmp_path, header_timeout_s=30, body_timeout_s=30) as live:
         deploy(live)

@@ -18,8 +18,8 @@ from mcp_node.agent import Agent
 from mcp_node.cluster import ALLOC, SERVICES
 from mcp_node.config import from_dict as config_from_dict
 from mcp_node.errors import ResourceError, ValidationError
-from mcp_node.fleet import drained_text, nodes_table, placed_text
 from mcp_node.fleetedge import wanted
+from mcp_node.multinode import drained_text, nodes_table, placed_text
 from mcp_node.placement import Demand, NodeInfo, choose, demand_of, parse_target
 from mcp_node.servicedef import from_dict
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fake_http import self_signed
+from live_server import self_signed
 from podman_env import free_port
 
 from mcp_node.client import Client

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_http import auth_get, connect, deploy, fake_live, read_all, wait_until
+from live_server import auth_get, connect, deploy, fake_live, read_all, wait_until
 from server_env import LiveServer, raw_http
 
 from mcp_node.errors import ValidationError
@@ -490,7 +490,7 @@ def test_log_safe() -> None:
 def test_tls_slow_handshake_and_parked_connections(tmp_path: Path) -> None:
     import ssl
 
-    from fake_http import self_signed
+    from live_server import self_signed
 
     cert, key = self_signed(tmp_path)
     with fake_live(tmp_path, tls_cert=cert, tls_key=key, header_timeout_s=0.5) as live:

@@ -7,7 +7,7 @@ import threading
 import uuid
 
 import pytest
-from fake_http import connect, wait_until
+from live_server import connect, wait_until
 from server_env import LiveServer
 
 from mcp_node.httpapi import StreamPump

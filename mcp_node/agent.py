@@ -85,6 +85,7 @@ class Agent:
         self._names_guard = threading.Lock()
         self._edge: EdgeManager | None = None
         self._routes: Any = None   # NodeRoutes, with proxy.serve_routes (issue 11)
+        self._front: Any = None    # front.Front: the one Caddy client and ACME account
         self.reconciler = Reconciler(self, Policy(config.monitor.restart_backoff_max_s,
                                                   config.monitor.restart_reset_s))
         # Only the daemon acts on what the monitor sees; ``mcp --local ps`` must not.
@@ -473,11 +474,21 @@ class Agent:
     # -- health -------------------------------------------------------------
 
     @property
+    def front(self) -> Any:
+        """The node's one proxy client and certificate issuer (front.Front), shared by
+        edge routes and component routes; loaded on first use."""
+        if self._front is None:
+            from .front import Front
+
+            self._front = Front(self.config)
+        return self._front
+
+    @property
     def edge(self) -> EdgeManager:
         if self._edge is None:
             from .edge import EdgeManager
 
-            self._edge = EdgeManager(self.config, self.registry)
+            self._edge = EdgeManager(self.config, self.registry, self.front)
         return self._edge
 
     @property
@@ -495,7 +506,8 @@ class Agent:
         if self._routes is None:
             from .noderoutes import NodeRoutes
 
-            self._routes = NodeRoutes(self.config, self.registry, f"{self.node}/{self.owner}")
+            self._routes = NodeRoutes(self.config, self.registry, f"{self.node}/{self.owner}",
+                                      front=self.front)
         return self._routes
 
     def _routes_after(self, name: str) -> None:
@@ -514,6 +526,6 @@ class Agent:
         self.monitor.stop()
         for rt in self._runtimes.values():
             rt.close()
-        if self._edge is not None:
-            self._edge.close()
+        if self._front is not None:
+            self._front.close()
         self.registry.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import tailnet
-from .acme import AcmeClient, Http01Responder, issue_files
+from .acme import AcmeClient
 from .config import AgentConfig
 from .errors import (
     DNSCheckError,
@@ -31,7 +31,8 @@ from .errors import (
     ValidationError,
 )
 from .files import unlink_quietly
-from .proxy import ProxyRoute, Router, make_router
+from .front import Front
+from .proxy import ProxyRoute, Router
 from .records import EdgeRouteRecord
 from .registry import Registry
 from .servicedef import check_hostname
@@ -84,17 +85,13 @@ def parse_time(text: str) -> datetime | None:
 class EdgeManager:
     """Edge routes on this node; thread-safe (one lock around every mutation)."""
 
-    def __init__(self, config: AgentConfig, registry: Registry) -> None:
+    def __init__(self, config: AgentConfig, registry: Registry,
+                 front: Front | None = None) -> None:
         self.config = config
         self.registry = registry
-        # Absolute paths only reach Caddy: it resolves relative ones against its own cwd.
-        self.edge_dir = config.state_dir.absolute() / "edge"
-        backend_ca = config.edge.backend_ca
-        self.router: Router = make_router(
-            config.proxy.backend, config.proxy.admin, config.proxy.https_port,
-            self.edge_dir / "certs",
-            str(Path(backend_ca).expanduser().absolute()) if backend_ca else "")
-        self._issuer: AcmeClient | None = None
+        self.front = front or Front(config)
+        self.edge_dir = self.front.edge_dir
+        self.router: Router = self.front.router
         self._lock = threading.RLock()
         self.last_timings: dict[str, float] = {}
 
@@ -102,12 +99,7 @@ class EdgeManager:
 
     @property
     def issuer(self) -> AcmeClient:
-        if self._issuer is None:
-            acme = self.config.acme
-            self._issuer = AcmeClient(
-                acme.directory, self.edge_dir / "acme" / "account.key",
-                ca_bundle=acme.ca_bundle, eab_kid=acme.eab_kid, eab_hmac_key=acme.eab_hmac_key)
-        return self._issuer
+        return self.front.issuer
 
     def _step(self, name: str, fn: Callable[[], T], host: str) -> T:
         """Run one setup step, timing it and naming it in any edge error."""
@@ -126,10 +118,9 @@ class EdgeManager:
 
     def _issue(self, host: str) -> tuple[Path, Path, str, str]:
         """New key + certificate, written under serial-bearing names (key 0600)."""
-        cert_file, key_file, info = issue_files(
-            self.issuer, host, Http01Responder(self.config.acme.http01_port),
-            lambda serial: (self.router.cert_path(host, serial),
-                            self.router.key_path(host, serial)))
+        cert_file, key_file, info = self.front.issue(
+            host, lambda serial: (self.router.cert_path(host, serial),
+                                  self.router.key_path(host, serial)))
         return cert_file, key_file, info.serial, info.expires
 
     def _due(self, rec: EdgeRouteRecord) -> bool:
@@ -330,7 +321,7 @@ class EdgeManager:
         return reasons
 
     def close(self) -> None:
-        self._issuer = None
+        self.front.close()
 
 
 def _same(a: EdgeRouteRecord, b: EdgeRouteRecord) -> bool:

@@ -29,15 +29,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import dnsupdate, nodeproxy
-from .acme import AcmeClient, Http01Responder, issue_files
 from .config import AgentConfig
 from .edge import parse_time, under_domain
 from .errors import ConflictError, MCPError, RouteError, ValidationError
 from .files import unlink_quietly
+from .front import Front
 from .l4proxy import HAProxy, L4Route
-from .proxy import CaddyRouter, make_router
-from .records import ServiceRecord
-from .registry import Registry, now_iso
+from .proxy import CaddyRouter
+from .records import HostRecord, ServiceRecord
+from .registry import Registry
 from .servicedef import ServiceDef
 from .states import RUNNING
 
@@ -75,16 +75,6 @@ class Want:
 
 
 @dataclass
-class HostRecord:
-    hostname: str
-    cert_path: str = ""
-    key_path: str = ""
-    cert_serial: str = ""
-    cert_expires: str = ""
-    dns_address: str = ""
-
-
-@dataclass
 class Failure:
     step: str
     message: str
@@ -96,44 +86,18 @@ def effective_hostname(hostname: str, service: str, zone: str) -> str:
     return (hostname or f"{service}.{zone}").lower().rstrip(".")
 
 
-class HostStore:
-    """node_hosts rows (migration 010), through the registry's own transactions."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.r = registry
-
-    def list(self) -> dict[str, HostRecord]:
-        rows = self.r._query("SELECT * FROM node_hosts ORDER BY hostname")
-        return {row["hostname"]: HostRecord(
-            row["hostname"], row["cert_path"], row["key_path"], row["cert_serial"],
-            row["cert_expires"], row["dns_address"]) for row in rows}
-
-    def put(self, h: HostRecord) -> None:
-        with self.r._tx() as db:
-            db.execute("INSERT OR REPLACE INTO node_hosts (hostname, cert_path, key_path, "
-                       "cert_serial, cert_expires, dns_address, updated_at) "
-                       "VALUES (?,?,?,?,?,?,?)", (h.hostname, h.cert_path, h.key_path,
-                                                  h.cert_serial, h.cert_expires,
-                                                  h.dns_address, now_iso()))
-
-    def delete(self, hostname: str) -> None:
-        with self.r._tx() as db:
-            db.execute("DELETE FROM node_hosts WHERE hostname=?", (hostname,))
-
-
 class NodeRoutes:
     """The node proxy's component routes; thread-safe (one lock around ``sync``)."""
 
     def __init__(self, config: AgentConfig, registry: Registry, holder: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, front: Front | None = None) -> None:
         self.config = config
         self.registry = registry
-        self.hosts = HostStore(registry)
+        self.front = front or Front(config)
         self.address = config.node.advertise
         self.zone = config.edge.internal_zone.lower().rstrip(".")
         self.dir = config.state_dir.absolute() / "routes"
-        self.caddy: CaddyRouter = make_router(config.proxy.backend, config.proxy.admin,
-                                              config.proxy.https_port, self.dir / "certs")
+        self.caddy: CaddyRouter = self.front.router
         self.l4 = HAProxy(config.proxy.l4_binary, self.dir / "l4")
         self.dns = dnsupdate.from_config(config.dns, self.zone, holder)
         self.clock = clock
@@ -141,21 +105,9 @@ class NodeRoutes:
         self.served: set[Key] = set()
         self.stale_dns: dict[str, str] = {}   # hostname -> why its records could not go
         self.timings: dict[str, float] = {}
-        self._issuer: AcmeClient | None = None
         self._caddy_known_empty = False
         self._proxy_next = 0.0
         self._lock = threading.RLock()
-
-    @property
-    def issuer(self) -> AcmeClient:
-        """The platform CA, with the account edge routes use (one account per node)."""
-        if self._issuer is None:
-            acme = self.config.acme
-            self._issuer = AcmeClient(
-                acme.directory, self.config.state_dir.absolute() / "edge" / "acme" /
-                "account.key", ca_bundle=acme.ca_bundle, eab_kid=acme.eab_kid,
-                eab_hmac_key=acme.eab_hmac_key)
-        return self._issuer
 
     # -- rules (before anything changes) -------------------------------------------
 
@@ -240,7 +192,7 @@ class NodeRoutes:
             self.timings = {}
             now = self.clock()
             wants = self.wanted()
-            rows = self.hosts.list()
+            rows = self.registry.node_hosts()
             by_host: dict[str, list[Want]] = {}
             for w in wants:
                 by_host.setdefault(w.hostname, []).append(w)
@@ -300,7 +252,7 @@ class NodeRoutes:
                 new.cert_path, new.key_path = str(cert), str(key)
                 new.cert_serial, new.cert_expires = info.serial, info.expires
             if new != rec:
-                self._step("persist", lambda: self.hosts.put(new))
+                self._step("persist", lambda: self.registry.put_node_host(new))
         except _StepError:
             self._undo(rec, made_dns, files, restore_row=False)
             raise
@@ -324,16 +276,17 @@ class NodeRoutes:
         if restore_row:
             try:
                 if rec.cert_path or rec.dns_address:
-                    self.hosts.put(rec)
+                    self.registry.put_node_host(rec)
                 else:
-                    self.hosts.delete(rec.hostname)
+                    self.registry.delete_node_host(rec.hostname)
             except MCPError as exc:
                 log.warning("undo: row of %s: %s", rec.hostname, exc)
 
     def _issue(self, host: str) -> Any:
-        return issue_files(
-            self.issuer, host, Http01Responder(self.config.acme.http01_port, self.address),
-            lambda serial: (self.caddy.cert_path(host, serial), self.caddy.key_path(host, serial)))
+        certs = self.dir / "certs"
+        return self.front.issue(
+            host, lambda serial: (certs / f"{host}.{serial}.crt", certs / f"{host}.{serial}.key"),
+            self.address)
 
     def _proxies(self, live: list[Want], rows: dict[str, HostRecord], wants: list[Want],
                  reconcile: bool, now: float) -> dict[Key, _StepError]:
@@ -375,7 +328,7 @@ class NodeRoutes:
 
     def _collect(self, wanted_hosts: set[str]) -> None:
         """Hostnames no route uses any more: records, certificate files and rows go."""
-        for host, rec in self.hosts.list().items():
+        for host, rec in self.registry.node_hosts().items():
             if host in wanted_hosts:
                 continue
             if rec.dns_address and self.dns is not None:
@@ -383,11 +336,11 @@ class NodeRoutes:
                     self.dns.unregister(host, rec.dns_address)
                 except MCPError as exc:
                     self.stale_dns[host] = str(exc)
-                    self.hosts.put(replace(rec, cert_path="", key_path=""))
+                    self.registry.put_node_host(replace(rec, cert_path="", key_path=""))
                     unlink_quietly(*(Path(p) for p in (rec.cert_path, rec.key_path) if p))
                     continue
             unlink_quietly(*(Path(p) for p in (rec.cert_path, rec.key_path) if p))
-            self.hosts.delete(host)
+            self.registry.delete_node_host(host)
             self.stale_dns.pop(host, None)
             log.info("node route hostname %s released", host)
 
@@ -432,7 +385,7 @@ class NodeRoutes:
     def describe(self, service: str, component: str,
                  routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Status rows of one component's routes, with URL, certificate, DNS and proxy."""
-        rows = self.hosts.list()
+        rows = self.registry.node_hosts()
         out = []
         for r in routes:
             host = effective_hostname(r.get("hostname") or "", service, self.zone)

@@ -70,6 +70,18 @@ class EdgeRouteRecord:
     updated_at: str = ""
 
 
+@dataclass
+class HostRecord:
+    """A component route's hostname on this node (migration 010): its certificate and
+    the address its DNS record was registered with."""
+    hostname: str
+    cert_path: str = ""
+    key_path: str = ""
+    cert_serial: str = ""
+    cert_expires: str = ""
+    dns_address: str = ""
+
+
 @dataclass(frozen=True)
 class Deployment:
     service: str

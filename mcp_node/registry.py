@@ -29,6 +29,7 @@ from .records import (
     Deployment,
     EdgeRouteRecord,
     Event,
+    HostRecord,
     ServiceRecord,
     definition_digest,
 )
@@ -509,6 +510,27 @@ class Registry:
         with self._tx() as db:
             cur = db.execute("DELETE FROM edge_routes WHERE hostname=?", (hostname,))
             return cur.rowcount > 0
+
+
+    # -- node hosts (component routes' certificates and DNS, migration 010) ----------
+
+    def node_hosts(self) -> dict[str, HostRecord]:
+        rows = self._query("SELECT * FROM node_hosts ORDER BY hostname")
+        return {r["hostname"]: HostRecord(r["hostname"], r["cert_path"], r["key_path"],
+                                          r["cert_serial"], r["cert_expires"], r["dns_address"])
+                for r in rows}
+
+    def put_node_host(self, h: HostRecord) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO node_hosts (hostname, cert_path, key_path, "
+                       "cert_serial, cert_expires, dns_address, updated_at) "
+                       "VALUES (?,?,?,?,?,?,?)", (h.hostname, h.cert_path, h.key_path,
+                                                  h.cert_serial, h.cert_expires,
+                                                  h.dns_address, now_iso()))
+
+    def delete_node_host(self, hostname: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM node_hosts WHERE hostname=?", (hostname,))
 
 
 def _edge(r: sqlite3.Row) -> EdgeRouteRecord:

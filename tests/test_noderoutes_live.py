@@ -127,7 +127,7 @@ def test_l7_and_l4_routes_lifecycle(live: Live) -> None:
     assert live.bind.query(host, "A") == [] and live.bind.query(host, "TXT") == []
     a.undeploy("rt2")
     assert not a.node_routes.l4.running()
-    assert a.node_routes.hosts.list() == {}
+    assert a.registry.node_hosts() == {}
 
 
 def test_hostname_rules_and_hijack(live: Live) -> None:
@@ -189,7 +189,7 @@ def test_fault_leaves_nothing_half_made(live: Live, fault: str) -> None:
     a.monitor.refresh()
     reasons = a.health()["reasons"]
     assert any(host in r and f"{step} step failed" in r for r in reasons), reasons
-    assert live.cert_files() == [] and a.node_routes.hosts.list() == {}
+    assert live.cert_files() == [] and a.registry.node_hosts() == {}
     if fault != "caddy_down":
         assert live.ours_in_caddy() == []
     if fault != "bind_down":

@@ -12,17 +12,34 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Iterator
 from datetime import datetime
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .httpapi import ROUTES
+
 if TYPE_CHECKING:
     from .agent import Agent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEPLOY_ROUTE = ("POST", "/v1/services")
+
+# Label values come from closed sets, so no request can add a series: a method, route
+# or status outside them (a malformed request line, a made-up method, a path no route
+# matches) is counted as ``other``. Without this, 3,000 junk requests grew /metrics to
+# 24 MB (issue 16).
+OTHER = "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT",
+                     "TRACE"})
+ROUTE_NAMES = frozenset(r.template for r in ROUTES)
+STATUSES = frozenset(str(s.value) for s in HTTPStatus)
+
+
+def label_of(value: str, known: frozenset[str]) -> str:
+    return value if value in known else OTHER
 
 
 class Metrics:
@@ -40,8 +57,10 @@ class Metrics:
         self.registry.register(NodeCollector(agent))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        """One answered request; ``route`` is the template (bounded cardinality)."""
-        self.requests.labels(method, route, str(status)).inc()
+        """One answered request; ``route`` is the matched template. Each label is one of
+        a closed set (else ``other``), whatever the client sent."""
+        method, route = label_of(method, METHODS), label_of(route, ROUTE_NAMES)
+        self.requests.labels(method, route, label_of(str(status), STATUSES)).inc()
         self.latency.labels(route).observe(seconds)
         if (method, route) == DEPLOY_ROUTE and status == 200:
             self.deploys.observe(seconds)

@@ -36,7 +36,7 @@ from .progress import Progress
 from .reconcile import Policy, Reconciler
 from .records import ComponentRecord, ServiceRecord
 from .registry import Registry
-from .rounds import Rounds
+from .rounds import Rounds, prune_history
 from .runtime import (
     RUNTIME_NAMES,
     Runtime,
@@ -395,6 +395,7 @@ class Agent:
             self.registry.delete_service(rec.name)
             log.info("undeployed service=%s", rec.name)
             self._routes_after(rec.name)
+        prune_history(self)
         self.monitor.refresh_safely()
 
     def events(self, service: str | None = None, tail: int = 100) -> list[dict[str, Any]]:

@@ -117,6 +117,14 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """What is kept of services no longer deployed (a deployed one keeps 20 versions)."""
+
+    keep_undeployed_days: float = 30.0   # history of a service undeployed longer ago goes
+    max_undeployed_services: int = 100   # beyond the most recently undeployed, history goes
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """Fleet mode on etcd (issue 12); ``etcd`` empty: a single node, no etcd."""
 
@@ -152,6 +160,7 @@ class AgentConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -183,6 +192,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "cluster.vcpus": (0, 65536),
     "cluster.deploy_wait_s": (1, 86400),
     "cluster.timeout_s": (0.2, 60),
+    "history.keep_undeployed_days": (0, 36500),
+    "history.max_undeployed_services": (0, 1_000_000),
 }
 
 

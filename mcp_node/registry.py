@@ -315,10 +315,15 @@ class Registry:
                 return port
         raise ConflictError(f"no free host port in {PORT_MIN}-{PORT_MAX}")
 
-    def delete_service(self, name: str) -> None:
+    def delete_service(self, name: str, now: float | None = None) -> None:
+        """The record and its events go; its history stays, marked undeployed at ``now``
+        (pruned later by ``prune_history``)."""
         with self._tx() as db:
             db.execute("DELETE FROM services WHERE name=?", (name,))
             db.execute("DELETE FROM events WHERE service=?", (name,))
+            db.execute("INSERT OR REPLACE INTO undeployed (service, time) SELECT ?, ? "
+                       "WHERE EXISTS (SELECT 1 FROM deployments WHERE service=?)",
+                       (name, time.time() if now is None else now, name))
 
     def has_service(self, name: str) -> bool:
         return bool(self._query("SELECT 1 FROM services WHERE name=?", (name,)))
@@ -473,6 +478,30 @@ class Registry:
             db.execute("DELETE FROM deployments WHERE service=? AND version<=?",
                        (svc.name, version - keep))
         return version
+
+    def prune_history(self, keep_s: float, max_services: int,
+                      now: float | None = None) -> list[str]:
+        """Forget the history of services no longer deployed: those undeployed more than
+        ``keep_s`` ago, and beyond the ``max_services`` most recently undeployed. A
+        deployed service's history is never touched here (it has its own cap of
+        versions). Returns the services forgotten, in one transaction (none when there
+        is nothing to forget, so a monitor round costs a read)."""
+        cutoff = (time.time() if now is None else now) - keep_s
+        sql = ("SELECT service, time FROM undeployed WHERE service NOT IN "
+               "(SELECT name FROM services) ORDER BY time DESC, service")
+
+        def due(rows: list[sqlite3.Row]) -> list[str]:
+            return [r["service"] for i, r in enumerate(rows)
+                    if i >= max_services or r["time"] < cutoff]
+
+        if not due(self._query(sql)):
+            return []
+        with self._tx() as db:   # again, under the write lock: a redeploy may have come
+            gone = due(db.execute(sql).fetchall())
+            for name in gone:
+                db.execute("DELETE FROM deployments WHERE service=?", (name,))
+                db.execute("DELETE FROM undeployed WHERE service=?", (name,))
+        return gone
 
     def history(self, service: str) -> list[Deployment]:
         rows = self._query("SELECT * FROM deployments WHERE service=? ORDER BY version",

@@ -21,6 +21,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.agent")
 
 
+def prune_history(agent: Agent) -> None:
+    """Forget the history of services undeployed too long ago or beyond the cap
+    (``[history]``); after an undeploy and in every round. Never raises: an undeploy
+    has succeeded by then, and a round must go on."""
+    h = agent.config.history
+    try:
+        gone = agent.registry.prune_history(h.keep_undeployed_days * 86400,
+                                            h.max_undeployed_services)
+    except Exception:
+        log.exception("history: prune failed")
+        return
+    for name in gone:
+        log.info("history: forgot undeployed service=%s", name)
+
+
 class Rounds:
     def __init__(self, agent: Agent) -> None:
         self.a = agent
@@ -61,6 +76,7 @@ class Rounds:
         except Exception as exc:  # a broken edge degrades health, never breaks it
             self._edge_reasons = [f"edge: {exc}"]
         self._health = self._compute(view, edge_routes)
+        prune_history(self.a)
 
     def _compute(self, view: View, edge_routes: int) -> dict[str, Any]:
         runtimes: dict[str, Any] = {}

@@ -29,12 +29,12 @@ from .errors import (
     RuntimeUnavailable,
     ValidationError,
 )
-from .files import flocked, node_id
+from .files import flocked, node_id, unlink_quietly
 from .grammar import default_volume_roots
 from .monitor import Monitor, View
 from .progress import Progress
 from .reconcile import Policy, Reconciler
-from .records import ComponentRecord, ServiceRecord
+from .records import ComponentRecord, Event, ServiceRecord
 from .registry import Registry
 from .rounds import Rounds, prune_history
 from .runtime import (
@@ -43,7 +43,14 @@ from .runtime import (
     WorkloadSpec,
     load_runtime,
 )
-from .servicedef import ComponentDef, ServiceDef, check_name, check_volume_roots, route_env
+from .servicedef import (
+    ComponentDef,
+    ServiceDef,
+    check_name,
+    check_route_zone,
+    check_volume_roots,
+    route_env,
+)
 from .states import RUNNING, STOPPED, State
 from .views import Views
 
@@ -80,7 +87,7 @@ class Agent:
         self._impls = dict(runtimes) if runtimes is not None else None
         self._runtimes: dict[str, Runtime] = {}
         self._rt_lock = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}   # name -> (lock, users)
         self._locks_guard = threading.Lock()
         self._names_guard = threading.Lock()
         self._edge: EdgeManager | None = None
@@ -187,17 +194,41 @@ class Agent:
         A thread lock inside this process, and a file lock across processes sharing the
         state dir (``mcp --local`` beside a running daemon). ``wait=False`` (reconcile)
         yields False at once, holding nothing, while an operation has the service.
+        Neither outlives the name: the lock file of a service that does not exist after
+        the operation (never did, or undeployed) is removed while it is still held, and
+        the thread lock goes with its last user, so a thousand stops of typos leave nothing.
         """
         with self._locks_guard:
-            lock = self._locks.setdefault(name, threading.Lock())
-        if not lock.acquire(blocking=wait):
-            yield False
-            return
+            lock, users = self._locks.get(name) or (threading.Lock(), 0)
+            self._locks[name] = (lock, users + 1)
         try:
-            with self._file_lock(f"service-{name}", wait) as got:
-                yield got
+            if not lock.acquire(blocking=wait):
+                yield False
+                return
+            try:
+                path = self.state_dir / "locks" / f"service-{name}.lock"
+                with flocked(path, wait) as got:
+                    try:
+                        yield got
+                    finally:
+                        if got and not self._exists(name):
+                            unlink_quietly(path)
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            with self._locks_guard:
+                lock, users = self._locks[name]
+                if users > 1:
+                    self._locks[name] = (lock, users - 1)
+                else:
+                    del self._locks[name]
+
+    def _exists(self, name: str) -> bool:
+        """Whether the registry has ``name``; True when it cannot say (keep the lock file)."""
+        try:
+            return self.registry.has_service(name)
+        except MCPError:
+            return True
 
     def _file_lock(self, key: str, wait: bool = True) -> AbstractContextManager[bool]:
         return flocked(self.state_dir / "locks" / f"{key}.lock", wait)
@@ -253,6 +284,7 @@ class Agent:
         """
         check_volume_roots(defn, self.config.podman.volume_roots
                            or default_volume_roots(self.state_dir))
+        check_route_zone(defn, self.config.edge.internal_zone)
         if self.config.proxy.serve_routes:
             self.node_routes.check(defn)
         with self._service_lock(defn.name), self.progress.operation(defn.name, "deploy"):
@@ -367,8 +399,17 @@ class Agent:
             in_parallel([partial(self.steps.to_state, name, comp, desired, restart, timeout)
                          for comp in comps])
             self.monitor.refresh_safely()
+            if restart:   # running before and after: no state change would tell of it
+                self._restarted(name, [c.defn.name for c in comps])
             self._routes_after(name)
             return self.local_status(name)
+
+    def _restarted(self, name: str, components: list[str]) -> None:
+        rec, now = self.registry.get_service(name), time.time()
+        self.registry.record_observed([
+            Event(name, c, now, rec.component(c).observed_state,
+                  rec.component(c).observed_state, "restarted by operator", unplanned=False)
+            for c in components])
 
     def undeploy(self, name: str) -> None:
         """Undeploy from the fleet (its node removes it), or from this node."""

@@ -131,8 +131,9 @@ class TokenStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._tokens: list[Token] = []
-        self._by_hash: dict[str, Token] = {}
+        # The tokens and the cache of what they matched, replaced together as one tuple:
+        # a lookup that began before a reload fills the old cache, never the new one.
+        self._snapshot: tuple[list[Token], dict[str, Token]] = ([], {})
         self._sig: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._error: TokenStoreError | None = None
@@ -146,7 +147,7 @@ class TokenStore:
 
     @property
     def tokens(self) -> list[Token]:
-        return list(self._tokens)
+        return list(self._snapshot[0])
 
     def _read(self) -> tuple[list[Token], tuple[int, int, int] | None]:
         try:
@@ -190,27 +191,26 @@ class TokenStore:
                 if self._error is None or str(self._error) != str(exc):
                     log.error("tokens refused: %s", exc)
                 self._error = exc
-                self._tokens, self._by_hash, self._sig = [], {}, None
+                self._snapshot, self._sig = ([], {}), None
                 return
             self._error = None
-            self._tokens = tokens
-            self._by_hash = {}
+            self._snapshot = (tokens, {})
             self._sig = sig
 
     def lookup(self, token: str) -> Token | None:
         """The stored token matching ``token``, compared in constant time."""
         self.reload()
         digest = hash_token(token)
-        cached = self._by_hash.get(digest)
+        tokens, by_hash = self._snapshot
+        cached = by_hash.get(digest)
         if cached is not None:
             return cached
         found = None
-        for t in self._tokens:  # no early exit: time does not depend on which one matched
+        for t in tokens:  # no early exit: time does not depend on which one matched
             if hmac.compare_digest(t.sha256, digest):
                 found = t
         if found is not None:
-            with self._lock:
-                self._by_hash[digest] = found
+            by_hash[digest] = found   # one dict store: atomic under the GIL
         return found
 
     def authorize(self, header: str | None, least_role: str) -> Token:

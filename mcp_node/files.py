@@ -44,18 +44,28 @@ def flocked(path: Path, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive flock on ``path`` (made 0600): every holder, in any process, waits.
 
     With ``wait=False`` it yields False at once, holding nothing, when another has it.
+    A holder may unlink the file before it lets go (a lock of a name now gone); one that
+    waited on that file then finds a different file (or none) at ``path`` and opens again,
+    so two never hold "the" lock at once.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield True
+                return
+        finally:
+            os.close(fd)
 
 
 def read_cmdline(pid: int) -> list[str]:

@@ -50,7 +50,10 @@ _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 # go-digest accepts only the algorithms it knows, each with its exact lowercase length.
 _DIGEST = r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}"
 IMAGE_RE = re.compile(f"({_NAME})(?::({_TAG}))?(?:@({_DIGEST}))?")
-IMAGE_PATTERN = f"^{_NAME}(?::{_TAG}|@(?:{_DIGEST}))?$"
+# podman reads a bare hex string of 1 to 64 characters as an image ID or a prefix of one,
+# whatever image that is; a tag, a domain, a path or a digest (or more than 64) makes a name.
+_IMAGE_ID_RE = re.compile(r"[a-f0-9]{1,64}")
+IMAGE_PATTERN = f"^(?![a-f0-9]{{1,64}}$){_NAME}(?::{_TAG}|@(?:{_DIGEST}))?$"
 # distribution caps the name at 255 (NameTotalLengthMax); capping the whole reference
 # there is a little stricter and states the same rule in one JSON Schema maxLength.
 MAX_IMAGE = 255
@@ -85,7 +88,13 @@ def check_image(value: object, field: str = "image") -> str:
             "...@sha256:<64 hex>; path components lowercase)", field)
     if m.group(2) and m.group(3):
         raise ValidationError(f"{text[:80]!r} has both a tag and a digest; give one", field)
+    if _IMAGE_ID_RE.fullmatch(text):
+        raise ValidationError(
+            f"{text[:80]!r} would be read as an image ID (or a prefix of one), running "
+            f"whichever local image has it; name the image, e.g. {text[:80]}:latest or "
+            f"docker.io/library/{text[:80]}", field)
     return text
+
 
 
 def parse_env_item(item: str, field: str = "env") -> tuple[str, str]:

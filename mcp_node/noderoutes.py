@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from . import dnsupdate, nodeproxy
 from .config import AgentConfig
-from .edge import parse_time, under_domain
+from .edge import parse_time
 from .errors import ConflictError, MCPError, RouteError, ValidationError
 from .files import unlink_quietly
 from .front import Front
@@ -38,7 +38,7 @@ from .l4proxy import HAProxy, L4Route
 from .proxy import CaddyRouter
 from .records import HostRecord, ServiceRecord
 from .registry import Registry
-from .servicedef import ServiceDef
+from .servicedef import ServiceDef, check_route_zone
 from .states import RUNNING
 
 log = logging.getLogger(__name__)
@@ -123,13 +123,11 @@ class NodeRoutes:
         reserved = {self.config.acme.http01_port: "acme.http01_port"}
         if self.registry.list_edge_routes():
             reserved[self.config.proxy.https_port] = "proxy.https_port (edge routes)"
+        check_route_zone(defn, self.zone)
         for i, c in enumerate(defn.components):
             for j, r in enumerate(c.routes):
                 where = f"components[{i}].routes[{j}]."
                 host = effective_hostname(r.hostname, defn.name, self.zone)
-                if not under_domain(host, self.zone) or host == self.zone:
-                    raise ValidationError(f"{host} is not inside the internal zone {self.zone}",
-                                          where + "hostname")
                 if r.port < 1024 and r.port not in self.config.proxy.low_ports:
                     raise ValidationError(f"port {r.port} is below 1024 and not allowed on "
                                           "this node (proxy.low_ports)", where + "port")

@@ -338,6 +338,19 @@ def load_file(path: Path) -> ServiceDef:
     return loads_toml(text)
 
 
+def check_route_zone(defn: ServiceDef, zone: str) -> None:
+    """Every route's hostname (default ``<service>.<zone>``) lies inside the internal
+    zone, checked at every deploy: with ``proxy.serve_routes`` off too, so turning it
+    on later cannot find routes that were never checked."""
+    zone = zone.lower().rstrip(".")
+    for i, c in enumerate(defn.components):
+        for j, r in enumerate(c.routes):
+            host = (r.hostname or f"{defn.name}.{zone}").lower().rstrip(".")
+            if not zone or not host.endswith("." + zone):
+                raise ValidationError(f"{host} is not inside the internal zone {zone}",
+                                      f"components[{i}].routes[{j}].hostname")
+
+
 def route_env(component: ComponentDef, host_ports: dict[str, int]) -> tuple[str, ...]:
     """``$PORT`` for a single unnamed route, ``$PORT_<NAME>`` for named ones."""
     return tuple(f"{route_env_key(r.name)}={host_ports[r.name]}" for r in component.routes)

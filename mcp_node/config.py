@@ -32,9 +32,12 @@ class ServerConfig:
     header_timeout_s: float = 10.0      # a request line and headers must arrive within it
     body_timeout_s: float = 30.0        # a request body must arrive within it, else 408
     idle_timeout_s: float = 120.0       # an authenticated keep-alive connection may idle so long
-    max_connections: int = 1024         # open connections (authenticated: a thread each)
+    max_connections: int = 1024         # open connections, authenticated or not
     max_unauthenticated: int = 256      # connections with no valid token yet; oldest dropped
     max_unauthenticated_per_peer: int = 64  # the same, per peer address
+    max_connections_per_token: int = 64  # one token's open connections; its oldest idle dropped
+    max_streams_per_token: int = 16     # one token's follow streams (logs -f, events follow)
+    reserved_for_operators: int = 64    # of max_connections, never given to reader tokens
     intake_nice: int = 10               # the intake thread this much nicer: a flood slows itself
 
 
@@ -184,6 +187,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "server.max_connections": (1, 1_000_000),
     "server.max_unauthenticated": (1, 1_000_000),
     "server.max_unauthenticated_per_peer": (1, 1_000_000),
+    "server.max_connections_per_token": (1, 1_000_000),
+    "server.max_streams_per_token": (0, 1_000_000),
+    "server.reserved_for_operators": (0, 1_000_000),
     "server.intake_nice": (0, 19),
     "dns.timeout_s": (0.1, 60),
     "cluster.lease_ttl_s": (2, 3600),
@@ -259,6 +265,9 @@ def parse(data: dict[str, Any]) -> tuple[AgentConfig, list[ValidationError]]:
         (cfg.qemu.machine in ("q35", "microvm"), "must be q35 or microvm", "qemu.machine"),
         (bool(cfg.server.tls_cert) == bool(cfg.server.tls_key),
          "tls_cert and tls_key must be set together", "server.tls_cert"),
+        (cfg.server.reserved_for_operators < cfg.server.max_connections,
+         f"must be below server.max_connections ({cfg.server.max_connections}): reader "
+         "tokens need some room", "server.reserved_for_operators"),
     ]
     for key, (low, high) in RANGES.items():
         section, _, name = key.partition(".")

@@ -165,16 +165,21 @@ class APIHandler(Handler):
     def _follow_stream(self, open_stream: Callable[[], Iterator[bytes]], ctype: str) -> None:
         """Errors raised at once still become JSON errors; after a short wait the 200
         headers go out anyway, since podman answers a follow request only when the
-        first line arrives (the client would otherwise see nothing at all)."""
-        pump = StreamPump(open_stream)
-        self.server.stream(pump, True)
+        first line arrives (the client would otherwise see nothing at all). A token past
+        ``server.max_streams_per_token`` gets 503 before anything is opened."""
+        token = self._token.name if self._token else ""
+        self.server.stream_begin(token)
+        pump: StreamPump | None = None
         try:
+            pump = StreamPump(open_stream)
+            self.server.stream(pump, True)
             if pump.opened.wait(FOLLOW_HEADERS_AFTER_S) and pump.open_error is not None:
                 raise pump.open_error
             self._stream(pump, ctype)
         finally:
-            pump.stop()
-            self.server.stream(pump, False)
+            if pump is not None:
+                pump.stop()
+            self.server.stream_end(pump, token)
 
     def _stream(self, pump: StreamPump, ctype: str) -> None:
         """Chunks as they come; between them, whether the client is still there, so a

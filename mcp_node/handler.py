@@ -136,15 +136,36 @@ class Handler(BaseHTTPRequestHandler):
         self.request = self.connection = self.conn.sock  # TLS-wrapped by the intake
 
     def handle(self) -> None:
-        """Requests until the connection closes; a connection without a valid token goes
-        back to the intake between requests, so it never holds a thread while idle."""
+        """Requests until the connection closes. Between requests a connection goes back
+        to the intake, so it holds no thread while idle, unless it has shown a token with
+        room for one more worker waiting (``budgets.IDLE_THREADS_PER_TOKEN``): that one
+        waits here, and its next request is answered without the hand-over."""
+        conn = self.conn
         while True:
             self.handle_one_request()
-            if self.close_connection:
+            if self.close_connection or conn.dropped:
                 return
-            if not self.conn.authenticated:
-                self.conn.park = True
+            if not self._buf and not self._wait_next():
+                if not self.close_connection:
+                    conn.park = True
                 return
+
+    def _wait_next(self) -> bool:
+        """Wait here for the next request if the token's budget allows: True once it
+        has begun; False to park (``close_connection`` set if the client left or idled
+        out ``server.idle_timeout_s``)."""
+        conn, srv = self.conn, self.server
+        if not conn.authenticated or not srv.hold(conn):
+            return False
+        try:
+            if self._recv(0, srv.config.server.idle_timeout_s):
+                return True
+        except (OSError, ValueError):  # includes TimeoutError
+            pass
+        finally:
+            srv.unhold(conn)
+        self.close_connection = True
+        return False
 
     def finish(self) -> None:
         """Lingering close: closing with an unread body would send a TCP RST that can
@@ -365,8 +386,9 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self._not_busy()
             self._log(started)
-            if not self.conn.authenticated:
-                self.conn.deadline = time.monotonic() + self.server.config.server.header_timeout_s
+            limits = self.server.config.server  # (for when it goes back to the intake)
+            self.conn.deadline = time.monotonic() + (
+                limits.idle_timeout_s if self.conn.authenticated else limits.header_timeout_s)
 
     def _not_busy(self) -> None:
         if self._busy:
@@ -418,12 +440,15 @@ class Handler(BaseHTTPRequestHandler):
             self._send(500, error_body("internal", "internal error; see the agent's log"))
 
     def _authorize(self, header: str | None, role: str) -> None:
+        """The token, or 401/403; 503 if its connection does not fit its budget."""
+        tokens = self.server.tokens
         try:
-            self._token = self.server.tokens.authorize(header, role)
+            self._token = tokens.authorize(header, role)
         except ForbiddenError:  # a valid token, short of the role: still a known client
-            self.server.authenticated(self.conn)
+            self._token = tokens.authorize(header, "reader")
+            self.server.authenticated(self.conn, self._token)
             raise
-        self.server.authenticated(self.conn)
+        self.server.authenticated(self.conn, self._token)
 
     def _read_body(self, headers: dict[str, str]) -> bytes:
         if "transfer-encoding" in headers:

@@ -14,7 +14,10 @@ headers (``server.header_timeout_s``), its body (``server.body_timeout_s``,
 connection (``server.idle_timeout_s``). Unauthenticated connections are
 capped in total and per peer address, and at a cap the oldest one is dropped
 to admit the new one, so idle or slow connections never lock out a client
-with a token; ``server.max_connections`` bounds them all.
+with a token; ``server.max_connections`` bounds them all. Authenticated ones
+count toward their token's budgets (``budgets``), so no token, and no reader,
+can take the room of an operator either; an idle one goes back to the intake
+too, unless its token has a few idle ones waited on by workers already.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from .auth import TokenStore, token_file_path
+from .auth import Token, TokenStore, token_file_path
+from .budgets import Budgets
 from .config import AgentConfig
 from .endpoints import APIHandler
 from .errors import MCPError
@@ -79,7 +83,8 @@ class Conn:
     """One accepted connection as the server's caps and its intake see it."""
 
     __slots__ = ("raw", "sock", "addr", "peer", "deadline", "authenticated", "dropped",
-                 "buf", "scanned", "in_intake", "park", "drain", "drained", "handshaken")
+                 "buf", "scanned", "in_intake", "park", "drain", "drained", "handshaken",
+                 "token", "role", "held")
 
     def __init__(self, raw: socket.socket, addr: Any, deadline: float) -> None:
         self.raw = raw                  # as accepted (the key); ``sock`` once TLS-wrapped
@@ -96,6 +101,9 @@ class Conn:
         self.drain = False              # ... for a lingering close (see Handler.finish)
         self.drained = 0                # bytes discarded while lingering
         self.handshaken = False         # TLS
+        self.token = ""                 # the name of the token it counts toward (budgets)
+        self.role = ""
+        self.held = ""                  # the token a worker waits on its next request for
 
 
 # -- handler -------------------------------------------------------------------
@@ -123,6 +131,8 @@ class AgentServer(ThreadingHTTPServer):
         self._dropped_open = 0                            # dropped, not closed yet
         self._conns_lock = threading.Lock()
         self._streams: set[StreamPump] = set()
+        self._budgets = Budgets()
+        self._to_drop: queue.SimpleQueue[Conn] = queue.SimpleQueue()  # for the intake
         self._busy_lock = threading.Lock()
         self._busy = 0
         self._drops = 0
@@ -172,12 +182,37 @@ class AgentServer(ThreadingHTTPServer):
         with self._conns_lock:
             return list(self._streams)
 
+    def connections_of(self, token: str) -> int:
+        with self._conns_lock:
+            return len(self._budgets.by_token.get(token, ()))
+
+    def stream_begin(self, token: str) -> None:
+        """One more follow stream of ``token``: HTTPError 503 past its budget."""
+        with self._conns_lock:
+            self._budgets.add_stream(token, self.config.server)
+
     def stream(self, pump: StreamPump, add: bool) -> None:
         with self._conns_lock:
             if add:
                 self._streams.add(pump)
             else:
                 self._streams.discard(pump)
+
+    def stream_end(self, pump: StreamPump | None, token: str) -> None:
+        """The stream ``stream_begin`` counted for ``token`` has ended."""
+        with self._conns_lock:
+            if pump is not None:
+                self._streams.discard(pump)
+            self._budgets.end_stream(token)
+
+    def hold(self, conn: Conn) -> bool:
+        """May a worker wait on ``conn``'s next request (see ``budgets``)?"""
+        with self._conns_lock:
+            return self._budgets.hold(conn)
+
+    def unhold(self, conn: Conn) -> None:
+        with self._conns_lock:
+            self._budgets.unhold(conn)
 
     def busy(self, delta: int) -> None:
         with self._busy_lock:
@@ -187,14 +222,29 @@ class AgentServer(ThreadingHTTPServer):
         with self._conns_lock:
             return self._conns[sock]
 
-    def authenticated(self, conn: Conn) -> None:
-        """``conn`` showed a valid token: it leaves the unauthenticated caps for good."""
-        if conn.authenticated:
+    def authenticated(self, conn: Conn, token: Token) -> None:
+        """``conn`` showed ``token``: it leaves the unauthenticated caps for good and
+        counts toward the token's budgets. At one, the oldest idle connection of that
+        token (of the heaviest reader) is dropped for it; HTTPError 503 if none is idle."""
+        if conn.token == token.name:
             return
         with self._conns_lock:
-            if not conn.authenticated:
-                conn.authenticated = True
+            if conn.token:
+                self._budgets.forget(conn)
+            elif not conn.authenticated:
                 self._forget_unauth(conn)
+            conn.authenticated = True
+            victim, why = self._budgets.make_room(token, self.config.server)
+            if victim is not None:
+                self._budgets.forget(victim)
+                victim.dropped = why
+                self._dropped_open += 1
+                self._drops += 1
+            self._budgets.add(conn, token)
+        if victim is not None:
+            self._to_drop.put(victim)
+            self._wake()
+            self._log_drops()
 
     def _forget_unauth(self, conn: Conn) -> None:
         if conn in self._unauth:
@@ -292,6 +342,10 @@ class AgentServer(ThreadingHTTPServer):
                     pass
             while not self._parked.empty():
                 self._guarded(self._intake_add, self._parked.get())
+            while not self._to_drop.empty():  # over a token's budget (see authenticated)
+                conn = self._to_drop.get()
+                if conn.in_intake:
+                    self._guarded(self._intake_close, conn)
         elif what.drain:
             self._intake_drain(what)
         else:
@@ -320,6 +374,9 @@ class AgentServer(ThreadingHTTPServer):
             self._intake_add(conn)
 
     def _intake_add(self, conn: Conn) -> None:
+        if conn.dropped and not conn.drain:  # while a worker had it
+            self._intake_close(conn)
+            return
         try:
             conn.sock.setblocking(False)
             if self.ssl_context is not None and conn.sock is conn.raw:
@@ -354,6 +411,7 @@ class AgentServer(ThreadingHTTPServer):
 
     def _intake_read(self, conn: Conn) -> None:
         sock = conn.sock
+        idle = conn.authenticated and not conn.buf
         try:
             if not conn.handshaken and isinstance(sock, ssl.SSLSocket):
                 sock.do_handshake()
@@ -364,6 +422,9 @@ class AgentServer(ThreadingHTTPServer):
                     self._intake_close(conn)
                     return
                 conn.buf += data
+                if idle:  # the idle deadline was its token's; the head has one of its own
+                    idle = False
+                    conn.deadline = time.monotonic() + self.config.server.header_timeout_s
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return  # more to come (a handshake's small writes do not block in practice)
         except (OSError, ValueError):
@@ -385,6 +446,9 @@ class AgentServer(ThreadingHTTPServer):
                                         and buf.find(b"\n", 0, MAX_LINE + 1) < 0)
 
     def _hand_over(self, conn: Conn) -> None:
+        if conn.dropped:  # for its token's budget, just as its request came: 503
+            self._intake_close(conn)
+            return
         self._intake_forget(conn)
         self._workers.submit(conn.raw, conn.addr)
 
@@ -489,14 +553,17 @@ class AgentServer(ThreadingHTTPServer):
                 n, self._drops = self._drops, 0
                 unauth = len(self._unauth)
             self._drops_logged_at = now
-            log.warning("dropped unauthenticated connections count=%d open=%d "
-                        "unauthenticated=%d", n, len(self._conns), unauth)
+            log.warning("dropped connections (unauthenticated, or idle beyond a token's "
+                        "budget) count=%d open=%d unauthenticated=%d", n, len(self._conns),
+                        unauth)
 
     def _release(self, conn: Conn) -> None:
         with self._conns_lock:
             if self._conns.pop(conn.raw, None) is not None:
                 if conn.dropped:
                     self._dropped_open -= 1
+                elif conn.token:
+                    self._budgets.forget(conn)
                 elif not conn.authenticated:
                     self._forget_unauth(conn)
 

@@ -284,7 +284,7 @@ def test_global_cap_drops_from_the_heaviest_peer(tmp_path: Path) -> None:
 
 
 def test_connection_cap_prefers_dropping_unauthenticated(tmp_path: Path) -> None:
-    with fake_live(tmp_path, max_connections=3) as live:
+    with fake_live(tmp_path, max_connections=3, reserved_for_operators=0) as live:
         srv = live.server
         authed = []
         for _ in range(2):

@@ -27,17 +27,26 @@ from . import __version__, sdnotify
 from .cli import ErrorGroup
 from .config import AgentConfig, load
 from .errors import MCPError
+from .safetext import escape_controls
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``ts=… level=… logger=… msg`` with the message's own key=value pairs kept verbatim."""
+    """``ts=… level=… logger=… msg`` with the message's own key=value pairs kept verbatim.
+
+    Control characters are escaped (``\\xNN``) in every record, whatever its logger: a
+    message is one line, and a traceback keeps only its own line breaks, indented under
+    its record, so a volume path or a podman answer cannot reach a reader's terminal as
+    escapes or forge a line.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         line = (f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
-                f"logger={record.name} {record.getMessage()}")
+                f"logger={record.name} {escape_controls(record.getMessage())}")
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            # Indented under its record: only a record's own first line starts with ts=.
+            line += "".join("\n  " + escape_controls(ln) for ln in
+                            self.formatException(record.exc_info).split("\n"))
         return line
 
 

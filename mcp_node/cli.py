@@ -34,6 +34,7 @@ from .multinode import (
     nodes_table,
     placed_text,
 )
+from .safetext import escape_controls, for_terminal
 
 DEGRADED_EXIT = 3   # node health: some node is degraded
 
@@ -52,7 +53,7 @@ class ErrorGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MCPError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(for_terminal(str(exc))) from exc
 
 
 def emit(ctx: Ctx, data: Any, text: Callable[[Any], str]) -> None:
@@ -61,7 +62,7 @@ def emit(ctx: Ctx, data: Any, text: Callable[[Any], str]) -> None:
     else:
         out = text(data)
         if out:
-            click.echo(out)
+            click.echo(for_terminal(out))   # what the agent relays must not drive the terminal
 
 
 # -- commands ------------------------------------------------------------------------
@@ -115,23 +116,18 @@ def partial(answers: Answers) -> None:
     """After a fleet read's output: say which nodes did not answer, exit 4."""
     if answers.failed:
         for line in answers.failures_text():
-            click.echo(f"warning: {line}", err=True)
+            click.echo(for_terminal(f"warning: {line}"), err=True)
         sys.exit(PARTIAL_EXIT)
 
 
 def load_definition(ctx: Ctx, arg: str) -> dict[str, Any]:
     """A definition from FILE, ``-`` (stdin: JSON if it starts with ``{``, else TOML), or
     a service name looked up in the services dir; validated here, before any call."""
-    from .servicedef import check_name, from_dict, load_file, loads_toml
+    from .servicedef import check_name, load_file, loads_text
 
     if arg == "-":
         text = sys.stdin.read()
-        if text.lstrip().startswith("{"):
-            try:
-                return from_dict(json.loads(text)).to_dict()
-            except (ValueError, RecursionError) as exc:
-                raise MCPError(f"stdin: not valid JSON: {exc}") from exc
-        return loads_toml(text).to_dict()
+        return loads_text(text, "stdin", text.lstrip().startswith("{")).to_dict()
     path = Path(arg)
     if not path.is_file():
         if "/" in arg or arg.endswith((".toml", ".json")):
@@ -369,7 +365,8 @@ def events(ctx: Ctx, service: str | None, tail: int | None, follow: bool) -> Non
 def event_line(e: dict[str, Any]) -> str:
     detail = f" ({e['detail']})" if e.get("detail") else ""
     node = f" [{e['node']}]" if e.get("node") else ""
-    return f"{e['time']} {e['service']}/{e['component']}: {e['from']} -> {e['to']}{detail}{node}"
+    return escape_controls(  # one event, one line: a detail's line breaks are escaped too
+        f"{e['time']} {e['service']}/{e['component']}: {e['from']} -> {e['to']}{detail}{node}")
 
 
 @cli.command()

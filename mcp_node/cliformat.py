@@ -1,11 +1,15 @@
 """How the CLI shows data as text: tables and the status, summary and health
-views. Pure functions of the JSON the agent answers, so tests pin exact output."""
+views. Pure functions of the JSON the agent answers, so tests pin exact output.
+What the agent relays (an event's detail, a podman message) is shown with its control
+characters escaped (safetext): a cell or an event stays one line, and ``mcp``'s output
+as a whole passes ``safetext.for_terminal`` (cli.emit, cli.ErrorGroup)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from .safetext import escape_controls
 from .states import RUNNING, UNKNOWN
 
 
@@ -23,6 +27,8 @@ def fmt_uptime(seconds: int | None, state: str) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Aligned columns; a cell is one line, its control characters escaped."""
+    rows = [[escape_controls(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -90,7 +96,8 @@ def status_text(st: dict[str, Any]) -> str:
         for e in st["events"][-10:]:
             when = e["time"]
             detail = f" ({e['detail']})" if e["detail"] else ""
-            lines.append(f"  {when} {e['component']}: {e['from']} -> {e['to']}{detail}")
+            lines.append("  " + escape_controls(
+                f"{when} {e['component']}: {e['from']} -> {e['to']}{detail}"))
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import click
 
 from .clictx import Backend, Ctx
 from .errors import MCPError
+from .safetext import escape_controls
 
 PROGRESS_POLL_S = 0.25
 CLEAR_LINE = "\r\x1b[K"
@@ -42,7 +43,7 @@ def with_progress(ctx: Ctx, verb: str, what: str, call: Callable[[], Any],
         changed = [(c, step) for c, step in sorted(now.items()) if shown.get(c) != step]
         if not changed:
             return
-        lines = [f"  {c}: {step}" for c, step in changed]
+        lines = [f"  {c}: {escape_controls(str(step))}" for c, step in changed]
         if not shown and not counted:
             lines.insert(0, f"{verb} {what} ...")
         shown.update(changed)

@@ -7,7 +7,6 @@ protocol and handlers) so that they can be unit-tested without sockets.
 from __future__ import annotations
 
 import ipaddress
-import json
 import queue
 import select
 import socket
@@ -20,6 +19,7 @@ from urllib.parse import parse_qsl, unquote
 
 from .config import AgentConfig
 from .errors import HTTPError, ValidationError
+from .safetext import loads_json
 from .servicedef import check_hostname, check_int
 
 if TYPE_CHECKING:
@@ -186,30 +186,16 @@ def resolve(method: str, path: str) -> tuple[Route, Params]:
 # -- request helpers -----------------------------------------------------------------
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise ValidationError(f"duplicate key {k[:40]!r} in a JSON object", "body")
-            seen.add(k)
-    return out
-
-
 def parse_json(body: bytes) -> Any:
-    """The body as JSON. A key given twice is refused: the last one silently winning
-    would let a client's duplicate hide what it meant."""
+    """The body as JSON, read as ``mcp`` reads a definition file (safetext): a key given
+    twice is refused, and so is nesting deeper than ``safetext.MAX_DEPTH``."""
     if not body:
         raise ValidationError("request body is empty; expected JSON", "body")
     try:
-        return json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
+        text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValidationError("request body is not UTF-8", "body") from exc
-    except RecursionError as exc:
-        raise ValidationError("request body is nested too deeply", "body") from exc
-    except ValueError as exc:
-        raise ValidationError(f"malformed JSON: {exc}", "body") from exc
+    return loads_json(text, "body")
 
 
 def parse_bool(value: str, field: str) -> bool:

@@ -6,14 +6,13 @@ path, so a rejected definition changes nothing. Every error names the field.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import grammar
+from . import grammar, safetext
 from .errors import ValidationError
 from .grammar import MAX_STR, check_env, check_image, check_text, parse_volumes
 from .runtime import DEFAULT_RUNTIME, RUNTIME_NAMES
@@ -314,14 +313,15 @@ def from_dict(data: object) -> ServiceDef:
     return ServiceDef(name=name, components=comps, active=active, runtime=runtime, node=node)
 
 
-def loads_toml(text: str) -> ServiceDef:
-    import tomllib  # a JSON definition (the API's) does without it
+def loads_toml(text: str, where: str | None = None) -> ServiceDef:
+    """A TOML definition; ``where`` (its file, ``stdin``) is named by a too-deep error."""
+    return from_dict(safetext.loads_toml(text, where))
 
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValidationError(f"not valid TOML: {exc}") from exc
-    return from_dict(data)
+
+def loads_text(text: str, where: str, as_json: bool) -> ServiceDef:
+    """JSON (the same fields, read as the HTTP API reads a body: a key given twice is
+    refused) or TOML, from the file or stream ``where``."""
+    return from_dict(safetext.loads_json(text, where)) if as_json else loads_toml(text, where)
 
 
 def load_file(path: Path) -> ServiceDef:
@@ -329,13 +329,7 @@ def load_file(path: Path) -> ServiceDef:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValidationError(f"cannot read {path}: {exc}") from exc
-    if path.suffix == ".json":  # the same fields as JSON, as the HTTP API takes them
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise ValidationError(f"not valid JSON: {exc}") from exc
-        return from_dict(data)
-    return loads_toml(text)
+    return loads_text(text, str(path), path.suffix == ".json")
 
 
 def check_route_zone(defn: ServiceDef, zone: str) -> None:

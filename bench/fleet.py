@@ -98,7 +98,7 @@ def main() -> None:
                     start_t.append(time.perf_counter() - t0)
                     single.undeploy_local(name)
         for n in ("c1", "c2"):
-            until(lambda n=n: not sim.agent(n).registry.list_services(), 30, "undeploys")
+            until(lambda n=n: not sim.agent(n).local.registry.list_services(), 30, "undeploys")
         ratio = median(fleet_t) / median(direct_t)
         print(f"deploy: fleet {median(fleet_t) * 1000:.0f} ms, direct {median(direct_t) * 1000:.0f}"
               f" ms (median of {rounds}): ratio {ratio:.2f} (target <= 1.3)")
@@ -125,7 +125,7 @@ def main() -> None:
         first = st["node"]
         until(lambda: "hello" in sim.public_body(), 90, "public hostname answering")
         expired: list[float] = []
-        watcher = Etcd(sim.agent("e1").config.cluster)
+        watcher = Etcd(sim.agent("e1").local.config.cluster)
         stop = threading.Event()
 
         def on_event(kind: str, key: str) -> None:

@@ -20,10 +20,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .config import AgentConfig
-from .converge import STOP_TIMEOUT_S, Steps, in_parallel
+from .converge import Steps, in_parallel
 from .errors import (
     ConflictError,
-    FleetUnavailable,
     MCPError,
     NotFoundError,
     RuntimeUnavailable,
@@ -32,6 +31,7 @@ from .errors import (
 from .files import flocked, node_id, unlink_quietly
 from .grammar import default_volume_roots
 from .monitor import Monitor, View
+from .operations import NOT_A_FLEET, STOP_TIMEOUT_S
 from .progress import Progress
 from .reconcile import Policy, Reconciler
 from .records import ComponentRecord, Event, ServiceRecord
@@ -56,7 +56,6 @@ from .views import Views
 
 if TYPE_CHECKING:
     from .edge import EdgeManager
-    from .fleetnode import Fleet
 
 log = logging.getLogger("mcp_node.agent")
 
@@ -64,24 +63,29 @@ MAX_STOP_TIMEOUT_S = 3600.0
 
 
 class Agent:
-    """Service lifecycle for one node.
+    """Service lifecycle for one node: the single-node ``operations.Operations``.
 
     ``runtimes`` maps runtime names to implementations; by default each is
     loaded from ``runtime.RUNTIMES`` on first use. Tests pass fakes here.
     ``monitor`` starts the monitor thread; ``reconcile`` (default: the same)
-    makes each monitor round drive the runtimes to the registry.
+    makes each monitor round drive the runtimes to the registry. ``node`` is the
+    name it goes by (default: the host name). It knows nothing of a fleet: a fleet
+    member wraps it (``fleetops``) and subscribes to its rounds.
     """
+
+    write_role = "operator"
 
     def __init__(self, config: AgentConfig, *, monitor: bool = False,
                  runtimes: Mapping[str, type[Runtime]] | None = None,
                  reconcile: bool | None = None,
-                 on_round: Callable[[], None] | None = None) -> None:
+                 on_round: Callable[[], None] | None = None,
+                 node: str | None = None) -> None:
         self.config = config
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state_dir.chmod(0o700)  # an existing 0755 one too: it holds tokens and keys
         self.registry = Registry(self.state_dir / "registry.db")
-        self.node = socket.gethostname()
+        self.node = node or socket.gethostname()
         self.owner = node_id(self.state_dir)
         self.started_at = time.monotonic()
         self._impls = dict(runtimes) if runtimes is not None else None
@@ -101,17 +105,13 @@ class Agent:
         self.progress = Progress()
         self.steps = Steps(self.runtime, self.spec, self.registry, self.progress)
         self.rounds = Rounds(self)
-        self.on_round = on_round  # after every monitor round: the daemon's watchdog ping
+        # Called after every monitor round with its view: the daemon's watchdog ping,
+        # a fleet member's publishing.
+        self.round_subscribers: list[Callable[[View], None]] = []
+        if on_round is not None:
+            self.round_subscribers.append(lambda view: on_round())
         self.monitor = Monitor(self.registry, self._listable, config.monitor,
                                self._after_round)
-        # Fleet mode ([cluster] etcd set): writes go through etcd placement, reads come
-        # from etcd; without it every method below is the single node's, as before.
-        self.fleet: Fleet | None = None
-        if config.cluster.enabled:
-            from .fleetnode import Fleet
-
-            self.fleet = Fleet(self)
-            self.node = self.fleet.name
         if monitor:
             self.start_monitor()
 
@@ -123,18 +123,18 @@ class Agent:
         """
         if reconcile is not None:
             self.reconciling = reconcile
-        if self.fleet is not None:
-            self.fleet.start()   # joins and converges to etcd before the first round
         self.monitor.start()
         if self.registry.list_edge_routes():
             self.rounds.reconcile_edge()
 
+    @property
+    def local(self) -> Agent:
+        return self
+
     def _after_round(self, view: View) -> None:
         self.rounds.after_round(view)
-        if self.fleet is not None:
-            self.fleet.after_round()
-        if self.on_round is not None:
-            self.on_round()
+        for subscriber in self.round_subscribers:
+            subscriber(view)
 
     # -- runtimes -----------------------------------------------------------
 
@@ -256,23 +256,12 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------
 
     def deploy(self, defn: ServiceDef) -> dict[str, Any]:
-        """Deploy ``defn``: placed through etcd in fleet mode (FleetUnavailable while
-        etcd is lost), else on this node. A single node refuses a ``node`` other than
-        its own name."""
-        if self.fleet is not None:
-            self._fleet_writable()
-            return self.fleet.deploy(defn)
+        """Deploy ``defn`` on this node, which refuses a ``node`` other than its own name."""
         if defn.node and defn.node != self.node:
             raise ValidationError(f"{defn.node!r} is not this node ({self.node}); placement "
                                   "on other nodes needs fleet mode ([cluster] in the agent's "
                                   "config)", "node")
         return self.deploy_local(defn.local_part())
-
-    def _fleet_writable(self) -> None:
-        """Fleet writes need etcd: refused at once, with nothing changed, while it is lost."""
-        assert self.fleet is not None
-        if not self.fleet.reachable and self.fleet.last_error:
-            raise FleetUnavailable(self.fleet.last_error)
 
     def deploy_local(self, defn: ServiceDef) -> dict[str, Any]:
         """Make the node run ``defn`` (validated); returns its status.
@@ -334,6 +323,10 @@ class Agent:
         Raises NotFoundError (no such version), ConflictError (nothing earlier), and
         whatever ``deploy`` raises.
         """
+        return self.deploy(self.rollback_definition(name, version))
+
+    def rollback_definition(self, name: str, version: int | None = None) -> ServiceDef:
+        """The definition ``rollback`` deploys; raises as ``rollback`` before deploying."""
         rows = {h["version"]: h for h in self.history(name)}
         if version is None:
             current = [v for v, h in rows.items() if h["current"]]
@@ -344,8 +337,7 @@ class Agent:
         if version not in rows:
             raise NotFoundError(f"service {name!r} has no version {version} "
                                 f"(versions: {', '.join(map(str, rows))})")
-        defn = next(d.definition for d in self.registry.history(name) if d.version == version)
-        return self.deploy(defn)
+        return next(d.definition for d in self.registry.history(name) if d.version == version)
 
     def stop(self, name: str, component: str | None = None,
              timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
@@ -354,10 +346,7 @@ class Agent:
         ``timeout``: how long a workload may take to end itself before it is killed.
         Raises ValidationError (bad name), NotFoundError, WorkloadError, RegistryError.
         """
-        if self.fleet is not None:
-            self._fleet_writable()
-            return self.fleet.set_state(check_name(name, "service"), STOPPED, component)
-        return self._set_state(name, STOPPED, component=component, timeout=timeout)
+        return self.apply_state(name, STOPPED, component=component, timeout=timeout)
 
     def start(self, name: str, component: str | None = None) -> dict[str, Any]:
         """Run every component (or one) that is not running; returns the status.
@@ -365,22 +354,15 @@ class Agent:
         Raises ValidationError, NotFoundError, RuntimeUnavailable, WorkloadError,
         RegistryError.
         """
-        if self.fleet is not None:
-            self._fleet_writable()
-            return self.fleet.set_state(check_name(name, "service"), RUNNING, component)
-        return self._set_state(name, RUNNING, component=component)
+        return self.apply_state(name, RUNNING, component=component)
 
     def restart(self, name: str, component: str | None = None,
                 timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
         """Stop, then run, every component (or one); as ``start`` for errors."""
-        if self.fleet is not None:
-            self._fleet_writable()
-            return self.fleet.set_state(check_name(name, "service"), RUNNING, component,
-                                        restart=True)
-        return self._set_state(name, RUNNING, restart=True, component=component,
+        return self.apply_state(name, RUNNING, restart=True, component=component,
                                timeout=timeout)
 
-    def _set_state(self, name: str, desired: State, restart: bool = False,
+    def apply_state(self, name: str, desired: State, restart: bool = False,
                    component: str | None = None,
                    timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
         """Record the desired state, then make each component (or the one) match it."""
@@ -412,11 +394,7 @@ class Agent:
             for c in components])
 
     def undeploy(self, name: str) -> None:
-        """Undeploy from the fleet (its node removes it), or from this node."""
-        if self.fleet is not None:
-            self._fleet_writable()
-            self.fleet.undeploy(check_name(name, "service"))
-            return
+        """Remove the service from this node (``undeploy_local``)."""
         self.undeploy_local(name)
 
     def undeploy_local(self, name: str) -> None:
@@ -442,17 +420,9 @@ class Agent:
     def events(self, service: str | None = None, tail: int = 100) -> list[dict[str, Any]]:
         """The last ``tail`` state changes (of one service, or all), oldest first.
 
-        Raises ValidationError (bad name), NotFoundError, RegistryError. Fleet mode:
-        every node's, from etcd (this node's, stale, while etcd is lost).
+        Raises ValidationError (bad name), NotFoundError, RegistryError.
         """
-        name = check_name(service, "service") if service else None
-        if self.fleet is not None:
-            from . import fleetviews
-
-            fleet = self.fleet
-            return fleet.read_or_stale(lambda: fleetviews.events(fleet, name, tail),
-                                       lambda: self.views.events(name, tail))
-        return self.views.events(name, tail)
+        return self.views.events(check_name(service, "service") if service else None, tail)
 
     def event_stream(self, service: str | None = None, tail: int = 10) -> Iterator[bytes]:
         """Those, then every new one as it is recorded (NDJSON); raises as ``events``."""
@@ -486,12 +456,7 @@ class Agent:
     # -- views (read-only; see views.py) ------------------------------------
 
     def ps(self) -> list[dict[str, Any]]:
-        """One row per component of every service; raises RegistryError.
-
-        Fleet mode: every node's, from etcd; while etcd is lost, this node's, ``stale``.
-        """
-        if self.fleet is not None:
-            return self.fleet.read_or_stale(self.fleet.ps, self.views.ps)
+        """One row per component of every service; raises RegistryError."""
         return self.views.ps()
 
     def status(self, name: str) -> dict[str, Any]:
@@ -499,9 +464,6 @@ class Agent:
 
         Raises ValidationError, NotFoundError, RegistryError.
         """
-        if self.fleet is not None:
-            return self.fleet.read_or_stale(partial(self.fleet.status, check_name(name, "service")),
-                                            lambda: self.views.status(self._get(name)))
         return self.views.status(self._get(name))
 
     def progress_of(self, name: str) -> dict[str, Any]:
@@ -562,9 +524,28 @@ class Agent:
         """healthy | degraded with reasons, from the last monitor round; does not raise."""
         return self.rounds.health()
 
+    # -- edge routes (edge.py) and the fleet's nodes (none here) ---------------------
+
+    def edge_list(self) -> list[dict[str, Any]]:
+        return self.edge.list()
+
+    def edge_setup(self, hostname: str, backend_hostname: str, backend_port: int,
+                   backend_tls: bool = True) -> dict[str, Any]:
+        return self.edge.setup(hostname, backend_hostname, backend_port, backend_tls)
+
+    def edge_remove(self, hostname: str) -> None:
+        self.edge.remove(hostname)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        raise NotFoundError(NOT_A_FLEET)
+
+    def drain(self, node: str) -> dict[str, Any]:
+        raise NotFoundError(NOT_A_FLEET)
+
+    def uncordon(self, node: str) -> dict[str, Any]:
+        raise NotFoundError(NOT_A_FLEET)
+
     def close(self) -> None:
-        if self.fleet is not None:
-            self.fleet.close()
         self.monitor.stop()
         for rt in self._runtimes.values():
             rt.close()

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .errors import AuthError, MCPError, RemoteError, ValidationError
 
 if TYPE_CHECKING:
-    from .agent import Agent
     from .client import Client
+    from .operations import Operations
 
 DEFAULT_AGENT = "http://127.0.0.1:9444"
 
@@ -214,12 +214,12 @@ class RemoteBackend:
 class LocalBackend:
     """The same operations in-process, against this node's registry."""
 
-    def __init__(self, agent: Agent | None = None) -> None:
+    def __init__(self, agent: Operations | None = None) -> None:
         if agent is None:
-            from .agent import Agent
             from .config import load
+            from .wiring import build
 
-            agent = Agent(load(None))
+            agent = build(load(None))
         self.agent = agent
         self.node = agent.node
         self.named = False
@@ -251,16 +251,14 @@ class LocalBackend:
         if op == "rollback":
             return a.rollback(args[0], args[1])
         if op == "edge_list":
-            return a.edge.list()
+            return a.edge_list()
         if op == "edge_setup":
-            return a.edge.setup(**args[0])
+            return a.edge_setup(**args[0])
         if op == "edge_remove":
-            a.edge.remove(args[0])
+            a.edge_remove(args[0])
             return {"hostname": args[0], "removed": True}
         if op in ("nodes", "drain", "uncordon"):
-            if a.fleet is None:
-                raise MCPError("not in fleet mode: no [cluster] etcd in the agent's config")
-            return getattr(a.fleet, op)(*args)
+            return getattr(a, op)(*args)
         raise AssertionError(op)
 
     def logs(self, service: str, component: str | None, tail: int | None,

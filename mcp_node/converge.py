@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
+from .operations import STOP_TIMEOUT_S
 from .states import RUNNING, State
 
 if TYPE_CHECKING:
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mcp_node.agent")
 
-STOP_TIMEOUT_S = 10.0
 
 T = TypeVar("T")
 

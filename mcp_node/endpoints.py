@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import openapi
-from .errors import MCPError, NotFoundError, ValidationError
+from .errors import MCPError, ValidationError
 from .handler import SERVER_HEADER, Handler, dumps, http_date, log_safe
 from .httpapi import (
     END,
@@ -24,11 +24,6 @@ from .httpapi import (
     parse_json,
 )
 from .servicedef import check_hostname, check_int, check_name, from_dict
-
-if TYPE_CHECKING:
-
-    from .fleetnode import Fleet
-
 
 log = logging.getLogger("mcp_node.server")
 
@@ -219,32 +214,24 @@ class APIHandler(Handler):
             self._write(b"0\r\n\r\n")
             self.close_connection = False
 
-    def _fleet(self, write: bool = False) -> Fleet:
-        if self.agent.fleet is None:
-            raise NotFoundError("this agent is not in fleet mode (no [cluster] etcd in its "
-                                "config)")
-        if write:
-            self.agent._fleet_writable()
-        return self.agent.fleet
-
     def h_nodes(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self._fleet().nodes())
+        self._send_json(self.agent.nodes())
 
     def h_drain(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self._fleet(write=True).drain(check_name(params["node"], "node")))
+        self._send_json(self.agent.drain(check_name(params["node"], "node")))
 
     def h_uncordon(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self._fleet(write=True).uncordon(check_name(params["node"], "node")))
+        self._send_json(self.agent.uncordon(check_name(params["node"], "node")))
 
     def h_edge_list(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.edge.list())
+        self._send_json(self.agent.edge_list())
 
     def h_edge_setup(self, params: Params, query: dict[str, str], body: bytes) -> None:
         hostname, backend, port, tls = edge_setup_args(parse_json(body))
-        self._send_json(self.agent.edge.setup(hostname, backend, port, tls))
+        self._send_json(self.agent.edge_setup(hostname, backend, port, tls))
 
     def h_edge_remove(self, params: Params, query: dict[str, str], body: bytes) -> None:
         hostname = check_hostname(params["hostname"], "hostname")
-        self.agent.edge.remove(hostname)
+        self.agent.edge_remove(hostname)
         self._send_json({"hostname": hostname, "removed": True})
 

@@ -354,14 +354,14 @@ class Fleet:
         current = reg.get_service(name)
         want = rec.get("state", RUNNING)
         if want == STOPPED and any(c.desired_state == RUNNING for c in current.components):
-            self.a._set_state(name, STOPPED)
+            self.a.apply_state(name, STOPPED)
         elif want == RUNNING and any(c.desired_state != RUNNING for c in current.components):
-            self.a._set_state(name, RUNNING)
+            self.a.apply_state(name, RUNNING)
         restarts = int(rec.get("restarts", 0))
         seen = self._restart_seen.setdefault(name, restarts)
         if restarts > seen:
             self._restart_seen[name] = restarts
-            self.a._set_state(name, RUNNING, restart=True)
+            self.a.apply_state(name, RUNNING, restart=True)
 
     def _load_state(self) -> dict[str, Any]:
         try:

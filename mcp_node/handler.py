@@ -40,7 +40,7 @@ from .httpapi import (
 
 if TYPE_CHECKING:
 
-    from .agent import Agent
+    from .operations import Operations
     from .server import AgentServer
 
 
@@ -418,8 +418,7 @@ class Handler(BaseHTTPRequestHandler):
             self._route, self._route_name = route, route.template
             if route.role is not None:
                 # Fleet writes act on every node: they need the master role (issue 12).
-                role = ("master" if route.role == "operator" and self.agent.fleet is not None
-                        else route.role)
+                role = self.agent.write_role if route.role == "operator" else route.role
                 self._authorize(headers.get("authorization"), role)
             body = self._read_body(headers) if body_pending else b""
             body_pending = False
@@ -484,7 +483,7 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     @property
-    def agent(self) -> Agent:
+    def agent(self) -> Operations:
         return self.server.agent
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature

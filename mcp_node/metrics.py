@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from .httpapi import ROUTES
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .operations import Operations
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEPLOY_ROUTE = ("POST", "/v1/services")
@@ -43,7 +43,7 @@ def label_of(value: str, known: frozenset[str]) -> str:
 
 
 class Metrics:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Operations) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("mcp_http_requests", "API requests answered",
                                 ["method", "route", "status"], registry=self.registry)
@@ -69,7 +69,7 @@ class Metrics:
 class NodeCollector(Collector):
     """The node's state, read from the agent at scrape time."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Operations) -> None:
         self.agent = agent
 
     def collect(self) -> Iterator[Metric]:
@@ -82,7 +82,7 @@ class NodeCollector(Collector):
         restarts = GaugeMetricFamily("mcp_component_restarts",
                                      "Restarts by the agent since the backoff last reset",
                                      labels=["service", "component"])
-        for (svc, comp), b in sorted(self.agent.reconciler.backoff.items()):
+        for (svc, comp), b in sorted(self.agent.local.reconciler.backoff.items()):
             restarts.add_metric([svc, comp], b.restarts)
         yield restarts
         health = self.agent.health()
@@ -93,7 +93,7 @@ class NodeCollector(Collector):
         expiry = GaugeMetricFamily("mcp_edge_certificate_expiry_timestamp_seconds",
                                    "Edge route certificate expiry (unix time)",
                                    labels=["hostname"])
-        for route in self.agent.registry.list_edge_routes():
+        for route in self.agent.local.registry.list_edge_routes():
             if route.cert_expires:
                 expiry.add_metric([route.hostname], parse_rfc3339(route.cert_expires))
         yield expiry

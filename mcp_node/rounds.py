@@ -122,12 +122,6 @@ class Rounds:
             self.after_round(self.a.monitor.view)
         out = dict(self._health)
         out["uptime_s"] = int(time.monotonic() - self.a.started_at)
-        if self.a.fleet is not None:
-            out["fleet"] = self.a.fleet.health()
-            if out["fleet"]["etcd"] != "reachable" and self.a.monitor.running:
-                out["status"] = "degraded"
-                out["reasons"] = [*out["reasons"], "fleet: etcd unreachable or without "
-                                  "quorum; running on the local record"]
         interval = self.a.config.monitor.interval_s
         age = time.time() - self.a.monitor.view.refreshed_at
         if self.a.monitor.running and age > 3 * interval:

@@ -61,7 +61,7 @@ from .workers import Workers
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from .agent import Agent
+    from .operations import Operations
 
 
 log = logging.getLogger("mcp_node.server")
@@ -119,7 +119,7 @@ class AgentServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024  # listen backlog: a burst of connects is not met by SYN drops
 
-    def __init__(self, address: tuple[str, int], agent: Agent, config: AgentConfig,
+    def __init__(self, address: tuple[str, int], agent: Operations, config: AgentConfig,
                  tokens: TokenStore, ssl_context: ssl.SSLContext | None) -> None:
         self.agent = agent
         self.config = config
@@ -629,7 +629,8 @@ def raise_fd_limit(want: int) -> int:
     return soft
 
 
-def serve(agent: Agent, config: AgentConfig, *, tokens: TokenStore | None = None) -> AgentServer:
+def serve(agent: Operations, config: AgentConfig, *,
+          tokens: TokenStore | None = None) -> AgentServer:
     """Bind, make sure a token exists, and serve in a background thread."""
     host, port = check_listen(config)
     ctx = tls_context(config)

@@ -21,7 +21,7 @@ import pytest
 import requests
 from conftest import need
 
-from mcp_node.agent import Agent
+from mcp_node.fleetops import FleetOperations
 
 __all__ = ["PUBLIC", "EtcdCluster", "NodeNetns", "NodePodman", "SimFleet", "SimNode",
            "etcd_cluster", "etcd_tls", "free_ports"]
@@ -257,12 +257,12 @@ class SimNode:
     def __init__(self, name: str, cfg: dict[str, Any], pod: NodePodman | None,
                  caddy: Any) -> None:
         self.name, self.raw, self.pod, self.caddy = name, cfg, pod, caddy
-        self.agent: Agent | None = None
+        self.agent: FleetOperations | None = None
 
-    def start(self) -> Agent:
+    def start(self) -> FleetOperations:
         from mcp_node.config import from_dict
 
-        self.agent = Agent(from_dict(self.raw))
+        self.agent = FleetOperations.build(from_dict(self.raw))
         self.agent.start_monitor(reconcile=True)
         return self.agent
 
@@ -274,9 +274,8 @@ class SimNode:
         """The machine dies: the agent stops without a word (its lease just expires)
         and every workload of the node is gone."""
         a = self.agent
-        assert a is not None and a.fleet is not None
-        a.fleet.close(revoke=False)        # its lease is not revoked: it expires
-        a.close()
+        assert a is not None
+        a.close(revoke=False)        # its lease is not revoked: it expires
         self.agent = None
         if self.pod is not None:
             self.pod.kill_workloads()
@@ -346,7 +345,7 @@ class SimFleet:
             n.start()
         return self
 
-    def agent(self, name: str) -> Agent:
+    def agent(self, name: str) -> FleetOperations:
         a = self.nodes[name].agent
         assert a is not None, f"{name} is down"
         return a

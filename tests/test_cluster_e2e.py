@@ -59,7 +59,7 @@ def test_public_hostname_follows_the_service_across_nodes(sim: SimFleet) -> None
     assert first in ("c1", "c2") and st["placement"] == "spread"
     assert "hello" in until(sim.public_body, 60, "public hostname never answered")
     assert sim.bind.query(f"web.{sim.zone}", "A") == [sim.nodes[first].address]
-    assert e1.registry.get_edge_route(PUBLIC).backend_address == sim.nodes[first].address
+    assert e1.local.registry.get_edge_route(PUBLIC).backend_address == sim.nodes[first].address
     sim.nodes[first].crash()
     t0 = time.monotonic()
     until(lambda: e1.status("web")["node"] == other, 60, "web was not re-placed")
@@ -70,15 +70,15 @@ def test_public_hostname_follows_the_service_across_nodes(sim: SimFleet) -> None
     total = time.monotonic() - t0
     print(f"\nfailover {first} -> {other}: re-placed {moved:.1f} s after the kill, public "
           f"hostname answering again {total:.1f} s after it (lease ttl 3 s, grace 1 s)")
-    assert e1.registry.get_edge_route(PUBLIC).backend_address == sim.nodes[other].address
+    assert e1.local.registry.get_edge_route(PUBLIC).backend_address == sim.nodes[other].address
     # the node comes back: what moved away is removed, and nothing of it is served there
     back = sim.nodes[first].start()
-    until(lambda: not back.registry.has_service("web"), 30, "returned node kept web")
+    until(lambda: not back.local.registry.has_service("web"), 30, "returned node kept web")
     pod = sim.nodes[first].pod
     assert pod is not None
     assert "mcp-web-web" not in pod.cli("ps", "-a", "--format", "{{.Names}}").stdout
     assert "hello" in sim.public_body()
     # undeploy anywhere: the edge route and the DNS name go
     back.undeploy("web")
-    until(lambda: not e1.registry.get_edge_route(PUBLIC), 30, "edge route stayed")
+    until(lambda: not e1.local.registry.get_edge_route(PUBLIC), 30, "edge route stayed")
     until(lambda: sim.bind.query(f"web.{sim.zone}", "A") == [], 30, "DNS name stayed")

@@ -23,6 +23,7 @@ from mcp_node.agent import Agent
 from mcp_node.cluster import SERVICES, Etcd, FleetUnavailable
 from mcp_node.config import from_dict as config_from_dict
 from mcp_node.errors import MCPError, ResourceError, ValidationError
+from mcp_node.fleetops import FleetOperations
 from mcp_node.servicedef import from_dict
 
 
@@ -36,19 +37,18 @@ class Node:
             "cluster": {"etcd": etcd, "node": name, "roles": roles, "pool": pool,
                         "lease_ttl_s": 2, "grace_s": 1, "memory_mb": memory_mb,
                         "timeout_s": 1, "deploy_wait_s": 20}})
-        self.agent: Agent | None = None
+        self.agent: FleetOperations | None = None
 
-    def start(self) -> Agent:
-        self.agent = Agent(self.cfg, runtimes=self.world.runtimes())
+    def start(self) -> FleetOperations:
+        self.agent = FleetOperations.build(self.cfg, runtimes=self.world.runtimes())
         self.agent.start_monitor(reconcile=True)
         return self.agent
 
     def crash(self) -> None:
         """As SIGKILL of the agent and its workloads: threads end, nothing is revoked."""
         a = self.agent
-        assert a is not None and a.fleet is not None
-        a.fleet.close(revoke=False)        # its lease is not revoked: it expires
-        a.close()
+        assert a is not None
+        a.close(revoke=False)        # its lease is not revoked: it expires
         self.agent = None
         for w in self.world.workloads.values():
             w.state = "stopped"
@@ -92,7 +92,7 @@ def until(what: Callable[[], Any], timeout: float = 20, msg: str = "") -> Any:
         time.sleep(0.05)
 
 
-def a(n: Node) -> Agent:
+def a(n: Node) -> FleetOperations:
     assert n.agent is not None
     return n.agent
 
@@ -133,7 +133,7 @@ def test_placement_modes_reads_anywhere_and_refusals(fleet: dict[str, Node]) -> 
     assert c2.running() == {"pinned"}
     # undeploy through any agent: the node removes it and the capacity is free again
     a(c1).undeploy("pinned")
-    until(lambda: "pinned" not in c2.running() and not a(c2).registry.has_service("pinned"))
+    until(lambda: "pinned" not in c2.running() and not a(c2).local.registry.has_service("pinned"))
     assert next(n for n in a(c1).fleet.nodes() if n["node"] == "c2"  # type: ignore
                 )["memory_mb"]["used"] in (0, 100)
 
@@ -176,7 +176,7 @@ def test_failover_return_cleanup_drain_uncordon(fleet: dict[str, Node]) -> None:
     assert {n["node"]: n["state"] for n in a(e1).fleet.nodes()}["c1"] == "down"  # type: ignore
     # the node comes back: it removes what moved away (before running it) and runs its pin
     c1.start()
-    until(lambda: c1.running() == {"pin"} and not a(c1).registry.has_service("free"))
+    until(lambda: c1.running() == {"pin"} and not a(c1).local.registry.has_service("free"))
     assert "free" not in {s for (s, _), _w in c1.world.workloads.items()}
     until(lambda: not a(e1).status("pin")["fleet"]["waiting"])
     # drain c2: its work moves to c1 on purpose; new work avoids it until uncordoned
@@ -218,7 +218,7 @@ def test_etcd_member_lost_then_quorum_lost(fleet: dict[str, Node],
     assert {k: w.id for k, w in c1.world.workloads.items()} == ids   # nothing restarted
     assert "stale" not in a(c1).ps()[0]
     assert a(e1).deploy(svc("later", node="c2"))["node"] == "c2"
-    etcd = Etcd(a(e1).config.cluster)
+    etcd = Etcd(a(e1).local.config.cluster)
     _, kvs = etcd.get_prefix("/mcp/")
     tokens = [p.read_text().strip() for n in fleet.values()
               for p in [Path(n.cfg.state_dir) / "token"] if p.exists()]
@@ -252,7 +252,7 @@ def test_api_and_cli_on_any_agent_with_the_master_role(fleet: dict[str, Node],
     from mcp_node.server import serve
 
     e1 = a(fleet["e1"])
-    cfg = replace(e1.config, server=replace(e1.config.server, listen="127.0.0.1:0"))
+    cfg = replace(e1.local.config, server=replace(e1.local.config.server, listen="127.0.0.1:0"))
     srv = serve(e1, cfg)
     try:
         host, port = srv.server_address[:2]

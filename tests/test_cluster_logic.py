@@ -14,11 +14,11 @@ from fake_etcd import FakeEtcd
 from fake_runtime import FakeWorld
 
 from mcp_node import fleetmoves
-from mcp_node.agent import Agent
 from mcp_node.cluster import ALLOC, SERVICES
 from mcp_node.config import from_dict as config_from_dict
 from mcp_node.errors import ResourceError, ValidationError
 from mcp_node.fleetedge import wanted
+from mcp_node.fleetops import FleetOperations
 from mcp_node.multinode import drained_text, nodes_table, placed_text
 from mcp_node.placement import Demand, NodeInfo, choose, demand_of, parse_target
 from mcp_node.servicedef import from_dict
@@ -120,14 +120,13 @@ def test_cli_texts() -> None:
 NAMES = ("c1", "c2", "c3")
 
 
-def fleet_agents(tmp_path: Path, etcd: FakeEtcd) -> dict[str, Agent]:
+def fleet_agents(tmp_path: Path, etcd: FakeEtcd) -> dict[str, FleetOperations]:
     agents = {}
     for i, name in enumerate(NAMES):
         cfg = config_from_dict({"state": {"dir": str(tmp_path / name)}, "cluster": {
             "etcd": ["http://127.0.0.1:9"], "node": name, "pool": "p" if i < 2 else "q",
             "memory_mb": 1000, "grace_s": 0}})
-        a = Agent(cfg, runtimes=FakeWorld().runtimes())
-        assert a.fleet is not None
+        a = FleetOperations.build(cfg, runtimes=FakeWorld().runtimes())
         a.fleet.etcd = etcd  # type: ignore[assignment]
         a.fleet._await = lambda name, node, gen: {"service": name}  # type: ignore
         a.fleet._join()

@@ -18,7 +18,6 @@ import secrets
 import stat
 import threading
 import time
-import tomllib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from .config import AgentConfig
 from .errors import AuthError, ForbiddenError, NotFoundError, TokenStoreError, ValidationError
 from .files import atomic_write, flocked
+from .safetext import loads_toml
 from .servicedef import SHA256_RE, check_name
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ def _check_file_mode(path: Path, st: os.stat_result) -> None:
 
 def parse_tokens(text: str, where: str) -> list[Token]:
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TokenStoreError(f"{where}: not valid TOML: {exc}") from exc
+        data = loads_toml(text, None)
+    except ValidationError as exc:
+        raise TokenStoreError(f"{where}: {exc}") from exc
     unknown = sorted(set(data) - {"tokens"})
     if unknown:
         raise TokenStoreError(f"{where}: unknown key {unknown[0]!r}")

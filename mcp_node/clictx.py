@@ -64,11 +64,11 @@ def load_cli_config() -> CLIConfig:
     path = Path(os.environ.get("MCP_CLI_CONFIG") or config_home() / "mcp.toml")
     if not path.exists():
         return CLIConfig()
-    import tomllib  # only with an mcp.toml: every mcp start pays for its imports
+    from .safetext import loads_toml
 
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        data = loads_toml(path.read_text(encoding="utf-8"), None)
+    except (OSError, ValidationError, UnicodeDecodeError) as exc:
         raise MCPError(f"cannot read {path}: {exc}") from exc
     top = _strings(data, TOP_KEYS, f"{path}: ")
     raw = data.get("nodes", [])

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ValidationError
+from .safetext import loads_toml
 
 
 def default_state_dir() -> Path:
@@ -333,8 +333,8 @@ def from_dict(data: dict[str, Any]) -> AgentConfig:
 
 def read(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return loads_toml(path.read_text(encoding="utf-8"), None)   # deep: one error
+    except (OSError, ValidationError, UnicodeDecodeError) as exc:
         raise ValidationError(f"cannot load config {path}: {exc}") from exc
 
 

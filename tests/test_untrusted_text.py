@@ -175,3 +175,27 @@ def test_mcp_status_and_errors_escape_control_characters(local_cli: Agent,
     res = mcp("stop", "shop")
     assert res.exit_code == 1
     assert res.stderr == f"Error: podman: {SHOWN_LINES}\n"   # an error may span lines
+
+
+def test_deep_config_files_are_one_error_naming_the_file(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from mcp_node.agent_cli import main
+    from mcp_node.auth import TokenStore
+    from mcp_node.errors import TokenStoreError
+
+    deep = "x = " + "[" * 3000 + "]" * 3000 + "\n"
+    cli_conf = tmp_path / "mcp.toml"
+    cli_conf.write_text(deep)
+    monkeypatch.setenv("MCP_CLI_CONFIG", str(cli_conf))
+    res = mcp("ps")
+    assert (res.exit_code, res.stderr) == (1, f"Error: cannot read {cli_conf}: {DEEP}\n")
+    agent_conf = tmp_path / "agent.toml"
+    agent_conf.write_text(deep)
+    res = CliRunner().invoke(main, ["--config", str(agent_conf), "check-config"])
+    assert res.exit_code == 1 and res.stderr.endswith(
+        f"cannot load config {agent_conf}: {DEEP}\n")
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(deep)
+    tokens.chmod(0o600)
+    with pytest.raises(TokenStoreError, match=f"^{re.escape(f'{tokens}: {DEEP}')}$"):
+        TokenStore(tokens)

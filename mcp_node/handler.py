@@ -37,6 +37,7 @@ from .httpapi import (
     parse_query,
     resolve,
 )
+from .safetext import escape_char
 
 if TYPE_CHECKING:
 
@@ -74,8 +75,7 @@ def log_safe(text: str, limit: int = 300) -> str:
     text = text[:limit]
     if text.isascii() and text.isprintable() and " " not in text and "\\" not in text:
         return text
-    return "".join(c if "!" <= c <= "~" and c != "\\" else
-                   f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
+    return "".join(c if "!" <= c <= "~" and c != "\\" else escape_char(c) for c in text)
 
 
 def access_line(method: str, target: str, status: int, nbytes: int, ms: float, token: str,

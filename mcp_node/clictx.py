@@ -289,7 +289,7 @@ class Ctx:
         path = (self.token_file or os.environ.get("MCP_TOKEN_FILE")
                 or (node.token_path if node else "") or self.cfg.token_path)
         if not path:
-            from .config import default_state_dir
+            from .statedir import default_state_dir
 
             path = str(default_state_dir() / "token")
         return path

@@ -14,11 +14,7 @@ from typing import Any
 
 from .errors import ValidationError
 from .safetext import loads_toml
-
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "mcp"
+from .statedir import default_state_dir
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ underlying engine however many workloads there are: the monitor relies on it.
 Capabilities the agent needs beyond the seed's seven calls are declared here
 with a default (``check_capacity``, ``info``, ``status_extra``,
 ``graceful_stop``, ``close``), so callers never probe for them. Runtime names
-are spelled only in ``RUNTIMES``; a new runtime is one module and one entry.
+are spelled only in ``runtimenames.RUNTIMES`` (re-exported here); a new runtime
+is one module and one entry.
 """
 
 from __future__ import annotations
 
 import builtins
+import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .runtimenames import DEFAULT_RUNTIME, RUNTIME_NAMES, RUNTIMES
 from .states import MISSING, RUNNING, STOPPED, State
 
 if TYPE_CHECKING:
@@ -32,14 +35,6 @@ __all__ = [
     "MISSING", "RUNNING", "RUNTIMES", "RUNTIME_NAMES", "STOPPED", "Runtime", "State",
     "Workload", "WorkloadSpec", "load_runtime", "workload_name",
 ]
-
-# name -> "module:Class", imported on first use (a node without qemu never imports it).
-RUNTIMES: dict[str, str] = {
-    "container": "mcp_node.podman:PodmanRuntime",
-    "unikernel": "mcp_node.qemu:QemuRuntime",
-}
-RUNTIME_NAMES: tuple[str, ...] = tuple(RUNTIMES)
-DEFAULT_RUNTIME = RUNTIME_NAMES[0]
 
 # Label keys / values that mark a workload as the agent's own.
 LABEL_MANAGED = "mcp.managed"
@@ -83,8 +78,6 @@ class WorkloadSpec:
         made_of = [self.service, self.component, self.image, self.cmd, self.env,
                    self.volumes, self.ports, self.memory_mb, self.vcpus, self.binary,
                    self.image_sha256]
-        import hashlib  # the agent's; the CLI imports this module for the names only
-
         return hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from . import grammar, safetext
 from .errors import ValidationError
 from .grammar import MAX_STR, check_env, check_image, check_text, parse_volumes
-from .runtime import DEFAULT_RUNTIME, RUNTIME_NAMES
+from .runtimenames import DEFAULT_RUNTIME, RUNTIME_NAMES
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ROUTE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")

@@ -387,11 +387,16 @@ class Agent:
             return self.local_status(name)
 
     def _restarted(self, name: str, components: list[str]) -> None:
-        rec, now = self.registry.get_service(name), time.time()
-        self.registry.record_observed([
-            Event(name, c, now, rec.component(c).observed_state,
-                  rec.component(c).observed_state, "restarted by operator", unplanned=False)
-            for c in components])
+        """The restart's events; best effort: the components did restart, whatever the
+        registry says now."""
+        try:
+            rec, now = self.registry.get_service(name), time.time()
+            self.registry.record_observed([
+                Event(name, c, now, rec.component(c).observed_state,
+                      rec.component(c).observed_state, "restarted by operator",
+                      unplanned=False) for c in components])
+        except MCPError as exc:
+            log.warning("restart of service=%s: its events are not recorded: %s", name, exc)
 
     def undeploy(self, name: str) -> None:
         """Remove the service from this node (``undeploy_local``)."""

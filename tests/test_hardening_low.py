@@ -19,7 +19,7 @@ from mcp_node import auth
 from mcp_node.agent import Agent
 from mcp_node.auth import TokenStore
 from mcp_node.config import from_dict as config_from_dict
-from mcp_node.errors import NotFoundError, ValidationError
+from mcp_node.errors import NotFoundError, RegistryError, ValidationError
 from mcp_node.files import flocked
 from mcp_node.grammar import check_image
 from mcp_node.servicedef import from_dict
@@ -159,6 +159,17 @@ def test_restart_records_an_event_per_component(agent: Agent) -> None:
     agent.restart("shop", "web")
     assert [(e["component"], e["detail"]) for e in agent.events("shop")[before + 2:]] == [
         ("web", "restarted by operator")]
+
+
+def test_a_restart_whose_event_cannot_be_written_still_answers(
+        agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent.deploy(from_dict({"name": "shop", "components": [{"name": "web", "image": "i:1"}]}))
+
+    def full_disk(events: Any) -> None:
+        raise RegistryError("database or disk is full")
+
+    monkeypatch.setattr(agent.registry, "record_observed", full_disk)
+    assert agent.restart("shop")["service"] == "shop"
 
 
 # -- route hostnames --------------------------------------------------------------------

@@ -1,18 +1,24 @@
 """``FakeEtcd``: cluster.Etcd's operations in memory (revisions, mod_revision compares,
-leases that expire when the test says so), for many fast rounds of fleet logic.
+leases that expire when the test says so, a watch), for many fast rounds of fleet logic.
 
-The real client is tested against a real etcd (test_cluster_etcd.py); this one only
-has to keep the same contract: ``txn`` writes all or nothing and answers False when a
-compare fails.
+It keeps the contract test_etcd_contract.py checks against a real etcd too: one
+revision per put, delete, transaction or revoke (none for a write that changes
+nothing); ``txn`` writes all or nothing and answers False when a compare fails; lease
+IDs are never reused and a write on a dead lease is refused; a watch replays from
+its start revision, then follows until stopped; ``down`` makes every call
+FleetUnavailable, as an etcd without quorum does.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from mcp_node.cluster import KV, Traffic
+from mcp_node.errors import FleetUnavailable, MCPError
 
 
 class FakeEtcd:
@@ -20,76 +26,111 @@ class FakeEtcd:
         self.kv: dict[str, KV] = {}
         self.rev = 0
         self.leases: dict[int, int] = {}     # id -> ttl
+        self.history: list[tuple[int, str, str]] = []   # (revision, PUT|DELETE, key)
         self.traffic = Traffic()
         self.down = False
-        self._lock = threading.Lock()
+        self._ids = itertools.count(1000)
+        self._changed = threading.Condition()
 
     def _check(self) -> None:
-        from mcp_node.errors import FleetUnavailable
-
         if self.down:
             raise FleetUnavailable("etcd is unreachable or has no quorum (fake)")
 
+    def _lease_ok(self, lease: int) -> None:
+        if lease and lease not in self.leases:
+            raise MCPError(f"etcd: requested lease not found ({lease})")
+
     def get(self, key: str) -> KV | None:
         self._check()
-        with self._lock:
-            kv = self.kv.get(key)
-            return copy.deepcopy(kv)
+        with self._changed:
+            return copy.deepcopy(self.kv.get(key))
 
     def get_prefix(self, prefix: str) -> tuple[int, dict[str, KV]]:
         self._check()
-        with self._lock:
+        with self._changed:
             return self.rev, {k: copy.deepcopy(v) for k, v in self.kv.items()
                               if k.startswith(prefix)}
 
-    def _put(self, key: str, value: Any, lease: int = 0) -> None:
+    # -- writes: each call below is one revision, or none when nothing changes ----------
+
+    def _commit(self, puts: dict[str, tuple[Any, int]], deletes: list[str]) -> None:
+        deletes = [k for k in deletes if k in self.kv and k not in puts]
+        if not puts and not deletes:
+            return
         self.rev += 1
-        self.kv[key] = KV(key, copy.deepcopy(value), self.rev, lease)
+        for k, (v, lease) in puts.items():
+            self.kv[k] = KV(k, copy.deepcopy(v), self.rev, lease)
+            self.history.append((self.rev, "PUT", k))
+        for k in deletes:
+            del self.kv[k]
+            self.history.append((self.rev, "DELETE", k))
+        self._changed.notify_all()
 
     def put(self, key: str, value: Any, lease: int = 0) -> None:
         self._check()
-        with self._lock:
-            self._put(key, value, lease)
+        with self._changed:
+            self._lease_ok(lease)
+            self._commit({key: (value, lease)}, [])
 
     def delete(self, key: str) -> None:
         self._check()
-        with self._lock:
-            if self.kv.pop(key, None) is not None:
-                self.rev += 1
+        with self._changed:
+            self._commit({}, [key])
 
     def txn(self, expect: dict[str, int], puts: dict[str, Any],
             deletes: tuple[str, ...] = (), lease: dict[str, int] | None = None) -> bool:
         self._check()
-        with self._lock:
+        lease = lease or {}
+        with self._changed:
             for k, r in expect.items():
                 have = self.kv.get(k)
                 if (have.mod_revision if have else 0) != r:
                     return False
-            for k, v in puts.items():
-                self._put(k, v, (lease or {}).get(k, 0))
-            for k in deletes:
-                self.kv.pop(k, None)
-            self.rev += 1
+            for k in puts:
+                self._lease_ok(lease.get(k, 0))
+            self._commit({k: (v, lease.get(k, 0)) for k, v in puts.items()}, list(deletes))
             return True
+
+    # -- leases -------------------------------------------------------------------------
 
     def grant(self, ttl: int) -> int:
         self._check()
-        with self._lock:
-            lid = len(self.leases) + 1000
+        with self._changed:
+            lid = next(self._ids)
             self.leases[lid] = ttl
             return lid
 
     def keepalive(self, lease: int) -> int:
         self._check()
-        return self.leases.get(lease, -1)
+        with self._changed:
+            return self.leases.get(lease, -1)
 
     def revoke(self, lease: int) -> None:
+        self._check()
+        with self._changed:
+            self._lease_ok(lease)
         self.expire(lease)
 
     def expire(self, lease: int) -> None:
-        """The lease ran out: its keys go, as etcd deletes them."""
-        with self._lock:
+        """The lease ran out: its keys go in one revision, as etcd deletes them."""
+        with self._changed:
             self.leases.pop(lease, None)
-            for k in [k for k, v in self.kv.items() if v.lease == lease]:
-                del self.kv[k]
-                self.rev += 1
+            self._commit({}, [k for k, v in self.kv.items() if v.lease == lease])
+
+    # -- watch --------------------------------------------------------------------------
+
+    def watch(self, prefix: str, start_revision: int, stop: threading.Event,
+              on_event: Callable[[str, str], None]) -> None:
+        """Changes under ``prefix`` from ``start_revision`` on, until ``stop`` (or the
+        fake goes down: the stream ends, and the caller resyncs)."""
+        self._check()
+        seen = 0
+        while not stop.is_set() and not self.down:
+            with self._changed:
+                new = self.history[seen:]
+                seen = len(self.history)
+                if not new:
+                    self._changed.wait(0.1)
+            for rev, kind, key in new:
+                if rev >= start_revision and key.startswith(prefix):
+                    on_event(kind, key)

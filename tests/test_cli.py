@@ -17,7 +17,8 @@ from podman_env import wait_http
 
 from mcp_node import __version__
 from mcp_node.agent import Agent
-from mcp_node.cli import cli, split_backend
+from mcp_node.cli import cli
+from mcp_node.cliedge import split_backend
 from mcp_node.cliformat import fmt_uptime, status_text, table
 from mcp_node.config import AgentConfig, ServerConfig
 from mcp_node.server import AgentServer

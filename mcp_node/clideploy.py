@@ -1,0 +1,158 @@
+"""``mcp`` commands that read a definition or a service's versions: deploy, validate,
+plan, history, rollback. Only these import the definition parser, and the text
+views only for text output (``mcp --json deploy`` is the call scripts make)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli import emit, json_option, pass_ctx, service_backend
+from .clictx import Ctx, config_home
+from .cliwait import wait_ready, with_progress
+from .errors import MCPError
+
+
+def load_definition(ctx: Ctx, arg: str) -> dict[str, Any]:
+    """A definition from FILE, ``-`` (stdin: JSON if it starts with ``{``, else TOML), or
+    a service name looked up in the services dir; validated here, before any call."""
+    from .servicedef import check_name, load_file, loads_text
+
+    if arg == "-":
+        text = sys.stdin.read()
+        return loads_text(text, "stdin", text.lstrip().startswith("{")).to_dict()
+    path = Path(arg)
+    if not path.is_file():
+        if "/" in arg or arg.endswith((".toml", ".json")):
+            raise MCPError(f"no such file: {arg}")
+        name = check_name(arg, "service")
+        base = Path(ctx.cfg.services_dir).expanduser() if ctx.cfg.services_dir \
+            else config_home() / "services"
+        path = base / f"{name}.toml"
+        if not path.is_file():
+            raise MCPError(f"no such file, and no definition at {path}")
+    return load_file(path).to_dict()
+
+
+def deployed_text(st: dict[str, Any]) -> str:
+    from .cliformat import status_text
+    from .multinode import placed_text
+
+    return (f"{'unchanged' if st.get('unchanged') else 'deployed'} "
+            f"{st['service']}{placed_text(st)}\n{status_text(st)}")
+
+
+@click.command()
+@click.argument("service")
+@click.option("--direct", is_flag=True, help="Dial the node agent directly (the default here).")
+@click.option("-n", "--node", "node", metavar="NODE", help="Node name from mcp.toml [[nodes]].")
+@click.option("--local", is_flag=True, help="Run in-process against the local registry.")
+@click.option("--wait", "wait", is_flag=True,
+              help="Return once every component is ready (its check passes).")
+@click.option("--timeout", type=click.FloatRange(0.1, 86400), default=120.0, show_default=True,
+              help="With --wait: seconds to wait before failing.")
+@json_option
+@pass_ctx
+def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, wait: bool,
+           timeout: float) -> None:
+    """Deploy SERVICE (a name in the services dir) or a definition FILE.
+
+    With --wait it returns when every component that should run is ready, and
+    fails (exit 1) with the last log lines of those that are not.
+    """
+    ctx.node = node or ctx.node
+    ctx.local = local or ctx.local
+    defn = load_definition(ctx, service)
+    backend = service_backend(ctx.backends(), defn["name"])
+    st = with_progress(ctx, "deploying", defn["name"], lambda: backend.call("deploy", defn),
+                       backend)
+    if wait:
+        st = wait_ready(backend, st["service"], timeout)
+    emit(ctx, st, deployed_text)
+
+
+@click.command()
+@click.argument("definition")
+@json_option
+@pass_ctx
+def validate(ctx: Ctx, definition: str) -> None:
+    """Check a definition FILE (or - for stdin) without deploying it.
+
+    \b
+    Example:
+      mcp validate examples/hello.toml
+    """
+    d = load_definition(ctx, definition)
+    emit(ctx, {"service": d["name"], "valid": True, "components": len(d["components"])},
+         lambda r: f"{r['service']}: valid ({r['components']} component(s))")
+
+
+@click.command(name="plan")
+@click.argument("definition")
+@json_option
+@pass_ctx
+def plan_cmd(ctx: Ctx, definition: str) -> None:
+    """Show what deploying SERVICE|FILE would create, replace, start, stop or remove.
+
+    Exit status: 0 when nothing would change, 3 when something would
+    (1 and 2 keep their meaning: an error, a usage error).
+
+    \b
+    Example:
+      mcp plan examples/hello.toml && echo "nothing to do"
+    """
+    from .errors import NotFoundError
+    from .plan import plan, plan_text
+    from .servicedef import from_dict
+
+    new = from_dict(load_definition(ctx, definition))
+    try:
+        st = service_backend(ctx.backends(), new.name).call(
+            "status", new.name)
+    except NotFoundError:
+        st = None
+    deployed = from_dict(st["definition"]) if st else None
+    states = {c["component"]: c["state"] for c in st["components"]} if st else {}
+    p = plan(deployed, new, states)
+    emit(ctx, {"service": p.service, "changed": p.changed,
+               "changes": [c.to_dict() for c in p.changes]}, lambda _: plan_text(p))
+    if p.changed:
+        sys.exit(3)
+
+
+@click.command()
+@click.argument("service")
+@json_option
+@pass_ctx
+def history(ctx: Ctx, service: str) -> None:
+    """List the deployed versions of SERVICE, oldest first (* marks the current one)."""
+    from .cliformat import table
+
+    emit(ctx, service_backend(ctx.backends(), service).call("history", service),
+         lambda rows: table(
+        ["VERSION", "DEPLOYED", "DIGEST", "IMAGES"],
+        [[f"{r['version']}{'*' if r['current'] else ''}", r["time"], r["digest"],
+          ",".join(r["images"])] for r in rows]))
+
+
+@click.command()
+@click.argument("service")
+@click.argument("version", required=False, type=click.IntRange(1))
+@json_option
+@pass_ctx
+def rollback(ctx: Ctx, service: str, version: int | None) -> None:
+    """Deploy VERSION of SERVICE again (default: the version before the current one).
+
+    \b
+    Example:
+      mcp history web && mcp rollback web 3
+    """
+    from .cliformat import status_text
+
+    b = service_backend(ctx.backends(), service)
+    st = with_progress(ctx, "rolling back", service,
+                       lambda: b.call("rollback", service, version), b)
+    emit(ctx, st, lambda s: f"rolled back {s['service']}\n{status_text(s)}")

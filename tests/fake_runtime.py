@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mcp_node.config import AgentConfig
-from mcp_node.errors import ImageError, MCPError, ResourceError, WorkloadError
+from mcp_node.errors import ImageError, MCPError, NotFoundError, ResourceError, WorkloadError
 from mcp_node.runtime import RUNTIME_NAMES, Runtime, Workload, WorkloadSpec
 from mcp_node.states import RUNNING, STOPPED
 
@@ -103,7 +103,8 @@ class DummyRuntime(Runtime):
         w = self._mine().get((service, component))
         if w is None:
             return False
-        w.state, w.exit_code = RUNNING, None
+        self.world.clock += 1
+        w.state, w.exit_code, w.started_at = RUNNING, None, self.world.clock
         return True
 
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
@@ -135,8 +136,14 @@ class DummyRuntime(Runtime):
 
     def logs(self, service: str, component: str, tail: int | None = None,
              follow: bool = False) -> Iterator[bytes]:
+        """As podman's and qemu's (test_runtime_contract.py): a missing workload is
+        NotFoundError before anything streams; ``tail`` counts lines, 0 is none."""
         w = self._mine().get((service, component))
-        return iter(w.log[-tail:] if (w and tail) else (w.log if w else []))
+        if w is None:
+            raise NotFoundError(f"no workload {service}/{component}")
+        lines = b"".join(w.log).splitlines(keepends=True)
+        data = b"".join(lines if tail is None else lines[-tail:] if tail > 0 else [])
+        return iter([data] if data else [])
 
     def check_capacity(self, spec: WorkloadSpec, replacing: bool) -> None:
         self._step("capacity", spec.component)

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,13 +50,30 @@ def need(*tools: str, also: tuple[str, ...] = ()) -> None:
     if _current and _current[0].get_closest_marker("integration") is None:
         pytest.fail(f"{_current[0].nodeid} needs real components but uses no fixture of "
                     f"{', '.join(INTEGRATION_MODULES)}; it would run under --unit")
-    missing = [t for t in tools if shutil.which(t) is None] + list(also)
+    lacking(*[t for t in tools if shutil.which(t) is None], *also)
+
+
+def lacking(*missing: str) -> None:
+    """Skip for what is missing, naming it; under MCP_REQUIRE_INTEGRATION=1 fail instead.
+    Every skip of the suite comes through here (test_skips.py checks): integration tests
+    call ``need``, a unit test calls this for a host file it reads (busybox, a kernel)."""
     if not missing:
         return
     reason = f"needs {', '.join(missing)} (run scripts/setup.sh)"
     if os.environ.get("MCP_REQUIRE_INTEGRATION") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def need_module(name: str) -> Any:
+    """``name`` imported, or a skip through ``lacking`` (a test extra not installed)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        lacking(f"the Python module {name} (pip install -e .[test])")
+        return None
 
 
 @pytest.fixture(autouse=True)

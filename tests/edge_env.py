@@ -465,11 +465,11 @@ if __name__ == "__main__":
 else:
     from mcp_node.config import AgentConfig, from_dict
 
-    def _need(*tools: str) -> None:
+    def _need(*tools: str, also: tuple[str, ...] = ()) -> None:
         """conftest.need, imported late: benches import this module outside pytest."""
         from conftest import need
 
-        need(*tools)
+        need(*tools, also=also)
 
     @pytest.fixture(scope="session")
     def edge_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
@@ -516,9 +516,7 @@ else:
                       backend_ca: TestCA) -> Iterator[NetnsBackend]:
         _need("ip")
         if os.geteuid() != 0:
-            if os.environ.get("MCP_REQUIRE_INTEGRATION") == "1":
-                pytest.fail("network namespaces need root")
-            pytest.skip("network namespaces need root")
+            _need(also=("root (for network namespaces)",))
         b = NetnsBackend(tmp_path_factory.mktemp("backend"), backend_ca)
         try:
             b.start()

@@ -190,17 +190,17 @@ def make_route_config(base: AgentConfig, caddy: Caddy, pebble: Pebble, bind: Bin
     })
 
 
-def _need(*tools: str) -> None:
+def _need(*tools: str, also: tuple[str, ...] = ()) -> None:
     from conftest import need
 
-    need(*tools)
+    need(*tools, also=also)
 
 
 @pytest.fixture
 def route_netns() -> Iterator[RouteNetns]:
     _need("ip", "named", "haproxy", "caddy", "pebble")
     if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+        _need(also=("root (for network namespaces)",))
     n = RouteNetns()
     try:
         n.start()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need_module
 
 from mcp_node import openapi
 from mcp_node.agent import Agent
@@ -80,7 +81,7 @@ def filter_query(ctx, query):
 
 
 def test_document_is_valid_openapi() -> None:
-    validator = pytest.importorskip("openapi_spec_validator")
+    validator = need_module("openapi_spec_validator")
     validator.validate(openapi.document())
 
 
@@ -163,7 +164,7 @@ def test_document_patterns_have_no_capturing_groups() -> None:
 def test_jsonschema_rs_matches_a_long_volume() -> None:
     """The boundary string of the coverage phase, through the same validator schemathesis
     uses (a panic inside it reads as "no match")."""
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    jsonschema_rs = need_module("jsonschema_rs")
     fixed = openapi.VOLUME_PATTERN.replace("/[^:,\\u0000]*:/[^:,\\u0000]*(?:",
                                            "/[^:,\\u0000]{1}:/[^:,\\u0000]{4092}(?:")
     fixed = fixed[:-2] + "{0}$"  # the optional options group, repeated zero times

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import lacking
 from qemu_env import kernel_path
 
 from mcp_node.builders import choose_builder
@@ -39,7 +40,8 @@ NASTY = "a b (c) \"d\" 'e' $HOME `id` \\ ;x\nnewline"
 def static_elf() -> bytes:
     bb = shutil.which("busybox")
     if not bb:
-        pytest.skip("needs busybox-static")
+        lacking("busybox-static")
+    assert bb is not None
     return Path(bb).read_bytes()
 
 
@@ -262,7 +264,7 @@ def test_cpio_round_trip() -> None:
 def moddir() -> Path:
     k = kernel_path()
     if not k.is_file():
-        pytest.skip(f"needs a kernel at {k} (run scripts/setup.sh)")
+        lacking(f"a kernel at {k}")
     d = find_moddir(k, kernel_version(k))
     assert d is not None
     return d

@@ -127,10 +127,6 @@ class Agent:
         if self.registry.list_edge_routes():
             self.rounds.reconcile_edge()
 
-    @property
-    def local(self) -> Agent:
-        return self
-
     def _after_round(self, view: View) -> None:
         self.rounds.after_round(view)
         for subscriber in self.round_subscribers:
@@ -540,6 +536,13 @@ class Agent:
 
     def edge_remove(self, hostname: str) -> None:
         self.edge.remove(hostname)
+
+    def restart_counts(self) -> dict[tuple[str, str], int]:
+        return {key: b.restarts for key, b in self.reconciler.backoff.items()}
+
+    def certificate_expiries(self) -> dict[str, str]:
+        return {r.hostname: r.cert_expires for r in self.registry.list_edge_routes()
+                if r.cert_expires}
 
     def nodes(self) -> list[dict[str, Any]]:
         raise NotFoundError(NOT_A_FLEET)

@@ -122,13 +122,13 @@ def run_daemon(cfg: AgentConfig, *, adopt: bool = False,
     registry checked against the workloads this node owns, first monitor and reconcile
     round, READY=1. Then SIGHUP reloads the config, SIGTERM/SIGINT stop the agent (its
     workloads keep running)."""
-    from .agent import Agent
     from .auth import tokens_path
     from .daemon import StateLock, check_new_registry, reload_plan
     from .httpapi import check_listen
     from .reconcile import Policy
     from .registry import inspect_file
     from .server import serve
+    from .wiring import around, node_agent
 
     log = logging.getLogger("mcp_node.agent_cli")
     wake = threading.Event()
@@ -155,18 +155,21 @@ def run_daemon(cfg: AgentConfig, *, adopt: bool = False,
         def ping() -> None:
             sdnotify.notify("WATCHDOG=1")
 
-        agent = Agent(cfg, reconcile=False, on_round=ping if every else None)
+        # The node's own agent (adoption checks and live reloads act on it), and what
+        # serves it: itself, or the fleet member wrapping it.
+        agent = node_agent(cfg, reconcile=False, on_round=ping if every else None)
+        ops = around(agent)
         try:
-            srv = serve(agent, cfg)
+            srv = serve(ops, cfg)
         except MCPError:
-            agent.close()
+            ops.close()
             raise
         try:
             check_new_registry(agent, services, adopt)
-            agent.start_monitor(reconcile=True)
+            ops.start_monitor(reconcile=True)
         except BaseException:
             srv.shutdown()
-            agent.close()
+            ops.close()
             raise
         gc.freeze()  # start-up objects never die: keep them out of every later full collection
         token_file = srv.token_file
@@ -209,7 +212,7 @@ def run_daemon(cfg: AgentConfig, *, adopt: bool = False,
         log.info("stopping signal=%s", signal.Signals(stop[0]).name)
         sdnotify.notify("STOPPING=1")
         srv.shutdown()
-        agent.close()  # workloads keep running: only the agent and its helpers stop
+        ops.close()  # workloads keep running: the agent and its helpers stop, a member leaves
     finally:
         lock.release()
     log.info("stopped")

@@ -52,38 +52,25 @@ class Budgets:
                 self.readers -= 1
         conn.token = ""
 
-    def make_room(self, token: Token, limits: ServerConfig) -> tuple[Conn | None, str]:
-        """Room for one more connection of ``token``: (None, "") if it fits; else the
-        connection to drop for it (the oldest idle one waiting in the intake) and why;
-        HTTPError 503 naming the key when none of them is idle."""
+    def check(self, token: Token, limits: ServerConfig) -> None:
+        """HTTPError 503 naming the key if one more connection of ``token`` would not fit
+        its budgets. The new one is refused, not an old one dropped: a refusal is
+        answered by the intake without a worker, so a token reconnecting in a loop
+        costs what a slowloris does; served, each would cost a request."""
         mine = self.by_token.get(token.name, {})
         cap = limits.max_connections_per_token
         if len(mine) >= cap:
-            victim = idle_of(mine)
-            if victim is None:
-                raise HTTPError(503, "busy", (
-                    f"token {token.name!r} has {len(mine)} open connections, none idle "
-                    f"(server.max_connections_per_token = {cap})"), close=True)
-            return victim, (f"token {token.name!r} opened more connections than "
-                            f"server.max_connections_per_token = {cap}; its oldest idle "
-                            "one was closed")
+            raise HTTPError(503, "busy", (
+                f"token {token.name!r} has {len(mine)} open connections "
+                f"(server.max_connections_per_token = {cap}); close one, or wait for an "
+                "idle one to time out (server.idle_timeout_s)"), close=True)
         share = limits.max_connections - limits.reserved_for_operators
         if token.role == "reader" and self.readers >= share:
-            readers = [c for c in self.by_token.values() if next(iter(c)).role == "reader"]
-            for conns in sorted(readers, key=len, reverse=True):  # the heaviest first
-                victim = idle_of(conns)
-                if victim is not None:
-                    return victim, (
-                        f"reader tokens hold {self.readers} connections, all that "
-                        f"server.max_connections less server.reserved_for_operators "
-                        f"leaves them ({share}); the oldest idle one of the reader token "
-                        "holding most was closed")
             raise HTTPError(503, "busy", (
-                f"reader tokens hold {self.readers} connections, none idle: the rest of "
-                f"server.max_connections is server.reserved_for_operators "
-                f"({limits.reserved_for_operators}), for operator and master tokens"),
-                close=True)
-        return None, ""
+                f"reader tokens hold {self.readers} connections, all that "
+                f"server.max_connections ({limits.max_connections}) leaves them: the rest, "
+                f"server.reserved_for_operators ({limits.reserved_for_operators}), is for "
+                "operator and master tokens"), close=True)
 
     def hold(self, conn: Conn) -> bool:
         """May a worker wait on ``conn``'s next request? (Else it goes to the intake.)"""
@@ -119,13 +106,3 @@ class Budgets:
             self.streams[name] = n
         else:
             self.streams.pop(name, None)
-
-
-def idle_of(conns: dict[Conn, None]) -> Conn | None:
-    """The oldest of ``conns`` waiting in the intake with nothing of a request read yet
-    (a worker's idle wait is not interrupted). Read outside the intake thread, so one
-    just handed to a worker may be picked: it is closed after that one request."""
-    for c in conns:
-        if c.in_intake and not c.buf and not c.dropped:
-            return c
-    return None

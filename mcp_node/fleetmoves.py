@@ -7,18 +7,35 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from .cluster import CORDON, LOST, MEMBERS, SERVICES
+from .cluster import CORDON, KV, LOST, MEMBERS, SERVICES, Etcd
+from .config import ClusterConfig
 from .errors import NotFoundError
+from .fleetviews import Fleetview
 from .placement import Demand, choose, parse_target
 from .servicedef import check_name
 
-if TYPE_CHECKING:
-    from .fleetnode import Fleet
-    from .fleetviews import Fleetview
-
 log = logging.getLogger("mcp_node.fleet")
+
+Txn = tuple[dict[str, int], dict[str, Any], tuple[str, ...]]   # compares, puts, deletes
+
+
+class Fleet(Protocol):
+    """What a move needs of the member making it (``fleetnode.Fleet`` is one)."""
+
+    name: str
+    cfg: ClusterConfig
+    etcd: Etcd
+    live: set[str]
+    lost_due: dict[str, float]
+
+    def read(self) -> Fleetview: ...
+    def txn_loop(self, step: Callable[[Fleetview], Txn | None]) -> Fleetview: ...
+    def placement_txn(self, v: Fleetview, name: str, prev: KV | None,
+                      rec: dict[str, Any] | None) -> Txn: ...
+    def move_off(self, node: str, services: list[str], why: str) -> dict[str, Any]: ...
 
 
 def leader_round(fleet: Fleet) -> None:
@@ -29,7 +46,7 @@ def leader_round(fleet: Fleet) -> None:
     placed: dict[str, list[str]] = {}
     for k, kv in v.services.items():
         placed.setdefault(kv.value.get("node", ""), []).append(k[len(SERVICES):])
-    fleet._lost_due = {}
+    fleet.lost_due = {}
     for node in sorted(set(placed) | {k[len(LOST):] for k in v.lost} - {""}):
         if node in live:
             if LOST + node in v.lost:
@@ -46,12 +63,12 @@ def leader_round(fleet: Fleet) -> None:
         if lost is None:
             fleet.etcd.txn({LOST + node: 0}, {LOST + node: {"since": now}})
             log.warning("fleet: node=%s lost its lease; grace %g s", node, fleet.cfg.grace_s)
-            fleet._lost_due[node] = now + fleet.cfg.grace_s
+            fleet.lost_due[node] = now + fleet.cfg.grace_s
             continue
         due = float(lost.value.get("since", now)) + fleet.cfg.grace_s
         log.debug("fleet: node=%s lost, due in %.1f s", node, due - now)
         if now < due:
-            fleet._lost_due[node] = due
+            fleet.lost_due[node] = due
             continue
         out = fleet.move_off(node, placed.get(node, []), "lost")
         log.debug("fleet: moved off node=%s: %s", node, out)
@@ -80,14 +97,14 @@ def move_off(fleet: Fleet, node: str, services: list[str], why: str) -> dict[str
                     rec = {**old, "node": choice.node, "waiting": "",
                            "generation": old["generation"] + 1, "time": time.time(),
                            "moved_from": {"node": node, **_member(fleet, node)}}
-                    return fleet._placement_txn(v, name, prev, rec)
+                    return fleet.placement_txn(v, name, prev, rec)
                 res["stayed"] = choice.refusal(name)
             if old.get("waiting") == res["stayed"]:
                 return None
             rec = {**old, "waiting": res["stayed"]}
             return {SERVICES + name: prev.mod_revision}, {SERVICES + name: rec}, ()
 
-        fleet._txn_loop(step)
+        fleet.txn_loop(step)
         if "to" in res:
             log.warning("fleet: service=%s moved from node=%s (%s) to node=%s", name, node,
                         why, res["to"])

@@ -108,7 +108,7 @@ class Fleet:
         self._published = ""
         self._record_at = 0.0
         self._resync_at = 0.0
-        self._lost_due: dict[str, float] = {}
+        self.lost_due: dict[str, float] = {}
         self.live: set[str] = set()      # nodes with a record at the leader's last look
         self._threads: list[threading.Thread] = []
         self._sync_lock = threading.Lock()
@@ -207,7 +207,7 @@ class Fleet:
             if not self.leader:
                 self._campaign()
         if self.leader and (self._dirty["nodes"] or any(
-                due <= now for due in self._lost_due.values())):
+                due <= now for due in self.lost_due.values())):
             self._dirty["nodes"] = False
             self._leader_round()
         self._dirty["nodes"] = False
@@ -400,7 +400,7 @@ class Fleet:
 
     # -- writes ---------------------------------------------------------------
 
-    def _txn_loop(self, step: Callable[[Fleetview], tuple[dict[str, int], dict[str, Any],
+    def txn_loop(self, step: Callable[[Fleetview], tuple[dict[str, int], dict[str, Any],
                                                          tuple[str, ...]] | None]) -> Fleetview:
         """Read, decide, commit with compares on what was read; again on a conflict."""
         for attempt in range(TXN_ATTEMPTS):
@@ -436,9 +436,9 @@ class Fleet:
                    "restarts": int(old.get("restarts", 0)) if old else 0,
                    "waiting": "", "time": time.time()}
             out.update(rec=rec, old=old, prev_rev=prev.mod_revision if prev else 0)
-            return self._placement_txn(v, name, prev, rec)
+            return self.placement_txn(v, name, prev, rec)
 
-        self._txn_loop(step)
+        self.txn_loop(step)
         rec = out["rec"]
         try:
             st = self._await(name, rec["node"], rec["generation"])
@@ -450,7 +450,7 @@ class Fleet:
         return {**st, "node": rec["node"], "placement": rec["placement"],
                 "generation": rec["generation"]}
 
-    def _placement_txn(self, v: Fleetview, name: str, prev: KV | None,
+    def placement_txn(self, v: Fleetview, name: str, prev: KV | None,
                        rec: dict[str, Any] | None) -> tuple[dict[str, int], dict[str, Any],
                                                             tuple[str, ...]]:
         """The compares and writes that move ``name``'s record and its demand together."""
@@ -479,10 +479,10 @@ class Fleet:
             if cur is None or cur.value.get("generation") != rec["generation"]:
                 return None          # someone wrote after us: theirs stands
             back = None if old is None else {**old, "generation": rec["generation"] + 1}
-            return self._placement_txn(v, name, cur, back)
+            return self.placement_txn(v, name, cur, back)
 
         try:
-            self._txn_loop(step)
+            self.txn_loop(step)
         except MCPError:
             log.exception("fleet: could not revert service=%s", name)
 
@@ -514,9 +514,9 @@ class Fleet:
             prev = v.services.get(SERVICES + name)
             if prev is None:
                 raise NotFoundError(f"unknown service {name!r} in the fleet")
-            return self._placement_txn(v, name, prev, None)
+            return self.placement_txn(v, name, prev, None)
 
-        self._txn_loop(step)
+        self.txn_loop(step)
         log.info("fleet: undeployed service=%s", name)
 
     def set_state(self, name: str, desired: str, component: str | None,
@@ -535,7 +535,7 @@ class Fleet:
             out["rec"] = rec
             return {SERVICES + name: prev.mod_revision}, {SERVICES + name: rec}, ()
 
-        self._txn_loop(step)
+        self.txn_loop(step)
         rec = out["rec"]
         if not rec["node"]:
             return self.status(name)

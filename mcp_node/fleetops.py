@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, Any
 from . import fleetviews
 from .agent import Agent
 from .errors import FleetUnavailable
-from .fleetnode import Fleet, default_node_name
+from .fleetnode import Fleet
 from .operations import STOP_TIMEOUT_S
 from .servicedef import check_name
 from .states import RUNNING, STOPPED
 
 if TYPE_CHECKING:
-    from .config import AgentConfig
     from .servicedef import ServiceDef
 
 
@@ -34,13 +33,9 @@ class FleetOperations:
         self.fleet = Fleet(agent)
         agent.round_subscribers.append(lambda view: self.fleet.after_round())
 
-    @classmethod
-    def build(cls, config: AgentConfig, **agent_kw: Any) -> FleetOperations:
-        """The node's agent, under the fleet's name for this node, wrapped."""
-        return cls(Agent(config, node=config.cluster.node or default_node_name(), **agent_kw))
-
     @property
     def local(self) -> Agent:
+        """The node's own agent (what tests and the daemon look at beneath the fleet)."""
         return self._agent
 
     @property
@@ -131,6 +126,12 @@ class FleetOperations:
     def logs(self, name: str, component: str | None, tail: int | None,
              follow: bool) -> Iterator[bytes]:
         return self._agent.logs(name, component, tail, follow)
+
+    def restart_counts(self) -> dict[tuple[str, str], int]:
+        return self._agent.restart_counts()
+
+    def certificate_expiries(self) -> dict[str, str]:
+        return self._agent.certificate_expiries()
 
     def edge_list(self) -> list[dict[str, Any]]:
         return self._agent.edge_list()

@@ -8,16 +8,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .cluster import ALLOC, KV, LEADER, LOST, NODES, SERVICES
+from .cluster import ALLOC, KV, LEADER, LOST, NODES, SERVICES, Etcd
 from .errors import NotFoundError
 from .placement import nodes_from
 from .servicedef import from_dict
 from .states import RUNNING
-
-if TYPE_CHECKING:
-    from .fleetnode import Fleet
 
 
 @dataclass
@@ -40,6 +37,15 @@ class Fleetview:
     def placement_nodes(self) -> dict[str, Any]:
         allocs = {k[len(ALLOC):]: kv.value for k, kv in self.allocs.items()}
         return nodes_from(self.records(), allocs, self.cordons)
+
+
+class Fleet(Protocol):
+    """What a fleet read needs of the member asking (``fleetnode.Fleet`` is one)."""
+
+    etcd: Etcd
+
+    def read(self) -> Fleetview: ...
+    def observed(self) -> dict[str, dict[str, Any]]: ...
 
 
 def nodes(fleet: Fleet) -> list[dict[str, Any]]:

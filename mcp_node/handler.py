@@ -143,7 +143,7 @@ class Handler(BaseHTTPRequestHandler):
         conn = self.conn
         while True:
             self.handle_one_request()
-            if self.close_connection or conn.dropped:
+            if self.close_connection:
                 return
             if not self._buf and not self._wait_next():
                 if not self.close_connection:

@@ -82,8 +82,8 @@ class NodeCollector(Collector):
         restarts = GaugeMetricFamily("mcp_component_restarts",
                                      "Restarts by the agent since the backoff last reset",
                                      labels=["service", "component"])
-        for (svc, comp), b in sorted(self.agent.local.reconciler.backoff.items()):
-            restarts.add_metric([svc, comp], b.restarts)
+        for (svc, comp), n in sorted(self.agent.restart_counts().items()):
+            restarts.add_metric([svc, comp], n)
         yield restarts
         health = self.agent.health()
         yield GaugeMetricFamily("mcp_node_healthy", "1 when health is healthy, else 0",
@@ -93,9 +93,8 @@ class NodeCollector(Collector):
         expiry = GaugeMetricFamily("mcp_edge_certificate_expiry_timestamp_seconds",
                                    "Edge route certificate expiry (unix time)",
                                    labels=["hostname"])
-        for route in self.agent.local.registry.list_edge_routes():
-            if route.cert_expires:
-                expiry.add_metric([route.hostname], parse_rfc3339(route.cert_expires))
+        for hostname, expires in sorted(self.agent.certificate_expiries().items()):
+            expiry.add_metric([hostname], parse_rfc3339(expires))
         yield expiry
 
 

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .agent import Agent
     from .servicedef import ServiceDef
 
 STOP_TIMEOUT_S = 10.0   # how long a workload may take to end itself before it is killed
@@ -34,11 +33,6 @@ class Operations(Protocol):
     @property
     def write_role(self) -> str:
         """The least role of a mutating call: "operator", or "master" for a fleet's."""
-        ...
-
-    @property
-    def local(self) -> Agent:
-        """The node's own agent: what the node itself runs (metrics, reload, adoption)."""
         ...
 
     # -- service lifecycle -------------------------------------------------------
@@ -61,6 +55,12 @@ class Operations(Protocol):
     def logs(self, name: str, component: str | None, tail: int | None,
              follow: bool) -> Iterator[bytes]: ...
     def health(self) -> dict[str, Any]: ...
+    def restart_counts(self) -> dict[tuple[str, str], int]:
+        """Restarts by the node's agent per (service, component), since each backoff reset."""
+        ...
+    def certificate_expiries(self) -> dict[str, str]:
+        """The node's edge route certificates: hostname -> expiry (RFC 3339)."""
+        ...
 
     # -- edge routes -----------------------------------------------------------------
     def edge_list(self) -> list[dict[str, Any]]: ...

@@ -10,18 +10,52 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import health
 from .monitor import View
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .config import AgentConfig
+    from .edge import EdgeManager
+    from .monitor import Monitor
+    from .reconcile import Reconciler
+    from .records import ComponentRecord
+    from .registry import Registry
+    from .runtime import Runtime, WorkloadSpec
+
+
+class Host(Protocol):
+    """What a round uses of the node's agent."""
+
+    node: str
+    config: AgentConfig
+    registry: Registry
+    monitor: Monitor
+    reconciler: Reconciler
+    reconciling: bool
+    started_at: float
+
+    @property
+    def edge(self) -> EdgeManager: ...
+
+    @property
+    def edge_loaded(self) -> bool: ...
+
+    @property
+    def node_routes(self) -> Any: ...
+
+    @property
+    def runtime_names(self) -> tuple[str, ...]: ...
+
+    def loaded_runtimes(self) -> dict[str, Runtime]: ...
+
+    def spec(self, service: str, comp: ComponentRecord) -> WorkloadSpec: ...
 
 log = logging.getLogger("mcp_node.agent")
 
 
-def prune_history(agent: Agent) -> None:
+def prune_history(agent: Host) -> None:
     """Forget the history of services undeployed too long ago or beyond the cap
     (``[history]``); after an undeploy and in every round. Never raises: an undeploy
     has succeeded by then, and a round must go on."""
@@ -37,8 +71,8 @@ def prune_history(agent: Agent) -> None:
 
 
 class Rounds:
-    def __init__(self, agent: Agent) -> None:
-        self.a = agent
+    def __init__(self, host: Host) -> None:
+        self.a = host
         self._health: dict[str, Any] = {}
         self._edge_checked = time.time()
         self._routes_checked = time.time()

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import resource
 import selectors
 import socket
@@ -41,7 +42,7 @@ from .auth import Token, TokenStore, token_file_path
 from .budgets import Budgets
 from .config import AgentConfig
 from .endpoints import APIHandler
-from .errors import MCPError
+from .errors import HTTPError, MCPError
 from .handler import (
     HEAD_END_RE,
     MAX_HEAD,
@@ -73,6 +74,7 @@ DROP_LOG_EVERY_S = 10.0
 GIL_SWITCH_S = 0.0005
 INTAKE_SWEEP_S = 0.1          # how often the intake looks for expired head deadlines
 ACCEPT_BATCH = 32             # connections accepted before the intake reads again
+BEARER_RE = re.compile(rb"\nauthorization:[ \t]*bearer[ \t]+([!-~]+)", re.IGNORECASE)
 BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                   b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
@@ -132,7 +134,6 @@ class AgentServer(ThreadingHTTPServer):
         self._conns_lock = threading.Lock()
         self._streams: set[StreamPump] = set()
         self._budgets = Budgets()
-        self._to_drop: queue.SimpleQueue[Conn] = queue.SimpleQueue()  # for the intake
         self._busy_lock = threading.Lock()
         self._busy = 0
         self._drops = 0
@@ -224,8 +225,8 @@ class AgentServer(ThreadingHTTPServer):
 
     def authenticated(self, conn: Conn, token: Token) -> None:
         """``conn`` showed ``token``: it leaves the unauthenticated caps for good and
-        counts toward the token's budgets. At one, the oldest idle connection of that
-        token (of the heaviest reader) is dropped for it; HTTPError 503 if none is idle."""
+        counts toward the token's budgets; HTTPError 503 if it does not fit them (the
+        intake refused it already, unless another connection of the token came first)."""
         if conn.token == token.name:
             return
         with self._conns_lock:
@@ -234,17 +235,26 @@ class AgentServer(ThreadingHTTPServer):
             elif not conn.authenticated:
                 self._forget_unauth(conn)
             conn.authenticated = True
-            victim, why = self._budgets.make_room(token, self.config.server)
-            if victim is not None:
-                self._budgets.forget(victim)
-                victim.dropped = why
-                self._dropped_open += 1
-                self._drops += 1
+            self._budgets.check(token, self.config.server)
             self._budgets.add(conn, token)
-        if victim is not None:
-            self._to_drop.put(victim)
-            self._wake()
-            self._log_drops()
+
+    def _over_budget(self, conn: Conn) -> str:
+        """Why the request head in ``conn.buf`` comes from a token with no room for
+        this connection ("" if it has room, or shows no valid token: the worker answers
+        that). Intake thread: a token reconnecting in a loop is refused without a worker."""
+        end = HEAD_END_RE.search(conn.buf, 0, MAX_HEAD)
+        m = BEARER_RE.search(conn.buf, 0, MAX_HEAD if end is None else end.start())
+        if m is None:
+            return ""
+        token = self.tokens.lookup(m.group(1).decode("latin-1"))
+        if token is None or token.name == conn.token:
+            return ""
+        try:
+            with self._conns_lock:
+                self._budgets.check(token, self.config.server)
+        except HTTPError as exc:
+            return str(exc)
+        return ""
 
     def _forget_unauth(self, conn: Conn) -> None:
         if conn in self._unauth:
@@ -342,10 +352,6 @@ class AgentServer(ThreadingHTTPServer):
                     pass
             while not self._parked.empty():
                 self._guarded(self._intake_add, self._parked.get())
-            while not self._to_drop.empty():  # over a token's budget (see authenticated)
-                conn = self._to_drop.get()
-                if conn.in_intake:
-                    self._guarded(self._intake_close, conn)
         elif what.drain:
             self._intake_drain(what)
         else:
@@ -374,9 +380,6 @@ class AgentServer(ThreadingHTTPServer):
             self._intake_add(conn)
 
     def _intake_add(self, conn: Conn) -> None:
-        if conn.dropped and not conn.drain:  # while a worker had it
-            self._intake_close(conn)
-            return
         try:
             conn.sock.setblocking(False)
             if self.ssl_context is not None and conn.sock is conn.raw:
@@ -446,8 +449,19 @@ class AgentServer(ThreadingHTTPServer):
                                         and buf.find(b"\n", 0, MAX_LINE + 1) < 0)
 
     def _hand_over(self, conn: Conn) -> None:
-        if conn.dropped:  # for its token's budget, just as its request came: 503
+        why = self._over_budget(conn)
+        if why:  # answered here, like a dropped unauthenticated connection (no access line)
+            with self._conns_lock:
+                if not conn.dropped:
+                    if not conn.authenticated:
+                        self._forget_unauth(conn)
+                    elif conn.token:
+                        self._budgets.forget(conn)
+                    conn.dropped = why
+                    self._dropped_open += 1
+                    self._drops += 1
             self._intake_close(conn)
+            self._log_drops()
             return
         self._intake_forget(conn)
         self._workers.submit(conn.raw, conn.addr)
@@ -553,9 +567,8 @@ class AgentServer(ThreadingHTTPServer):
                 n, self._drops = self._drops, 0
                 unauth = len(self._unauth)
             self._drops_logged_at = now
-            log.warning("dropped connections (unauthenticated, or idle beyond a token's "
-                        "budget) count=%d open=%d unauthenticated=%d", n, len(self._conns),
-                        unauth)
+            log.warning("dropped connections (unauthenticated, or beyond a token's budget) "
+                        "count=%d open=%d unauthenticated=%d", n, len(self._conns), unauth)
 
     def _release(self, conn: Conn) -> None:
         with self._conns_lock:

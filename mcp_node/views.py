@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import MCPError, NotFoundError
 from .monitor import View, is_drift
@@ -21,7 +21,28 @@ from .runtime import Workload
 from .states import BACKOFF, MISSING, RUNNING, STARTING, UNKNOWN
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .config import AgentConfig
+    from .monitor import Monitor
+    from .reconcile import Reconciler
+    from .registry import Registry
+    from .runtime import Runtime, WorkloadSpec
+
+
+class Host(Protocol):
+    """What the views read of the node's agent."""
+
+    node: str
+    config: AgentConfig
+    registry: Registry
+    monitor: Monitor
+    reconciler: Reconciler
+
+    @property
+    def node_routes(self) -> Any: ...
+
+    def runtime(self, name: str) -> Runtime: ...
+
+    def spec(self, service: str, comp: ComponentRecord) -> WorkloadSpec: ...
 
 
 def rfc3339(t: float) -> str:
@@ -43,8 +64,8 @@ def rfc3339_ms(t: float) -> str:
 
 
 class Views:
-    def __init__(self, agent: Agent) -> None:
-        self.a = agent
+    def __init__(self, host: Host) -> None:
+        self.a = host
         # (service, component) -> (workload id, started_at) of the run judged ready
         self._ready: dict[tuple[str, str], tuple[str, float | None]] = {}
 

@@ -10,10 +10,25 @@ from .config import AgentConfig
 from .operations import Operations
 
 
-def build(config: AgentConfig, **agent_kw: Any) -> Operations:
-    """``agent_kw`` go to ``Agent`` (monitor, reconcile, runtimes, on_round)."""
-    if not config.cluster.enabled:
-        return Agent(config, **agent_kw)
+def node_agent(config: AgentConfig, **agent_kw: Any) -> Agent:
+    """The node's agent, under the fleet's name for this node in fleet mode.
+    ``agent_kw`` go to ``Agent`` (monitor, reconcile, runtimes, on_round)."""
+    node = None
+    if config.cluster.enabled:
+        from .fleetnode import default_node_name
+
+        node = config.cluster.node or default_node_name()
+    return Agent(config, node=node, **agent_kw)
+
+
+def around(agent: Agent) -> Operations:
+    """What serves ``agent``'s node: itself, or the fleet member wrapping it."""
+    if not agent.config.cluster.enabled:
+        return agent
     from .fleetops import FleetOperations
 
-    return FleetOperations.build(config, **agent_kw)
+    return FleetOperations(agent)
+
+
+def build(config: AgentConfig, **agent_kw: Any) -> Operations:
+    return around(node_agent(config, **agent_kw))

@@ -22,6 +22,7 @@ import requests
 from conftest import need
 
 from mcp_node.fleetops import FleetOperations
+from mcp_node.wiring import node_agent
 
 __all__ = ["PUBLIC", "EtcdCluster", "NodeNetns", "NodePodman", "SimFleet", "SimNode",
            "etcd_cluster", "etcd_tls", "free_ports"]
@@ -262,7 +263,7 @@ class SimNode:
     def start(self) -> FleetOperations:
         from mcp_node.config import from_dict
 
-        self.agent = FleetOperations.build(from_dict(self.raw))
+        self.agent = FleetOperations(node_agent(from_dict(self.raw)))
         self.agent.start_monitor(reconcile=True)
         return self.agent
 

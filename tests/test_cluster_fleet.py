@@ -25,6 +25,7 @@ from mcp_node.config import from_dict as config_from_dict
 from mcp_node.errors import MCPError, ResourceError, ValidationError
 from mcp_node.fleetops import FleetOperations
 from mcp_node.servicedef import from_dict
+from mcp_node.wiring import node_agent
 
 
 class Node:
@@ -40,7 +41,7 @@ class Node:
         self.agent: FleetOperations | None = None
 
     def start(self) -> FleetOperations:
-        self.agent = FleetOperations.build(self.cfg, runtimes=self.world.runtimes())
+        self.agent = FleetOperations(node_agent(self.cfg, runtimes=self.world.runtimes()))
         self.agent.start_monitor(reconcile=True)
         return self.agent
 

@@ -22,6 +22,7 @@ from mcp_node.fleetops import FleetOperations
 from mcp_node.multinode import drained_text, nodes_table, placed_text
 from mcp_node.placement import Demand, NodeInfo, choose, demand_of, parse_target
 from mcp_node.servicedef import from_dict
+from mcp_node.wiring import node_agent
 
 
 def node(name: str, mem: int = 1000, **kw: Any) -> NodeInfo:
@@ -126,7 +127,7 @@ def fleet_agents(tmp_path: Path, etcd: FakeEtcd) -> dict[str, FleetOperations]:
         cfg = config_from_dict({"state": {"dir": str(tmp_path / name)}, "cluster": {
             "etcd": ["http://127.0.0.1:9"], "node": name, "pool": "p" if i < 2 else "q",
             "memory_mb": 1000, "grace_s": 0}})
-        a = FleetOperations.build(cfg, runtimes=FakeWorld().runtimes())
+        a = FleetOperations(node_agent(cfg, runtimes=FakeWorld().runtimes()))
         a.fleet.etcd = etcd  # type: ignore[assignment]
         a.fleet._await = lambda name, node, gen: {"service": name}  # type: ignore
         a.fleet._join()

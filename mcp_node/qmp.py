@@ -120,10 +120,10 @@ def _call(socket_path: Path, command: str, args: dict[str, Any], timeout: float)
                 exc, TimeoutError) else (str(exc) or type(exc).__name__)
             raise QMPError(f"QMP {command} on {socket_path}: {why}") from exc
     finally:
-        timer.cancel()
-        if mon is not None:
+        if mon is not None:   # under the deadline too: the timer is still armed
             with contextlib.suppress(LibQMPError, OSError, EOFError, TimeoutError):
                 mon.close()   # a reader that died (EOF, our shutdown) is reported here
+        timer.cancel()
         sock.close()
         asyncio.set_event_loop(None)
         loop.close()

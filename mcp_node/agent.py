@@ -452,7 +452,8 @@ class Agent:
             raise ValidationError(f"{tail} is not within 0-{cap} lines (server.max_tail)",
                                   "tail")
         rt = self.available_runtime(comp.defn.runtime)
-        return rt.logs(rec.name, comp.defn.name, tail, follow)
+        return rt.logs(rec.name, comp.defn.name, tail, follow,
+                       max_bytes=self.config.server.max_log_bytes)
 
     # -- views (read-only; see views.py) ------------------------------------
 

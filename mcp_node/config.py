@@ -25,6 +25,7 @@ class ServerConfig:
     tokens_file: str = ""
     max_body: int = 1 << 20
     max_tail: int = 10_000              # logs ?tail= above it is a 400 (podman holds the tail)
+    max_log_bytes: int = 4 << 20        # a logs answer's cap in bytes (the newest are kept)
     header_timeout_s: float = 10.0      # a request line and headers must arrive within it
     body_timeout_s: float = 30.0        # a request body must arrive within it, else 408
     idle_timeout_s: float = 120.0       # an authenticated keep-alive connection may idle so long
@@ -177,6 +178,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "monitor.restart_reset_s": (1, 86400),
     "server.max_body": (1, 1 << 30),
     "server.max_tail": (0, 10_000_000),
+    "server.max_log_bytes": (4096, 1 << 30),
     "server.header_timeout_s": (0.1, 3600),
     "server.body_timeout_s": (0.1, 3600),
     "server.idle_timeout_s": (0.1, 86400),

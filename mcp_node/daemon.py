@@ -35,10 +35,10 @@ LOCK_NAME = "agent.pid"
 LIVE_SECTIONS = ("monitor", "history")
 # Read on every request or admission, so a reload takes effect at once (max_connections
 # also sized the fd limit at start: a restart; reserved_for_operators is checked against it).
-LIVE_KEYS = ("server.max_body", "server.max_tail", "server.header_timeout_s",
-             "server.body_timeout_s", "server.idle_timeout_s", "server.max_unauthenticated",
-             "server.max_unauthenticated_per_peer", "server.max_connections_per_token",
-             "server.max_streams_per_token")
+LIVE_KEYS = ("server.max_body", "server.max_tail", "server.max_log_bytes",
+             "server.header_timeout_s", "server.body_timeout_s", "server.idle_timeout_s",
+             "server.max_unauthenticated", "server.max_unauthenticated_per_peer",
+             "server.max_connections_per_token", "server.max_streams_per_token")
 
 
 class StateLock:

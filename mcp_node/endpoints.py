@@ -13,6 +13,7 @@ from .errors import MCPError, ValidationError
 from .handler import SERVER_HEADER, Handler, dumps, http_date, log_safe
 from .httpapi import (
     END,
+    ChunkPump,
     Params,
     StreamPump,
     client_gone,
@@ -28,7 +29,6 @@ from .servicedef import check_hostname, check_int, check_name, from_dict
 log = logging.getLogger("mcp_node.server")
 
 
-MAX_LOG_BYTES = 64 << 20
 FOLLOW_HEADERS_AFTER_S = 1.0
 HANGUP_CHECK_S = 0.5          # a follow stream notices its client gone within about this
 
@@ -140,18 +140,14 @@ class APIHandler(Handler):
         if follow:
             self._follow(name, component, tail)
             return
+        # Streamed as read (at most server.max_log_bytes, see logtail), never joined in
+        # memory; an error before the first chunk is still a JSON error.
         chunks = self.agent.logs(name, component, tail, False)
-        buf: list[bytes] = []
-        size = 0
         try:
-            for c in chunks:
-                buf.append(c)
-                size += len(c)
-                if size > MAX_LOG_BYTES:
-                    raise ValidationError(f"more than {MAX_LOG_BYTES} bytes; use tail", "tail")
+            first = next(chunks, None)
+            self._stream(ChunkPump(first, chunks), "text/plain; charset=utf-8")
         finally:
             close_iterator(chunks)
-        self._send(200, b"".join(buf), "text/plain; charset=utf-8")
 
     def _follow(self, name: str, component: str | None, tail: int | None) -> None:
         self._follow_stream(lambda: self.agent.logs(name, component, tail, True),
@@ -176,7 +172,7 @@ class APIHandler(Handler):
                 pump.stop()
             self.server.stream_end(pump, token)
 
-    def _stream(self, pump: StreamPump, ctype: str) -> None:
+    def _stream(self, pump: StreamPump | ChunkPump, ctype: str) -> None:
         """Chunks as they come; between them, whether the client is still there, so a
         stream of a quiet component ends (and frees its thread and connection) within
         about ``HANGUP_CHECK_S`` of its client leaving."""

@@ -12,6 +12,7 @@ stand for, so they hang off the root::
     MCPError                      500 internal
      +-- ValidationError          400 invalid      (bad input; nothing changed)
      |    +-- DNSCheckError       400 dns          (backend not on the Tailnet)
+     |    +-- HostPathError       400 invalid      (a volume's host path: missing, outside roots)
      +-- AuthError                401 unauthenticated
      +-- ForbiddenError           403 forbidden    (a valid token without the role)
      +-- NotFoundError            404 not_found
@@ -134,6 +135,12 @@ class ImageError(WorkloadError):
 class EdgeError(MCPError):
     status = 502
     code = "edge"
+
+
+class HostPathError(ValidationError):
+    """A volume's host path is missing, unresolvable or resolves outside the volume roots.
+    Checked at deploy and again at every create, start and boot, so the reconciler can
+    tell a path that escaped since (it holds the component down) from other failures."""
 
 
 class DNSCheckError(ValidationError):

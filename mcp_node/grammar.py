@@ -10,12 +10,13 @@ document states exactly the rules enforced here.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
-from .errors import ValidationError
+from .errors import HostPathError, ValidationError
 
 MAX_STR = 4096
 # A lone UTF-16 surrogate (JSON "\ud800") cannot be encoded: podman's client raised
@@ -32,9 +33,15 @@ RESERVED_ENV_RE = re.compile(r"PORT(_[A-Za-z0-9_]*)?")
 ENV_PATTERN = "^(?!PORT(?:=|_[A-Za-z0-9_]*=))[A-Za-z_][A-Za-z0-9_]*=[^\\u0000]*$"
 
 VOLUME_OPTIONS = ("ro", "rw", "z", "Z")
-_VPATH = r"/[^:,\x00\ud800-\udfff]*"
-_VOPT = "(?:ro|rw|z|Z)"
-VOLUME_RE = re.compile(f"({_VPATH}):({_VPATH})(?::({_VOPT}(?:,{_VOPT})*))?")
+# podman takes one option of each family ("can only specify 1 'rw' or 'ro' option", and
+# of 'z', 'Z'): two came through as a 502 at create.
+VOLUME_OPTION_FAMILIES = (("ro", "rw"), ("z", "Z"))
+# Guest paths the kernel and the runtime mount themselves: a bind on / or on /proc (or
+# below it) fails at start, one on /dev leaves no /dev/null, one on /sys hides sysfs; a
+# Linux VM's init mounts the same three.
+RESERVED_GUEST = ("/proc", "/sys", "/dev")
+# Control characters would reach podman's and qemu's argument parsers and a VM's init.
+CONTROL_RE = re.compile("[\x01-\x1f\x7f]")
 VOLUME_PATTERN = ("^/[^:,\\u0000]*:/[^:,\\u0000]*"
                   "(?::(?:ro|rw|z|Z)(?:,(?:ro|rw|z|Z))*)?$")
 
@@ -96,7 +103,6 @@ def check_image(value: object, field: str = "image") -> str:
     return text
 
 
-
 def parse_env_item(item: str, field: str = "env") -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not ENV_KEY_RE.fullmatch(key):
@@ -135,21 +141,44 @@ class Volume:
         return "ro" in self.options
 
 
+def canonical_path(path: str) -> str:
+    """One spelling per absolute path: ``//x``, ``/x/``, ``/./x`` are ``/x`` (posixpath
+    keeps a leading ``//``, and podman took ``/x`` and ``//x`` for two mounts)."""
+    return posixpath.normpath("/" + path.lstrip("/"))
+
+
 def parse_volume(text: str, field: str = "volumes") -> Volume:
+    """``/host:/guest[:opt,...]`` with both paths canonical, or a ValidationError saying
+    what podman or qemu would have refused later (a 502 after the deploy started)."""
     parts = text.split(":")
     if len(parts) not in (2, 3) or not all(p.startswith("/") for p in parts[:2]):
         raise ValidationError(f"{text[:80]!r} is not /host/path:/guest/path[:opts]", field)
     if any(".." in PurePosixPath(p).parts or "," in p for p in parts[:2]):
         raise ValidationError(f"{text[:80]!r} has '..' or ','", field)
+    ctrl = CONTROL_RE.search(text)
+    if ctrl:
+        raise ValidationError(f"{text[:80]!r} contains a control character "
+                              f"(U+{ord(ctrl.group()):04X})", field)
+    host, guest = canonical_path(parts[0]), canonical_path(parts[1])
+    if guest == "/":
+        raise ValidationError(f"{text[:80]!r} mounts on the guest's /; name a directory", field)
+    for reserved in RESERVED_GUEST:
+        if guest == reserved or guest.startswith(reserved + "/"):
+            raise ValidationError(
+                f"{text[:80]!r}: {reserved} is the kernel's in the guest "
+                f"({', '.join(RESERVED_GUEST)} are not volume targets)", field)
     opts = tuple(parts[2].split(",")) if len(parts) == 3 else ()
     bad = [o for o in opts if o not in VOLUME_OPTIONS]
     if bad:
         raise ValidationError(
             f"unsupported volume option(s) {', '.join(repr(o) for o in bad)} in {text[:80]!r}; "
             f"allowed: {', '.join(VOLUME_OPTIONS)}", field)
-    if "ro" in opts and "rw" in opts:
-        raise ValidationError(f"{text[:80]!r} is both ro and rw", field)
-    return Volume(host=parts[0], guest=parts[1], options=opts)
+    for family in VOLUME_OPTION_FAMILIES:
+        given = [o for o in opts if o in family]
+        if len(given) > 1:
+            raise ValidationError(f"{text[:80]!r} has {','.join(given)}: at most one of "
+                                  f"{' or '.join(family)}", field)
+    return Volume(host=host, guest=guest, options=opts)
 
 
 def parse_volumes(items: Iterable[str], field: str = "volumes") -> tuple[Volume, ...]:
@@ -160,11 +189,10 @@ def parse_volumes(items: Iterable[str], field: str = "volumes") -> tuple[Volume,
     guests: dict[str, int] = {}
     for i, v in enumerate(vols):
         for what, path, seen in (("host", v.host, hosts), ("guest", v.guest, guests)):
-            key = os.path.normpath(path)
-            if key in seen:
-                raise ValidationError(f"{what} path {path!r} is also in {field}[{seen[key]}]",
+            if path in seen:
+                raise ValidationError(f"{what} path {path!r} is also in {field}[{seen[path]}]",
                                       f"{field}[{i}]")
-            seen[key] = i
+            seen[path] = i
     return vols
 
 
@@ -172,15 +200,66 @@ def default_volume_roots(state_dir: os.PathLike[str] | str) -> tuple[str, ...]:
     return (os.path.join(os.fspath(state_dir), "volumes"), "/srv")
 
 
-def check_volume_roots(volumes: Iterable[Volume], roots: Sequence[str], field: str) -> None:
-    """Every host path, symlinks resolved, lies under one resolved root; else the error
-    names ``field[j]``. A root token would otherwise mount ``/`` or ``/etc`` read-write
-    into a container running as root."""
-    real_roots = [os.path.realpath(r) for r in roots]
+def volume_roots(configured: Sequence[str],
+                 state_dir: os.PathLike[str] | str) -> tuple[str, ...]:
+    """``[podman] volume_roots``, or the defaults when it is empty."""
+    return tuple(configured) or default_volume_roots(state_dir)
+
+
+def _real_root(root: str) -> str:
+    try:
+        return os.path.realpath(root)
+    except OSError:   # a root that cannot be resolved admits nothing beyond its own text
+        return os.path.normpath(root)
+
+
+def within_roots(real: str, roots: Sequence[str]) -> bool:
+    """Whether a resolved path is one of the (resolved) roots or below one."""
+    return any(real == r or real.startswith(r.rstrip("/") + "/")
+               for r in (_real_root(root) for root in roots))
+
+
+def resolve_host(path: str, field: str) -> str:
+    """The host path with every symlink resolved now; HostPathError if it is missing or
+    cannot be resolved (``/proc/1/root`` raised PermissionError: a 500)."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except FileNotFoundError:
+        raise HostPathError(f"host path {path} does not exist on this node; create it "
+                            "first", field) from None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise HostPathError(f"host path {path} cannot be resolved: {why}", field) from None
+
+
+def resolve_volumes(volumes: Iterable[Volume], roots: Sequence[str],
+                    field: str = "volumes") -> tuple[Volume, ...]:
+    """Each volume with its host path resolved now, checked to lie under a resolved root
+    and to be no other volume's directory; else a HostPathError naming ``field[j]``.
+
+    Called at deploy and again right before every container create or start and VM
+    boot, and the resolved path is what podman or qemu is given: a symlink swapped in
+    since (by a workload that can write a parent directory) cannot redirect the mount.
+    A root token would otherwise mount ``/`` or ``/etc`` read-write into a container
+    running as root."""
+    seen: dict[str, int] = {}
+    out = []
     for j, v in enumerate(volumes):
-        real = os.path.realpath(v.host)
-        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in real_roots):
-            shown = v.host if real == v.host else f"{v.host} (resolves to {real})"
-            raise ValidationError(
+        where = f"{field}[{j}]"
+        real = resolve_host(v.host, where)
+        shown = v.host if real == v.host else f"{v.host} (resolves to {real})"
+        if not within_roots(real, roots):
+            raise HostPathError(
                 f"host path {shown} is outside the volume roots ({', '.join(roots)}); "
-                "widen [podman] volume_roots to allow it", f"{field}[{j}]")
+                "widen [podman] volume_roots to allow it", where)
+        if real in seen:
+            raise HostPathError(f"host path {shown} is the directory of {field}[{seen[real]}] "
+                                "too", where)
+        seen[real] = j
+        out.append(replace(v, host=real))
+    return tuple(out)
+
+
+def check_volume_roots(volumes: Iterable[Volume], roots: Sequence[str], field: str) -> None:
+    """``resolve_volumes`` for its errors only (the deploy-time check)."""
+    resolve_volumes(volumes, roots, field)

@@ -26,6 +26,7 @@ class Inputs:
     runtime_reasons: list[str] = field(default_factory=list)
     spec_drift: list[str] = field(default_factory=list)       # service/component
     held_down: list[str] = field(default_factory=list)        # left down by restart policy
+    host_paths: list[str] = field(default_factory=list)       # held down: "svc/comp: why"
     edge_reasons: list[str] = field(default_factory=list)
     edge_routes: int = 0
     monitor_error: str = ""
@@ -49,6 +50,8 @@ def compute(view: View, inp: Inputs) -> dict[str, Any]:
         reasons.append("flapping: " + ", ".join(flapping))
     if inp.held_down:
         reasons.append("down, not restarted by policy: " + ", ".join(inp.held_down))
+    reasons.extend(f"held down, a volume's host path fails the volume roots check: {h}"
+                   for h in inp.host_paths)
     if inp.monitor_error:
         reasons.append(f"monitor: {inp.monitor_error}")
     reasons.extend(inp.edge_reasons)

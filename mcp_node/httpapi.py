@@ -318,6 +318,29 @@ class StreamPump:
             close_iterator(it)
 
 
+class ChunkPump:
+    """A bounded answer's chunks (a log read without follow) handed to the same writer as
+    a follow stream's, read in the request thread itself: each is at hand at once."""
+
+    open_error: BaseException | None = None
+
+    def __init__(self, first: bytes | None, rest: Iterator[bytes]) -> None:
+        self._first, self._rest = first, rest
+        self.stream_error: BaseException | None = None
+
+    def get(self, timeout: float) -> bytes | object | None:
+        if self._first is not None:
+            out, self._first = self._first, None
+            return out
+        try:
+            return next(self._rest)
+        except StopIteration:
+            return END
+        except Exception as exc:  # handed to the writer, which logs it and cuts the stream
+            self.stream_error = exc
+            return END
+
+
 def close_iterator(it: Iterator[bytes]) -> None:
     close = getattr(it, "close", None)
     if close is not None:

@@ -57,6 +57,7 @@ from .errors import (
     RuntimeUnavailable,
     WorkloadError,
 )
+from .grammar import parse_volumes, resolve_volumes, volume_roots, within_roots
 from .podman_logs import LogStream, RawAdapter, UnixFollow, frames
 from .podman_service import (
     PodmanService,
@@ -67,6 +68,7 @@ from .podman_service import (
 )
 from .podmanargs import (
     RUNTIME_NAME,
+    bind_sources,
     client_mistake,
     create_kwargs,
     create_payload,
@@ -113,6 +115,7 @@ class PodmanRuntime(Runtime):
         self.service = PodmanService(
             state_dir / "podman",
             config.podman.containers_conf or os.environ.get("CONTAINERS_CONF", ""))
+        self.volume_roots = volume_roots(config.podman.volume_roots, state_dir)
         self.url = ""
         self._client: PodmanClient | None = None
         self._lock = threading.Lock()
@@ -341,9 +344,14 @@ class PodmanRuntime(Runtime):
 
     def run(self, spec: WorkloadSpec) -> Workload:
         """Create and start; a container of that name of ours is replaced. The create is
-        tried first, so a new container costs three calls (create, start, inspect)."""
+        tried first, so a new container costs three calls (create, start, inspect).
+
+        The volumes' host paths are resolved and checked against the roots now, and
+        podman is given the resolved paths (HostPathError, with nothing changed, when
+        one is missing or escapes)."""
         name = spec.name
-        payload = create_payload(create_kwargs(spec, self.owner))
+        volumes = resolve_volumes(parse_volumes(spec.volumes), self.volume_roots)
+        payload = create_payload(create_kwargs(spec, self.owner, volumes))
         try:
             self._create(spec, payload)
         except WorkloadError as exc:
@@ -390,14 +398,34 @@ class PodmanRuntime(Runtime):
             self._stop(name, timeout)
 
     def start(self, service: str, component: str) -> bool:
-        """Start the existing container as it is (its log kept); False if there is none."""
+        """Start the existing container as it is (its log kept); False if there is none,
+        or if one of its bind sources no longer is what it was made with (the caller
+        then runs it anew, which checks the definition's paths again)."""
         name = workload_name(service, component)
-        if self._owned(name) is None:
+        attrs = self._owned(name)
+        if attrs is None or not self._mounts_hold(name, attrs):
             return False
         log.info("podman: start %s", name)
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
             raise WorkloadError(f"podman start {name}: {response_message(resp)}")
+        return True
+
+    def _mounts_hold(self, name: str, attrs: dict[str, Any]) -> bool:
+        """podman resolves a bind source again at every start, so a source that has
+        become a symlink (a workload that can write its parent swapped it) or left the
+        roots must not be started as it is."""
+        for source in bind_sources(attrs):
+            try:
+                real = os.path.realpath(source, strict=True)
+            except (OSError, ValueError) as exc:
+                log.warning("podman: %s: bind source %s: %s; not starting it as it is",
+                            name, source, exc)
+                return False
+            if real != source or not within_roots(real, self.volume_roots):
+                log.warning("podman: %s: bind source %s now resolves to %s; not starting "
+                            "it as it is", name, source, real)
+                return False
         return True
 
     def remove(self, service: str, component: str, timeout: float = 10.0) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from podman.errors import APIError
 
 from .errors import ValidationError
-from .grammar import parse_env, parse_volumes
+from .grammar import Volume, parse_env, parse_volumes
 from .runtime import (
     LABEL_COMPONENT,
     LABEL_MANAGED,
@@ -25,9 +25,10 @@ from .runtime import (
     Workload,
     WorkloadSpec,
 )
+from .runtimenames import CONTAINER
 from .states import RUNNING, STOPPED, State
 
-RUNTIME_NAME = "container"       # this runtime's key in runtime.RUNTIMES
+RUNTIME_NAME = CONTAINER.name    # this runtime's key in runtime.RUNTIMES
 LOOPBACK = "127.0.0.1"
 LABEL_SPEC = "mcp.spec"          # WorkloadSpec.digest of what the container was made from
 EXITED = ("exited", "stopped")   # podman states in which ExitCode means something
@@ -50,17 +51,30 @@ def env_dict(env: tuple[str, ...]) -> dict[str, str]:
 
 def volume_binds(volumes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """``/host:/guest[:opt,opt]`` items to podman-py's bind-mount form."""
-    return {v.host: {"bind": v.guest, "extended_mode": list(v.options)}
-            for v in parse_volumes(volumes)}
+    return binds(parse_volumes(volumes))
 
 
-def create_kwargs(spec: WorkloadSpec, owner: str) -> dict[str, Any]:
+def binds(volumes: tuple[Volume, ...]) -> dict[str, dict[str, Any]]:
+    return {v.host: {"bind": v.guest, "extended_mode": list(v.options)} for v in volumes}
+
+
+def bind_sources(attrs: Mapping[str, Any]) -> list[str]:
+    """The host paths of a container's bind mounts, from its inspect data."""
+    return [str(m.get("Source", "")) for m in attrs.get("Mounts") or []
+            if isinstance(m, Mapping) and m.get("Type") == "bind"]
+
+
+def create_kwargs(spec: WorkloadSpec, owner: str,
+                  volumes: tuple[Volume, ...] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``podman_client.containers.create`` for one component.
 
     Ports are published on 127.0.0.1 only, host port p to container port p,
     because the component listens on the $PORT it was given. No restart policy:
     podman restarting a crashing container itself would hide the crash loop
     from the agent, which applies ``spec.restart`` with backoff instead.
+    ``volumes``: the spec's volumes with their host paths resolved just now
+    (grammar.resolve_volumes); the runtime always passes them, so podman is given
+    the path that was checked, not one a symlink could redirect.
     """
     kwargs: dict[str, Any] = {
         "image": spec.image,
@@ -72,8 +86,9 @@ def create_kwargs(spec: WorkloadSpec, owner: str) -> dict[str, Any]:
     }
     if spec.cmd:
         kwargs["command"] = list(spec.cmd)
-    if spec.volumes:
-        kwargs["volumes"] = volume_binds(spec.volumes)
+    vols = volumes if volumes is not None else parse_volumes(spec.volumes)
+    if vols:
+        kwargs["volumes"] = binds(vols)
     if spec.memory_mb:
         kwargs["mem_limit"] = f"{spec.memory_mb}m"
     return kwargs

@@ -46,7 +46,7 @@ from .errors import (
     ValidationError,
     WorkloadError,
 )
-from .grammar import Volume, parse_volumes
+from .grammar import Volume, parse_volumes, resolve_volumes, volume_roots
 from .initramfs import find_busybox, find_kernel
 from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
 from .qemuargs import VMParams, mac_for, qemu_argv
@@ -89,6 +89,7 @@ class QemuRuntime(Runtime):
         self.state_dir = Path(state_dir).absolute()
         self.vms_dir = self.state_dir / "vms"
         self.cache_dir = self.state_dir / "vm-cache"
+        self.volume_roots = volume_roots(config.podman.volume_roots, state_dir)
         self.podman = Podman(containers_conf=config.podman.containers_conf)
         self.elfs = ElfCache(self.podman, self.cache_dir)
         self._accel: str | None = None
@@ -251,6 +252,7 @@ class QemuRuntime(Runtime):
     def run(self, spec: WorkloadSpec) -> Workload:
         """Build the image, verify a pin, then replace any running VM and boot the new one."""
         volumes = self._check_spec(spec)
+        resolve_volumes(volumes, self.volume_roots)   # refused before anything changes
         for p in spec.ports:
             if not 1 <= p <= 65535:
                 raise ValidationError(f"port {p} out of range", "ports")
@@ -342,7 +344,9 @@ class QemuRuntime(Runtime):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         paused = not meta.image_sha256
-        argv = qemu_argv(self.params(d, meta, paused))
+        # Host paths resolved and checked at every boot; qemu gets the resolved ones.
+        boot = replace(meta.boot, volumes=resolve_volumes(meta.boot.volumes, self.volume_roots))
+        argv = qemu_argv(self.params(d, replace(meta, boot=boot), paused))
         digest: list[str | BaseException] = []
         hasher = threading.Thread(target=hash_into, args=(Path(meta.boot.image), digest),
                                   name=f"hash-{d.name}", daemon=True)

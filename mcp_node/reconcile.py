@@ -12,22 +12,33 @@ after a non-zero (or unknown) exit; ``always`` and ``unless-stopped`` (the
 default) restart after any exit. Restarts back off exponentially from
 ``BACKOFF_START_S`` to the configured cap, and the count resets once a
 component has run for ``reset_after_s``.
+
+A (re)start the runtime refuses because a volume's host path is missing or now
+resolves outside the volume roots (HostPathError: a workload swapped a symlink
+into a directory it can write) stops the component and holds it down, with one
+event naming the path and a health reason, instead of a restart loop; the paths
+are checked again each round (no runtime call) and it comes back once they pass.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from .errors import MCPError, NotFoundError
+from .errors import HostPathError, MCPError, NotFoundError, ValidationError
+from .grammar import parse_volumes, resolve_volumes, volume_roots
 from .records import ComponentRecord, Event, ServiceRecord
 from .registry import Registry
 from .runtime import Runtime, Workload, WorkloadSpec
 from .states import RUNNING
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
 
 log = logging.getLogger("mcp_node.reconcile")
 
@@ -70,6 +81,7 @@ class Plan:
     actions: list[Action] = field(default_factory=list)
     waiting: dict[Key, float] = field(default_factory=dict)   # in backoff until (monotonic)
     held: dict[Key, str] = field(default_factory=dict)        # down and left down, why
+    escaped: dict[Key, str] = field(default_factory=dict)     # held: a host path fails
 
 
 def wants_restart(policy: str, exit_code: int | None) -> bool:
@@ -89,8 +101,10 @@ def plan(
     now: float,
     policy: Policy,
     skip_runtimes: Iterable[str] = (),
+    blocked: Mapping[Key, str] | None = None,
 ) -> Plan:
-    """What to do now; ``backoff`` is updated in place (exit codes, resets)."""
+    """What to do now; ``backoff`` is updated in place (exit codes, resets).
+    ``blocked``: components held down because a host path failed, and why."""
     out = Plan()
     skip = set(skip_runtimes)
     for rec in records:
@@ -108,6 +122,9 @@ def plan(
                 if w is not None and w.state == RUNNING:
                     out.actions.append(Action("stop", rec.name, d.name, d.runtime,
                                               "desired stopped"))
+                continue
+            if blocked and key in blocked:
+                out.escaped[key] = blocked[key]
                 continue
             want = digest(rec, comp)
             if w is not None and w.spec_digest and w.spec_digest != want:
@@ -170,6 +187,8 @@ class Host(Protocol):
     """What the reconciler needs of the agent."""
 
     registry: Registry
+    config: AgentConfig
+    state_dir: Path
 
     def runtime(self, name: str) -> Runtime: ...
 
@@ -187,6 +206,7 @@ class Reconciler:
         self.policy = policy
         self.clock = clock
         self.backoff: dict[Key, Backoff] = {}
+        self.escaped: dict[Key, str] = {}   # held down: a host path failed at (re)start
         self.last = Plan()
 
     def digest(self, rec: ServiceRecord, comp: ComponentRecord) -> str:
@@ -195,8 +215,9 @@ class Reconciler:
     def run(self, records: list[ServiceRecord], workloads: dict[Key, Workload],
             orphans: list[Workload], errors: Iterable[str]) -> list[str]:
         """Plan from a monitor view and act; returns what was done, for the log."""
+        self._recheck(records, workloads)
         self.last = plan(records, workloads, orphans, self.digest, self.backoff,
-                         self.clock(), self.policy, errors)
+                         self.clock(), self.policy, errors, self.escaped)
         done = []
         for a in self.last.actions:
             with self.host._service_lock(a.service, wait=False) as got:
@@ -228,6 +249,9 @@ class Reconciler:
                                  self.clock(), self.policy)
                 if a.kind != "start" or not rt.start(a.service, a.component):
                     rt.run(self.host.spec(a.service, comp))
+        except HostPathError as exc:
+            self._hold(a, rt, exc)
+            return True
         except MCPError as exc:
             log.warning("reconcile %s service=%s component=%s failed: %s", a.kind, a.service,
                         a.component, exc)
@@ -239,6 +263,43 @@ class Reconciler:
                       if a.restart and b else f"{a.kind}: {a.reason}")
             self._event(a, detail)
         return True
+
+    def _hold(self, a: Action, rt: Runtime, exc: HostPathError) -> None:
+        """A host path failed at (re)start: the component is stopped (a refused spec-drift
+        replacement leaves the old workload running) and held down."""
+        log.error("reconcile %s service=%s component=%s refused: %s; holding it down",
+                  a.kind, a.service, a.component, exc)
+        first = (a.service, a.component) not in self.escaped
+        self.escaped[(a.service, a.component)] = str(exc)
+        try:
+            rt.stop(a.service, a.component)
+        except MCPError as stop_exc:
+            log.warning("reconcile: could not stop %s/%s: %s", a.service, a.component, stop_exc)
+        if first:
+            self._event(a, f"not started: {exc}; held down until its host paths pass again")
+
+    def _recheck(self, records: list[ServiceRecord], workloads: dict[Key, Workload]) -> None:
+        """Release a held component whose host paths pass now, that runs (an operator's
+        start passed the same check), or that is no longer desired running."""
+        if not self.escaped:
+            return
+        roots = volume_roots(self.host.config.podman.volume_roots, self.host.state_dir)
+        comps = {(r.name, c.defn.name): c for r in records for c in r.components}
+        for key in list(self.escaped):
+            comp, w = comps.get(key), workloads.get(key)
+            if comp is None or comp.desired_state != RUNNING or (
+                    w is not None and w.state == RUNNING):
+                del self.escaped[key]
+                continue
+            try:
+                resolve_volumes(parse_volumes(comp.defn.volumes), roots)
+            except HostPathError as exc:
+                self.escaped[key] = str(exc)
+                continue
+            except ValidationError:
+                continue
+            log.info("reconcile: host paths of %s/%s pass again; it may start", *key)
+            del self.escaped[key]
 
     def _event(self, a: Action, detail: str) -> None:
         try:

@@ -132,6 +132,8 @@ class Rounds:
             node=self.a.node, runtimes=runtimes, runtime_reasons=runtime_reasons,
             spec_drift=[f"{s}/{c}" for s, c in self._spec_drift(view)],
             held_down=sorted(f"{s}/{c}" for s, c in self.a.reconciler.last.held),
+            host_paths=[f"{s}/{c}: {why}"
+                        for (s, c), why in sorted(self.a.reconciler.escaped.items())],
             edge_reasons=self._edge_reasons + (self.a.node_routes.health() if
                                                self.a.config.proxy.serve_routes else []),
             edge_routes=edge_routes,

@@ -150,9 +150,14 @@ class Runtime(ABC):
 
     @abstractmethod
     def logs(
-        self, service: str, component: str, tail: int | None = None, follow: bool = False
+        self, service: str, component: str, tail: int | None = None, follow: bool = False,
+        max_bytes: int | None = None,
     ) -> Iterator[bytes]:
-        """Its output; with ``follow``, until the workload ends or the caller closes."""
+        """Its output; with ``follow``, until the workload ends or the caller closes.
+
+        At most ``tail`` lines and ``max_bytes`` bytes of what is there already, the
+        newest (``logtail``), read in bounded steps: never the whole log in memory.
+        """
 
     # -- capabilities, with the defaults of a runtime that has nothing to say -------------
 

@@ -8,7 +8,6 @@ re-adopts a running VM from these files alone.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write, read_cmdline
+from .logtail import LogTail
 from .runtime import workload_name
 from .vmimage import BootPlan
 
@@ -192,14 +192,6 @@ _rotate_lock = threading.Lock()
 
 # -- processes and the console -------------------------------------------------------------------
 
-LOG_POLL_S = 0.25
-
-
-def _lf(data: bytes) -> bytes:
-    """The serial line is a tty (CRLF); logs read like a container's (LF)."""
-    return data.replace(b"\r\n", b"\n")
-
-
 def wait_exit(pid: int, timeout: float, still_ours: Callable[[], bool]) -> bool:
     """True once ``pid`` has ended (a zombie counts: PID 1 reaps it late), within
     ``timeout``. A pidfd wakes us at the exit itself; ``still_ours()`` is checked after
@@ -232,41 +224,11 @@ def wait_exit(pid: int, timeout: float, still_ours: Callable[[], bool]) -> bool:
             os.close(fd)
 
 
-def read_console(d: VMDir, tail: int | None, follow: bool,
-                 alive: Callable[[], bool]) -> Iterator[bytes]:
-    """The serial console (the rotated part first), LF line ends; with ``follow``, what
-    is written next, until ``alive()`` says the VM is gone."""
+def read_console(d: VMDir, tail: int | None, follow: bool, alive: Callable[[], bool],
+                 max_bytes: int | None = None) -> Iterator[bytes]:
+    """The serial console (the rotated part first), LF line ends, at most ``tail`` lines
+    and ``max_bytes`` bytes of it, found from the end (``logtail``); with ``follow``,
+    what is written next, until ``alive()`` says the VM is gone."""
     path = d.console
-    data, cur, ino = b"", b"", None
-    with contextlib.suppress(OSError):
-        data = path.with_name(path.name + ".1").read_bytes()
-    with contextlib.suppress(OSError), path.open("rb") as f:
-        ino = os.fstat(f.fileno()).st_ino
-        cur = f.read()
-    # Follow from exactly what was read: a line written meanwhile is not skipped.
-    pos = len(cur)
-    data += cur
-    if tail is not None:
-        lines = data.splitlines(keepends=True)
-        data = b"".join(lines[-tail:]) if tail > 0 else b""
-    if data:
-        yield _lf(data)
-    if not follow:
-        return
-    while True:
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return
-        if st.st_ino != ino or st.st_size < pos:   # rotated
-            ino, pos = st.st_ino, 0
-        if st.st_size > pos:
-            with path.open("rb") as f:
-                f.seek(pos)
-                chunk = f.read(1 << 20)
-            pos += len(chunk)
-            yield _lf(chunk)
-            continue
-        if not alive():
-            return
-        time.sleep(LOG_POLL_S)
+    return LogTail([path.with_name(path.name + ".1"), path], "plain", tail, max_bytes,
+                   follow, alive)

@@ -135,7 +135,7 @@ class DummyRuntime(Runtime):
         return [w for w in out if w is not None]
 
     def logs(self, service: str, component: str, tail: int | None = None,
-             follow: bool = False) -> Iterator[bytes]:
+             follow: bool = False, max_bytes: int | None = None) -> Iterator[bytes]:
         """As podman's and qemu's (test_runtime_contract.py): a missing workload is
         NotFoundError before anything streams; ``tail`` counts lines, 0 is none."""
         w = self._mine().get((service, component))

@@ -214,8 +214,10 @@ def podman_owner(podman_cleanup: PodmanCleanup) -> str:
 
 @pytest.fixture
 def podman_config(podman_socket: str, tmp_path: Path) -> AgentConfig:
+    # A test's volumes live in its tmp_path: that is their volume root.
     return from_dict({
-        "podman": {"socket": podman_socket, "containers_conf": containers_conf()},
+        "podman": {"socket": podman_socket, "containers_conf": containers_conf(),
+                   "volume_roots": [str(tmp_path)]},
         "state": {"dir": str(tmp_path / "state")},
     })
 

@@ -79,9 +79,11 @@ def need_nanos() -> None:
 def qemu_config(state_dir: Path, **qemu: Any) -> AgentConfig:
     from podman_env import containers_conf
 
+    # A test's volumes are siblings of its state dir: their parent is the volume root.
     section = {"kernel": str(kernel_path()), "accel": "tcg", **qemu}
     return from_dict({"qemu": section, "state": {"dir": str(state_dir)},
-                      "podman": {"containers_conf": containers_conf()}})
+                      "podman": {"containers_conf": containers_conf(),
+                                 "volume_roots": [str(Path(state_dir).parent)]}})
 
 
 def nanos_config(state_dir: Path, machine: str = "q35", **qemu: Any) -> AgentConfig:

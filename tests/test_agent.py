@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from mcp_node.errors import (
     ImageError,
     NotFoundError,
     ValidationError,
-    WorkloadError,
 )
 from mcp_node.runtime import LABEL_OWNER
 from mcp_node.servicedef import ServiceDef, from_dict
@@ -60,8 +59,6 @@ def owned_containers(agent: Agent) -> list[str]:
 @pytest.fixture
 def agent(podman_config: AgentConfig, podman_cleanup: object,
           tmp_path: Path) -> Iterator[Agent]:
-    # Volumes under tmp_path pass the roots check, so a missing host path fails in podman:
-    # the tests below use that as a run that fails after the registry was written.
     cfg = replace(podman_config, monitor=MonitorConfig(interval_s=0.2, flap_changes=3,
                                                       flap_window_s=60),
                   podman=replace(podman_config.podman, volume_roots=(str(tmp_path),)))
@@ -71,6 +68,25 @@ def agent(podman_config: AgentConfig, podman_cleanup: object,
         yield a
     finally:
         a.close()
+
+
+@pytest.fixture
+def foreign(hello_image: str) -> Iterator[Callable[[str, str], None]]:
+    """Makes a container of a workload's name that is not the agent's: the create of that
+    component fails after the registry was written (ConflictError) and the container is
+    left alone. (A missing host path was that failure once; it is a 400 at deploy now,
+    and a failed podman start holds the host port in podman's service for a while.)"""
+    names: list[str] = []
+
+    def make(svc: str, comp: str) -> None:
+        names.append(f"mcp-{svc}-{comp}")
+        podman_cli("create", "--name", names[-1], hello_image, check=True)
+
+    try:
+        yield make
+    finally:
+        if names:
+            podman_cli("rm", "-f", "-t", "0", *names)
 
 
 def test_deploy_serves_and_lifecycle(agent: Agent, hello_image: str) -> None:
@@ -143,21 +159,23 @@ def test_missing_image_changes_nothing(agent: Agent) -> None:
     assert owned_containers(agent) == []
 
 
-def test_failed_run_rolls_back_to_previous(agent: Agent, hello_image: str, tmp_path) -> None:
+def test_failed_run_rolls_back_to_previous(agent: Agent, hello_image: str,
+                                           foreign: Callable[[str, str], None]) -> None:
     svc = name()
     agent.deploy(hello(svc, hello_image, "good"))
     port = port_of(agent, svc)
-    bad = hello(svc, hello_image, "bad", volumes=[f"{tmp_path}/does-not-exist:/data"])
-    with pytest.raises(WorkloadError):
-        agent.deploy(bad)
+    foreign(svc, "web1")
+    with pytest.raises(ConflictError, match="not managed by this agent"):
+        agent.deploy(hello(svc, hello_image, "bad", comps=2))
     rec = agent.registry.get_service(svc)
     assert rec.components[0].defn.env == ("MESSAGE=good",)
     assert rec.components[0].host_ports[""] == port
     assert wait_http(port) == "hello from good\n"
 
     fresh = name()
-    with pytest.raises(WorkloadError):
-        agent.deploy(hello(fresh, hello_image, volumes=[f"{tmp_path}/nope:/data"]))
+    foreign(fresh, "web")
+    with pytest.raises(ConflictError, match="not managed by this agent"):
+        agent.deploy(hello(fresh, hello_image))
     assert not agent.registry.has_service(fresh)
     assert owned_containers(agent) == [f"mcp-{svc}-web"]
 
@@ -265,14 +283,14 @@ def test_colliding_workload_names_are_refused(agent: Agent, hello_image: str) ->
 
 
 def test_failed_redeploy_of_a_stopped_service_leaves_it_stopped(
-        agent: Agent, hello_image: str, tmp_path) -> None:
+        agent: Agent, hello_image: str, foreign: Callable[[str, str], None]) -> None:
     svc = name()
     agent.deploy(hello(svc, hello_image, "good"))
     port = port_of(agent, svc)
     agent.stop(svc)
-    bad = hello(svc, hello_image, "bad", volumes=[f"{tmp_path}/does-not-exist:/data"])
-    with pytest.raises(WorkloadError):
-        agent.deploy(bad)
+    foreign(svc, "web1")
+    with pytest.raises(ConflictError, match="not managed by this agent"):
+        agent.deploy(hello(svc, hello_image, "bad", comps=2))
     rec = agent.registry.get_service(svc)
     assert rec.active is False
     assert [c.desired_state for c in rec.components] == ["stopped"]

@@ -260,7 +260,7 @@ def test_routes_and_components_are_capped() -> None:
 
 def test_vm_memory_has_a_minimum_naming_the_field() -> None:
     """memory_mb = 1 for a VM got as far as QEMU and came back a 502."""
-    from mcp_node.servicedef import MIN_VM_MEMORY_MB
+    from mcp_node.runtimenames import MIN_VM_MEMORY_MB
 
     for low in (1, MIN_VM_MEMORY_MB - 1):
         with pytest.raises(ValidationError, match=f"at least {MIN_VM_MEMORY_MB}") as err:
@@ -298,20 +298,22 @@ def test_duplicate_volume_paths_and_bad_options_are_refused(volumes: list[str],
 def test_volume_roots_refuse_paths_outside_and_symlink_escapes(tmp_path: Path) -> None:
     from mcp_node.servicedef import check_volume_roots
 
-    root = tmp_path / "volumes"
-    (root / "data").mkdir(parents=True)
+    root, srv = tmp_path / "volumes", tmp_path / "srv"
+    for d in (root / "data", srv / "x", srv / "ok", tmp_path / "volumesx" / "y",
+              tmp_path / "srvx"):
+        d.mkdir(parents=True)
     (root / "escape").symlink_to("/etc")
-    roots = [str(root), "/srv"]
-    check_volume_roots(from_dict(base(volumes=[f"{root}/data:/d", "/srv/x:/x", f"{root}:/r"])),
+    roots = [str(root), str(srv)]
+    check_volume_roots(from_dict(base(volumes=[f"{root}/data:/d", f"{srv}/x:/x", f"{root}:/r"])),
                        roots)
     for host, field in (("/", 0), ("/etc", 0), (f"{root}/escape", 0), (f"{root}x/y", 0),
-                        ("/srvx", 0)):
+                        (f"{srv}x", 0)):
         defn = from_dict(base(volumes=[f"{host}:/g"]))
         with pytest.raises(ValidationError, match="outside the volume roots") as err:
             check_volume_roots(defn, roots)
         assert err.value.field == f"components[0].volumes[{field}]"
     defn = from_dict({"name": "two", "components": [
-        {"name": "a", "image": "x"}, {"name": "b", "image": "x", "volumes": ["/srv/ok:/o",
+        {"name": "a", "image": "x"}, {"name": "b", "image": "x", "volumes": [f"{srv}/ok:/o",
                                                                              "/etc:/e:ro"]}]})
     with pytest.raises(ValidationError) as err:
         check_volume_roots(defn, roots)
@@ -338,13 +340,15 @@ def test_agent_refuses_volumes_outside_the_roots_before_anything_changes(
     """An operator token could mount / or /etc read-write into a root container."""
     agent, world = _agent(tmp_path)
     try:
-        inside = agent.state_dir / "volumes" / "data"
+        inside, hello = agent.state_dir / "volumes" / "data", agent.state_dir / "volumes" / "h"
+        inside.mkdir(parents=True)
+        hello.mkdir()
         for host in ("/", "/etc", "/root"):
             with pytest.raises(ValidationError, match="outside the volume roots") as err:
                 agent.deploy(from_dict(base(volumes=[f"{inside}:/ok", f"{host}:/host"])))
             assert err.value.field == "components[0].volumes[1]"
         assert world.calls == [] and agent.registry.list_services() == []
-        agent.deploy(from_dict(base(volumes=[f"{inside}:/ok", "/srv/hello:/srv"])))
+        agent.deploy(from_dict(base(volumes=[f"{inside}:/ok", f"{hello}:/srv"])))
         assert agent.registry.has_service("hello")
     finally:
         agent.close()

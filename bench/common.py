@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,45 @@ while len(rest) < length:
     rest += s.recv(65536)
 sys.stdout.buffer.write(rest)
 """
+
+
+def first_request_s(argv: list[str], env: dict[str, str], port: int,
+                    listener: socket.socket) -> float:
+    """Seconds from exec until the process's first request byte reaches ``listener``
+    (on ``port``, which ``argv`` and ``env`` point the process at): its start-up alone,
+    the agent's work left out. The process is then killed (by its pid), unanswered."""
+    listener.settimeout(30)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env={**env, "MCP_AGENT": f"http://127.0.0.1:{port}"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1)
+            took = time.perf_counter() - t0
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    return took
+
+
+def start_up(b: Bed, definition: Path, pairs: int) -> tuple[list[float], list[float]]:
+    """``first_request_s`` of `mcp --json deploy DEFINITION` and of MINIMAL_CLI sending the
+    same file, ``pairs`` times each, taking turns going first."""
+    mcp, minimal = [], []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        sides = [
+            (mcp, [str(BIN / "mcp"), "--json", "deploy", str(definition)]),
+            (minimal, [str(BIN / "python"), "-c", MINIMAL_CLI, str(port),
+                       str(b.state / "token"), str(definition)]),
+        ]
+        for i in range(pairs):
+            for times, argv in sides[i % 2:] + sides[:i % 2]:
+                times.append(first_request_s(argv, b.env, port, listener))
+    return mcp, minimal
 
 
 def hello_image(tag: str = "v1") -> str:

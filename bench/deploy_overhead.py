@@ -1,7 +1,10 @@
 """deploy_overhead: `mcp deploy` of one container through the agent vs `podman run -d`
 of the same container from the shell (target <= 1.2x), beside a direct podman-py run
 (the earlier baseline, target <= 1.3x); and a five-component service vs the slowest
-of its components deployed alone (target <= 1.5x: components start in parallel).
+of its components deployed alone (target <= 1.5x: components start in parallel);
+and `mcp deploy` vs a minimal click+tomllib client sending the same POST
+(common.MINIMAL_CLI, target <= 1.1x), with their start-ups alone (exec to the
+request's first byte, common.start_up).
 
 Both sides are measured as a user meets them, from a fresh process until the
 container runs: the `mcp` CLI talking to the agent, and a Python process that
@@ -17,7 +20,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from common import BIN, MINIMAL_CLI, bed, hello_image, median, timed
+from common import BIN, MINIMAL_CLI, bed, hello_image, median, start_up, timed
 
 DIRECT = """
 import sys
@@ -44,6 +47,7 @@ def main() -> None:
         pc = PodmanClient(base_url=b.podman.url)
         cli_t, api_t, direct_t, inproc_t, shell_t, minimal_t = [], [], [], [], [], []
         five_t, single_t, floor_t = [], [], []
+        up_mcp, up_min = [], []
         for i in range(rounds):
             svc = f"bench{uuid.uuid4().hex[:6]}"
             path = tmp / f"{svc}.toml"
@@ -73,6 +77,9 @@ def main() -> None:
             sides = [mcp_side, minimal_side, shell_side]
             for side in sides[i % 3:] + sides[:i % 3]:
                 side()
+            m_up, x_up = start_up(b, path, 3)
+            up_mcp += m_up
+            up_min += x_up
 
             body = {"name": svc, "components": [{"name": "web", "image": image,
                                                  "routes": [{"port": 8080}]}]}
@@ -134,6 +141,11 @@ def main() -> None:
     print(f"  ratio minimal Python CLI / podman run -d = {median(minimal_t) / shell:.2f}x "
           "(the floor for a click CLI through this agent)")
     print(f"  ratio mcp deploy / direct podman-py = {cli / direct:.2f}x (target <= 1.3x)")
+    print(f"  ratio mcp deploy / minimal Python CLI = {cli / median(minimal_t):.2f}x "
+          "(target <= 1.1x)")
+    m_up, x_up = median(up_mcp), median(up_min)
+    print(f"  start-up, exec to the request's first byte ({len(up_mcp)} each): mcp --json "
+          f"deploy {m_up * 1000:.1f} ms, minimal {x_up * 1000:.1f} ms = {m_up / x_up:.2f}x")
     floor = median(floor_t)
     print(f"  five components {five * 1000:.1f} ms vs slowest single {single * 1000:.1f} ms: "
           f"{five / single:.2f}x (target <= 1.5x)")

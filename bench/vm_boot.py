@@ -8,6 +8,10 @@ image launched by hand, for each image builder / machine type:
   and boots the disk with the testbed's q35 command line.   target: ratio <= 1.15
 - nanos-microvm: the same, booted with `-kernel kernel.img` on microvm.  target <= 1.3
 
+`mcp deploy` is also set against a minimal click+tomllib client sending the same
+definition (common.MINIMAL_CLI), to the first HTTP answer (target <= 1.1x) and
+start-up alone (exec to the request's first byte, common.start_up).
+
 Both sides use the same accel, memory, user-mode port forward and the same HTTP poll
 (a new attempt every 10 ms, the first answer wins; see ``wait_http``). Rounds
 alternate which side goes first; medians of the rounds are compared. The hand side's clock includes
@@ -32,7 +36,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import BIN, MINIMAL_CLI, TOP, Bed, bed, free_port, median, run_cases
+from common import BIN, MINIMAL_CLI, TOP, Bed, bed, free_port, median, run_cases, start_up
 
 from mcp_node.client import Client
 
@@ -250,7 +254,7 @@ def run_case(case: str, image: str, rounds: int) -> dict[str, object]:
     least a Python CLI built like ours could cost (common.MINIMAL_CLI), and the hand
     launch."""
     times: dict[str, list[float]] = {"cli": [], "returned": [], "api": [], "minimal": [],
-                                     "hand": []}
+                                     "hand": [], "up_mcp": [], "up_min": []}
     accel = "tcg"
     sides = ("cli", "api", "minimal", "hand")
     with bed(monitor_interval=1.0) as b:
@@ -284,6 +288,9 @@ def run_case(case: str, image: str, rounds: int) -> dict[str, object]:
                     else:
                         accel = str(keep_image(b, svc, kept)["accel"])
                         b.mcp("undeploy", svc)
+                m_up, x_up = start_up(b, vm_definition(b.dir, "vbup", image), 3)
+                times["up_mcp"] += m_up
+                times["up_min"] += x_up
         finally:
             for h in hands:
                 if h.proc.poll() is None:
@@ -306,6 +313,10 @@ def report(r: dict[str, object], rounds: int) -> None:
     print(f"  ratio mcp deploy / by hand        : {c / h:6.3f}  (target <= {TARGETS[case]})")
     print(f"  ratio HTTP API deploy / by hand   : {a / h:6.3f}")
     print(f"  ratio minimal Python CLI / by hand: {m / h:6.3f}  (the floor for a click CLI)")
+    print(f"  ratio mcp deploy / minimal CLI    : {c / m:6.3f}  (target <= 1.1)")
+    up_mcp, up_min = (median(list(r[k])) for k in ("up_mcp", "up_min"))  # type: ignore[call-overload]
+    print(f"  start-up, exec to the request's first byte: mcp --json deploy "
+          f"{up_mcp * 1000:.1f} ms, minimal {up_min * 1000:.1f} ms = {up_mcp / up_min:.2f}x")
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ set -euo pipefail
 debs=(podman runc qemu-system-x86 qemu-utils caddy pebble dnsmasq-base haproxy bind9 bind9-utils busybox-static
       iproute2 cpio gcc libc6-dev curl procps python3-venv wrk
       systemd   # systemd-analyze: the unit file is verified by the tests
-      etcd-server)  # fleet mode's store; tests run their own members, never a system one
+      etcd-server   # fleet mode's store; tests run their own members, never a system one
+      strace)  # records every connect() of a fuzzed agent: tests stay on the machine
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -1,8 +1,9 @@
 """``mcp-agent`` as a real child process, for tests that SIGKILL and restart it.
 
 Not a fixture module: tests build a ``Daemon`` with their own config and stop
-it in their fixture's teardown. The process is recorded by pid and stopped by
-that pid; every wait has a deadline.
+it in their fixture's teardown. The agent (and so any podman service it starts)
+runs with ``egress.no_egress_env``: no way out of the machine. The process is
+recorded by pid and stopped by that pid; every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from click.testing import CliRunner, Result
+from egress import no_egress_env
 
 from mcp_node.cli import cli
 from mcp_node.client import Client
@@ -52,7 +54,7 @@ class Daemon:
                 [str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.config),
                  "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}",
                  *self.args],
-                stdout=subprocess.DEVNULL, stderr=logf)
+                env=no_egress_env(), stdout=subprocess.DEVNULL, stderr=logf)
         deadline = time.monotonic() + 30
         while True:
             assert self.proc.poll() is None, self.log()
@@ -90,9 +92,7 @@ class Daemon:
         """Force-remove the containers labelled with this agent's owner id (only those)."""
         if not (self.state / "node_id").exists():
             return
-        env = {**os.environ, "CONTAINERS_CONF": os.environ.get(
-            "CONTAINERS_CONF", str(Path(__file__).resolve().parent.parent / "scripts"
-                                   / "containers.conf"))}
+        env = no_egress_env()
         ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label={LABEL_OWNER}="
                               f"{self.owner}"], capture_output=True, text=True, env=env
                              ).stdout.split()

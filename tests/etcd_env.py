@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import need
+from egress import no_egress_env
 
 from mcp_node.fleetops import FleetOperations
 from mcp_node.wiring import node_agent
@@ -179,8 +180,9 @@ class NodePodman:
         self.base, self.index = base, index
         self.net = f"mcpfleet{index}"
         self.sock = base / "podman.sock"
-        self.env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(base / "storage.conf"),
-                        CONTAINERS_CONF=str(base / "containers.conf"))
+        self.env = no_egress_env(dict(os.environ,
+                                      CONTAINERS_STORAGE_CONF=str(base / "storage.conf"),
+                                      CONTAINERS_CONF=str(base / "containers.conf")))
         self.conf = conf
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -4,6 +4,7 @@
   per session by ``scripts/build_test_image.sh`` (skips without podman and gcc).
 - ``podman_socket``: session-wide ``podman system service`` started by the fixture and
   stopped by pid at the end; yields its ``unix://...`` URL for ``config.podman.socket``.
+  Like every podman CLI call here, it runs with ``egress.no_egress_env`` (no way out).
 - ``podman_cleanup``: a ``PodmanCleanup``; ``.add(owner)`` registers an ``mcp.owner``
   label whose containers are force-removed at teardown (only those).
 - ``podman_owner``: a unique owner label for this test (already registered for cleanup).
@@ -38,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from egress import no_egress, no_egress_env
 
 from mcp_node.config import AgentConfig, from_dict
 from mcp_node.podman import PodmanRuntime, PodmanService
@@ -60,7 +62,8 @@ def containers_conf() -> str:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "CONTAINERS_CONF": containers_conf()}
+    """The podman CLI's: our CONTAINERS_CONF and no way out (tests/egress.py)."""
+    return no_egress_env({**os.environ, "CONTAINERS_CONF": containers_conf()})
 
 
 def podman_cli(*args: str, check: bool = False,
@@ -191,7 +194,9 @@ def podman_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from conftest import need
     need("podman")
     service = PodmanService(tmp_path_factory.mktemp("podman-svc"), containers_conf())
-    service.ensure()
+    with pytest.MonkeyPatch.context() as mp:
+        no_egress(mp)   # the service takes this process's environment when it starts
+        service.ensure()
     try:
         yield service.url
     finally:

@@ -3,7 +3,8 @@
 - ``live_server``: a real ``Agent`` (session podman socket, per-test state dir) served by
   ``server.serve`` on a free loopback port, with ``server.max_body`` = ``SMALL_BODY``;
   yields a ``LiveServer``. The server and agent are shut down at teardown, and the
-  agent's containers (by owner label) removed.
+  agent's containers (by owner label) removed. The test runs with ``egress.no_egress``
+  (what the agent runs itself has no way out; loopback HTTP is exempt).
 
 ``LiveServer`` helpers: ``token(role)`` (a token of that role, minted once through the
 token store), ``client(role | None)`` (a ``Client``), ``raw(request_bytes)`` (one raw
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
+from egress import no_egress
 
 from mcp_node.agent import Agent
 from mcp_node.client import Client
@@ -115,7 +117,9 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_server(podman_config: AgentConfig, podman_cleanup: Any) -> Iterator[LiveServer]:
+def live_server(podman_config: AgentConfig, podman_cleanup: Any,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveServer]:
+    no_egress(monkeypatch)   # for what the in-process agent runs itself (podman CLI)
     cfg = replace(podman_config, server=replace(podman_config.server, listen="127.0.0.1:0",
                                                 max_body=SMALL_BODY))
     agent = Agent(cfg)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from daemon_env import refused
+from egress import no_egress_env
 from podman_env import containers_conf, free_port, podman_cli
 
 from mcp_node import sdnotify
@@ -52,7 +53,8 @@ class AgentProc:
         self.listen_flag = listen_flag  # False: [server] listen comes from the config file
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "CONTAINERS_CONF": containers_conf(), **(env or {})}
+        self.env = no_egress_env({**os.environ, "CONTAINERS_CONF": containers_conf(),
+                                  **(env or {})})
         self.logfile = state.parent / f"agent-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

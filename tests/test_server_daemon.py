@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import ssl
 import stat
@@ -13,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from egress import no_egress_env
 from live_server import self_signed
 from podman_env import free_port
 
@@ -56,7 +56,7 @@ def test_daemon_runs_with_no_config(_isolated_state: Path, tmp_path: Path, sig: 
     """No --config, no --state-dir: state goes to $XDG_STATE_HOME/mcp (isolated by conftest).
     Only the port is chosen (never the fixed default port in a test)."""
     port = free_port()
-    env = {**os.environ}
+    env = no_egress_env()
     proc = subprocess.Popen(agent_argv("--listen", f"127.0.0.1:{port}"), cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -58,7 +58,15 @@ from .errors import (
     WorkloadError,
 )
 from .grammar import parse_volumes, resolve_volumes, volume_roots, within_roots
-from .podman_logs import LogStream, RawAdapter, UnixFollow, frames
+from .logtail import LogTail, keep_last
+from .podman_logs import (
+    LogStream,
+    RawAdapter,
+    UnixFollow,
+    frames,
+    k8s_log_path,
+    still_running,
+)
 from .podman_service import (
     PodmanService,
     run_cli,
@@ -460,25 +468,34 @@ class PodmanRuntime(Runtime):
         return out
 
     def logs(self, service: str, component: str, tail: int | None = None,
-             follow: bool = False) -> Iterator[bytes]:
+             follow: bool = False, max_bytes: int | None = None) -> Iterator[bytes]:
         """A missing (or foreign) container fails here, before any streaming starts.
 
-        podman sends no headers for a follow request until the container writes
-        a line, so a follow request is opened in a thread: this returns once
-        podman answered or ``FOLLOW_OPEN_WAIT_S`` passed, by when the request is
-        in podman's hands and every later line will be delivered. The iterator's
-        ``close()`` may be called from any thread.
+        A ``k8s-file`` log we can read is read here from its end, in bounded steps
+        (``logtail``; followed by polling it, ended when the container is). Otherwise
+        podman is asked: it holds the tail in memory, and only the agent's copy is
+        bounded (``keep_last``). podman sends no headers for a follow request until
+        the container writes a line, so a follow request is opened in a thread: this
+        returns once podman answered or ``FOLLOW_OPEN_WAIT_S`` passed, by when the
+        request is in podman's hands and every later line will be delivered. The
+        iterator's ``close()`` may be called from any thread.
         """
         name = workload_name(service, component)
-        if self._owned(name) is None:
+        attrs = self._owned(name)
+        if attrs is None:
             raise NotFoundError(f"no container {name}")
+        path = k8s_log_path(attrs)
+        if path is not None:
+            return LogTail([path], "k8s", tail, max_bytes, follow,
+                           lambda: self._still_running(name), alive_every_s=1.0)
         params: dict[str, str] = {"stdout": "true", "stderr": "true",
                                   "follow": "true" if follow else "false"}
         if tail is not None:
             params["tail"] = str(max(0, int(tail)))
         log.info("podman: logs %s %s", name, params)
         if not follow:
-            return frames(self._open_logs(name, params, REQUEST_TIMEOUT_S))
+            out = frames(self._open_logs(name, params, REQUEST_TIMEOUT_S))
+            return keep_last(out, max_bytes) if max_bytes is not None else out
         stream = LogStream()
         sock_file = socket_path(self.url)
         if sock_file is not None:   # a connection of our own: close() cuts it before any answer
@@ -517,6 +534,12 @@ class PodmanRuntime(Runtime):
         threading.Thread(target=opener, name=f"podman-logs-{name}", daemon=True).start()
         stream.wait_open(FOLLOW_OPEN_WAIT_S)
         return stream
+
+    def _still_running(self, name: str) -> bool:
+        try:
+            return still_running(self._inspect_raw(name))
+        except MCPError:            # podman gone: so is what it would have followed
+            return False
 
     def _open_logs(self, name: str, params: dict[str, str], timeout: Any) -> Any:
         resp = self._request("GET", f"/containers/{name}/logs", f"logs {name}", params=params,

@@ -533,11 +533,11 @@ class QemuRuntime(Runtime):
         return out
 
     def logs(self, service: str, component: str, tail: int | None = None,
-             follow: bool = False) -> Iterator[bytes]:
+             follow: bool = False, max_bytes: int | None = None) -> Iterator[bytes]:
         d, meta = self._meta(service, component)
         if meta is None:
             raise NotFoundError(f"no VM {service}/{component} on this node")
-        return read_console(d, tail, follow, lambda: live_pid(d, meta) is not None)
+        return read_console(d, tail, follow, lambda: live_pid(d, meta) is not None, max_bytes)
 
     # -- what status and health show -----------------------------------------------------------
 

@@ -1,339 +1,552 @@
-"""abuse: /v1/health from one authenticated client while 1,000 slow connections are
-held against the agent, against the same with none held, in one run.
+"""abuse: the agent under hostile load (issue 16), each figure against a baseline of the
+same run.
 
-A real ``mcp-agent`` (bench/common.py, default ``[server]`` caps) is measured
-by the same client alone (the baseline) and while a separate process keeps
-1,000 slowloris slots busy, in alternating blocks (``--rounds``), so that other
-load on the machine falls on both alike. Each slot connects from loopback,
-begins a request head and sends one more header line every second, never
-finishing it; when the agent closes the slot's connection (its per-peer or
-unauthenticated cap dropped it, or the header deadline answered 408) the slot
-connects again a second later, as a real attacker would. The client measures
-``/v1/health`` on one keep-alive connection and, separately, on a fresh
-connection per request (the way each ``mcp`` invocation arrives, and the one a
-connection cap could lock out).
+One real ``mcp-agent`` (bench/common.py, default ``[server]`` caps unless ``--server``)
+and its podman service, through these cases (``--case``, default all, in this order):
 
-The attacker runs at nice 19 by default: on a 2-core machine its own CPU use
-(and the scheduling delays it causes the client) would otherwise be counted as
-the agent's slowness; ``--attacker-nice 0`` measures that too. It also prints
-what both processes used.
+- ``slowloris``: 1,000 connections that begin a request head and send one header line
+  a second, never finishing it, reconnecting a second after the agent closes one.
+  ``/v1/health`` p99 of one authenticated client, keep-alive and a fresh connection per
+  request, against the same with none held (target <= 2x keep-alive, no 503).
+- ``held``: 1,030 connections of one reader token that each sent one ``/v1/health``
+  and stayed open (reconnecting a second after the agent closes one); ``streams``:
+  1,024 reader ``/v1/events?follow=true`` streams, kept reading. For each, an
+  operator's ``/v1/health`` (keep-alive and fresh) and ``deploy`` (an unchanged one, a
+  fresh connection each, as ``mcp deploy`` comes) p99 against none held (target <= 2x,
+  worst <= 100 ms, no 503).
+- ``metrics``: 3,000 requests, each with a method of its own, most of them malformed;
+  ``/metrics`` size and agent RSS after the first 20 of them (the series such requests
+  add once) and after all (target: within 5%).
+- ``logs``: a component that has written 70 MB of log; six concurrent reads of it
+  (the whole log, then ``?tail=`` the cap) by operators; agent peak RSS (target <= 2x
+  its idle RSS).
+- ``history``: 60 services deployed (two versions each) and undeployed; the registry's
+  size and its deployments rows (target: history kept for no more services than
+  ``history.max_undeployed_services``, lowered to 20 for the bench).
 
-Prints both p99s and their ratio (target <= 2x, keep-alive), the worst latency
-(target <= 100 ms), the 503s the client got (target 0), and what the attacker
-and the agent saw. Bounded: 1,000 slots, a fixed number of requests, a time
-limit per phase; traffic only to 127.0.0.1. The open-file soft limit is raised
-to the hard limit here (1,000+ sockets); the agent raises its own in serve().
+The RSS of the agent and of its podman service is printed before, during (peak) and
+after each of the last three. Baseline and load blocks alternate (``--rounds``) so
+other load on the machine falls on both alike. The attackers run in processes of their
+own at nice 19 (``--attacker-nice``): on 2 cores their own CPU use would otherwise be
+counted as the agent's slowness. Bounded: fixed counts, a time limit per phase, traffic
+only to 127.0.0.1. The open-file limit is raised to the hard one here and checked
+against what the cases hold; the agent raises its own in serve().
 
-    .venv/bin/python bench/abuse.py [--slots 1000] [--rounds 3] [--requests 1000]
-                                    [--fresh 100] [--peers 1] [--attacker-nice 19]
-                                    [--server KEY=VALUE]
+    .venv/bin/python bench/abuse.py [--case NAME ...] [--rounds 3] [--slots 1000]
+        [--held 1030] [--streams 1024] [--methods 3000] [--log-mb 70] [--tails 6]
+        [--services 60] [--keep-undeployed 20] [--server KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
+import json
 import multiprocessing as mp
 import os
-import resource
-import selectors
 import socket
-import statistics
+import sqlite3
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from common import bed
+from abusers import (
+    HELD_COUNTS,
+    Series,
+    agent_usage,
+    cpu_s,
+    hold_authed,
+    hold_slow,
+    measure,
+    p99,
+    raise_nofile,
+    read_response,
+    request_bytes,
+    rss_mb,
+)
+from common import BIN, Bed, bed, hello_image
 
-PHASE_LIMIT_S = 120.0
 RAMP_LIMIT_S = 30.0
+CASES = ("slowloris", "held", "streams", "metrics", "logs", "history")
 
 
-def raise_nofile() -> tuple[int, int]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
+class Ctx:
+    """What every case needs: the bed, its tokens, the options; ``out`` collects the
+    report, printed once every chosen case has run."""
+
+    def __init__(self, b: Bed, args: argparse.Namespace, image: str) -> None:
+        assert b.proc is not None
+        self.b, self.args, self.image = b, args, image
+        self.pid, self.port = b.proc.pid, b.port
+        self.operator = (b.state / "token").read_text().strip()
+        self.reader = mint(b, "abuse-reader", "reader")
+        self.out: list[str] = []
+        self.targets: list[tuple[str, bool, str]] = []
+
+    def say(self, line: str = "") -> None:
+        self.out.append(line)
+
+    def target(self, what: str, met: bool, figure: str) -> None:
+        self.targets.append((what, met, figure))
+
+    def get(self, path: str, token: str | None = None) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=60) as s:
+            s.sendall(request_bytes("GET", path, token or self.operator))
+            return read_response(s, bytearray())
+
+    def post(self, path: str, body: Any) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=120) as s:
+            s.sendall(request_bytes("POST", path, self.operator, json.dumps(body).encode()))
+            return read_response(s, bytearray())
+
+    def delete(self, path: str) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=120) as s:
+            s.sendall(request_bytes("DELETE", path, self.operator))
+            return read_response(s, bytearray())
 
 
-# -- the attacker (own process) --------------------------------------------------------
+def mint(b: Bed, name: str, role: str) -> str:
+    """A token of ``role`` made as an operator would (``mcp-agent token add``)."""
+    import subprocess
+
+    out = b.dir / f"{name}.tok"
+    subprocess.run([str(BIN / "mcp-agent"), "--config", str(b.config), "--state-dir",
+                    str(b.state), "token", "add", name, role, "--output", str(out)],
+                   check=True, capture_output=True)
+    return out.read_text().strip()
 
 
-def hold_slow(port: int, slots: int, peers: int, nice: int, stop: Any, counts: Any) -> None:
-    """Keep ``slots`` slowloris connections going until ``stop`` is set.
+def fd_check(ctx: Ctx) -> None:
+    soft, hard = raise_nofile()
+    limits = Path(f"/proc/{ctx.pid}/limits").read_text()
+    agent_soft = next((ln.split()[3] for ln in limits.splitlines()
+                       if ln.startswith("Max open files")), "?")
+    a = ctx.args
+    want = max(a.slots if "slowloris" in a.chosen else 0, a.held if "held" in a.chosen else 0,
+               a.streams if "streams" in a.chosen else 0) + 256
+    ctx.say(f"open files: bench soft={soft} hard={hard}, agent soft={agent_soft}; the "
+            f"largest case holds {want - 256} connections (+256 headroom)")
+    if soft < want or (agent_soft.isdigit() and int(agent_soft) < want):
+        ctx.say(f"  WARNING: an open-file limit below {want}: connect failures below are "
+                "the limit's, not the agent's")
 
-    ``counts``: [connected now, connects, closed by the agent, 503s, 408s, connect
-    failures], shared with the parent.
-    """
-    raise_nofile()
-    os.nice(nice)
-    sel = selectors.DefaultSelector()
-    due: list[tuple[float, int, int]] = []      # (when, slot, generation): next step
-    gen = [0] * slots                           # a close makes older entries stale
-    socks: dict[int, socket.socket] = {}
-    lines: dict[int, int] = {}
-    start = time.monotonic()
-    for i in range(slots):                      # ramp: 500 slots a second
-        heapq.heappush(due, (start + i / 500, i, 0))
 
-    def closed(i: int, s: socket.socket) -> None:
-        """The agent closed slot ``i``: connect again a second later."""
-        sel.unregister(s)
-        s.close()
-        del socks[i]
-        counts[0] -= 1
-        counts[2] += 1
-        gen[i] += 1
-        heapq.heappush(due, (time.monotonic() + 1, i, gen[i]))
+# -- load in the background --------------------------------------------------------------------
 
-    while not stop.is_set():
-        now = time.monotonic()
-        while due and due[0][0] <= now:
-            _, i, g = heapq.heappop(due)
-            if g != gen[i]:
-                continue
-            s = socks.get(i)
-            if s is None:                       # (re)connect and begin a request head
-                s = socket.socket()
-                s.settimeout(3)
-                try:
-                    s.bind((f"127.0.0.{2 + i % peers}" if peers > 1 else "127.0.0.1", 0))
-                    s.connect(("127.0.0.1", port))
-                    s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-                except OSError:
-                    s.close()
-                    counts[5] += 1
-                    heapq.heappush(due, (now + 1, i, g))
-                    continue
-                s.setblocking(False)
-                sel.register(s, selectors.EVENT_READ, i)
-                socks[i], lines[i] = s, 0
-                counts[0] += 1
-                counts[1] += 1
-            else:                               # one more header line, a second later
-                lines[i] += 1
-                try:
-                    s.send(b"X-Slow-%d: 1\r\n" % lines[i])
-                except OSError:
-                    closed(i, s)
-                    continue
-            heapq.heappush(due, (now + 1, i, g))
-        for key, _ in sel.select(timeout=0.02):
-            i, sock = key.data, key.fileobj
-            assert isinstance(sock, socket.socket)
+
+@contextmanager
+def attacker(target: Callable[..., None], args: tuple[Any, ...], counts: Any,
+             until: Callable[[], bool]) -> Iterator[Any]:
+    """``target(*args, stop, counts)`` in a process of its own, until the block ends;
+    yields once ``until()`` holds (or the ramp's time limit passed) and 3 s more."""
+    ctx = mp.get_context("fork")
+    stop = ctx.Event()
+    proc = ctx.Process(target=target, args=(*args, stop, counts), daemon=True)
+    proc.start()
+    try:
+        ramp = time.monotonic() + RAMP_LIMIT_S
+        while not until() and time.monotonic() < ramp:
+            time.sleep(0.1)
+        time.sleep(3)                                      # into the steady state
+        yield proc
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    time.sleep(2)                                          # the agent closes what it left
+
+
+class Peak:
+    """Peak RSS (MB) of some processes, sampled every 50 ms while in the block."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.peak = {k: 0.0 for k in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for k, pid in self.pids.items():
+                self.peak[k] = max(self.peak[k], rss_mb(pid))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> Peak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def rss_now(ctx: Ctx) -> dict[str, float]:
+    return {"agent": rss_mb(ctx.pid), "podman": rss_mb(ctx.b.podman.pid)}
+
+
+def rss_line(label: str, before: dict[str, float], peak: dict[str, float],
+             after: dict[str, float]) -> str:
+    return "  " + label + "; ".join(
+        f"{k} RSS {before[k]:.1f} MB before, {peak[k]:.1f} peak during, {after[k]:.1f} after"
+        for k in before)
+
+
+def settle(ctx: Ctx) -> dict[str, float]:
+    time.sleep(2)
+    return rss_now(ctx)
+
+
+# -- slowloris -----------------------------------------------------------------------------------
+
+
+def case_slowloris(ctx: Ctx) -> None:
+    a = ctx.args
+    health = request_bytes("GET", "/v1/health", ctx.operator)
+    base, att = Series(), Series()
+    cpu = {"agent": 0.0, "attacker": 0.0, "base": 0.0}
+    base_s = att_s = 0.0
+    seen = [0] * 6
+    usage = ""
+    for _ in range(a.rounds):
+        c0, t0 = cpu_s(ctx.pid), time.monotonic()
+        base.add("keep-alive", *measure(ctx.port, health, a.requests, False))
+        base.add("fresh", *measure(ctx.port, health, a.fresh, True))
+        cpu["base"] += cpu_s(ctx.pid) - c0
+        base_s += time.monotonic() - t0
+        counts = mp.get_context("fork").Array("q", 6, lock=False)
+        with attacker(hold_slow, (ctx.port, a.slots, a.peers, a.attacker_nice), counts,
+                      lambda: counts[1] >= a.slots) as proc:
+            k0 = list(counts)
+            c0, x0, t0 = cpu_s(ctx.pid), cpu_s(proc.pid), time.monotonic()
+            att.add("keep-alive", *measure(ctx.port, health, a.requests, False))
+            att.add("fresh", *measure(ctx.port, health, a.fresh, True))
+            att_s += time.monotonic() - t0
+            cpu["agent"] += cpu_s(ctx.pid) - c0
+            cpu["attacker"] += cpu_s(proc.pid) - x0
+            usage = agent_usage(ctx.pid)
+            k1 = list(counts)
+            seen = [s + k1[i] - k0[i] for i, s in enumerate(seen)]
+            seen[0] = k1[0]
+    ctx.say(f"\n== slowloris: {a.slots} slots from {a.peers} loopback address(es), one "
+            f"header line/s each, reconnecting 1 s after a close; nice {a.attacker_nice}")
+    ctx.say(f"  during the measurements ({att_s:.1f} s in {a.rounds} rounds): connected "
+            f"(attacker's view, last) {seen[0]}, connects {seen[1]} ({seen[1] / att_s:.0f}/s), "
+            f"closed by the agent {seen[2]} (503 dropped {seen[3]}, 408 deadline {seen[4]}), "
+            f"connect failures {seen[5]}")
+    ctx.say(f"  agent (last round): {usage}")
+    ctx.say(f"  CPU (share of one core): agent {cpu['agent'] / att_s:.0%} under attack, "
+            f"{cpu['base'] / base_s:.0%} in the baseline; attacker "
+            f"{cpu['attacker'] / att_s:.0%}; {os.cpu_count()} cores in all")
+    report_latency(ctx, "slowloris", "/v1/health", base, att, ("keep-alive", "fresh"),
+                   gate=("keep-alive",))
+
+
+def report_latency(ctx: Ctx, case: str, what: str, base: Series, att: Series,
+                   kinds: tuple[str, ...], gate: tuple[str, ...]) -> None:
+    """p99 per kind against its baseline; the targets: ratio <= 2x for ``gate`` kinds,
+    worst <= 100 ms and no 503 for all."""
+    ctx.say(f"  {what} p99 (ms), {ctx.args.rounds} rounds   baseline   under load   ratio")
+    for kind in kinds:
+        b_p, a_p = p99(base.lat[kind]), p99(att.lat[kind])
+        ctx.say(f"    {kind:28} {b_p:9.3f}   {a_p:10.3f}   {a_p / b_p:5.2f}x")
+        if kind in gate:
+            ctx.target(f"{case}: {kind} p99 ratio <= 2x", a_p / b_p <= 2, f"{a_p / b_p:.2f}x")
+    worst = max(x for kind in kinds for x in att.lat[kind])
+    ctx.say(f"  worst under load: {worst:.1f} ms; 503s: {att.statuses.get(503, 0)} under "
+            f"load, {base.statuses.get(503, 0)} in the baseline")
+    other = {k: v for k, v in att.statuses.items() if k not in (200, 503)}
+    if other:
+        ctx.say(f"  other outcomes under load: {other}")
+    ctx.target(f"{case}: worst <= 100 ms", worst <= 100, f"{worst:.1f} ms")
+    ctx.target(f"{case}: no 503", att.statuses.get(503, 0) == 0,
+               f"{att.statuses.get(503, 0)} 503s")
+
+
+# -- held reader connections and reader follow streams ------------------------------------------
+
+
+def operator_block(ctx: Ctx, series: Series, deploy_body: bytes) -> None:
+    a = ctx.args
+    health = request_bytes("GET", "/v1/health", ctx.operator)
+    deploy = request_bytes("POST", "/v1/services", ctx.operator, deploy_body)
+    series.add("health keep-alive", *measure(ctx.port, health, a.requests, False))
+    series.add("health fresh", *measure(ctx.port, health, a.fresh, True))
+    series.add("deploy (unchanged), fresh", *measure(ctx.port, deploy, a.deploys, True, 0.01))
+
+
+def case_reader_load(ctx: Ctx, case: str) -> None:
+    """``held`` or ``streams``: the operator's figures with and without that load."""
+    a = ctx.args
+    slots, path = ((a.held, "/v1/health") if case == "held"
+                   else (a.streams, "/v1/events?follow=true&tail=0"))
+    body = {"name": "abuse-web", "components": [{"name": "main", "image": ctx.image}]}
+    status, answer = ctx.post("/v1/services", body)
+    assert status == 200, answer
+    deploy_body = json.dumps(body).encode()
+    base, att = Series(), Series()
+    seen = [0] * len(HELD_COUNTS)
+    usage = ""
+    for _ in range(a.rounds):
+        operator_block(ctx, base, deploy_body)
+        counts = mp.get_context("fork").Array("q", len(HELD_COUNTS), lock=False)
+        with attacker(hold_authed, (ctx.port, ctx.reader, slots, path, a.attacker_nice),
+                      counts, lambda: counts[1] >= slots):
+            k0 = list(counts)
+            operator_block(ctx, att, deploy_body)
+            usage = agent_usage(ctx.pid)
+            k1 = list(counts)
+            seen = [s + k1[i] - k0[i] for i, s in enumerate(seen)]
+            seen[0] = k1[0]
+    ctx.delete("/v1/services/abuse-web")
+    what = ("connections that each sent one /v1/health and stayed open" if case == "held"
+            else "/v1/events?follow=true streams, kept reading")
+    ctx.say(f"\n== {case}: {slots} reader {what} (one token), reconnecting 1 s after a "
+            f"close; nice {a.attacker_nice}")
+    ctx.say("  reader's view during the measurements: " + ", ".join(
+        f"{label} {n}" for label, n in zip(HELD_COUNTS, seen, strict=True)))
+    ctx.say(f"  agent (last round): {usage}")
+    report_latency(ctx, case, "operator", base, att,
+                   ("health keep-alive", "health fresh", "deploy (unchanged), fresh"),
+                   gate=("health keep-alive", "deploy (unchanged), fresh"))
+
+
+# -- metrics labels -------------------------------------------------------------------------------
+
+
+def case_metrics(ctx: Ctx) -> None:
+    n = ctx.args.methods
+    first = 20  # the series these requests add once (method "other", their statuses)
+    size00 = len(ctx.get("/metrics")[1])
+    answers: dict[int | str, int] = {}
+    before: dict[str, float] = {}
+    size0 = 0
+    with Peak({"agent": ctx.pid, "podman": ctx.b.podman.pid}) as peak:
+        for i in range(n + first):
+            if i == first:
+                size0, before = len(ctx.get("/metrics")[1]), rss_now(ctx)
+            # a method of its own each: one in four a well-formed but unknown one
+            method = f"X{i}" if i % 4 == 0 else f"B@D{i}"
             try:
-                data = sock.recv(4096)
-            except BlockingIOError:
-                continue
+                with socket.create_connection(("127.0.0.1", ctx.port), timeout=10) as s:
+                    s.sendall(f"{method} /v1/health HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                    status: int | str = read_response(s, bytearray())[0]
+            except OSError as exc:
+                status = type(exc).__name__
+            answers[status] = answers.get(status, 0) + 1
+    after = settle(ctx)
+    size1 = len(ctx.get("/metrics")[1])
+    ctx.say(f"\n== metrics: {n} requests with a method of their own each, no token, after "
+            f"{first} such (answers: {answers})")
+    ctx.say(f"  /metrics {size00} bytes at first, {size0} after the first {first}, {size1} "
+            f"after {n} more ({size1 / size0 - 1:+.1%})")
+    ctx.say(rss_line("", before, peak.peak, after))
+    grew = after["agent"] / before["agent"] - 1
+    ctx.target("metrics: /metrics size within 5%", abs(size1 / size0 - 1) <= 0.05,
+               f"{size1 / size0 - 1:+.1%}")
+    ctx.target("metrics: agent RSS within 5%", abs(grew) <= 0.05, f"{grew:+.1%}")
+
+
+# -- log reads ------------------------------------------------------------------------------------
+
+
+def fill_log(port: int, mb: int, threads: int = 8) -> int:
+    """Requests to the hello component, each logging a ~2 KB line, until ``mb`` MB."""
+    line = b"GET /" + b"x" * 1990 + b" HTTP/1.0\r\n\r\n"
+    per = len(line) - 4 + 8                                  # "hello: " and a newline
+    total = mb * 1_000_000 // per + 1
+    left = [total]
+    lock = threading.Lock()
+    deadline = time.monotonic() + 600
+
+    def run() -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                if left[0] <= 0:
+                    return
+                left[0] -= 1
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(line)
+                    while s.recv(4096):
+                        pass
             except OSError:
-                data = b""
-            if data.startswith(b"HTTP/1.1 503"):
-                counts[3] += 1
-            elif data.startswith(b"HTTP/1.1 408"):
-                counts[4] += 1
-            closed(i, sock)
-    for s in list(socks.values()):
-        s.close()
+                with lock:
+                    left[0] += 1                             # not logged: again
+                time.sleep(0.05)
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return total * per
 
 
-# -- the measured client ---------------------------------------------------------------------
+def concurrent_reads(ctx: Ctx, path: str, n: int) -> list[tuple[int | str, int, float]]:
+    """``n`` concurrent GET ``path`` read to the end: (status, bytes, seconds) each."""
+    results: list[tuple[int | str, int, float]] = [("-", 0, 0.0)] * n
 
-
-def _read_response(s: socket.socket, buf: bytearray) -> int:
-    while b"\r\n\r\n" not in buf:
-        data = s.recv(65536)
-        if not data:
-            raise ConnectionError("closed before a response")
-        buf += data
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        k, _, v = line.partition(b":")
-        if k.strip().lower() == b"content-length":
-            length = int(v)
-    while len(rest) < length:
-        data = s.recv(65536)
-        if not data:
-            raise ConnectionError("closed in a body")
-        rest += data
-    buf[:] = rest[length:]
-    return status
-
-
-def measure(port: int, token: str, n: int, fresh: bool, pace_s: float = 0.002
-            ) -> tuple[list[float], dict[int | str, int]]:
-    """``n`` sequential GET /v1/health; latencies in ms and a count per status."""
-    req = (f"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-           f"Authorization: Bearer {token}\r\n\r\n").encode()
-    lat: list[float] = []
-    statuses: dict[int | str, int] = {}
-    s: socket.socket | None = None
-    buf = bytearray()
-    deadline = time.monotonic() + PHASE_LIMIT_S
-    for _ in range(n):
-        if time.monotonic() > deadline:
-            statuses["phase time limit"] = statuses.get("phase time limit", 0) + 1
-            break
-        t0 = time.perf_counter()
+    def one(k: int) -> None:
+        t0 = time.monotonic()
         try:
-            if s is None:
-                s = socket.create_connection(("127.0.0.1", port), timeout=10)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                buf.clear()
-            s.sendall(req)
-            status: int | str = _read_response(s, buf)
+            status, body = ctx.get(path)
+            results[k] = (status, len(body), time.monotonic() - t0)
         except OSError as exc:
-            status = type(exc).__name__
-            s = None
-        lat.append((time.perf_counter() - t0) * 1000)
-        statuses[status] = statuses.get(status, 0) + 1
-        if fresh and s is not None:
-            s.close()
-            s = None
-        time.sleep(pace_s)
-    if s is not None:
-        s.close()
-    return lat, statuses
+            results[k] = (type(exc).__name__, 0, time.monotonic() - t0)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
 
 
-def p99(xs: list[float]) -> float:
-    return statistics.quantiles(xs, n=100)[98] if len(xs) >= 100 else max(xs)
+def log_file_mb(ctx: Ctx, container: str) -> str:
+    """The size of the container's log file, as podman keeps it ("?" if it will not say)."""
+    import subprocess
+
+    out = subprocess.run(["podman", "--url", ctx.b.podman.url, "inspect", container,
+                          "--format", "{{.HostConfig.LogConfig.Path}}"],
+                         capture_output=True, text=True, timeout=60)
+    path = Path(out.stdout.strip())
+    return f"{path.stat().st_size / 1e6:.1f} MB" if path.is_file() else "? MB"
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def case_logs(ctx: Ctx) -> None:
+    a = ctx.args
+    body = {"name": "abuse-logs", "components": [{"name": "main", "image": ctx.image,
+                                                  "routes": [{"port": 8080}]}]}
+    status, answer = ctx.post("/v1/services", body)
+    assert status == 200, answer
+    deadline = time.monotonic() + 120
+    while True:
+        comp = json.loads(ctx.get("/v1/services/abuse-logs")[1])["components"][0]
+        if comp["ready"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert comp["ready"], comp
+    port = comp["routes"][0]["host_port"]
+    t0 = time.monotonic()
+    fill_log(int(port), a.log_mb)
+    took = time.monotonic() - t0
+    ctx.say(f"\n== logs: a component that wrote {log_file_mb(ctx, 'mcp-abuse-logs-main')} of "
+            f"log ({took:.0f} s to write); {a.tails} concurrent reads each")
+    idle = settle(ctx)
+    for label, path in (("whole log", "/v1/services/abuse-logs/logs"),
+                        ("?tail=10000", "/v1/services/abuse-logs/logs?tail=10000")):
+        before = settle(ctx)
+        with Peak({"agent": ctx.pid, "podman": ctx.b.podman.pid}) as peak:
+            results = concurrent_reads(ctx, path, a.tails)
+        after = settle(ctx)
+        outcome = ", ".join(f"{s} {n / 1e6:.1f} MB in {t:.1f} s" for s, n, t in results)
+        ctx.say(f"  {label}: {outcome}")
+        ctx.say(rss_line("", before, peak.peak, after))
+        ratio = peak.peak["agent"] / idle["agent"]
+        ctx.target(f"logs ({label}): agent peak RSS <= 2x idle", ratio <= 2,
+                   f"{ratio:.2f}x ({peak.peak['agent']:.0f} / {idle['agent']:.0f} MB)")
+    ctx.delete("/v1/services/abuse-logs")
 
 
-def agent_usage(pid: int) -> str:
-    threads = next((ln.split()[1] for ln in Path(f"/proc/{pid}/status").read_text()
-                    .splitlines() if ln.startswith("Threads:")), "?")
-    fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
-    return f"threads={threads} fds={fds}"
+# -- undeployed history ---------------------------------------------------------------------------
 
 
-class Series:
-    """Latencies and outcomes of one condition, pooled over the rounds."""
+def registry_figures(ctx: Ctx) -> tuple[str, int]:
+    """A line on the registry's size and deployments rows; how many services have any."""
+    db = ctx.b.state / "registry.db"
+    size = sum(p.stat().st_size for p in db.parent.glob("registry.db*"))
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        rows, services = con.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT service) FROM deployments").fetchone()
+    finally:
+        con.close()
+    return (f"registry {size / 1e6:.2f} MB, {rows} deployment rows of {services} services",
+            int(services))
 
-    def __init__(self) -> None:
-        self.keep_alive: list[float] = []
-        self.fresh: list[float] = []
-        self.statuses: dict[int | str, int] = {}
 
-    def add(self, lat: list[float], statuses: dict[int | str, int], fresh: bool) -> None:
-        (self.fresh if fresh else self.keep_alive).extend(lat)
-        for k, v in statuses.items():
-            self.statuses[k] = self.statuses.get(k, 0) + v
+def case_history(ctx: Ctx) -> None:
+    n, keep = ctx.args.services, ctx.args.keep_undeployed
+    before, figures0 = settle(ctx), registry_figures(ctx)
+    t0 = time.monotonic()
+    failures = 0
+    figures_mid = ""
+    with Peak({"agent": ctx.pid, "podman": ctx.b.podman.pid}) as peak:
+        for i in range(n):
+            for version in range(2):                      # two versions of each
+                body = {"name": f"abuse-h{i}", "components": [
+                    {"name": "main", "image": ctx.image, "env": [f"V={version}"]}]}
+                failures += ctx.post("/v1/services", body)[0] != 200
+            failures += ctx.delete(f"/v1/services/abuse-h{i}")[0] != 200
+            if i == n // 2:
+                figures_mid = registry_figures(ctx)[0]
+    after, figures1 = settle(ctx), registry_figures(ctx)
+    ctx.say(f"\n== history: {n} services deployed (2 versions each) and undeployed in "
+            f"{time.monotonic() - t0:.0f} s ({failures} calls not 200), "
+            f"history.max_undeployed_services = {keep}")
+    ctx.say(f"  before: {figures0[0]}; half-way: {figures_mid}; after: {figures1[0]}")
+    ctx.say(rss_line("", before, peak.peak, after))
+    ctx.target("history: services with history <= history.max_undeployed_services",
+               figures1[1] <= keep, f"{figures1[1]} of {n + 2}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--slots", type=int, default=1000)
+    ap.add_argument("--case", action="append", choices=CASES, help="default: all")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="baseline and attack blocks alternate this many times")
+                    help="baseline and load blocks alternate this many times")
     ap.add_argument("--requests", type=int, default=1000, help="keep-alive, per block")
     ap.add_argument("--fresh", type=int, default=100, help="fresh connections, per block")
+    ap.add_argument("--deploys", type=int, default=50, help="deploys, per block")
+    ap.add_argument("--slots", type=int, default=1000, help="slowloris connections")
     ap.add_argument("--peers", type=int, default=1,
-                    help="spread the slots over 127.0.0.2..(1+N) (default: all 127.0.0.1)")
+                    help="spread the slowloris slots over 127.0.0.2..(1+N)")
+    ap.add_argument("--held", type=int, default=1030, help="held reader connections")
+    ap.add_argument("--streams", type=int, default=1024, help="reader follow streams")
+    ap.add_argument("--methods", type=int, default=3000, help="requests of the metrics case")
+    ap.add_argument("--log-mb", type=int, default=70)
+    ap.add_argument("--tails", type=int, default=6, help="concurrent log reads")
+    ap.add_argument("--services", type=int, default=60, help="of the history case")
+    ap.add_argument("--keep-undeployed", type=int, default=20,
+                    help="history.max_undeployed_services for the agent (default 100: "
+                         "lowered so that fewer services show the bound)")
     ap.add_argument("--attacker-nice", type=int, default=19,
-                    help="the attacker's nice value (default 19: on a small machine its own "
-                         "CPU use would otherwise be measured as the agent's slowness; 0 to "
-                         "let it compete)")
+                    help="the attackers' nice value (0 to let them compete)")
     ap.add_argument("--server", action="append", default=[], metavar="KEY=VALUE",
                     help="a [server] key for the agent (default: the built-in caps)")
     args = ap.parse_args()
-    assert 1 <= args.slots <= 5000 and 1 <= args.peers <= 250 and 1 <= args.rounds <= 10
-    assert 0 <= args.attacker_nice <= 19
-    soft, hard = raise_nofile()
-    print(f"open-file limit raised to soft={soft} hard={hard} (bench process; the agent "
-          "raises its own)")
-    base, att = Series(), Series()
-    attack_s = 0.0
-    cpu = {"agent": 0.0, "attacker": 0.0, "agent (baseline)": 0.0}
-    base_s = 0.0
-    seen = [0] * 6
-    usage: list[str] = []
+    assert 1 <= args.slots <= 5000 and 1 <= args.held <= 5000 and 1 <= args.streams <= 5000
+    assert 1 <= args.peers <= 250 and 1 <= args.rounds <= 10 and 0 <= args.attacker_nice <= 19
+    assert 1 <= args.log_mb <= 500 and 1 <= args.tails <= 32 and 2 <= args.services <= 1000
+    chosen = args.chosen = args.case or list(CASES)
+    raise_nofile()
+    image = hello_image()
     extra = "".join(f"{kv}\n" for kv in args.server)
-    with bed(extra_config=f"[server]\n{extra}" if extra else "") as b:
+    config = ((f"[server]\n{extra}" if extra else "")
+              + f"[history]\nmax_undeployed_services = {args.keep_undeployed}\n")
+    with bed(extra_config=config) as b:
         b.start_agent()
-        assert b.proc is not None
-        token = (b.state / "token").read_text().strip()
-        measure(b.port, token, 200, False)                   # warm-up
-        ctx = mp.get_context("fork")
-        for _ in range(args.rounds):
-            # baseline block: nothing else connected
-            a0, t0 = cpu_s(b.proc.pid), time.monotonic()
-            for fresh, n in ((False, args.requests), (True, args.fresh)):
-                base.add(*measure(b.port, token, n, fresh), fresh)
-            cpu["agent (baseline)"] += cpu_s(b.proc.pid) - a0
-            base_s += time.monotonic() - t0
-            idle = agent_usage(b.proc.pid)
-            # attack block
-            stop = ctx.Event()
-            counts = ctx.Array("q", 6, lock=False)
-            attacker = ctx.Process(target=hold_slow, args=(b.port, args.slots, args.peers,
-                                                           args.attacker_nice, stop, counts),
-                                   daemon=True)
-            attacker.start()
-            try:
-                ramp = time.monotonic() + RAMP_LIMIT_S
-                while counts[1] < args.slots and time.monotonic() < ramp:
-                    time.sleep(0.1)
-                time.sleep(3)                                 # into the steady state
-                c0 = list(counts)
-                assert attacker.pid is not None
-                a0, x0, t0 = cpu_s(b.proc.pid), cpu_s(attacker.pid), time.monotonic()
-                for fresh, n in ((False, args.requests), (True, args.fresh)):
-                    att.add(*measure(b.port, token, n, fresh), fresh)
-                attack_s += time.monotonic() - t0
-                cpu["agent"] += cpu_s(b.proc.pid) - a0
-                cpu["attacker"] += cpu_s(attacker.pid) - x0
-                usage.append(f"idle {idle}, under attack {agent_usage(b.proc.pid)}")
-                c1 = list(counts)
-                seen = [a + c1[k] - c0[k] for k, a in enumerate(seen)]
-                seen[0] = c1[0]
-            finally:
-                stop.set()
-                attacker.join(10)
-                if attacker.is_alive() and attacker.pid is not None:
-                    attacker.kill()
-                    attacker.join()
-            time.sleep(2)  # let the agent close what the attacker left
-
-    print(f"\nagent [server] overrides: {args.server or 'none (defaults)'}")
-    print(f"attacker: {args.slots} slots from {args.peers} loopback address(es), one header "
-          f"line/s each, reconnecting 1 s after a close; nice {args.attacker_nice}")
-    print(f"  during the measurements ({attack_s:.1f} s in {args.rounds} rounds): connected "
-          f"(attacker's view, last) {seen[0]}, connects {seen[1]} ({seen[1] / attack_s:.0f}/s), "
-          f"closed by the agent {seen[2]} (503 dropped {seen[3]}, 408 deadline {seen[4]}), "
-          f"connect failures {seen[5]}")
-    print(f"  agent (last round): {usage[-1]}")
-    print(f"  CPU (share of one core): agent {cpu['agent'] / attack_s:.0%} under attack, "
-          f"{cpu['agent (baseline)'] / base_s:.0%} in the baseline; attacker "
-          f"{cpu['attacker'] / attack_s:.0%}; {os.cpu_count()} cores in all")
-    print(f"\n/v1/health p99 (ms), {args.rounds} rounds     baseline   under attack   ratio")
-    for label, b_lat, a_lat in (("keep-alive connection", base.keep_alive, att.keep_alive),
-                                ("fresh connection each", base.fresh, att.fresh)):
-        print(f"  {label:28} {p99(b_lat):9.3f}   {p99(a_lat):12.3f}   "
-              f"{p99(a_lat) / p99(b_lat):5.2f}x")
-    for label, lat in (("baseline", base.keep_alive), ("under attack", att.keep_alive)):
-        q = statistics.quantiles(lat, n=1000)
-        print(f"  keep-alive {label:13} p50 {q[499]:.3f}  p90 {q[899]:.3f}  p99 {q[989]:.3f}  "
-              f"p99.9 {q[998]:.3f} ms")
-    worst = max(att.keep_alive + att.fresh)
-    print(f"\nworst latency under attack: {worst:.1f} ms (target <= 100 ms)")
-    n503 = att.statuses.get(503, 0)
-    print(f"503s to the authenticated client: {n503} under attack, "
-          f"{base.statuses.get(503, 0)} in the baseline (target 0)")
-    other = {k: v for k, v in att.statuses.items() if k not in (200, 503)}
-    if other:
-        print(f"other non-200 outcomes under attack: {other}")
-    ratio = p99(att.keep_alive) / p99(base.keep_alive)
-    print(f"\ntargets: keep-alive p99 ratio <= 2x: {'met' if ratio <= 2 else 'NOT met'} "
-          f"({ratio:.2f}x); worst <= 100 ms: {'met' if worst <= 100 else 'NOT met'}; "
-          f"0 503s: {'met' if n503 == 0 else 'NOT met'}")
+        ctx = Ctx(b, args, image)
+        ctx.say(f"agent [server] overrides: {args.server or 'none (defaults)'}")
+        fd_check(ctx)
+        warm = request_bytes("GET", "/v1/health", ctx.operator)
+        measure(ctx.port, warm, 200, False)
+        for case in CASES:
+            if case in chosen:
+                if case in ("held", "streams"):
+                    case_reader_load(ctx, case)
+                else:
+                    globals()[f"case_{case}"](ctx)
+    print("\n".join(ctx.out))
+    print("\ntargets:")
+    for what, met, figure in ctx.targets:
+        print(f"  {what}: {'met' if met else 'NOT met'} ({figure})")
+    missed = [t for t in ctx.targets if not t[1]]
+    print(f"{len(ctx.targets) - len(missed)} of {len(ctx.targets)} met")
 
 
 if __name__ == "__main__":

@@ -447,7 +447,7 @@ class Agent:
             comp = rec.components[0]
         else:
             comp = rec.component(check_name(component, "component"))
-        cap = self.config.server.max_tail  # podman holds the whole tail in memory
+        cap = self.config.server.max_tail  # lines; server.max_log_bytes caps the bytes
         if tail is not None and not 0 <= tail <= cap:
             raise ValidationError(f"{tail} is not within 0-{cap} lines (server.max_tail)",
                                   "tail")

@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 from . import __version__, grammar, servicedef
-from .runtime import DEFAULT_RUNTIME, RUNTIME_NAMES
+from .runtimenames import DEFAULT_RUNTIME, RUNTIME_NAMES, TRAITS
 
 NAME_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
 ROUTE_NAME_PATTERN = "^[a-z0-9][a-z0-9_-]{0,31}$"
@@ -261,8 +261,10 @@ def _schemas() -> dict[str, Any]:
                                 "description": "fleet mode: served by every edge node"},
         },
     }
-    vm_memory = {"required": ["memory_mb"],
-                 "properties": {"memory_mb": {"minimum": servicedef.MIN_VM_MEMORY_MB}}}
+    # What each runtime asks of its components, as it declares it (runtimenames.Traits).
+    by_runtime = {name: t.openapi() for name, t in TRAITS.items() if t.openapi()}
+    memory_note = "; ".join(f"required, at least {t.min_memory_mb}, for a {t.kind} component"
+                            for t in TRAITS.values() if t.memory_required)
     component_def = {
         "type": "object", "additionalProperties": False, "required": ["name", "image"],
         "properties": {
@@ -281,8 +283,7 @@ def _schemas() -> dict[str, Any]:
             "restart": {"type": "string", "enum": list(servicedef.RESTART_POLICIES)},
             "runtime": {"type": "string", "enum": list(RUNTIME_NAMES)},
             "memory_mb": {"type": "integer", "minimum": 0, "maximum": servicedef.MAX_MEMORY_MB,
-                          "description": f"required, at least {servicedef.MIN_VM_MEMORY_MB}, "
-                                         "for a VM component"},
+                          "description": memory_note},
             "vcpus": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
             "binary": _text(pattern=BINARY_PATTERN),
             "image_sha256": {"type": "string", "pattern": "^$|^[0-9a-fA-F]{64}$"},
@@ -295,8 +296,8 @@ def _schemas() -> dict[str, Any]:
                       "description": "tcp and http:/path need a route to probe"},
         },
         "allOf": [
-            {"if": {"required": ["runtime"], "properties": {"runtime": {"const": "unikernel"}}},
-             "then": vm_memory},
+            *({"if": {"required": ["runtime"], "properties": {"runtime": {"const": name}}},
+               "then": fragment} for name, fragment in by_runtime.items()),
             {"if": {"required": ["check"], "properties": {"check": {"pattern": "^(?:tcp|http:)"}}},
              "then": {"required": ["routes"], "properties": {"routes": {"minItems": 1}}}},
         ],
@@ -330,9 +331,12 @@ def _schemas() -> dict[str, Any]:
                                         "(any compute node); a single node refuses any name "
                                         "but its own"},
             },
-            "if": {"required": ["runtime"], "properties": {"runtime": {"const": "unikernel"}}},
-            "then": {"properties": {"components": {"items": {
-                "if": {"not": {"required": ["runtime"]}}, "then": vm_memory}}}},
+            # A service's runtime is its components' default: each runtime's demands
+            # hold for the components that name none.
+            "allOf": [{"if": {"required": ["runtime"], "properties": {"runtime": {"const": name}}},
+                       "then": {"properties": {"components": {"items": {
+                           "if": {"not": {"required": ["runtime"]}}, "then": fragment}}}}}
+                      for name, fragment in by_runtime.items()],
         },
         "PsRow": {
             "type": "object",

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .runtimenames import TRAITS
 from .servicedef import ServiceDef
 
 COMPUTE = "compute"
@@ -45,7 +46,7 @@ def demand_of(defn: ServiceDef) -> Demand:
         return Demand(runtimes=tuple(sorted({c.runtime for c in defn.components})))
     return Demand(
         memory_mb=sum(c.memory_mb or 0 for c in defn.components),
-        vcpus=sum(c.vcpus for c in defn.components if c.runtime == "unikernel"),
+        vcpus=sum(c.vcpus for c in defn.components if TRAITS[c.runtime].counts_vcpus),
         ports=sum(len(c.routes) for c in defn.components),
         runtimes=tuple(sorted({c.runtime for c in defn.components})),
     )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .runtimenames import DEFAULT_RUNTIME, RUNTIME_NAMES, RUNTIMES
+from .runtimenames import DEFAULT_RUNTIME, RUNTIME_NAMES, RUNTIMES, TRAITS, Traits
 from .states import MISSING, RUNNING, STOPPED, State
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_RUNTIME", "LABEL_COMPONENT", "LABEL_MANAGED", "LABEL_OWNER", "LABEL_SERVICE",
     "MISSING", "RUNNING", "RUNTIMES", "RUNTIME_NAMES", "STOPPED", "Runtime", "State",
-    "Workload", "WorkloadSpec", "load_runtime", "workload_name",
+    "TRAITS", "Traits", "Workload", "WorkloadSpec", "load_runtime", "workload_name",
 ]
 
 # Label keys / values that mark a workload as the agent's own.
@@ -99,12 +99,14 @@ class Workload:
 
 
 class Runtime(ABC):
-    """One way of running a component. Subclasses set ``name`` to their RUNTIMES key.
+    """One way of running a component. Subclasses set ``traits`` to what they declare in
+    ``runtimenames`` and ``name`` to its name (their RUNTIMES key).
 
     Every implementation takes the same constructor arguments, so the agent
     builds any of them from the table.
     """
 
+    traits: ClassVar[Traits]
     name: ClassVar[str]
 
     @abstractmethod

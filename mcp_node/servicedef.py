@@ -15,7 +15,7 @@ from typing import Any
 from . import grammar, safetext
 from .errors import ValidationError
 from .grammar import MAX_STR, check_env, check_image, check_text, parse_volumes
-from .runtimenames import DEFAULT_RUNTIME, RUNTIME_NAMES
+from .runtimenames import DEFAULT_RUNTIME, OWN_KEYS, RUNTIME_NAMES, TRAITS
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ROUTE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -28,7 +28,6 @@ MAX_LIST = 256
 MAX_COMPONENTS = 64
 MAX_ROUTES = 32            # per component
 # Below this no VM builder's guest boots (QEMU failed with a 502 for memory_mb = 1).
-MIN_VM_MEMORY_MB = 64
 MAX_MEMORY_MB = 1 << 20
 
 
@@ -227,10 +226,11 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
     memory_mb: int | None = None
     if "memory_mb" in data:  # absent means unset; null is not a number (TOML has no null)
         memory_mb = check_int(data["memory_mb"], where + "memory_mb")
-    if runtime == "unikernel" and (memory_mb is None or memory_mb <= 0):
-        raise ValidationError("must be > 0 for a unikernel component", where + "memory_mb")
-    if runtime == "unikernel" and memory_mb is not None and memory_mb < MIN_VM_MEMORY_MB:
-        raise ValidationError(f"must be at least {MIN_VM_MEMORY_MB} for a unikernel "
+    traits = TRAITS[runtime]
+    if traits.memory_required and (memory_mb is None or memory_mb <= 0):
+        raise ValidationError(f"must be > 0 for a {runtime} component", where + "memory_mb")
+    if memory_mb is not None and memory_mb < traits.min_memory_mb:
+        raise ValidationError(f"must be at least {traits.min_memory_mb} for a {runtime} "
                               f"component (is {memory_mb})", where + "memory_mb")
     if memory_mb is not None and not 0 <= memory_mb <= MAX_MEMORY_MB:
         raise ValidationError(f"must be 0-{MAX_MEMORY_MB}", where + "memory_mb")
@@ -243,14 +243,15 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
     sha = _str(data.get("image_sha256", ""), where + "image_sha256", allow_empty=True).lower()
     if sha and not SHA256_RE.fullmatch(sha):
         raise ValidationError("must be 64 hex digits", where + "image_sha256")
-    if runtime != "unikernel":
-        # Keys only a VM uses would be silently ignored on a container: refuse a value
-        # that asks for something (the defaults ask for nothing, so definitions round-trip).
-        for key, value, default in (("vcpus", vcpus, 1), ("binary", binary, ""),
-                                    ("image_sha256", sha, "")):
-            if value != default:
-                raise ValidationError(f"has no effect on a {runtime} component (VMs only)",
-                                      where + key)
+    # Keys only some runtimes act on would be silently ignored by the others: refuse a
+    # value that asks for something (the defaults ask for nothing, so definitions
+    # round-trip).
+    for key, value, default in (("vcpus", vcpus, 1), ("binary", binary, ""),
+                                ("image_sha256", sha, "")):
+        if value != default and key not in traits.own_keys:
+            kinds = "/".join(f"{TRAITS[r].kind}s" for r in OWN_KEYS.get(key, ()))
+            raise ValidationError(f"has no effect on a {runtime} component ({kinds} only)",
+                                  where + key)
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list):
         raise ValidationError("must be a list of tables", where + "routes")

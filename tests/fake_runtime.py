@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from mcp_node.config import AgentConfig
 from mcp_node.errors import ImageError, MCPError, NotFoundError, ResourceError, WorkloadError
-from mcp_node.runtime import RUNTIME_NAMES, Runtime, Workload, WorkloadSpec
+from mcp_node.runtime import RUNTIME_NAMES, TRAITS, Runtime, Workload, WorkloadSpec
 from mcp_node.states import RUNNING, STOPPED
 
 Key = tuple[str, str]
@@ -47,7 +47,8 @@ class FakeWorld:
         self.clock = 1000.0
 
     def runtimes(self) -> dict[str, type[Runtime]]:
-        return {name: type(f"Dummy_{name}", (DummyRuntime,), {"name": name, "world": self})
+        return {name: type(f"Dummy_{name}", (DummyRuntime,),
+                           {"name": name, "traits": TRAITS[name], "world": self})
                 for name in RUNTIME_NAMES}
 
     def fail(self, op: str, component: str, error: MCPError | None = None) -> None:

@@ -249,15 +249,17 @@ def report_latency(ctx: Ctx, case: str, what: str, base: Series, att: Series,
                    kinds: tuple[str, ...], gate: tuple[str, ...]) -> None:
     """p99 per kind against its baseline; the targets: ratio <= 2x for ``gate`` kinds,
     worst <= 100 ms and no 503 for all."""
-    ctx.say(f"  {what} p99 (ms), {ctx.args.rounds} rounds   baseline   under load   ratio")
+    ctx.say(f"  {what} (ms), {ctx.args.rounds} rounds     p99: baseline  under load   ratio"
+            "   worst: baseline  under load")
     for kind in kinds:
         b_p, a_p = p99(base.lat[kind]), p99(att.lat[kind])
-        ctx.say(f"    {kind:28} {b_p:9.3f}   {a_p:10.3f}   {a_p / b_p:5.2f}x")
+        ctx.say(f"    {kind:28} {b_p:14.3f} {a_p:11.3f} {a_p / b_p:6.2f}x "
+                f"{max(base.lat[kind]):16.1f} {max(att.lat[kind]):11.1f}")
         if kind in gate:
             ctx.target(f"{case}: {kind} p99 ratio <= 2x", a_p / b_p <= 2, f"{a_p / b_p:.2f}x")
     worst = max(x for kind in kinds for x in att.lat[kind])
-    ctx.say(f"  worst under load: {worst:.1f} ms; 503s: {att.statuses.get(503, 0)} under "
-            f"load, {base.statuses.get(503, 0)} in the baseline")
+    ctx.say(f"  503s: {att.statuses.get(503, 0)} under load, {base.statuses.get(503, 0)} in "
+            "the baseline")
     other = {k: v for k, v in att.statuses.items() if k not in (200, 503)}
     if other:
         ctx.say(f"  other outcomes under load: {other}")

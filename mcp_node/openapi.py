@@ -21,11 +21,19 @@ _LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_PATTERN = f"^(?=.{{1,253}}\\.?$){_LABEL}(?:\\.{_LABEL})*\\.?$"
 _NO_DOTDOT = "(?!.*(?:^|/)\\.\\.(?:/|$))"
 BINARY_PATTERN = f"^$|^{_NO_DOTDOT}/[^\\u0000]*$"
-# grammar.parse_volume: no '..' segment in either path, not both ro and rw.
+# grammar.parse_volume: no '..' segment in either path, no control character, a guest
+# path that is not / (nor only slashes) and not at or under /proc, /sys or /dev, at most
+# one option of each family (ro/rw, z/Z). Rules across items (no path twice), on other
+# spellings (/./proc) and on the node (the host path existing under the volume roots)
+# are the server's alone: a 400 naming components[i].volumes[j].
+_RESERVED_GUEST = "|".join(r.lstrip("/") for r in grammar.RESERVED_GUEST)
+_ONE_OF_EACH = "".join(f"(?![^:]*:[^:]*:(?:[^,]*,)*{a},(?:[^,]*,)*{b}(?:,|$))"
+                       for family in grammar.VOLUME_OPTION_FAMILIES
+                       for a in family for b in family)
 VOLUME_PATTERN = ("^(?!(?:[^:]*/)?\\.\\.[/:])(?![^:]*:(?:[^:]*/)?\\.\\.(?:/|:|$))"
-                  "(?![^:]*:[^:]*:(?:.*,)?ro(?:,.*)?,rw(?:,|$))"
-                  "(?![^:]*:[^:]*:(?:.*,)?rw(?:,.*)?,ro(?:,|$))"
-                  + grammar.VOLUME_PATTERN[1:])
+                  "(?![^\\u0000]*[\\u0001-\\u001f\\u007f])"
+                  f"(?![^:]*:/*(?:(?:{_RESERVED_GUEST})(?:/|:|$)|:|$))"
+                  + _ONE_OF_EACH + grammar.VOLUME_PATTERN[1:])
 # httpapi.parse_count with the default server.max_tail (10000); empty means all lines.
 TAIL_PATTERN = "^(?:|(?=[0-9]{1,19}$)0*(?:[0-9]{1,4}|10000))$"
 BOOL_PATTERN = "^(?:|[01]|[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Yy][Ee][Ss]|[Nn][Oo])$"
@@ -277,9 +285,10 @@ def _schemas() -> dict[str, Any]:
             "env": _strs(_text(pattern=grammar.ENV_PATTERN, description=(
                 "KEY=VALUE; keys unique; PORT and PORT_* are the agent's"))),
             "volumes": _strs(_text(pattern=VOLUME_PATTERN, description=(
-                "/host:/guest[:ro|rw|z|Z,...]; host and guest paths unique; the host path "
-                "(symlinks resolved) must lie under [podman] volume_roots (default "
-                "<state>/volumes and /srv)"))),
+                "/host:/guest[:ro|rw|z|Z,...], at most one of ro/rw and of z/Z; guest not "
+                "/, /proc, /sys, /dev or below them; host and guest paths unique; the host "
+                "path must exist and (symlinks resolved, at deploy and at every start) lie "
+                "under [podman] volume_roots (default <state>/volumes and /srv)"))),
             "restart": {"type": "string", "enum": list(servicedef.RESTART_POLICIES)},
             "runtime": {"type": "string", "enum": list(RUNTIME_NAMES)},
             "memory_mb": {"type": "integer", "minimum": 0, "maximum": servicedef.MAX_MEMORY_MB,

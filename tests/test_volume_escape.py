@@ -350,3 +350,26 @@ def test_a_vm_boots_only_on_host_paths_that_pass(
     wait_for("the guest to boot again on its volume",
              lambda: (data / "boots").read_text().count("up") == 2)
     assert list(outside.iterdir()) == []
+
+
+def test_the_documents_volume_pattern_states_the_same_rules() -> None:
+    """Every single-item mistake above that a pattern can state is refused by the
+    OpenAPI document's pattern too, and the good forms pass it (the server is stricter
+    only across items, on other spellings and on the node)."""
+    import re
+
+    from mcp_node import openapi
+
+    pattern = openapi.VOLUME_PATTERN
+    bad = ["/a:/", "/a://", "/a:/proc", "/a:/proc/x", "/a://proc/", "/a:/dev", "/a:/dev/shm",
+           "/a:/sys", "/a:/x:z,Z", "/a:/x:Z,ro,z", "/a:/x:ro,ro", "/a:/x:rw,ro",
+           "/a:/x:Z,Z", "/a\nb:/x", "/a:/x\ny", "/a:/x\ty", "/a\x7f:/x"]
+    good = ["/srv/a:/a", "/a:/b:ro,z", "/a:/devices", "/a:/x/proc", "/a:/procx",
+            "/a:/x:rw,Z", "/srv/a/:/data/"]
+    for b in bad:
+        assert not re.search(pattern, b), repr(b)
+        with pytest.raises(ValidationError):
+            parse_volumes([b])
+    for g in good:
+        assert re.search(pattern, g), g
+        parse_volumes([g])

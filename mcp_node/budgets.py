@@ -22,7 +22,7 @@ from .errors import HTTPError
 if TYPE_CHECKING:
     from .auth import Token
     from .config import ServerConfig
-    from .server import Conn
+    from .wire import Conn
 
 IDLE_THREADS_PER_TOKEN = 4
 

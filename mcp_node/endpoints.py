@@ -10,7 +10,7 @@ from typing import Any
 
 from . import openapi
 from .errors import MCPError, ValidationError
-from .handler import SERVER_HEADER, Handler, dumps, http_date, log_safe
+from .handler import Handler
 from .httpapi import (
     END,
     ChunkPump,
@@ -25,6 +25,7 @@ from .httpapi import (
     parse_json,
 )
 from .servicedef import check_hostname, check_int, check_name, from_dict
+from .wire import SERVER_HEADER, dumps, http_date, log_safe
 
 log = logging.getLogger("mcp_node.server")
 

@@ -16,18 +16,14 @@ the traceback in the log only.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import socket
 import time
 from collections.abc import Callable
-from email.utils import formatdate
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from .auth import Token
 from .errors import ForbiddenError, HTTPError, MCPError
 from .httpapi import (
@@ -37,78 +33,34 @@ from .httpapi import (
     parse_query,
     resolve,
 )
-from .safetext import escape_char
+from .wire import (
+    HEAD_END_RE,
+    MAX_HEAD,
+    MAX_LINE,
+    REASONS,
+    SERVER_HEADER,
+    ServerSide,
+    access_line,
+    dumps,
+    error_body,
+    http_date,
+    log_safe,
+    request_line_of,
+)
 
 if TYPE_CHECKING:
-
     from .operations import Operations
-    from .server import AgentServer
 
 
 log = logging.getLogger("mcp_node.server")
 
-SERVER_HEADER = f"mcp-agent/{__version__}"
-MAX_LINE = 8192
 MAX_HEADERS = 100
-MAX_HEAD = 64 << 10
 QUIET_ROUTES = ("/v1/health", "/v1/livez", "/metrics")
-_ACCESS_FMT = "http method=%s path=%s status=%d bytes=%d ms=%.2f token=%s peer=%s"
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET_RE = re.compile(r"[!-~]+")                      # visible ASCII, no space
 _VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB (RFC 9110 §5.5)
 _HOST_RE = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*")
-HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode()
-
-
-def error_body(code: str, message: str) -> bytes:
-    return dumps({"error": {"code": code, "message": message}})
-
-
-def log_safe(text: str, limit: int = 300) -> str:
-    """``text`` cut to ``limit`` and with everything but visible ASCII as ``\\xNN``: what
-    a client sends must not put terminal escapes, NUL or fake fields in the log."""
-    text = text[:limit]
-    if text.isascii() and text.isprintable() and " " not in text and "\\" not in text:
-        return text
-    return "".join(c if "!" <= c <= "~" and c != "\\" else escape_char(c) for c in text)
-
-
-def access_line(method: str, target: str, status: int, nbytes: int, ms: float, token: str,
-                peer: str, level: int = logging.INFO) -> None:
-    """One access line per request. makeRecord + handle instead of log.info: skips the
-    caller lookup (stack walk), which cost a third of a /v1/health answer."""
-    args = (log_safe(method, 16), log_safe(target), status, nbytes, ms, token, peer)
-    log.handle(log.makeRecord(log.name, level, __file__, 0, _ACCESS_FMT, args, None, "http"))
-
-
-def request_line_of(buf: bytes | bytearray) -> tuple[str, str]:
-    """Method and target of a request head that never completed, for its access line."""
-    parts = bytes(buf.partition(b"\n")[0]).decode("latin-1").split(" ")
-    return parts[0], parts[1] if len(parts) > 1 else "-"
-
-
-def error_response(status: int, code: str, message: str) -> bytes:
-    """A whole error response that closes the connection (the intake sends these)."""
-    body = error_body(code, message)
-    return (f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\nServer: {SERVER_HEADER}"
-            f"\r\nDate: {http_date()}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
-
-
-REASONS = {s.value: s.phrase for s in HTTPStatus}
-_date_cache: list[Any] = [0, ""]
-
-
-def http_date() -> str:
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True)
-    return str(_date_cache[1])
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -119,7 +71,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = SERVER_HEADER
     timeout = None
     disable_nagle_algorithm = True
-    server: AgentServer
+    server: ServerSide  # type: ignore[assignment]  # a BaseServer that is also a ServerSide
 
     _token: Token | None = None
     _route: Route

@@ -43,20 +43,21 @@ from .budgets import Budgets
 from .config import AgentConfig
 from .endpoints import APIHandler
 from .errors import HTTPError, MCPError
-from .handler import (
-    HEAD_END_RE,
-    MAX_HEAD,
-    MAX_LINE,
-    access_line,
-    error_response,
-    request_line_of,
-)
 from .httpapi import (
     StreamPump,
     check_listen,
     tls_context,
 )
 from .metrics import Metrics
+from .wire import (
+    HEAD_END_RE,
+    MAX_HEAD,
+    MAX_LINE,
+    Conn,
+    access_line,
+    error_response,
+    request_line_of,
+)
 from .workers import Workers
 
 if TYPE_CHECKING:
@@ -79,36 +80,6 @@ BUSY_BODY = b'{"error":{"code":"busy","message":"too many open connections"}}'
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                   b"Connection: close\r\nContent-Length: %d\r\n\r\n%b"
                   % (len(BUSY_BODY), BUSY_BODY))
-
-
-class Conn:
-    """One accepted connection as the server's caps and its intake see it."""
-
-    __slots__ = ("raw", "sock", "addr", "peer", "deadline", "authenticated", "dropped",
-                 "buf", "scanned", "in_intake", "park", "drain", "drained", "handshaken",
-                 "token", "role", "held")
-
-    def __init__(self, raw: socket.socket, addr: Any, deadline: float) -> None:
-        self.raw = raw                  # as accepted (the key); ``sock`` once TLS-wrapped
-        self.sock: socket.socket = raw
-        self.addr = addr
-        self.peer = str(addr[0])
-        self.deadline = deadline        # for the next request head while unauthenticated
-        self.authenticated = False
-        self.dropped = ""               # why the server closed it ("" while it has not)
-        self.buf = bytearray()          # read but not yet parsed (the intake's or a handler's)
-        self.scanned = 0                # how far ``buf`` was searched for the head's end
-        self.in_intake = False          # owned by the intake thread (else by a worker)
-        self.park = False               # a worker hands it back to the intake
-        self.drain = False              # ... for a lingering close (see Handler.finish)
-        self.drained = 0                # bytes discarded while lingering
-        self.handshaken = False         # TLS
-        self.token = ""                 # the name of the token it counts toward (budgets)
-        self.role = ""
-        self.held = ""                  # the token a worker waits on its next request for
-
-
-# -- handler -------------------------------------------------------------------
 
 
 class AgentServer(ThreadingHTTPServer):

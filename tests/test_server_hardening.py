@@ -21,8 +21,8 @@ from live_server import auth_get, connect, deploy, fake_live, read_all, wait_unt
 from server_env import LiveServer, raw_http
 
 from mcp_node.errors import ValidationError
-from mcp_node.handler import log_safe
 from mcp_node.httpapi import ROUTES, is_ascii_digits, parse_count, parse_json
+from mcp_node.wire import log_safe
 
 
 @pytest.fixture(scope="module")

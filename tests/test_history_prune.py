@@ -127,6 +127,9 @@ def test_check_config_names_the_history_keys(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from mcp_node.agent_cli import main
+    from mcp_node.daemon import is_live
+
+    assert is_live("history.keep_undeployed_days") and is_live("history.max_undeployed_services")
 
     conf = tmp_path / "agent.toml"
     conf.write_text('[history]\nkeep_undeployed_days = -1\nmax_undeployed_services = "x"\n')

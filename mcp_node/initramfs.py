@@ -20,7 +20,7 @@ import shlex
 import shutil
 import struct
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .config import QemuConfig
 from .cpio import Cpio
@@ -321,6 +321,23 @@ def initrd_key(program: str, elf: bytes, busybox: bytes, moddir: Path) -> str:
     return h.hexdigest()[:32]
 
 
+# The guest's own files (the init, busybox and modules, acpid's power-button handler): a
+# volume on or over one hides it, and the guest cannot run its program or stop cleanly.
+OWN_GUEST_PATHS = ("/init", "/mcp", "/etc/acpid.conf", "/etc/acpi")
+
+
+def check_guest_volumes(volumes: tuple[Volume, ...], program: str | None = None) -> None:
+    """No volume on, over or under the guest's own files or the program (a file)."""
+    for i, v in enumerate(volumes):
+        guest = PurePosixPath(v.guest)
+        for own in (*OWN_GUEST_PATHS, *((program,) if program else ())):
+            path = PurePosixPath(own)
+            if path.is_relative_to(guest) or guest.is_relative_to(path):
+                what = "the program" if own == program else "the guest's own files"
+                raise ValidationError(f"{v.guest} would hide or write into {own} ({what} "
+                                      "of a Linux VM)", f"volumes[{i}]")
+
+
 class InitramfsBuilder:
     name = "initramfs"
 
@@ -333,6 +350,7 @@ class InitramfsBuilder:
             raise ValidationError(
                 f"{self.cfg.machine!r} is for the Nanos builders (ops, nanos); the initramfs "
                 "builder (a Linux guest) boots q35", "qemu.machine")
+        check_guest_volumes(volumes)
 
     def available(self) -> tuple[bool, str]:
         kernel, why = find_kernel(self.cfg)
@@ -350,6 +368,7 @@ class InitramfsBuilder:
 
     def build(self, req: BuildRequest, out: Path) -> BootPlan:
         self.check(req.volumes)
+        check_guest_volumes(req.volumes, req.program)
         kernel, why = find_kernel(self.cfg)
         if kernel is None:
             raise ImageError(f"initramfs builder: no {why}")

@@ -373,3 +373,25 @@ def test_the_documents_volume_pattern_states_the_same_rules() -> None:
     for g in good:
         assert re.search(pattern, g), g
         parse_volumes([g])
+
+
+@pytest.mark.parametrize(("guest", "words"), [
+    ("/mcp", "/mcp"), ("/mcp/bin", "/mcp"), ("/etc", "/etc/acpid.conf"),
+    ("/etc/acpi", "/etc/acpi"), ("/usr", "/usr/local/bin/hello"),
+    ("/usr/local/bin/hello", "/usr/local/bin/hello"),
+])
+def test_a_linux_vm_refuses_a_volume_over_its_own_files_or_the_program(
+        guest: str, words: str) -> None:
+    """A volume on /mcp hid the init's busybox and modules (the guest never ran its
+    program), one on /etc the power button's handler (no clean stop), one over the
+    program the program."""
+    from mcp_node.config import QemuConfig
+    from mcp_node.initramfs import InitramfsBuilder, check_guest_volumes
+
+    vols = parse_volumes(["/srv/ok:/data", f"/srv/x:{guest}"])
+    with pytest.raises(ValidationError, match=words) as err:
+        InitramfsBuilder(QemuConfig(machine="q35")).check(vols)
+        check_guest_volumes(vols, "/usr/local/bin/hello")
+    assert err.value.field == "volumes[1]"
+    check_guest_volumes(parse_volumes(["/srv/ok:/data", "/srv/x:/etc/app"]),
+                        "/usr/local/bin/hello")

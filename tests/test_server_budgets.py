@@ -242,6 +242,39 @@ def test_idle_authenticated_connections_time_out(tmp_path: Path) -> None:
         close_all(socks)
 
 
+def test_a_parked_authenticated_connection_has_a_header_deadline(tmp_path: Path) -> None:
+    """Back in the intake an idle connection waits up to server.idle_timeout_s; once a
+    head begins it has server.header_timeout_s, as on a worker."""
+    with fake_live(tmp_path, header_timeout_s=0.5) as live:
+        socks, _ = held_readers(live, IDLE_THREADS_PER_TOKEN + 1)
+        last = socks[-1]  # past the few a worker waits on: in the intake
+        last.sendall(b"GET /v1/health HTTP/1.1\r\n")
+        data = read_all(last)
+        assert data.startswith(b"HTTP/1.1 408 ")
+        assert b"within 0.5 s (server.header_timeout_s)" in data
+        assert all(status_of_next(s, live) == 200 for s in socks[:-1])
+        close_all(socks)
+
+
+def test_parked_authenticated_tls_connections_are_served_again(tmp_path: Path) -> None:
+    import ssl
+
+    from live_server import self_signed
+
+    cert, key = self_signed(tmp_path)
+    with fake_live(tmp_path, tls_cert=cert, tls_key=key) as live:
+        ctx = ssl.create_default_context(cafile=cert)
+        conns = [ctx.wrap_socket(connect(live), server_hostname="127.0.0.1")
+                 for _ in range(IDLE_THREADS_PER_TOKEN + 3)]
+        for _ in range(3):  # each round, the last three wait in the intake between requests
+            assert [status_of_next(t, live) for t in conns] == [200] * len(conns)
+        conns[-1].sendall(auth_get(live, "/v1/health", "reader")  # pipelined
+                          + auth_get(live, "/v1/health", "reader", b"Connection: close\r\n"))
+        assert read_all(conns[-1]).count(b"HTTP/1.1 200 OK") == 2
+        close_all(list(conns))
+        wait_until(lambda: live.server.open_connections == 0, "all released")
+
+
 def test_budget_keys_are_checked() -> None:
     with pytest.raises(ValidationError, match="server.reserved_for_operators"):
         config_from_dict({"server": {"max_connections": 10, "reserved_for_operators": 10}})

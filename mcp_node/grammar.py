@@ -238,10 +238,11 @@ def resolve_volumes(volumes: Iterable[Volume], roots: Sequence[str],
     and to be no other volume's directory; else a HostPathError naming ``field[j]``.
 
     Called at deploy and again right before every container create or start and VM
-    boot, and the resolved path is what podman or qemu is given: a symlink swapped in
-    since (by a workload that can write a parent directory) cannot redirect the mount.
-    A root token would otherwise mount ``/`` or ``/etc`` read-write into a container
-    running as root."""
+    boot, and the resolved path is what podman or qemu is given, so what is mounted is
+    the directory checked, whatever the definition's symlinks point at later; only a
+    swap of a directory on the resolved path itself between this check and the mount
+    is not seen (podman's next start checks its bind sources again). A root token would
+    otherwise mount ``/`` or ``/etc`` read-write into a container running as root."""
     seen: dict[str, int] = {}
     out = []
     for j, v in enumerate(volumes):

@@ -126,7 +126,7 @@ def test_every_agent_log_line_has_its_control_characters_escaped(
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
     root = logging.getLogger()
-    saved = root.handlers[:], root.level
+    saved_handlers, saved_level = root.handlers[:], root.level
     try:
         setup_logging("info")
         assert isinstance(root.handlers[0].formatter, KeyValueFormatter)
@@ -137,7 +137,8 @@ def test_every_agent_log_line_has_its_control_characters_escaped(
         except WorkloadError:
             log.exception("deploy failed")
     finally:
-        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
     out = err.getvalue()
     lines = out.splitlines()
     assert lines[0].endswith(f"logger=mcp_node.test volume {SHOWN} refused")

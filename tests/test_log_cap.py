@@ -21,10 +21,13 @@ import pytest
 from daemon_env import Daemon
 from podman_env import containers_conf
 
+from mcp_node import podman as podman_mod
 from mcp_node.client import Client
 from mcp_node.errors import MCPError
 from mcp_node.files import read_cmdline
 from mcp_node.logtail import notice
+from mcp_node.podman import PodmanRuntime
+from mcp_node.runtime import WorkloadSpec
 from mcp_node.vmstate import VMDir, read_console
 
 CAP = 1 << 20
@@ -81,8 +84,11 @@ def test_reads_of_a_big_container_log_are_capped_and_streamed(
     name = f"big{uuid.uuid4().hex[:6]}"
     script = (f'awk \'BEGIN {{ for (i = 0; i < {LINES}; i++) printf "%07d {PAD}\\n", i }}\'; '
               "echo END; exec sleep 600")
-    client.post("/v1/services", {"name": name, "components": [
-        {"name": "web", "image": busybox_image, "cmd": ["sh", "-c", script]}]})
+    try:
+        client.post("/v1/services", {"name": name, "components": [
+            {"name": "web", "image": busybox_image, "cmd": ["sh", "-c", script]}]})
+    except MCPError as exc:
+        pytest.fail(f"deploy: {exc}\n{d.log()[-4000:]}")
     deadline = time.monotonic() + 180
     while True:                                   # the whole log is written
         try:
@@ -149,3 +155,25 @@ def test_a_big_serial_console_is_read_from_its_end(tmp_path: Path) -> None:
     assert whole.endswith(b"new 0059999 " + PAD.encode() + b"\n") and b"\r" not in whole
     assert tailed == b"".join(b"new %07d %s\n" % (i, PAD.encode()) for i in (59998, 59999))
     assert peak < 4 * CAP, peak                    # the answers themselves, not the file
+
+
+def test_a_log_only_podman_can_read_keeps_the_last_cap_bytes(
+        podman_runtime: PodmanRuntime, busybox_image: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """journald, or a file the agent may not open: podman is asked, and the agent keeps
+    only the newest ``max_bytes`` of its answer (podman's own memory is not bounded)."""
+    monkeypatch.setattr(podman_mod, "k8s_log_path", lambda attrs: None)
+    spec = WorkloadSpec(service=f"t{uuid.uuid4().hex[:8]}", component="web",
+                        image=busybox_image, stop_timeout_s=1, cmd=("sh", "-c", (
+                            f'awk \'BEGIN {{ for (i = 0; i < 5000; i++) printf "%07d {PAD}\\n",'
+                            " i }'; echo END; exec sleep 600")))
+    podman_runtime.run(spec)
+    deadline = time.monotonic() + 60
+    while b"".join(podman_runtime.logs(spec.service, "web", tail=1)) != b"END\n":
+        assert time.monotonic() < deadline, "the container did not write its log in time"
+        time.sleep(0.2)
+    cap = 64 << 10
+    out = b"".join(podman_runtime.logs(spec.service, "web", max_bytes=cap))
+    assert len(out) <= cap and out.startswith(notice(cap)) and out.endswith(line(4999) + b"END\n")
+    assert b"".join(podman_runtime.logs(spec.service, "web", tail=2, max_bytes=cap)) == \
+        line(4999) + b"END\n"

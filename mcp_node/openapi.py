@@ -210,7 +210,9 @@ def _paths() -> dict[str, dict[str, Any]]:
              "content": {"text/plain": {"schema": {"type": "string"}}}})},
         "/v1/services/{name}/logs": {"get": _op(
             "Logs", "Log output of the service's components", "reader",
-            {"description": "Log text; chunked when following",
+            {"description": "Log text, chunked: at most tail lines and server.max_log_bytes "
+                            "bytes, the newest; when the byte cap cut earlier output, a first "
+                            "line says so",
              "content": {"text/plain": {"schema": {"type": "string"}}}},
             params=[NAME_PARAM, *LOG_PARAMS], errors=_SERVICE_ERRORS)},
         "/v1/edge-routes": {

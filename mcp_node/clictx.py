@@ -153,46 +153,33 @@ class RemoteBackend:
                                f"{role} --output FILE` and pass --token-file FILE")
         return exc
 
-    def _call(self, op: str, *args: Any) -> Any:
+    def _call(self, name: str, *args: Any) -> Any:
+        """The operation's request, as ``optable`` declares where each argument goes."""
         from urllib.parse import quote
 
-        c = self.client
-        q = [quote(str(a), safe="") for a in args]
-        if op == "deploy":
-            return c.post("/v1/services", args[0])
-        if op in ("stop", "start", "restart"):
-            body = {k: v for k, v in (("component", args[1] if len(args) > 1 else None),
-                                      ("timeout", args[2] if len(args) > 2 else None))
-                    if v is not None}
-            return c.post(f"/v1/services/{q[0]}/{op}", body)
-        if op == "undeploy":
-            return c.delete(f"/v1/services/{q[0]}")
-        if op == "ps":
-            return c.get("/v1/services")
-        if op == "status":
-            return c.get(f"/v1/services/{q[0]}")
-        if op == "health":
-            return c.get("/v1/health")
-        if op == "history":
-            return c.get(f"/v1/services/{q[0]}/history")
-        if op == "progress":
-            return self.side.get(f"/v1/services/{q[0]}/progress")
-        if op == "events":
-            return c.get("/v1/events", params={"service": args[0], "tail": args[1]})
-        if op == "rollback":
-            return c.post(f"/v1/services/{q[0]}/rollback",
-                          {} if args[1] is None else {"version": args[1]})
-        if op == "edge_list":
-            return c.get("/v1/edge-routes")
-        if op == "edge_setup":
-            return c.post("/v1/edge-routes", args[0])
-        if op == "edge_remove":
-            return c.delete(f"/v1/edge-routes/{q[0]}")
-        if op == "nodes":
-            return c.get("/v1/nodes")
-        if op in ("drain", "uncordon"):
-            return c.post(f"/v1/nodes/{q[0]}/{op}")
-        raise AssertionError(op)
+        from .optable import BY_CLI, bind
+
+        op = BY_CLI[name]
+        kwargs = bind(op, args)
+        path, query, body, whole = op.path, {}, {}, None
+        for a in op.args:
+            value = kwargs.get(a.name)
+            if a.where == "path":
+                path = path.replace("{" + a.name + "}", quote(str(value), safe=""))
+            elif value is None:         # absent: the agent's default
+                continue
+            elif a.where == "query":
+                query[a.name] = value
+            elif a.where == "body":
+                body[a.name] = value
+            else:
+                whole = value
+        client = self.side if op.side else self.client
+        if op.verb == "GET":
+            return client.get(path, params=query or None)
+        if op.verb == "DELETE":
+            return client.delete(path)
+        return client.post(path, body if whole is None else whole)
 
     def logs(self, service: str, component: str | None, tail: int | None,
              follow: bool) -> Iterator[bytes]:
@@ -224,42 +211,23 @@ class LocalBackend:
         self.node = agent.node
         self.named = False
 
-    def call(self, op: str, *args: Any) -> Any:
-        from .servicedef import from_dict
+    def call(self, name: str, *args: Any) -> Any:
+        """The operation in-process: the same table, arguments and answer as over HTTP."""
+        from .opdecode import KINDS, SPREAD
+        from .optable import BY_CLI, answer, bind
 
-        a = self.agent
-        if op == "deploy":
-            return a.deploy(from_dict(args[0]))
-        if op == "undeploy":
-            a.undeploy(args[0])
-            return {"service": args[0], "undeployed": True}
-        if op == "status":
-            return a.status(args[0])
-        if op == "start":
-            return a.start(args[0], args[1] if len(args) > 1 else None)
-        if op in ("stop", "restart"):
-            kw = {"timeout": args[2]} if len(args) > 2 and args[2] is not None else {}
-            return getattr(a, op)(args[0], args[1] if len(args) > 1 else None, **kw)
-        if op in ("ps", "health"):
-            return getattr(a, op)()
-        if op == "history":
-            return a.history(args[0])
-        if op == "progress":
-            return a.progress_of(args[0])
-        if op == "events":
-            return a.events(args[0], args[1])
-        if op == "rollback":
-            return a.rollback(args[0], args[1])
-        if op == "edge_list":
-            return a.edge_list()
-        if op == "edge_setup":
-            return a.edge_setup(**args[0])
-        if op == "edge_remove":
-            a.edge_remove(args[0])
-            return {"hostname": args[0], "removed": True}
-        if op in ("nodes", "drain", "uncordon"):
-            return getattr(a, op)(*args)
-        raise AssertionError(op)
+        op = BY_CLI[name]
+        kwargs: dict[str, Any] = {}
+        for a, value in bind(op, args).items():
+            arg = next(x for x in op.args if x.name == a)
+            if value is None:               # absent: the method's default
+                continue
+            checked = KINDS[arg.kind](value, arg.name)
+            if arg.kind in SPREAD:
+                kwargs.update(checked)
+            else:
+                kwargs[arg.name] = checked
+        return answer(op, kwargs, getattr(self.agent, op.call)(**kwargs))
 
     def logs(self, service: str, component: str | None, tail: int | None,
              follow: bool) -> Iterator[bytes]:

@@ -1,15 +1,15 @@
-"""The API's endpoints: one ``h_<name>`` method per route of ``httpapi.ROUTES``,
-on top of the connection handling in ``handler``."""
+"""The API's endpoints, on top of the connection handling in ``handler``: ``h_call``
+serves every operation of ``optable.OPS`` from its declared arguments; streams, the
+cached health answer and the server's own documents have an ``h_<name>`` of their own."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from . import openapi
-from .errors import MCPError, ValidationError
+from .errors import MCPError
 from .handler import Handler
 from .httpapi import (
     END,
@@ -18,13 +18,13 @@ from .httpapi import (
     StreamPump,
     client_gone,
     close_iterator,
-    edge_setup_args,
     hangup_poller,
     parse_bool,
     parse_count,
-    parse_json,
 )
-from .servicedef import check_hostname, check_int, check_name, from_dict
+from .opdecode import decode
+from .optable import answer
+from .servicedef import check_name
 from .wire import SERVER_HEADER, dumps, http_date, log_safe
 
 log = logging.getLogger("mcp_node.server")
@@ -33,25 +33,6 @@ log = logging.getLogger("mcp_node.server")
 FOLLOW_HEADERS_AFTER_S = 1.0
 HANGUP_CHECK_S = 0.5          # a follow stream notices its client gone within about this
 
-
-MAX_EVENTS = 10000
-
-
-def lifecycle_args(data: object, op: str) -> dict[str, Any]:
-    """The optional body of stop/start/restart: ``{"component": NAME, "timeout": S}``."""
-    allowed = {"component"} | ({"timeout"} if op != "start" else set())
-    if not isinstance(data, dict) or set(data) - allowed:
-        raise ValidationError(f"expected {{}} or an object with {', '.join(sorted(allowed))}",
-                              "body")
-    out: dict[str, Any] = {}
-    if "component" in data:  # null is no name: refused like any other non-string
-        out["component"] = check_name(data["component"], "component")
-    if "timeout" in data:
-        t = data["timeout"]
-        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 3600:
-            raise ValidationError("must be a number of seconds, 0-3600", "timeout")
-        out["timeout"] = float(t)
-    return out
 
 
 class APIHandler(Handler):
@@ -66,54 +47,22 @@ class APIHandler(Handler):
             last = self.server.health_cache = (data, dumps(data))
         self._send(200, last[1])
 
+    def h_call(self, params: Params, query: dict[str, str], body: bytes) -> None:
+        """Every operation without an endpoint of its own (``optable``)."""
+        op = self._route.op
+        kwargs = decode(op, params, query, body)
+        self._send_json(answer(op, kwargs, getattr(self.agent, op.call)(**kwargs)))
+
     def h_openapi(self, params: Params, query: dict[str, str], body: bytes) -> None:
         self._send(200, openapi.document_bytes())
 
-    def h_ps(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.ps())
-
-    def h_status(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.status(check_name(params["name"], "name")))
-
-    def h_deploy(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        defn = from_dict(parse_json(body))
-        self._send_json(self.agent.deploy(defn))
-
-    def h_lifecycle(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        name = check_name(params["name"], "name")
-        op = self._route.template.rsplit("/", 1)[1]  # the raw path may be %-encoded
-        args = lifecycle_args(parse_json(body) if body.strip() else {}, op)
-        fn = {"stop": self.agent.stop, "start": self.agent.start,
-              "restart": self.agent.restart}[op]
-        self._send_json(fn(name, **args))
-
-    def h_history(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.history(check_name(params["name"], "name")))
-
-    def h_progress(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.progress_of(check_name(params["name"], "name")))
-
-    def h_rollback(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        name = check_name(params["name"], "name")
-        data = parse_json(body) if body.strip() else {}
-        if not isinstance(data, dict) or set(data) - {"version"}:
-            raise ValidationError('expected {} or {"version": N}', "body")
-        version = check_int(data["version"], "version") if "version" in data else None
-        if version is not None and not 1 <= version <= 1 << 31:
-            raise ValidationError(f"must be an integer 1-{1 << 31}", "version")
-        self._send_json(self.agent.rollback(name, version))
-
     def h_events(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        service = query.get("service") or None
-        if service is not None:
-            check_name(service, "service")
-        tail = parse_count(query["tail"], "tail", MAX_EVENTS, " events") \
-            if query.get("tail") else None
+        kwargs = decode(self._route.op, params, query, body)
         if parse_bool(query.get("follow", ""), "follow"):
-            opened = self.agent.event_stream(service, 10 if tail is None else tail)
+            opened = self.agent.event_stream(**kwargs)
             self._follow_stream(lambda: opened, "application/x-ndjson")
             return
-        self._send_json(self.agent.events(service, 100 if tail is None else tail))
+        self._send_json(self.agent.events(**kwargs))
 
     def h_livez(self, params: Params, query: dict[str, str], body: bytes) -> None:
         self._send_json({"status": "up"})
@@ -122,11 +71,6 @@ class APIHandler(Handler):
         from .metrics import CONTENT_TYPE, render
 
         self._send(200, render(self.server.metrics), CONTENT_TYPE)
-
-    def h_undeploy(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        name = check_name(params["name"], "name")
-        self.agent.undeploy(name)
-        self._send_json({"service": name, "undeployed": True})
 
     def h_logs(self, params: Params, query: dict[str, str], body: bytes) -> None:
         name = check_name(params["name"], "name")
@@ -210,25 +154,3 @@ class APIHandler(Handler):
         if chunked:
             self._write(b"0\r\n\r\n")
             self.close_connection = False
-
-    def h_nodes(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.nodes())
-
-    def h_drain(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.drain(check_name(params["node"], "node")))
-
-    def h_uncordon(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.uncordon(check_name(params["node"], "node")))
-
-    def h_edge_list(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        self._send_json(self.agent.edge_list())
-
-    def h_edge_setup(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        hostname, backend, port, tls = edge_setup_args(parse_json(body))
-        self._send_json(self.agent.edge_setup(hostname, backend, port, tls))
-
-    def h_edge_remove(self, params: Params, query: dict[str, str], body: bytes) -> None:
-        hostname = check_hostname(params["hostname"], "hostname")
-        self.agent.edge_remove(hostname)
-        self._send_json({"hostname": hostname, "removed": True})
-

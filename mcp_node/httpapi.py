@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, unquote
 
 from .config import AgentConfig
 from .errors import HTTPError, ValidationError
+from .optable import OPS, Op
 from .safetext import loads_json
 from .servicedef import check_hostname, check_int
 
@@ -99,10 +100,11 @@ Params = dict[str, str]
 
 
 class Route:
-    __slots__ = ("method", "template", "segments", "role", "handler", "query")
+    __slots__ = ("method", "template", "segments", "role", "handler", "query", "op")
 
     def __init__(self, method: str, template: str, role: str | None, handler: str,
-                 query: tuple[str, ...] = ()) -> None:
+                 query: tuple[str, ...] = (), op: Op | None = None) -> None:
+        self.op: Op = op or Op(handler, method, template, role, handler=handler)
         self.method = method
         self.template = template
         self.segments = template.strip("/").split("/")
@@ -122,31 +124,12 @@ class Route:
         return params
 
 
-ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/health", "reader", "h_health"),
-    Route("GET", "/v1/openapi.json", None, "h_openapi"),
-    Route("GET", "/v1/services", "reader", "h_ps"),
-    Route("POST", "/v1/services", "operator", "h_deploy"),
-    Route("GET", "/v1/services/{name}", "reader", "h_status"),
-    Route("DELETE", "/v1/services/{name}", "operator", "h_undeploy"),
-    Route("POST", "/v1/services/{name}/stop", "operator", "h_lifecycle"),
-    Route("POST", "/v1/services/{name}/start", "operator", "h_lifecycle"),
-    Route("POST", "/v1/services/{name}/restart", "operator", "h_lifecycle"),
-    Route("GET", "/v1/services/{name}/logs", "reader", "h_logs",
-          query=("component", "tail", "follow")),
-    Route("GET", "/v1/services/{name}/history", "reader", "h_history"),
-    Route("POST", "/v1/services/{name}/rollback", "operator", "h_rollback"),
-    Route("GET", "/v1/services/{name}/progress", "reader", "h_progress"),
-    Route("GET", "/v1/events", "reader", "h_events", query=("service", "tail", "follow")),
-    Route("GET", "/v1/livez", None, "h_livez"),
-    Route("GET", "/metrics", "reader", "h_metrics"),
-    Route("GET", "/v1/edge-routes", "reader", "h_edge_list"),
-    Route("POST", "/v1/edge-routes", "master", "h_edge_setup"),
-    Route("DELETE", "/v1/edge-routes/{hostname}", "master", "h_edge_remove"),
-    Route("GET", "/v1/nodes", "reader", "h_nodes"),
-    Route("POST", "/v1/nodes/{node}/drain", "master", "h_drain"),
-    Route("POST", "/v1/nodes/{node}/uncordon", "master", "h_uncordon"),
-)
+# Every route, from the one table (optable): its query keys are its query arguments
+# and whatever else it declares.
+ROUTES: tuple[Route, ...] = tuple(
+    Route(op.verb, op.path, op.role, op.handler,
+          tuple(a.name for a in op.args if a.where == "query") + op.query, op)
+    for op in OPS)
 
 _STATIC: dict[str, dict[str, Route]] = {}
 for _r in ROUTES:

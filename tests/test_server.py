@@ -70,7 +70,8 @@ def test_serve_refuses_non_loopback_without_tls(podman_config: AgentConfig) -> N
 
 def test_resolve_routes() -> None:
     route, params = resolve("GET", "/v1/services/web")
-    assert route.handler == "h_status" and params == {"name": "web"}
+    assert (route.op.op_id, route.op.call) == ("ServiceStatus", "status")
+    assert params == {"name": "web"}
     route, params = resolve("POST", "/v1/services/web/restart")
     assert route.role == "operator" and params == {"name": "web"}
     with pytest.raises(MCPError) as exc:

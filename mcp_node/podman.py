@@ -51,14 +51,16 @@ from podman.errors import PodmanError
 from .config import AgentConfig
 from .errors import (
     ConflictError,
+    HostPathError,
     ImageError,
     MCPError,
     NotFoundError,
     RuntimeUnavailable,
     WorkloadError,
 )
-from .grammar import parse_volumes, resolve_volumes, volume_roots, within_roots
+from .grammar import parse_volumes, resolve_volumes, volume_roots
 from .logtail import LogTail, keep_last
+from .mounts import Ident, mounted_ident, moved_source, path_ident
 from .podman_logs import (
     LogStream,
     RawAdapter,
@@ -76,7 +78,7 @@ from .podman_service import (
 )
 from .podmanargs import (
     RUNTIME_NAME,
-    bind_sources,
+    bind_mounts,
     client_mistake,
     create_kwargs,
     create_payload,
@@ -356,9 +358,10 @@ class PodmanRuntime(Runtime):
 
         The volumes' host paths are resolved and checked against the roots now, and
         podman is given the resolved paths (HostPathError, with nothing changed, when
-        one is missing or escapes)."""
+        one is missing or escapes); they are checked again once it started."""
         name = spec.name
         volumes = resolve_volumes(parse_volumes(spec.volumes), self.volume_roots)
+        checked = [(v.guest, path_ident(v.host)) for v in volumes]
         payload = create_payload(create_kwargs(spec, self.owner, volumes))
         try:
             self._create(spec, payload)
@@ -379,6 +382,8 @@ class PodmanRuntime(Runtime):
                 self._delete(name)   # no half state: a created but unstartable container
             raise WorkloadError(f"podman start {name}: {message}")
         attrs = self._inspect_raw(name)
+        if attrs is not None and checked:
+            self._check_started(name, attrs, checked, remove=True)
         workload = workload_from_inspect(attrs) if attrs else None
         if workload is None:
             raise WorkloadError(f"podman: container {name} vanished right after start")
@@ -413,28 +418,45 @@ class PodmanRuntime(Runtime):
         attrs = self._owned(name)
         if attrs is None or not self._mounts_hold(name, attrs):
             return False
+        checked = [(guest, path_ident(host)) for host, guest in bind_mounts(attrs)]
         log.info("podman: start %s", name)
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
             raise WorkloadError(f"podman start {name}: {response_message(resp)}")
+        started = self._inspect_raw(name) if checked else None
+        if started is not None:
+            self._check_started(name, started, checked, remove=False)
         return True
 
     def _mounts_hold(self, name: str, attrs: dict[str, Any]) -> bool:
-        """podman resolves a bind source again at every start, so a source that has
-        become a symlink (a workload that can write its parent swapped it) or left the
-        roots must not be started as it is."""
-        for source in bind_sources(attrs):
-            try:
-                real = os.path.realpath(source, strict=True)
-            except (OSError, ValueError) as exc:
-                log.warning("podman: %s: bind source %s: %s; not starting it as it is",
-                            name, source, exc)
-                return False
-            if real != source or not within_roots(real, self.volume_roots):
-                log.warning("podman: %s: bind source %s now resolves to %s; not starting "
-                            "it as it is", name, source, real)
-                return False
-        return True
+        """podman resolves a bind source again at every start, so a container whose
+        source has moved must not be started as it is."""
+        moved = moved_source((host for host, _ in bind_mounts(attrs)), self.volume_roots)
+        if moved:
+            log.warning("podman: %s: bind source %s; not starting it as it is", name, moved)
+        return not moved
+
+    def _check_started(self, name: str, attrs: dict[str, Any],
+                       checked: builtins.list[tuple[str, Ident | None]], remove: bool) -> None:
+        """Right after the start, what the container has on each guest path must be the
+        directory checked before it: runc follows a directory on the path swapped for a
+        symlink in between. Then the container is stopped (a new one removed) at once:
+        detected, not prevented, it ran for that moment. A container that has exited, or
+        a guest path through a symlink in the image, cannot be looked at and passes."""
+        pid = int((attrs.get("State") or {}).get("Pid") or 0)
+        for guest, want in checked:
+            got = mounted_ident(pid, guest) if pid and want else None
+            if got is None or got == want:
+                continue
+            log.error("podman: %s: %s is not the directory checked before the start; "
+                      "stopping it", name, guest)
+            with contextlib.suppress(WorkloadError):
+                self._stop(name, 0)
+                if remove:
+                    self._delete(name)
+            raise HostPathError(f"{guest} in {name} is not the host directory checked before "
+                                "the start (a directory on its host path was swapped while "
+                                "it started); stopped it", "volumes")
 
     def remove(self, service: str, component: str, timeout: float = 10.0) -> None:
         name = workload_name(service, component)

@@ -57,9 +57,10 @@ def binds(volumes: tuple[Volume, ...]) -> dict[str, dict[str, Any]]:
     return {v.host: {"bind": v.guest, "extended_mode": list(v.options)} for v in volumes}
 
 
-def bind_sources(attrs: Mapping[str, Any]) -> list[str]:
-    """The host paths of a container's bind mounts, from its inspect data."""
-    return [str(m.get("Source", "")) for m in attrs.get("Mounts") or []
+def bind_mounts(attrs: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(host path, guest path) of a container's bind mounts, from its inspect data."""
+    return [(str(m.get("Source", "")), str(m.get("Destination", "")))
+            for m in attrs.get("Mounts") or []
             if isinstance(m, Mapping) and m.get("Type") == "bind"]
 
 

@@ -39,6 +39,7 @@ from .builders import choose_builder
 from .config import AgentConfig
 from .errors import (
     ConflictError,
+    HostPathError,
     ImageError,
     NotFoundError,
     ResourceError,
@@ -49,6 +50,7 @@ from .errors import (
 from .grammar import Volume, parse_volumes, resolve_volumes, volume_roots
 from .initramfs import find_busybox, find_kernel
 from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
+from .mounts import moved_source
 from .qemuargs import VMParams, mac_for, qemu_argv
 from .runtime import Runtime, Workload, WorkloadSpec
 from .servicedef import SHA256_RE, check_name
@@ -369,6 +371,14 @@ class QemuRuntime(Runtime):
         if pid is None:
             raise WorkloadError(f"qemu for {d.name} exited right after starting; "
                                 f"see {d.console}")
+        # qemu has opened its 9p shares by the time it daemonised: one swapped after the
+        # check above was followed, so the VM goes at once (detected, not prevented).
+        moved = moved_source((v.host for v in boot.volumes), self.volume_roots)
+        if moved:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise HostPathError(f"volume host path {moved} changed while {d.name} started "
+                                "(a directory on it was swapped); killed it", "volumes")
         if paused:
             try:
                 if isinstance(digest[0], BaseException):

@@ -395,3 +395,91 @@ def test_a_linux_vm_refuses_a_volume_over_its_own_files_or_the_program(
     assert err.value.field == "volumes[1]"
     check_guest_volumes(parse_volumes(["/srv/ok:/data", "/srv/x:/etc/app"]),
                         "/usr/local/bin/hello")
+
+
+# -- the window between the check and the mount -----------------------------------------
+
+def test_a_swap_between_the_check_and_the_mount_stops_the_container_at_once(
+        podman_runtime: Any, busybox_image: str, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A workload that can write a volume's parent swaps the checked directory for a
+    symlink after the create and before podman's start (runc follows it): the agent
+    checks the sources again right after the start, stops and removes the container and
+    refuses the run. Detected, not prevented: the container ran for that moment."""
+    from mcp_node.runtime import WorkloadSpec
+
+    data, outside = tmp_path / "data", tmp_path_factory.mktemp("outside")
+    data.mkdir()
+    spec = WorkloadSpec(service=f"win{uuid.uuid4().hex[:6]}", component="c",
+                        image=busybox_image,
+                        cmd=("sh", "-c", "trap 'exit 0' TERM; /bin/busybox sleep 600 & wait"),
+                        volumes=(f"{data}:/data",))
+    real_create = podman_runtime._create
+
+    def create_then_swap(spec: WorkloadSpec, payload: dict[str, Any]) -> None:
+        real_create(spec, payload)
+        data.rename(tmp_path / "moved")
+        data.symlink_to(outside)
+
+    podman_runtime._create = create_then_swap
+    with pytest.raises(HostPathError, match="not the host directory checked") as err:
+        podman_runtime.run(spec)
+    assert "/data in mcp-" in str(err.value) and err.value.field == "volumes"
+    assert podman_runtime.inspect(spec.service, spec.component) is None
+
+    # An existing container: the same check after podman's start.
+    podman_runtime._create = real_create
+    data.unlink()
+    (tmp_path / "moved").rename(data)
+    podman_runtime.run(spec)
+    podman_runtime.stop(spec.service, spec.component, 5)
+    real_request = podman_runtime._request
+
+    def swap_before_start(method: str, path: str, what: str, **kw: Any) -> Any:
+        if path.endswith("/start") and not data.is_symlink():
+            data.rename(tmp_path / "moved")
+            data.symlink_to(outside)
+        return real_request(method, path, what, **kw)
+
+    podman_runtime._request = swap_before_start
+    with pytest.raises(HostPathError, match="not the host directory checked"):
+        podman_runtime.start(spec.service, spec.component)
+    podman_runtime._request = real_request
+    w = podman_runtime.inspect(spec.service, spec.component)
+    assert w is not None and w.state == "stopped"
+
+
+def test_a_swap_while_qemu_starts_kills_the_vm_at_once(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, busybox_image: str,
+        vm_reaper: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same window for a VM: the volume's directory swapped after the boot-time check
+    and before qemu opened it. qemu has opened its shares when it daemonises, so the
+    paths are checked again then and the VM is killed."""
+    from qemu_env import need_qemu, qemu_config, qemu_pids_in, qemu_runtime
+
+    from mcp_node import qemu
+    from mcp_node.runtime import WorkloadSpec
+
+    need_qemu()
+    state, data = tmp_path / "state", tmp_path / "data"
+    data.mkdir()
+    outside = tmp_path_factory.mktemp("outside")
+    rt = qemu_runtime(qemu_config(state))
+    spec = WorkloadSpec(service=f"vw{uuid.uuid4().hex[:6]}", component="bb",
+                        image=busybox_image, cmd=("sh", "-c", VM_SCRIPT),
+                        volumes=(f"{data}:/data",), memory_mb=160)
+    vm_reaper.add(rt, spec.service, spec.component)
+    real_argv = qemu.qemu_argv
+
+    def argv_then_swap(params: Any) -> list[str]:
+        argv = real_argv(params)
+        if not data.is_symlink():
+            data.rename(tmp_path / "moved")
+            data.symlink_to(outside)
+        return argv
+
+    monkeypatch.setattr(qemu, "qemu_argv", argv_then_swap)
+    with pytest.raises(HostPathError, match="changed while"):
+        rt.run(spec)
+    assert qemu_pids_in(state) == []
+    assert list(outside.iterdir()) == []

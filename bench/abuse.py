@@ -295,13 +295,22 @@ def case_reader_load(ctx: Ctx, case: str) -> None:
     base, att = Series(), Series()
     seen = [0] * len(HELD_COUNTS)
     usage = ""
+    cpu = {"agent": 0.0, "attacker": 0.0, "base": 0.0}
+    base_s = att_s = 0.0
     for _ in range(a.rounds):
+        c0, t0 = cpu_s(ctx.pid), time.monotonic()
         operator_block(ctx, base)
+        cpu["base"] += cpu_s(ctx.pid) - c0
+        base_s += time.monotonic() - t0
         counts = mp.get_context("fork").Array("q", len(HELD_COUNTS), lock=False)
         with attacker(hold_authed, (ctx.port, ctx.reader, slots, path, a.attacker_nice),
-                      counts, lambda: counts[1] >= slots):
+                      counts, lambda: counts[1] >= slots) as proc:
             k0 = list(counts)
+            c0, x0, t0 = cpu_s(ctx.pid), cpu_s(proc.pid), time.monotonic()
             operator_block(ctx, att)
+            att_s += time.monotonic() - t0
+            cpu["agent"] += cpu_s(ctx.pid) - c0
+            cpu["attacker"] += cpu_s(proc.pid) - x0
             usage = agent_usage(ctx.pid)
             k1 = list(counts)
             seen = [s + k1[i] - k0[i] for i, s in enumerate(seen)]
@@ -313,6 +322,8 @@ def case_reader_load(ctx: Ctx, case: str) -> None:
     ctx.say("  reader's view during the measurements: " + ", ".join(
         f"{label} {n}" for label, n in zip(HELD_COUNTS, seen, strict=True)))
     ctx.say(f"  agent (last round): {usage}")
+    ctx.say(f"  CPU (share of one core): agent {cpu['agent'] / att_s:.0%} under load, "
+            f"{cpu['base'] / base_s:.0%} in the baseline; reader {cpu['attacker'] / att_s:.0%}")
     report_latency(ctx, case, "operator", base, att,
                    ("health keep-alive", "health fresh", DEPLOY),
                    gate=("health keep-alive", DEPLOY))

@@ -30,6 +30,7 @@ class Inputs:
     edge_reasons: list[str] = field(default_factory=list)
     edge_routes: int = 0
     monitor_error: str = ""
+    state_dir: list[str] = field(default_factory=list)       # stateprobe: full, read-only
 
 
 def compute(view: View, inp: Inputs) -> dict[str, Any]:
@@ -37,6 +38,7 @@ def compute(view: View, inp: Inputs) -> dict[str, Any]:
     reasons = [f"{name} runtime: {why}" for name, why in sorted(view.errors.items())
                if name == DEFAULT_RUNTIME or name in used]
     reasons.extend(inp.runtime_reasons)
+    reasons.extend(inp.state_dir)
     drifted = [f"{svc}/{comp}" for svc, comp in view.drifted]
     if drifted:
         reasons.append("drifted: " + ", ".join(drifted))

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import health
+from . import health, stateprobe
 from .monitor import View
 
 if TYPE_CHECKING:
@@ -137,7 +137,8 @@ class Rounds:
             edge_reasons=self._edge_reasons + (self.a.node_routes.health() if
                                                self.a.config.proxy.serve_routes else []),
             edge_routes=edge_routes,
-            monitor_error=self.a.monitor.last_error))
+            monitor_error=self.a.monitor.last_error,
+            state_dir=stateprobe.probe(self.a.config.state_dir)))
 
     def _spec_drift(self, view: View) -> list[tuple[str, str]]:
         out = []

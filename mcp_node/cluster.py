@@ -13,6 +13,8 @@ import base64
 import contextlib
 import json
 import logging
+import os
+import re
 import socket
 import threading
 import time
@@ -121,8 +123,7 @@ class Etcd:
             try:
                 out: dict[str, Any] = client.post(client.get_url(path), data=data)
             except (ex.ConnectionFailedError, ex.ConnectionTimeoutError) as exc:
-                why = str(exc) or repr(exc.__cause__ or exc.__context__ or exc)
-                errors.append(f"{self.cfg.etcd[idx]}: {why[:200]}")
+                errors.append(f"{self.cfg.etcd[idx]}: {transport_cause(exc)}")
                 continue
             except ex.Etcd3Exception as exc:
                 detail = str(getattr(exc, "detail_text", "") or exc)
@@ -234,6 +235,46 @@ def _session(cfg: ClusterConfig) -> Any:
     if cfg.cert_file and cfg.key_file:
         session.cert = (cfg.cert_file, cfg.key_file)
     return session
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()]+)")
+_TIMEOUT = re.compile(r"(Read|Connect) timed out", re.IGNORECASE)
+
+
+def transport_cause(exc: BaseException) -> str:
+    """A requests/urllib3 failure in a few words ("connection refused", "read timed
+    out (0.5 s)"), for an operator: etcd3gw passes on only the nested exceptions'
+    repr, ``ConnectionError(MaxRetryError('HTTPConnectionPool(...``, which says the
+    same in 300 characters."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain and len(chain) < 10:
+        chain.append(e)
+        e = _nested(e)
+    text = " ".join(str(getattr(x, "detail_text", "") or x) for x in chain)
+    for x in reversed(chain):
+        if isinstance(x, OSError) and x.errno and not isinstance(x, socket.timeout):
+            return os.strerror(x.errno).lower()
+    if m := _TIMEOUT.search(text):
+        limit = re.search(r"timeout=([\d.]+)", text)
+        return m.group(0).lower() + (f" ({limit.group(1)} s)" if limit else "")
+    if m := _ERRNO.search(text):
+        return m.group(1).strip().lower()
+    name = type(chain[-1]).__name__
+    first = str(chain[-1]).split(":")[-1].strip()[:120]
+    return f"{name}: {first}" if first else name
+
+
+def _nested(e: BaseException) -> BaseException | None:
+    """The exception ``e`` wraps: urllib3's ``reason``, requests' first argument, or
+    what it was raised from or during."""
+    reason = getattr(e, "reason", None)
+    if isinstance(reason, BaseException):
+        return reason
+    for arg in e.args:
+        if isinstance(arg, BaseException):
+            return arg
+    return e.__cause__ or e.__context__
 
 
 def _lines(resp: Any, stop: threading.Event) -> Iterator[str]:

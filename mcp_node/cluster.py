@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -192,6 +193,23 @@ class Etcd:
 
     def revoke(self, lease: int) -> None:
         self._post("/kv/lease/revoke", {"ID": lease})
+
+    def status_all(self) -> list[Callable[[], bool | None]]:
+        """Per member, a call saying whether it has a leader (None: it did not answer).
+        A member without quorum still answers its status at once (a keepalive to it
+        hangs), with no ``leader``: how a node tells a leaderless etcd from its own
+        partition (fleetlease)."""
+        return [partial(self._has_leader, c) for c in self._clients]
+
+    def _has_leader(self, client: Any) -> bool | None:
+        from etcd3gw import exceptions as ex
+
+        try:
+            out = client.post(client.get_url("/maintenance/status"), data="{}")
+        except (ex.Etcd3Exception, ValueError):
+            return None
+        self.traffic.add(2, len(json.dumps(out)))
+        return bool(int(out.get("leader", 0) or 0))
 
     # -- watch --------------------------------------------------------------
 

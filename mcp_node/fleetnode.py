@@ -51,6 +51,7 @@ from .errors import (
     WorkloadError,
 )
 from .files import atomic_write
+from .fleetlease import LeaseGuard
 from .fleetviews import Fleetview
 from .placement import Demand, choose, demand_of
 from .servicedef import ServiceDef, from_dict
@@ -112,6 +113,11 @@ class Fleet:
         self.live: set[str] = set()      # nodes with a record at the leader's last look
         self._threads: list[threading.Thread] = []
         self._sync_lock = threading.Lock()
+        self._placed: set[str] = set()     # placed here at the last sync
+        self._overlap: set[str] = set()    # of those, failover = "overlap" (never fenced)
+        self.guard = LeaseGuard(self.cfg, agent.state_dir, self.traffic, self._fence_facts,
+                                self._expired)
+        agent.reconciler.gate = self.may_start
 
     # -- life ---------------------------------------------------------------
 
@@ -120,6 +126,7 @@ class Fleet:
         a node that comes back removes what moved away before restarting it); then the
         fleet thread and the watch run. An etcd that does not answer is no reason not to
         start: the node runs what it has and joins when etcd is back."""
+        self.guard.start()
         try:
             self._join()
             self.sync()
@@ -137,6 +144,7 @@ class Fleet:
         self._wake.set()
         for t in self._threads:
             t.join(timeout=5)
+        self.guard.release(self.cfg.grace_s, bool(revoke and self.lease and self.reachable))
         if revoke and self.lease and self.reachable:
             with contextlib.suppress(MCPError):   # leave at once: nothing to wait out
                 self.etcd.revoke(self.lease)
@@ -153,7 +161,9 @@ class Fleet:
         return f"{self.name}/{self.a.owner}"
 
     def _join(self) -> None:
+        sent = time.monotonic()
         self.lease = self.etcd.grant(self.cfg.lease_ttl_s)
+        self.guard.granted(self.lease, sent)
         self._put_record()
         member = {"address": self.a.config.node.advertise, "holder": self.holder,
                   "roles": list(self.cfg.roles), "pool": self.cfg.pool}
@@ -171,23 +181,19 @@ class Fleet:
         self.reachable, self.last_error, self.leader = False, str(exc), False
 
     def _loop(self) -> None:
-        tick = max(0.5, self.cfg.lease_ttl_s / 3)
-        next_keepalive = time.monotonic() + tick
+        """The lease is renewed on the guard's own thread; this one joins again when
+        it expired or etcd was lost, and follows what changed."""
         while not self._stop.is_set():
-            self._wake.wait(min(tick, 1.0))
+            self._wake.wait(1.0)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
-                if not self.reachable or not self.lease:
+                if self.guard.error and self.reachable:
+                    raise FleetUnavailable(self.guard.error)
+                if not self.reachable or not self.lease or self.guard.lease != self.lease:
                     self._join()
                     self._dirty = {k: True for k in self._dirty}
-                if time.monotonic() >= next_keepalive:
-                    next_keepalive = time.monotonic() + tick
-                    if self.etcd.keepalive(self.lease) <= 0:
-                        log.warning("fleet: lease expired; joining again")
-                        self._join()
-                        self._dirty = {k: True for k in self._dirty}
                 self._round()
             except FleetUnavailable as exc:
                 self._lost_etcd(exc)
@@ -307,10 +313,15 @@ class Fleet:
         an operator deployed here before fleet mode). Errors are published per
         service and generation, where the deploying agent waits for them."""
         with self._sync_lock:
+            lease = self.guard.lease
             _, kvs = self.etcd.get_prefix(SERVICES)
             mine = {k[len(SERVICES):]: kv.value for k, kv in kvs.items()
                     if kv.value.get("node") == self.name}
+            self._placed = set(mine)
+            self._overlap = {n for n, rec in mine.items()
+                             if (rec.get("definition") or {}).get("failover") == "overlap"}
             for name, rec in sorted(mine.items()):
+                self._managed.add(name)    # before it runs: the fence counts it as fleet's
                 gen = int(rec.get("generation", 0))
                 if self._results.get(name, (0, ""))[0] == gen and self._results[name][1]:
                     continue            # this generation failed here; the deployer reverts it
@@ -321,7 +332,6 @@ class Fleet:
                     log.warning("fleet: service=%s generation=%d failed here: %s", name, gen,
                                 exc)
                     self._results[name] = (gen, str(exc))
-                self._managed.add(name)
             for name in sorted(self._managed - set(mine)):
                 if self.a.registry.has_service(name):
                     log.info("fleet: service=%s is no longer placed here; removing it", name)
@@ -340,8 +350,34 @@ class Fleet:
                 delay = min(max(self._edge_retry[1] * 2, 0.5), 30.0) if pending else 0.0
                 self._edge_retry = (time.monotonic() + delay, delay) if pending else (0.0, 0.0)
             self._save_state()
+            if not self._managed - set(mine):   # all that moved away is gone
+                self.guard.synced_under(lease)
         self._dirty["publish"] = True
         self.publish()
+
+    # -- fencing (fleetlease, fence) ----------------------------------------------------
+
+    def may_start(self, service: str) -> bool:
+        """The reconcile's gate: a fleet-placed service starts only while this node's
+        lease is known alive and it is still placed here; "overlap" ones always."""
+        if service not in self._managed or service in self._overlap:
+            return True
+        return service in self._placed and self.guard.may_run()
+
+    def _fence_facts(self) -> tuple[str, str, list[str]]:
+        """For the fence: owner id, podman URL, and the services it must leave alone
+        (from before fleet mode, or "overlap")."""
+        rt = self.a.loaded_runtimes().get("podman")
+        url = str(getattr(rt, "url", "") or "")
+        if not url and self.a.config.podman.socket:
+            from .podman_service import socket_url
+            url = socket_url(self.a.config.podman.socket)
+        names = {r.name for r in self.a.registry.list_services()}
+        return self.a.owner, url, sorted((names - self._managed) | self._overlap)
+
+    def _expired(self) -> None:
+        self._dirty = {k: True for k in self._dirty}
+        self._wake.set()
 
     def _apply(self, name: str, rec: dict[str, Any]) -> None:
         defn = from_dict(rec["definition"]).local_part()
@@ -575,7 +611,8 @@ class Fleet:
 
     def health(self) -> dict[str, Any]:
         return {"node": self.name, "etcd": "reachable" if self.reachable else "unreachable",
-                "leader": self.leader, "error": self.last_error}
+                "leader": self.leader, "error": self.last_error,
+                "fenced": not self.guard.may_run(), "etcd_leaderless": self.guard.leaderless}
 
 
 def _without_since(body: dict[str, Any]) -> dict[str, Any]:

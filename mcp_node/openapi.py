@@ -341,6 +341,12 @@ def _schemas() -> dict[str, Any]:
                          "description": "fleet mode: NAME (pinned), pool:NAME, or absent "
                                         "(any compute node); a single node refuses any name "
                                         "but its own"},
+                "failover": {"type": "string", "enum": list(servicedef.FAILOVER_MODES),
+                             "default": "",
+                             "description": "fleet mode: absent or \"\" (fenced: a lost "
+                                            "node stops its copy before the lease expires, "
+                                            "never two copies); \"overlap\": a stateless "
+                                            "service may briefly run twice"},
             },
             # A service's runtime is its components' default: each runtime's demands
             # hold for the components that name none.

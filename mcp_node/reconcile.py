@@ -207,6 +207,9 @@ class Reconciler:
         self.clock = clock
         self.backoff: dict[Key, Backoff] = {}
         self.escaped: dict[Key, str] = {}   # held down: a host path failed at (re)start
+        # May this service be started now? A fleet member's fence says no while its
+        # lease is not known alive (issue 18); a single node always may.
+        self.gate: Callable[[str], bool] = lambda service: True
         self.last = Plan()
 
     def digest(self, rec: ServiceRecord, comp: ComponentRecord) -> str:
@@ -234,6 +237,10 @@ class Reconciler:
         try:
             w = rt.inspect(a.service, a.component)
             if not still_wanted(a, rec, w, self.digest):
+                return False
+            if a.kind not in ("remove", "stop") and not self.gate(a.service):
+                log.info("reconcile: service=%s is fenced (its fleet lease is not known "
+                         "alive): %s of %s waits", a.service, a.kind, a.component)
                 return False
             log.info("reconcile %s service=%s component=%s: %s", a.kind, a.service,
                      a.component, a.reason)

@@ -23,6 +23,7 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 HOSTNAME_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 RESTART_POLICIES = ("", "no", "always", "on-failure", "unless-stopped")
 ROUTE_MODES = ("l4", "l7")
+FAILOVER_MODES = ("", "overlap")   # fleet mode (issue 18): how a lost node's service moves
 MAX_LIST = 256
 # Bounded work per deploy: 8,000 routes once held the registry's writer for 34 s.
 MAX_COMPONENTS = 64
@@ -72,6 +73,7 @@ class ServiceDef:
     active: bool = True
     runtime: str = DEFAULT_RUNTIME
     node: str = ""                   # fleet mode: "NAME" pinned, "pool:NAME", "" any
+    failover: str = ""               # fleet mode: "" fenced (never two copies), "overlap"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (lists, not tuples): what ``from_dict`` and the API accept."""
@@ -85,6 +87,8 @@ class ServiceDef:
         out: dict[str, Any] = plain(asdict(self))
         if not self.node:   # the fleet keys only where set: single-node output is unchanged
             del out["node"]
+        if not self.failover:
+            del out["failover"]
         for c in out["components"]:
             for r in c["routes"]:
                 if not r["public_hostname"]:
@@ -94,7 +98,7 @@ class ServiceDef:
     def local_part(self) -> ServiceDef:
         """What one node runs: without the fleet's keys (its registry keeps no
         placement, and a move between nodes must not change a workload's spec)."""
-        return replace(self, node="", components=tuple(
+        return replace(self, node="", failover="", components=tuple(
             replace(c, routes=tuple(replace(r, public_hostname="") for r in c.routes))
             for c in self.components))
 
@@ -283,7 +287,7 @@ def from_dict(data: object) -> ServiceDef:
     """Validate a decoded definition (TOML or JSON) into a ServiceDef."""
     if not isinstance(data, dict):
         raise ValidationError("a service definition must be an object")
-    _check_keys(data, {"name", "active", "runtime", "components", "node"}, "")
+    _check_keys(data, {"name", "active", "runtime", "components", "node", "failover"}, "")
     name = check_name(data.get("name"), "name")
     active = data.get("active", True)
     if not isinstance(active, bool):
@@ -311,7 +315,13 @@ def from_dict(data: object) -> ServiceDef:
         if not NAME_RE.fullmatch(target):
             raise ValidationError(f"{node[:80]!r} is not NAME or pool:NAME "
                                   "([a-z0-9][a-z0-9-]{0,62})", "node")
-    return ServiceDef(name=name, components=comps, active=active, runtime=runtime, node=node)
+    failover = data.get("failover", "")
+    if failover not in FAILOVER_MODES:
+        raise ValidationError(f"{str(failover)[:40]!r} is not a failover mode (\"\" fenced, "
+                              "the default: never two copies; \"overlap\": a brief second "
+                              "copy while a lost node's is stopped)", "failover")
+    return ServiceDef(name=name, components=comps, active=active, runtime=runtime, node=node,
+                      failover=failover)
 
 
 def loads_toml(text: str, where: str | None = None) -> ServiceDef:

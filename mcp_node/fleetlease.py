@@ -1,0 +1,203 @@
+"""The lease of a fleet node and its fence (issue 18: never two copies).
+
+``LeaseGuard`` keeps the node's lease alive on a thread of its own (a slow sync or
+deploy on the fleet thread must not delay a renewal), knows until when the lease is
+surely alive, tells the fence process (``fence``) so, and answers the reconcile's
+question "may this fleet-placed service be started now?".
+
+The rules:
+- a renewal sent at T proves the lease alive until ``fence.fence_at(T, ttl)`` (T plus
+  the TTL, less the clock-rate and stopping margins); the fence stops the node's
+  fleet-placed workloads at that instant unless a newer renewal moved it on;
+- after a (re)join, nothing fleet-placed starts until the node has read its placements
+  under the new lease (``synced``): what moved away while it was gone is removed first;
+- a keepalive answering "expired" fences at once;
+- etcd without a leader: leases cannot expire (a new leader extends every lease by its
+  TTL when elected), so when some member answers and says it has no leader, and none
+  says it has one, the deadline moves on as if renewed: nothing is fenced, and nothing
+  moves either. A node that reaches only a member which is itself cut off from a
+  majority that still has a leader cannot tell that from a leaderless etcd; that
+  double partition is outside what this guards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import fence
+from .cluster import Etcd, Traffic
+from .config import ClusterConfig
+from .errors import FleetUnavailable, MCPError
+
+log = logging.getLogger("mcp_node.fleet")
+
+GUARD_POLL_S = 0.1
+FENCE_CHECK_S = 1.0
+
+
+class LeaseGuard:
+    def __init__(self, cfg: ClusterConfig, state_dir: Path, traffic: Traffic,
+                 facts: Callable[[], tuple[str, str, list[str]]],
+                 on_expired: Callable[[], None]) -> None:
+        """``facts()``: (owner id, podman URL, exempt services) for the fence's beat."""
+        self.cfg, self.state_dir, self.facts, self.on_expired = cfg, state_dir, facts, on_expired
+        self.ttl = float(cfg.lease_ttl_s)
+        self.tick = max(0.25, self.ttl / 4)
+        quick = dataclasses.replace(cfg, timeout_s=min(cfg.timeout_s, max(0.2, self.ttl / 4)))
+        self.etcd = Etcd(quick, traffic)
+        self.lease = 0
+        self.synced = False
+        self.alive_until = 0.0
+        old = fence.read_beat(state_dir)
+        self.deadline = old.deadline if old else 0.0   # what the fence was told last
+        self.last_ok = time.monotonic()
+        self.leaderless = False
+        self.error = ""          # the last keepalive's failure, "" once one succeeds
+        self.fenced_count = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- what the fleet tells it -----------------------------------------------------
+
+    def start(self) -> None:
+        self._ensure_fence()
+        for target in (self._keepalive_loop, self._guard_loop):
+            t = threading.Thread(target=target, name=f"fleet-{target.__name__}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def granted(self, lease: int, sent: float) -> None:
+        with self._lock:
+            self.lease, self.synced, self.error = lease, False, ""
+            self.alive_until = fence.fence_at(sent, self.ttl)
+            self.last_ok = sent
+
+    def synced_under(self, lease: int) -> None:
+        """The node read its placements under ``lease`` and removed what moved away."""
+        with self._lock:
+            if lease != self.lease or self.synced:
+                return
+            self.synced = True
+            if self.alive_until > time.monotonic():
+                self.deadline = self.alive_until
+            self._write()
+
+    def may_run(self) -> bool:
+        """May a fleet-placed workload be started (or kept) now?"""
+        return self.synced and time.monotonic() < self.deadline
+
+    def release(self, grace: float, revoking: bool) -> None:
+        """The agent stops. Revoking: the node's work may move ``grace`` from now, so
+        the fence acts before that; otherwise the last renewal's deadline stands (a
+        restart in time keeps the workloads)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        if revoking:
+            with self._lock:
+                self.deadline = min(self.deadline, time.monotonic()
+                                    + grace * (1 - fence.RATE_MARGIN) - fence.margin_s(self.ttl))
+                self._write()
+
+    # -- renewals --------------------------------------------------------------------
+
+    def _keepalive_loop(self) -> None:
+        while not self._stop.wait(self.tick):
+            lease = self.lease
+            if not lease:
+                continue
+            sent = time.monotonic()
+            try:
+                ttl = self.etcd.keepalive(lease)
+            except FleetUnavailable as exc:
+                self.error = str(exc)
+                self.on_expired()     # the fleet thread marks etcd lost
+                continue
+            except MCPError as exc:
+                log.warning("fleet: keepalive: %s", exc)
+                continue
+            self.error = ""
+            with self._lock:
+                if lease != self.lease:
+                    continue
+                if ttl <= 0:
+                    log.warning("fleet: lease %x expired; fencing and joining again", lease)
+                    self.lease, self.synced = 0, False
+                    self.deadline = min(self.deadline, time.monotonic())
+                    self._write()
+                else:
+                    self.last_ok, self.leaderless = sent, False
+                    self.alive_until = fence.fence_at(sent, min(ttl, self.ttl))
+                    if self.synced:
+                        self.deadline = self.alive_until
+                        self._write()
+            if ttl <= 0:
+                self.on_expired()
+
+    def _guard_loop(self) -> None:
+        """Watches the deadline, the fence process, and whether etcd has a leader while
+        renewals fail."""
+        checked = 0.0
+        probed = 0.0
+        was_fenced = False
+        while not self._stop.wait(GUARD_POLL_S):
+            now = time.monotonic()
+            if now - checked >= FENCE_CHECK_S:
+                checked = now
+                self._ensure_fence()
+            if now - self.last_ok > 1.5 * self.tick and now - probed >= self.tick / 2:
+                probed = now
+                if self._leaderless():
+                    self._hold(now)
+            fenced = now >= self.deadline
+            if fenced and not was_fenced and self.deadline:
+                self.fenced_count += 1
+                log.warning("fleet: lease not known alive; fleet-placed workloads are fenced")
+            was_fenced = fenced
+
+    def _leaderless(self) -> bool:
+        """Some member answers, says it has no leader, and none says it has one."""
+        clients = self.etcd.status_all()
+        with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
+            answers = list(pool.map(lambda f: f(), clients))
+        said = [a for a in answers if a is not None]
+        out = bool(said) and not any(said)
+        if out != self.leaderless:
+            log.warning("fleet: etcd %s", "has no leader: nothing is fenced, nothing moves"
+                        if out else "has a leader again")
+        self.leaderless = out
+        return out
+
+    def _hold(self, at: float) -> None:
+        """No leader at ``at``: no lease can expire before ``at`` + TTL."""
+        with self._lock:
+            until = fence.fence_at(at, self.ttl)
+            self.alive_until = max(self.alive_until, until)
+            if time.monotonic() < self.deadline < until:   # never revive a fired fence
+                self.deadline = until
+                self._write()
+
+    # -- the fence process -----------------------------------------------------------
+
+    def _write(self) -> None:
+        owner, podman, exempt = self.facts()
+        try:
+            fence.write_beat(self.state_dir, fence.Beat(
+                deadline=self.deadline, owner=owner, ttl=self.ttl, podman=podman,
+                exempt=exempt))
+        except OSError as exc:
+            log.error("fleet: cannot write the fence's heartbeat: %s", exc)
+
+    def _ensure_fence(self) -> None:
+        try:
+            if not fence.fence_running(self.state_dir):
+                fence.spawn(self.state_dir)
+        except OSError as exc:
+            log.error("fleet: cannot start the fence: %s", exc)

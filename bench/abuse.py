@@ -250,13 +250,15 @@ def case_slowloris(ctx: Ctx) -> None:
             f"{cpu['base'] / base_s:.0%} in the baseline; attacker "
             f"{cpu['attacker'] / att_s:.0%}; {os.cpu_count()} cores in all")
     report_latency(ctx, "slowloris", "/v1/health", base, att,
-                   ("keep-alive", "fresh", DEPLOY), gate=("keep-alive",))
+                   ("keep-alive", "fresh", DEPLOY), gate=("keep-alive",),
+                   worst_of=("keep-alive", "fresh"))
 
 
 def report_latency(ctx: Ctx, case: str, what: str, base: Series, att: Series,
-                   kinds: tuple[str, ...], gate: tuple[str, ...]) -> None:
+                   kinds: tuple[str, ...], gate: tuple[str, ...],
+                   worst_of: tuple[str, ...] | None = None) -> None:
     """p99 per kind against its baseline; the targets: ratio <= 2x for ``gate`` kinds,
-    worst <= 100 ms and no 503 for all."""
+    worst <= 100 ms for ``worst_of`` (default all) and no 503 for all."""
     ctx.say(f"  {what} (ms), {ctx.args.rounds} rounds     p99: baseline  under load   ratio"
             "   worst: baseline  under load")
     for kind in kinds:
@@ -265,13 +267,14 @@ def report_latency(ctx: Ctx, case: str, what: str, base: Series, att: Series,
                 f"{max(base.lat[kind]):16.1f} {max(att.lat[kind]):11.1f}")
         if kind in gate:
             ctx.target(f"{case}: {kind} p99 ratio <= 2x", a_p / b_p <= 2, f"{a_p / b_p:.2f}x")
-    worst = max(x for kind in kinds for x in att.lat[kind])
+    worst = max(x for kind in worst_of or kinds for x in att.lat[kind])
     ctx.say(f"  503s: {att.statuses.get(503, 0)} under load, {base.statuses.get(503, 0)} in "
             "the baseline")
     other = {k: v for k, v in att.statuses.items() if k not in (200, 503)}
     if other:
         ctx.say(f"  other outcomes under load: {other}")
-    ctx.target(f"{case}: worst <= 100 ms", worst <= 100, f"{worst:.1f} ms")
+    ctx.target(f"{case}: worst <= 100 ms ({', '.join(worst_of or kinds)})", worst <= 100,
+               f"{worst:.1f} ms")
     ctx.target(f"{case}: no 503", att.statuses.get(503, 0) == 0,
                f"{att.statuses.get(503, 0)} 503s")
 

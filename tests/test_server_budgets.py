@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from live_server import auth_get, connect, fake_live, read_all, wait_until
 from server_env import LiveServer
 
 from mcp_node.agent import Agent
+from mcp_node.agent_cli import main
 from mcp_node.budgets import IDLE_THREADS_PER_TOKEN
 from mcp_node.config import AgentConfig
 from mcp_node.config import from_dict as config_from_dict
+from mcp_node.daemon import reload_plan
 from mcp_node.errors import ValidationError
 from mcp_node.server import serve
 
@@ -275,13 +278,33 @@ def test_parked_authenticated_tls_connections_are_served_again(tmp_path: Path) -
         wait_until(lambda: live.server.open_connections == 0, "all released")
 
 
-def test_budget_keys_are_checked() -> None:
+def test_budget_keys_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="server.reserved_for_operators"):
         config_from_dict({"server": {"max_connections": 10, "reserved_for_operators": 10}})
     with pytest.raises(ValidationError, match="server.max_connections_per_token"):
         config_from_dict({"server": {"max_connections_per_token": 0}})
     with pytest.raises(ValidationError, match="server.max_streams_per_token"):
         config_from_dict({"server": {"max_streams_per_token": -1}})
+    conf = tmp_path / "agent.toml"
+    conf.write_text("[server]\nmax_connections = 8\nreserved_for_operators = 8\n"
+                    "max_connections_per_token = 0\n")
+    res = CliRunner().invoke(main, ["--config", str(conf), "check-config"])
+    assert res.exit_code == 1
+    fields = sorted(ln.split(": ")[1] for ln in res.stderr.splitlines()[:-1])
+    assert fields == ["server.max_connections_per_token", "server.reserved_for_operators"]
+
+
+def test_per_token_caps_apply_on_reload_the_reserve_at_a_restart() -> None:
+    old = config_from_dict({})
+    new = config_from_dict({"server": {"max_connections_per_token": 8,
+                                       "max_streams_per_token": 2,
+                                       "reserved_for_operators": 100}})
+    run, applied, restart = reload_plan(old, new)
+    assert sorted(applied) == ["server.max_connections_per_token",
+                               "server.max_streams_per_token"]
+    assert restart == ["server.reserved_for_operators"]
+    assert (run.server.max_connections_per_token, run.server.max_streams_per_token,
+            run.server.reserved_for_operators) == (8, 2, 64)
 
 
 # -- with podman ---------------------------------------------------------------------------

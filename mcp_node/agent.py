@@ -112,6 +112,7 @@ class Agent:
             self.round_subscribers.append(lambda view: on_round())
         self.monitor = Monitor(self.registry, self._listable, config.monitor,
                                self._after_round)
+        self.monitor.digest = self.reconciler.digest   # a crash is an exit of the current spec
         if monitor:
             self.start_monitor()
 

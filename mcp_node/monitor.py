@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .config import MonitorConfig
 from .errors import MCPError, RegistryError
-from .records import Event, ServiceRecord
+from .records import ComponentRecord, Event, ServiceRecord
 from .registry import Registry
 from .runtime import Runtime, Workload
 from .states import MISSING, RUNNING, UNKNOWN
@@ -50,8 +50,14 @@ def observe(
     errors: dict[str, str],
     restarts: dict[Key, int],
     now: float,
+    digest: Callable[[ServiceRecord, ComponentRecord], str] | None = None,
 ) -> tuple[dict[Key, Workload], list[Workload], list[Event]]:
-    """Pure comparison of registry and listings: (by key, orphans, events)."""
+    """Pure comparison of registry and listings: (by key, orphans, events).
+
+    An event is ``unplanned`` (counted toward flapping) only when the workload itself
+    left the desired state: it exited (stopped) while made from the spec it should run
+    (``digest``). A container gone (missing) or stopped while of an older spec is the
+    agent's own doing, such as a redeploy an agent crash cut, which reconcile repairs."""
     by_key: dict[Key, Workload] = {}
     for workloads in listings.values():
         for item in workloads:
@@ -71,9 +77,11 @@ def observe(
             if state != comp.observed_state:
                 # Reaching the desired state (a deploy, an operator's stop/start) is planned;
                 # leaving it is what a flapping workload does.
-                planned = not is_drift(comp.desired_state, state)
+                crashed = is_drift(comp.desired_state, state) and state != MISSING and not (
+                    digest is not None and w is not None and w.spec_digest
+                    and w.spec_digest != digest(rec, comp))
                 events.append(Event(rec.name, comp.defn.name, now, comp.observed_state, state,
-                                    unplanned=not planned))
+                                    unplanned=crashed))
             if w is not None:
                 before = restarts.get(key)
                 if before is not None and w.restart_count > before:
@@ -105,6 +113,8 @@ class Monitor:
         self.last_error = ""          # why the last refresh failed ("" if it did not)
         self._thread: threading.Thread | None = None
         self._on_refresh = on_refresh
+        # The spec a component should run (the reconciler's): set by the agent.
+        self.digest: Callable[[ServiceRecord, ComponentRecord], str] | None = None
 
     def refresh(self) -> View:
         with self._lock:
@@ -120,7 +130,8 @@ class Monitor:
                     errors[name] = str(exc)
             now = time.time()
             records = self.registry.list_services()
-            workloads, orphans, events = observe(records, listings, errors, self._restarts, now)
+            workloads, orphans, events = observe(records, listings, errors, self._restarts, now,
+                                                 self.digest)
             # The view shows what was observed even when the registry cannot store it (full
             # disk, read-only): it must never go on claiming an older state. The error is
             # raised after the view is in place; the next round records the change again.

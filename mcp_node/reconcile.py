@@ -309,6 +309,8 @@ class Reconciler:
             del self.escaped[key]
 
     def _event(self, a: Action, detail: str) -> None:
+        """What reconcile did, in the event log; not unplanned: the workload's own exit,
+        if any, is the monitor's event, and a repair after an agent crash is no crash."""
         try:
             rec = self.host.registry.get_service(a.service)
             state = rec.component(a.component).observed_state
@@ -316,6 +318,6 @@ class Reconciler:
             return
         try:
             self.host.registry.record_observed([Event(a.service, a.component, time.time(),
-                                                      state, state, detail, unplanned=True)])
+                                                      state, state, detail, unplanned=False)])
         except MCPError:
             log.exception("reconcile: could not record an event")

@@ -57,10 +57,13 @@ _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 # go-digest accepts only the algorithms it knows, each with its exact lowercase length.
 _DIGEST = r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}"
 IMAGE_RE = re.compile(f"({_NAME})(?::({_TAG}))?(?:@({_DIGEST}))?")
+IMAGE_PATTERN = f"^{_NAME}(?::{_TAG}|@(?:{_DIGEST}))?$"
 # podman reads a bare hex string of 1 to 64 characters as an image ID or a prefix of one,
 # whatever image that is; a tag, a domain, a path or a digest (or more than 64) makes a name.
-_IMAGE_ID_RE = re.compile(r"[a-f0-9]{1,64}")
-IMAGE_PATTERN = f"^(?![a-f0-9]{{1,64}}$){_NAME}(?::{_TAG}|@(?:{_DIGEST}))?$"
+# The OpenAPI document states it as a "not" beside IMAGE_PATTERN: a lookahead in the
+# pattern made schemathesis generate definitions 1.8x slower.
+IMAGE_ID_PATTERN = "^[a-f0-9]{1,64}$"
+_IMAGE_ID_RE = re.compile(IMAGE_ID_PATTERN[1:-1])
 # distribution caps the name at 255 (NameTotalLengthMax); capping the whole reference
 # there is a little stricter and states the same rule in one JSON Schema maxLength.
 MAX_IMAGE = 255

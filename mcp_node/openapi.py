@@ -281,6 +281,7 @@ def _schemas() -> dict[str, Any]:
             "name": {"type": "string", "pattern": NAME_PATTERN},
             "image": {"type": "string", "minLength": 1, "maxLength": grammar.MAX_IMAGE,
                       "pattern": grammar.IMAGE_PATTERN,
+                      "not": {"pattern": grammar.IMAGE_ID_PATTERN},   # podman: an image ID
                       "description": "OCI reference: [domain[:port]/]path[:tag] or "
                                      "[domain[:port]/]path@sha256:<64 hex>"},
             "cmd": _strs(_text()),

@@ -6,6 +6,7 @@ characters: test_untrusted_text.)"""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +16,13 @@ import pytest
 from fake_runtime import FakeWorld
 from podman_env import podman_cli
 
-from mcp_node import auth
+from mcp_node import auth, openapi
 from mcp_node.agent import Agent
 from mcp_node.auth import TokenStore
 from mcp_node.config import from_dict as config_from_dict
 from mcp_node.errors import NotFoundError, RegistryError, ValidationError
 from mcp_node.files import flocked
-from mcp_node.grammar import check_image
+from mcp_node.grammar import IMAGE_ID_PATTERN, check_image
 from mcp_node.servicedef import from_dict
 
 
@@ -129,6 +130,19 @@ def test_a_bare_hex_image_name_is_refused(ref: str) -> None:
                                  "cafebabe-x", "deadbeefg", "f" * 65])
 def test_hex_with_a_tag_domain_path_or_digest_is_a_name(ref: str) -> None:
     assert check_image(ref) == ref
+
+
+def test_the_openapi_document_states_the_image_id_rule() -> None:
+    defn = openapi.document()["components"]["schemas"]["ServiceDefinition"]
+    image = defn["properties"]["components"]["items"]["properties"]["image"]
+    assert image["not"] == {"pattern": IMAGE_ID_PATTERN}
+    for ref in ("04dcc82d", "a" * 64, "04dcc82d:v1", "cafe/beef", "f" * 65):
+        by_doc = bool(re.search(image["pattern"], ref)) and not re.search(IMAGE_ID_PATTERN, ref)
+        try:
+            by_check = check_image(ref) == ref
+        except ValidationError:
+            by_check = False
+        assert by_doc == by_check, ref
 
 
 def test_podman_reads_exactly_the_refused_references_as_image_ids(

@@ -29,11 +29,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import fence
 from .cluster import Etcd, Traffic
 from .config import ClusterConfig
 from .errors import FleetUnavailable, MCPError
+
+if TYPE_CHECKING:
+    from .agent import Agent
 
 log = logging.getLogger("mcp_node.fleet")
 
@@ -201,3 +205,16 @@ class LeaseGuard:
                 fence.spawn(self.state_dir)
         except OSError as exc:
             log.error("fleet: cannot start the fence: %s", exc)
+
+
+def fence_facts(agent: Agent, managed: set[str], overlap: set[str]
+                ) -> tuple[str, str, list[str]]:
+    """For the fence: the owner id, the podman URL, and the services it must leave
+    alone (deployed before fleet mode, or "overlap")."""
+    rt = agent.loaded_runtimes().get("podman")
+    url = str(getattr(rt, "url", "") or "")
+    if not url and agent.config.podman.socket:
+        from .podman_service import socket_url
+        url = socket_url(agent.config.podman.socket)
+    names = {r.name for r in agent.registry.list_services()}
+    return agent.owner, url, sorted((names - managed) | overlap)

@@ -51,7 +51,7 @@ from .errors import (
     WorkloadError,
 )
 from .files import atomic_write
-from .fleetlease import LeaseGuard
+from .fleetlease import LeaseGuard, fence_facts
 from .fleetviews import Fleetview
 from .placement import Demand, choose, demand_of
 from .servicedef import ServiceDef, from_dict
@@ -365,15 +365,7 @@ class Fleet:
         return service in self._placed and self.guard.may_run()
 
     def _fence_facts(self) -> tuple[str, str, list[str]]:
-        """For the fence: owner id, podman URL, and the services it must leave alone
-        (from before fleet mode, or "overlap")."""
-        rt = self.a.loaded_runtimes().get("podman")
-        url = str(getattr(rt, "url", "") or "")
-        if not url and self.a.config.podman.socket:
-            from .podman_service import socket_url
-            url = socket_url(self.a.config.podman.socket)
-        names = {r.name for r in self.a.registry.list_services()}
-        return self.a.owner, url, sorted((names - self._managed) | self._overlap)
+        return fence_facts(self.a, self._managed, self._overlap)
 
     def _expired(self) -> None:
         self._dirty = {k: True for k in self._dirty}

@@ -1,0 +1,222 @@
+"""Never two copies (issue 18), with real processes: three etcd members, three
+``mcp-agent`` daemons (each in a network namespace, with a podman of its own), one
+unpinned service. Faults at seeded random points of the lease's keepalive cycle:
+
+- the holder's agent SIGKILLed (its lease is not revoked, its containers keep
+  running until its fence stops them); restarted later;
+- the holder's agent SIGSTOPped; SIGCONT once the service moved (it must not start
+  its copy again);
+- the holder's node cut off from etcd (its link taken down); up again once moved;
+- the etcd leader SIGKILLed (nothing should move; at most one copy), restarted.
+
+A poller reads every node's podman every 100 ms; any instant with two running copies
+fails the test. Also: while etcd has no quorum nothing is fenced and nothing moves;
+``failover = "overlap"`` is not fenced. Rounds per kind: MCP_FAULT_ROUNDS (default
+20, CI); seeds are printed (MCP_FAULT_SEED replays one). The long soak and the
+timings are bench/failover.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import need
+from etcd_env import NodePodman
+from fault_env import TTL, AgentProc, NsEtcd, Poller, Topology, running_copies
+
+ROUNDS = int(os.environ.get("MCP_FAULT_ROUNDS", "20"))
+SEED = int(os.environ.get("MCP_FAULT_SEED", "0")) or random.SystemRandom().randrange(1, 1 << 30)
+
+
+class Fleet:
+    def __init__(self, base: Path, image: str) -> None:
+        from podman_env import containers_conf
+
+        self.base, self.image = base, image
+        self.topo = Topology()
+        self.etcd: NsEtcd | None = None
+        self.pods: list[NodePodman] = []
+        self.agents: list[AgentProc] = []
+        self.conf = containers_conf()
+
+    def start(self) -> Fleet:
+        self.topo.start()
+        (self.base / "etcd").mkdir()
+        self.etcd = NsEtcd(self.base / "etcd", self.topo)
+        for i in range(3):
+            self.etcd.start(i)
+        for i in range(3):
+            pod = NodePodman(self.base / f"podman-n{i + 1}", 5 + i, self.conf)
+            self.pods.append(pod)
+            pod.start([self.image])
+        self.etcd.wait_healthy()
+        for i in range(3):
+            a = AgentProc(self.base / f"n{i + 1}", i, self.topo.node_ns[i],
+                          self.etcd.endpoints_for(i), self.pods[i])
+            self.agents.append(a)
+            a.start()
+        for a in self.agents:
+            a.wait_up()
+        return self
+
+    def deploy(self, name: str, **extra: Any) -> None:
+        defn = {"name": name, **extra,
+                "components": [{"name": "web", "image": self.image, "restart": "always",
+                                "env": [f"MESSAGE={name}"]}]}
+        for a in self.agents:
+            if a.alive() and not a.stopped:
+                a.call(lambda c: c.post("/v1/services", defn))
+                return
+        raise AssertionError("no agent to deploy through")
+
+    def close(self) -> None:
+        for a in self.agents:
+            with contextlib.suppress(Exception):
+                a.stop()
+        if self.etcd is not None:
+            self.etcd.stop_all()
+        for p in self.pods:
+            with contextlib.suppress(Exception):
+                p.stop()
+        self.topo.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, hello_images: dict[str, str]
+          ) -> Iterator[Fleet]:
+    """One fleet for the module: its start (etcd, three podmans, three agents) is the
+    dear part; each test deploys a service of its own."""
+    need("etcd", "ip", "podman")
+    f = Fleet(tmp_path_factory.mktemp("fence"), hello_images["v1"])
+    try:
+        yield f.start()
+    finally:
+        f.close()
+
+
+def until(what: Callable[[], Any], timeout: float, msg: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got:
+            return got
+        assert time.monotonic() < deadline, msg
+        time.sleep(0.05)
+
+
+def _inject(f: Fleet, kind: str, node: int) -> Callable[[], None]:
+    """Do the fault on ``node``; returns what undoes it."""
+    a = f.agents[node]
+    if kind == "kill":
+        a.signal(signal.SIGKILL)
+        return a.start
+    if kind == "stop":
+        a.signal(signal.SIGSTOP)
+        return lambda: a.signal(signal.SIGCONT)
+    if kind == "partition":
+        f.topo.cut(node)
+        return lambda: f.topo.cut(node, down=False)
+    raise AssertionError(kind)
+
+
+def _rounds(f: Fleet, kind: str, service: str) -> None:
+    rng = random.Random(f"{SEED}-{kind}")
+    print(f"fault={kind} rounds={ROUNDS} seed={SEED} (MCP_FAULT_SEED={SEED} replays it)")
+    poller = Poller(f.pods, service).start()
+    try:
+        holder = poller.wait_holder(timeout=60)
+        pending: list[Callable[[], None]] = []
+        for r in range(ROUNDS):
+            time.sleep(rng.uniform(0, TTL / 4))       # a random point of the keepalive cycle
+            undo = _inject(f, kind, holder)
+            moved = poller.wait_holder(not_on=holder, timeout=40)
+            assert not poller.doubles, (kind, r, poller.doubles[:3])
+            undo()
+            for done in pending:                      # the round before's node is back
+                done()
+            pending = []
+            if kind == "kill":                         # it must be up to be a target again
+                a = f.agents[holder]
+                pending.append(a.wait_up)
+            holder = moved
+        for done in pending:
+            done()
+        time.sleep(2 * TTL)      # the last one back: it must not start its copy again
+        assert poller.holder is not None
+    finally:
+        poller.stop()
+    assert not poller.doubles, f"{kind}: two copies at {poller.doubles[:5]} (seed {SEED})"
+    assert poller.polls > 10 * ROUNDS
+    print(f"fault={kind}: {ROUNDS} failovers, 0 instants with two copies in "
+          f"{poller.polls} polls; longest gap with none {max(poller.gaps or [0]):.2f} s")
+
+
+def test_never_two_copies_under_faults(fleet: Fleet) -> None:
+    fleet.deploy("solo")
+    for kind in ("kill", "stop", "partition"):
+        _rounds(fleet, kind, "solo")
+    # the etcd leader killed: the service stays where it is, never twice
+    etcd = fleet.etcd
+    assert etcd is not None
+    rng = random.Random(f"{SEED}-leader")
+    poller = Poller(fleet.pods, "solo").start()
+    try:
+        holder = poller.wait_holder(timeout=30)
+        for _ in range(ROUNDS):
+            time.sleep(rng.uniform(0, TTL / 4))
+            leader = until(lambda: [i for i in [etcd.leader()] if i is not None], 10,
+                           "etcd has no leader")[0]
+            etcd.kill(leader)
+            time.sleep(rng.uniform(0.1, 0.6))
+            etcd.start(leader)
+            etcd.wait_healthy()
+        assert poller.wait_holder(timeout=30) is not None
+    finally:
+        poller.stop()
+    assert not poller.doubles, f"leader kills: two copies at {poller.doubles[:5]} (seed {SEED})"
+    print(f"fault=etcd-leader: {ROUNDS} kills, holder n{holder + 1}, 0 instants with two "
+          f"copies in {poller.polls} polls")
+
+
+def test_quorum_lost_fences_nothing_and_overlap_is_not_fenced(fleet: Fleet) -> None:
+    fleet.deploy("calm")
+    fleet.deploy("twice", failover="overlap")
+    poller = Poller(fleet.pods, "calm").start()
+    try:
+        holder = poller.wait_holder(timeout=60)
+        before = running_copies(fleet.pods[holder], "calm")
+        etcd = fleet.etcd
+        assert etcd is not None
+        etcd.kill(0)
+        etcd.kill(1)                 # one member answers, with no leader
+        time.sleep(4 * TTL)          # past every fence deadline
+        assert running_copies(fleet.pods[holder], "calm") == before   # not fenced
+        assert poller.holder == holder
+        etcd.start(0)
+        etcd.start(1)
+        etcd.wait_healthy()
+        time.sleep(2 * TTL)
+        assert running_copies(fleet.pods[holder], "calm") == before   # nothing moved
+        assert not poller.doubles
+    finally:
+        poller.stop()
+    # an "overlap" service is not fenced: the cut-off node keeps its copy running
+    placed = until(lambda: [i for i, p in enumerate(fleet.pods) if running_copies(p, "twice")],
+                   30, "twice did not start")
+    node = placed[0]
+    ids = running_copies(fleet.pods[node], "twice")
+    fleet.topo.cut(node)
+    until(lambda: any(running_copies(p, "twice") for i, p in enumerate(fleet.pods)
+                      if i != node), 40, "twice did not move")
+    assert running_copies(fleet.pods[node], "twice") == ids   # the old copy still runs
+    fleet.topo.cut(node, down=False)
+    until(lambda: not running_copies(fleet.pods[node], "twice"), 30,
+          "the node that came back kept its overlap copy")

@@ -61,6 +61,7 @@ from .errors import (
 from .grammar import parse_volumes, resolve_volumes, volume_roots
 from .logtail import LogTail, keep_last
 from .mounts import Ident, mounted_ident, moved_source, path_ident
+from .podman_leftovers import Leftovers, conmons
 from .podman_logs import (
     LogStream,
     RawAdapter,
@@ -133,6 +134,9 @@ class PodmanRuntime(Runtime):
         self._api_calls = 0
         self._listings = 0
         self._last_ok = float("-inf")
+        # After every (re)connect: leftovers of a service killed mid-create/start.
+        self.leftovers = Leftovers(self.service.directory / "made.ids")
+        self._sweep_due = False
 
     # -- connection
 
@@ -174,6 +178,7 @@ class PodmanRuntime(Runtime):
 
         setattr(client.api, "request", counted)  # noqa: B010 - instance-level wrapper
         self.url = url
+        self._sweep_due = True
         return client
 
     def _drop_client(self) -> None:
@@ -215,8 +220,9 @@ class PodmanRuntime(Runtime):
         """A configured socket that did not answer: we run on a fallback service."""
         if self.configured_url and self.url and self.url != self.configured_url:
             return [f"podman: configured socket {self.configured_url} does not answer; "
-                    f"using the agent's own podman service on {self.url}"]
-        return []
+                    f"using the agent's own podman service on {self.url}",
+                    *self.leftovers.reasons()]
+        return self.leftovers.reasons()
 
     def info(self) -> dict[str, Any]:
         """For the agent's health: where podman is, and the REST calls made so far."""
@@ -274,6 +280,7 @@ class PodmanRuntime(Runtime):
         log.warning("podman: container %s is ours but its storage is gone (%s); removing it",
                     name, why)
         self._cli("rm", "--force", name)
+        self._sweep_due = True
         return True
 
     def _clear_storage_only(self, name: str) -> bool:
@@ -284,6 +291,7 @@ class PodmanRuntime(Runtime):
             return False
         log.warning("podman: name %s is held by a storage-only container; removing it", name)
         self._cli("rm", "--force", "--storage", name)
+        self._sweep_due = True
         return True
 
     def _owned(self, name: str) -> dict[str, Any] | None:
@@ -315,12 +323,27 @@ class PodmanRuntime(Runtime):
             return
         raise WorkloadError(f"podman stop {name}: {message}")
 
-    def _delete(self, name: str) -> None:
+    def _delete(self, name: str, cid: str = "") -> None:
+        """Remove ours; then end a conmon + ``runc init`` of its id that podman's remove
+        missed (its service was killed while it started it: podman_leftovers)."""
         log.info("podman: remove %s", name)
         resp = self._request("DELETE", f"/containers/{name}", f"remove {name}",
                              params={"force": "true", "v": "true"})
         if resp.status_code not in (200, 204, 404):
+            self._sweep_due = True   # whatever removes it later: look again then
             raise WorkloadError(f"podman remove {name}: {response_message(resp)}")
+        self.leftovers.removed(name, cid)
+
+    def _sweep(self) -> None:
+        """Conmons under our workload names, and containers we made, that podman does
+        not know. Listed after the scan, so a container made meanwhile is known."""
+        self._sweep_due = False
+        found = [c for c in conmons() if is_workload_name(c.name)]
+        resp = self._request("GET", "/containers/json", "list all containers",
+                             params={"all": "true"})
+        self._sweep_due = resp.status_code >= 400
+        if not self._sweep_due:
+            self.leftovers.settle(found, {str(e.get("Id")) for e in resp.json() or []})
 
     def pull(self, spec: WorkloadSpec) -> None:
         ref = spec.image
@@ -368,9 +391,9 @@ class PodmanRuntime(Runtime):
         except WorkloadError as exc:
             if not any(words in str(exc) for words in NAME_IN_USE):
                 raise
-            if self._owned(name) is not None:          # ours: replace it
+            if (old := self._owned(name)) is not None:   # ours: replace it
                 self._stop(name, spec.stop_timeout_s)
-                self._delete(name)
+                self._delete(name, str(old.get("Id") or ""))
             elif not self._clear_storage_only(name):   # a foreign container: leave it
                 raise
             self._create(spec, payload)                # once: the name is free now
@@ -396,6 +419,8 @@ class PodmanRuntime(Runtime):
                              data=json.dumps(payload),
                              headers={"content-type": "application/json"})
         if resp.status_code < 400:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.leftovers.record(spec.name, str(resp.json()["Id"]))
             return
         message = response_message(resp)
         if resp.status_code == 404 or "image not known" in message:
@@ -465,7 +490,7 @@ class PodmanRuntime(Runtime):
             return
         if (attrs.get("State") or {}).get("Running"):
             self._stop(name, timeout)
-        self._delete(name)
+        self._delete(name, str(attrs.get("Id") or ""))
 
     def inspect(self, service: str, component: str) -> Workload | None:
         """None for a missing container, and for one that is not ours."""
@@ -487,6 +512,8 @@ class PodmanRuntime(Runtime):
             workload = workload_from_list(entry)
             if workload is not None:
                 out.append(workload)
+        if self._sweep_due:
+            self._sweep()
         return out
 
     def logs(self, service: str, component: str, tail: int | None = None,

@@ -274,14 +274,22 @@ class SimNode:
         return str(self.raw.get("node", {}).get("advertise", ""))
 
     def crash(self) -> None:
-        """The machine dies: the agent stops without a word (its lease just expires)
-        and every workload of the node is gone."""
+        """The agent dies: it stops without a word (its lease just expires) and its
+        workloads are left running, as a real crash leaves them; the node's fence
+        must stop them before the lease can expire (issue 18)."""
         a = self.agent
         assert a is not None
         a.close(revoke=False)        # its lease is not revoked: it expires
         self.agent = None
-        if self.pod is not None:
-            self.pod.kill_workloads()
+
+    def stop_fence(self) -> None:
+        """The fence process the node's agent started, stopped by its pid."""
+        from mcp_node import fence
+
+        pid = fence.fence_pid(Path(self.raw["state"]["dir"]))
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 class SimFleet:
@@ -366,6 +374,7 @@ class SimFleet:
                 with contextlib.suppress(Exception):
                     n.agent.close()
                 n.agent = None
+            n.stop_fence()
         for thing in reversed(self.made):
             with contextlib.suppress(Exception):
                 thing.stop()

@@ -353,6 +353,9 @@ class Poller:
         while True:
             with self._lock:
                 h, since = self.holder, self.changed_at
+                assert not self.doubles, (
+                    f"two copies of {self.service} (nodes by index) at "
+                    f"{[(round(t, 2), c) for t, c in self.doubles[:5]]}")
             if h is not None and h != not_on and time.monotonic() - since >= stable:
                 return h
             assert time.monotonic() < deadline, (

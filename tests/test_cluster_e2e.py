@@ -6,7 +6,8 @@ its own Caddy (etcd_env.SimFleet). One case, run once (it is the slow one):
 
 deploy through the edge agent -> placed on a compute node, served on its proxy, and
 the public hostname answers through the edge's public port; death of that node's
-agent and its workloads -> the service answers again through the same public
+agent, its workloads left running (its fence stops them before the move, checked)
+-> the service answers again through the same public
 hostname from the other node (the time is printed); the node comes back and removes
 what moved away; undeploy removes the edge route and the DNS name.
 """
@@ -64,6 +65,9 @@ def test_public_hostname_follows_the_service_across_nodes(sim: SimFleet) -> None
     t0 = time.monotonic()
     until(lambda: e1.status("web")["node"] == other, 60, "web was not re-placed")
     moved = time.monotonic() - t0
+    pod = sim.nodes[first].pod
+    assert pod is not None        # the dead agent's copy was fenced before the move
+    assert "mcp-web-web" not in pod.cli("ps", "--format", "{{.Names}}").stdout
     until(lambda: sim.bind.query(f"web.{sim.zone}", "A") == [sim.nodes[other].address], 60,
           "the new node did not take the DNS name over")
     assert "hello" in until(sim.public_body, 90, "public hostname did not answer again")
@@ -74,8 +78,6 @@ def test_public_hostname_follows_the_service_across_nodes(sim: SimFleet) -> None
     # the node comes back: what moved away is removed, and nothing of it is served there
     back = sim.nodes[first].start()
     until(lambda: not back.local.registry.has_service("web"), 30, "returned node kept web")
-    pod = sim.nodes[first].pod
-    assert pod is not None
     assert "mcp-web-web" not in pod.cli("ps", "-a", "--format", "{{.Names}}").stdout
     assert "hello" in sim.public_body()
     # undeploy anywhere: the edge route and the DNS name go

@@ -9,6 +9,9 @@ tests/test_cluster_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +22,7 @@ import pytest
 from etcd_env import EtcdCluster
 from fake_runtime import FakeWorld
 
+from mcp_node import fence
 from mcp_node.agent import Agent
 from mcp_node.cluster import SERVICES, Etcd, FleetUnavailable
 from mcp_node.config import from_dict as config_from_dict
@@ -72,6 +76,10 @@ def fleet(etcd_cluster: EtcdCluster, tmp_path: Path) -> Iterator[dict[str, Node]
         for n in nodes.values():
             if n.agent is not None:
                 n.agent.close()
+            pid = fence.fence_pid(n.cfg.state_dir)     # the fence its agent started
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def svc(name: str, memory_mb: int = 256, node: str = "", image: str = "img:v1") -> Any:

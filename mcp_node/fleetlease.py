@@ -211,8 +211,9 @@ def fence_facts(agent: Agent, managed: set[str], overlap: set[str]
                 ) -> tuple[str, str, list[str]]:
     """For the fence: the owner id, the podman URL, and the services it must leave
     alone (deployed before fleet mode, or "overlap")."""
-    rt = agent.loaded_runtimes().get("podman")
-    url = str(getattr(rt, "url", "") or "")
+    urls = [u for rt in agent.loaded_runtimes().values()
+            if isinstance(u := getattr(rt, "url", ""), str) and u.startswith("unix://")]
+    url = urls[0] if urls else ""      # the podman API the container runtime uses
     if not url and agent.config.podman.socket:
         from .podman_service import socket_url
         url = socket_url(agent.config.podman.socket)

@@ -103,3 +103,25 @@ def test_failover_key() -> None:
         with pytest.raises(ValidationError) as exc:
             from_dict({**base, "failover": bad})
         assert exc.value.field == "failover"
+
+
+def test_fence_facts_name_the_podman_socket_and_spare_local_and_overlap(tmp_path: Path) -> None:
+    from fake_runtime import FakeWorld
+
+    from mcp_node.agent import Agent
+    from mcp_node.config import from_dict as config_from_dict
+    from mcp_node.fleetlease import fence_facts
+
+    cfg = config_from_dict({"state": {"dir": str(tmp_path)},
+                            "podman": {"socket": "/run/x/podman.sock"}})
+    agent = Agent(cfg, runtimes=FakeWorld().runtimes())
+    try:
+        for name in ("local1", "fleet1", "ov"):
+            agent.deploy_local(from_dict({"name": name, "components": [
+                {"name": "web", "image": "img:v1"}]}))
+        owner, url, exempt = fence_facts(agent, {"fleet1", "ov"}, {"ov"})
+        assert owner == agent.owner
+        assert url == "unix:///run/x/podman.sock"       # the fakes have no socket of theirs
+        assert exempt == ["local1", "ov"]                # fleet1 is fenced
+    finally:
+        agent.close()

@@ -403,15 +403,15 @@ class Agent:
         """Remove every component and the record.
 
         Raises ValidationError, NotFoundError, WorkloadError (the record stays), RegistryError.
-        The record is marked stopped before anything is removed: a registry that cannot
-        be written fails here with nothing changed, and one that fails later, at the
-        delete, leaves a stopped record (undeploy again), never one that reconcile
-        would run again or that claims the removed workloads still run.
+        The intent is recorded before anything is removed (every component stopped, the
+        service ``undeploying``): a registry that cannot be written fails here with
+        nothing changed, and an undeploy cut short later (the agent killed, a remove or
+        the delete failing) is finished by the daemon's reconcile, never left half-done.
         """
         name = check_name(name, "service")
         with self._service_lock(name), self.progress.operation(name, "undeploy"):
             rec = self.registry.get_service(name)  # under the lock: what a deploy just made
-            self.registry.set_desired(name, STOPPED)
+            self.registry.mark_undeploying(name)
             in_parallel([partial(self.steps.remove, rec.name, c) for c in rec.components])
             self.registry.delete_service(rec.name)
             log.info("undeployed service=%s", rec.name)

@@ -101,6 +101,9 @@ class QemuRuntime(Runtime):
         self._guard = threading.Lock()            # _vm_locks
         self._accel_lock = threading.Lock()       # the accel probe (seconds, once)
         self._vm_locks: dict[str, threading.RLock] = {}
+        # VM dir name -> the qemu pid whose guest is known to run (let run here, or asked):
+        # a VM adopted from a killed agent is asked QMP once, not in every listing.
+        self._guest_runs: dict[str, int] = {}
 
     # -- enablement ----------------------------------------------------------------------------
 
@@ -391,20 +394,26 @@ class QemuRuntime(Runtime):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 raise
+        self._guest_runs[d.name] = pid
         log.info("qemu %s: running, pid %d", d.name, pid)
         return meta, pid
 
     def start(self, service: str, component: str) -> bool:
         """Boot a stopped VM again from its image as it is (its disk and console kept);
-        False when there is no VM to start."""
+        False when there is no VM to start. A live one whose guest does not run is let
+        run, or killed and booted again when it cannot be."""
         d, meta = self._meta(service, component)
         if meta is None or not d.image.is_dir():
             return False
         self._require()
         with self._vm_lock(d):
-            if live_pid(d, meta):
-                self._resume(d)
-                return True
+            pid = live_pid(d, meta)
+            if pid:
+                if self._resume(d, meta, pid):
+                    return True
+                log.warning("qemu %s: its guest cannot run; booting it again", d.name)
+                self._kill(d, meta, pid)
+                meta = read_meta(d) or meta
             with self._lock:
                 self._check_room(meta.name, meta.memory_mb, meta.vcpus, exclude=d.name)
                 meta = replace(meta, started_at=time.time())
@@ -412,15 +421,41 @@ class QemuRuntime(Runtime):
                 self._launch(d, meta)
         return True
 
-    def _resume(self, d: VMDir) -> None:
-        """A VM left paused before its first instruction (the agent died between launch
-        and ``cont``) is let run."""
+    def _resume(self, d: VMDir, meta: VMMeta, pid: int) -> bool:
+        """Let a live VM's guest run: one left in ``prelaunch`` (the agent died between
+        launch and ``cont``) or ``paused``. False when it cannot (QMP unreachable,
+        internal-error, guest-panicked ...). An image not hashed yet is hashed first,
+        as ``_launch`` would have: the guest has not run, so it is the image as built."""
+        status = self._guest_status(d, pid, fresh=True)
+        if status == "running":
+            return True
+        if status not in qmp.HALTED:
+            log.warning("qemu %s: guest %s", d.name, status)
+            return False
+        log.warning("qemu %s: found its guest %s; continuing it", d.name, status)
         try:
-            if qmp.execute(d.qmp, "query-status").get("status") == "prelaunch":
-                log.warning("qemu %s: found paused before boot; continuing it", d.name)
-                qmp.execute(d.qmp, "cont")
-        except (qmp.QMPError, AttributeError) as exc:
-            log.warning("qemu %s: %s", d.name, exc)
+            if not meta.image_sha256:
+                digest = sha256_file(Path(meta.boot.image))
+                write_meta(d, replace(meta, image_sha256=digest,
+                                      boot=replace(meta.boot, sha256=digest)))
+            qmp.execute(d.qmp, "cont")
+        except (qmp.QMPError, OSError) as exc:
+            log.warning("qemu %s: cannot continue it: %s", d.name, exc)
+            return False
+        return self._guest_status(d, pid, fresh=True) == "running"
+
+    def _guest_status(self, d: VMDir, pid: int, fresh: bool = False) -> str:
+        """QMP's run state of live qemu ``pid`` ("running", "prelaunch", "paused" ...) or
+        "unreachable: why". Asked once per qemu process (every time if ``fresh``): once
+        seen running, only QMP (the agent's) stops its guest."""
+        if not fresh and self._guest_runs.get(d.name) == pid:
+            return "running"
+        status = qmp.run_state(d.qmp)
+        if status == "running":
+            self._guest_runs[d.name] = pid
+        else:
+            self._guest_runs.pop(d.name, None)
+        return status
 
     # -- stop / remove -------------------------------------------------------------------------
 
@@ -442,6 +477,8 @@ class QemuRuntime(Runtime):
                 return live_pid(d, meta) == pid
 
             wait = timeout if meta.machine != "microvm" else min(timeout, MICROVM_GRACE_S)
+            if self._guest_status(d, pid) in qmp.HALTED:
+                wait = 0.0   # CPUs held (prelaunch, paused): the button is never seen
             log.info("qemu %s: power button, waiting up to %.1fs", d.name, wait)
             deadline = time.monotonic() + wait
             while True:   # pressed again each second: a guest still booting missed it
@@ -463,11 +500,14 @@ class QemuRuntime(Runtime):
                 log.warning("qemu %s: %s", d.name, exc)
             if wait_exit(pid, QUIT_WAIT_S, ours):
                 return
-            log.warning("qemu %s: SIGKILL pid %d", d.name, pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            if not wait_exit(pid, KILL_WAIT_S, ours):
-                raise WorkloadError(f"qemu pid {pid} of {d.name} survived SIGKILL")
+            self._kill(d, meta, pid)
+
+    def _kill(self, d: VMDir, meta: VMMeta, pid: int) -> None:
+        log.warning("qemu %s: SIGKILL pid %d", d.name, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if not wait_exit(pid, KILL_WAIT_S, lambda: live_pid(d, meta) == pid):
+            raise WorkloadError(f"qemu pid {pid} of {d.name} survived SIGKILL")
 
     def remove(self, service: str, component: str) -> None:
         d, meta = self._meta(service, component)
@@ -477,6 +517,7 @@ class QemuRuntime(Runtime):
             if meta is not None:
                 self.stop(service, component, meta.stop_timeout_s)
             shutil.rmtree(d.path)
+            self._guest_runs.pop(d.name, None)
         self._prune_cache()
 
     def _prune_cache(self) -> None:
@@ -510,10 +551,14 @@ class QemuRuntime(Runtime):
         }
         if qmp_status:
             extra["qmp_status"] = qmp_status
+        # A live qemu whose guest does not run (prelaunch, paused, internal-error ...) is
+        # not serving: stopped, and ``paused`` says why (QMP unreachable: left running).
+        paused = qmp_status if pid and qmp_status and qmp_status != "running" and \
+            not qmp_status.startswith("unreachable") else ""
         return Workload(service=meta.service, component=meta.component, runtime=self.name,
-                        state=State.RUNNING if pid else State.STOPPED, id=d.name,
-                        image=meta.image, started_at=meta.started_at, extra=extra,
-                        spec_digest=meta.spec_digest)
+                        state=State.RUNNING if pid and not paused else State.STOPPED,
+                        id=d.name, image=meta.image, started_at=meta.started_at, extra=extra,
+                        spec_digest=meta.spec_digest, paused=paused)
 
     def inspect(self, service: str, component: str) -> Workload | None:
         d, meta = self._meta(service, component)
@@ -522,24 +567,21 @@ class QemuRuntime(Runtime):
         pid = live_pid(d, meta)
         status = ""
         if pid:
-            try:
-                status = str(qmp.execute(d.qmp, "query-status").get("status", ""))
-            except (qmp.QMPError, AttributeError) as exc:
-                status = f"unreachable: {exc}"
+            status = self._guest_status(d, pid, fresh=True)
             console_rotate(d.console, self.cfg.console_max_bytes)
-        w = self._workload(d, meta, pid, status)
-        if pid and status and not status.startswith("unreachable") and status != "running":
-            w.state = State.STOPPED   # paused, shutdown, internal-error: not serving
-        return w
+        return self._workload(d, meta, pid, status)
 
     def list(self) -> list[Workload]:
-        """One pass over the state directories; no QMP, no subprocess."""
+        """One pass over the state directories, no subprocess; QMP only for a qemu not
+        yet known to run its guest (once per process: one adopted after a crash)."""
         out = []
         for d, meta in self._scan():
             pid = live_pid(d, meta)
+            status = ""
             if pid:
+                status = self._guest_status(d, pid)
                 console_rotate(d.console, self.cfg.console_max_bytes)
-            out.append(self._workload(d, meta, pid))
+            out.append(self._workload(d, meta, pid, status))
         return out
 
     def logs(self, service: str, component: str, tail: int | None = None,

@@ -86,6 +86,18 @@ def execute(socket_path: Path, command: str, args: dict[str, Any] | None = None,
         return _call(socket_path, command, args or {}, timeout)
 
 
+HALTED = ("prelaunch", "paused")   # run states a ``cont`` lets run
+
+
+def run_state(socket_path: Path) -> str:
+    """``query-status``'s run state ("running", "prelaunch", "paused", "internal-error"
+    ...), or "unreachable: why"."""
+    try:
+        return str(execute(socket_path, "query-status").get("status", ""))
+    except (QMPError, AttributeError) as exc:
+        return f"unreachable: {exc}"
+
+
 def _call(socket_path: Path, command: str, args: dict[str, Any], timeout: float) -> Any:
     import asyncio
 

@@ -18,6 +18,12 @@ resolves outside the volume roots (HostPathError: a workload swapped a symlink
 into a directory it can write) stops the component and holds it down, with one
 event naming the path and a health reason, instead of a restart loop; the paths
 are checked again each round (no runtime call) and it comes back once they pass.
+
+Interrupted operations (issue 18): a service marked ``undeploying`` (its undeploy
+began and was cut short) is finished, its remaining workloads removed and the record
+deleted; a workload whose process lives but whose guest does not run (``paused``: a
+VM left in ``prelaunch`` by an agent killed before ``cont``) is resumed, or replaced
+when it cannot be, whatever its restart policy (it never exited).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ Key = tuple[str, str]
 @dataclass(frozen=True)
 class Action:
     kind: str          # "run" (create anew) | "start" (existing) | "stop" | "remove"
+    #                    | "resume" (paused) | "undeploy" (finish one: whole service)
     service: str
     component: str
     runtime: str
@@ -108,6 +115,10 @@ def plan(
     out = Plan()
     skip = set(skip_runtimes)
     for rec in records:
+        if rec.undeploying:
+            if not any(c.defn.runtime in skip for c in rec.components):
+                out.actions.append(Action("undeploy", rec.name, "", "", "undeploy interrupted"))
+            continue
         for comp in rec.components:
             d = comp.defn
             key = (rec.name, d.name)
@@ -119,7 +130,7 @@ def plan(
             b = backoff.setdefault(key, Backoff())
             if comp.desired_state != RUNNING:
                 b.restarts, b.running_since = 0, None
-                if w is not None and w.state == RUNNING:
+                if w is not None and (w.state == RUNNING or w.paused):
                     out.actions.append(Action("stop", rec.name, d.name, d.runtime,
                                               "desired stopped"))
                 continue
@@ -130,6 +141,10 @@ def plan(
             if w is not None and w.spec_digest and w.spec_digest != want:
                 out.actions.append(Action("run", rec.name, d.name, d.runtime,
                                           f"spec drift ({w.spec_digest} != {want})"))
+                continue
+            if w is not None and w.paused:
+                out.actions.append(Action("resume", rec.name, d.name, d.runtime,
+                                          f"found {w.paused}"))
                 continue
             if w is not None and w.state == RUNNING:
                 if b.running_since is None:
@@ -170,14 +185,19 @@ def still_wanted(a: Action, rec: ServiceRecord | None, w: Workload | None,
     comp = next((c for c in rec.components if c.defn.name == a.component), None) if rec else None
     if comp is not None and comp.defn.runtime != a.runtime:
         comp = None
+    if a.kind == "undeploy":
+        return rec is not None and rec.undeploying
     if a.kind == "remove":
         return comp is None and w is not None
-    if comp is None or rec is None:
+    if comp is None or rec is None or rec.undeploying:
         return False
     if a.kind == "stop":
-        return comp.desired_state != RUNNING and w is not None and w.state == RUNNING
+        return comp.desired_state != RUNNING and w is not None and (
+            w.state == RUNNING or bool(w.paused))
     if comp.desired_state != RUNNING:
         return False
+    if a.kind == "resume":
+        return w is not None and bool(w.paused) and w.spec_digest in ("", digest(rec, comp))
     if not a.restart:  # spec drift
         return w is not None and bool(w.spec_digest) and w.spec_digest != digest(rec, comp)
     return w is None or w.state != RUNNING
@@ -233,6 +253,8 @@ class Reconciler:
             rec: ServiceRecord | None = self.host.registry.get_service(a.service)
         except NotFoundError:
             rec = None
+        if a.kind == "undeploy":
+            return self._undeploy(a, rec)
         rt = self.host.runtime(a.runtime)
         try:
             w = rt.inspect(a.service, a.component)
@@ -248,6 +270,10 @@ class Reconciler:
                 rt.remove(a.service, a.component)
             elif a.kind == "stop":
                 rt.stop(a.service, a.component)
+            elif a.kind == "resume":
+                assert rec is not None
+                if not rt.start(a.service, a.component):
+                    rt.run(self.host.spec(a.service, rec.component(a.component)))
             else:
                 assert rec is not None
                 comp = rec.component(a.component)
@@ -269,6 +295,23 @@ class Reconciler:
             detail = (f"restarted by agent after {a.reason}, restart {b.restarts}"
                       if a.restart and b else f"{a.kind}: {a.reason}")
             self._event(a, detail)
+        return True
+
+    def _undeploy(self, a: Action, rec: ServiceRecord | None) -> bool:
+        """Finish an interrupted undeploy: every component removed (a missing one is a
+        no-op), then the record deleted; a failure leaves it marked for the next round."""
+        if rec is None or not still_wanted(a, rec, None, self.digest):
+            return False
+        log.warning("reconcile: finishing the interrupted undeploy of service=%s", rec.name)
+        try:
+            for comp in rec.components:
+                self.host.runtime(comp.defn.runtime).remove(rec.name, comp.defn.name)
+            self.host.registry.delete_service(rec.name)
+        except MCPError as exc:
+            log.warning("reconcile undeploy service=%s failed: %s", rec.name, exc)
+            return False
+        log.info("undeployed service=%s (reconcile finished an interrupted undeploy)",
+                 rec.name)
         return True
 
     def _hold(self, a: Action, rt: Runtime, exc: HostPathError) -> None:

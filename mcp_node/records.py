@@ -28,6 +28,7 @@ class ServiceRecord:
     components: list[ComponentRecord]
     created_at: str = ""
     updated_at: str = ""
+    undeploying: bool = False   # an undeploy began (and was interrupted): reconcile ends it
 
     def definition(self) -> ServiceDef:
         return ServiceDef(

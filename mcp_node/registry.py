@@ -270,7 +270,7 @@ class Registry:
             db.execute(
                 "INSERT INTO services (name, active, created_at, updated_at) VALUES (?,?,?,?) "
                 "ON CONFLICT(name) DO UPDATE SET active=excluded.active, "
-                "updated_at=excluded.updated_at",
+                "updated_at=excluded.updated_at, undeploying=0",   # a deploy is newer intent
                 (svc.name, int(svc.active), ts, ts),
             )
             db.execute("DELETE FROM components WHERE service=?", (svc.name,))
@@ -379,7 +379,8 @@ class Registry:
         return [
             ServiceRecord(name=s["name"], active=bool(s["active"]),
                           components=by_svc.get(s["name"], []),
-                          created_at=s["created_at"], updated_at=s["updated_at"])
+                          created_at=s["created_at"], updated_at=s["updated_at"],
+                          undeploying=bool(s["undeploying"]))
             for s in svcs
         ]
 
@@ -395,6 +396,17 @@ class Registry:
             # Active while any component should run (one component stopped is not the service).
             db.execute("UPDATE services SET active=EXISTS(SELECT 1 FROM components WHERE "
                        "service=? AND desired_state=?) WHERE name=?", (service, RUNNING, service))
+
+    def mark_undeploying(self, service: str) -> None:
+        """An undeploy's intent, recorded before anything is removed (one transaction):
+        every component desired stopped and the service marked ``undeploying``, so an
+        interrupted undeploy is finished by reconcile, never left half-done."""
+        with self._tx() as db:
+            if not db.execute("SELECT 1 FROM services WHERE name=?", (service,)).fetchone():
+                raise NotFoundError(f"unknown service {service!r}")
+            db.execute("UPDATE components SET desired_state=?, updated_at=? WHERE service=?",
+                       (STOPPED, now_iso(), service))
+            db.execute("UPDATE services SET active=0, undeploying=1 WHERE name=?", (service,))
 
     def record_observed(self, changes: list[Event]) -> None:
         """Store new observed states and their events in one transaction."""

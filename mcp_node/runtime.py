@@ -96,6 +96,9 @@ class Workload:
     extra: dict[str, Any] = field(default_factory=dict)  # runtime-specific observations
     spec_digest: str = ""            # WorkloadSpec.digest it was made from ("" unknown)
     exit_code: int | None = None     # of the last exit, where the runtime knows it
+    # STOPPED though its process lives: the guest does not run (a VM's QMP status, e.g.
+    # "prelaunch" when the agent died between launch and ``cont``); "" otherwise
+    paused: str = ""
 
 
 class Runtime(ABC):

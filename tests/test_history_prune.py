@@ -81,9 +81,11 @@ def test_a_redeployed_service_keeps_its_history(tmp_path: Path) -> None:
 def test_migration_dates_history_kept_before_it(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
     old = Registry(path, migrate_to=10)
-    deploy(old, "kept")
-    deploy(old, "gone")
-    old._db.execute("DELETE FROM services WHERE name='gone'")   # undeployed by release 10
+    for name in ("kept", "gone"):   # written as release 10 would: today's put_service
+        for v in (1, 2, 3):         # needs columns of later migrations
+            old.record_deployment(svc(name, v))
+    old._db.execute("INSERT INTO services (name, active, created_at, updated_at) "
+                    "VALUES ('kept', 1, 'then', 'then')")   # 'gone' was undeployed
     last = max(d.time for d in old.history("gone"))
     old.close()
     reg = Registry(path)

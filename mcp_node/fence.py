@@ -67,6 +67,7 @@ class Beat:
     owner: str
     ttl: float
     podman: str = ""                  # the podman API's unix:// URL
+    containers_conf: str = ""         # for the CLI, when that API does not answer
     exempt: list[str] = field(default_factory=list)
     exit: bool = False
 
@@ -74,6 +75,7 @@ class Beat:
     def from_dict(raw: dict[str, Any]) -> Beat:
         return Beat(deadline=float(raw["deadline"]), owner=str(raw["owner"]),
                     ttl=float(raw["ttl"]), podman=str(raw.get("podman", "")),
+                    containers_conf=str(raw.get("containers_conf", "")),
                     exempt=[str(s) for s in raw.get("exempt", [])],
                     exit=bool(raw.get("exit", False)))
 
@@ -167,10 +169,30 @@ def enforce(state_dir: Path, beat: Beat) -> int:
                             str(c.get("Names") or c.get("Id"))[:80], service)
                 _podman(beat.podman, "POST", f"/containers/{c['Id']}/kill?signal=SIGKILL")
         except (OSError, ValueError, KeyError) as exc:
-            log.warning("fence: podman: %s", exc)
-            found = -1
+            log.warning("fence: podman API: %s; trying the CLI", exc)
+            found = _cli_kill(beat, exempt)
     found += _kill_vms(state_dir, exempt)
     return found
+
+
+def _cli_kill(beat: Beat, exempt: set[str]) -> int:
+    """The same through the podman CLI (the API's service died or hangs)."""
+    from .podman_service import run_cli
+
+    out = run_cli("podman", beat.containers_conf, "ps", "--filter",
+                  f"label={LABEL_OWNER}={beat.owner}", "--format", "json", timeout=20)
+    try:
+        rows = json.loads(out.stdout or "[]") if out.returncode == 0 else None
+    except ValueError:
+        rows = None
+    if rows is None:
+        log.warning("fence: podman ps failed: %s", out.stderr[-300:])
+        return -1
+    ids = [str(r["Id"]) for r in rows
+           if (r.get("Labels") or {}).get(LABEL_SERVICE, "") not in exempt | {""}]
+    if ids:
+        run_cli("podman", beat.containers_conf, "kill", "--signal", "KILL", *ids, timeout=20)
+    return len(ids)
 
 
 def _kill_vms(state_dir: Path, exempt: set[str]) -> int:

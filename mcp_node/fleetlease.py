@@ -51,6 +51,7 @@ class LeaseGuard:
                  on_expired: Callable[[], None]) -> None:
         """``facts()``: (owner id, podman URL, exempt services) for the fence's beat."""
         self.cfg, self.state_dir, self.facts, self.on_expired = cfg, state_dir, facts, on_expired
+        self.containers_conf = ""
         self.ttl = float(cfg.lease_ttl_s)
         self.tick = max(0.25, self.ttl / 4)
         quick = dataclasses.replace(cfg, timeout_s=min(cfg.timeout_s, max(0.2, self.ttl / 4)))
@@ -195,7 +196,7 @@ class LeaseGuard:
         try:
             fence.write_beat(self.state_dir, fence.Beat(
                 deadline=self.deadline, owner=owner, ttl=self.ttl, podman=podman,
-                exempt=exempt))
+                containers_conf=self.containers_conf, exempt=exempt))
         except OSError as exc:
             log.error("fleet: cannot write the fence's heartbeat: %s", exc)
 

@@ -117,6 +117,7 @@ class Fleet:
         self._overlap: set[str] = set()    # of those, failover = "overlap" (never fenced)
         self.guard = LeaseGuard(self.cfg, agent.state_dir, self.traffic, self._fence_facts,
                                 self._expired)
+        self.guard.containers_conf = agent.config.podman.containers_conf
         agent.reconciler.gate = self.may_start
 
     # -- life ---------------------------------------------------------------

@@ -426,10 +426,12 @@ class Agent:
         """
         return self.views.events(check_name(service, "service") if service else None, tail)
 
-    def event_stream(self, service: str | None = None, tail: int = 10) -> Iterator[bytes]:
-        """Those, then every new one as it is recorded (NDJSON); raises as ``events``."""
+    def event_stream(self, service: str | None = None, tail: int = 10,
+                     after: int = 0) -> Iterator[bytes]:
+        """Those, then every new one as it is recorded (NDJSON); raises as ``events``.
+        ``after``: instead of the tail, every event after that id (a resumed follow)."""
         return self.views.event_stream(check_name(service, "service") if service else None,
-                                       tail)
+                                       tail, after)
 
     def logs(
         self, name: str, component: str | None, tail: int | None, follow: bool

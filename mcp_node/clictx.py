@@ -185,17 +185,19 @@ class RemoteBackend:
              follow: bool) -> Iterator[bytes]:
         from urllib.parse import quote, urlencode
 
+        if follow:   # across agent restarts and into a replaced component's new run
+            from . import clifollow
+
+            return clifollow.logs(self.client, service, component, tail)
         params = {"component": component or "", "tail": "" if tail is None else tail,
                   "follow": "1" if follow else ""}
         query = urlencode({k: v for k, v in params.items() if v != ""})
         return self.client.stream(f"/v1/services/{quote(service, safe='')}/logs?{query}")
 
     def follow_events(self, service: str | None, tail: int) -> Iterator[bytes]:
-        from urllib.parse import urlencode
+        from . import clifollow  # resumed after the last event across agent restarts
 
-        query = urlencode({"follow": "1", "tail": tail, **({"service": service} if service
-                                                             else {})})
-        return self.client.stream(f"/v1/events?{query}")
+        return clifollow.events(self.client, service, tail)
 
 
 class LocalBackend:

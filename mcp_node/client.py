@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from . import __version__
-from .errors import AgentUnreachable, MCPError, RemoteError, ValidationError
+from .errors import AgentUnreachable, RemoteError, ValidationError
 
 if TYPE_CHECKING:
     import ssl
@@ -103,6 +103,8 @@ def body_parts(f: io.BufferedReader, resp: Response) -> Iterator[bytes]:
     if resp.chunked:
         while True:
             line = f.readline(MAX_CHUNK_LINE + 1)
+            if not line:   # what a restarted or killed agent's end of a stream looks like
+                raise ConnectionError("the agent closed the connection mid-stream")
             size = line.split(b";", 1)[0].strip()
             if not line.endswith(b"\n") or not size or any(c not in b"0123456789abcdefABCDEF"
                                                           for c in size):
@@ -317,7 +319,8 @@ class Client:
                 try:
                     chunk = next(parts, b"")
                 except (OSError, ValueError) as exc:
-                    raise MCPError(f"the stream from {self.base_url} broke off: {exc}") from exc
+                    raise AgentUnreachable(
+                        f"the stream from {self.base_url} broke off: {exc}") from exc
                 if not chunk:
                     return
                 yield chunk

@@ -59,7 +59,9 @@ class APIHandler(Handler):
     def h_events(self, params: Params, query: dict[str, str], body: bytes) -> None:
         kwargs = decode(self._route.op, params, query, body)
         if parse_bool(query.get("follow", ""), "follow"):
-            opened = self.agent.event_stream(**kwargs)
+            # after: resume a broken follow after the last event seen (mcp events -f)
+            after = parse_count(query.get("after") or "0", "after", 2**63 - 1)
+            opened = self.agent.event_stream(**kwargs, after=after)
             self._follow_stream(lambda: opened, "application/x-ndjson")
             return
         self._send_json(self.agent.events(**kwargs))

@@ -120,8 +120,9 @@ class FleetOperations:
     def progress_of(self, name: str) -> dict[str, Any]:
         return self._agent.progress_of(name)
 
-    def event_stream(self, service: str | None = None, tail: int = 10) -> Iterator[bytes]:
-        return self._agent.event_stream(service, tail)
+    def event_stream(self, service: str | None = None, tail: int = 10,
+                     after: int = 0) -> Iterator[bytes]:
+        return self._agent.event_stream(service, tail, after)
 
     def logs(self, name: str, component: str | None, tail: int | None,
              follow: bool) -> Iterator[bytes]:

@@ -105,6 +105,10 @@ EVENT_PARAMS = [
                     "10 when following)",
      "schema": {"type": "string", "pattern": TAIL_PATTERN}},
     LOG_PARAMS[2],
+    {"name": "after", "in": "query", "required": False,
+     "description": "With follow: instead of the tail, every event after this event id "
+                    "first (resuming a follow that broke off; ASCII digits)",
+     "schema": {"type": "string", "pattern": "^[0-9]{0,19}$"}},
 ]
 ALLOW_HEADER = {"Allow": {"description": "The methods this path allows",
                           "schema": {"type": "string"}}}

@@ -72,7 +72,7 @@ OPS: tuple[Op, ...] = (
        cli="progress", side=True),
     Op("Events", "GET", "/v1/events", "reader", "events",
        (Arg("service", "query", "name"), Arg("tail", "query", "events")),
-       query=("follow",), handler="h_events"),
+       query=("follow", "after"), handler="h_events"),
     Op("Livez", "GET", "/v1/livez", None, handler="h_livez"),
     Op("Metrics", "GET", "/metrics", "reader", handler="h_metrics"),
     Op("ListEdgeRoutes", "GET", "/v1/edge-routes", "reader", "edge_list"),

@@ -536,7 +536,8 @@ class PodmanRuntime(Runtime):
         path = k8s_log_path(attrs)
         if path is not None:
             return LogTail([path], "k8s", tail, max_bytes, follow,
-                           lambda: self._still_running(name), alive_every_s=1.0)
+                           lambda: self._still_running(name, str(attrs.get("Id") or "")),
+                           alive_every_s=1.0)
         params: dict[str, str] = {"stdout": "true", "stderr": "true",
                                   "follow": "true" if follow else "false"}
         if tail is not None:
@@ -584,11 +585,13 @@ class PodmanRuntime(Runtime):
         stream.wait_open(FOLLOW_OPEN_WAIT_S)
         return stream
 
-    def _still_running(self, name: str) -> bool:
+    def _still_running(self, name: str, cid: str = "") -> bool:
+        """The followed container still runs: ``cid``, not a replacement of that name."""
         try:
-            return still_running(self._inspect_raw(name))
+            attrs = self._inspect_raw(name)
         except MCPError:            # podman gone: so is what it would have followed
             return False
+        return still_running(attrs) and (not cid or (attrs or {}).get("Id") == cid)
 
     def _open_logs(self, name: str, params: dict[str, str], timeout: Any) -> Any:
         resp = self._request("GET", f"/containers/{name}/logs", f"logs {name}", params=params,

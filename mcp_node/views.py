@@ -50,6 +50,7 @@ def rfc3339(t: float) -> str:
 
 
 EVENT_POLL_S = 0.5   # events are rows in SQLite; a follower looks for new ones this often
+RESUME_MAX = 10000   # events sent at once to a follow resumed after an id
 
 
 def event_dict(e: Event) -> dict[str, Any]:
@@ -165,17 +166,19 @@ class Views:
             self.a.registry.get_service(service)   # NotFoundError names the known ones
         return [event_dict(e) for e in self.a.registry.events(service, limit=tail)]
 
-    def event_stream(self, service: str | None, tail: int) -> Iterator[bytes]:
-        """The last ``tail`` events, then each new one, one JSON object a line. Yields
-        ``b""`` between polls so whoever pumps it can stop it while nothing happens."""
+    def event_stream(self, service: str | None, tail: int, after: int = 0) -> Iterator[bytes]:
+        """The last ``tail`` events (or, ``after`` an id, every later one: a follow
+        resumed), then each new one, one JSON object a line. Yields ``b""`` between polls
+        so whoever pumps it can stop it while nothing happens."""
         if service is not None:
             self.a.registry.get_service(service)
-        return self._stream(service, tail)
+        return self._stream(service, tail, after)
 
-    def _stream(self, service: str | None, tail: int) -> Iterator[bytes]:
-        last = 0
-        batch = self.a.registry.events(service, limit=tail) if tail else []
-        if not tail:
+    def _stream(self, service: str | None, tail: int, after: int = 0) -> Iterator[bytes]:
+        last = after
+        batch = (self.a.registry.events(service, limit=RESUME_MAX, after_id=after) if after
+                 else self.a.registry.events(service, limit=tail) if tail else [])
+        if not tail and not after:
             newest = self.a.registry.events(service, limit=1)
             last = newest[-1].id if newest else 0
         while True:

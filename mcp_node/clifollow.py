@@ -1,0 +1,159 @@
+"""``mcp events -f`` and ``mcp logs -f`` across an agent restart and a replace.
+
+A follow is one long HTTP response. When it breaks off (the agent restarted,
+the connection reset) the CLI connects again with backoff, for at most
+``RECONNECT_S`` in all, then ends saying why. Events resume after the last id
+seen (the ``after`` query key), so none is lost or shown twice. Logs are opened
+again with a tail of 0 (lines written while the agent was away are not shown),
+and a component whose output ended because it was replaced or restarted is
+followed into its new run; one that stopped for good ends the follow, saying so.
+What happens is said on stderr, so stdout stays the stream itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import click
+
+from .client import Client
+from .errors import AgentUnreachable, MCPError, RemoteError
+
+RECONNECT_S = float(os.environ.get("MCP_FOLLOW_RECONNECT_S", "60"))
+POLL_S = 0.2
+
+
+def note(text: str) -> None:
+    click.echo(f"mcp: {text}", err=True)
+
+
+def _retry(open_: Callable[[], Iterator[bytes]], why: str, base: str) -> Iterator[bytes]:
+    """``open_()`` again until it answers, with backoff, for ``RECONNECT_S`` at most
+    (``why`` "": quietly, the stream ended as it should)."""
+    if why:
+        note(f"the stream from {base} broke off ({why}); reconnecting for up to "
+             f"{RECONNECT_S:g} s")
+    deadline = time.monotonic() + RECONNECT_S
+    delay = POLL_S
+    while True:
+        try:
+            return open_()
+        except AgentUnreachable as exc:
+            last = str(exc)
+        except RemoteError as exc:
+            if exc.status < 500:
+                raise
+            last = exc.message
+        if time.monotonic() + delay > deadline:
+            raise AgentUnreachable(f"gave up following: the agent at {base} did not answer "
+                                   f"again within {RECONNECT_S:g} s ({last})")
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def _cause(exc: MCPError) -> str:
+    text = str(exc)
+    return text.split(": ", 1)[1] if text.startswith("the stream from ") else text
+
+
+def events(client: Client, service: str | None, tail: int) -> Iterator[bytes]:
+    """NDJSON event lines, the same stream resumed after the last id across breaks."""
+    def open_(after: int | None) -> Iterator[bytes]:
+        query = {"follow": "1", "tail": 0 if after is not None else tail,
+                 **({"after": after} if after else {}), **({"service": service}
+                                                          if service else {})}
+        return client.stream(f"/v1/events?{urlencode(query)}")
+
+    last: int | None = None
+    stream = open_(None)
+    while True:
+        buf = b""
+        try:
+            for chunk in stream:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        last = _event_id(line, last)
+                        yield line + b"\n"
+            why = "the agent ended it"
+        except AgentUnreachable as exc:
+            why = _cause(exc)
+        note_last = f"resuming after event {last}" if last else "new events only"
+        stream = _retry(partial(open_, last or 0), f"{why}; {note_last}", client.base_url)
+        note("reconnected")
+
+
+def _event_id(line: bytes, last: int | None) -> int | None:
+    try:
+        value = json.loads(line).get("id")
+    except (ValueError, AttributeError):
+        return last
+    return int(value) if isinstance(value, int) else last
+
+
+def logs(client: Client, service: str, component: str | None,
+         tail: int | None) -> Iterator[bytes]:
+    """A component's output, followed across agent restarts and into a new run."""
+    base = f"/v1/services/{quote(service, safe='')}"
+
+    def open_(n: int | None) -> Iterator[bytes]:
+        params = {"component": component or "", "tail": "" if n is None else n,
+                  "follow": "1"}
+        return client.stream(f"{base}/logs?"
+                             + urlencode({k: v for k, v in params.items() if v != ""}))
+
+    def run_of() -> tuple[str, str, float]:
+        """(state, desired state, start time) of the followed component."""
+        st: dict[str, Any] = client.get(base)
+        rows = [c for c in st["components"] if component in (None, c["component"])]
+        if len(rows) != 1:
+            raise MCPError(f"{service}: no component {component!r} any more")
+        row = rows[0]
+        up = row["state"] in ("running", "starting")
+        return (str(row["state"]), str(row["desired_state"]),
+                time.time() - float(row.get("uptime_s") or 0) if up else 0.0)
+
+    stream = open_(tail)
+    run = run_of()[2]
+    while True:
+        try:
+            yield from stream
+            why = ""
+        except AgentUnreachable as exc:
+            why = _cause(exc)
+        if why:
+            stream = _retry(lambda: open_(0), f"{why}; lines written meanwhile are not shown",
+                            client.base_url)
+            note("reconnected; following from the next line")
+            continue
+        # Its output ended: stopped for good, or replaced/restarted (a new run follows;
+        # the status may show the old run for a monitor round yet), or the agent stopped.
+        deadline = time.monotonic() + RECONNECT_S
+        away = False
+        while True:
+            try:
+                state, desired, start = run_of()
+            except AgentUnreachable:
+                away, state, desired, start = True, "unknown", "running", 0.0
+            if desired != "running":
+                note(f"{service}/{component or ''} is {state} (desired {desired}): "
+                     "its output ended".replace("/ ", " "))
+                return
+            if start and (abs(start - run) > 1.5 or away):
+                break
+            if time.monotonic() > deadline:
+                note(f"its output ended and no new run began within {RECONNECT_S:g} s "
+                     f"(it is {state})")
+                return
+            time.sleep(POLL_S)
+        stream = _retry(lambda: open_(0), "", client.base_url)
+        note("the component was replaced or restarted; following its new run"
+             if abs(start - run) > 1.5 else "reconnected; following from the next line")
+        run = start

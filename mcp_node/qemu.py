@@ -59,6 +59,7 @@ from .vmimage import BootPlan, Builder, BuildRequest, hash_into, sha256_file
 from .vmpull import ElfCache, Podman, PulledELF
 from .vmstate import (
     MICROVM_GRACE_S,
+    GuestRuns,
     VMDir,
     VMMeta,
     console_rotate,
@@ -101,9 +102,7 @@ class QemuRuntime(Runtime):
         self._guard = threading.Lock()            # _vm_locks
         self._accel_lock = threading.Lock()       # the accel probe (seconds, once)
         self._vm_locks: dict[str, threading.RLock] = {}
-        # VM dir name -> the qemu pid whose guest is known to run (let run here, or asked):
-        # a VM adopted from a killed agent is asked QMP once, not in every listing.
-        self._guest_runs: dict[str, int] = {}
+        self._guests = GuestRuns()                # which qemu are known to run their guest
 
     # -- enablement ----------------------------------------------------------------------------
 
@@ -394,7 +393,7 @@ class QemuRuntime(Runtime):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 raise
-        self._guest_runs[d.name] = pid
+        self._guests.runs(d, pid)
         log.info("qemu %s: running, pid %d", d.name, pid)
         return meta, pid
 
@@ -426,7 +425,7 @@ class QemuRuntime(Runtime):
         launch and ``cont``) or ``paused``. False when it cannot (QMP unreachable,
         internal-error, guest-panicked ...). An image not hashed yet is hashed first,
         as ``_launch`` would have: the guest has not run, so it is the image as built."""
-        status = self._guest_status(d, pid, fresh=True)
+        status = self._guests.status(d, pid, fresh=True)
         if status == "running":
             return True
         if status not in qmp.HALTED:
@@ -442,20 +441,7 @@ class QemuRuntime(Runtime):
         except (qmp.QMPError, OSError) as exc:
             log.warning("qemu %s: cannot continue it: %s", d.name, exc)
             return False
-        return self._guest_status(d, pid, fresh=True) == "running"
-
-    def _guest_status(self, d: VMDir, pid: int, fresh: bool = False) -> str:
-        """QMP's run state of live qemu ``pid`` ("running", "prelaunch", "paused" ...) or
-        "unreachable: why". Asked once per qemu process (every time if ``fresh``): once
-        seen running, only QMP (the agent's) stops its guest."""
-        if not fresh and self._guest_runs.get(d.name) == pid:
-            return "running"
-        status = qmp.run_state(d.qmp)
-        if status == "running":
-            self._guest_runs[d.name] = pid
-        else:
-            self._guest_runs.pop(d.name, None)
-        return status
+        return self._guests.status(d, pid, fresh=True) == "running"
 
     # -- stop / remove -------------------------------------------------------------------------
 
@@ -477,7 +463,7 @@ class QemuRuntime(Runtime):
                 return live_pid(d, meta) == pid
 
             wait = timeout if meta.machine != "microvm" else min(timeout, MICROVM_GRACE_S)
-            if self._guest_status(d, pid) in qmp.HALTED:
+            if self._guests.status(d, pid) in qmp.HALTED:
                 wait = 0.0   # CPUs held (prelaunch, paused): the button is never seen
             log.info("qemu %s: power button, waiting up to %.1fs", d.name, wait)
             deadline = time.monotonic() + wait
@@ -517,7 +503,7 @@ class QemuRuntime(Runtime):
             if meta is not None:
                 self.stop(service, component, meta.stop_timeout_s)
             shutil.rmtree(d.path)
-            self._guest_runs.pop(d.name, None)
+            self._guests.forget(d)
         self._prune_cache()
 
     def _prune_cache(self) -> None:
@@ -567,7 +553,7 @@ class QemuRuntime(Runtime):
         pid = live_pid(d, meta)
         status = ""
         if pid:
-            status = self._guest_status(d, pid, fresh=True)
+            status = self._guests.status(d, pid, fresh=True)
             console_rotate(d.console, self.cfg.console_max_bytes)
         return self._workload(d, meta, pid, status)
 
@@ -579,7 +565,7 @@ class QemuRuntime(Runtime):
             pid = live_pid(d, meta)
             status = ""
             if pid:
-                status = self._guest_status(d, pid)
+                status = self._guests.status(d, pid)
                 console_rotate(d.console, self.cfg.console_max_bytes)
             out.append(self._workload(d, meta, pid, status))
         return out

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import qmp
 from .files import atomic_write, read_cmdline
 from .logtail import LogTail
 from .runtime import workload_name
@@ -149,6 +150,34 @@ def live_pid(d: VMDir, meta: VMMeta) -> int | None:
             str(d.pidfile)] and f"guest={meta.name}" in argv:
         return pid
     return None
+
+
+class GuestRuns:
+    """Which qemu processes are known to run their guest: let run by this agent, or seen
+    running once. A VM adopted after a crash (left in ``prelaunch`` by an agent killed
+    before its ``cont``) is asked QMP once, not in every listing; once seen running, only
+    QMP (the agent's) stops its guest."""
+
+    def __init__(self) -> None:
+        self._pids: dict[str, int] = {}   # VM dir name -> qemu pid
+
+    def status(self, d: VMDir, pid: int, fresh: bool = False) -> str:
+        """The run state of live qemu ``pid`` ("running", "prelaunch", "paused" ...) or
+        "unreachable: why"; QMP is asked unless it is known to run (always if ``fresh``)."""
+        if not fresh and self._pids.get(d.name) == pid:
+            return "running"
+        status = qmp.run_state(d.qmp)
+        if status == "running":
+            self._pids[d.name] = pid
+        else:
+            self._pids.pop(d.name, None)
+        return status
+
+    def runs(self, d: VMDir, pid: int) -> None:
+        self._pids[d.name] = pid
+
+    def forget(self, d: VMDir) -> None:
+        self._pids.pop(d.name, None)
 
 
 def host_memory_mb() -> int:

@@ -8,6 +8,8 @@ the restarted agent must finish with no operator action (issue 18).
   Then, before any daemon runs again, ``mcp --local status`` must say the VM is not
   running (and it must still be paused: no reconcile there); after the restart the same
   qemu must be let run, its guest answering on its port and its image digest recorded.
+  In-process, a guest paused through QMP (another state that is not running) is seen so
+  by a runtime that did not launch it, stopped without a power-button wait, or resumed.
 - An undeploy killed at seeded random points (``MCP_UNDEPLOY_CRASH_ROUNDS`` rounds,
   default 4; ``MCP_CRASH_SEED`` replays one run): after the restart the service is
   either fully undeployed (no record, no container of it) when the kill came after the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import socket
@@ -33,13 +36,13 @@ import pytest
 from click.testing import CliRunner
 from daemon_env import Daemon, free_port
 from podman_env import podman_cli, wait_http
-from qemu_env import VMReaper, nanos_dir, need_nanos, qemu_pids_in
+from qemu_env import VMReaper, nanos_config, nanos_dir, need_nanos, qemu_pids_in, qemu_runtime
 
 from mcp_node import qmp
 from mcp_node.cli import cli
 from mcp_node.errors import MCPError
 from mcp_node.registry import Registry
-from mcp_node.runtime import LABEL_OWNER
+from mcp_node.runtime import LABEL_OWNER, WorkloadSpec
 
 pytestmark = pytest.mark.integration
 
@@ -192,6 +195,41 @@ def test_vm_left_in_prelaunch_by_a_killed_agent_is_resumed(tmp_path: Path,
         assert "found prelaunch" in json.dumps(client.get(f"/v1/events?service={svc}"))
         assert daemon.mcp("undeploy", svc).exit_code == 0
         assert qemu_pids_in(state) == []
+
+
+def test_a_guest_paused_through_qmp_is_seen_by_a_new_runtime_and_resumed(
+        tmp_path: Path, hello_image: str, caplog: pytest.LogCaptureFixture) -> None:
+    need_nanos()
+    config = nanos_config(tmp_path / "state", "q35")
+    port = free_port()
+    spec = WorkloadSpec(service=f"q{uuid.uuid4().hex[:8]}", component="web",
+                        image=hello_image, env=(f"PORT={port}", "MESSAGE=paused"),
+                        ports=(port,), memory_mb=128)
+    reaper = VMReaper()
+    first = qemu_runtime(config)
+    reaper.add(first, spec.service, spec.component)
+    try:
+        pid = first.run(spec).extra["pid"]
+        assert wait_http(port, timeout=60) == "hello from paused\n"
+        sock = Path(first.inspect(spec.service, spec.component).extra["state_dir"]) / "qmp.sock"
+        qmp.execute(sock, "stop")
+        again = qemu_runtime(config)   # a restarted agent: it did not let this guest run
+        [w] = again.list()
+        assert (w.state, w.paused, w.extra["pid"]) == ("stopped", "paused", pid)
+        w = again.inspect(spec.service, spec.component)
+        assert w is not None and (w.state, w.paused) == ("stopped", "paused")
+        assert again.start(spec.service, spec.component)
+        w = again.inspect(spec.service, spec.component)
+        assert w is not None and (w.state, w.paused, w.extra["pid"]) == ("running", "", pid)
+        assert wait_http(port) == "hello from paused\n"
+        qmp.execute(sock, "stop")
+        # stop: the power button cannot reach halted CPUs, so it is not waited for
+        with caplog.at_level(logging.INFO, logger="mcp_node.qemu"):
+            qemu_runtime(config).stop(spec.service, spec.component, timeout=30)
+        assert "power button, waiting up to 0.0s" in caplog.text
+        assert qemu_pids_in(config.state_dir) == []
+    finally:
+        reaper.run()
 
 
 # --------------------------------------------------------------------------- undeploy

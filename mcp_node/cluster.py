@@ -13,8 +13,6 @@ import base64
 import contextlib
 import json
 import logging
-import os
-import re
 import socket
 import threading
 import time
@@ -24,6 +22,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+from .causes import transport_cause
 from .config import ClusterConfig
 from .errors import FleetUnavailable, MCPError
 
@@ -253,46 +252,6 @@ def _session(cfg: ClusterConfig) -> Any:
     if cfg.cert_file and cfg.key_file:
         session.cert = (cfg.cert_file, cfg.key_file)
     return session
-
-
-_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()]+)")
-_TIMEOUT = re.compile(r"(Read|Connect) timed out", re.IGNORECASE)
-
-
-def transport_cause(exc: BaseException) -> str:
-    """A requests/urllib3 failure in a few words ("connection refused", "read timed
-    out (0.5 s)"), for an operator: etcd3gw passes on only the nested exceptions'
-    repr, ``ConnectionError(MaxRetryError('HTTPConnectionPool(...``, which says the
-    same in 300 characters."""
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and e not in chain and len(chain) < 10:
-        chain.append(e)
-        e = _nested(e)
-    text = " ".join(str(getattr(x, "detail_text", "") or x) for x in chain)
-    for x in reversed(chain):
-        if isinstance(x, OSError) and x.errno and not isinstance(x, socket.timeout):
-            return os.strerror(x.errno).lower()
-    if m := _TIMEOUT.search(text):
-        limit = re.search(r"timeout=([\d.]+)", text)
-        return m.group(0).lower() + (f" ({limit.group(1)} s)" if limit else "")
-    if m := _ERRNO.search(text):
-        return m.group(1).strip().lower()
-    name = type(chain[-1]).__name__
-    first = str(chain[-1]).split(":")[-1].strip()[:120]
-    return f"{name}: {first}" if first else name
-
-
-def _nested(e: BaseException) -> BaseException | None:
-    """The exception ``e`` wraps: urllib3's ``reason``, requests' first argument, or
-    what it was raised from or during."""
-    reason = getattr(e, "reason", None)
-    if isinstance(reason, BaseException):
-        return reason
-    for arg in e.args:
-        if isinstance(arg, BaseException):
-            return arg
-    return e.__cause__ or e.__context__
 
 
 def _lines(resp: Any, stop: threading.Event) -> Iterator[str]:

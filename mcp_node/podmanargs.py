@@ -15,6 +15,7 @@ from typing import Any
 
 from podman.errors import APIError
 
+from .causes import transport_cause
 from .errors import ValidationError
 from .grammar import Volume, parse_env, parse_volumes
 from .runtime import (
@@ -224,11 +225,12 @@ def workload_from_inspect(attrs: Mapping[str, Any]) -> Workload | None:
 
 
 def error_message(exc: BaseException) -> str:
-    """podman's own message; for a transport failure, what the socket said."""
+    """podman's own message; for a transport failure, what the socket said (in a few
+    words, not podman-py's repr of the exceptions it wraps)."""
     text = str(exc.explanation) if isinstance(exc, APIError) and exc.explanation else ""
     cause = exc.__cause__
     if isinstance(exc, APIError) and exc.response is None and cause is not None:
-        text = f"{text}: {cause}" if text else str(cause)
+        text = f"{text}: {transport_cause(cause)}" if text else transport_cause(cause)
     return text or str(exc) or type(exc).__name__
 
 

@@ -188,7 +188,11 @@ class Etcd:
     def keepalive(self, lease: int) -> int:
         """The lease's TTL after the refresh; -1 when it had already expired."""
         out = self._post("/lease/keepalive", {"ID": lease})
-        return int(out.get("result", {}).get("TTL", -1))
+        if "result" not in out:
+            # the gateway streams an error (e.g. "no leader") with status 200: that is
+            # no answer about the lease, not its expiry (which would fence the node)
+            raise FleetUnavailable(f"etcd keepalive: {str(out.get('error', out))[:200]}")
+        return int(out["result"].get("TTL", -1))
 
     def revoke(self, lease: int) -> None:
         self._post("/kv/lease/revoke", {"ID": lease})

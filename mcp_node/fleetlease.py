@@ -11,11 +11,14 @@ The rules:
   fleet-placed workloads at that instant unless a newer renewal moved it on;
 - after a (re)join, nothing fleet-placed starts until the node has read its placements
   under the new lease (``synced``): what moved away while it was gone is removed first;
-- a keepalive answering "expired" fences at once;
+- a keepalive answering "expired" fences at once; after etcd was lost for a moment
+  the node joins again under the same lease if a keepalive of it succeeds;
 - etcd without a leader: leases cannot expire (a new leader extends every lease by its
   TTL when elected), so when some member answers and says it has no leader, and none
-  says it has one, the deadline moves on as if renewed: nothing is fenced, and nothing
-  moves either. A node that reaches only a member which is itself cut off from a
+  says it has one, while the lease was surely alive (before its earliest expiry), the
+  deadline moves on as if renewed: nothing is fenced, and nothing moves either (a
+  renewal late by more than a quarter TTL makes the guard ask every 0.1 s). A node
+  that reaches only a member which is itself cut off from a
   majority that still has a leader cannot tell that from a leaderless etcd; that
   double partition is outside what this guards.
 """
@@ -58,9 +61,9 @@ class LeaseGuard:
         self.etcd = Etcd(quick, traffic)
         self.lease = 0
         self.synced = False
-        self.alive_until = 0.0
         old = fence.read_beat(state_dir)
         self.deadline = old.deadline if old else 0.0   # what the fence was told last
+        self.alive_until = self.deadline   # the lease of the agent before us, if any
         self.last_ok = time.monotonic()
         self.leaderless = False
         self.error = ""          # the last keepalive's failure, "" once one succeeds
@@ -93,6 +96,20 @@ class LeaseGuard:
             if self.alive_until > time.monotonic():
                 self.deadline = self.alive_until
             self._write()
+
+    def still_alive(self, lease: int, etcd: Etcd) -> bool:
+        """``lease`` is ours and still alive: a keepalive now (on ``etcd``, the fleet
+        thread's, which joins again) succeeds. FleetUnavailable when etcd does not
+        answer."""
+        if lease != self.lease or time.monotonic() >= self.alive_until:
+            return False
+        sent = time.monotonic()
+        ttl = etcd.keepalive(lease)
+        if ttl > 0:
+            self.renewed(lease, sent, ttl)
+        else:
+            self._expired(lease)
+        return ttl > 0
 
     def may_run(self) -> bool:
         """May a fleet-placed workload be started (or kept) now?"""
@@ -128,23 +145,32 @@ class LeaseGuard:
             except MCPError as exc:
                 log.warning("fleet: keepalive: %s", exc)
                 continue
-            self.error = ""
-            with self._lock:
-                if lease != self.lease:
-                    continue
-                if ttl <= 0:
-                    log.warning("fleet: lease %x expired; fencing and joining again", lease)
-                    self.lease, self.synced = 0, False
-                    self.deadline = min(self.deadline, time.monotonic())
-                    self._write()
-                else:
-                    self.last_ok, self.leaderless = sent, False
-                    self.alive_until = fence.fence_at(sent, min(ttl, self.ttl))
-                    if self.synced:
-                        self.deadline = self.alive_until
-                        self._write()
             if ttl <= 0:
+                self._expired(lease)
                 self.on_expired()
+            else:
+                self.renewed(lease, sent, ttl)
+
+    def _expired(self, lease: int) -> None:
+        """etcd says ``lease`` expired: its work may move after the grace; fence now."""
+        with self._lock:
+            if lease != self.lease:
+                return
+            log.warning("fleet: lease %x expired; fencing and joining again", lease)
+            self.lease, self.synced = 0, False
+            self.deadline = min(self.deadline, time.monotonic())
+            self._write()
+
+    def renewed(self, lease: int, sent: float, ttl: int) -> None:
+        """A keepalive of ``lease`` sent at ``sent`` answered ``ttl`` (> 0)."""
+        with self._lock:
+            if lease != self.lease:
+                return
+            self.last_ok, self.leaderless, self.error = sent, False, ""
+            self.alive_until = fence.fence_at(sent, min(ttl, self.ttl))
+            if self.synced:
+                self.deadline = self.alive_until
+                self._write()
 
     def _guard_loop(self) -> None:
         """Watches the deadline, the fence process, and whether etcd has a leader while
@@ -157,10 +183,10 @@ class LeaseGuard:
             if now - checked >= FENCE_CHECK_S:
                 checked = now
                 self._ensure_fence()
-            if now - self.last_ok > 1.5 * self.tick and now - probed >= self.tick / 2:
-                probed = now
+            if now - self.last_ok > 1.2 * self.tick and now - probed >= GUARD_POLL_S:
+                probed = now        # a renewal is late: is etcd without a leader?
                 if self._leaderless():
-                    self._hold(now)
+                    self._hold(now, time.monotonic())
             fenced = now >= self.deadline
             if fenced and not was_fenced and self.deadline:
                 self.fenced_count += 1
@@ -180,13 +206,18 @@ class LeaseGuard:
         self.leaderless = out
         return out
 
-    def _hold(self, at: float) -> None:
-        """No leader at ``at``: no lease can expire before ``at`` + TTL."""
+    def _hold(self, at: float, answered: float) -> None:
+        """A member said it has no leader, between ``at`` and ``answered``. If the lease
+        was surely alive then (``answered`` before its earliest expiry), it cannot
+        expire before ``at`` + TTL: no leader expires leases, and the next one extends
+        them all by their TTL. Otherwise it may have expired just before (and its work
+        moved): nothing is extended."""
         with self._lock:
-            until = fence.fence_at(at, self.ttl)
-            self.alive_until = max(self.alive_until, until)
-            if time.monotonic() < self.deadline < until:   # never revive a fired fence
-                self.deadline = until
+            if answered >= self.alive_until + fence.margin_s(self.ttl):
+                return
+            self.alive_until = max(self.alive_until, fence.fence_at(at, self.ttl))
+            if self.synced or time.monotonic() < self.deadline:
+                self.deadline = max(self.deadline, self.alive_until)
                 self._write()
 
     # -- the fence process -----------------------------------------------------------

@@ -162,9 +162,13 @@ class Fleet:
         return f"{self.name}/{self.a.owner}"
 
     def _join(self) -> None:
-        sent = time.monotonic()
-        self.lease = self.etcd.grant(self.cfg.lease_ttl_s)
-        self.guard.granted(self.lease, sent)
+        """Join under a new lease, or again under the one the guard kept renewing
+        (etcd was lost for a moment): a new lease would hold the node's work fenced
+        until the next sync, for nothing."""
+        if not (self.lease and self.guard.still_alive(self.lease, self.etcd)):
+            sent = time.monotonic()
+            self.lease = self.etcd.grant(self.cfg.lease_ttl_s)
+            self.guard.granted(self.lease, sent)
         self._put_record()
         member = {"address": self.a.config.node.advertise, "holder": self.holder,
                   "roles": list(self.cfg.roles), "pool": self.cfg.pool}

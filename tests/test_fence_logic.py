@@ -50,20 +50,29 @@ def test_nothing_fleet_placed_starts_before_the_sync_under_the_lease(tmp_path: P
     assert stat.S_IMODE((tmp_path / fence.BEAT).stat().st_mode) == 0o600
 
 
-def test_a_past_deadline_fences_and_no_leader_never_revives_it(tmp_path: Path) -> None:
+def test_no_leader_extends_only_a_lease_surely_alive(tmp_path: Path) -> None:
     g = guard(tmp_path)
     g.granted(7, time.monotonic() - 10)          # renewed 10 s ago: long past
     g.synced_under(7)
     assert not g.may_run()
-    g._hold(time.monotonic())                    # etcd leaderless now: the fence stays fired
+    now = time.monotonic()
+    g._hold(now, now)         # no leader now, but the lease may have expired: stays fenced
     assert not g.may_run()
+    (tmp_path / "a").mkdir()
+    g1 = guard(tmp_path / "a")
+    g1.granted(5, time.monotonic() - 1.7)        # fenced (1.56 s) but not yet expirable (1.96)
+    g1.synced_under(5)
+    assert not g1.may_run()
+    now = time.monotonic()
+    g1._hold(now, now)
+    assert g1.may_run()                          # no leader while surely alive: held
     (tmp_path / "b").mkdir()
     g2 = guard(tmp_path / "b")
     g2.granted(8, time.monotonic())
     g2.synced_under(8)
     before = g2.deadline
     later = time.monotonic() + 0.5
-    g2._hold(later)                              # still alive: no leader extends it
+    g2._hold(later, time.monotonic())            # still alive: no leader extends it
     assert g2.deadline == pytest.approx(fence.fence_at(later, 2)) and g2.deadline > before
 
 

@@ -285,9 +285,9 @@ def _schemas() -> dict[str, Any]:
             "name": {"type": "string", "pattern": NAME_PATTERN},
             "image": {"type": "string", "minLength": 1, "maxLength": grammar.MAX_IMAGE,
                       "pattern": grammar.IMAGE_PATTERN,
-                      "not": {"pattern": grammar.IMAGE_ID_PATTERN},   # podman: an image ID
                       "description": "OCI reference: [domain[:port]/]path[:tag] or "
-                                     "[domain[:port]/]path@sha256:<64 hex>"},
+                                     "[domain[:port]/]path@sha256:<64 hex>; not 1-64 bare "
+                                     "hex digits, which podman reads as an image ID"},
             "cmd": _strs(_text()),
             "env": _strs(_text(pattern=grammar.ENV_PATTERN, description=(
                 "KEY=VALUE; keys unique; PORT and PORT_* are the agent's"))),

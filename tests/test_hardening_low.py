@@ -135,14 +135,15 @@ def test_hex_with_a_tag_domain_path_or_digest_is_a_name(ref: str) -> None:
 def test_the_openapi_document_states_the_image_id_rule() -> None:
     defn = openapi.document()["components"]["schemas"]["ServiceDefinition"]
     image = defn["properties"]["components"]["items"]["properties"]["image"]
-    assert image["not"] == {"pattern": IMAGE_ID_PATTERN}
+    assert image["description"].endswith("; not 1-64 bare hex digits, which podman reads "
+                                          "as an image ID")
     for ref in ("04dcc82d", "a" * 64, "04dcc82d:v1", "cafe/beef", "f" * 65):
-        by_doc = bool(re.search(image["pattern"], ref)) and not re.search(IMAGE_ID_PATTERN, ref)
+        by_rule = bool(re.search(image["pattern"], ref)) and not re.search(IMAGE_ID_PATTERN, ref)
         try:
             by_check = check_image(ref) == ref
         except ValidationError:
             by_check = False
-        assert by_doc == by_check, ref
+        assert by_rule == by_check, ref
 
 
 def test_podman_reads_exactly_the_refused_references_as_image_ids(

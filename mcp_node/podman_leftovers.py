@@ -11,26 +11,34 @@ reservations are files holding the id.
 What is cleared is only what is provably ours: the id of a container the runtime
 removed itself (it had our owner label) or one it recorded when it made it.
 ``runc delete --force`` ends the waiting ``runc init`` and its state, and conmon
-then exits by itself. Anything else found under one of our workload names is
-reported by name, never touched.
+then exits by itself; CNI's DEL, run as podman would but without the network
+namespace, releases the address and the port forwards. Anything else found under
+one of our workload names, and what those leave, is reported by name, never
+touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .files import read_cmdline
 
 log = logging.getLogger("mcp_node.podman")
 
-CNI_NETWORKS = Path("/var/lib/cni/networks")
+CNI_NETWORKS = Path("/var/lib/cni/networks")      # host-local's reservations
+CNI_CONFIG = Path("/etc/cni/net.d")               # podman's CNI network configs
+CNI_PLUGIN_DIRS = tuple(Path(d) for d in ("/usr/libexec/cni", "/usr/lib/cni",
+                                          "/usr/local/lib/cni", "/opt/cni/bin"))
 CLEAR_WAIT_S = 10.0
 
 
@@ -69,12 +77,85 @@ def conmons() -> list[Conmon]:
 
 def reservations(cid: str) -> list[str]:
     """The CNI addresses (network/address) host-local holds for container ``cid``."""
+    return sorted(f"{net}/{addr}" for net, addr, _ in _reserved(cid))
+
+
+def _reserved(cid: str) -> list[tuple[str, str, str]]:
+    """(network, address, interface) of each reservation of ``cid``."""
     out = []
     for f in CNI_NETWORKS.glob("*/*") if CNI_NETWORKS.is_dir() else []:
         with contextlib.suppress(OSError, IndexError):
-            if f.read_text().split()[0] == cid:
-                out.append(f"{f.parent.name}/{f.name}")
-    return sorted(out)
+            words = f.read_text().split()
+            if words[0] == cid:
+                out.append((f.parent.name, f.name, words[1] if len(words) > 1 else "eth0"))
+    return out
+
+
+def release(cid: str) -> str:
+    """CNI's DEL for a container podman forgot, as podman would run it but with no
+    network namespace (it is gone): each network's plugins in reverse order, so
+    portmap drops its port forwards (DNAT) and host-local the address; then the
+    masquerade rules the bridge plugin removes only from inside the namespace. ""
+    when nothing of it is left, else why not."""
+    errors = []
+    for net, _, ifname in _reserved(cid):
+        conf = _conflist(net)
+        if conf is None:
+            errors.append(f"no CNI config for network {net} in {CNI_CONFIG}")
+            continue
+        dirs = os.pathsep.join(str(d) for d in CNI_PLUGIN_DIRS if d.is_dir())
+        env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": cid, "CNI_NETNS": "",
+               "CNI_IFNAME": ifname, "CNI_PATH": dirs, "PATH": os.environ.get("PATH", "")}
+        for plugin in reversed(conf.get("plugins") or []):
+            kind = str(plugin.get("type", ""))
+            binary = next((d / kind for d in CNI_PLUGIN_DIRS if (d / kind).is_file()), None)
+            if binary is None or "/" in kind:
+                errors.append(f"CNI plugin {kind!r} not found")
+                continue
+            stdin = json.dumps({**plugin, "name": conf.get("name"),
+                                "cniVersion": conf.get("cniVersion")})
+            try:
+                done = subprocess.run([str(binary)], input=stdin, env=env, text=True,
+                                      capture_output=True, timeout=30, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                errors.append(f"{kind} DEL: {exc}")
+                continue
+            if done.returncode != 0:
+                errors.append(f"{kind} DEL: {(done.stdout or done.stderr).strip()[:200]}")
+        _drop_masquerade(net, cid)
+    left = reservations(cid)
+    if not left:
+        return ""
+    return f"CNI DEL left {', '.join(left)}" + (f" ({'; '.join(errors)})" if errors else "")
+
+
+def _conflist(net: str) -> dict[str, Any] | None:
+    for f in sorted(CNI_CONFIG.glob("*.conflist")) if CNI_CONFIG.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            conf = json.loads(f.read_text())
+            if isinstance(conf, dict) and conf.get("name") == net:
+                return conf
+    return None
+
+
+def _drop_masquerade(net: str, cid: str) -> None:
+    """The bridge plugin's nat rules for ``cid`` (their comment names the network and
+    the id): the POSTROUTING jump, then its chain."""
+    try:
+        text = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True,
+                              timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    mark = f'--comment "name: \\"{net}\\" id: \\"{cid}\\""'
+    for line in text.splitlines():
+        if not line.startswith("-A POSTROUTING ") or mark not in line or " -j CNI-" not in line:
+            continue
+        spec = shlex.split(line[len("-A POSTROUTING "):])
+        chain = spec[-1]
+        for argv in (["-D", "POSTROUTING", *spec], ["-F", chain], ["-X", chain]):
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(["iptables", "-t", "nat", *argv], capture_output=True,
+                               timeout=30, check=False)
 
 
 def clear(c: Conmon, timeout: float = CLEAR_WAIT_S) -> str:
@@ -156,11 +237,15 @@ class Leftovers:
                                           f"container {c.name} ({c.cid[:12]}): {why}")
         for cid, name in gone.items():
             held = reservations(cid)
-            if held:
+            if not held:
+                continue
+            log.warning("podman: CNI address %s still reserved for removed container %s "
+                        "(%s); running CNI DEL for it", ", ".join(held), name, cid[:12])
+            why = release(cid)
+            if why:
                 self._uncleared[cid] = (
-                    f"podman: CNI address {', '.join(held)} still reserved for removed "
-                    f"container {name} ({cid[:12]}): its podman service was killed while "
-                    "it made it, and podman cannot release it now")
+                    f"podman: CNI address {', '.join(held)} (and its port forwards) still "
+                    f"reserved for removed container {name} ({cid[:12]}): {why}")
 
     def settle(self, found: list[Conmon], known: set[str]) -> None:
         """``found``: conmons under our workload names, scanned before ``known`` (the ids

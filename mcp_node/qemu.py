@@ -341,8 +341,13 @@ class QemuRuntime(Runtime):
 
         An image not hashed yet is hashed while qemu initialises, with the guest's CPUs
         held (``-S``) until the digest is recorded, so the digest is of the image as built
-        and costs no time before boot.
+        and costs no time before boot. Meanwhile listings do not ask QMP: that pause is
+        this launch's own, not one found.
         """
+        with self._guests.launching(d):
+            return self._launch_held(d, meta)
+
+    def _launch_held(self, d: VMDir, meta: VMMeta) -> tuple[VMMeta, int]:
         console_rotate(d.console, self.cfg.console_max_bytes)
         for stale in (d.qmp, d.pidfile):
             with contextlib.suppress(FileNotFoundError):

@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,11 +161,13 @@ class GuestRuns:
 
     def __init__(self) -> None:
         self._pids: dict[str, int] = {}   # VM dir name -> qemu pid
+        self._launching: set[str] = set()  # VM dir names this agent is launching now
 
     def status(self, d: VMDir, pid: int, fresh: bool = False) -> str:
         """The run state of live qemu ``pid`` ("running", "prelaunch", "paused" ...) or
-        "unreachable: why"; QMP is asked unless it is known to run (always if ``fresh``)."""
-        if not fresh and self._pids.get(d.name) == pid:
+        "unreachable: why"; QMP is asked unless it is known to run or is being launched
+        (always if ``fresh``)."""
+        if not fresh and (self._pids.get(d.name) == pid or d.name in self._launching):
             return "running"
         status = qmp.run_state(d.qmp)
         if status == "running":
@@ -172,6 +175,14 @@ class GuestRuns:
         else:
             self._pids.pop(d.name, None)
         return status
+
+    @contextmanager
+    def launching(self, d: VMDir) -> Iterator[None]:
+        self._launching.add(d.name)
+        try:
+            yield
+        finally:
+            self._launching.discard(d.name)
 
     def runs(self, d: VMDir, pid: int) -> None:
         self._pids[d.name] = pid

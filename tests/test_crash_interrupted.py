@@ -9,7 +9,8 @@ the restarted agent must finish with no operator action (issue 18).
   running (and it must still be paused: no reconcile there); after the restart the same
   qemu must be let run, its guest answering on its port and its image digest recorded.
   In-process, a guest paused through QMP (another state that is not running) is seen so
-  by a runtime that did not launch it, stopped without a power-button wait, or resumed.
+  by a runtime that did not launch it, stopped without a power-button wait, or resumed;
+  and the pause of a launch in progress is the launch's own: listings do not ask QMP.
 - An undeploy killed at seeded random points (``MCP_UNDEPLOY_CRASH_ROUNDS`` rounds,
   default 4; ``MCP_CRASH_SEED`` replays one run): after the restart the service is
   either fully undeployed (no record, no container of it) when the kill came after the
@@ -228,6 +229,38 @@ def test_a_guest_paused_through_qmp_is_seen_by_a_new_runtime_and_resumed(
             qemu_runtime(config).stop(spec.service, spec.component, timeout=30)
         assert "power button, waiting up to 0.0s" in caplog.text
         assert qemu_pids_in(config.state_dir) == []
+    finally:
+        reaper.run()
+
+
+def test_a_launch_in_progress_is_not_reported_as_found_paused(tmp_path: Path,
+                                                              hello_image: str) -> None:
+    need_nanos()
+    config = nanos_config(tmp_path / "state", "q35")
+    port = free_port()
+    spec = WorkloadSpec(service=f"l{uuid.uuid4().hex[:8]}", component="web",
+                        image=hello_image, env=(f"PORT={port}", "MESSAGE=launch"),
+                        ports=(port,), memory_mb=128)
+    rt = qemu_runtime(config)
+    reaper = VMReaper()
+    reaper.add(rt, spec.service, spec.component)
+    ran: list[Any] = []
+    t = threading.Thread(target=lambda: ran.append(rt.run(spec)), daemon=True)
+    try:
+        t.start()
+        sock = config.state_dir / "vms" / f"{spec.service}-web" / "qmp.sock"
+        held = HeldQMP(sock, timeout=120)
+        try:
+            assert held.call("query-status")["status"] == "prelaunch"
+            # Asking QMP now would wait behind our session and come back unreachable.
+            [w] = rt.list()
+            assert (w.state, w.paused, w.extra.get("qmp_status")) == ("running", "",
+                                                                     "running")
+        finally:
+            held.close()   # the launch's cont goes through
+        t.join(timeout=60)
+        assert ran and ran[0].state == "running"
+        assert wait_http(port, timeout=60) == "hello from launch\n"
     finally:
         reaper.run()
 

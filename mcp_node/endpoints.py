@@ -58,9 +58,9 @@ class APIHandler(Handler):
 
     def h_events(self, params: Params, query: dict[str, str], body: bytes) -> None:
         kwargs = decode(self._route.op, params, query, body)
+        # after: resume a broken follow after the last event seen (mcp events -f)
+        after = min(parse_count(query.get("after") or "0", "after", 10**19 - 1), 2**63 - 1)
         if parse_bool(query.get("follow", ""), "follow"):
-            # after: resume a broken follow after the last event seen (mcp events -f)
-            after = parse_count(query.get("after") or "0", "after", 2**63 - 1)
             opened = self.agent.event_stream(**kwargs, after=after)
             self._follow_stream(lambda: opened, "application/x-ndjson")
             return

@@ -190,3 +190,7 @@ def test_after_must_be_an_event_id(daemon: Daemon) -> None:
             client.stream("/v1/events", params={"follow": "1", "after": bad})
         assert info.value.status == 400 and "after" in str(info.value) + info.value.code, \
             (bad, info.value.status, str(info.value))
+        with pytest.raises(RemoteError) as info:   # checked without follow too
+            client.get("/v1/events", params={"after": bad})
+        assert info.value.status == 400, (bad, info.value.status, str(info.value))
+    assert client.get("/v1/events", params={"after": "9" * 19}) == []   # no 500

@@ -468,8 +468,8 @@ class QemuRuntime(Runtime):
                 return live_pid(d, meta) == pid
 
             wait = timeout if meta.machine != "microvm" else min(timeout, MICROVM_GRACE_S)
-            if self._guests.status(d, pid) in qmp.HALTED:
-                wait = 0.0   # CPUs held (prelaunch, paused): the button is never seen
+            if qmp.stopped(self._guests.status(d, pid)):
+                wait = 0.0   # CPUs that do not run (prelaunch, paused ...) never see it
             log.info("qemu %s: power button, waiting up to %.1fs", d.name, wait)
             deadline = time.monotonic() + wait
             while True:   # pressed again each second: a guest still booting missed it
@@ -544,8 +544,7 @@ class QemuRuntime(Runtime):
             extra["qmp_status"] = qmp_status
         # A live qemu whose guest does not run (prelaunch, paused, internal-error ...) is
         # not serving: stopped, and ``paused`` says why (QMP unreachable: left running).
-        paused = qmp_status if pid and qmp_status and qmp_status != "running" and \
-            not qmp_status.startswith("unreachable") else ""
+        paused = qmp_status if pid and qmp.stopped(qmp_status) else ""
         return Workload(service=meta.service, component=meta.component, runtime=self.name,
                         state=State.RUNNING if pid and not paused else State.STOPPED,
                         id=d.name, image=meta.image, started_at=meta.started_at, extra=extra,

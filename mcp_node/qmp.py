@@ -89,6 +89,11 @@ def execute(socket_path: Path, command: str, args: dict[str, Any] | None = None,
 HALTED = ("prelaunch", "paused")   # run states a ``cont`` lets run
 
 
+def stopped(status: str) -> bool:
+    """A run state was read and it is not "running" (the guest's CPUs do not run)."""
+    return bool(status) and status != "running" and not status.startswith("unreachable")
+
+
 def run_state(socket_path: Path) -> str:
     """``query-status``'s run state ("running", "prelaunch", "paused", "internal-error"
     ...), or "unreachable: why"."""

@@ -10,7 +10,9 @@ the restarted agent must finish with no operator action (issue 18).
   qemu must be let run, its guest answering on its port and its image digest recorded.
   In-process, a guest paused through QMP (another state that is not running) is seen so
   by a runtime that did not launch it, stopped without a power-button wait, or resumed;
-  and the pause of a launch in progress is the launch's own: listings do not ask QMP.
+  one in a state ``cont`` is not for (``postmigrate``: its state handed off through
+  QMP ``migrate``) is booted again; and the pause of a launch in progress is the
+  launch's own: listings do not ask QMP.
 - An undeploy killed at seeded random points (``MCP_UNDEPLOY_CRASH_ROUNDS`` rounds,
   default 4; ``MCP_CRASH_SEED`` replays one run): after the restart the service is
   either fully undeployed (no record, no container of it) when the kill came after the
@@ -229,6 +231,35 @@ def test_a_guest_paused_through_qmp_is_seen_by_a_new_runtime_and_resumed(
             qemu_runtime(config).stop(spec.service, spec.component, timeout=30)
         assert "power button, waiting up to 0.0s" in caplog.text
         assert qemu_pids_in(config.state_dir) == []
+    finally:
+        reaper.run()
+
+
+def test_a_guest_that_cont_is_not_for_is_booted_again(tmp_path: Path,
+                                                      hello_image: str) -> None:
+    need_nanos()
+    config = nanos_config(tmp_path / "state", "q35")
+    port = free_port()
+    spec = WorkloadSpec(service=f"m{uuid.uuid4().hex[:8]}", component="web",
+                        image=hello_image, env=(f"PORT={port}", "MESSAGE=again"),
+                        ports=(port,), memory_mb=128)
+    first = qemu_runtime(config)
+    reaper = VMReaper()
+    reaper.add(first, spec.service, spec.component)
+    try:
+        old = first.run(spec).extra["pid"]
+        sock = config.state_dir / "vms" / f"{spec.service}-web" / "qmp.sock"
+        qmp.execute(sock, "migrate", {"uri": "exec:cat > /dev/null"})
+        wait_for(lambda: qmp.execute(sock, "query-status")["status"] == "postmigrate", 30,
+                 "the migration to end")
+        again = qemu_runtime(config)
+        [w] = again.list()
+        assert (w.state, w.paused) == ("stopped", "postmigrate")
+        assert again.start(spec.service, spec.component)
+        w = again.inspect(spec.service, spec.component)
+        assert w is not None and w.state == "running" and w.extra["pid"] != old
+        assert qemu_pids_in(config.state_dir) == [w.extra["pid"]]
+        assert wait_http(port, timeout=60) == "hello from again\n"
     finally:
         reaper.run()
 

@@ -26,6 +26,7 @@ import os
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,11 +199,14 @@ class Leftovers:
         self.ids_file = ids_file
         self._ids: dict[str, str] = {}          # name -> id, this run
         self._uncleared: dict[str, str] = {}    # id -> reason
+        self._lock = threading.Lock()           # the file: appends against rewrites
 
     def record(self, name: str, cid: str) -> None:
         self._ids[name] = cid
-        with contextlib.suppress(OSError), open(self.ids_file, "a") as f:
-            f.write(f"{cid} {name}\n")
+        with self._lock, contextlib.suppress(OSError):   # a configured socket: no dir yet
+            self.ids_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(self.ids_file, "a") as f:
+                f.write(f"{cid} {name}\n")
 
     def recorded(self) -> dict[str, str]:
         """id -> name of every container made (this run and earlier ones)."""
@@ -219,6 +223,11 @@ class Leftovers:
         cid = cid or self._ids.get(name, "")
         if cid:
             self.clear_gone({cid: name}, wait_s=1.0)
+            if cid not in self._uncleared:   # gone for good: the file need not keep it
+                with self._lock:
+                    self._keep({c: n for c, n in self.recorded().items() if c != cid})
+                if self._ids.get(name) == cid:
+                    del self._ids[name]
 
     def clear_gone(self, gone: dict[str, str], wait_s: float = 0.0) -> None:
         """End the conmons of removed containers ``gone`` (id -> name, ours); note
@@ -265,13 +274,16 @@ class Leftovers:
                     f"podman: conmon pid {c.pid} runs for container {c.name} ({c.cid[:12]}) "
                     "that podman does not know, of an id this agent did not record: left "
                     "alone")
-        with contextlib.suppress(OSError):   # forget the ids of what is gone for good
-            keep = [f"{cid} {name}\n" for cid, name in ours.items()
-                    if cid in known or cid in self._uncleared]
+        with self._lock:   # forget what is gone for good (an id made meanwhile stays)
+            self._keep({cid: name for cid, name in self.recorded().items()
+                        if cid in known or cid in self._uncleared or cid not in ours})
+        self._ids = {n: c for n, c in self._ids.items() if c in known or c not in ours}
+
+    def _keep(self, ids: dict[str, str]) -> None:
+        with contextlib.suppress(OSError):
             tmp = self.ids_file.with_suffix(".tmp")
-            tmp.write_text("".join(keep))
+            tmp.write_text("".join(f"{cid} {name}\n" for cid, name in ids.items()))
             os.replace(tmp, self.ids_file)
-        self._ids = {n: c for n, c in self._ids.items() if c in known}
 
     def reasons(self) -> list[str]:
         """What was found and not cleared, while it is still there."""

@@ -79,7 +79,7 @@ def observe(
                 # leaving it is what a flapping workload does.
                 crashed = is_drift(comp.desired_state, state) and state != MISSING and not (
                     digest is not None and w is not None and w.spec_digest
-                    and w.spec_digest != digest(rec, comp))
+                    and w.spec_digest != _digest(digest, rec, comp, w.spec_digest))
                 events.append(Event(rec.name, comp.defn.name, now, comp.observed_state, state,
                                     unplanned=crashed))
             if w is not None:
@@ -90,6 +90,17 @@ def observe(
                 restarts[key] = w.restart_count
     orphans = [w for k, w in by_key.items() if k not in known]
     return {k: w for k, w in by_key.items() if k in known}, orphans, events
+
+
+def _digest(digest: Callable[[ServiceRecord, ComponentRecord], str], rec: ServiceRecord,
+            comp: ComponentRecord, have: str) -> str:
+    """The spec digest the component should run; ``have`` (so: a crash) if it cannot be
+    computed: a round must not fail over it."""
+    try:
+        return digest(rec, comp)
+    except Exception:   # noqa: BLE001 - the round goes on; the event counts
+        log.exception("monitor: no spec digest for %s/%s", rec.name, comp.defn.name)
+        return have
 
 
 class Monitor:

@@ -14,9 +14,10 @@ the restarted agent must finish with no operator action (issue 18).
   QMP ``migrate``) is booted again; and the pause of a launch in progress is the
   launch's own: listings do not ask QMP.
 - An undeploy killed at seeded random points (``MCP_UNDEPLOY_CRASH_ROUNDS`` rounds,
-  default 4; ``MCP_CRASH_SEED`` replays one run): after the restart the service is
-  either fully undeployed (no record, no container of it) when the kill came after the
-  undeploy's first registry write, or fully deployed and running when it came before;
+  default 4, the first killed at once; ``MCP_CRASH_SEED`` replays one run): after the
+  restart the service is either fully undeployed (no record, no container of it) when
+  the kill came after the undeploy's first registry write, or fully deployed and
+  running when it came before;
   never a record left with workloads half removed.
 """
 
@@ -338,8 +339,9 @@ def test_undeploy_killed_at_random_points_ends_before_or_after(
         for rnd in range(ROUNDS):
             client.post("/v1/services", body)
             assert set(containers_of(owner, svc).values()) == {"running"}
-            # Every other round early (the first 20 ms: around the intent, written ~10 ms in).
-            delay = rng.uniform(0, took * 1.2 if rnd % 2 else 0.02)
+            # Every other round early (the first 20 ms: around the intent, written a few ms
+            # in); the first at once, before the request can have reached the agent.
+            delay = rng.uniform(0, took * 1.2 if rnd % 2 else 0.02) if rnd else 0.0
             done = threading.Event()
 
             def undeploy(c: Any = client) -> None:

@@ -97,6 +97,7 @@ from .runtime import (
     WorkloadSpec,
     workload_name,
 )
+from .runtimenames import CONTAINER
 
 __all__ = ["PodmanRuntime", "PodmanService"]
 
@@ -115,6 +116,7 @@ STORAGE_GONE = ("container not known", "no such file or directory", "getting con
 class PodmanRuntime(Runtime):
     """Containers under podman, each one a workload (see mcp_node.runtime.Runtime)."""
 
+    traits = CONTAINER
     name = RUNTIME_NAME
 
     def __init__(self, config: AgentConfig, state_dir: Path, owner: str) -> None:

@@ -26,9 +26,10 @@ from .runtime import (
     Workload,
     WorkloadSpec,
 )
+from .runtimenames import CONTAINER
 from .states import RUNNING, STOPPED, State
 
-RUNTIME_NAME = "container"       # this runtime's key in runtime.RUNTIMES
+RUNTIME_NAME = CONTAINER.name    # this runtime's key in runtime.RUNTIMES
 LOOPBACK = "127.0.0.1"
 LABEL_SPEC = "mcp.spec"          # WorkloadSpec.digest of what the container was made from
 EXITED = ("exited", "stopped")   # podman states in which ExitCode means something

@@ -42,7 +42,6 @@ from .errors import (
     HostPathError,
     ImageError,
     NotFoundError,
-    ResourceError,
     RuntimeUnavailable,
     ValidationError,
     WorkloadError,
@@ -53,6 +52,7 @@ from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
 from .mounts import moved_source
 from .qemuargs import VMParams, mac_for, qemu_argv
 from .runtime import Runtime, Workload, WorkloadSpec
+from .runtimenames import UNIKERNEL
 from .servicedef import SHA256_RE, check_name
 from .states import State
 from .vmimage import BootPlan, Builder, BuildRequest, hash_into, sha256_file
@@ -62,6 +62,7 @@ from .vmstate import (
     GuestRuns,
     VMDir,
     VMMeta,
+    check_room,
     console_rotate,
     host_cpus,
     host_memory_mb,
@@ -81,7 +82,8 @@ KILL_WAIT_S = 5.0
 
 
 class QemuRuntime(Runtime):
-    name = "unikernel"
+    traits = UNIKERNEL
+    name = UNIKERNEL.name
 
     def __init__(self, config: AgentConfig, state_dir: Path, owner: str) -> None:
         self.config = config
@@ -212,15 +214,8 @@ class QemuRuntime(Runtime):
 
     def _check_room(self, name: str, mem: int, vcpus: int, exclude: str) -> None:
         used, _cpus, n = self._usage(exclude=exclude)
-        total, reserve = host_memory_mb(), self.cfg.reserve_memory_mb
-        if used + mem + reserve > total:
-            raise ResourceError(
-                f"not enough memory for {name}: requested {mem} MiB + {used} MiB in {n} "
-                f"running VMs + {reserve} MiB reserve > {total} MiB on this host")
-        cpus = host_cpus() - self.cfg.reserve_vcpus
-        if vcpus > cpus:
-            raise ResourceError(f"{name}: {vcpus} vCPUs requested, this host has "
-                                f"{host_cpus()} CPUs ({self.cfg.reserve_vcpus} reserved)")
+        check_room(name, mem, vcpus, used, n, self.cfg.reserve_memory_mb,
+                   self.cfg.reserve_vcpus)
 
     def _check_spec(self, spec: WorkloadSpec) -> tuple[Volume, ...]:
         """Every rule a spec must meet, before anything changes; its volumes, parsed."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import qmp
+from .errors import ResourceError
 from .files import atomic_write, read_cmdline
 from .logtail import LogTail
 from .runtime import workload_name
@@ -189,6 +190,20 @@ class GuestRuns:
 
     def forget(self, d: VMDir) -> None:
         self._pids.pop(d.name, None)
+
+
+def check_room(name: str, mem: int, vcpus: int, used: int, running: int,
+               reserve_mb: int, reserve_vcpus: int) -> None:
+    """Refuse a VM that would overcommit host memory (less the reserve) or the host's
+    CPUs (less theirs); ``used`` MiB are held by ``running`` VMs."""
+    total = host_memory_mb()
+    if used + mem + reserve_mb > total:
+        raise ResourceError(
+            f"not enough memory for {name}: requested {mem} MiB + {used} MiB in {running} "
+            f"running VMs + {reserve_mb} MiB reserve > {total} MiB on this host")
+    if vcpus > host_cpus() - reserve_vcpus:
+        raise ResourceError(f"{name}: {vcpus} vCPUs requested, this host has "
+                            f"{host_cpus()} CPUs ({reserve_vcpus} reserved)")
 
 
 def host_memory_mb() -> int:

@@ -144,6 +144,8 @@ class DummyRuntime(Runtime):
             raise NotFoundError(f"no workload {service}/{component}")
         lines = b"".join(w.log).splitlines(keepends=True)
         data = b"".join(lines if tail is None else lines[-tail:] if tail > 0 else [])
+        if max_bytes is not None:
+            data = data[-max_bytes:] if max_bytes > 0 else b""
         return iter([data] if data else [])
 
     def check_capacity(self, spec: WorkloadSpec, replacing: bool) -> None:

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import re
-import resource
 import selectors
 import socket
 import ssl
@@ -52,10 +50,12 @@ from .metrics import Metrics
 from .wire import (
     HEAD_END_RE,
     MAX_HEAD,
-    MAX_LINE,
     Conn,
     access_line,
     error_response,
+    head_ready,
+    lower_thread_priority,
+    raise_fd_limit,
     request_line_of,
 )
 from .workers import Workers
@@ -257,7 +257,7 @@ class AgentServer(ThreadingHTTPServer):
     def _head_arrived(self, conn: Conn) -> bool:
         """Read what is waiting on ``conn`` (intake thread; no blocking, no closing)."""
         try:
-            while conn.handshaken and not self._head_ready(conn):
+            while conn.handshaken and not head_ready(conn):
                 data = conn.sock.recv(65536)
                 if not data:
                     return False
@@ -269,7 +269,7 @@ class AgentServer(ThreadingHTTPServer):
     # -- the intake (one thread: accepts, caps, reads request heads) -------------------
 
     def _serve(self) -> None:
-        self._lower_priority(self.config.server.intake_nice)
+        lower_thread_priority(self.config.server.intake_nice)
         sel = self._sel
         self.socket.setblocking(False)
         sel.register(self.socket, selectors.EVENT_READ, "accept")
@@ -289,20 +289,6 @@ class AgentServer(ThreadingHTTPServer):
                 self._intake_close(conn)
             while not self._parked.empty():
                 self._intake_close(self._parked.get())
-
-    @staticmethod
-    def _lower_priority(nicer: int) -> None:
-        """This thread (on Linux nice is per thread) ``nicer`` than the agent: on a small
-        machine an attacker's connections would otherwise take the CPU, and the GIL,
-        from the workers answering clients with a token (see ``server.intake_nice``)."""
-        if nicer <= 0:
-            return
-        tid = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid,
-                           min(19, os.getpriority(os.PRIO_PROCESS, tid) + nicer))
-        except OSError as exc:   # e.g. a sandbox that forbids it: serve all the same
-            log.warning("cannot lower the intake thread's priority: %s", exc)
 
     def _guarded(self, fn: Callable[[Any], None], arg: Any) -> None:
         """The intake must outlive any one connection's surprise: log it, drop that one."""
@@ -390,7 +376,7 @@ class AgentServer(ThreadingHTTPServer):
             if not conn.handshaken and isinstance(sock, ssl.SSLSocket):
                 sock.do_handshake()
             conn.handshaken = True
-            while not self._head_ready(conn):
+            while not head_ready(conn):
                 data = sock.recv(65536)
                 if not data:  # the client is gone, whatever it had begun
                     self._intake_close(conn)
@@ -405,19 +391,6 @@ class AgentServer(ThreadingHTTPServer):
             self._intake_close(conn)
             return
         self._hand_over(conn)
-
-    @staticmethod
-    def _head_ready(conn: Conn) -> bool:
-        """A complete head in ``buf`` (or one too large: the worker refuses it)."""
-        buf = conn.buf
-        while buf.startswith((b"\n", b"\r\n")):
-            del buf[:1 if buf[0] == 10 else 2]
-            conn.scanned = 0
-        if HEAD_END_RE.search(buf, max(conn.scanned - 3, 0), MAX_HEAD) is not None:
-            return True
-        conn.scanned = len(buf)
-        return len(buf) >= MAX_HEAD or (len(buf) > MAX_LINE
-                                        and buf.find(b"\n", 0, MAX_LINE + 1) < 0)
 
     def _hand_over(self, conn: Conn) -> None:
         why = self._over_budget(conn)
@@ -595,22 +568,6 @@ class AgentServer(ThreadingHTTPServer):
         self._wake_r.close()
         self._wake_w.close()
         self.server_close()
-
-
-def raise_fd_limit(want: int) -> int:
-    """Raise the soft RLIMIT_NOFILE towards the hard one when ``want`` descriptors would
-    not fit (a connection is one); returns the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = hard if hard != resource.RLIM_INFINITY else want
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            log.info("raised the open-file limit soft=%d->%d", soft, new)
-            soft = new
-    if soft != resource.RLIM_INFINITY and soft < want:
-        log.warning("open-file limit %d is below server.max_connections + headroom (%d)",
-                    soft, want)
-    return soft
 
 
 def serve(agent: Operations, config: AgentConfig, *,

@@ -6,10 +6,14 @@ bytes both send, the access log both write, and what a handler needs of its serv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import resource
 import socket
+import threading
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -83,6 +87,49 @@ def http_date() -> str:
     if _date_cache[0] != now:
         _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True)
     return str(_date_cache[1])
+
+
+def head_ready(conn: Conn) -> bool:
+    """A complete head in ``buf`` (or one too large: the worker refuses it)."""
+    buf = conn.buf
+    while buf.startswith((b"\n", b"\r\n")):
+        del buf[:1 if buf[0] == 10 else 2]
+        conn.scanned = 0
+    if HEAD_END_RE.search(buf, max(conn.scanned - 3, 0), MAX_HEAD) is not None:
+        return True
+    conn.scanned = len(buf)
+    return len(buf) >= MAX_HEAD or (len(buf) > MAX_LINE
+                                    and buf.find(b"\n", 0, MAX_LINE + 1) < 0)
+
+
+def lower_thread_priority(nicer: int) -> None:
+    """This thread (on Linux nice is per thread) ``nicer`` than the agent: on a small
+    machine an attacker's connections would otherwise take the CPU, and the GIL,
+    from the workers answering clients with a token (see ``server.intake_nice``)."""
+    if nicer <= 0:
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + nicer))
+    except OSError as exc:   # e.g. a sandbox that forbids it: serve all the same
+        log.warning("cannot lower the intake thread's priority: %s", exc)
+
+
+def raise_fd_limit(want: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard one when ``want`` descriptors would
+    not fit (a connection is one); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = hard if hard != resource.RLIM_INFINITY else want
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            log.info("raised the open-file limit soft=%d->%d", soft, new)
+            soft = new
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning("open-file limit %d is below server.max_connections + headroom (%d)",
+                    soft, want)
+    return soft
 
 
 class Conn:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import need
+from conftest import lacking, need
 from daemon_env import Daemon
 
 from mcp_node.client import Client
@@ -34,9 +34,8 @@ def mount(*args: str) -> None:
 
 @pytest.fixture
 def loop_state(tmp_path: Path) -> Iterator[Path]:
-    need("mount", "umount", "mkfs.ext4", "findmnt")
-    if os.geteuid() != 0:
-        pytest.skip("a loop mount needs root")
+    need("mount", "umount", "mkfs.ext4", "findmnt",
+         also=("root (for a loop mount)",) if os.geteuid() != 0 else ())
     image, state = tmp_path / "state.img", tmp_path / "state"
     with open(image, "wb") as f:
         f.truncate(48 << 20)
@@ -57,8 +56,8 @@ def fs_error(state: Path) -> None:
     dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(state)], check=True,
                          capture_output=True, text=True, timeout=30).stdout.strip()
     trigger = Path("/sys/fs/ext4") / Path(dev).name / "trigger_fs_error"
-    if not trigger.exists():
-        pytest.skip(f"{trigger} missing: this kernel cannot be asked for an ext4 error")
+    if not trigger.exists():   # this kernel cannot be asked for an ext4 error
+        lacking(str(trigger))
     trigger.write_text("1\n")
 
 

@@ -11,8 +11,9 @@ ROUNDS times at seeded random points of the keepalive cycle:
 - etcd-leader: the etcd leader SIGKILLed (restarted after 0.1-0.6 s): nothing moves.
 
 Reported per kind: failover time from the fault to the new copy running (median and
-worst), instants with two copies (goal 0), and the gap with no copy (median and
-worst), against the bound lease TTL + grace + the service's own start (a fresh
+worst), instants with two copies (goal 0), the gap with no copy (median and worst),
+how often a fence fired (etcd-leader: goal 0) and the poller's failed reads, against
+the bound lease TTL + grace + the service's own start (a fresh
 deploy's time to running, measured in the same run).
 
 Run: .venv/bin/python bench/failover.py [ROUNDS] [SEED]   (a soak: ROUNDS 200)
@@ -35,6 +36,16 @@ from fault_env import GRACE, TTL, Poller  # noqa: E402
 from test_fence_faults import Fleet  # noqa: E402
 
 
+def _fence_firings(f: Fleet) -> int:
+    """How often the nodes' fences fired so far (their logs)."""
+    n = 0
+    for a in f.agents:
+        log = a.state / "fence.log"
+        if log.exists():
+            n += log.read_text(errors="replace").count("is not known alive")
+    return n
+
+
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else random.SystemRandom().randrange(1 << 30)
@@ -55,6 +66,8 @@ def main() -> None:
             rows = []
             for kind in ("kill", "stop", "partition", "etcd-leader"):
                 rng = random.Random(f"{seed}-{kind}")
+                fired = _fence_firings(f)
+                errors = poller.errors
                 poller.doubles.clear()
                 poller.gaps.clear()
                 times = []
@@ -90,17 +103,18 @@ def main() -> None:
                     holder = moved
                 time.sleep(2 * TTL)
                 gaps = list(poller.gaps)
-                rows.append((kind, times, len(poller.doubles), gaps))
+                rows.append((kind, times, len(poller.doubles), gaps,
+                             _fence_firings(f) - fired, poller.errors - errors))
             poller.stop()
         finally:
             f.close()
     print(f"{'fault':<12} {'failover median/worst':>22} {'2 copies':>9} "
-          f"{'no-copy gap median/worst':>25}")
-    for kind, times, doubles, gaps in rows:
+          f"{'no-copy gap median/worst':>25} {'fences':>7} {'poll errors':>12}")
+    for kind, times, doubles, gaps, fences, errs in rows:
         fo = f"{median(times):.2f} / {max(times):.2f} s" if times else "no move"
         gp = f"{median(gaps):.2f} / {max(gaps):.2f} s" if gaps else "none"
-        print(f"{kind:<12} {fo:>22} {doubles:>9} {gp:>25}")
-    worst = max((max(t) for _, t, _, _ in rows if t), default=0.0)
+        print(f"{kind:<12} {fo:>22} {doubles:>9} {gp:>25} {fences:>7} {errs:>12}")
+    worst = max((max(t) for _, t, *_ in rows if t), default=0.0)
     print(f"worst failover {worst:.2f} s vs bound {bound:.2f} s: {worst / bound:.2f}x")
 
 

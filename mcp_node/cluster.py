@@ -106,9 +106,7 @@ class Etcd:
             out = self._pass(path, body, errors)
             if out is not None:
                 return out
-        raise FleetUnavailable("etcd is unreachable or has no quorum (" + "; ".join(errors)
-                               + "): fleet writes are refused until it is back; reads answer "
-                               "from this node's own record, marked stale")
+        raise _no_quorum(errors)
 
     def _pass(self, path: str, body: dict[str, Any], errors: list[str]) -> dict[str, Any] | None:
         from etcd3gw import exceptions as ex
@@ -194,6 +192,57 @@ class Etcd:
             raise FleetUnavailable(f"etcd keepalive: {str(out.get('error', out))[:200]}")
         return int(out["result"].get("TTL", -1))
 
+    def keepalive_raced(self, lease: int, head_s: float = 0.2) -> int:
+        """One keepalive, to the endpoint that answered last and, if it has not
+        answered within ``head_s``, to every other one at once; the first answer wins.
+        A member being restarted can hold a request for its whole timeout, and the
+        lease's fence deadline does not wait for ``_post``'s serial retries (issue 18).
+        FleetUnavailable when none answers about the lease."""
+        from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+        from etcd3gw import exceptions as ex
+
+        data = json.dumps({"ID": lease})
+
+        def one(i: int) -> int:
+            client = self._clients[i]
+            try:
+                out: dict[str, Any] = client.post(client.get_url("/lease/keepalive"),
+                                                  data=data)
+            except (ex.ConnectionFailedError, ex.ConnectionTimeoutError) as exc:
+                raise FleetUnavailable(f"{self.cfg.etcd[i]}: {transport_cause(exc)}") from exc
+            except ex.Etcd3Exception as exc:
+                detail = str(getattr(exc, "detail_text", "") or exc)
+                raise FleetUnavailable(f"{self.cfg.etcd[i]}: {detail[:160]}") from exc
+            self.traffic.add(len(data), len(json.dumps(out)))
+            if "result" not in out:
+                raise FleetUnavailable(f"{self.cfg.etcd[i]}: "
+                                       f"{str(out.get('error', out))[:160]}")
+            with self._lock:
+                self._current = i
+            return int(out["result"].get("TTL", -1))
+
+        with self._lock:
+            first = self._current
+        pool = ThreadPoolExecutor(max_workers=len(self._clients))
+        errors: list[str] = []
+        try:
+            pending: set[Future[int]] = {pool.submit(one, first)}
+            done, pending = wait(pending, timeout=head_s)
+            if not done or not _answered(done, errors):
+                pending |= {pool.submit(one, i) for i in range(len(self._clients)) if i != first}
+            while True:
+                for f in done:
+                    if f.exception() is None:
+                        return f.result()
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                _answered(done, errors)
+        finally:
+            pool.shutdown(wait=False)
+        raise _no_quorum(errors)
+
     def revoke(self, lease: int) -> None:
         self._post("/kv/lease/revoke", {"ID": lease})
 
@@ -241,6 +290,24 @@ class Etcd:
         finally:
             done.set()
             resp.close()
+
+
+def _no_quorum(errors: list[str]) -> FleetUnavailable:
+    return FleetUnavailable("etcd is unreachable or has no quorum (" + "; ".join(errors)
+                            + "): fleet writes are refused until it is back; reads answer "
+                            "from this node's own record, marked stale")
+
+
+def _answered(done: set[Any], errors: list[str]) -> bool:
+    """True if one of ``done`` succeeded; notes the failures' causes."""
+    ok = False
+    for f in done:
+        exc = f.exception()
+        if exc is None:
+            ok = True
+        else:
+            errors.append(str(exc)[:160] or type(exc).__name__)
+    return ok
 
 
 def _session(cfg: ClusterConfig) -> Any:

@@ -137,7 +137,7 @@ class LeaseGuard:
                 continue
             sent = time.monotonic()
             try:
-                ttl = self.etcd.keepalive(lease)
+                ttl = self.etcd.keepalive_raced(lease)
             except FleetUnavailable as exc:
                 self.error = str(exc)
                 self.on_expired()     # the fleet thread marks etcd lost

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.fleet")
 
 GUARD_POLL_S = 0.1
+RETRY_S = 0.05            # a failed keepalive is sent again so soon
 FENCE_CHECK_S = 1.0
 
 
@@ -131,7 +132,13 @@ class LeaseGuard:
     # -- renewals --------------------------------------------------------------------
 
     def _keepalive_loop(self) -> None:
-        while not self._stop.wait(self.tick):
+        """Every tick; after a failure again soon (0.05 s, doubling up to the tick): an
+        etcd leader election takes about a second, and the fence deadline is only TTL
+        less margins away."""
+        wait = retry = self.tick
+        while not self._stop.wait(wait):
+            retry = min(self.tick, RETRY_S if wait == self.tick else retry * 2)
+            wait = self.tick
             lease = self.lease
             if not lease:
                 continue
@@ -139,11 +146,12 @@ class LeaseGuard:
             try:
                 ttl = self.etcd.keepalive_raced(lease)
             except FleetUnavailable as exc:
-                self.error = str(exc)
+                self.error, wait = str(exc), retry
                 self.on_expired()     # the fleet thread marks etcd lost
                 continue
             except MCPError as exc:
                 log.warning("fleet: keepalive: %s", exc)
+                wait = retry
                 continue
             if ttl <= 0:
                 self._expired(lease)

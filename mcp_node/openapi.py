@@ -147,6 +147,28 @@ def _op(op_id: str, summary: str, role: str | None, ok: dict[str, Any], *,
 # runtime may fail (502).
 _SERVICE_ERRORS = ("404", "409", "502")
 
+# OpenAPI links: what a client (and schemathesis' stateful phase) can do next with what
+# an answer names. A deployed service's reads, lifecycle and removal take the name its
+# status carries; a route set up is removed by its hostname. Not linked: progress,
+# events and history, which answer for a name rather than for the live service (idle,
+# and events and versions that outlive an undeploy, for a later rollback), and rollback,
+# whose version the answer does not carry. Stop, start and restart name the first
+# component the answer lists.
+_SERVICE_NEXT = (("ServiceStatus", "its status"),
+                 ("Logs", "its logs"), ("Stop", "stop its first component"),
+                 ("Start", "start its first component"),
+                 ("Restart", "restart its first component"), ("Undeploy", "remove it"))
+_FIRST_COMPONENT = {"component": "$response.body#/components/0/component"}
+SERVICE_LINKS: dict[str, Any] = {
+    op: {"operationId": op, "description": f"The service deployed: {what}",
+         "parameters": {"path.name": "$response.body#/service"},
+         **({"requestBody": _FIRST_COMPONENT} if op in ("Stop", "Start", "Restart") else {})}
+    for op, what in _SERVICE_NEXT}
+EDGE_ROUTE_LINKS: dict[str, Any] = {
+    "RemoveEdgeRoute": {"operationId": "RemoveEdgeRoute", "description": "Remove the route",
+                        "parameters": {"path.hostname": "$response.body#/hostname"}},
+}
+
 
 def _paths() -> dict[str, dict[str, Any]]:
     status = _json(_ref("ServiceStatus"), "The service's status after the operation")
@@ -161,7 +183,8 @@ def _paths() -> dict[str, dict[str, Any]]:
             "get": _op("ListComponents", "Every component of every service (ps)", "reader",
                        _json({"type": "array", "items": _ref("PsRow")}, "Components")),
             "post": _op("Deploy", "Deploy or redeploy a service definition", "operator",
-                        status, body="ServiceDefinition", errors=("404", "409", "502")),
+                        {**status, "links": SERVICE_LINKS}, body="ServiceDefinition",
+                        errors=("404", "409", "502")),
         },
         "/v1/services/{name}": {
             "get": _op("ServiceStatus", "Status of one service, with drift and events",
@@ -224,7 +247,8 @@ def _paths() -> dict[str, dict[str, Any]]:
                        _json({"type": "array", "items": _ref("EdgeRoute")}, "Edge routes"),
                        errors=("502",)),
             "post": _op("SetupEdgeRoute", "Create or update a public TLS route to a backend",
-                        "master", _json(_ref("EdgeRoute"), "The route"),
+                        "master", {**_json(_ref("EdgeRoute"), "The route"),
+                                   "links": EDGE_ROUTE_LINKS},
                         body="EdgeRouteSetup", errors=("409", "502")),
         },
         "/v1/edge-routes/{hostname}": {"delete": _op(
@@ -370,7 +394,7 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "ServiceStatus": {
-            "type": "object", "additionalProperties": True,
+            "type": "object", "additionalProperties": True, "required": ["service"],
             "properties": {
                 "service": _STR,
                 "components": {"type": "array", "items": {
@@ -405,7 +429,7 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "EdgeRoute": {
-            "type": "object", "additionalProperties": True,
+            "type": "object", "additionalProperties": True, "required": ["hostname"],
             "properties": {
                 "hostname": _STR, "backend_hostname": _STR,
                 "backend_port": {"type": "integer"}, "backend_address": _STR,

@@ -43,6 +43,8 @@ inet_pton(AF_INET6, "2001:db8::1", &sin6_addr), sin6_scope_id=0}, 28) = -1 ENETU
 105 connect(4, {sa_family=AF_INET, sin_port=htons(443), sin_addr=inet_addr("100.64.0.2")}, 16) = 0
 106 connect(4, {sa_family=AF_INET, sa_data="garbled"}, 16) = 0
 107 sendmsg(9, {msg_name={sa_family=AF_NETLINK, nl_pid=0, nl_groups=00000000}}, 0) = 20
+108 sendto(3, [{nlmsg_type=RTM_GETADDR}, {ifa_family=AF_INET, ifa_index=0}], 32, 0, \
+{sa_family=AF_NETLINK, nl_pid=0, nl_groups=00000000}, 12) = 32
 """
 
 

@@ -7,13 +7,25 @@ unique volume paths) and rules that depend on the agent's config (edge domains a
 zone) make some schema-valid deploy and edge-setup bodies a 400; the run accepts a 400
 there for the positive-data check only, and says so in its config below.
 
+The run reaches real resources (issue 16, item 5): a service is deployed before it starts
+(``seed``, the test image), the fuzzing phase's positive reads of a service name it now
+and then, and the stateful phase follows the document's links (only those: st's link
+inference is off) from a deploy of that service (its reads, lifecycle and removal) and
+from an edge route set up on real Caddy,
+Pebble and dnsmasq (its removal); the test asserts every link was covered and the seeded
+service's reads answered 200. It stays on the machine (item 6): the agent runs under
+strace with its own podman service and tests/egress.py's environment, and the test fails
+on any connect()/sendto()/sendmsg() outside loopback.
+
 The run: all phases (coverage, fuzzing, stateful), --max-examples 25 per operation
-(MCP_SCHEMATHESIS_EXAMPLES), one worker, a random seed printed first (replay one with
-MCP_SCHEMATHESIS_SEED). About 80 s on the 2-core test machine; it fails past 240 s.
+(MCP_SCHEMATHESIS_EXAMPLES), 10 stateful scenarios of at most 6 steps
+(MCP_SCHEMATHESIS_STATEFUL_EXAMPLES), one worker, a random seed printed first (replay one with
+MCP_SCHEMATHESIS_SEED). About 100 s on the 2-core test machine; it fails past 240 s.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -21,23 +33,45 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import need_module
+from conftest import need, need_module
+from edge_env import (
+    BACKEND_HOST,
+    INTERNAL_ZONE,
+    PUBLIC_DOMAIN,
+    Caddy,
+    Dnsmasq,
+    NetnsBackend,
+    Pebble,
+)
+from egress import (
+    Traced,
+    closed_port,
+    loopback_connections,
+    no_egress_env,
+    outside_connections,
+)
+from podman_env import containers_conf, free_port, podman_cli
 
 from mcp_node import openapi
-from mcp_node.agent import Agent
-from mcp_node.config import AgentConfig
+from mcp_node.auth import TokenStore
+from mcp_node.client import Client
+from mcp_node.config import from_dict
+from mcp_node.errors import MCPError, RemoteError
 from mcp_node.httpapi import ROUTES
-from mcp_node.server import AgentServer, serve
+from mcp_node.runtime import LABEL_OWNER
 
 ST = Path(sys.executable).with_name("st")
 MAX_EXAMPLES = int(os.environ.get("MCP_SCHEMATHESIS_EXAMPLES", "25"))
 RUN_DEADLINE_S = float(os.environ.get("MCP_SCHEMATHESIS_DEADLINE_S", "240"))
+STATEFUL_EXAMPLES = int(os.environ.get("MCP_SCHEMATHESIS_STATEFUL_EXAMPLES", "10"))
+SEED_NAME = "seed"
 
 ST_CONFIG = """
 # A pull of a generated image name fails upstream (no registry here: 502), and a VM on a
@@ -49,6 +83,18 @@ expected-statuses = ["2xx", "3xx", "4xx", "502", "503"]
 # A schema-valid body may still break a rule JSON Schema cannot state (names unique
 # across items, config-dependent domains): for these two operations only, a 400 is an
 # acceptable answer to positive data.
+# Only the document's own links: the test asserts the stateful phase covered each.
+# Bounded apart from the other phases: its deploys, undeploys and certificate issues are
+# real work (seven links are covered well within ten scenarios of six steps).
+[phases.stateful]
+max-steps = 6
+
+[phases.stateful.generation]
+max-examples = @STATEFUL_EXAMPLES@
+
+[phases.stateful.inference]
+algorithms = []
+
 [[operations]]
 include-operation-id = "Deploy"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404",
@@ -64,11 +110,35 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403",
 # schemathesis reads any body other than text/event-stream to its end: such a request
 # would only end at the request timeout, as an error. A true follow is filtered out of
 # the generated queries (a false, empty or invalid one is still sent; streaming has its
-# own tests in test_server_streams); nothing else about the cases changes.
+# own tests in test_server_streams).
+#
+# Real resources: a generated definition names an image no registry has (a 502), and a
+# generated edge route a domain outside the agent's config (a 400), so a link from either
+# would never be followed. In the stateful phase a positive deploy sends the seeded
+# service's definition (MCP_ST_DEFINITION) and a positive edge setup a route under the
+# allowed domain to the netns backend (one of eight hostnames, chosen by the generated
+# one), and a positive stop/start/restart that names a component names the service's
+# (st follows a link's body only now and then, and a 404 for a made-up component read as
+# "the created service is not found"); a third of the fuzzing phase's positive reads of a
+# service (by the generated name's CRC, so a seed replays) name the seeded service. st
+# revalidates a case a before_call hook changed, so the checks judge what was sent.
 ST_HOOKS = """
+import json
+import os
+import zlib
+
 import schemathesis
+from schemathesis import GenerationMode
+from schemathesis.generation.meta import TestPhase
 
 FOLLOW_PATHS = {"/v1/events", "/v1/services/{name}/logs"}
+DEFINITION = json.loads(os.environ["MCP_ST_DEFINITION"])
+BACKEND = json.loads(os.environ["MCP_ST_BACKEND"])
+DOMAIN = os.environ["MCP_ST_DOMAIN"]
+READS = {"/v1/services/{name}", "/v1/services/{name}/history", "/v1/services/{name}/logs",
+         "/v1/services/{name}/progress"}
+LIFECYCLE = {"/v1/services/{name}/stop", "/v1/services/{name}/start",
+             "/v1/services/{name}/restart"}
 
 
 @schemathesis.hook
@@ -77,6 +147,33 @@ def filter_query(ctx, query):
         return True
     follow = (query or {}).get("follow")
     return not (isinstance(follow, str) and follow.lower() in ("1", "true", "yes"))
+
+
+def _positive(case, phase):
+    meta = case.meta
+    return (meta is not None and meta.phase.name == phase
+            and meta.generation.mode == GenerationMode.POSITIVE)
+
+
+def _crc(value):
+    return zlib.crc32(json.dumps(value, sort_keys=True).encode())
+
+
+@schemathesis.hook
+def before_call(ctx, case, kwargs):
+    op = (case.operation.method.upper(), case.operation.path)
+    if _positive(case, TestPhase.STATEFUL):
+        if op == ("POST", "/v1/services"):
+            case.body = DEFINITION
+        elif op == ("POST", "/v1/edge-routes"):
+            case.body = {"hostname": f"st{_crc(case.body) % 8}.{DOMAIN}",
+                         "backend_hostname": BACKEND[0], "backend_port": BACKEND[1]}
+        elif (op[0] == "POST" and op[1] in LIFECYCLE and isinstance(case.body, dict)
+              and "component" in case.body):
+            case.body = {**case.body, "component": DEFINITION["components"][0]["name"]}
+    elif (_positive(case, TestPhase.FUZZING) and op[0] == "GET" and op[1] in READS
+          and case.path_parameters and _crc(case.path_parameters) % 3 == 0):
+        case.path_parameters = {**case.path_parameters, "name": DEFINITION["name"]}
 """
 
 
@@ -98,6 +195,29 @@ def test_document_and_router_agree() -> None:
                 "505"} <= codes, r.template
         assert ("401" in codes) == (r.role is not None)
         assert ("403" in codes) == (r.role in ("operator", "master"))
+
+
+def test_links_name_operations_and_fields_the_answer_carries() -> None:
+    """Each link (issue 16, item 5) targets an operation with the parameter it sets, from a
+    field the answer's schema requires, so a client following it always has the value."""
+    doc = openapi.document()
+    ops = {op["operationId"]: op for item in doc["paths"].values() for op in item.values()}
+    schemas = doc["components"]["schemas"]
+    for source, answer in (("Deploy", "ServiceStatus"), ("SetupEdgeRoute", "EdgeRoute")):
+        links = ops[source]["responses"]["200"]["links"]
+        assert links, source
+        for link in links.values():
+            target = ops[link["operationId"]]
+            for key, expr in link["parameters"].items():
+                where, name = key.split(".")
+                assert {"in": where, "name": name}.items() <= next(
+                    p for p in target["parameters"] if p["name"] == name).items()
+                assert expr.removeprefix("$response.body#/") in schemas[answer]["required"]
+            if "requestBody" in link:
+                assert target["requestBody"]["content"]["application/json"]
+    assert set(ops["Deploy"]["responses"]["200"]["links"]) == {
+        "ServiceStatus", "Logs", "Stop", "Start", "Restart", "Undeploy"}
+    assert set(ops["SetupEdgeRoute"]["responses"]["200"]["links"]) == {"RemoveEdgeRoute"}
 
 
 @pytest.mark.parametrize("path", [
@@ -176,44 +296,98 @@ def test_jsonschema_rs_matches_a_long_volume() -> None:
         assert validator.is_valid("/0:/" + "0" * 4092), pattern
 
 
+@dataclass
+class StAgent:
+    """The fuzzed ``mcp-agent``: a process under strace (with the podman service it starts
+    for itself), real podman, Caddy, Pebble, dnsmasq and the netns backend behind it."""
+
+    url: str
+    token: str
+    trace: Path
+    backend_port: int
+    image: str
+
+
+def _agent_toml(state: Path, caddy: Caddy, pebble: Pebble, dns: Dnsmasq,
+                backend: NetnsBackend) -> str:
+    """Volume roots widened to / so that the document's volume grammar is the whole rule
+    (the roots are per node: tests/test_servicedef); no podman socket, so the agent runs
+    its own podman service as its child, inside the trace."""
+    return "\n".join([
+        "[podman]", f"containers_conf = {json.dumps(containers_conf())}",
+        'volume_roots = ["/"]',
+        "[proxy]", f"admin = {json.dumps(caddy.admin_url)}", f"https_port = {caddy.https_port}",
+        "[acme]", f"directory = {json.dumps(pebble.directory_url)}",
+        f"ca_bundle = {json.dumps(str(pebble.ca_bundle))}",
+        f"http01_port = {pebble.http01_port}",
+        "[dns]", f"nameservers = [{json.dumps(dns.nameserver)}]", "timeout_s = 2.0",
+        "[edge]", f"allowed_domains = [{json.dumps(PUBLIC_DOMAIN)}]",
+        f"internal_zone = {json.dumps(INTERNAL_ZONE)}",
+        f"backend_ca = {json.dumps(str(backend.ca_file))}", ""])
+
+
 @pytest.fixture
-def st_server(podman_config: AgentConfig, podman_cleanup: Any) -> Iterator[AgentServer]:
-    """A real agent on real podman; volume roots widened to / so that the document's
-    volume grammar is the whole rule (the roots are per node: tests/test_servicedef)."""
-    cfg = replace(podman_config,
-                  server=replace(podman_config.server, listen="127.0.0.1:0"),
-                  podman=replace(podman_config.podman, volume_roots=("/",)))
-    agent = Agent(cfg)
-    podman_cleanup.add(agent.owner)
-    srv = serve(agent, cfg)
+def st_agent(tmp_path: Path, hello_image: str, podman_binary: None, caddy: Caddy,
+             pebble: Pebble, edge_dns: Dnsmasq,
+             netns_backend: NetnsBackend) -> Iterator[StAgent]:
+    need("strace")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    conf = tmp_path / "agent.toml"
+    conf.write_text(_agent_toml(state, caddy, pebble, edge_dns, netns_backend))
+    token = TokenStore.for_config(from_dict({"state": {"dir": str(state)}})).add(
+        "schemathesis", "master")
+    port = free_port()
+    agent = Traced([str(Path(sys.executable).with_name("mcp-agent")), "--config", str(conf),
+                    "--state-dir", str(state), "--listen", f"127.0.0.1:{port}"],
+                   tmp_path / "agent.trace", tmp_path / "agent.log")
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield srv
+        agent.start()
+        client = Client(url, token, timeout=60)
+        deadline = time.monotonic() + 60
+        while True:
+            assert agent.strace is not None and agent.strace.poll() is None, \
+                (tmp_path / "agent.log").read_text(errors="replace")[-3000:]
+            try:
+                client.get("/v1/health")
+                break
+            except MCPError:
+                assert time.monotonic() < deadline, "the traced agent did not come up"
+                time.sleep(0.2)
+        # The seeded service: what the stateful phase deploys again (SEED below) and what
+        # the other phases' reads of a service may name.
+        seeded = client.post("/v1/services", _seed(hello_image))
+        assert seeded["service"] == SEED_NAME
+        # A pull of a made-up registry name, as the fuzzer's deploys make: it fails on the
+        # closed proxy (502), and the trace must show that connection on loopback.
+        with pytest.raises(RemoteError) as pulled:
+            client.post("/v1/services", {"name": "st-egress", "components": [
+                {"name": "web", "image": "a.b/c:1"}]})
+        assert pulled.value.status == 502, pulled.value
+        yield StAgent(url, token, tmp_path / "agent.trace", netns_backend.port, hello_image)
     finally:
-        srv.shutdown()
-        agent.close()
+        agent.stop()
+        owner = (state / "node_id").read_text().strip() if (state / "node_id").exists() else ""
+        ids = podman_cli("ps", "-aq", "--filter", f"label={LABEL_OWNER}={owner}").stdout.split()
+        if owner and ids:
+            podman_cli("rm", "-f", "-t", "0", *ids)
 
 
-def test_schemathesis_all_checks_against_the_live_agent(st_server: AgentServer,
-                                                        tmp_path: Path) -> None:
-    if not ST.exists() and shutil.which("st") is None:
-        pytest.fail("schemathesis is not installed: pip install -e .[test]")
-    token_file = st_server.token_file
-    assert token_file is not None
-    master = st_server.tokens.add("schemathesis", "master")
-    seed = int(os.environ.get("MCP_SCHEMATHESIS_SEED") or random.randrange(1 << 31))
-    print(f"schemathesis seed={seed} max_examples={MAX_EXAMPLES}")
-    config = tmp_path / "schemathesis.toml"
-    config.write_text(ST_CONFIG)
-    hooks = tmp_path / "st_hooks.py"
-    hooks.write_text(ST_HOOKS)
+def _seed(image: str) -> dict[str, Any]:
+    return {"name": SEED_NAME, "components": [{"name": "web", "image": image,
+                                               "routes": [{"port": 8080}]}]}
+
+
+def _st_argv(config: Path, url: str, token: str, seed: int, report: Path) -> list[str]:
     # One worker: st's workers are threads, and CPython 3.11 keeps the AST constructor's
     # recursion counter in state the threads share, so hypothesis' lambda descriptions
     # (ast.parse) in two workers at once failed a run here (3.11.7) with "SystemError: AST
     # constructor recursion depth mismatch" (see python/cpython#106905). Generation is
     # CPU-bound under the GIL anyway: two workers were no faster (97 s vs 92 s, seed 2).
-    argv = [str(ST if ST.exists() else shutil.which("st")), "--config-file", str(config),
-            "--no-color", "run", f"{st_server.url}/v1/openapi.json",
-            "-H", f"Authorization: Bearer {master}", "--checks", "all",
+    return [str(ST if ST.exists() else shutil.which("st")), "--config-file", str(config),
+            "--no-color", "run", f"{url}/v1/openapi.json",
+            "-H", f"Authorization: Bearer {token}", "--checks", "all",
             "--max-examples", str(MAX_EXAMPLES), "--workers", "1", "--seed", str(seed),
             "--request-timeout", "20",
             # A data-generation health check, not a check of the API: for SetupEdgeRoute
@@ -221,11 +395,38 @@ def test_schemathesis_all_checks_against_the_live_agent(st_server: AgentServer,
             # and whether that crosses its threshold depends on the seed (1416081871 did).
             "--suppress-health-check", "filter_too_much",
             "--generation-database", "none",
-            "--report", "junit", "--report-dir", str(tmp_path / "report")]
+            "--report", "junit,har", "--report-dir", str(report)]
+
+
+def _answers(har: Path) -> dict[tuple[str, str], set[int]]:
+    """(method, path) -> every status the run got, from st's HAR report."""
+    seen: dict[tuple[str, str], set[int]] = {}
+    for entry in json.loads(har.read_text())["log"]["entries"]:
+        path = urllib.parse.urlsplit(entry["request"]["url"]).path
+        seen.setdefault((entry["request"]["method"], path), set()).add(
+            int(entry["response"]["status"]))
+    return seen
+
+
+def test_schemathesis_all_checks_against_the_live_agent(st_agent: StAgent,
+                                                        tmp_path: Path) -> None:
+    if not ST.exists() and shutil.which("st") is None:
+        pytest.fail("schemathesis is not installed: pip install -e .[test]")
+    seed = int(os.environ.get("MCP_SCHEMATHESIS_SEED") or random.randrange(1 << 31))
+    print(f"schemathesis seed={seed} max_examples={MAX_EXAMPLES}")
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(ST_CONFIG.replace("@STATEFUL_EXAMPLES@", str(STATEFUL_EXAMPLES)))
+    hooks = tmp_path / "st_hooks.py"
+    hooks.write_text(ST_HOOKS)
+    report = tmp_path / "report"
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=tmp_path,
-                            env={**os.environ, "SCHEMATHESIS_HOOKS": str(hooks)})
+    env = {**no_egress_env(), "SCHEMATHESIS_HOOKS": str(hooks),
+           "MCP_ST_DEFINITION": json.dumps(_seed(st_agent.image)),
+           "MCP_ST_BACKEND": json.dumps([BACKEND_HOST, st_agent.backend_port]),
+           "MCP_ST_DOMAIN": PUBLIC_DOMAIN}
+    proc = subprocess.Popen(_st_argv(config, st_agent.url, st_agent.token, seed, report),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path, env=env)
     try:
         out, _ = proc.communicate(timeout=RUN_DEADLINE_S)
     except subprocess.TimeoutExpired:
@@ -239,3 +440,23 @@ def test_schemathesis_all_checks_against_the_live_agent(st_server: AgentServer,
     # GET /v1/openapi.json is the schema's own location, which st does not test.
     tested = re.search(r"Tested:\s+(\d+)", out)
     assert tested is not None and int(tested.group(1)) == len(ROUTES) - 1, out[-3000:]
+    # The stateful phase followed every link the document declares (issue 16, item 5).
+    links = re.search(r"(\d+) covered / (\d+) selected / (\d+) total", out)
+    declared = len(openapi.SERVICE_LINKS) + len(openapi.EDGE_ROUTE_LINKS)
+    assert links is not None, out[-3000:]
+    assert [int(g) for g in links.groups()] == [declared] * 3, (seed, links.group(0))
+    # The paths users hit answered for real: the seeded service's reads, its removal, and
+    # an edge route set up and removed again.
+    seen = _answers(next(report.glob("har-*.json")))
+    for path in ("", "/history", "/logs", "/progress"):
+        assert 200 in seen.get(("GET", f"/v1/services/{SEED_NAME}{path}"), set()), (seed, path)
+    assert 200 in seen.get(("DELETE", f"/v1/services/{SEED_NAME}"), set()), seed
+    assert 200 in seen.get(("POST", "/v1/edge-routes"), set()), seed
+    assert any(200 in codes for (method, path), codes in seen.items()
+               if method == "DELETE" and path.startswith("/v1/edge-routes/")), seed
+    # Tests stay on the machine (issue 16, item 6): the agent and its podman service made
+    # no connection and sent no datagram outside loopback (not even to the netns backend:
+    # Caddy talks to it), and the trace did record the made-up pull's try at the proxy.
+    assert ("127.0.0.1", closed_port()) in loopback_connections(st_agent.trace)
+    outside = outside_connections(st_agent.trace)
+    assert outside == [], "\n".join(outside[:20])

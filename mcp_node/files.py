@@ -99,3 +99,20 @@ def unlink_quietly(*paths: Path) -> None:
             p.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("cannot remove %s: %s", p, exc)
+
+
+def host_memory_mb() -> int:
+    """The host's memory in MiB (MemTotal), as the VM runtime and a fleet record count it."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError("MemTotal missing from /proc/meminfo")
+
+
+def default_node_name() -> str:
+    """The host name's first label as a node name ([a-z0-9-], at most 63)."""
+    import socket
+
+    label = socket.gethostname().split(".", 1)[0].lower()
+    return "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in label)[:63] or "node"

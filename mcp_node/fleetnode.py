@@ -20,11 +20,9 @@ import json
 import logging
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import __version__, fleetedge, fleetmoves, fleetviews
@@ -50,8 +48,9 @@ from .errors import (
     ValidationError,
     WorkloadError,
 )
-from .files import atomic_write
+from .files import atomic_write, default_node_name, host_memory_mb
 from .fleetlease import LeaseGuard, fence_facts
+from .fleetmoves import Txn
 from .fleetviews import Fleetview
 from .placement import Demand, choose, demand_of
 from .servicedef import ServiceDef, from_dict
@@ -66,21 +65,6 @@ T = TypeVar("T")
 RECORD_EVERY_S = 30.0     # the node record's capacity and last reconcile time, at most so often
 RESYNC_EVERY_S = 60.0     # a full read beside the watch, in case an event was missed
 TXN_ATTEMPTS = 60
-
-
-def default_node_name() -> str:
-    label = socket.gethostname().split(".", 1)[0].lower()
-    return "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in label)[:63] or "node"
-
-
-def _host_memory_mb() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
 
 
 class Fleet:
@@ -265,7 +249,7 @@ class Fleet:
         """What this node says of itself; capacity offered to placements is configured
         or the host's (memory less the VM reserve, CPUs)."""
         q = self.a.config.qemu
-        mem = self.cfg.memory_mb or max(_host_memory_mb() - q.reserve_memory_mb, 0)
+        mem = self.cfg.memory_mb or max(host_memory_mb() - q.reserve_memory_mb, 0)
         cpus = self.cfg.vcpus or max((os.cpu_count() or 1) - q.reserve_vcpus, 0)
         runtimes = []
         for name in self.a.runtime_names:
@@ -425,7 +409,7 @@ class Fleet:
                 services[name] = {"generation": gen, "error": err, "status": None}
         body = {"node": self.name, "services": services}
         key = json.dumps(body, sort_keys=True, default=str)
-        stable = json.dumps(_without_since(body), sort_keys=True, default=str)
+        stable = json.dumps(fleetviews.without_times(body), sort_keys=True, default=str)
         if stable == self._published:
             return
         self.etcd.put(OBSERVED + self.name, json.loads(key), lease=self.lease)
@@ -454,7 +438,7 @@ class Fleet:
         want = demand_of(defn)
         out: dict[str, Any] = {}
 
-        def step(v: Fleetview) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]]:
+        def step(v: Fleetview) -> Txn:
             prev = v.services.get(SERVICES + name)
             old = prev.value if prev else None
             current = old["node"] if old else ""
@@ -507,7 +491,7 @@ class Fleet:
         return expect, puts, tuple(deletes)
 
     def _revert(self, name: str, rec: dict[str, Any], old: dict[str, Any] | None) -> None:
-        def step(v: Fleetview) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]] | None:
+        def step(v: Fleetview) -> Txn | None:
             cur = v.services.get(SERVICES + name)
             if cur is None or cur.value.get("generation") != rec["generation"]:
                 return None          # someone wrote after us: theirs stands
@@ -543,7 +527,7 @@ class Fleet:
             delay = min(delay * 1.5, 0.05)   # a deploy is watched closely: it is short
 
     def undeploy(self, name: str) -> None:
-        def step(v: Fleetview) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]]:
+        def step(v: Fleetview) -> Txn:
             prev = v.services.get(SERVICES + name)
             if prev is None:
                 raise NotFoundError(f"unknown service {name!r} in the fleet")
@@ -559,7 +543,7 @@ class Fleet:
                                   "component")
         out: dict[str, Any] = {}
 
-        def step(v: Fleetview) -> tuple[dict[str, int], dict[str, Any], tuple[str, ...]]:
+        def step(v: Fleetview) -> Txn:
             prev = v.services.get(SERVICES + name)
             if prev is None:
                 raise NotFoundError(f"unknown service {name!r} in the fleet")
@@ -610,12 +594,3 @@ class Fleet:
         return {"node": self.name, "etcd": "reachable" if self.reachable else "unreachable",
                 "leader": self.leader, "error": self.last_error,
                 "fenced": not self.guard.may_run(), "etcd_leaderless": self.guard.leaderless}
-
-
-def _without_since(body: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(body, default=str))
-    for svc in out["services"].values():
-        for c in (svc.get("status") or {}).get("components", []):
-            c.pop("since", None)
-            c.pop("next_attempt", None)
-    return dict(out)

@@ -157,3 +157,13 @@ def events(fleet: Fleet, service: str | None, tail: int) -> list[dict[str, Any]]
                 rows.append({**e, "service": name, "node": node})
     rows.sort(key=lambda r: (str(r.get("time", "")), r["service"], r["node"]))
     return rows[-tail:] if tail else []
+
+
+def without_times(body: dict[str, Any]) -> dict[str, Any]:
+    """A published body without what changes every round (times), to tell a real change."""
+    out = json.loads(json.dumps(body, default=str))
+    for svc in out["services"].values():
+        for c in (svc.get("status") or {}).get("components", []):
+            c.pop("since", None)
+            c.pop("next_attempt", None)
+    return dict(out)

@@ -46,6 +46,7 @@ from .errors import (
     ValidationError,
     WorkloadError,
 )
+from .files import host_memory_mb
 from .grammar import Volume, parse_volumes, resolve_volumes, volume_roots
 from .initramfs import find_busybox, find_kernel
 from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
@@ -65,7 +66,6 @@ from .vmstate import (
     check_room,
     console_rotate,
     host_cpus,
-    host_memory_mb,
     live_pid,
     read_console,
     read_meta,

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import qmp
 from .errors import ResourceError
-from .files import atomic_write, read_cmdline
+from .files import atomic_write, host_memory_mb, read_cmdline
 from .logtail import LogTail
 from .runtime import workload_name
 from .vmimage import BootPlan
@@ -204,14 +204,6 @@ def check_room(name: str, mem: int, vcpus: int, used: int, running: int,
     if vcpus > host_cpus() - reserve_vcpus:
         raise ResourceError(f"{name}: {vcpus} vCPUs requested, this host has "
                             f"{host_cpus()} CPUs ({reserve_vcpus} reserved)")
-
-
-def host_memory_mb() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    raise RuntimeError("MemTotal missing from /proc/meminfo")
 
 
 def host_cpus() -> int:

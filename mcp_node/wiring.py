@@ -7,6 +7,7 @@ from typing import Any
 
 from .agent import Agent
 from .config import AgentConfig
+from .files import default_node_name
 from .operations import Operations
 
 
@@ -15,8 +16,6 @@ def node_agent(config: AgentConfig, **agent_kw: Any) -> Agent:
     ``agent_kw`` go to ``Agent`` (monitor, reconcile, runtimes, on_round)."""
     node = None
     if config.cluster.enabled:
-        from .fleetnode import default_node_name
-
         node = config.cluster.node or default_node_name()
     return Agent(config, node=node, **agent_kw)
 

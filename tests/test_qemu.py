@@ -33,6 +33,7 @@ from mcp_node.errors import (
     RuntimeUnavailable,
     ValidationError,
 )
+from mcp_node.files import host_memory_mb
 from mcp_node.kvmprobe import (
     PROBE_MARK,
     boot_prints_mark,
@@ -45,7 +46,6 @@ from mcp_node.kvmprobe import (
 )
 from mcp_node.qemu import QemuRuntime
 from mcp_node.runtime import RUNNING, STOPPED, WorkloadSpec
-from mcp_node.vmstate import host_memory_mb
 
 pytestmark = pytest.mark.integration
 

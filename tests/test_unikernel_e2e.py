@@ -38,7 +38,7 @@ from qemu_env import (
 )
 
 from mcp_node.errors import MCPError
-from mcp_node.vmstate import host_memory_mb
+from mcp_node.files import host_memory_mb
 
 pytestmark = pytest.mark.integration
 

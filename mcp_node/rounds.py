@@ -12,27 +12,17 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import health, stateprobe
+from . import health, stateprobe, views
 from .monitor import View
 
 if TYPE_CHECKING:
-    from .config import AgentConfig
     from .edge import EdgeManager
-    from .monitor import Monitor
-    from .reconcile import Reconciler
-    from .records import ComponentRecord
-    from .registry import Registry
-    from .runtime import Runtime, WorkloadSpec
+    from .runtime import Runtime
 
 
-class Host(Protocol):
-    """What a round uses of the node's agent."""
+class Host(views.Host, Protocol):
+    """What a round uses of the node's agent: what the views read, and more."""
 
-    node: str
-    config: AgentConfig
-    registry: Registry
-    monitor: Monitor
-    reconciler: Reconciler
     reconciling: bool
     started_at: float
 
@@ -43,14 +33,10 @@ class Host(Protocol):
     def edge_loaded(self) -> bool: ...
 
     @property
-    def node_routes(self) -> Any: ...
-
-    @property
     def runtime_names(self) -> tuple[str, ...]: ...
 
     def loaded_runtimes(self) -> dict[str, Runtime]: ...
 
-    def spec(self, service: str, comp: ComponentRecord) -> WorkloadSpec: ...
 
 log = logging.getLogger("mcp_node.agent")
 

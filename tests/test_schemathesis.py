@@ -18,9 +18,9 @@ strace with its own podman service and tests/egress.py's environment, and the te
 on any connect()/sendto()/sendmsg() outside loopback.
 
 The run: all phases (coverage, fuzzing, stateful), --max-examples 25 per operation
-(MCP_SCHEMATHESIS_EXAMPLES), 10 stateful scenarios of at most 6 steps
+(MCP_SCHEMATHESIS_EXAMPLES), 25 stateful scenarios of at most 8 steps
 (MCP_SCHEMATHESIS_STATEFUL_EXAMPLES), one worker, a random seed printed first (replay one with
-MCP_SCHEMATHESIS_SEED). About 100 s on the 2-core test machine; it fails past 240 s.
+MCP_SCHEMATHESIS_SEED). About 150-250 s on the 2-core test machine; it fails past 420 s.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ from mcp_node.runtime import LABEL_OWNER
 
 ST = Path(sys.executable).with_name("st")
 MAX_EXAMPLES = int(os.environ.get("MCP_SCHEMATHESIS_EXAMPLES", "25"))
-RUN_DEADLINE_S = float(os.environ.get("MCP_SCHEMATHESIS_DEADLINE_S", "240"))
-STATEFUL_EXAMPLES = int(os.environ.get("MCP_SCHEMATHESIS_STATEFUL_EXAMPLES", "10"))
+RUN_DEADLINE_S = float(os.environ.get("MCP_SCHEMATHESIS_DEADLINE_S", "420"))
+STATEFUL_EXAMPLES = int(os.environ.get("MCP_SCHEMATHESIS_STATEFUL_EXAMPLES", "25"))
 SEED_NAME = "seed"
 
 ST_CONFIG = """
@@ -85,9 +85,11 @@ expected-statuses = ["2xx", "3xx", "4xx", "502", "503"]
 # acceptable answer to positive data.
 # Only the document's own links: the test asserts the stateful phase covered each.
 # Bounded apart from the other phases: its deploys, undeploys and certificate issues are
-# real work (seven links are covered well within ten scenarios of six steps).
+# real work. Ten scenarios of six steps missed the edge route's link in one CI run of
+# four (seed 1574871055: SetupEdgeRoute is one operation of 21 to start from, and its
+# removal must follow within the scenario), so 25 of up to 8 steps.
 [phases.stateful]
-max-steps = 6
+max-steps = 8
 
 [phases.stateful.generation]
 max-examples = @STATEFUL_EXAMPLES@

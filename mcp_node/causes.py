@@ -9,6 +9,7 @@ fleet's etcd client and the podman runtime both use it.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import socket
@@ -31,6 +32,8 @@ def transport_cause(exc: BaseException) -> str:
     for x in reversed(chain):
         if isinstance(x, OSError) and x.errno and not isinstance(x, socket.timeout):
             return os.strerror(x.errno).lower()
+    if any(isinstance(x, http.client.RemoteDisconnected) for x in chain):
+        return "connection closed without a response"   # the peer died mid-request
     if m := _TIMEOUT.search(text):
         limit = re.search(r"timeout=([\d.]+)", text)
         return m.group(0).lower() + (f" ({limit.group(1)} s)" if limit else "")

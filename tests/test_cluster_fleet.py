@@ -206,7 +206,10 @@ def test_etcd_member_lost_then_quorum_lost(fleet: dict[str, Node],
     ids = {k: w.id for k, w in c1.world.workloads.items()}
     etcd_cluster.kill(0)                      # one member: nothing changes
     assert a(e1).deploy(svc("api", node="c2"))["node"] == "c2"
-    assert {r["service"] for r in a(c1).ps()} == {"web", "api"}
+    # c1's client may still be on the killed member for one read (answered from its
+    # own record, stale) before it moves to another: seen once in a clean-clone CI run.
+    until(lambda: {r["service"] for r in a(c1).ps()} == {"web", "api"}, 10,
+          "c1's fleet ps did not show api after one etcd member died")
     etcd_cluster.kill(1)                      # quorum lost
     until(lambda: not a(c1).fleet.reachable and not a(e1).fleet.reachable,  # type: ignore
           15, "agents did not notice")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from mcp_node.causes import transport_cause
 from mcp_node.cluster import Etcd
 from mcp_node.config import ClusterConfig, from_dict
 from mcp_node.errors import FleetUnavailable, WorkloadError
@@ -58,6 +59,16 @@ def test_refused_connection_reads_as_a_short_cause() -> None:
     assert not SOUP.search(text), text
 
 
+def test_a_peer_gone_mid_request_reads_as_a_short_cause() -> None:
+    import http.client
+
+    from urllib3.exceptions import ProtocolError
+
+    gone = ProtocolError("Connection aborted.", http.client.RemoteDisconnected(
+        "Remote end closed connection without response"))
+    assert transport_cause(gone) == "connection closed without a response"
+
+
 def test_timeout_reads_as_a_short_cause(silent_port: int) -> None:
     text = refusal(silent_port)
     assert text.startswith("etcd is unreachable or has no quorum "
@@ -78,7 +89,9 @@ def test_podman_transport_failure_reads_as_a_short_cause(tmp_path: Path,
         text = str(info.value)
         assert text.startswith("podman list containers: "), text
         assert not SOUP.search(text) and "APIError" not in text, text
+        # which one depends on where the kill caught the service (seen: each of them)
         assert text.endswith(("connection refused", "no such file or directory",
-                              "connection reset by peer")), text
+                              "connection reset by peer",
+                              "connection closed without a response")), text
     finally:
         runtime.close()

@@ -37,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from netns import VethNetns
 
 TOP = Path(__file__).resolve().parent.parent
 PUBLIC_DOMAIN = "example.net"
@@ -367,10 +368,6 @@ def https_get(port: int, sni: str, cafile: Path,
 
 # -- the Tailnet backend in a netns ---------------------------------------------------
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-
 @dataclass
 class NetnsBackend:
     """HTTPS server at 100.64.0.2 inside a namespace this fixture made (and deletes)."""
@@ -380,24 +377,10 @@ class NetnsBackend:
     name: str = field(default_factory=lambda: "mcpedge" + secrets.token_hex(4))
     port: int = 0
     proc: Proc | None = None
-    created: bool = False
+    ns: VethNetns | None = None
 
     def start(self) -> NetnsBackend:
-        tag = self.name[-6:]
-        host_if, ns_if = f"mce{tag}h", f"mce{tag}n"
-        out = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, timeout=10)
-        if f"inet {NS_HOST_ADDR}/" in out.stdout:
-            raise RuntimeError(f"{NS_HOST_ADDR} already in use on this host")
-        _ip("netns", "add", self.name)
-        self.created = True
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        _ip("link", "set", ns_if, "netns", self.name)
-        _ip("addr", "add", f"{NS_HOST_ADDR}/30", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", self.name, "addr", "add", f"{NS_ADDR}/30", "dev", ns_if)
-        _ip("-n", self.name, "link", "set", ns_if, "up")
-        _ip("-n", self.name, "link", "set", "lo", "up")
-        self.host_if = host_if
+        self.ns = VethNetns(self.name, f"mce{self.name[-6:]}h", NS_HOST_ADDR, NS_ADDR).start()
         cert, key = self.ca.leaf([BACKEND_HOST, f"app2.{INTERNAL_ZONE}"])
         (self.workdir / "backend.crt").write_bytes(cert)
         (self.workdir / "backend.key").write_bytes(key)
@@ -430,9 +413,9 @@ class NetnsBackend:
     def stop(self) -> None:
         if self.proc:
             self.proc.stop()
-        if self.created:
-            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=20)
-            self.created = False
+        if self.ns is not None:
+            self.ns.stop()
+            self.ns = None
 
 
 def serve_backend(port: int, cert: str, key: str, body: str) -> None:
@@ -525,6 +508,17 @@ else:
             raise
         yield b
         b.stop()
+
+    @pytest.fixture
+    def netns_owners(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        """Owner records of namespaces made by the test itself (not the session's)."""
+        _need("ip")
+        if os.geteuid() != 0:
+            _need(also=("root (for network namespaces)",))
+        import netns
+
+        monkeypatch.setattr(netns, "OWNERS", tmp_path / "owners")
+        return netns.OWNERS
 
     def make_edge_config(state_dir: Path, caddy: Caddy, pebble: Pebble, dns: Dnsmasq,
                          backend_ca: Path | None = None, **acme: Any) -> AgentConfig:

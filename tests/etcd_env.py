@@ -21,6 +21,7 @@ import pytest
 import requests
 from conftest import need
 from egress import no_egress_env
+from netns import VethNetns
 
 from mcp_node.fleetops import FleetOperations
 from mcp_node.wiring import node_agent
@@ -136,39 +137,16 @@ class NodeNetns:
 
         self.name = f"mcpfleet{index}{secrets.token_hex(2)}"
         self.addr, self.peer = f"100.64.{20 + index}.1", f"100.64.{20 + index}.2"
-        self.created = False
+        self.ns: VethNetns | None = None
 
     def start(self) -> NodeNetns:
-        out = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, timeout=10)
-        if f"inet {self.addr}/" in out.stdout:
-            raise RuntimeError(f"{self.addr} already in use on this host")
-        tag = self.name[-6:]
-        host_if, ns_if = f"mcf{tag}h", f"mcf{tag}n"
-        ip = ["ip"]
-        subprocess.run([*ip, "netns", "add", self.name], check=True, timeout=20)
-        self.created = True
-        for args in (["link", "add", host_if, "type", "veth", "peer", "name", ns_if],
-                     ["link", "set", ns_if, "netns", self.name],
-                     ["addr", "add", f"{self.addr}/30", "dev", host_if],
-                     ["link", "set", host_if, "up"],
-                     ["-n", self.name, "addr", "add", f"{self.peer}/30", "dev", ns_if],
-                     ["-n", self.name, "link", "set", ns_if, "up"],
-                     ["-n", self.name, "link", "set", "lo", "up"]):
-            subprocess.run([*ip, *args], check=True, capture_output=True, timeout=20)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.socket() as s:
-                    s.bind((self.addr, 0))
-                return self
-            except OSError:
-                assert time.monotonic() < deadline, f"{self.addr} not usable"
-                time.sleep(0.05)
+        self.ns = VethNetns(self.name, f"mcf{self.name[-6:]}h", self.addr, self.peer).start()
+        return self
 
     def stop(self) -> None:
-        if self.created:
-            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=20)
-            self.created = False
+        if self.ns is not None:
+            self.ns.stop()
+            self.ns = None
 
 
 class NodePodman:

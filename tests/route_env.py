@@ -68,7 +68,8 @@ if __name__ == "__main__":
 import dns.message  # noqa: E402
 import dns.query  # noqa: E402
 import pytest  # noqa: E402
-from edge_env import Caddy, Pebble, Proc, _ip, free_port, wait_until  # noqa: E402
+from edge_env import Caddy, Pebble, Proc, free_port, wait_until  # noqa: E402
+from netns import VethNetns  # noqa: E402
 
 from mcp_node.config import AgentConfig, from_dict  # noqa: E402
 
@@ -78,24 +79,10 @@ class RouteNetns:
     """A namespace with 100.64.1.2 inside and 100.64.1.1 (the node's address) outside."""
 
     name: str = field(default_factory=lambda: "mcproute" + secrets.token_hex(3))
-    created: bool = False
+    ns: VethNetns | None = None
 
     def start(self) -> RouteNetns:
-        out = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, timeout=10)
-        if f"inet {HOST_ADDR}/" in out.stdout:
-            raise RuntimeError(f"{HOST_ADDR} already in use on this host")
-        tag = self.name[-6:]
-        host_if, ns_if = f"mcr{tag}h", f"mcr{tag}n"
-        _ip("netns", "add", self.name)
-        self.created = True
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        _ip("link", "set", ns_if, "netns", self.name)
-        _ip("addr", "add", f"{HOST_ADDR}/30", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", self.name, "addr", "add", f"{NS_ADDR}/30", "dev", ns_if)
-        _ip("-n", self.name, "link", "set", ns_if, "up")
-        _ip("-n", self.name, "link", "set", "lo", "up")
-        wait_until(lambda: b"" == b"" and _has_addr(), f"{HOST_ADDR} usable")
+        self.ns = VethNetns(self.name, f"mcr{self.name[-6:]}h", HOST_ADDR, NS_ADDR).start()
         return self
 
     def fetch(self, bind_port: int, name: str, port: int, cafile: Path,
@@ -109,15 +96,9 @@ class RouteNetns:
         return res.stdout
 
     def stop(self) -> None:
-        if self.created:
-            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=20)
-            self.created = False
-
-
-def _has_addr() -> bool:
-    with socket.socket() as s:
-        s.bind((HOST_ADDR, 0))
-    return True
+        if self.ns is not None:
+            self.ns.stop()
+            self.ns = None
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .errors import AgentUnreachable, MCPError, RemoteError
 
 RECONNECT_S = float(os.environ.get("MCP_FOLLOW_RECONNECT_S", "60"))
 POLL_S = 0.2
+SAME_RUN_S = 12.0   # over two monitor rounds (5 s): a replace shows by then
 
 
 def note(text: str) -> None:
@@ -134,8 +135,11 @@ def logs(client: Client, service: str, component: str | None,
             note("reconnected; following from the next line")
             continue
         # Its output ended: stopped for good, or replaced/restarted (a new run follows;
-        # the status may show the old run for a monitor round yet), or the agent stopped.
-        deadline = time.monotonic() + RECONNECT_S
+        # the status may show the old run for a monitor round yet), or the agent stopped,
+        # or the agent ended the stream while the same run goes on (then, after
+        # SAME_RUN_S, it is opened again).
+        ended = time.monotonic()
+        deadline = ended + RECONNECT_S
         away = False
         while True:
             try:
@@ -146,7 +150,9 @@ def logs(client: Client, service: str, component: str | None,
                 note(f"{service}/{component or ''} is {state} (desired {desired}): "
                      "its output ended".replace("/ ", " "))
                 return
-            if start and (abs(start - run) > 1.5 or away):
+            if start and (away or abs(start - run) > 1.5):
+                break
+            if start and time.monotonic() - ended > SAME_RUN_S:
                 break
             if time.monotonic() > deadline:
                 note(f"its output ended and no new run began within {RECONNECT_S:g} s "
@@ -154,6 +160,10 @@ def logs(client: Client, service: str, component: str | None,
                 return
             time.sleep(POLL_S)
         stream = _retry(lambda: open_(0), "", client.base_url)
-        note("the component was replaced or restarted; following its new run"
-             if abs(start - run) > 1.5 else "reconnected; following from the next line")
+        if away:
+            note("reconnected; following from the next line")
+        elif abs(start - run) > 1.5:
+            note("the component was replaced or restarted; following its new run")
+        else:
+            note("the stream ended while the same run goes on; following from the next line")
         run = start

@@ -25,6 +25,9 @@ from typing import BinaryIO, Literal
 
 CHUNK = 64 << 10
 POLL_S = 0.25
+# How long a follow goes on while its writer's state cannot be read (podman busy or
+# restarting): a transient failure must not end a follow of a container that still runs.
+UNKNOWN_LIMIT_S = 30.0
 Format = Literal["plain", "k8s"]
 
 
@@ -186,11 +189,13 @@ class K8s:
 class LogTail:
     """The answer of one log read, an iterator of chunks: the cut notice if any, the
     snapshot's end, then (``follow``) what the last file gets next, until ``alive()``
-    says its writer is gone or ``close()`` is called (from any thread)."""
+    says its writer is gone or ``close()`` is called (from any thread). ``alive()`` answers
+    None when it cannot tell now; ``UNKNOWN_LIMIT_S`` of that in a row ends the follow too."""
 
     def __init__(self, paths: list[Path], fmt: Format, tail: int | None,
                  max_bytes: int | None, follow: bool = False,
-                 alive: Callable[[], bool] = lambda: False, alive_every_s: float = POLL_S,
+                 alive: Callable[[], bool | None] = lambda: False,
+                 alive_every_s: float = POLL_S, unknown_limit_s: float = UNKNOWN_LIMIT_S,
                  ) -> None:
         self._seg = Segments(paths)
         self._path = paths[-1]
@@ -209,6 +214,7 @@ class LogTail:
         self._ino = self._seg.last_ino
         self._fpos = end - self._seg.last_start    # where follow goes on in the last file
         self._follow, self._alive, self._alive_every = follow, alive, alive_every_s
+        self._unknown_limit = unknown_limit_s
         self._closed = threading.Event()
         self._lock = threading.Lock()
 
@@ -263,7 +269,7 @@ class LogTail:
     def _poll(self) -> bytes | None:
         """The next output of the followed file (b"" if none came for a while), or None
         once its writer is gone and everything it wrote was read."""
-        checked = 0.0
+        checked, unknown_since = 0.0, None
         while not self._closed.is_set():
             chunk = self._read_new()
             if chunk is None:
@@ -273,7 +279,10 @@ class LogTail:
             now = time.monotonic()
             if now - checked >= self._alive_every:
                 checked = now
-                if not self._alive():
+                state = self._alive()
+                unknown_since = (unknown_since or now) if state is None else None
+                if state is False or (unknown_since is not None
+                                      and now - unknown_since >= self._unknown_limit):
                     last = self._read_new()       # what it wrote just before it went
                     return self._fmt.feed(last) if last else None
             self._closed.wait(POLL_S)

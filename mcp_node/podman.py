@@ -587,12 +587,14 @@ class PodmanRuntime(Runtime):
         stream.wait_open(FOLLOW_OPEN_WAIT_S)
         return stream
 
-    def _still_running(self, name: str, cid: str = "") -> bool:
-        """The followed container still runs: ``cid``, not a replacement of that name."""
+    def _still_running(self, name: str, cid: str = "") -> bool | None:
+        """The followed container still runs: ``cid``, not a replacement of that name
+        (None: podman did not answer; conmon still writes the log meanwhile)."""
         try:
             attrs = self._inspect_raw(name)
-        except MCPError:            # podman gone: so is what it would have followed
-            return False
+        except MCPError as exc:
+            log.warning("podman: %s: cannot tell whether it still runs: %s", name, exc)
+            return None
         return still_running(attrs) and (not cid or (attrs or {}).get("Id") == cid)
 
     def _open_logs(self, name: str, params: dict[str, str], timeout: Any) -> Any:

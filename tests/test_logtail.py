@@ -114,6 +114,28 @@ def test_follow_reads_what_comes_and_ends_when_the_writer_is_gone(tmp_path: Path
     assert b"".join(it) == b"last words\n"
 
 
+def test_follow_goes_on_while_the_writer_cannot_be_asked_for_a_while(tmp_path: Path) -> None:
+    """podman busy for a moment (alive() None) does not end a follow; unknown for longer
+    than the limit does, and False at once does."""
+    path = tmp_path / "ctr.log"
+    path.write_bytes(b"")
+    answers = iter([None, None, True, None])
+    it = LogTail([path], "plain", 0, 1 << 20, follow=True,
+                 alive=lambda: next(answers, None), alive_every_s=0.0, unknown_limit_s=1.0)
+    reader = threading.Thread(target=lambda: got.extend(it), daemon=True)
+    got: list[bytes] = []
+    reader.start()
+    reader.join(timeout=0.8)
+    assert reader.is_alive()              # still following after two unknowns and a True
+    with path.open("ab") as f:
+        f.write(b"more\n")
+    reader.join(timeout=10)
+    assert not reader.is_alive() and b"".join(got) == b"more\n"   # then 1 s unknown: ended
+    gone = LogTail([path], "plain", 0, 1 << 20, follow=True, alive=lambda: False,
+                   alive_every_s=0.0, unknown_limit_s=60.0)
+    assert list(gone) == []
+
+
 def test_follow_after_a_rotation_and_closed_from_another_thread(tmp_path: Path) -> None:
     path = tmp_path / "c.log"
     path.write_bytes(b"one\r\n")

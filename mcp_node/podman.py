@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import http.client
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from podman import PodmanClient
 from podman.errors import PodmanError
@@ -53,23 +52,14 @@ from .errors import (
     ConflictError,
     HostPathError,
     ImageError,
-    MCPError,
     NotFoundError,
     RuntimeUnavailable,
     WorkloadError,
 )
 from .grammar import parse_volumes, resolve_volumes, volume_roots
-from .logtail import LogTail, keep_last
 from .mounts import Ident, mounted_ident, moved_source, path_ident
 from .podman_leftovers import Leftovers, conmons
-from .podman_logs import (
-    LogStream,
-    RawAdapter,
-    UnixFollow,
-    frames,
-    k8s_log_path,
-    still_running,
-)
+from .podman_logread import ContainerLog
 from .podman_service import (
     PodmanService,
     run_cli,
@@ -104,7 +94,6 @@ __all__ = ["PodmanRuntime", "PodmanService"]
 log = logging.getLogger("mcp_node.podman")
 
 REQUEST_TIMEOUT_S = 120.0        # any single REST call; stop adds its own grace time
-FOLLOW_OPEN_WAIT_S = 0.5         # see PodmanRuntime.logs
 AVAILABLE_CACHE_S = 10.0         # a call that succeeded this recently proves podman is up
 # podman's words for a name held by a storage-only container, and for a container whose
 # storage is gone (podman 4.3; matched loosely, the checks around them are strict).
@@ -147,6 +136,10 @@ class PodmanRuntime(Runtime):
         """REST requests made so far (every one, including pings and streams)."""
         return self._api_calls
 
+    def _count(self) -> None:
+        with self._count_lock:
+            self._api_calls += 1
+
     def _client_or_connect(self) -> PodmanClient:
         client = self._client
         if client is not None:
@@ -173,8 +166,7 @@ class PodmanRuntime(Runtime):
         original = client.api.request
 
         def counted(method: str, url_: str, *args: Any, **kwargs: Any) -> Any:
-            with self._count_lock:
-                self._api_calls += 1
+            self._count()
             log.debug("podman REST %s %s %s", method, url_, kwargs.get("params") or "")
             return original(method, url_, *args, **kwargs)
 
@@ -520,90 +512,14 @@ class PodmanRuntime(Runtime):
 
     def logs(self, service: str, component: str, tail: int | None = None,
              follow: bool = False, max_bytes: int | None = None) -> Iterator[bytes]:
-        """A missing (or foreign) container fails here, before any streaming starts.
-
-        A ``k8s-file`` log we can read is read here from its end, in bounded steps
-        (``logtail``; followed by polling it, ended when the container is). Otherwise
-        podman is asked: it holds the tail in memory, and only the agent's copy is
-        bounded (``keep_last``). podman sends no headers for a follow request until
-        the container writes a line, so a follow request is opened in a thread: this
-        returns once podman answered or ``FOLLOW_OPEN_WAIT_S`` passed, by when the
-        request is in podman's hands and every later line will be delivered. The
-        iterator's ``close()`` may be called from any thread.
-        """
+        """A missing (or foreign) container fails here, before any streaming starts;
+        how its log is read is ``podman_logread``'s."""
         name = workload_name(service, component)
         attrs = self._owned(name)
         if attrs is None:
             raise NotFoundError(f"no container {name}")
-        path = k8s_log_path(attrs)
-        if path is not None:
-            return LogTail([path], "k8s", tail, max_bytes, follow,
-                           lambda: self._still_running(name, str(attrs.get("Id") or "")),
-                           alive_every_s=1.0)
-        params: dict[str, str] = {"stdout": "true", "stderr": "true",
-                                  "follow": "true" if follow else "false"}
-        if tail is not None:
-            params["tail"] = str(max(0, int(tail)))
-        log.info("podman: logs %s %s", name, params)
-        if not follow:
-            out = frames(self._open_logs(name, params, REQUEST_TIMEOUT_S))
-            return keep_last(out, max_bytes) if max_bytes is not None else out
-        stream = LogStream()
-        sock_file = socket_path(self.url)
-        if sock_file is not None:   # a connection of our own: close() cuts it before any answer
-            target = (self._client_or_connect().api.path_prefix
-                      + f"containers/{quote(name, safe='')}/logs?{urlencode(params)}")
-            try:
-                req = UnixFollow(sock_file, target)
-            except OSError as exc:
-                raise WorkloadError(f"podman logs {name}: {exc}") from exc
-            stream.on_close(req.cancel)
-            with self._count_lock:
-                self._api_calls += 1
-
-            def opener() -> None:
-                try:
-                    resp = req.open()
-                except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
-                    req.cancel()   # also what a close() meanwhile raises here
-                    stream.opened(None, WorkloadError(f"podman logs {name}: {exc}"))
-                    return
-                if resp.status >= 400:
-                    message = resp.read(4096).decode(errors="replace")
-                    req.cancel()
-                    stream.opened(None, NotFoundError(f"no container {name}")
-                                  if resp.status == 404 else
-                                  WorkloadError(f"podman logs {name}: {message}"))
-                    return
-                stream.opened(RawAdapter(resp, req), None)
-        else:
-            def opener() -> None:
-                try:
-                    stream.opened(self._open_logs(name, params, (10, None)), None)
-                except MCPError as exc:
-                    stream.opened(None, exc)
-
-        threading.Thread(target=opener, name=f"podman-logs-{name}", daemon=True).start()
-        stream.wait_open(FOLLOW_OPEN_WAIT_S)
-        return stream
-
-    def _still_running(self, name: str, cid: str = "") -> bool | None:
-        """The followed container still runs: ``cid``, not a replacement of that name
-        (None: podman did not answer; conmon still writes the log meanwhile)."""
-        try:
-            attrs = self._inspect_raw(name)
-        except MCPError as exc:
-            log.warning("podman: %s: cannot tell whether it still runs: %s", name, exc)
-            return None
-        return still_running(attrs) and (not cid or (attrs or {}).get("Id") == cid)
-
-    def _open_logs(self, name: str, params: dict[str, str], timeout: Any) -> Any:
-        resp = self._request("GET", f"/containers/{name}/logs", f"logs {name}", params=params,
-                             stream=True, timeout=timeout)
-        if resp.status_code >= 400:
-            message = response_message(resp)
-            resp.close()
-            if resp.status_code == 404:
-                raise NotFoundError(f"no container {name}")
-            raise WorkloadError(f"podman logs {name}: {message}")
-        return resp
+        return ContainerLog(
+            name, attrs, request=self._request, inspect=self._inspect_raw,
+            counted=self._count, timeout=REQUEST_TIMEOUT_S, socket_file=socket_path(self.url),
+            path_prefix=lambda: str(self._client_or_connect().api.path_prefix),
+        ).read(tail, follow, max_bytes)

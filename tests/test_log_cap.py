@@ -21,7 +21,7 @@ import pytest
 from daemon_env import Daemon
 from podman_env import containers_conf
 
-from mcp_node import podman as podman_mod
+from mcp_node import podman_logread as podman_mod
 from mcp_node.client import Client
 from mcp_node.errors import MCPError
 from mcp_node.files import read_cmdline

@@ -334,6 +334,18 @@ def _schemas() -> dict[str, Any]:
             "check": {"type": "string", "maxLength": grammar.MAX_STR,
                       "pattern": "^(?:|tcp|none|http:/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255})$",
                       "description": "tcp and http:/path need a route to probe"},
+            "check_interval_s": {"anyOf": [{"type": "number", "enum": [0]},
+                                           {"type": "number", "minimum": 0.1,
+                                            "maximum": 86400}],
+                                 "default": 10,
+                                 "description": "checked this often while it runs; 0: once "
+                                                "per run"},
+            "check_timeout_s": {"type": "number", "minimum": 0.1, "maximum": 60,
+                                "default": 2},
+            "check_failures": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3,
+                               "description": "failures in a row before it is unhealthy"},
+            "pull": {"type": "string", "enum": list(servicedef.PULL_POLICIES),
+                     "default": "missing"},
         },
         "allOf": [
             *({"if": {"required": ["runtime"], "properties": {"runtime": {"const": name}}},
@@ -372,10 +384,29 @@ def _schemas() -> dict[str, Any]:
                                         "but its own"},
                 "failover": {"type": "string", "enum": list(servicedef.FAILOVER_MODES),
                              "default": "",
-                             "description": "fleet mode: absent or \"\" (fenced: a lost "
+                             "description": "fleet mode: absent, \"\" or \"fence\" (a lost "
                                             "node stops its copy before the lease expires, "
                                             "never two copies); \"overlap\": a stateless "
                                             "service may briefly run twice"},
+                "update": {
+                    "type": "object", "additionalProperties": False,
+                    "description": "how a deploy replaces what runs",
+                    "properties": {
+                        "order": {"type": "string", "enum": list(servicedef.UPDATE_ORDERS),
+                                  "description": "absent or \"\": start-first for a "
+                                                 "component with proxied routes, else "
+                                                 "stop-first"},
+                        "min_healthy_s": {"type": "number", "minimum": 0, "maximum": 3600,
+                                          "default": 5},
+                        "healthy_deadline_s": {"type": "number", "minimum": 1,
+                                               "maximum": 86400, "default": 60,
+                                               "description": "counted as at least "
+                                                              "min_healthy_s"},
+                        "auto_revert": {"type": "boolean", "default": True},
+                        "drain_s": {"type": "number", "minimum": 0, "maximum": 3600,
+                                    "default": 5},
+                    },
+                },
             },
             # A service's runtime is its components' default: each runtime's demands
             # hold for the components that name none.

@@ -23,7 +23,9 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 HOSTNAME_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 RESTART_POLICIES = ("", "no", "always", "on-failure", "unless-stopped")
 ROUTE_MODES = ("l4", "l7")
-FAILOVER_MODES = ("", "overlap")   # fleet mode (issue 18): how a lost node's service moves
+FAILOVER_MODES = ("", "fence", "overlap")   # fleet mode (issue 18); "" is "fence"
+PULL_POLICIES = ("missing", "always")
+UPDATE_ORDERS = ("", "stop-first", "start-first")   # "": start-first where proxied
 MAX_LIST = 256
 # Bounded work per deploy: 8,000 routes once held the registry's writer for 34 s.
 MAX_COMPONENTS = 64
@@ -56,6 +58,10 @@ class ComponentDef:
     image_sha256: str = ""
     routes: tuple[RouteDef, ...] = ()
     check: str = ""                  # readiness: "" (tcp with routes), tcp, none, http:/path
+    check_interval_s: float = 10.0   # checked this often while it runs; 0: once per run
+    check_timeout_s: float = 2.0
+    check_failures: int = 3          # failures in a row before it is unhealthy
+    pull: str = "missing"            # "always": the tag is resolved again at every deploy
 
     @property
     def version(self) -> str:
@@ -67,6 +73,24 @@ class ComponentDef:
 
 
 @dataclass(frozen=True)
+class UpdateDef:
+    """How a deploy replaces what runs (design §10 ``[update]``)."""
+
+    order: str = ""                  # "" : start-first for proxied routes, else stop-first
+    min_healthy_s: float = 5.0
+    healthy_deadline_s: float = 60.0  # counted as at least min_healthy_s
+    auto_revert: bool = True
+    drain_s: float = 5.0
+
+
+# Defaults are left out of the JSON form, so a definition from before these keys keeps
+# its digest (and its workloads are not replaced by an upgrade).
+COMPONENT_DEFAULTS = {k: getattr(ComponentDef("x", "x"), k)
+                      for k in ("check_interval_s", "check_timeout_s", "check_failures",
+                                "pull")}
+
+
+@dataclass(frozen=True)
 class ServiceDef:
     name: str
     components: tuple[ComponentDef, ...]
@@ -74,6 +98,7 @@ class ServiceDef:
     runtime: str = DEFAULT_RUNTIME
     node: str = ""                   # fleet mode: "NAME" pinned, "pool:NAME", "" any
     failover: str = ""               # fleet mode: "" fenced (never two copies), "overlap"
+    update: UpdateDef = UpdateDef()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (lists, not tuples): what ``from_dict`` and the API accept."""
@@ -89,7 +114,12 @@ class ServiceDef:
             del out["node"]
         if not self.failover:
             del out["failover"]
+        if self.update == UpdateDef():
+            del out["update"]
         for c in out["components"]:
+            for k, default in COMPONENT_DEFAULTS.items():
+                if c[k] == default:
+                    del c[k]
             for r in c["routes"]:
                 if not r["public_hostname"]:
                     del r["public_hostname"]
@@ -190,8 +220,64 @@ def _route(data: object, where: str, single: bool) -> RouteDef:
 
 COMPONENT_KEYS = {
     "name", "image", "cmd", "env", "volumes", "restart", "runtime", "memory_mb",
-    "vcpus", "binary", "image_sha256", "routes", "check",
+    "vcpus", "binary", "image_sha256", "routes", "check", "check_interval_s",
+    "check_timeout_s", "check_failures", "pull",
 }
+UPDATE_KEYS = {"order", "min_healthy_s", "healthy_deadline_s", "auto_revert", "drain_s"}
+
+
+def check_seconds(value: object, field_name: str, low: float, high: float) -> float:
+    """A number of seconds in [low, high] (an int or a float; not a bool, NaN or inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValidationError("must be a number of seconds", field_name)
+    if not low <= value <= high:
+        raise ValidationError(f"must be {low:g}-{high:g} (is {value!r:.40})", field_name)
+    return float(value)
+
+
+def _checks(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """check_interval_s (0, once per run, or 0.1-86400), check_timeout_s, check_failures,
+    pull."""
+    d = COMPONENT_DEFAULTS
+    interval = check_seconds(data.get("check_interval_s", d["check_interval_s"]),
+                             where + "check_interval_s", 0, 86400)
+    if 0 < interval < 0.1:
+        raise ValidationError(f"must be 0 (once per run) or 0.1-86400 (is {interval:g})",
+                              where + "check_interval_s")
+    failures = check_int(data.get("check_failures", d["check_failures"]),
+                         where + "check_failures")
+    if not 1 <= failures <= 100:
+        raise ValidationError(f"must be 1-100 (is {failures})", where + "check_failures")
+    pull = data.get("pull", d["pull"])
+    if pull not in PULL_POLICIES:
+        raise ValidationError(f"{str(pull)[:40]!r} is not missing or always", where + "pull")
+    return {"check_interval_s": interval,
+            "check_timeout_s": check_seconds(data.get("check_timeout_s", d["check_timeout_s"]),
+                                             where + "check_timeout_s", 0.1, 60),
+            "check_failures": failures, "pull": pull}
+
+
+def _update(data: object) -> UpdateDef:
+    if data is None:
+        return UpdateDef()
+    if not isinstance(data, dict):
+        raise ValidationError("must be a table", "update")
+    _check_keys(data, UPDATE_KEYS, "update.")
+    d = UpdateDef()
+    order = data.get("order", d.order)
+    if order not in UPDATE_ORDERS:
+        raise ValidationError(f"{str(order)[:40]!r} is not stop-first or start-first",
+                              "update.order")
+    revert = data.get("auto_revert", d.auto_revert)
+    if not isinstance(revert, bool):
+        raise ValidationError("must be a boolean", "update.auto_revert")
+    return UpdateDef(
+        order=order, auto_revert=revert,
+        min_healthy_s=check_seconds(data.get("min_healthy_s", d.min_healthy_s),
+                                    "update.min_healthy_s", 0, 3600),
+        healthy_deadline_s=check_seconds(data.get("healthy_deadline_s", d.healthy_deadline_s),
+                                         "update.healthy_deadline_s", 1, 86400),
+        drain_s=check_seconds(data.get("drain_s", d.drain_s), "update.drain_s", 0, 3600))
 CHECK_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255}")
 
 
@@ -280,6 +366,7 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
         cmd=_str_list(data.get("cmd", []), where + "cmd"), env=env, volumes=volumes,
         restart=restart, memory_mb=memory_mb, vcpus=vcpus, binary=binary,
         image_sha256=sha, routes=routes, check=_check(data, routes, where),
+        **_checks(data, where),
     )
 
 
@@ -287,7 +374,8 @@ def from_dict(data: object) -> ServiceDef:
     """Validate a decoded definition (TOML or JSON) into a ServiceDef."""
     if not isinstance(data, dict):
         raise ValidationError("a service definition must be an object")
-    _check_keys(data, {"name", "active", "runtime", "components", "node", "failover"}, "")
+    _check_keys(data, {"name", "active", "runtime", "components", "node", "failover",
+                       "update"}, "")
     name = check_name(data.get("name"), "name")
     active = data.get("active", True)
     if not isinstance(active, bool):
@@ -321,7 +409,8 @@ def from_dict(data: object) -> ServiceDef:
                               "the default: never two copies; \"overlap\": a brief second "
                               "copy while a lost node's is stopped)", "failover")
     return ServiceDef(name=name, components=comps, active=active, runtime=runtime, node=node,
-                      failover=failover)
+                      failover="" if failover == "fence" else failover,
+                      update=_update(data.get("update")))
 
 
 def loads_toml(text: str, where: str | None = None) -> ServiceDef:

@@ -9,23 +9,21 @@ against pid reuse.
 call while the image store is unchanged), the image (``_image``: built by the node's
 builder, a pin checked), the install (``_install``: image and ``VMMeta`` put in place
 once the old VM is stopped) and the launch (``_launch``: qemu started with the guest
-paused while the image is hashed, then let run).
+paused while the image is hashed, then let run; ``vmlaunch``).
 
 What a guest gets on stop depends on the machine type: on q35 the ACPI power button
 (the program gets SIGTERM, the guest powers off), waited for up to the stop timeout,
 then QMP ``quit``, then SIGKILL. A Nanos guest on microvm gets the SIGTERM too but
 cannot power itself off, so it is not waited for: ``quit`` follows after a short grace
-(``MICROVM_GRACE_S``) for the program's handler.
+(``MICROVM_GRACE_S``) for the program's handler. How qemu is started and stopped is
+``vmlaunch``'s; which VM, when, and under which lock is decided here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -34,32 +32,28 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import qmp
+from . import qmp, vmlaunch
 from .builders import choose_builder
 from .config import AgentConfig
 from .errors import (
     ConflictError,
-    HostPathError,
     ImageError,
     NotFoundError,
     RuntimeUnavailable,
     ValidationError,
-    WorkloadError,
 )
 from .files import host_memory_mb
 from .grammar import Volume, parse_volumes, resolve_volumes, volume_roots
 from .initramfs import find_busybox, find_kernel
 from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
-from .mounts import moved_source
-from .qemuargs import VMParams, mac_for, qemu_argv
+from .qemuargs import VMParams, mac_for
 from .runtime import Runtime, Workload, WorkloadSpec
 from .runtimenames import UNIKERNEL
 from .servicedef import SHA256_RE, check_name
 from .states import State
-from .vmimage import BootPlan, Builder, BuildRequest, hash_into, sha256_file
+from .vmimage import BootPlan, Builder, BuildRequest, sha256_file
 from .vmpull import ElfCache, Podman, PulledELF
 from .vmstate import (
-    MICROVM_GRACE_S,
     GuestRuns,
     VMDir,
     VMMeta,
@@ -70,15 +64,10 @@ from .vmstate import (
     read_console,
     read_meta,
     stop_text,
-    wait_exit,
     write_meta,
 )
 
 log = logging.getLogger(__name__)
-
-QUIT_WAIT_S = 3.0
-POWER_BUTTON_REPEAT_S = 1.0
-KILL_WAIT_S = 5.0
 
 
 class QemuRuntime(Runtime):
@@ -323,79 +312,18 @@ class QemuRuntime(Runtime):
         return meta
 
     def params(self, d: VMDir, meta: VMMeta, paused: bool = False) -> VMParams:
-        return VMParams(
-            binary=self._qemu_binary() or self.cfg.binary, name=meta.name,
-            machine=meta.machine, accel=meta.accel, memory_mb=meta.memory_mb,
-            vcpus=meta.vcpus, pidfile=str(d.pidfile), qmp=d.qmp.name,
-            console=str(d.console), ports=meta.ports, mac=meta.mac, plan=meta.boot,
-            paused=paused)
+        return vmlaunch.vm_params(self._qemu_binary() or self.cfg.binary, d, meta, paused)
 
     def _launch(self, d: VMDir, meta: VMMeta) -> tuple[VMMeta, int]:
-        """The launch step: qemu daemonised in the VM dir; the meta (with the image digest)
-        and qemu's pid once the guest runs.
-
-        An image not hashed yet is hashed while qemu initialises, with the guest's CPUs
-        held (``-S``) until the digest is recorded, so the digest is of the image as built
-        and costs no time before boot. Meanwhile listings do not ask QMP: that pause is
-        this launch's own, not one found.
-        """
+        """The launch step (``vmlaunch.launch``): the meta (with the image digest) and
+        qemu's pid once the guest runs. Meanwhile listings do not ask QMP: the guest is
+        held while its image is hashed, a pause of this launch's own, not one found."""
         with self._guests.launching(d):
-            return self._launch_held(d, meta)
-
-    def _launch_held(self, d: VMDir, meta: VMMeta) -> tuple[VMMeta, int]:
-        console_rotate(d.console, self.cfg.console_max_bytes)
-        for stale in (d.qmp, d.pidfile):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-        paused = not meta.image_sha256
-        # Host paths resolved and checked at every boot; qemu gets the resolved ones.
-        boot = replace(meta.boot, volumes=resolve_volumes(meta.boot.volumes, self.volume_roots))
-        argv = qemu_argv(self.params(d, replace(meta, boot=boot), paused))
-        digest: list[str | BaseException] = []
-        hasher = threading.Thread(target=hash_into, args=(Path(meta.boot.image), digest),
-                                  name=f"hash-{d.name}", daemon=True)
-        if paused:
-            hasher.start()
-        log.info("run (cwd %s): %s", d.path, " ".join(argv))
-        try:
-            proc = subprocess.run(argv, cwd=d.path, capture_output=True, timeout=60,
-                                  check=False, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise WorkloadError(f"qemu failed to start for {d.name}: {exc}") from exc
-        finally:
-            if paused:
-                hasher.join()
-        if proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace").strip()[-800:]
-            raise WorkloadError(
-                f"qemu failed to start for {d.name} (exit {proc.returncode}): {err}")
-        pid = live_pid(d, meta)
-        if pid is None:
-            raise WorkloadError(f"qemu for {d.name} exited right after starting; "
-                                f"see {d.console}")
-        # qemu has opened its 9p shares by the time it daemonised: one swapped after the
-        # check above was followed, so the VM goes at once (detected, not prevented).
-        moved = moved_source((v.host for v in boot.volumes), self.volume_roots)
-        if moved:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            raise HostPathError(f"volume host path {moved} changed while {d.name} started "
-                                "(a directory on it was swapped); killed it", "volumes")
-        if paused:
-            try:
-                if isinstance(digest[0], BaseException):
-                    raise WorkloadError(f"cannot hash the image of {d.name}: {digest[0]}")
-                meta = replace(meta, image_sha256=digest[0],
-                               boot=replace(meta.boot, sha256=digest[0]))
-                qmp.execute(d.qmp, "cont")   # the digest is known: the guest may run
-                write_meta(d, meta)
-            except BaseException:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                raise
-        self._guests.runs(d, pid)
-        log.info("qemu %s: running, pid %d", d.name, pid)
-        return meta, pid
+            meta, pid = vmlaunch.launch(d, meta, self._qemu_binary() or self.cfg.binary,
+                                        self.volume_roots, self.cfg.console_max_bytes)
+            self._guests.runs(d, pid)
+            log.info("qemu %s: running, pid %d", d.name, pid)
+            return meta, pid
 
     def start(self, service: str, component: str) -> bool:
         """Boot a stopped VM again from its image as it is (its disk and console kept);
@@ -411,7 +339,7 @@ class QemuRuntime(Runtime):
                 if self._resume(d, meta, pid):
                     return True
                 log.warning("qemu %s: its guest cannot run; booting it again", d.name)
-                self._kill(d, meta, pid)
+                vmlaunch.kill(d, meta, pid)
                 meta = read_meta(d) or meta
             with self._lock:
                 self._check_room(meta.name, meta.memory_mb, meta.vcpus, exclude=d.name)
@@ -446,54 +374,15 @@ class QemuRuntime(Runtime):
     # -- stop / remove -------------------------------------------------------------------------
 
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
-        """Power button, then (bounded) wait, QMP quit, SIGKILL. Stopped or missing: no-op.
-
-        A guest that cannot power off (microvm) is not waited for: after the power button
-        (its program's SIGTERM) it gets MICROVM_GRACE_S, then quit.
-        """
+        """Power button, then (bounded) wait, QMP quit, SIGKILL (``vmlaunch.stop``: a
+        microvm guest is not waited for). Stopped or missing: no-op."""
         d, meta = self._meta(service, component)
         if meta is None:
             return
         with self._vm_lock(d):
             pid = live_pid(d, meta)
-            if pid is None:
-                return
-
-            def ours() -> bool:
-                return live_pid(d, meta) == pid
-
-            wait = timeout if meta.machine != "microvm" else min(timeout, MICROVM_GRACE_S)
-            if qmp.stopped(self._guests.status(d, pid)):
-                wait = 0.0   # CPUs that do not run (prelaunch, paused ...) never see it
-            log.info("qemu %s: power button, waiting up to %.1fs", d.name, wait)
-            deadline = time.monotonic() + wait
-            while True:   # pressed again each second: a guest still booting missed it
-                try:
-                    qmp.execute(d.qmp, "system_powerdown")
-                except qmp.QMPError as exc:
-                    log.warning("qemu %s: %s", d.name, exc)
-                left = deadline - time.monotonic()
-                if wait_exit(pid, min(max(left, 0), POWER_BUTTON_REPEAT_S), ours):
-                    return
-                if left <= POWER_BUTTON_REPEAT_S:
-                    break
-            if meta.machine != "microvm":
-                log.warning("qemu %s: guest ignored the power button for %.1fs; quitting",
-                            d.name, wait)
-            try:
-                qmp.execute(d.qmp, "quit")
-            except qmp.QMPError as exc:
-                log.warning("qemu %s: %s", d.name, exc)
-            if wait_exit(pid, QUIT_WAIT_S, ours):
-                return
-            self._kill(d, meta, pid)
-
-    def _kill(self, d: VMDir, meta: VMMeta, pid: int) -> None:
-        log.warning("qemu %s: SIGKILL pid %d", d.name, pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        if not wait_exit(pid, KILL_WAIT_S, lambda: live_pid(d, meta) == pid):
-            raise WorkloadError(f"qemu pid {pid} of {d.name} survived SIGKILL")
+            if pid is not None:
+                vmlaunch.stop(d, meta, pid, timeout, self._guests.status(d, pid))
 
     def remove(self, service: str, component: str) -> None:
         d, meta = self._meta(service, component)

@@ -457,7 +457,7 @@ def test_a_swap_while_qemu_starts_kills_the_vm_at_once(
     paths are checked again then and the VM is killed."""
     from qemu_env import need_qemu, qemu_config, qemu_pids_in, qemu_runtime
 
-    from mcp_node import qemu
+    from mcp_node import vmlaunch as qemu
     from mcp_node.runtime import WorkloadSpec
 
     need_qemu()

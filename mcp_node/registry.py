@@ -1,4 +1,5 @@
-"""SQLite registry: desired and observed state, events, edge routes.
+"""SQLite registry: desired and observed state, edge routes; what happened (events,
+deployment history) is read and pruned by ``registry_history``.
 
 One connection, one lock: every write goes through ``_tx``, so there is a
 single writer path and each operation is one transaction. WAL mode keeps
@@ -26,15 +27,14 @@ from typing import Any
 from .errors import ConflictError, NotFoundError, RegistryError, SchemaTooNewError
 from .records import (
     ComponentRecord,
-    Deployment,
     EdgeRouteRecord,
     Event,
     HostRecord,
     ServiceRecord,
-    definition_digest,
 )
+from .registry_history import HistoryTables
 from .runtime import workload_name
-from .servicedef import ComponentDef, RouteDef, ServiceDef, from_dict
+from .servicedef import ComponentDef, RouteDef, ServiceDef
 from .states import RUNNING, STOPPED, UNKNOWN, State
 
 PORT_MIN, PORT_MAX = 10000, 60000
@@ -142,10 +142,7 @@ def inspect_file(path: Path) -> int | None:
         reg.close()
 
 
-HISTORY_KEEP = 20
-
-
-class Registry:
+class Registry(HistoryTables):
     def __init__(self, path: Path, migrate_to: int | None = None) -> None:
         """Open (creating) and migrate; ``migrate_to`` stops early, as an older release would."""
         self.path = path
@@ -427,34 +424,6 @@ class Registry:
                      int(e.unplanned)),
                 )
 
-    def events(self, service: str | None, limit: int = 50, since: float = 0.0,
-               after_id: int = 0) -> list[Event]:
-        """The newest ``limit`` events (of one service, or all), oldest first."""
-        where = "time>=? AND id>?"
-        args: list[Any] = [since, after_id]
-        if service is not None:
-            where, args = where + " AND service=?", [*args, service]
-        rows = self._query(f"SELECT * FROM events WHERE {where} "  # noqa: S608
-                           "ORDER BY id DESC LIMIT ?", (*args, limit))
-        return [
-            Event(service=r["service"], component=r["component"], time=r["time"],
-                  prev_state=State(r["prev_state"]), new_state=State(r["new_state"]),
-                  detail=r["detail"], unplanned=bool(r["unplanned"]), id=r["id"])
-            for r in reversed(rows)
-        ]
-
-    def event_counts(self, since: float) -> dict[tuple[str, str], int]:
-        """Unplanned state changes per component since ``since``: the flap detector's input."""
-        rows = self._query(
-            "SELECT service, component, COUNT(*) FROM events WHERE time>=? AND unplanned=1 "
-            "GROUP BY service, component", (since,),
-        )
-        return {(r[0], r[1]): int(r[2]) for r in rows}
-
-    def prune_events(self, older_than_s: float = 7 * 86400) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM events WHERE time < ?", (time.time() - older_than_s,))
-
     # -- names --------------------------------------------------------------
 
     def check_workload_names(self, defn: ServiceDef) -> None:
@@ -471,55 +440,6 @@ class Registry:
                         f"component {mine[wname]!r} of service {defn.name!r} would be named "
                         f"{wname}, as component {c.defn.name!r} of service {svc.name!r} is; "
                         "rename one of them")
-
-    # -- deployment history ---------------------------------------------------
-
-    def record_deployment(self, svc: ServiceDef, keep: int = HISTORY_KEEP) -> int:
-        """Add ``svc`` as the next version unless it is the latest already; returns the
-        version that is now current. Only the newest ``keep`` versions stay."""
-        digest = definition_digest(svc)
-        with self._tx() as db:
-            last = db.execute("SELECT version, digest FROM deployments WHERE service=? "
-                              "ORDER BY version DESC LIMIT 1", (svc.name,)).fetchone()
-            if last is not None and last["digest"] == digest:
-                return int(last["version"])
-            version = int(last["version"]) + 1 if last is not None else 1
-            db.execute("INSERT INTO deployments (service, version, time, digest, definition) "
-                       "VALUES (?,?,?,?,?)", (svc.name, version, time.time(), digest,
-                                             json.dumps(svc.to_dict(), sort_keys=True)))
-            db.execute("DELETE FROM deployments WHERE service=? AND version<=?",
-                       (svc.name, version - keep))
-        return version
-
-    def prune_history(self, keep_s: float, max_services: int,
-                      now: float | None = None) -> list[str]:
-        """Forget the history of services no longer deployed: those undeployed more than
-        ``keep_s`` ago, and beyond the ``max_services`` most recently undeployed. A
-        deployed service's history is never touched here (it has its own cap of
-        versions). Returns the services forgotten, in one transaction (none when there
-        is nothing to forget, so a monitor round costs a read)."""
-        cutoff = (time.time() if now is None else now) - keep_s
-        sql = ("SELECT service, time FROM undeployed WHERE service NOT IN "
-               "(SELECT name FROM services) ORDER BY time DESC, service")
-
-        def due(rows: list[sqlite3.Row]) -> list[str]:
-            return [r["service"] for i, r in enumerate(rows)
-                    if i >= max_services or r["time"] < cutoff]
-
-        if not due(self._query(sql)):
-            return []
-        with self._tx() as db:   # again, under the write lock: a redeploy may have come
-            gone = due(db.execute(sql).fetchall())
-            for name in gone:
-                db.execute("DELETE FROM deployments WHERE service=?", (name,))
-                db.execute("DELETE FROM undeployed WHERE service=?", (name,))
-        return gone
-
-    def history(self, service: str) -> list[Deployment]:
-        rows = self._query("SELECT * FROM deployments WHERE service=? ORDER BY version",
-                           (service,))
-        return [Deployment(r["service"], r["version"], r["time"], r["digest"],
-                           from_dict(json.loads(r["definition"]))) for r in rows]
 
     # -- edge routes --------------------------------------------------------
 

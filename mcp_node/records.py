@@ -49,8 +49,8 @@ class Event:
     service: str
     component: str
     time: float
-    prev_state: State
-    new_state: State
+    prev_state: str      # a State for a component's change; a rollout's for the service's
+    new_state: str
     detail: str = ""
     unplanned: bool = True
     id: int = 0          # its row id once stored: streams resume after the last one seen
@@ -90,6 +90,7 @@ class Deployment:
     time: float
     digest: str
     definition: ServiceDef
+    note: str = ""       # why the agent itself made it (a revert), else ""
 
 
 def definition_digest(svc: ServiceDef) -> str:

@@ -318,6 +318,7 @@ class Registry(HistoryTables):
         with self._tx() as db:
             db.execute("DELETE FROM services WHERE name=?", (name,))
             db.execute("DELETE FROM events WHERE service=?", (name,))
+            db.execute("DELETE FROM rollouts WHERE service=?", (name,))
             db.execute("INSERT OR REPLACE INTO undeployed (service, time) SELECT ?, ? "
                        "WHERE EXISTS (SELECT 1 FROM deployments WHERE service=?)",
                        (name, time.time() if now is None else now, name))

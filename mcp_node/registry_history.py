@@ -2,7 +2,8 @@
 (observed state changes, appended by ``Registry.record_observed`` in the same
 transaction as the state), ``deployments`` (each service's definitions, the newest
 ``HISTORY_KEEP`` versions) and ``undeployed`` (when a service went, recorded by
-``Registry.delete_service``). A mixin of ``Registry``, so callers keep one object and
+``Registry.delete_service``), and ``rollouts`` (each service's latest; issue 19). A
+mixin of ``Registry``, so callers keep one object and
 every write goes through its single transaction path (``_tx``)."""
 
 from __future__ import annotations
@@ -11,11 +12,20 @@ import json
 import sqlite3
 import time
 from contextlib import AbstractContextManager
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .records import Deployment, Event, definition_digest
+from .rollout import Rollout
 from .servicedef import ServiceDef, from_dict
 from .states import State
+
+STATES = {s.value for s in State}
+
+
+def _state(value: str) -> str:
+    """A component's State, or a rollout's state word as stored (a service's event)."""
+    return State(value) if value in STATES else value
 
 HISTORY_KEEP = 20
 
@@ -38,10 +48,33 @@ class HistoryTables:
                            "ORDER BY id DESC LIMIT ?", (*args, limit))
         return [
             Event(service=r["service"], component=r["component"], time=r["time"],
-                  prev_state=State(r["prev_state"]), new_state=State(r["new_state"]),
+                  prev_state=_state(r["prev_state"]), new_state=_state(r["new_state"]),
                   detail=r["detail"], unplanned=bool(r["unplanned"]), id=r["id"])
             for r in reversed(rows)
         ]
+
+    def record_events(self, events: list[Event]) -> None:
+        """Events that change no component's observed state (a rollout's, component "")."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO events (service, component, time, prev_state, new_state, detail, "
+                "unplanned) VALUES (?,?,?,?,?,?,?)",
+                [(e.service, e.component, e.time, e.prev_state, e.new_state, e.detail,
+                  int(e.unplanned)) for e in events])
+
+    def put_rollout(self, r: Rollout) -> None:
+        body = json.dumps({**asdict(r), "components": list(r.components)}, sort_keys=True)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM services WHERE name=?", (r.service,)).fetchone():
+                db.execute("INSERT OR REPLACE INTO rollouts (service, body) VALUES (?,?)",
+                           (r.service, body))
+
+    def rollouts(self) -> list[Rollout]:
+        out = []
+        for row in self._query("SELECT body FROM rollouts ORDER BY service"):
+            d = json.loads(row["body"])
+            out.append(Rollout(**{**d, "components": tuple(d["components"])}))
+        return out
 
     def event_counts(self, since: float) -> dict[tuple[str, str], int]:
         """Unplanned state changes per component since ``since``: the flap detector's input."""
@@ -55,9 +88,11 @@ class HistoryTables:
         with self._tx() as db:
             db.execute("DELETE FROM events WHERE time < ?", (time.time() - older_than_s,))
 
-    def record_deployment(self, svc: ServiceDef, keep: int = HISTORY_KEEP) -> int:
+    def record_deployment(self, svc: ServiceDef, keep: int = HISTORY_KEEP,
+                          note: str = "") -> int:
         """Add ``svc`` as the next version unless it is the latest already; returns the
-        version that is now current. Only the newest ``keep`` versions stay."""
+        version that is now current. Only the newest ``keep`` versions stay. ``note``:
+        why the agent made it itself (a revert)."""
         digest = definition_digest(svc)
         with self._tx() as db:
             last = db.execute("SELECT version, digest FROM deployments WHERE service=? "
@@ -65,9 +100,10 @@ class HistoryTables:
             if last is not None and last["digest"] == digest:
                 return int(last["version"])
             version = int(last["version"]) + 1 if last is not None else 1
-            db.execute("INSERT INTO deployments (service, version, time, digest, definition) "
-                       "VALUES (?,?,?,?,?)", (svc.name, version, time.time(), digest,
-                                             json.dumps(svc.to_dict(), sort_keys=True)))
+            db.execute("INSERT INTO deployments (service, version, time, digest, definition, "
+                       "note) VALUES (?,?,?,?,?,?)",
+                       (svc.name, version, time.time(), digest,
+                        json.dumps(svc.to_dict(), sort_keys=True), note[:2000]))
             db.execute("DELETE FROM deployments WHERE service=? AND version<=?",
                        (svc.name, version - keep))
         return version
@@ -100,4 +136,4 @@ class HistoryTables:
         rows = self._query("SELECT * FROM deployments WHERE service=? ORDER BY version",
                            (service,))
         return [Deployment(r["service"], r["version"], r["time"], r["digest"],
-                           from_dict(json.loads(r["definition"]))) for r in rows]
+                           from_dict(json.loads(r["definition"])), r["note"]) for r in rows]

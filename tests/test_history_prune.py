@@ -4,7 +4,9 @@ prune; migration 011 dates history kept from before it."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from fake_runtime import FakeWorld
 from mcp_node.agent import Agent
 from mcp_node.config import from_dict as config_from_dict
 from mcp_node.errors import ValidationError
+from mcp_node.records import definition_digest
 from mcp_node.registry import Registry
 from mcp_node.servicedef import from_dict
 
@@ -81,12 +84,17 @@ def test_a_redeployed_service_keeps_its_history(tmp_path: Path) -> None:
 def test_migration_dates_history_kept_before_it(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
     old = Registry(path, migrate_to=10)
-    for name in ("kept", "gone"):   # written as release 10 would: today's put_service
-        for v in (1, 2, 3):         # needs columns of later migrations
-            old.record_deployment(svc(name, v))
+    for name in ("kept", "gone"):   # written as release 10 would (today's writes need
+        for v in (1, 2, 3):         # columns of later migrations)
+            d = svc(name, v)
+            old._db.execute("INSERT INTO deployments (service, version, time, digest, "
+                            "definition) VALUES (?,?,?,?,?)",
+                            (name, v, time.time() + v / 1000, definition_digest(d),
+                             json.dumps(d.to_dict(), sort_keys=True)))
     old._db.execute("INSERT INTO services (name, active, created_at, updated_at) "
                     "VALUES ('kept', 1, 'then', 'then')")   # 'gone' was undeployed
-    last = max(d.time for d in old.history("gone"))
+    last = old._db.execute("SELECT MAX(time) FROM deployments WHERE service='gone'"
+                           ).fetchone()[0]
     old.close()
     reg = Registry(path)
     db = sqlite3.connect(path)

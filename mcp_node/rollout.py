@@ -1,0 +1,190 @@
+"""Health-gated rollouts (issue 19): a deploy that changes components has succeeded
+only once every changed component passed its check and stayed healthy for
+``min_healthy_s``, within ``healthy_deadline_s`` of the deploy; otherwise it failed, and
+with ``auto_revert`` the agent deploys the version before it again by itself.
+
+``judge`` is the decision, pure, so every order of events is tested without a clock.
+``Rollouts`` keeps each service's rollout in the registry (a restarted agent goes on
+judging it, and finishes a revert a crash cut), feeds ``judge`` once per monitor round,
+and carries out what it says. Only the changed components are waited for, and a
+revert goes through the ordinary deploy, which leaves unchanged components alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from .records import Event
+
+log = logging.getLogger("mcp_node.rollout")
+
+IN_PROGRESS, SUCCEEDED, FAILED = "in_progress", "succeeded", "failed"
+REVERTING, REVERTED = "reverting", "reverted"
+ENDED = (SUCCEEDED, FAILED, REVERTED)
+OUTCOMES = ("started", SUCCEEDED, FAILED, REVERTED)   # the metric's closed label set
+
+
+@dataclass(frozen=True)
+class Rollout:
+    service: str
+    version: int
+    previous: int | None             # the version a revert deploys; None: the first
+    components: tuple[str, ...]      # the changed ones, which must become healthy
+    started_at: float                # unix time of the deploy
+    min_healthy_s: float
+    deadline_s: float                # healthy_deadline_s, at least min_healthy_s
+    auto_revert: bool
+    state: str = IN_PROGRESS
+    reason: str = ""
+    ended_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``status`` shows it (design §10: version, state, reason); a failed one whose
+        revert is under way is ``failed`` with ``reverting`` true."""
+        return {"version": self.version,
+                "state": FAILED if self.state == REVERTING else self.state,
+                "reverting": self.state == REVERTING, "reason": self.reason,
+                "components": list(self.components), "previous": self.previous}
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A changed component as this round sees it."""
+
+    state: str                       # as ps shows it: running, starting, unhealthy, ...
+    healthy_for: float               # seconds its check has passed without a break
+    check: str = ""                  # the last check result, for a failure's reason
+
+
+def judge(r: Rollout, now: float, seen: Mapping[str, Seen]) -> tuple[str, str]:
+    """(state, reason) of an in-progress rollout now."""
+    waiting = [c for c in r.components
+               if c not in seen or seen[c].state != "running"
+               or seen[c].healthy_for < r.min_healthy_s]
+    if not waiting:
+        return SUCCEEDED, (f"every changed component healthy for {r.min_healthy_s:g} s"
+                           if r.components else "nothing changed")
+    if now - r.started_at < r.deadline_s:
+        return IN_PROGRESS, ""
+    c = waiting[0]
+    s = seen.get(c)
+    if s is None:
+        why = "is gone"
+    elif s.state != "running":
+        why = f"is {s.state}"
+    else:
+        why = f"was healthy for {s.healthy_for:.1f} s only"
+    check = f" (last check: {s.check})" if s is not None and s.check else ""
+    return FAILED, (f"{c} {why} {r.deadline_s:g} s after the deploy, needs "
+                    f"{r.min_healthy_s:g} s healthy{check}")
+
+
+class Store(Protocol):
+    """Where rollouts are kept (the registry)."""
+
+    def put_rollout(self, r: Rollout) -> None: ...
+
+    def rollouts(self) -> list[Rollout]: ...
+
+    def record_events(self, events: list[Event]) -> None: ...
+
+
+class Rollouts:
+    """The agent's rollouts: begun by a deploy, judged each monitor round, reverted by
+    ``revert(service, version, reason)`` (the agent's deploy of that version) on a
+    thread of its own, so a round never waits for a deploy."""
+
+    def __init__(self, store: Store, revert: Callable[[str, int, str], None],
+                 log_tail: Callable[[str, str], str] = lambda s, c: "") -> None:
+        self.store, self._revert, self._log_tail = store, revert, log_tail
+        self.counts = dict.fromkeys(OUTCOMES, 0)
+        self._lock = threading.Lock()
+        self._reverting: set[str] = set()
+        self._by_service = {r.service: r for r in store.rollouts()}
+
+    def begin(self, r: Rollout) -> None:
+        with self._lock:
+            self.store.put_rollout(r)
+            self._by_service[r.service] = r
+            self.counts["started"] += 1
+        self._event(r, "", "deploy", f"version {r.version}: "
+                    + (", ".join(r.components) or "nothing") + " changed")
+
+    def of(self, service: str) -> Rollout | None:
+        return self._by_service.get(service)
+
+    def forget(self, service: str) -> None:
+        """Its service was undeployed (the registry row went with it)."""
+        with self._lock:
+            self._by_service.pop(service, None)
+
+    def round(self, seen: Callable[[str, tuple[str, ...]], Mapping[str, Seen]]) -> None:
+        """Judge every rollout still going on; ``seen(service, components)``."""
+        now = time.time()
+        for r in list(self._by_service.values()):
+            if r.state == REVERTING:
+                self._start_revert(r)
+                continue
+            if r.state != IN_PROGRESS:
+                continue
+            state, reason = judge(r, now, seen(r.service, r.components))
+            if state == IN_PROGRESS:
+                continue
+            if state == FAILED and r.components:
+                tail = self._log_tail(r.service, reason.split(" ", 1)[0])
+                if tail:
+                    reason += f"; its last output: {tail}"
+            revert = state == FAILED and r.auto_revert and r.previous is not None
+            done = replace(r, state=REVERTING if revert else state, reason=reason,
+                           ended_at=None if revert else now)
+            self._put(done)
+            self.counts[FAILED if revert else state] += 1
+            self._event(done, IN_PROGRESS, FAILED if revert else state,
+                        f"version {r.version}: {reason}")
+            if revert:
+                self._start_revert(done)
+
+    def _start_revert(self, r: Rollout) -> None:
+        with self._lock:
+            if r.service in self._reverting:
+                return
+            self._reverting.add(r.service)
+        threading.Thread(target=self._run_revert, args=(r,), name=f"mcp-revert-{r.service}",
+                         daemon=True).start()
+
+    def _run_revert(self, r: Rollout) -> None:
+        assert r.previous is not None
+        try:
+            self._revert(r.service, r.previous, r.reason)
+        except Exception as exc:  # noqa: BLE001 - recorded: the operator acts
+            log.exception("rollout: revert of %s to version %d failed", r.service, r.previous)
+            done = replace(r, state=FAILED, ended_at=time.time(),
+                           reason=f"{r.reason}; the revert to version {r.previous} "
+                                  f"failed: {exc}")
+        else:
+            done = replace(r, state=REVERTED, ended_at=time.time())
+            with self._lock:
+                self.counts[REVERTED] += 1
+            self._event(done, FAILED, REVERTED, f"version {r.version} -> {r.previous}: "
+                        f"{r.reason}")
+        finally:
+            with self._lock:
+                self._reverting.discard(r.service)
+        cur = self._by_service.get(r.service)
+        if cur is not None and cur.version == r.version and cur.state == REVERTING:
+            self._put(done)     # (not if a deploy meanwhile began a rollout of its own)
+
+    def _put(self, r: Rollout) -> None:
+        with self._lock:
+            self.store.put_rollout(r)
+            self._by_service[r.service] = r
+
+    def _event(self, r: Rollout, prev: str, new: str, detail: str) -> None:
+        log.info("rollout service=%s %s->%s %s", r.service, prev or "-", new, detail)
+        self.store.record_events([Event(r.service, "", time.time(), prev, new, detail,
+                                        unplanned=False)])

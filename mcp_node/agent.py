@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from .checks import Checks
 from .config import AgentConfig
 from .converge import Steps, in_parallel
 from .errors import (
@@ -102,6 +103,10 @@ class Agent:
         # Only the daemon acts on what the monitor sees; ``mcp --local ps`` must not.
         self.reconciling = monitor if reconcile is None else reconcile
         self.views = Views(self)
+        # Checks every running component while it runs (issue 19); the reconciler
+        # restarts the unhealthy ones.
+        self.checks = Checks(self)
+        self.reconciler.unhealthy = self.checks.unhealthy
         self.progress = Progress()
         self.steps = Steps(self.runtime, self.spec, self.registry, self.progress)
         self.rounds = Rounds(self)
@@ -125,6 +130,7 @@ class Agent:
         if reconcile is not None:
             self.reconciling = reconcile
         self.monitor.start()
+        self.checks.start()
         if self.registry.list_edge_routes():
             self.rounds.reconcile_edge()
 
@@ -544,6 +550,9 @@ class Agent:
     def restart_counts(self) -> dict[tuple[str, str], int]:
         return {key: b.restarts for key, b in self.reconciler.backoff.items()}
 
+    def check_failures(self) -> dict[tuple[str, str], int]:
+        return self.checks.failure_counts()
+
     def certificate_expiries(self) -> dict[str, str]:
         return {r.hostname: r.cert_expires for r in self.registry.list_edge_routes()
                 if r.cert_expires}
@@ -558,6 +567,7 @@ class Agent:
         raise NotFoundError(NOT_A_FLEET)
 
     def close(self) -> None:
+        self.checks.stop()
         self.monitor.stop()
         for rt in self._runtimes.values():
             rt.close()

@@ -117,7 +117,7 @@ def logs(client: Client, service: str, component: str | None,
         if len(rows) != 1:
             raise MCPError(f"{service}: no component {component!r} any more")
         row = rows[0]
-        up = row["state"] in ("running", "starting")
+        up = row["state"] in ("running", "starting", "unhealthy")
         return (str(row["state"]), str(row["desired_state"]),
                 time.time() - float(row.get("uptime_s") or 0) if up else 0.0)
 

@@ -53,7 +53,7 @@ def ports_text(routes: list[dict[str, Any]]) -> str:
 COMMON_STATUS_KEYS = frozenset({
     "service", "component", "node", "runtime", "state", "desired_state", "version",
     "uptime_s", "routes", "image", "drift", "flapping", "ready", "restarts", "exit_code",
-    "next_attempt", "spec_drift",
+    "next_attempt", "spec_drift", "check",
 })
 
 
@@ -68,6 +68,12 @@ def status_value(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     return str(value)
+
+
+def check_text(chk: dict[str, Any]) -> str:
+    """The last check result: ``ok at <time> (accepted)``."""
+    return (f"{'ok' if chk.get('ok') else 'failed'} at {chk.get('time')}"
+            f"{' (' + str(chk['detail']) + ')' if chk.get('detail') else ''}")
 
 
 def status_text(st: dict[str, Any]) -> str:
@@ -87,6 +93,8 @@ def status_text(st: dict[str, Any]) -> str:
         if c.get("exit_code") is not None or c.get("next_attempt"):
             lines.append(f"  {c['component']}: last exit code {status_value(c.get('exit_code'))}"
                          f", next attempt {status_value(c.get('next_attempt'))}")
+        if c.get("check"):
+            lines.append(f"  {c['component']}: check {check_text(c['check'])}")
         extra = sorted(set(c) - COMMON_STATUS_KEYS)
         if extra:
             lines.append(f"  {c['component']}: "

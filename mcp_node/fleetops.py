@@ -131,6 +131,9 @@ class FleetOperations:
     def restart_counts(self) -> dict[tuple[str, str], int]:
         return self._agent.restart_counts()
 
+    def check_failures(self) -> dict[tuple[str, str], int]:
+        return self._agent.check_failures()
+
     def certificate_expiries(self) -> dict[str, str]:
         return self._agent.certificate_expiries()
 

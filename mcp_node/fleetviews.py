@@ -131,7 +131,7 @@ def with_uptime(st: dict[str, Any]) -> dict[str, Any]:
     st = json.loads(json.dumps(st))
     for c in st.get("components", []):
         since = c.pop("since", None)
-        running = c.get("state") in (RUNNING, "starting")
+        running = c.get("state") in (RUNNING, "starting", "unhealthy")
         c["uptime_s"] = max(int(now - since), 0) if since and running else 0
     return dict(st)
 

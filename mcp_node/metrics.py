@@ -16,10 +16,11 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .httpapi import ROUTES
+from .states import UNHEALTHY
 
 if TYPE_CHECKING:
     from .operations import Operations
@@ -85,6 +86,16 @@ class NodeCollector(Collector):
         for (svc, comp), n in sorted(self.agent.restart_counts().items()):
             restarts.add_metric([svc, comp], n)
         yield restarts
+        # Labels: the components the registry has (a closed set, like the restarts').
+        failures = CounterMetricFamily("mcp_check_failures",
+                                       "Failed checks of runs that had passed their check",
+                                       labels=["service", "component"])
+        for (svc, comp), n in sorted(self.agent.check_failures().items()):
+            failures.add_metric([svc, comp], n)
+        yield failures
+        yield GaugeMetricFamily("mcp_components_unhealthy",
+                                "Components whose check failed check_failures times in a row",
+                                value=sum(r["state"] == UNHEALTHY for r in rows))
         health = self.agent.health()
         yield GaugeMetricFamily("mcp_node_healthy", "1 when health is healthy, else 0",
                                 value=1 if health["status"] == "healthy" else 0)

@@ -432,6 +432,12 @@ def _schemas() -> dict[str, Any]:
                     "type": "object", "additionalProperties": True,
                     "properties": {"component": _STR, "state": _STR, "desired_state": _STR,
                                    "drift": {"type": "boolean"},
+                                   # the last check result; null before the first probe
+                                   "check": {"type": ["object", "null"],
+                                             "required": ["ok", "time", "detail"],
+                                             "properties": {
+                                                 "ok": {"type": "boolean"},
+                                                 "time": _STR, "detail": _STR}},
                                    "events": {"type": "array", "items": {"type": "object"}}},
                 }},
             },

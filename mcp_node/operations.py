@@ -59,6 +59,9 @@ class Operations(Protocol):
     def restart_counts(self) -> dict[tuple[str, str], int]:
         """Restarts by the node's agent per (service, component), since each backoff reset."""
         ...
+    def check_failures(self) -> dict[tuple[str, str], int]:
+        """Failed checks of runs that had passed, per (service, component) (a counter)."""
+        ...
     def certificate_expiries(self) -> dict[str, str]:
         """The node's edge route certificates: hostname -> expiry (RFC 3339)."""
         ...

@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import qmp, vmlaunch
+from . import qmp, vmcheck, vmlaunch
 from .builders import choose_builder
 from .config import AgentConfig
 from .errors import (
@@ -464,6 +464,14 @@ class QemuRuntime(Runtime):
         if meta is None:
             raise NotFoundError(f"no VM {service}/{component} on this node")
         return read_console(d, tail, follow, lambda: live_pid(d, meta) is not None, max_bytes)
+
+    def tcp_check(self, service: str, component: str, port: int, timeout: float) -> str:
+        """The guest must accept, not QEMU's forwarder (``vmcheck``)."""
+        d, meta = self._meta(service, component)
+        pid = live_pid(d, meta) if meta is not None else None
+        if pid is None:
+            return "no qemu process"
+        return vmcheck.guest_accepts(d.qmp, pid, port, timeout)
 
     # -- what status and health show -----------------------------------------------------------
 

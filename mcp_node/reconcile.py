@@ -19,6 +19,11 @@ into a directory it can write) stops the component and holds it down, with one
 event naming the path and a health reason, instead of a restart loop; the paths
 are checked again each round (no runtime call) and it comes back once they pass.
 
+A running component the checker found unhealthy (its check failed ``check_failures``
+times in a row, ``checks``) is restarted as if it had exited, policy and backoff
+alike: stopped with ``UNHEALTHY_STOP_S`` of grace (a hung process will not end
+itself), then started again.
+
 Interrupted operations (issue 18): a service marked ``undeploying`` (its undeploy
 began and was cut short) is finished, its remaining workloads removed and the record
 deleted; a workload whose process lives but whose guest does not run (``paused``: a
@@ -49,6 +54,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.reconcile")
 
 BACKOFF_START_S = 1.0
+UNHEALTHY_STOP_S = 2.0
+
+Run = tuple[str, float | None]   # (workload id, started_at)
+
+
+def same_run(a: Run, w: Workload) -> bool:
+    """``w`` is run ``a``: podman's listing gives whole seconds, its inspect fractions."""
+    return a[0] == w.id and (a[1] == w.started_at or (
+        a[1] is not None and w.started_at is not None and abs(a[1] - w.started_at) < 1.0))
 
 Key = tuple[str, str]
 
@@ -57,6 +71,7 @@ Key = tuple[str, str]
 class Action:
     kind: str          # "run" (create anew) | "start" (existing) | "stop" | "remove"
     #                    | "resume" (paused) | "undeploy" (finish one: whole service)
+    #                    | "restart" (running, unhealthy: stop, then start)
     service: str
     component: str
     runtime: str
@@ -109,9 +124,11 @@ def plan(
     policy: Policy,
     skip_runtimes: Iterable[str] = (),
     blocked: Mapping[Key, str] | None = None,
+    unhealthy: Mapping[Key, tuple[Run, str]] | None = None,
 ) -> Plan:
     """What to do now; ``backoff`` is updated in place (exit codes, resets).
-    ``blocked``: components held down because a host path failed, and why."""
+    ``blocked``: components held down because a host path failed, and why.
+    ``unhealthy``: running components whose check fails, their run and why."""
     out = Plan()
     skip = set(skip_runtimes)
     for rec in records:
@@ -151,6 +168,14 @@ def plan(
                     b.running_since = now
                 elif now - b.running_since >= policy.reset_after_s:
                     b.restarts = 0
+                sick = unhealthy.get(key) if unhealthy else None
+                if sick is not None and same_run(sick[0], w) and \
+                        wants_restart(d.restart, None):
+                    if now < b.next_attempt:
+                        out.waiting[key] = b.next_attempt
+                    else:
+                        out.actions.append(Action("restart", rec.name, d.name, d.runtime,
+                                                  sick[1], restart=True))
                 continue
             # Down: exited (w stopped) or gone (w None).
             if w is not None:
@@ -198,6 +223,8 @@ def still_wanted(a: Action, rec: ServiceRecord | None, w: Workload | None,
         return False
     if a.kind == "resume":
         return w is not None and bool(w.paused) and w.spec_digest in ("", digest(rec, comp))
+    if a.kind == "restart":
+        return w is not None and w.state == RUNNING
     if not a.restart:  # spec drift
         return w is not None and bool(w.spec_digest) and w.spec_digest != digest(rec, comp)
     return w is None or w.state != RUNNING
@@ -230,6 +257,8 @@ class Reconciler:
         # May this service be started now? A fleet member's fence says no while its
         # lease is not known alive (issue 18); a single node always may.
         self.gate: Callable[[str], bool] = lambda service: True
+        # Running components whose check fails (checks.Checks.unhealthy): set by the agent.
+        self.unhealthy: Callable[[], Mapping[Key, tuple[Run, str]]] = dict
         self.last = Plan()
 
     def digest(self, rec: ServiceRecord, comp: ComponentRecord) -> str:
@@ -240,7 +269,7 @@ class Reconciler:
         """Plan from a monitor view and act; returns what was done, for the log."""
         self._recheck(records, workloads)
         self.last = plan(records, workloads, orphans, self.digest, self.backoff,
-                         self.clock(), self.policy, errors, self.escaped)
+                         self.clock(), self.policy, errors, self.escaped, self.unhealthy())
         done = []
         for a in self.last.actions:
             with self.host._service_lock(a.service, wait=False) as got:
@@ -258,7 +287,8 @@ class Reconciler:
         rt = self.host.runtime(a.runtime)
         try:
             w = rt.inspect(a.service, a.component)
-            if not still_wanted(a, rec, w, self.digest):
+            if not still_wanted(a, rec, w, self.digest) or (
+                    a.kind == "restart" and not self._still_sick(a, w)):
                 return False
             if a.kind not in ("remove", "stop") and not self.gate(a.service):
                 log.info("reconcile: service=%s is fenced (its fleet lease is not known "
@@ -277,10 +307,13 @@ class Reconciler:
             else:
                 assert rec is not None
                 comp = rec.component(a.component)
+                bk = self.backoff.setdefault((a.service, a.component), Backoff())
                 if a.restart:
-                    note_attempt(self.backoff.setdefault((a.service, a.component), Backoff()),
-                                 self.clock(), self.policy)
-                if a.kind != "start" or not rt.start(a.service, a.component):
+                    note_attempt(bk, self.clock(), self.policy)
+                if a.kind == "restart":
+                    bk.running_since = None   # the new run's time counts toward a reset
+                    rt.stop(a.service, a.component, timeout=UNHEALTHY_STOP_S)
+                if a.kind not in ("start", "restart") or not rt.start(a.service, a.component):
                     rt.run(self.host.spec(a.service, comp))
         except HostPathError as exc:
             self._hold(a, rt, exc)
@@ -292,10 +325,17 @@ class Reconciler:
             return False
         if rec is not None and a.kind != "remove":
             b = self.backoff.get((a.service, a.component))
-            detail = (f"restarted by agent after {a.reason}, restart {b.restarts}"
+            detail = (f"restarted: {a.reason}, restart {b.restarts}"
+                      if a.kind == "restart" and b else
+                      f"restarted by agent after {a.reason}, restart {b.restarts}"
                       if a.restart and b else f"{a.kind}: {a.reason}")
             self._event(a, detail)
         return True
+
+    def _still_sick(self, a: Action, w: Workload | None) -> bool:
+        """A restart for unhealthiness is of the very run that failed, and it still does."""
+        sick = self.unhealthy().get((a.service, a.component))
+        return w is not None and sick is not None and same_run(sick[0], w)
 
     def _undeploy(self, a: Action, rec: ServiceRecord | None) -> bool:
         """Finish an interrupted undeploy: every component removed (a missing one is a

@@ -7,7 +7,7 @@ underlying engine however many workloads there are: the monitor relies on it.
 
 Capabilities the agent needs beyond the seed's seven calls are declared here
 with a default (``check_capacity``, ``info``, ``status_extra``,
-``graceful_stop``, ``close``), so callers never probe for them. Runtime names
+``tcp_check``, ``graceful_stop``, ``close``), so callers never probe for them. Runtime names
 are spelled only in ``runtimenames.RUNTIMES`` (re-exported here); a new runtime
 is one module and one entry.
 """
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .readiness import connect
 from .runtimenames import DEFAULT_RUNTIME, RUNTIME_NAMES, RUNTIMES, TRAITS, Traits
 from .states import MISSING, RUNNING, STOPPED, State
 
@@ -184,6 +185,12 @@ class Runtime(ABC):
     def status_extra(self, spec: WorkloadSpec, observed: Workload | None) -> dict[str, Any]:
         """Extra keys this runtime adds to a component's status (flat, JSON-safe)."""
         return {}
+
+    def tcp_check(self, service: str, component: str, port: int, timeout: float) -> str:
+        """A ``tcp`` check on the workload's host ``port``: "" when the workload itself
+        accepted a connection, else why not (a few words). Default: a plain connect,
+        which proves it where the host port reaches the workload's own socket."""
+        return connect(port, timeout)
 
     @property
     def graceful_stop(self) -> bool:

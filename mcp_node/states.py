@@ -16,6 +16,7 @@ class State(StrEnum):
     UNKNOWN = "unknown"   # the runtime could not be asked
     BACKOFF = "backoff"   # exited; the agent restarts it after a growing delay
     STARTING = "starting" # running, its readiness check not passed yet
+    UNHEALTHY = "unhealthy"  # running, its check failed check_failures times in a row
 
 
 RUNNING = State.RUNNING
@@ -24,3 +25,4 @@ MISSING = State.MISSING
 UNKNOWN = State.UNKNOWN
 BACKOFF = State.BACKOFF
 STARTING = State.STARTING
+UNHEALTHY = State.UNHEALTHY

@@ -2,8 +2,9 @@
 the monitor's last view and the reconciler's restart bookkeeping.
 
 A row's ``state`` is what an operator needs to know, not only what the runtime
-says: ``starting`` until the readiness check passes once per run, ``backoff``
-while a restart waits its turn.
+says: ``starting`` until the check passes once per run, ``unhealthy`` once it failed
+``check_failures`` times in a row (``checks``), ``backoff`` while a restart waits its
+turn.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import MCPError, NotFoundError
 from .monitor import View, is_drift
-from .readiness import probe
 from .records import ComponentRecord, Event, ServiceRecord, definition_digest
 from .runtime import Workload
-from .states import BACKOFF, MISSING, RUNNING, STARTING, UNKNOWN
+from .states import BACKOFF, MISSING, RUNNING, STARTING, UNHEALTHY, UNKNOWN, State
 
 if TYPE_CHECKING:
+    from .checks import Checks
     from .config import AgentConfig
     from .monitor import Monitor
     from .reconcile import Reconciler
@@ -36,6 +37,7 @@ class Host(Protocol):
     registry: Registry
     monitor: Monitor
     reconciler: Reconciler
+    checks: Checks
 
     @property
     def node_routes(self) -> Any: ...
@@ -67,8 +69,6 @@ def rfc3339_ms(t: float) -> str:
 class Views:
     def __init__(self, host: Host) -> None:
         self.a = host
-        # (service, component) -> (workload id, started_at) of the run judged ready
-        self._ready: dict[tuple[str, str], tuple[str, float | None]] = {}
 
     def _row(self, svc: ServiceRecord, comp: ComponentRecord, view: View,
              now: float) -> dict[str, Any]:
@@ -77,8 +77,8 @@ class Views:
         state = w.state if w else (UNKNOWN if comp.defn.runtime in view.errors else MISSING)
         if state != RUNNING and key in self.a.reconciler.last.waiting:
             state = BACKOFF
-        elif w is not None and state == RUNNING and not self._is_ready(key, comp, w):
-            state = STARTING
+        elif w is not None and state == RUNNING:
+            state = self._running_state(key, w)
         uptime = int(now - w.started_at) if w and w.state == RUNNING and w.started_at else 0
         return {
             "service": svc.name, "component": comp.defn.name, "node": self.a.node,
@@ -91,24 +91,31 @@ class Views:
             ],
         }
 
-    def _is_ready(self, key: tuple[str, str], comp: ComponentRecord, w: Workload) -> bool:
-        """Probed until it passes once per run (a new id or start time probes again)."""
-        mark = (w.id, w.started_at)
-        if self._ready.get(key) == mark:
-            return True
-        if probe(comp.defn, comp.host_ports):
-            self._ready[key] = mark
-            return True
-        return False
+    def _running_state(self, key: tuple[str, str], w: Workload) -> State:
+        """``starting`` until this run's check passed once, ``unhealthy`` once it failed
+        ``check_failures`` times in a row, else ``running``."""
+        st = self.a.checks.result(*key)
+        if st is None or st.run != (w.id, w.started_at) or not st.passed:
+            return STARTING
+        return UNHEALTHY if st.unhealthy else RUNNING
+
+    def _check(self, key: tuple[str, str], w: Workload | None) -> dict[str, Any] | None:
+        """The last check result of the current (or, stopped, the last) run."""
+        st = self.a.checks.result(*key)
+        if st is None or st.time is None or (w is not None and st.run != (w.id, w.started_at)):
+            return None
+        return {"ok": st.ok, "time": rfc3339(st.time), "detail": st.detail}
 
     def ps(self) -> list[dict[str, Any]]:
         view = self.a.monitor.fresh_view()
+        self.a.checks.fresh()
         now = time.time()
         return [self._row(s, c, view, now) for s in self.a.registry.list_services()
                 for c in s.components]
 
     def status(self, svc: ServiceRecord) -> dict[str, Any]:
         view = self.a.monitor.fresh_view()
+        self.a.checks.fresh()
         now = time.time()
         comps = []
         for c in svc.components:
@@ -116,8 +123,9 @@ class Views:
             w = view.workloads.get((svc.name, c.defn.name))
             row["image"] = c.defn.image
             row["ready"] = row["state"] == RUNNING
-            row["drift"] = is_drift(c.desired_state, RUNNING if row["state"] == STARTING
-                                    else row["state"])
+            row["drift"] = is_drift(c.desired_state, RUNNING if row["state"] in (
+                STARTING, UNHEALTHY) else row["state"])
+            row["check"] = self._check((svc.name, c.defn.name), w)
             row["flapping"] = (svc.name, c.defn.name) in view.flapping
             row.update(self._restart_fields(svc.name, c, w))
             row.update(self._status_extra(svc.name, c, w))

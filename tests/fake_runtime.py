@@ -43,6 +43,9 @@ class FakeWorld:
         self.capacity_mb: dict[str, int] = {}            # runtime -> memory it may hold
         self.closed: list[str] = []
         self.stop_timeouts: list[float] = []
+        # component -> what its tcp check answers ("" accepted); absent: a real connect
+        self.tcp: dict[str, str] = {}
+        self.tcp_probes: list[str] = []                  # components probed, in order
         self._ids = itertools.count(1)
         self.clock = 1000.0
 
@@ -161,6 +164,12 @@ class DummyRuntime(Runtime):
 
     def info(self) -> dict[str, Any]:
         return {"workloads": len(self._mine())}
+
+    def tcp_check(self, service: str, component: str, port: int, timeout: float) -> str:
+        if component not in self.world.tcp:
+            return super().tcp_check(service, component, port, timeout)
+        self.world.tcp_probes.append(component)
+        return self.world.tcp[component]
 
     def status_extra(self, spec: WorkloadSpec, observed: Workload | None) -> dict[str, Any]:
         return {"fake_id": observed.extra["fake_id"] if observed else None,

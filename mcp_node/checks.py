@@ -1,0 +1,300 @@
+"""The agent's checker: every running component probed with its check while it runs.
+
+A check read once per run (as ``ps`` did) left a hung process ``ready`` for ever; so
+the agent owns a thread (``mcp-checks``) that, from the monitor's last view, probes
+each running component with its effective check (``readiness``): on every tick
+(``TICK_S``) until it passes once this run, then every ``check_interval_s`` (0: never
+again this run), each probe bounded by ``check_timeout_s``. A new run (another
+workload id or start time) starts over.
+
+Failures count only once a run has passed (a slow start is ``starting``, not
+``unhealthy``). After ``check_failures`` in a row the component is ``unhealthy``: an
+event, and with a ``restart`` policy other than ``no`` the reconciler restarts it on
+the next monitor round (``unhealthy()`` is its input), counted like any restart.
+Without the daemon (``mcp --local``) the views tick once per read instead, and nothing
+is recorded or restarted. ``result`` and ``healthy_for`` are the read API (rollouts).
+
+The registry's component rows do not keep ``check_interval_s``, ``check_timeout_s``
+and ``check_failures``; its deployments (history) keep whole definitions, so
+``CheckKeys`` takes them from the newest deployment whose component matches the row in
+all the row keeps (read again at most every ``KEYS_TTL_S`` per service).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from dataclasses import replace as with_fields
+from typing import TYPE_CHECKING, Protocol
+
+from .errors import MCPError
+from .readiness import Result, check, effective
+from .reconcile import Run, wants_restart
+from .records import ComponentRecord, Event
+from .servicedef import COMPONENT_DEFAULTS, ComponentDef
+from .states import RUNNING
+
+if TYPE_CHECKING:
+    from .monitor import Monitor, View
+    from .registry import Registry
+    from .runtime import Runtime, Workload
+
+log = logging.getLogger("mcp_node.checks")
+
+TICK_S = 0.25
+KEYS_TTL_S = 2.0     # check keys changed by a deploy apply within this long
+MISS_RETRY_S = 0.2   # a row no deployment matches yet (a deploy in flight): read again
+
+Key = tuple[str, str]
+
+
+@dataclass
+class CheckState:
+    """What the checker knows of one component's current (or last) run."""
+
+    run: Run
+    check: str = ""                   # the effective check: tcp | http:/path | none
+    ok: bool | None = None            # the last result; None before the first probe
+    time: float | None = None         # of the last result (unix)
+    detail: str = ""                  # of the last result: "accepted", "HTTP 503" ...
+    failures: int = 0                 # in a row, counted once the run has passed
+    passed: bool = False              # passed once this run
+    healthy_since: float | None = None  # start of the current passing streak (unix)
+    unhealthy: bool = False           # failed check_failures times in a row
+    running: bool = True              # the run is still running (else: its last result)
+    due: float = 0.0                  # next probe (monotonic)
+
+
+class CheckKeys:
+    """Each component's definition with its check keys, from the deployment history."""
+
+    def __init__(self, registry: Registry, clock: Callable[[], float]) -> None:
+        self.registry, self.clock = registry, clock
+        # service -> (read at, bare definition -> the deployed one)
+        self._read: dict[str, tuple[float, dict[ComponentDef, ComponentDef]]] = {}
+
+    def of(self, service: str, comp: ComponentRecord) -> ComponentDef:
+        """``comp``'s definition as deployed; the row's own (defaults) if none matches."""
+        now = self.clock()
+        read = self._read.get(service)
+        age = now - read[0] if read is not None else float("inf")
+        if age >= KEYS_TTL_S or (read is not None and comp.defn not in read[1]
+                                 and age >= MISS_RETRY_S):
+            read = self._read[service] = (now, self._deployed(service))
+        assert read is not None
+        return read[1].get(comp.defn, comp.defn)
+
+    def _deployed(self, service: str) -> dict[ComponentDef, ComponentDef]:
+        out: dict[ComponentDef, ComponentDef] = {}
+        try:
+            history = self.registry.history(service)
+        except MCPError as exc:
+            log.warning("checks: no deployment history of %s: %s", service, exc)
+            return out
+        for d in history:   # oldest first: the newest match wins
+            for c in d.definition.components:
+                out[with_fields(c, **COMPONENT_DEFAULTS)] = c
+        return out
+
+    def forget(self, keep: set[str]) -> None:
+        for name in set(self._read) - keep:
+            del self._read[name]
+
+
+class Host(Protocol):
+    registry: Registry
+    monitor: Monitor
+    reconciling: bool
+
+    def runtime(self, name: str) -> Runtime: ...
+
+
+class Checks:
+    def __init__(self, host: Host, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, tick_s: float = TICK_S) -> None:
+        self.host = host
+        self.clock, self.wall, self.tick_s = clock, wall, tick_s
+        self._states: dict[Key, CheckState] = {}
+        self._failed: dict[Key, int] = {}   # counted failures, for /metrics
+        self._lock = threading.Lock()       # _states, _failed
+        self._ticking = threading.Lock()    # one tick at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.keys = CheckKeys(host.registry, time.monotonic)
+
+    # -- the read API ----------------------------------------------------------------
+
+    def result(self, service: str, component: str) -> CheckState | None:
+        """A copy of the component's check state, None before its first running view."""
+        with self._lock:
+            st = self._states.get((service, component))
+            return replace(st) if st is not None else None
+
+    def healthy_for(self, service: str, component: str) -> float:
+        """Seconds the component has passed every check in a row (0 while failing,
+        before its first pass this run, or while it does not run)."""
+        st = self.result(service, component)
+        if st is None or st.healthy_since is None:
+            return 0.0
+        return max(self.wall() - st.healthy_since, 0.0)
+
+    def unhealthy(self) -> dict[Key, tuple[Run, str]]:
+        """Unhealthy running components: their run and why (the reconciler's input)."""
+        with self._lock:
+            return {k: (s.run, reason(s)) for k, s in self._states.items()
+                    if s.unhealthy and s.running}
+
+    def failure_counts(self) -> dict[Key, int]:
+        """Failed probes of runs that had passed, per component (a counter)."""
+        with self._lock:
+            return dict(self._failed)
+
+    def fresh(self) -> None:
+        """Before a read: without the thread (``mcp --local``), probe what is due now."""
+        if self._thread is None:
+            self.tick()
+
+    # -- the thread ------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="mcp-checks",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                self.tick()
+            except Exception:   # noqa: BLE001 - the checker must survive a bad round
+                log.exception("checks: tick failed")
+
+    # -- one tick --------------------------------------------------------------------
+
+    def tick(self, view: View | None = None) -> None:
+        """Probe every running component whose probe is due, from ``view`` (default:
+        the monitor's last one), and act on what changed."""
+        with self._ticking:
+            events, restart = self._tick(view or self.host.monitor.view)
+        if events and self.host.reconciling:
+            try:
+                self.host.registry.record_observed(events)
+            except MCPError as exc:
+                log.warning("checks: events not recorded: %s", exc)
+        if restart and self.host.reconciling:
+            self.host.monitor.poke()   # the reconciler restarts it in the next round
+
+    def _tick(self, view: View) -> tuple[list[Event], bool]:
+        events: list[Event] = []
+        restart = False
+        known: set[Key] = set()
+        for rec in view.records:
+            for comp in rec.components:
+                key = (rec.name, comp.defn.name)
+                known.add(key)
+                w = view.workloads.get(key)
+                if comp.defn.runtime in view.errors:
+                    continue   # its runtime could not be listed: nothing is known
+                if rec.undeploying or w is None or w.state != RUNNING or w.paused or \
+                        w.runtime != comp.defn.runtime:
+                    self._not_running(key)
+                    continue
+                comp = with_fields(comp, defn=self.keys.of(rec.name, comp))
+                st = self._current(key, (w.id, w.started_at), effective(comp.defn))
+                if self.clock() < st.due:
+                    continue
+                res = self._probe(rec.name, comp, w)
+                event = self._note(key, comp, st, res)
+                if event is not None:
+                    events.append(event)
+                    restart = restart or (st.unhealthy and wants_restart(comp.defn.restart,
+                                                                         None))
+        self.keys.forget({rec.name for rec in view.records})
+        with self._lock:
+            for key in set(self._states) - known:
+                del self._states[key]
+                self._failed.pop(key, None)
+        return events, restart
+
+    def _not_running(self, key: Key) -> None:
+        with self._lock:
+            st = self._states.get(key)
+            if st is not None:
+                st.running, st.healthy_since = False, None
+
+    def _current(self, key: Key, run: Run, kind: str) -> CheckState:
+        with self._lock:
+            st = self._states.get(key)
+            if st is None or st.run != run:
+                st = self._states[key] = CheckState(run=run, check=kind)
+            st.check, st.running = kind, True
+            return st
+
+    def _probe(self, service: str, comp: ComponentRecord, w: Workload) -> Result:
+        d = comp.defn
+        try:
+            rt = self.host.runtime(d.runtime)
+        except MCPError as exc:
+            return Result(False, f"runtime: {exc}"[:120])
+
+        def tcp(port: int, timeout: float) -> str:
+            return rt.tcp_check(service, d.name, port, timeout)
+
+        try:
+            return check(d, comp.host_ports, d.check_timeout_s, tcp)
+        except Exception as exc:   # noqa: BLE001 - a probe's bug is a failed check
+            log.exception("checks: probe of %s/%s failed", service, d.name)
+            return Result(False, f"probe error: {type(exc).__name__}")
+
+    def _note(self, key: Key, comp: ComponentRecord, st: CheckState,
+              res: Result) -> Event | None:
+        """Record one result; the event of a change to or from unhealthy, if any."""
+        d, now = comp.defn, self.wall()
+        with self._lock:
+            st.ok, st.time, st.detail = res.ok, now, res.detail
+            event = None
+            if res.ok:
+                if st.unhealthy:
+                    event = Event(key[0], key[1], now, RUNNING, RUNNING,
+                                  f"healthy again: {st.check} check passes ({res.detail})",
+                                  unplanned=False)
+                st.failures, st.unhealthy, st.passed = 0, False, True
+                st.healthy_since = st.healthy_since or now
+            else:
+                st.healthy_since = None
+                if st.passed:
+                    st.failures += 1
+                    self._failed[key] = self._failed.get(key, 0) + 1
+                    if st.failures >= d.check_failures and not st.unhealthy:
+                        st.unhealthy = True
+                        then = ("restarting it" if wants_restart(d.restart, None)
+                                else "not restarted (restart = no)")
+                        event = Event(key[0], key[1], now, RUNNING, RUNNING,
+                                      f"{reason(st)}: {then}")
+                        log.warning("checks: %s/%s %s; %s", *key, reason(st), then)
+            if not st.passed:
+                st.due = 0.0                                   # every tick until it passes
+            elif d.check_interval_s == 0:
+                st.due = float("inf")                          # once per run
+            else:
+                st.due = self.clock() + d.check_interval_s
+            return event
+
+
+def reason(st: CheckState) -> str:
+    """Why a component is unhealthy, e.g. ``unhealthy (tcp: connection refused x3)``."""
+    return f"unhealthy ({st.check}: {st.detail} x{st.failures})"

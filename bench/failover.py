@@ -16,6 +16,13 @@ how often a fence fired (etcd-leader: goal 0) and the poller's failed reads, aga
 the bound lease TTL + grace + the service's own start (a fresh
 deploy's time to running, measured in the same run).
 
+The floor under that bound, measured in the same run on the same etcd: how late etcd
+itself ends a lease nobody keeps alive (its leader revokes expired leases on a fixed
+500 ms loop; seen through a watch from a node's namespace, as the agents see it), and
+what the instrument adds (the poller's real period). Then the etcd leader kills again
+on a second fleet at the default lease TTL (10 s), where an election is short beside
+the fence's margin.
+
 Run: .venv/bin/python bench/failover.py [ROUNDS] [SEED]   (a soak: ROUNDS 200)
 """
 
@@ -32,8 +39,66 @@ from common import TOP, hello_image, median
 
 sys.path.insert(0, str(TOP / "tests"))
 
-from fault_env import GRACE, TTL, Poller  # noqa: E402
+from fault_env import GRACE, TTL, Poller, in_netns  # noqa: E402
 from test_fence_faults import Fleet  # noqa: E402
+
+from mcp_node.cluster import Etcd  # noqa: E402
+from mcp_node.config import ClusterConfig  # noqa: E402
+
+DEFAULT_TTL = ClusterConfig().lease_ttl_s
+
+
+def expiry_lateness(f: Fleet, n: int = 8) -> list[float]:
+    """Seconds from a lease's expiry (its grant answered + TTL) to etcd's DELETE of a
+    key on it reaching a watch, ``n`` times: etcd's share of every failover."""
+    assert f.etcd is not None
+    cfg = ClusterConfig(etcd=tuple(f.etcd.endpoints_for(0)), node="floor", timeout_s=2.0)
+
+    def measure() -> list[float]:
+        import threading
+
+        etcd, out = Etcd(cfg), []
+        for i in range(n):
+            key = f"/mcp-bench-floor/{i}"
+            lease = etcd.grant(TTL)
+            due = time.monotonic() + TTL
+            etcd.put(key, "x", lease=lease)
+            rev = etcd.get_prefix(key)[0]
+            stop, seen = threading.Event(), []
+
+            def on_event(kind: str, _key: str, stop: threading.Event = stop,
+                         seen: list[float] = seen) -> None:
+                if kind == "DELETE":
+                    seen.append(time.monotonic())
+                    stop.set()
+
+            while not stop.is_set():
+                etcd.watch(key, rev + 1, stop, on_event)
+            out.append(seen[0] - due)
+        return out
+
+    return in_netns(f.topo.node_ns[0], measure, timeout=n * (TTL + 5))
+
+
+def leader_kills(f: Fleet, rounds: int, rng: random.Random) -> tuple[int, int]:
+    """(fences fired, instants with two copies) over ``rounds`` etcd leader SIGKILLs."""
+    assert f.etcd is not None
+    poller = Poller(f.pods, "solo").start()
+    f.deploy("solo")
+    poller.wait_holder(timeout=60, stable=0.0)
+    fired = _fence_firings(f)
+    for _ in range(rounds):
+        time.sleep(rng.uniform(0, 1))
+        leader = None
+        while leader is None:
+            leader = f.etcd.leader()
+        f.etcd.kill(leader)
+        time.sleep(rng.uniform(0.1, 0.6))
+        f.etcd.start(leader)
+        f.etcd.wait_healthy()
+    time.sleep(2)
+    poller.stop()
+    return _fence_firings(f) - fired, len(poller.doubles)
 
 
 def _fence_firings(f: Fleet) -> int:
@@ -63,6 +128,9 @@ def main() -> None:
             bound = TTL + GRACE + start_s
             print(f"service start (fresh deploy to running): {start_s:.2f} s; "
                   f"bound TTL + grace + start = {bound:.2f} s")
+            late = expiry_lateness(f)
+            print(f"etcd ends an expired lease late by (n={len(late)}): median "
+                  f"{median(late):.2f} s, worst {max(late):.2f} s")
             rows = []
             for kind in ("kill", "stop", "partition", "etcd-leader"):
                 rng = random.Random(f"{seed}-{kind}")
@@ -106,6 +174,7 @@ def main() -> None:
                 rows.append((kind, times, len(poller.doubles), gaps,
                              _fence_firings(f) - fired, poller.errors - errors))
             poller.stop()
+            period = (time.monotonic() - t0) / max(poller.polls, 1)
         finally:
             f.close()
     print(f"{'fault':<12} {'failover median/worst':>22} {'2 copies':>9} "
@@ -116,6 +185,21 @@ def main() -> None:
         print(f"{kind:<12} {fo:>22} {doubles:>9} {gp:>25} {fences:>7} {errs:>12}")
     worst = max((max(t) for _, t, *_ in rows if t), default=0.0)
     print(f"worst failover {worst:.2f} s vs bound {bound:.2f} s: {worst / bound:.2f}x")
+    floor = bound + max(late) + period
+    print(f"poller period {period:.3f} s (the instrument: a change is seen up to one period "
+          f"late); floor = bound + etcd's worst lateness + one period = {floor:.2f} s: "
+          f"worst failover {worst / floor:.2f}x of it")
+    sys.stdout.flush()
+    with tempfile.TemporaryDirectory(prefix="mcp-failover-") as tmp:
+        g = Fleet(Path(tmp), hello_image(), ttl=DEFAULT_TTL)
+        try:
+            g.start()
+            fences_default, doubles_default = leader_kills(
+                g, rounds, random.Random(f"{seed}-leader-default-ttl"))
+        finally:
+            g.close()
+    print(f"etcd-leader at the default lease TTL {DEFAULT_TTL} s: {rounds} kills, fences "
+          f"fired {fences_default}, instants with two copies {doubles_default}")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,16 @@ class NsEtcd:
             p.wait(timeout=10)
         self.procs[i] = None
 
+    def ensure_running(self) -> None:
+        """Every member running (one that died after a restart is started again) and a
+        leader known to all, so a test begins from a whole cluster."""
+        for i, p in enumerate(self.procs):
+            if p is None or p.poll() is not None:
+                print(f"etcd member {self.names[i]} was not running "
+                      f"(exit {None if p is None else p.returncode}): started again")
+                self.start(i)
+        self.wait_healthy()
+
     def status(self) -> list[dict[str, Any]]:
         """Each member's /v3/maintenance/status ({} when it does not answer)."""
         import requests
@@ -202,8 +212,8 @@ class NsEtcd:
 class AgentProc:
     """``mcp-agent`` as a daemon process inside its node's namespace."""
 
-    def __init__(self, base: Path, index: int, ns: str, etcd: list[str], pod: NodePodman
-                 ) -> None:
+    def __init__(self, base: Path, index: int, ns: str, etcd: list[str], pod: NodePodman,
+                 ttl: int = TTL) -> None:
         self.base, self.index, self.ns, self.pod = base, index, ns, pod
         self.name = f"n{index + 1}"
         self.state = base / "state"
@@ -215,7 +225,7 @@ class AgentProc:
             f'containers_conf = "{pod.base / "containers.conf"}"\n'
             '[monitor]\ninterval_s = 0.3\n'
             f'[cluster]\netcd = {json.dumps(etcd)}\nnode = "{self.name}"\n'
-            f'lease_ttl_s = {TTL}\ngrace_s = {GRACE}\ntimeout_s = 0.5\nmemory_mb = 2048\n'
+            f'lease_ttl_s = {ttl}\ngrace_s = {GRACE}\ntimeout_s = 0.5\nmemory_mb = 2048\n'
             'deploy_wait_s = 60\n')
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopped = False

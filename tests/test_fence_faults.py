@@ -32,15 +32,17 @@ from conftest import need
 from etcd_env import NodePodman
 from fault_env import TTL, AgentProc, NsEtcd, Poller, Topology, running_copies
 
+from mcp_node.errors import RemoteError
+
 ROUNDS = int(os.environ.get("MCP_FAULT_ROUNDS", "20"))
 SEED = int(os.environ.get("MCP_FAULT_SEED", "0")) or random.SystemRandom().randrange(1, 1 << 30)
 
 
 class Fleet:
-    def __init__(self, base: Path, image: str) -> None:
+    def __init__(self, base: Path, image: str, ttl: int = TTL) -> None:
         from podman_env import containers_conf
 
-        self.base, self.image = base, image
+        self.base, self.image, self.ttl = base, image, ttl
         self.topo = Topology()
         self.etcd: NsEtcd | None = None
         self.pods: list[NodePodman] = []
@@ -60,7 +62,7 @@ class Fleet:
         self.etcd.wait_healthy()
         for i in range(3):
             a = AgentProc(self.base / f"n{i + 1}", i, self.topo.node_ns[i],
-                          self.etcd.endpoints_for(i), self.pods[i])
+                          self.etcd.endpoints_for(i), self.pods[i], self.ttl)
             self.agents.append(a)
             a.start()
         for a in self.agents:
@@ -71,10 +73,20 @@ class Fleet:
         defn = {"name": name, **extra,
                 "components": [{"name": "web", "image": self.image, "restart": "always",
                                 "env": [f"MESSAGE={name}"]}]}
+        assert self.etcd is not None
+        self.etcd.ensure_running()
         for a in self.agents:
             if a.alive() and not a.stopped:
-                a.call(lambda c: c.post("/v1/services", defn))
-                return
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        a.call(lambda c: c.post("/v1/services", defn))
+                        return
+                    except RemoteError as exc:   # etcd settling after the last fault
+                        if exc.status != 503 or time.monotonic() > deadline:
+                            raise
+                        print(f"deploy {name}: {exc.message[:120]}; again")
+                        time.sleep(0.5)
         raise AssertionError("no agent to deploy through")
 
     def close(self) -> None:
@@ -220,3 +232,41 @@ def test_quorum_lost_fences_nothing_and_overlap_is_not_fenced(fleet: Fleet) -> N
     fleet.topo.cut(node, down=False)
     until(lambda: not running_copies(fleet.pods[node], "twice"), 30,
           "the node that came back kept its overlap copy")
+
+
+def test_an_agent_restarted_within_the_fence_deadline_stops_and_moves_nothing(
+        tmp_path: Path, hello_images: dict[str, str]) -> None:
+    """The README's row: SIGKILL the holder's agent and start it again at once; its
+    copy keeps running (the same container, no instant without it) and nothing moves.
+    A fleet of its own at an 8 s lease TTL: the deadline (TTL less the margins, 6.6 s)
+    must leave room for an agent's start."""
+    need("etcd", "ip", "podman")
+    f = Fleet(tmp_path, hello_images["v1"], ttl=8)
+    try:
+        f.start()
+        f.deploy("stay")
+        poller = Poller(f.pods, "stay").start()
+        try:
+            holder = poller.wait_holder(timeout=60)
+            ids = running_copies(f.pods[holder], "stay")
+            rng = random.Random(f"{SEED}-restart")
+            for r in range(3):
+                time.sleep(rng.uniform(0, 2))          # a random point of the cycle
+                a = f.agents[holder]
+                a.signal(signal.SIGKILL)
+                a.start()
+                a.wait_up()
+                print(f"restart round {r} (seed {SEED}): agent n{holder + 1} up again")
+            time.sleep(8 + 2)                           # past the first lease's expiry
+            assert running_copies(f.pods[holder], "stay") == ids
+            assert poller.holder == holder and poller.holder_id == ids[0]
+            assert not poller.gaps and poller.gap_since is None, poller.gaps
+            assert not poller.doubles
+            assert not any(running_copies(p, "stay") for i, p in enumerate(f.pods)
+                           if i != holder)
+        finally:
+            poller.stop()
+        fence_log = f.agents[holder].state / "fence.log"
+        assert not fence_log.exists() or "is not known alive" not in fence_log.read_text()
+    finally:
+        f.close()

@@ -37,6 +37,7 @@ from .progress import Progress
 from .reconcile import Policy, Reconciler
 from .records import ComponentRecord, Event, ServiceRecord
 from .registry import Registry
+from .rollout import Rollouts, changed_components, last_output, new_rollout, reverter
 from .rounds import Rounds, prune_history
 from .runtime import (
     RUNTIME_NAMES,
@@ -110,6 +111,8 @@ class Agent:
         self.progress = Progress()
         self.steps = Steps(self.runtime, self.spec, self.registry, self.progress)
         self.rounds = Rounds(self)
+        # Health-gated rollouts (issue 19): judged after every monitor round.
+        self.rollouts = Rollouts(self.registry, reverter(self), last_output(self))
         # Called after every monitor round with its view: the daemon's watchdog ping,
         # a fleet member's publishing.
         self.round_subscribers: list[Callable[[View], None]] = []
@@ -136,6 +139,7 @@ class Agent:
 
     def _after_round(self, view: View) -> None:
         self.rounds.after_round(view)
+        self.rollouts.round(self.views.seen)
         for subscriber in self.round_subscribers:
             subscriber(view)
 
@@ -266,8 +270,11 @@ class Agent:
                                   "config)", "node")
         return self.deploy_local(defn.local_part())
 
-    def deploy_local(self, defn: ServiceDef) -> dict[str, Any]:
-        """Make the node run ``defn`` (validated); returns its status.
+    def deploy_local(self, defn: ServiceDef, *, note: str = "",
+                     gated: bool = True) -> dict[str, Any]:
+        """Make the node run ``defn`` (validated); returns its status. A deploy that
+        changes components begins a rollout (``gated``; not for a revert, whose
+        ``note`` history keeps).
 
         Raises RuntimeUnavailable (a runtime it needs is missing), ImageError,
         ResourceError (would overcommit), ConflictError (workload names clash),
@@ -286,6 +293,11 @@ class Agent:
             in_parallel([partial(self._pull, defn.name, c, rts[c.name])
                          for c in defn.components])
             self._check_capacity(defn, previous)
+            before = self.registry.history(defn.name)[-1].version if previous else None
+            changed = changed_components(
+                previous.definition() if previous else None, defn,
+                {c.defn.name: c.observed_state for c in previous.components} if previous
+                else {})
             # Check and write as one step across services (and processes).
             with self._names_guard, self._file_lock("names"):
                 self.registry.check_workload_names(defn)
@@ -295,8 +307,10 @@ class Agent:
             except BaseException:
                 self.steps.rollback(rec, previous)
                 raise
-            version = self.registry.record_deployment(defn)
+            version = self.registry.record_deployment(defn, note=note)
             unchanged = changes == 0 and previous is not None and previous.definition() == defn
+            if gated and defn.active and changed and not unchanged:
+                self.rollouts.begin(new_rollout(defn, version, before, changed, time.time()))
             log.info("deployed service=%s components=%d version=%d%s", defn.name,
                      len(defn.components), version, " unchanged" if unchanged else "")
             # Under the lock: an undeploy queued behind us must not turn this reply into a 404.
@@ -420,6 +434,7 @@ class Agent:
             self.registry.mark_undeploying(name)
             in_parallel([partial(self.steps.remove, rec.name, c) for c in rec.components])
             self.registry.delete_service(rec.name)
+            self.rollouts.forget(rec.name)
             log.info("undeployed service=%s", rec.name)
             self._routes_after(rec.name)
         prune_history(self)
@@ -475,7 +490,11 @@ class Agent:
 
         Raises ValidationError, NotFoundError, RegistryError.
         """
-        return self.views.status(self._get(name))
+        return self._with_rollout(self.views.status(self._get(name)))
+
+    def _with_rollout(self, st: dict[str, Any]) -> dict[str, Any]:
+        r = self.rollouts.of(st["service"])
+        return {**st, "rollout": r.to_dict() if r is not None else None}
 
     def progress_of(self, name: str) -> dict[str, Any]:
         """What an operation in flight on ``name`` is doing per component (see
@@ -484,7 +503,7 @@ class Agent:
 
     def local_status(self, name: str) -> dict[str, Any]:
         """This node's status of a service it runs (what its own operations answer)."""
-        return self.views.status(self._get(name))
+        return self._with_rollout(self.views.status(self._get(name)))
 
     # -- health -------------------------------------------------------------
 

@@ -51,7 +51,8 @@ def deployed_text(st: dict[str, Any]) -> str:
 @click.option("-n", "--node", "node", metavar="NODE", help="Node name from mcp.toml [[nodes]].")
 @click.option("--local", is_flag=True, help="Run in-process against the local registry.")
 @click.option("--wait", "wait", is_flag=True,
-              help="Return once every component is ready (its check passes).")
+              help="Return once the rollout ended: every changed component healthy for "
+                   "min_healthy_s (exit 1 when it failed or was reverted).")
 @click.option("--timeout", type=click.FloatRange(0.1, 86400), default=120.0, show_default=True,
               help="With --wait: seconds to wait before failing.")
 @json_option
@@ -60,8 +61,10 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
            timeout: float) -> None:
     """Deploy SERVICE (a name in the services dir) or a definition FILE.
 
-    With --wait it returns when every component that should run is ready, and
-    fails (exit 1) with the last log lines of those that are not.
+    With --wait it returns when the rollout succeeded (every changed component
+    passed its check and stayed healthy for [update] min_healthy_s), and fails
+    (exit 1) naming why when it failed or was reverted, or with the last log
+    lines of the components that are not ready when it timed out.
     """
     ctx.node = node or ctx.node
     ctx.local = local or ctx.local
@@ -70,7 +73,9 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
     st = with_progress(ctx, "deploying", defn["name"], lambda: backend.call("deploy", defn),
                        backend)
     if wait:
-        st = wait_ready(backend, st["service"], timeout)
+        began = st.get("rollout") if not st.get("unchanged") else None
+        st = wait_ready(backend, st["service"], timeout,
+                        began["version"] if began else None)
     emit(ctx, st, deployed_text)
 
 

@@ -89,6 +89,8 @@ def status_text(st: dict[str, Any]) -> str:
           "spec" if c.get("spec_drift") else "yes" if c["drift"] else "no"]
          for c in st["components"]],
     ))
+    if st.get("rollout"):
+        lines.append(escape_controls(rollout_text(st["rollout"])))
     for c in st["components"]:
         if c.get("exit_code") is not None or c.get("next_attempt"):
             lines.append(f"  {c['component']}: last exit code {status_value(c.get('exit_code'))}"
@@ -105,8 +107,19 @@ def status_text(st: dict[str, Any]) -> str:
             when = e["time"]
             detail = f" ({e['detail']})" if e["detail"] else ""
             lines.append("  " + escape_controls(
-                f"{when} {e['component']}: {e['from']} -> {e['to']}{detail}"))
+                f"{when} {e['component'] or 'service'}: {change_text(e)}{detail}"))
     return "\n".join(lines)
+
+
+def change_text(e: dict[str, Any]) -> str:
+    """``from -> to``; a service's event (a deploy, a rollout's end) may have no from."""
+    return f"{e['from']} -> {e['to']}" if e["from"] else str(e["to"])
+
+
+def rollout_text(r: dict[str, Any]) -> str:
+    state = r["state"] + (", reverting" if r.get("reverting") else "")
+    return f"rollout of version {r['version']}: {state}" + (
+        f" ({r['reason']})" if r.get("reason") else "")
 
 
 def services_summary(rows: list[dict[str, Any]]) -> str:

@@ -12,7 +12,7 @@ import click
 
 from .cli import emit, json_option, partial, pass_ctx, service_backend
 from .clictx import Ctx
-from .cliformat import health_text, ps_table, services_summary, status_text
+from .cliformat import change_text, health_text, ps_table, services_summary, status_text
 from .errors import MCPError
 from .multinode import PARTIAL_EXIT, ask_all, named
 from .safetext import escape_controls
@@ -89,8 +89,9 @@ def events(ctx: Ctx, service: str | None, tail: int | None, follow: bool) -> Non
 def event_line(e: dict[str, Any]) -> str:
     detail = f" ({e['detail']})" if e.get("detail") else ""
     node = f" [{e['node']}]" if e.get("node") else ""
+    who = f"{e['service']}/{e['component']}" if e["component"] else e["service"]
     return escape_controls(  # one event, one line: a detail's line breaks are escaped too
-        f"{e['time']} {e['service']}/{e['component']}: {e['from']} -> {e['to']}{detail}{node}")
+        f"{e['time']} {who}: {change_text(e)}{detail}{node}")
 
 
 @click.command()

@@ -84,19 +84,43 @@ def not_ready(st: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in st["components"] if c["desired_state"] == "running" and not c["ready"]]
 
 
-def wait_ready(backend: Backend, service: str, timeout: float) -> dict[str, Any]:
-    """Poll the service's status until every component that should run is ready."""
+def rollout_end(st: dict[str, Any], version: int | None) -> str | None:
+    """"" once the rollout of ``version`` succeeded, why once it failed or was reverted,
+    None while it goes on (or, ``version`` None: no rollout to wait for, ready or not)."""
+    r = st.get("rollout")
+    if version is None or not r or r.get("version") != version:
+        return None if not_ready(st) else ""
+    if r["state"] == "succeeded":
+        return ""
+    if r["state"] in ("failed", "reverted") and not r.get("reverting"):
+        back = f"; version {r['previous']} runs again" if r["state"] == "reverted" else ""
+        return f"{st['service']}: the rollout of version {version} {r['state']}: " \
+               f"{r['reason']}{back}"
+    return None
+
+
+def wait_ready(backend: Backend, service: str, timeout: float,
+               rollout: int | None = None) -> dict[str, Any]:
+    """Poll the service's status until every component that should run is ready, or,
+    ``rollout`` (the version a deploy began one for), until that rollout ended: an
+    error naming why unless it succeeded."""
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
         st: dict[str, Any] = backend.call("status", service)
-        waiting = not_ready(st)
-        if not waiting:
+        end = rollout_end(st, rollout)
+        if end == "":
             return st
+        if end is not None:
+            raise MCPError(end)
+        waiting = not_ready(st)
         if time.monotonic() >= deadline:
             break
         time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
         delay = min(delay * 1.5, 1.0)
+    if rollout is not None and not waiting:
+        raise MCPError(f"{service}: the rollout of version {rollout} did not end within "
+                       f"{timeout:g} s ({(st.get('rollout') or {}).get('state')})")
     lines = [f"{service}: not ready after {timeout:g} s:"]
     for c in waiting:
         lines.append(f"  {c['component']}: {c['state']}"

@@ -89,8 +89,21 @@ class Steps:
         self.progress.step(service, comp.defn.name, "removed")
 
     def rollback(self, rec: ServiceRecord, previous: ServiceRecord | None) -> None:
+        """Undo a failed deploy of ``rec``: what it may have made or changed is removed
+        and the previous record's workloads run again; a component the deploy left as
+        it was (same definition, ports and desired state) is not touched."""
         log.warning("deploy of %s failed; rolling back", rec.name)
+        old = {c.defn.name: c for c in previous.components} if previous else {}
+
+        def untouched(comp: ComponentRecord) -> bool:
+            prev = old.get(comp.defn.name)
+            return prev is not None and prev.defn == comp.defn and \
+                prev.host_ports == comp.host_ports and prev.desired_state == comp.desired_state
+
+        kept = {c.defn.name for c in rec.components if untouched(c)}
         for comp in rec.components:
+            if comp.defn.name in kept:
+                continue
             self.progress.step(rec.name, comp.defn.name, "rolling back")
             try:
                 self.runtime(comp.defn.runtime).remove(rec.name, comp.defn.name)
@@ -104,11 +117,15 @@ class Steps:
         restored = self.registry.put_service(previous.definition(), ports=ports,
                                              desired=desired)
         for comp in restored.components:
-            if comp.desired_state == RUNNING:
-                try:
-                    self.runtime(comp.defn.runtime).run(self.spec(rec.name, comp))
-                except Exception:
-                    log.exception("rollback: could not restart %s/%s", rec.name, comp.defn.name)
+            if comp.desired_state != RUNNING:
+                continue
+            rt = self.runtime(comp.defn.runtime)
+            try:
+                live = rt.inspect(rec.name, comp.defn.name) if comp.defn.name in kept else None
+                if live is None or live.state != RUNNING:
+                    rt.run(self.spec(rec.name, comp))
+            except Exception:
+                log.exception("rollback: could not restart %s/%s", rec.name, comp.defn.name)
 
     def to_state(self, service: str, comp: ComponentRecord, desired: State,
                  restart: bool, timeout: float = STOP_TIMEOUT_S) -> None:

@@ -15,11 +15,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from .errors import MCPError, NotFoundError
+from .plan import plan
 from .records import Event
+from .safetext import escape_controls
+from .servicedef import ServiceDef
 
 log = logging.getLogger("mcp_node.rollout")
 
@@ -82,6 +86,60 @@ def judge(r: Rollout, now: float, seen: Mapping[str, Seen]) -> tuple[str, str]:
     check = f" (last check: {s.check})" if s is not None and s.check else ""
     return FAILED, (f"{c} {why} {r.deadline_s:g} s after the deploy, needs "
                     f"{r.min_healthy_s:g} s healthy{check}")
+
+
+def changed_components(previous: ServiceDef | None, new: ServiceDef,
+                       states: Mapping[str, str]) -> tuple[str, ...]:
+    """What a deploy of ``new`` over ``previous`` creates, replaces or starts: the
+    components its rollout waits for (those it leaves alone are never touched)."""
+    return tuple(ch.component for ch in plan(previous, new, dict(states)).changes
+                 if ch.action in ("create", "replace", "start"))
+
+
+def new_rollout(defn: ServiceDef, version: int, previous: int | None,
+                changed: tuple[str, ...], now: float) -> Rollout:
+    u = defn.update
+    return Rollout(defn.name, version, previous, changed, now, u.min_healthy_s,
+                   max(u.healthy_deadline_s, u.min_healthy_s), u.auto_revert)
+
+
+class Host(Protocol):
+    """What the agent side of a rollout uses: its history, deploy and logs."""
+
+    @property
+    def registry(self) -> Any: ...
+
+    def deploy_local(self, defn: ServiceDef, *, note: str = "",
+                     gated: bool = True) -> dict[str, Any]: ...
+
+    def logs(self, name: str, component: str | None, tail: int | None,
+             follow: bool) -> Iterator[bytes]: ...
+
+
+def reverter(host: Host) -> Callable[[str, int, str], None]:
+    """A failed rollout's revert: ``version`` deployed again through the ordinary
+    deploy (its unchanged components left alone), not gated again."""
+    def revert(service: str, version: int, reason: str) -> None:
+        defn = next((d.definition for d in host.registry.history(service)
+                     if d.version == version), None)
+        if defn is None:
+            raise NotFoundError(f"version {version} of {service} is no longer in its "
+                                "history")
+        host.deploy_local(defn, note=f"reverted by the agent: {reason}", gated=False)
+    return revert
+
+
+def last_output(host: Host, lines: int = 5) -> Callable[[str, str], str]:
+    """A failing component's last lines, for a rollout's reason ("" if none)."""
+    def tail(service: str, component: str) -> str:
+        try:
+            text = b"".join(host.logs(service, component, lines, False)).decode(
+                errors="replace")
+        except MCPError:
+            return ""
+        kept = [escape_controls(x.strip()) for x in text.splitlines() if x.strip()]
+        return " | ".join(kept)[-400:]
+    return tail
 
 
 class Store(Protocol):

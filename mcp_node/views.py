@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .errors import MCPError, NotFoundError
 from .monitor import View, is_drift
 from .records import ComponentRecord, Event, ServiceRecord, definition_digest
+from .rollout import Seen
 from .runtime import Workload
 from .states import BACKOFF, MISSING, RUNNING, STARTING, UNHEALTHY, UNKNOWN, State
 
@@ -112,6 +113,23 @@ class Views:
         now = time.time()
         return [self._row(s, c, view, now) for s in self.a.registry.list_services()
                 for c in s.components]
+
+    def seen(self, service: str, components: tuple[str, ...]) -> dict[str, Seen]:
+        """A rollout's changed components as the last round saw them (rollout.judge)."""
+        try:
+            svc = self.a.registry.get_service(service)
+        except NotFoundError:
+            return {}
+        view, now, out = self.a.monitor.view, time.time(), {}
+        for c in svc.components:
+            if c.defn.name in components:
+                state = self._row(svc, c, view, now)["state"]
+                st = self.a.checks.result(service, c.defn.name)
+                out[c.defn.name] = Seen(
+                    state, self.a.checks.healthy_for(service, c.defn.name)
+                    if state == RUNNING else 0.0,
+                    f"{st.check}: {st.detail}" if st is not None and st.detail else "")
+        return out
 
     def status(self, svc: ServiceRecord) -> dict[str, Any]:
         view = self.a.monitor.fresh_view()

@@ -111,6 +111,22 @@ def test_failed_redeploy_restores_the_previous_version(agent: Agent, world: Fake
     assert all(w.state == "running" for w in world.workloads.values())
 
 
+def test_failed_redeploy_leaves_the_unchanged_components_alone(agent: Agent,
+                                                              world: FakeWorld) -> None:
+    """Issue 19: the rollback of a failed deploy removed every component, unchanged
+    ones too, then started the old ones again."""
+    agent.deploy(svc("shop", {"name": "web", "image": "img:v1"}, vm()))
+    vm_id = world.workloads[("shop", "vm")].id
+    world.reset_calls()
+    world.fail("run", "web")
+    with pytest.raises(WorkloadError):
+        agent.deploy(svc("shop", {"name": "web", "image": "img:v2"}, vm()))
+    assert world.workloads[("shop", "vm")].id == vm_id
+    assert [op for op in world.ops("run", "stop", "remove") if op[1] == "vm"] == []
+    assert world.workloads[("shop", "web")].spec.image == "img:v1"
+    assert world.workloads[("shop", "web")].state == "running"
+
+
 def test_failed_redeploy_of_a_stopped_service_keeps_it_stopped(agent: Agent,
                                                                world: FakeWorld) -> None:
     agent.deploy(svc())
@@ -178,7 +194,7 @@ def test_status_shape_includes_the_runtime_extras(agent: Agent, world: FakeWorld
                      vm()))
     st = agent.status("shop")
     assert set(st) == {"service", "active", "node", "drift", "flapping", "components",
-                       "events", "definition"}
+                       "events", "definition", "rollout"}
     assert from_dict(st["definition"]) == agent.registry.get_service("shop").definition()
     web, box = st["components"]
     common = {"service", "component", "node", "runtime", "state", "desired_state", "version",

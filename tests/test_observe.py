@@ -98,9 +98,9 @@ def test_events_list_follow_and_cli(live: Live) -> None:
     live.client.post("/v1/services", two())
     live.agent.monitor.refresh()
     events = live.client.get("/v1/events", params={"service": "shop"})
-    assert [(e["component"], e["to"]) for e in events] == [("web", "running"),
+    assert [(e["component"], e["to"]) for e in events] == [("", "deploy"), ("web", "running"),
                                                             ("db", "running")]
-    assert events[0]["time"].endswith("Z") and events[0]["id"] < events[1]["id"]
+    assert events[1]["time"].endswith("Z") and events[1]["id"] < events[2]["id"]
     got: list[dict[str, Any]] = []
     done = threading.Event()
 

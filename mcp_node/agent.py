@@ -121,6 +121,7 @@ class Agent:
         self.monitor = Monitor(self.registry, self._listable, config.monitor,
                                self._after_round)
         self.monitor.digest = self.reconciler.digest   # a crash is an exit of the current spec
+        self.monitor.calm_since = self.rollouts.calm_since
         if monitor:
             self.start_monitor()
 
@@ -571,6 +572,9 @@ class Agent:
 
     def check_failures(self) -> dict[tuple[str, str], int]:
         return self.checks.failure_counts()
+
+    def rollout_counts(self) -> dict[str, int]:
+        return dict(self.rollouts.counts)
 
     def certificate_expiries(self) -> dict[str, str]:
         return {r.hostname: r.cert_expires for r in self.registry.list_edge_routes()

@@ -134,6 +134,9 @@ class FleetOperations:
     def check_failures(self) -> dict[tuple[str, str], int]:
         return self._agent.check_failures()
 
+    def rollout_counts(self) -> dict[str, int]:
+        return self._agent.rollout_counts()
+
     def certificate_expiries(self) -> dict[str, str]:
         return self._agent.certificate_expiries()
 

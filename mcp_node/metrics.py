@@ -93,6 +93,11 @@ class NodeCollector(Collector):
         for (svc, comp), n in sorted(self.agent.check_failures().items()):
             failures.add_metric([svc, comp], n)
         yield failures
+        rollouts = CounterMetricFamily("mcp_rollouts", "Rollouts by outcome since the agent "
+                                       "started", labels=["outcome"])
+        for outcome, n in self.agent.rollout_counts().items():
+            rollouts.add_metric([outcome], n)
+        yield rollouts
         yield GaugeMetricFamily("mcp_components_unhealthy",
                                 "Components whose check failed check_failures times in a row",
                                 value=sum(r["state"] == UNHEALTHY for r in rows))

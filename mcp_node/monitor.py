@@ -126,6 +126,8 @@ class Monitor:
         self._on_refresh = on_refresh
         # The spec a component should run (the reconciler's): set by the agent.
         self.digest: Callable[[ServiceRecord, ComponentRecord], str] | None = None
+        # Service -> the time after which its flaps count (a rollout judged it healthy).
+        self.calm_since: Callable[[], dict[str, float]] = dict
 
     def refresh(self) -> View:
         with self._lock:
@@ -149,7 +151,12 @@ class Monitor:
             unwritten: RegistryError | None = None
             try:
                 self.registry.record_observed(events)
-                counts = self.registry.event_counts(now - self.config.flap_window_s)
+                since = now - self.config.flap_window_s
+                counts = self.registry.event_counts(since)
+                for service, calm in self.calm_since().items():
+                    if calm > since and any(k[0] == service for k in counts):
+                        after = self.registry.event_counts(calm)
+                        counts.update({k: after.get(k, 0) for k in counts if k[0] == service})
                 flapping = {k for k, n in counts.items() if n > self.config.flap_changes}
             except RegistryError as exc:
                 unwritten, flapping = exc, self.view.flapping

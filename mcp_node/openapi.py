@@ -440,6 +440,17 @@ def _schemas() -> dict[str, Any]:
                                                  "time": _STR, "detail": _STR}},
                                    "events": {"type": "array", "items": {"type": "object"}}},
                 }},
+                # the latest rollout (issue 19); null before the first deploy that changed
+                "rollout": {"type": ["object", "null"],
+                            "required": ["version", "state", "reason"],
+                            "properties": {
+                                "version": {"type": "integer"},
+                                "state": {"type": "string", "enum": [
+                                    "in_progress", "succeeded", "failed", "reverted"]},
+                                "reverting": {"type": "boolean"},
+                                "reason": _STR,
+                                "components": {"type": "array", "items": _STR},
+                                "previous": {"type": ["integer", "null"]}}},
             },
         },
         "Health": {

@@ -62,6 +62,10 @@ class Operations(Protocol):
     def check_failures(self) -> dict[tuple[str, str], int]:
         """Failed checks of runs that had passed, per (service, component) (a counter)."""
         ...
+    def rollout_counts(self) -> dict[str, int]:
+        """Rollouts by outcome (started, succeeded, failed, reverted) since the agent
+        started (counters)."""
+        ...
     def certificate_expiries(self) -> dict[str, str]:
         """The node's edge route certificates: hostname -> expiry (RFC 3339)."""
         ...

@@ -46,6 +46,8 @@ class Rollout:
     state: str = IN_PROGRESS
     reason: str = ""
     ended_at: float | None = None
+    calm_at: float | None = None     # when what runs was healthy min_healthy_s: flaps
+                                     # before it no longer count
 
     def to_dict(self) -> dict[str, Any]:
         """As ``status`` shows it (design §10: version, state, reason); a failed one whose
@@ -176,6 +178,12 @@ class Rollouts:
     def of(self, service: str) -> Rollout | None:
         return self._by_service.get(service)
 
+    def calm_since(self) -> dict[str, float]:
+        """Service -> when what it runs was last judged healthy for min_healthy_s after a
+        rollout: the monitor counts flaps only after that (issue 19: a service stayed
+        FLAPPING for the whole window after a good revert)."""
+        return {s: r.calm_at for s, r in self._by_service.items() if r.calm_at is not None}
+
     def forget(self, service: str) -> None:
         """Its service was undeployed (the registry row went with it)."""
         with self._lock:
@@ -188,6 +196,11 @@ class Rollouts:
             if r.state == REVERTING:
                 self._start_revert(r)
                 continue
+            if r.state == REVERTED and r.calm_at is None:   # the old version healthy again
+                if judge(replace(r, started_at=now), now,
+                         seen(r.service, r.components))[0] == SUCCEEDED:
+                    self._put(replace(r, calm_at=now))
+                continue
             if r.state != IN_PROGRESS:
                 continue
             state, reason = judge(r, now, seen(r.service, r.components))
@@ -199,7 +212,8 @@ class Rollouts:
                     reason += f"; its last output: {tail}"
             revert = state == FAILED and r.auto_revert and r.previous is not None
             done = replace(r, state=REVERTING if revert else state, reason=reason,
-                           ended_at=None if revert else now)
+                           ended_at=None if revert else now,
+                           calm_at=now if state == SUCCEEDED else None)
             self._put(done)
             self.counts[FAILED if revert else state] += 1
             self._event(done, IN_PROGRESS, FAILED if revert else state,

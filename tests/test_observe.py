@@ -92,6 +92,10 @@ def test_metrics_parse_with_prometheus_client(live: Live) -> None:
     assert [s.value for s in fams["mcp_node_healthy"].samples] == [1]
     assert "mcp_http_request_duration_seconds" in fams
     assert "mcp_edge_certificate_expiry_timestamp_seconds" in fams
+    rollouts = {s.labels["outcome"]: s.value for s in fams["mcp_rollouts"].samples
+                if s.name == "mcp_rollouts_total"}
+    # one deploy began a rollout (the second was unchanged); none ended: no monitor here
+    assert rollouts == {"started": 1, "succeeded": 0, "failed": 0, "reverted": 0}
 
 
 def test_events_list_follow_and_cli(live: Live) -> None:

@@ -33,7 +33,8 @@ def svc(web: str, db: str = "v1", **update: Any) -> Any:
 def agent(tmp_path: Path) -> Iterator[tuple[Agent, FakeWorld]]:
     world = FakeWorld()
     cfg = config_from_dict({"state": {"dir": str(tmp_path / "st")},
-                            "monitor": {"interval_s": 0.05, "restart_backoff_max_s": 1}})
+                            "monitor": {"interval_s": 0.05, "restart_backoff_max_s": 1,
+                                        "flap_changes": 1}})
     a = Agent(cfg, runtimes=world.runtimes(), monitor=True)
     yield a, world
     a.close()
@@ -105,6 +106,14 @@ def test_a_crash_looping_release_is_reverted_by_the_agent(
     rows = [(e["from"], e["to"]) for e in a.events("shop") if e["component"] == ""]
     assert rows[-3:] == [("", "deploy"), ("in_progress", "failed"), ("failed", "reverted")]
     assert a.rollouts.counts == {"started": 2, "succeeded": 1, "failed": 1, "reverted": 1}
+    # v2's crashes made web flap; once v1 was healthy for min_healthy_s that ends
+    crashes = [e for e in a.events("shop") if e["component"] == "web" and e["unplanned"]]
+    assert len(crashes) > 1
+    deadline = time.monotonic() + 10
+    while a.status("shop")["flapping"]:
+        assert time.monotonic() < deadline, a.status("shop")["components"]
+        time.sleep(0.05)
+    assert a.status("shop")["rollout"]["state"] == "reverted"
 
 
 def test_without_auto_revert_a_bad_release_stays_failed(

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .errors import NotFoundError
-from .servicedef import ComponentDef, ServiceDef
+from .servicedef import COMPONENT_DEFAULTS, ComponentDef, ServiceDef, UpdateDef
 from .states import RUNNING, UNKNOWN, State
 
 
@@ -29,10 +29,12 @@ class ServiceRecord:
     created_at: str = ""
     updated_at: str = ""
     undeploying: bool = False   # an undeploy began (and was interrupted): reconcile ends it
+    update: UpdateDef = UpdateDef()
 
     def definition(self) -> ServiceDef:
         return ServiceDef(
-            name=self.name, active=self.active, components=tuple(c.defn for c in self.components)
+            name=self.name, active=self.active, components=tuple(c.defn for c in self.components),
+            update=self.update,
         )
 
     def component(self, name: str) -> ComponentRecord:
@@ -91,6 +93,22 @@ class Deployment:
     digest: str
     definition: ServiceDef
     note: str = ""       # why the agent itself made it (a revert), else ""
+
+
+SETTINGS = ("check_interval_s", "check_timeout_s", "check_failures", "pull")
+
+
+def component_settings(c: ComponentDef) -> str:
+    """The registry's ``settings`` of a component: its keys of SETTINGS off the default."""
+    return json.dumps({k: getattr(c, k) for k in SETTINGS
+                       if getattr(c, k) != COMPONENT_DEFAULTS[k]}, sort_keys=True)
+
+
+def service_settings(svc: ServiceDef) -> str:
+    """The registry's ``settings`` of a service: its [update] table off the default."""
+    d = UpdateDef()
+    return json.dumps({k: v for k, v in asdict(svc.update).items() if v != getattr(d, k)},
+                      sort_keys=True)
 
 
 def definition_digest(svc: ServiceDef) -> str:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -31,10 +32,12 @@ from .records import (
     Event,
     HostRecord,
     ServiceRecord,
+    component_settings,
+    service_settings,
 )
 from .registry_history import HistoryTables
 from .runtime import workload_name
-from .servicedef import ComponentDef, RouteDef, ServiceDef
+from .servicedef import ComponentDef, RouteDef, ServiceDef, UpdateDef
 from .states import RUNNING, STOPPED, UNKNOWN, State
 
 PORT_MIN, PORT_MAX = 10000, 60000
@@ -265,10 +268,11 @@ class Registry(HistoryTables):
                                     (svc.name,))
             }
             db.execute(
-                "INSERT INTO services (name, active, created_at, updated_at) VALUES (?,?,?,?) "
-                "ON CONFLICT(name) DO UPDATE SET active=excluded.active, "
-                "updated_at=excluded.updated_at, undeploying=0",   # a deploy is newer intent
-                (svc.name, int(svc.active), ts, ts),
+                "INSERT INTO services (name, active, created_at, updated_at, settings) "
+                "VALUES (?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET active=excluded.active, "
+                "updated_at=excluded.updated_at, settings=excluded.settings, "
+                "undeploying=0",   # a deploy is newer intent
+                (svc.name, int(svc.active), ts, ts, service_settings(svc)),
             )
             db.execute("DELETE FROM components WHERE service=?", (svc.name,))
             keep = dict(old_ports)
@@ -289,6 +293,8 @@ class Registry(HistoryTables):
                      old_observed.get(c.name, UNKNOWN), c.version, ts, c.runtime,
                      c.memory_mb, c.vcpus, c.binary, c.image_sha256, c.check),
                 )
+                db.execute("UPDATE components SET settings=? WHERE service=? AND name=?",
+                           (component_settings(c), svc.name, c.name))
                 for r in c.routes:
                     host_port = keep.get((c.name, r.name)) or self._allocate(used)
                     db.execute(
@@ -369,6 +375,7 @@ class Registry(HistoryTables):
                              hostname=r["hostname"]) for r in rs
                 ),
             )
+            defn = replace(defn, **json.loads(c["settings"]))   # the keys of issue 19
             by_svc.setdefault(c["service"], []).append(ComponentRecord(
                 defn=defn, desired_state=State(c["desired_state"]),
                 observed_state=State(c["observed_state"]),
@@ -378,7 +385,8 @@ class Registry(HistoryTables):
             ServiceRecord(name=s["name"], active=bool(s["active"]),
                           components=by_svc.get(s["name"], []),
                           created_at=s["created_at"], updated_at=s["updated_at"],
-                          undeploying=bool(s["undeploying"]))
+                          undeploying=bool(s["undeploying"]),
+                          update=UpdateDef(**json.loads(s["settings"])))
             for s in svcs
         ]
 

@@ -227,4 +227,5 @@ class Views:
         current = max((d.version for d in rows if d.digest == digest), default=0)
         return [{"service": name, "version": d.version, "time": rfc3339(d.time),
                  "digest": d.digest, "current": d.version == current,
-                 "images": [c.image for c in d.definition.components]} for d in rows]
+                 "images": [c.image for c in d.definition.components],
+                 **({"note": d.note} if d.note else {})} for d in rows]

@@ -96,3 +96,19 @@ def test_bad_values_name_their_field(data: dict[str, Any], field: str, message: 
         from_dict(data)
     assert e.value.field == field
     assert message in str(e.value)
+
+
+def test_the_registry_keeps_the_new_keys(tmp_path: object) -> None:
+    """A record's definition is what was deployed, new keys included (they were lost:
+    status' definition and the current version in history disagreed)."""
+    from pathlib import Path
+
+    from mcp_node.registry import Registry
+
+    reg = Registry(Path(str(tmp_path)) / "r.db")
+    d = from_dict(svc({"check_interval_s": 0.3, "check_failures": 2, "check_timeout_s": 1,
+                       "pull": "always"}, update={"min_healthy_s": 2, "auto_revert": False}))
+    assert reg.put_service(d).definition() == d
+    plain = from_dict(svc())
+    assert reg.put_service(plain).definition() == plain      # back to the defaults
+    reg.close()

@@ -78,6 +78,8 @@ class CheckKeys:
 
     def of(self, service: str, comp: ComponentRecord) -> ComponentDef:
         """``comp``'s definition as deployed; the row's own (defaults) if none matches."""
+        if any(getattr(comp.defn, k) != v for k, v in COMPONENT_DEFAULTS.items()):
+            return comp.defn   # a row that keeps them
         now = self.clock()
         read = self._read.get(service)
         age = now - read[0] if read is not None else float("inf")
@@ -153,9 +155,10 @@ class Checks:
             return dict(self._failed)
 
     def fresh(self) -> None:
-        """Before a read: without the thread (``mcp --local``), probe what is due now."""
-        if self._thread is None:
-            self.tick()
+        """Before a read: probe what is due now without the thread (``mcp --local``), and
+        with it a run it has not probed yet (a read just after a deploy, a restart or the
+        agent's own start sees the run checked, not ``starting`` until the next tick)."""
+        self.tick(unseen_only=self._thread is not None)
 
     # -- the thread ------------------------------------------------------------------
 
@@ -185,11 +188,17 @@ class Checks:
 
     # -- one tick --------------------------------------------------------------------
 
-    def tick(self, view: View | None = None) -> None:
-        """Probe every running component whose probe is due, from ``view`` (default:
-        the monitor's last one), and act on what changed."""
-        with self._ticking:
-            events, restart = self._tick(view or self.host.monitor.view)
+    def tick(self, view: View | None = None, unseen_only: bool = False) -> None:
+        """Probe every running component whose probe is due (``unseen_only``: only runs
+        never probed), from ``view`` (default: the monitor's last one), and act on what
+        changed."""
+        # A read does not wait for the thread's tick (its probes may take their timeouts).
+        if not self._ticking.acquire(blocking=not unseen_only):
+            return
+        try:
+            events, restart = self._tick(view or self.host.monitor.view, unseen_only)
+        finally:
+            self._ticking.release()
         if events and self.host.reconciling:
             try:
                 self.host.registry.record_observed(events)
@@ -198,7 +207,7 @@ class Checks:
         if restart and self.host.reconciling:
             self.host.monitor.poke()   # the reconciler restarts it in the next round
 
-    def _tick(self, view: View) -> tuple[list[Event], bool]:
+    def _tick(self, view: View, unseen_only: bool = False) -> tuple[list[Event], bool]:
         events: list[Event] = []
         restart = False
         known: set[Key] = set()
@@ -215,7 +224,7 @@ class Checks:
                     continue
                 comp = with_fields(comp, defn=self.keys.of(rec.name, comp))
                 st = self._current(key, (w.id, w.started_at), effective(comp.defn))
-                if self.clock() < st.due:
+                if self.clock() < st.due or (unseen_only and st.time is not None):
                     continue
                 res = self._probe(rec.name, comp, w)
                 event = self._note(key, comp, st, res)

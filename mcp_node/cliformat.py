@@ -95,12 +95,12 @@ def status_text(st: dict[str, Any]) -> str:
         if c.get("exit_code") is not None or c.get("next_attempt"):
             lines.append(f"  {c['component']}: last exit code {status_value(c.get('exit_code'))}"
                          f", next attempt {status_value(c.get('next_attempt'))}")
-        if c.get("check"):
-            lines.append(f"  {c['component']}: check {check_text(c['check'])}")
         extra = sorted(set(c) - COMMON_STATUS_KEYS)
         if extra:
             lines.append(f"  {c['component']}: "
                          + " ".join(f"{k}={status_value(c[k])}" for k in extra))
+        if c.get("check"):
+            lines.append(f"  {c['component']}: check {check_text(c['check'])}")
     if st["events"]:
         lines.append("events:")
         for e in st["events"][-10:]:

@@ -24,6 +24,7 @@ from . import qmp
 from .readiness import why_failed
 
 POLL_S = 0.05   # between two looks at slirp's state while the guest has not answered
+RETRY_S = 0.5   # a connection the guest has not answered by then is made again
 ACCEPTED = frozenset({"ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT_1", "FIN_WAIT_2", "CLOSING",
                       "LAST_ACK", "TIME_WAIT"})
 _ROW = re.compile(r"^\s*(TCP|UDP)\[([A-Z_0-9]+)\]\s+(-?\d+)\s+(\S+)\s+(\d+)\s+(\S+)\s+(\d+)"
@@ -100,15 +101,28 @@ def slirp_state(qmp_socket: Path, fd: int, timeout: float) -> str:
 
 def guest_accepts(qmp_socket: Path, pid: int, port: int, timeout: float) -> str:
     """"" when the guest of qemu ``pid`` accepts a connection to host ``port`` within
-    ``timeout`` seconds, else why not."""
+    ``timeout`` seconds, else why not. A connection still unanswered after
+    ``RETRY_S`` is given up for a new one: slirp sends a new one's SYN at once, where
+    it would retransmit an old one's (lost while the guest booted) seconds later."""
     deadline = time.monotonic() + timeout
+    while True:
+        why, final = _one_try(qmp_socket, pid, port, timeout, deadline)
+        if final or time.monotonic() >= deadline:
+            return why
+
+
+def _one_try(qmp_socket: Path, pid: int, port: int, timeout: float,
+             deadline: float) -> tuple[str, bool]:
+    """(why not, or "", whether that is the answer) of one connection."""
     try:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        sock = socket.create_connection(("127.0.0.1", port),
+                                        timeout=max(deadline - time.monotonic(), 0.1))
     except OSError as exc:
-        return why_failed(exc, timeout)
+        return why_failed(exc, timeout), True
     with sock:
         sock.setblocking(False)   # a peek must not wait (with a timeout it would)
         ours, state = sock.getsockname()[1], ""
+        give_up = min(deadline, time.monotonic() + RETRY_S)
         while True:
             inode = server_inode(Path("/proc/net/tcp").read_text(), port, ours)
             fd = fd_holding(pid, inode) if inode else None
@@ -116,14 +130,15 @@ def guest_accepts(qmp_socket: Path, pid: int, port: int, timeout: float) -> str:
                 try:
                     state = slirp_state(qmp_socket, fd, max(deadline - time.monotonic(), 0.1))
                 except qmp.QMPError as exc:
-                    return f"QMP: {exc}"[:120]
+                    return f"QMP: {exc}"[:120], True
                 if state in ACCEPTED:
-                    return ""
+                    return "", True
             seen = _peek(sock)
             if seen == "data":
-                return ""
+                return "", True
             if seen == "closed":
-                return "closed before the guest accepted"
-            if time.monotonic() >= deadline:
-                return f"guest did not accept in {timeout:g} s ({state or 'not forwarded'})"
+                return "closed before the guest accepted", True
+            if time.monotonic() >= give_up:
+                return f"guest did not accept in {timeout:g} s ({state or 'not forwarded'})", \
+                    False
             time.sleep(POLL_S)

@@ -212,6 +212,22 @@ def test_local_reads_check_but_record_and_restart_nothing(world: FakeWorld, cloc
         a.close()
 
 
+def test_with_the_thread_a_read_probes_only_a_run_never_probed(agent: Agent,
+                                                                world: FakeWorld,
+                                                                clock: Clock) -> None:
+    agent.checks.tick_s = 3600.0                     # the thread is there, never ticks
+    agent.checks.start()
+    deploy(agent, world)                             # its status read probed the new run
+    st = agent.checks.result(*KEY)
+    assert st is not None and st.detail == "connection refused"
+    for _ in range(3):
+        assert state(agent) == "starting"
+    assert world.tcp_probes == []                    # a run probed once: the thread's now
+    world.tcp["web"] = ""
+    agent.restart("shop")
+    assert world.tcp_probes == ["web"] and state(agent) == "running"
+
+
 def test_check_is_null_before_the_first_probe(agent: Agent) -> None:
     assert agent.checks.result(*KEY) is None and agent.checks.healthy_for(*KEY) == 0.0
 
@@ -249,3 +265,19 @@ def test_plan_waits_out_the_backoff_before_an_unhealthy_restart() -> None:
     p = plan([rec], {KEY: w}, [], lambda r, c: "", backoff, 100.0, Policy(),
              unhealthy={KEY: (("id1", 5.0), "unhealthy (tcp: x x3)")})
     assert p.actions == [] and p.waiting == {KEY: 150.0}
+
+
+def test_status_text_shows_the_last_check_and_no_line_before_one() -> None:
+    from mcp_node.cliformat import status_text
+
+    web = {"component": "web", "runtime": "container", "state": "unhealthy",
+           "desired_state": "running", "version": "v1", "uptime_s": 5, "restarts": 0,
+           "routes": [], "drift": False,
+           "check": {"ok": False, "time": "2026-12-02T06:00:00Z", "detail": "HTTP 503"}}
+    st = {"service": "shop", "node": "n1", "active": True, "drift": False,
+          "flapping": False, "events": [], "components": [web]}
+    lines = status_text(st).splitlines()
+    assert "  web: check failed at 2026-12-02T06:00:00Z (HTTP 503)" in lines
+    assert not any("check=" in line for line in lines)       # not shown as an extra key
+    assert not any("check" in line for line in status_text(
+        {**st, "components": [{**web, "check": None}]}).splitlines())

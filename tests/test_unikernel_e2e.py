@@ -145,10 +145,16 @@ def test_container_and_vm_service_end_to_end(daemon: Daemon, tmp_path: Path,
     assert wait_http(api_port) == "hello from container\n"
     assert wait_http(vm_port, timeout=120) == "hello from unikernel\n"
 
-    # ps: RUNTIME unikernel and STATE running for the VM, container for the other
-    ps = daemon.mcp("ps").output
-    rows = {line.split()[1]: line.split() for line in ps.splitlines()[1:]
-            if line.startswith(svc + " ")}
+    # ps: RUNTIME unikernel and STATE running for the VM, container for the other (once
+    # the agent's checker saw the guest accept: it probes on its own ticks)
+    deadline = time.monotonic() + 30
+    while True:
+        ps = daemon.mcp("ps").output
+        rows = {line.split()[1]: line.split() for line in ps.splitlines()[1:]
+                if line.startswith(svc + " ")}
+        if rows["vm"][4] != "starting" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert rows["vm"][3:5] == ["unikernel", "running"], ps
     assert rows["api"][3:5] == ["container", "running"], ps
 
@@ -276,7 +282,11 @@ def test_nanos_service_end_to_end(nanos_daemon: tuple[Daemon, str], tmp_path: Pa
         return comp(client.get(f"/v1/services/{svc}"), "vm")
 
     def running_pid() -> int:
+        deadline = time.monotonic() + 30   # ready once the agent's checker saw it accept
         v = vm()
+        while v["state"] == "starting" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            v = vm()
         assert v["state"] == "running" and not v["drift"], v
         assert qemu_pids_in(daemon.state) == [v["pid"]]
         return int(v["pid"])

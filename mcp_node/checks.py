@@ -13,11 +13,6 @@ event, and with a ``restart`` policy other than ``no`` the reconciler restarts i
 the next monitor round (``unhealthy()`` is its input), counted like any restart.
 Without the daemon (``mcp --local``) the views tick once per read instead, and nothing
 is recorded or restarted. ``result`` and ``healthy_for`` are the read API (rollouts).
-
-The registry's component rows do not keep ``check_interval_s``, ``check_timeout_s``
-and ``check_failures``; its deployments (history) keep whole definitions, so
-``CheckKeys`` takes them from the newest deployment whose component matches the row in
-all the row keeps (read again at most every ``KEYS_TTL_S`` per service).
 """
 
 from __future__ import annotations
@@ -27,14 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from dataclasses import replace as with_fields
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import MCPError
 from .readiness import Result, check, effective
 from .reconcile import Run, wants_restart
 from .records import ComponentRecord, Event
-from .servicedef import COMPONENT_DEFAULTS, ComponentDef
 from .states import RUNNING
 
 if TYPE_CHECKING:
@@ -45,8 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.checks")
 
 TICK_S = 0.25
-KEYS_TTL_S = 2.0     # check keys changed by a deploy apply within this long
-MISS_RETRY_S = 0.2   # a row no deployment matches yet (a deploy in flight): read again
 
 Key = tuple[str, str]
 
@@ -68,44 +59,6 @@ class CheckState:
     due: float = 0.0                  # next probe (monotonic)
 
 
-class CheckKeys:
-    """Each component's definition with its check keys, from the deployment history."""
-
-    def __init__(self, registry: Registry, clock: Callable[[], float]) -> None:
-        self.registry, self.clock = registry, clock
-        # service -> (read at, bare definition -> the deployed one)
-        self._read: dict[str, tuple[float, dict[ComponentDef, ComponentDef]]] = {}
-
-    def of(self, service: str, comp: ComponentRecord) -> ComponentDef:
-        """``comp``'s definition as deployed; the row's own (defaults) if none matches."""
-        if any(getattr(comp.defn, k) != v for k, v in COMPONENT_DEFAULTS.items()):
-            return comp.defn   # a row that keeps them
-        now = self.clock()
-        read = self._read.get(service)
-        age = now - read[0] if read is not None else float("inf")
-        if age >= KEYS_TTL_S or (read is not None and comp.defn not in read[1]
-                                 and age >= MISS_RETRY_S):
-            read = self._read[service] = (now, self._deployed(service))
-        assert read is not None
-        return read[1].get(comp.defn, comp.defn)
-
-    def _deployed(self, service: str) -> dict[ComponentDef, ComponentDef]:
-        out: dict[ComponentDef, ComponentDef] = {}
-        try:
-            history = self.registry.history(service)
-        except MCPError as exc:
-            log.warning("checks: no deployment history of %s: %s", service, exc)
-            return out
-        for d in history:   # oldest first: the newest match wins
-            for c in d.definition.components:
-                out[with_fields(c, **COMPONENT_DEFAULTS)] = c
-        return out
-
-    def forget(self, keep: set[str]) -> None:
-        for name in set(self._read) - keep:
-            del self._read[name]
-
-
 class Host(Protocol):
     registry: Registry
     monitor: Monitor
@@ -125,7 +78,6 @@ class Checks:
         self._ticking = threading.Lock()    # one tick at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.keys = CheckKeys(host.registry, time.monotonic)
 
     # -- the read API ----------------------------------------------------------------
 
@@ -222,7 +174,6 @@ class Checks:
                         w.runtime != comp.defn.runtime:
                     self._not_running(key)
                     continue
-                comp = with_fields(comp, defn=self.keys.of(rec.name, comp))
                 st = self._current(key, (w.id, w.started_at), effective(comp.defn))
                 if self.clock() < st.due or (unseen_only and st.time is not None):
                     continue
@@ -232,7 +183,6 @@ class Checks:
                     events.append(event)
                     restart = restart or (st.unhealthy and wants_restart(comp.defn.restart,
                                                                          None))
-        self.keys.forget({rec.name for rec in view.records})
         with self._lock:
             for key in set(self._states) - known:
                 del self._states[key]

@@ -491,11 +491,7 @@ class Agent:
 
         Raises ValidationError, NotFoundError, RegistryError.
         """
-        return self._with_rollout(self.views.status(self._get(name)))
-
-    def _with_rollout(self, st: dict[str, Any]) -> dict[str, Any]:
-        r = self.rollouts.of(st["service"])
-        return {**st, "rollout": r.to_dict() if r is not None else None}
+        return self.views.status(self._get(name))
 
     def progress_of(self, name: str) -> dict[str, Any]:
         """What an operation in flight on ``name`` is doing per component (see
@@ -504,7 +500,7 @@ class Agent:
 
     def local_status(self, name: str) -> dict[str, Any]:
         """This node's status of a service it runs (what its own operations answer)."""
-        return self._with_rollout(self.views.status(self._get(name)))
+        return self.views.status(self._get(name))
 
     # -- health -------------------------------------------------------------
 

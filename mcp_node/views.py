@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .errors import MCPError, NotFoundError
 from .monitor import View, is_drift
 from .records import ComponentRecord, Event, ServiceRecord, definition_digest
-from .rollout import Seen
+from .rollout import Rollouts, Seen
 from .runtime import Workload
 from .states import BACKOFF, MISSING, RUNNING, STARTING, UNHEALTHY, UNKNOWN, State
 
@@ -39,6 +39,7 @@ class Host(Protocol):
     monitor: Monitor
     reconciler: Reconciler
     checks: Checks
+    rollouts: Rollouts
 
     @property
     def node_routes(self) -> Any: ...
@@ -160,6 +161,7 @@ class Views:
             "events": [
                 event_dict(e) for e in self.a.registry.events(svc.name, limit=20)
             ],
+            "rollout": r.to_dict() if (r := self.a.rollouts.of(svc.name)) else None,
         }
 
     def _restart_fields(self, service: str, comp: ComponentRecord,

@@ -13,6 +13,7 @@ from fake_runtime import FakeWorld
 
 from mcp_node.agent import Agent
 from mcp_node.config import from_dict as config_from_dict
+from mcp_node.metrics import Metrics, render
 from mcp_node.reconcile import UNHEALTHY_STOP_S, Backoff, Policy, plan
 from mcp_node.records import ComponentRecord, ServiceRecord
 from mcp_node.runtime import Workload
@@ -151,6 +152,8 @@ def test_unhealthy_after_n_failures_is_restarted_and_counted(agent: Agent,
     assert world.stop_timeouts[-1] == UNHEALTHY_STOP_S
     assert "restarted: unhealthy (tcp: connection refused x3), restart 1" in details(agent)
     assert agent.restart_counts()[KEY] == 1 and agent.check_failures() == {KEY: 3}
+    text = render(Metrics(agent)).decode()
+    assert 'mcp_check_failures_total{component="web",service="shop"} 3.0' in text
     tick(agent, clock)                               # the new run starts over
     st = agent.checks.result(*KEY)
     assert st is not None and not st.passed and st.failures == 0 and not st.unhealthy
@@ -176,6 +179,7 @@ def test_restart_no_leaves_it_unhealthy_until_it_passes_again(agent: Agent,
     tick(agent, clock, at=2.5)
     assert world.ops("stop", "start", "run") == []
     assert "unhealthy (tcp: HTTP 503 x2): not restarted (restart = no)" in details(agent)
+    assert "mcp_components_unhealthy 1.0" in render(Metrics(agent)).decode()
     world.tcp["web"] = ""
     tick(agent, clock, at=3.0)
     assert state(agent) == "running"

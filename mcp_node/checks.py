@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -33,11 +34,12 @@ from .states import RUNNING
 if TYPE_CHECKING:
     from .monitor import Monitor, View
     from .registry import Registry
-    from .runtime import Runtime, Workload
+    from .runtime import Runtime
 
 log = logging.getLogger("mcp_node.checks")
 
 TICK_S = 0.25
+PARALLEL = 8   # probes at once
 
 Key = tuple[str, str]
 
@@ -78,6 +80,8 @@ class Checks:
         self._ticking = threading.Lock()    # one tick at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     # -- the read API ----------------------------------------------------------------
 
@@ -130,6 +134,10 @@ class Checks:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):
@@ -163,6 +171,7 @@ class Checks:
         events: list[Event] = []
         restart = False
         known: set[Key] = set()
+        due: list[tuple[Key, ComponentRecord, CheckState]] = []
         for rec in view.records:
             for comp in rec.components:
                 key = (rec.name, comp.defn.name)
@@ -177,12 +186,12 @@ class Checks:
                 st = self._current(key, (w.id, w.started_at), effective(comp.defn))
                 if self.clock() < st.due or (unseen_only and st.time is not None):
                     continue
-                res = self._probe(rec.name, comp, w)
-                event = self._note(key, comp, st, res)
-                if event is not None:
-                    events.append(event)
-                    restart = restart or (st.unhealthy and wants_restart(comp.defn.restart,
-                                                                         None))
+                due.append((key, comp, st))
+        for (key, comp, st), res in zip(due, self._probe_all(due), strict=True):
+            event = self._note(key, comp, st, res)
+            if event is not None:
+                events.append(event)
+                restart = restart or (st.unhealthy and wants_restart(comp.defn.restart, None))
         with self._lock:
             for key in set(self._states) - known:
                 del self._states[key]
@@ -203,7 +212,18 @@ class Checks:
             st.check, st.running = kind, True
             return st
 
-    def _probe(self, service: str, comp: ComponentRecord, w: Workload) -> Result:
+    def _probe_all(self, due: list[tuple[Key, ComponentRecord, CheckState]]) -> list[Result]:
+        """The due probes side by side: one hung component's timeout must not hold up
+        the others' checks (and so their restarts)."""
+        if len(due) <= 1:
+            return [self._probe(key[0], comp) for key, comp, _st in due]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="mcp-check")
+            pool = self._pool
+        return list(pool.map(lambda item: self._probe(item[0][0], item[1]), due))
+
+    def _probe(self, service: str, comp: ComponentRecord) -> Result:
         d = comp.defn
         try:
             rt = self.host.runtime(d.runtime)

@@ -10,7 +10,7 @@ capacity per runtime (``world.capacity_mb``), the way a real engine refuses.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,8 +43,9 @@ class FakeWorld:
         self.capacity_mb: dict[str, int] = {}            # runtime -> memory it may hold
         self.closed: list[str] = []
         self.stop_timeouts: list[float] = []
-        # component -> what its tcp check answers ("" accepted); absent: a real connect
-        self.tcp: dict[str, str] = {}
+        # component -> what its tcp check answers ("" accepted), or a function giving it;
+        # absent: a real connect
+        self.tcp: dict[str, str | Callable[[], str]] = {}
         self.tcp_probes: list[str] = []                  # components probed, in order
         self._ids = itertools.count(1)
         self.clock = 1000.0
@@ -169,7 +170,8 @@ class DummyRuntime(Runtime):
         if component not in self.world.tcp:
             return super().tcp_check(service, component, port, timeout)
         self.world.tcp_probes.append(component)
-        return self.world.tcp[component]
+        answer = self.world.tcp[component]
+        return answer() if callable(answer) else answer
 
     def status_extra(self, spec: WorkloadSpec, observed: Workload | None) -> dict[str, Any]:
         return {"fake_id": observed.extra["fake_id"] if observed else None,

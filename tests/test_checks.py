@@ -4,6 +4,7 @@ the reconciler then does. No podman, no threads, milliseconds each."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,23 @@ def test_with_the_thread_a_read_probes_only_a_run_never_probed(agent: Agent,
     world.tcp["web"] = ""
     agent.restart("shop")
     assert world.tcp_probes == ["web"] and state(agent) == "running"
+
+
+def test_due_probes_run_side_by_side(agent: Agent, world: FakeWorld, clock: Clock) -> None:
+    """Each probe waits for the other (bounded): one after the other, both would fail."""
+    both = threading.Barrier(2, timeout=10)
+
+    def meet() -> str:
+        both.wait()
+        return ""
+
+    world.tcp["web"] = world.tcp["api"] = "connection refused"
+    agent.deploy(from_dict({"name": "shop", "components": [
+        {"name": n, "image": "img:v1", "routes": [{"port": 8080}]} for n in ("web", "api")]}))
+    world.tcp["web"] = world.tcp["api"] = meet
+    tick(agent, clock)
+    assert {r["component"]: r["state"] for r in agent.ps()} == {"web": "running",
+                                                               "api": "running"}
 
 
 def test_check_is_null_before_the_first_probe(agent: Agent) -> None:

@@ -393,9 +393,10 @@ def _schemas() -> dict[str, Any]:
                     "description": "how a deploy replaces what runs",
                     "properties": {
                         "order": {"type": "string", "enum": list(servicedef.UPDATE_ORDERS),
-                                  "description": "absent or \"\": start-first for a "
-                                                 "component with proxied routes, else "
-                                                 "stop-first"},
+                                  "description": "stop-first (the default): the old "
+                                                 "workload stops before the new one "
+                                                 "starts; start-first is not built yet "
+                                                 "and refused"},
                         "min_healthy_s": {"type": "number", "minimum": 0, "maximum": 3600,
                                           "default": 5},
                         "healthy_deadline_s": {"type": "number", "minimum": 1,

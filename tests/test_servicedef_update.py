@@ -27,7 +27,7 @@ def test_defaults_and_a_full_table() -> None:
     full = loads_toml('''
 name = "s"
 [update]
-order = "start-first"
+order = "stop-first"
 min_healthy_s = 2
 healthy_deadline_s = 30.5
 auto_revert = false
@@ -43,7 +43,7 @@ pull = "always"
 [[components.routes]]
 port = 80
 ''')
-    assert full.update == UpdateDef("start-first", 2.0, 30.5, False, 0.0)
+    assert full.update == UpdateDef("stop-first", 2.0, 30.5, False, 0.0)
     c = full.components[0]
     assert (c.check_interval_s, c.check_timeout_s, c.check_failures, c.pull) == (
         0.5, 1.0, 2, "always")
@@ -84,8 +84,10 @@ def test_fence_is_the_default_failover_by_name() -> None:
     (svc({"check_failures": 1.5}), "components[0].check_failures", ""),
     (svc({"pull": "never"}), "components[0].pull", "'never' is not missing or always"),
     (svc(update=[]), "update", "must be a table"),
-    (svc(update={"order": "blue-green"}), "update.order",
-     "'blue-green' is not stop-first or start-first"),
+    (svc(update={"order": "blue-green"}), "update.order", "'blue-green' is not stop-first"),
+    (svc(update={"order": "start-first"}), "update.order",
+     "start-first is not built yet: a replace stops the old workload before it starts the "
+     "new one; leave order out or set stop-first"),
     (svc(update={"auto_revert": "yes"}), "update.auto_revert", "must be a boolean"),
     (svc(update={"min_healthy_s": 3601}), "update.min_healthy_s", "must be 0-3600"),
     (svc(update={"healthy_deadline_s": 0}), "update.healthy_deadline_s", "must be 1-86400"),

@@ -31,6 +31,7 @@ from .errors import (
 )
 from .files import flocked, node_id, unlink_quietly
 from .grammar import default_volume_roots
+from .images import Images
 from .monitor import Monitor, View
 from .operations import NOT_A_FLEET, STOP_TIMEOUT_S
 from .progress import Progress
@@ -113,6 +114,7 @@ class Agent:
         self.rounds = Rounds(self)
         # Health-gated rollouts (issue 19): judged after every monitor round.
         self.rollouts = Rollouts(self.registry, reverter(self), last_output(self))
+        self.images = Images(self)   # resolved at each deploy; old ones pruned after it
         # Called after every monitor round with its view: the daemon's watchdog ping,
         # a fleet member's publishing.
         self.round_subscribers: list[Callable[[View], None]] = []
@@ -251,6 +253,7 @@ class Agent:
             env=d.env + route_env(d, comp.host_ports), volumes=d.volumes,
             ports=tuple(comp.host_ports[r.name] for r in d.routes), restart=d.restart,
             memory_mb=d.memory_mb, vcpus=d.vcpus, binary=d.binary, image_sha256=d.image_sha256,
+            image_digest=d.image_digest,
         )
 
     def _unallocated_spec(self, service: str, comp: ComponentDef) -> WorkloadSpec:
@@ -263,16 +266,16 @@ class Agent:
 
     # -- lifecycle ----------------------------------------------------------
 
-    def deploy(self, defn: ServiceDef) -> dict[str, Any]:
+    def deploy(self, defn: ServiceDef, pull: bool = False) -> dict[str, Any]:
         """Deploy ``defn`` on this node, which refuses a ``node`` other than its own name."""
         if defn.node and defn.node != self.node:
             raise ValidationError(f"{defn.node!r} is not this node ({self.node}); placement "
                                   "on other nodes needs fleet mode ([cluster] in the agent's "
                                   "config)", "node")
-        return self.deploy_local(defn.local_part())
+        return self.deploy_local(defn.local_part(), pull=pull)
 
     def deploy_local(self, defn: ServiceDef, *, note: str = "",
-                     gated: bool = True) -> dict[str, Any]:
+                     gated: bool = True, pull: bool = False) -> dict[str, Any]:
         """Make the node run ``defn`` (validated); returns its status. A deploy that
         changes components begins a rollout (``gated``; not for a revert, whose
         ``note`` history keeps).
@@ -287,12 +290,12 @@ class Agent:
         check_route_zone(defn, self.config.edge.internal_zone)
         if self.config.proxy.serve_routes:
             self.node_routes.check(defn)
-        with self._service_lock(defn.name), self.progress.operation(defn.name, "deploy"):
+        with self._service_lock(defn.name), self.progress.operation(defn.name, "deploy"), \
+                self.images.deploying(defn.name):
             previous = (self.registry.get_service(defn.name)
                         if self.registry.has_service(defn.name) else None)
             rts = {c.name: self.available_runtime(c.runtime) for c in defn.components}
-            in_parallel([partial(self._pull, defn.name, c, rts[c.name])
-                         for c in defn.components])
+            defn = self.images.resolve(defn, rts, pull)   # pinned to what each image is now
             self._check_capacity(defn, previous)
             before = self.registry.history(defn.name)[-1].version if previous else None
             changed = changed_components(
@@ -319,9 +322,9 @@ class Agent:
             self._routes_after(defn.name)
             return {**self.local_status(defn.name), "unchanged": unchanged}
 
-    def _pull(self, service: str, comp: ComponentDef, rt: Runtime) -> None:
-        self.progress.step(service, comp.name, f"pulling {comp.image}")
-        rt.pull(self._unallocated_spec(service, comp))
+    def plan(self, defn: ServiceDef, pull: bool = False) -> dict[str, Any]:
+        """What ``deploy`` would change, images resolved (images.Images.plan)."""
+        return self.images.plan(defn.local_part(), pull)
 
     def _check_capacity(self, defn: ServiceDef, previous: ServiceRecord | None) -> None:
         if not defn.active:
@@ -586,6 +589,7 @@ class Agent:
         raise NotFoundError(NOT_A_FLEET)
 
     def close(self) -> None:
+        self.images.wait(60)
         self.checks.stop()
         self.monitor.stop()
         for rt in self._runtimes.values():

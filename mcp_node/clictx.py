@@ -179,7 +179,7 @@ class RemoteBackend:
             return client.get(path, params=query or None)
         if op.verb == "DELETE":
             return client.delete(path)
-        return client.post(path, body if whole is None else whole)
+        return client.post(path, body if whole is None else whole, params=query or None)
 
     def logs(self, service: str, component: str | None, tail: int | None,
              follow: bool) -> Iterator[bytes]:

@@ -55,10 +55,12 @@ def deployed_text(st: dict[str, Any]) -> str:
                    "min_healthy_s (exit 1 when it failed or was reverted).")
 @click.option("--timeout", type=click.FloatRange(0.1, 86400), default=120.0, show_default=True,
               help="With --wait: seconds to wait before failing.")
+@click.option("--pull", "pull", is_flag=True,
+              help='Pull every image now, as pull = "always" would: a moved tag is rolled out.')
 @json_option
 @pass_ctx
 def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, wait: bool,
-           timeout: float) -> None:
+           timeout: float, pull: bool) -> None:
     """Deploy SERVICE (a name in the services dir) or a definition FILE.
 
     With --wait it returns when the rollout succeeded (every changed component
@@ -70,8 +72,8 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
     ctx.local = local or ctx.local
     defn = load_definition(ctx, service)
     backend = service_backend(ctx.backends(), defn["name"])
-    st = with_progress(ctx, "deploying", defn["name"], lambda: backend.call("deploy", defn),
-                       backend)
+    st = with_progress(ctx, "deploying", defn["name"],
+                       lambda: backend.call("deploy", defn, True if pull else None), backend)
     if wait:
         began = st.get("rollout") if not st.get("unchanged") else None
         st = wait_ready(backend, st["service"], timeout,
@@ -97,10 +99,15 @@ def validate(ctx: Ctx, definition: str) -> None:
 
 @click.command(name="plan")
 @click.argument("definition")
+@click.option("--pull", "pull", is_flag=True,
+              help='Pull every image to resolve it, as pull = "always" would.')
 @json_option
 @pass_ctx
-def plan_cmd(ctx: Ctx, definition: str) -> None:
+def plan_cmd(ctx: Ctx, definition: str, pull: bool) -> None:
     """Show what deploying SERVICE|FILE would create, replace, start, stop or remove.
+
+    The node resolves each image as a deploy would, so a tag that now names
+    another image shows as an image_digest change (a replace).
 
     Exit status: 0 when nothing would change, 3 when something would
     (1 and 2 keep their meaning: an error, a usage error).
@@ -109,22 +116,13 @@ def plan_cmd(ctx: Ctx, definition: str) -> None:
     Example:
       mcp plan examples/hello.toml && echo "nothing to do"
     """
-    from .errors import NotFoundError
-    from .plan import plan, plan_text
-    from .servicedef import from_dict
+    from .plan import plan_text
 
-    new = from_dict(load_definition(ctx, definition))
-    try:
-        st = service_backend(ctx.backends(), new.name).call(
-            "status", new.name)
-    except NotFoundError:
-        st = None
-    deployed = from_dict(st["definition"]) if st else None
-    states = {c["component"]: c["state"] for c in st["components"]} if st else {}
-    p = plan(deployed, new, states)
-    emit(ctx, {"service": p.service, "changed": p.changed,
-               "changes": [c.to_dict() for c in p.changes]}, lambda _: plan_text(p))
-    if p.changed:
+    defn = load_definition(ctx, definition)
+    p = service_backend(ctx.backends(), defn["name"]).call(
+        "plan", defn, True if pull else None)
+    emit(ctx, p, plan_text)
+    if p["changed"]:
         sys.exit(3)
 
 
@@ -140,7 +138,9 @@ def history(ctx: Ctx, service: str) -> None:
          lambda rows: table(
         ["VERSION", "DEPLOYED", "DIGEST", "IMAGES"],
         [[f"{r['version']}{'*' if r['current'] else ''}", r["time"], r["digest"],
-          ",".join(r["images"])] for r in rows]))
+          ",".join(f"{i}@{d.removeprefix('sha256:')[:12]}" if d else i
+                   for i, d in zip(r["images"], r["image_digests"], strict=True))]
+         for r in rows]))
 
 
 @click.command()

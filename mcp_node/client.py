@@ -280,8 +280,9 @@ class Client:
     def get(self, path: str, *, params: dict[str, Any] | None = None) -> Any:
         return self.request("GET", path, params=params)
 
-    def post(self, path: str, body: Any = None) -> Any:
-        return self.request("POST", path, {} if body is None else body)
+    def post(self, path: str, body: Any = None, *,
+             params: dict[str, Any] | None = None) -> Any:
+        return self.request("POST", path, {} if body is None else body, params=params)
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)

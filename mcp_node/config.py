@@ -125,6 +125,14 @@ class HistoryConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    """Images kept on the node for rollback (issue 19): those of each service's last
+    ``keep_versions`` versions; older ones the agent recorded are removed."""
+
+    keep_versions: int = 3
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """Fleet mode on etcd (issue 12); ``etcd`` empty: a single node, no etcd."""
 
@@ -161,6 +169,7 @@ class AgentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -198,6 +207,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "cluster.timeout_s": (0.2, 60),
     "history.keep_undeployed_days": (0, 36500),
     "history.max_undeployed_services": (0, 1_000_000),
+    "images.keep_versions": (1, 20),   # history keeps 20 versions
 }
 
 

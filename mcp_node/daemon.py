@@ -32,7 +32,7 @@ log = logging.getLogger("mcp_node.daemon")
 LOCK_NAME = "agent.pid"
 
 # Keys the running agent reads at use time: a reload applies them without a restart.
-LIVE_SECTIONS = ("monitor", "history")
+LIVE_SECTIONS = ("monitor", "history", "images")
 # Read on every request or admission, so a reload takes effect at once (max_connections
 # also sized the fd limit at start: a restart; reserved_for_operators is checked against it).
 LIVE_KEYS = ("server.max_body", "server.max_tail", "server.max_log_bytes",

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import fleetviews
 from .agent import Agent
-from .errors import FleetUnavailable
+from .errors import FleetUnavailable, NotFoundError, ValidationError
 from .fleetnode import Fleet
 from .operations import STOP_TIMEOUT_S
-from .servicedef import check_name
+from .plan import carried, plan, plan_dict
+from .servicedef import check_name, from_dict
 from .states import RUNNING, STOPPED
 
 if TYPE_CHECKING:
@@ -49,9 +50,25 @@ class FleetOperations:
 
     # -- service lifecycle: placed through etcd ------------------------------------------
 
-    def deploy(self, defn: ServiceDef) -> dict[str, Any]:
+    def deploy(self, defn: ServiceDef, pull: bool = False) -> dict[str, Any]:
+        if pull:   # the placed node resolves as each component's ``pull`` says
+            raise ValidationError("--pull is not supported in fleet mode yet; set pull = "
+                                  "\"always\" on the components instead", "pull")
         self._writable()
         return self.fleet.deploy(defn)
+
+    def plan(self, defn: ServiceDef, pull: bool = False) -> dict[str, Any]:
+        """Against the fleet's record, images not resolved (the placed node does that):
+        a moved tag shows only once deployed."""
+        if pull:
+            raise ValidationError("--pull is not supported in fleet mode yet", "pull")
+        try:
+            st: dict[str, Any] | None = self.status(defn.name)
+        except NotFoundError:
+            st = None
+        deployed = from_dict(st["definition"]) if st else None
+        states = {c["component"]: c["state"] for c in st["components"]} if st else {}
+        return plan_dict(plan(deployed, carried(deployed, defn), states))
 
     def stop(self, name: str, component: str | None = None,
              timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:

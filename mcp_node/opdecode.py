@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import ValidationError
-from .httpapi import Params, edge_setup_args, parse_count, parse_json
+from .httpapi import Params, edge_setup_args, parse_bool, parse_count, parse_json
 from .optable import Op
 from .servicedef import check_hostname, check_int, check_name, from_dict
 
@@ -43,6 +43,7 @@ KINDS: dict[str, Callable[[Any, str], Any]] = {
     "version": _version,
     "events": lambda raw, field: parse_count(str(raw), field, MAX_EVENTS, " events"),
     "definition": lambda data, field: from_dict(data),
+    "flag": lambda raw, field: raw if isinstance(raw, bool) else parse_bool(str(raw), field),
     "edge_route": _edge_route,
 }
 SPREAD = ("edge_route",)   # kinds that stand for several parameters

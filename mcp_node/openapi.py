@@ -110,6 +110,11 @@ EVENT_PARAMS = [
                     "first (resuming a follow that broke off; ASCII digits)",
      "schema": {"type": "string", "pattern": "^[0-9]{0,19}$"}},
 ]
+PULL_PARAM = {
+    "name": "pull", "in": "query", "required": False,
+    "description": "Pull every component's image, as pull = \"always\" would "
+                   "(true/false/yes/no/1/0, any case; empty: false)",
+    "schema": {"type": "string", "pattern": BOOL_PATTERN}}
 ALLOW_HEADER = {"Allow": {"description": "The methods this path allows",
                           "schema": {"type": "string"}}}
 AUTH_HEADER = {"WWW-Authenticate": {"description": "Bearer challenge",
@@ -184,8 +189,13 @@ def _paths() -> dict[str, dict[str, Any]]:
                        _json({"type": "array", "items": _ref("PsRow")}, "Components")),
             "post": _op("Deploy", "Deploy or redeploy a service definition", "operator",
                         {**status, "links": SERVICE_LINKS}, body="ServiceDefinition",
-                        errors=("404", "409", "502")),
+                        params=[PULL_PARAM], errors=("404", "409", "502")),
         },
+        "/v1/plan": {"post": _op(
+            "Plan", "What deploying a definition would change, its images resolved as a "
+            "deploy would (a moved tag is an image_digest change); nothing is changed",
+            "operator", _json(_ref("Plan"), "The changes"), body="ServiceDefinition",
+            params=[PULL_PARAM], errors=("404", "409", "502"))},
         "/v1/services/{name}": {
             "get": _op("ServiceStatus", "Status of one service, with drift and events",
                        "reader", status, params=[NAME_PARAM], errors=("404",)),
@@ -346,6 +356,10 @@ def _schemas() -> dict[str, Any]:
                                "description": "failures in a row before it is unhealthy"},
             "pull": {"type": "string", "enum": list(servicedef.PULL_POLICIES),
                      "default": "missing"},
+            "image_digest": {"type": "string", "pattern": "^(?:|sha256:[0-9a-f]{64})$",
+                             "description": "the image ID the agent resolved image to (status "
+                                            "and history carry it); set, the deploy runs "
+                                            "exactly that image, which must be on the node"},
         },
         "allOf": [
             *({"if": {"required": ["runtime"], "properties": {"runtime": {"const": name}}},
@@ -511,11 +525,29 @@ def _schemas() -> dict[str, Any]:
         },
         "Deployment": {
             "type": "object",
-            "required": ["service", "version", "time", "digest", "current", "images"],
+            "required": ["service", "version", "time", "digest", "current", "images",
+                         "image_digests"],
             "properties": {"service": _STR, "version": {"type": "integer"},
                            "time": {"type": "string", "format": "date-time"}, "digest": _STR,
                            "current": {"type": "boolean"},
-                           "images": {"type": "array", "items": _STR}},
+                           "images": {"type": "array", "items": _STR},
+                           "image_digests": {"type": "array", "items": _STR,
+                                             "description": "the image ID each image "
+                                                            "resolved to (\"\": unknown)"}},
+        },
+        "Plan": {
+            "type": "object", "required": ["service", "changed", "changes"],
+            "properties": {"service": _STR, "changed": {"type": "boolean"},
+                           "changes": {"type": "array", "items": {
+                               "type": "object",
+                               "required": ["action", "component", "reason", "fields"],
+                               "properties": {
+                                   "action": {"enum": ["create", "replace", "remove", "start",
+                                                       "stop"]},
+                                   "component": _STR, "reason": _STR,
+                                   "fields": {"type": "array", "items": {
+                                       "type": "object", "required": ["field", "from", "to"],
+                                       "properties": {"field": _STR, "from": {}, "to": {}}}}}}}},
         },
         "Event": {
             "type": "object",

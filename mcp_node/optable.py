@@ -48,13 +48,15 @@ class Op:
 NAME = Arg("name", "path", "name")
 COMPONENT = Arg("component", "body", "name")
 TIMEOUT = Arg("timeout", "body", "seconds")
+PULL = Arg("pull", "query", "flag")   # pull every image, as pull = "always" would
 
 OPS: tuple[Op, ...] = (
     Op("HealthCheck", "GET", "/v1/health", "reader", "health", handler="h_health"),
     Op("OpenAPI", "GET", "/v1/openapi.json", None, handler="h_openapi"),
     Op("ListComponents", "GET", "/v1/services", "reader", "ps"),
     Op("Deploy", "POST", "/v1/services", "operator", "deploy",
-       (Arg("defn", "json", "definition"),)),
+       (Arg("defn", "json", "definition"), PULL)),
+    Op("Plan", "POST", "/v1/plan", "operator", "plan", (Arg("defn", "json", "definition"), PULL)),
     Op("ServiceStatus", "GET", "/v1/services/{name}", "reader", "status", (NAME,)),
     Op("Undeploy", "DELETE", "/v1/services/{name}", "operator", "undeploy", (NAME,),
        answer="undeployed"),

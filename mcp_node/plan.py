@@ -8,7 +8,7 @@ container before it does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .servicedef import ComponentDef, ServiceDef
@@ -45,9 +45,26 @@ def plain(value: Any) -> Any:
     return value
 
 
+# How an image is resolved is no part of what runs: the digest it resolved to is.
+NOT_RUN = ("pull",)
+
+
 def differences(old: ComponentDef, new: ComponentDef) -> tuple[tuple[str, Any, Any], ...]:
     return tuple((f.name, getattr(old, f.name), getattr(new, f.name)) for f in fields(old)
-                 if getattr(old, f.name) != getattr(new, f.name))
+                 if f.name not in NOT_RUN and getattr(old, f.name) != getattr(new, f.name))
+
+
+def carried(deployed: ServiceDef | None, new: ServiceDef) -> ServiceDef:
+    """``new`` with the deployed digest of each component whose reference is unchanged:
+    a plan that cannot resolve images (a fleet's) shows no digest change, never a
+    spurious one."""
+    if deployed is None:
+        return new
+    had = {c.name: c for c in deployed.components}
+    return replace(new, components=tuple(
+        replace(c, image_digest=had[c.name].image_digest)
+        if not c.image_digest and c.name in had and had[c.name].image == c.image else c
+        for c in new.components))
 
 
 def plan(deployed: ServiceDef | None, new: ServiceDef,
@@ -78,12 +95,19 @@ def plan(deployed: ServiceDef | None, new: ServiceDef,
     return out
 
 
-def plan_text(p: Plan) -> str:
-    if not p.changes:
-        return f"{p.service}: no changes"
-    lines = [f"{p.service}: {len(p.changes)} change(s)"]
-    for ch in p.changes:
-        lines.append(f"  {ch.action} {ch.component}" + (f" ({ch.reason})" if ch.reason else ""))
-        for name, a, b in ch.fields:
-            lines.append(f"      {name}: {plain(a)!r} -> {plain(b)!r}")
+def plan_dict(p: Plan) -> dict[str, Any]:
+    """The plan as the API answers it (and ``mcp --json plan`` prints it)."""
+    return {"service": p.service, "changed": p.changed,
+            "changes": [c.to_dict() for c in p.changes]}
+
+
+def plan_text(p: dict[str, Any]) -> str:
+    """``plan_dict``'s form as ``mcp plan`` prints it."""
+    if not p["changes"]:
+        return f"{p['service']}: no changes"
+    lines = [f"{p['service']}: {len(p['changes'])} change(s)"]
+    for ch in p["changes"]:
+        lines.append(f"  {ch['action']} {ch['component']}"
+                     + (f" ({ch['reason']})" if ch["reason"] else ""))
+        lines.extend(f"      {f['field']}: {f['from']!r} -> {f['to']!r}" for f in ch["fields"])
     return "\n".join(lines)

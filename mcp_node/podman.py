@@ -42,11 +42,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from podman import PodmanClient
 from podman.errors import PodmanError
 
+from . import podman_images
 from .config import AgentConfig
 from .errors import (
     ConflictError,
@@ -340,18 +340,28 @@ class PodmanRuntime(Runtime):
             self.leftovers.settle(found, {str(e.get("Id")) for e in resp.json() or []})
 
     def pull(self, spec: WorkloadSpec) -> None:
-        ref = spec.image
-        resp = self._request("GET", f"/images/{quote(ref, safe='')}/exists", f"exists {ref}")
-        if resp.status_code == 204:
-            log.debug("podman: image %s present", ref)
+        if podman_images.present(self._request, spec.image):
+            log.debug("podman: image %s present", spec.image)
             return
+        self._pull_ref(spec.image, spec.component)
+
+    def resolve(self, spec: WorkloadSpec, always: bool = False) -> str:
+        """The image ID to run (podman_images.resolve)."""
+        return podman_images.resolve(self._request,
+                                     lambda ref: self._pull_ref(ref, spec.component),
+                                     spec.image, spec.image_digest, always)
+
+    def remove_image(self, digest: str, names: frozenset[str]) -> str:
+        return podman_images.remove(self._request, digest, names)
+
+    def _pull_ref(self, ref: str, component: str) -> None:
         log.info("podman: pull %s", ref)
         resp = self._request("POST", "/images/pull", f"pull {ref}",
                              params={"reference": ref, "quiet": "true"}, stream=True)
         try:
             if resp.status_code >= 400:
                 message = response_message(resp)
-                raise (client_mistake(message, spec.component)
+                raise (client_mistake(message, component)
                        or ImageError(f"cannot pull image {ref}: {message}"))
             errors: list[str] = []
             for line in resp.iter_lines():
@@ -366,7 +376,7 @@ class PodmanRuntime(Runtime):
         finally:
             resp.close()
         if errors:
-            raise (client_mistake(errors[-1], spec.component)
+            raise (client_mistake(errors[-1], component)
                    or ImageError(f"cannot pull image {ref}: {errors[-1]}"))
 
     def run(self, spec: WorkloadSpec) -> Workload:
@@ -418,7 +428,8 @@ class PodmanRuntime(Runtime):
             return
         message = response_message(resp)
         if resp.status_code == 404 or "image not known" in message:
-            raise ImageError(f"image {spec.image} is not present: {message}")
+            raise ImageError(f"image {spec.image} {spec.image_digest} is not present: "
+                             f"{message}")
         mistake = client_mistake(message, spec.component)
         if mistake is not None:
             raise mistake

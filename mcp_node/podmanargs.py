@@ -79,7 +79,7 @@ def create_kwargs(spec: WorkloadSpec, owner: str,
     the path that was checked, not one a symlink could redirect.
     """
     kwargs: dict[str, Any] = {
-        "image": spec.image,
+        "image": spec.run_image,
         "name": spec.name,
         "labels": owner_labels(spec, owner),
         "environment": env_dict(spec.env),

@@ -46,13 +46,14 @@ from .files import host_memory_mb
 from .grammar import Volume, parse_volumes, resolve_volumes, volume_roots
 from .initramfs import find_busybox, find_kernel
 from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
+from .podman_images import gone_message, image_digest
 from .qemuargs import VMParams, mac_for
 from .runtime import Runtime, Workload, WorkloadSpec
 from .runtimenames import UNIKERNEL
 from .servicedef import SHA256_RE, check_name
 from .states import State
 from .vmimage import BootPlan, Builder, BuildRequest, sha256_file
-from .vmpull import ElfCache, Podman, PulledELF
+from .vmpull import ElfCache, Podman, PulledELF, pull_image, remove_image
 from .vmstate import (
     GuestRuns,
     VMDir,
@@ -228,12 +229,30 @@ class QemuRuntime(Runtime):
         self._check_spec(spec)
         self._elf(spec)
 
+    def resolve(self, spec: WorkloadSpec, always: bool = False) -> str:
+        """The ID of the OCI image the ELF comes from (see Runtime.resolve); the ELF is
+        extracted from that image, by ID, at every run."""
+        self._check_spec(spec)
+        if not shutil.which(self.podman.binary):
+            raise RuntimeUnavailable("unikernel runtime needs podman to extract the ELF")
+        if spec.image_digest:
+            if self.podman.run("image", "exists", spec.image_digest,
+                               check=False).returncode != 0:
+                raise ImageError(gone_message(spec.image, spec.image_digest))
+        elif always:
+            pull_image(self.podman, spec.image)
+        pulled, _elf = self._elf(spec)
+        return image_digest(pulled.image_id) if pulled.image_id else ""
+
+    def remove_image(self, digest: str, names: frozenset[str]) -> str:
+        return remove_image(self.podman, digest, names)
+
     def _elf(self, spec: WorkloadSpec) -> tuple[PulledELF, Path]:
         """The ELF step of ``run``: the cached extraction while the image store is
         unchanged (no podman call), else pulled and extracted again."""
         if not shutil.which(self.podman.binary):
             raise RuntimeUnavailable("unikernel runtime needs podman to extract the ELF")
-        return self.elfs.fetch(spec.image, spec.binary, spec.component, spec.cmd)
+        return self.elfs.fetch(spec.run_image, spec.binary, spec.component, spec.cmd)
 
     # -- run -----------------------------------------------------------------------------------
 

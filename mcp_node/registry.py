@@ -228,8 +228,13 @@ class Registry(HistoryTables):
                 f"registry {self.path} has schema version {current}, newer than this "
                 f"mcp_node understands ({latest}); upgrade mcp_node"
             )
+        # Every migration not applied yet, not only those above the newest applied: one
+        # numbered below a migration that was released first is still applied.
+        with self._lock, self._guard("read"):
+            applied = {int(r[0]) for r in self._db.execute(
+                "SELECT version FROM schema_migrations").fetchall()}
         for version, name, sql in migrations():
-            if version <= current or (target is not None and version > target):
+            if version in applied or (target is not None and version > target):
                 continue
             try:
                 with self._tx() as db:
@@ -286,12 +291,13 @@ class Registry(HistoryTables):
                 db.execute(
                     "INSERT INTO components (service, name, image, cmd, env, volumes, restart, "
                     "desired_state, observed_state, version, updated_at, runtime, memory_mb, "
-                    "vcpus, binary, image_sha256, health_check) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "vcpus, binary, image_sha256, health_check, image_digest) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (svc.name, c.name, c.image, json.dumps(c.cmd), json.dumps(c.env),
                      json.dumps(c.volumes), c.restart, state,
                      old_observed.get(c.name, UNKNOWN), c.version, ts, c.runtime,
-                     c.memory_mb, c.vcpus, c.binary, c.image_sha256, c.check),
+                     c.memory_mb, c.vcpus, c.binary, c.image_sha256, c.check,
+                     c.image_digest),
                 )
                 db.execute("UPDATE components SET settings=? WHERE service=? AND name=?",
                            (component_settings(c), svc.name, c.name))
@@ -370,6 +376,7 @@ class Registry(HistoryTables):
                 volumes=tuple(json.loads(c["volumes"])), restart=c["restart"],
                 memory_mb=c["memory_mb"], vcpus=c["vcpus"], binary=c["binary"],
                 image_sha256=c["image_sha256"], check=c["health_check"],
+                image_digest=c["image_digest"],
                 routes=tuple(
                     RouteDef(name=r["name"], port=r["port"], mode=r["mode"],
                              hostname=r["hostname"]) for r in rs

@@ -132,6 +132,11 @@ class HistoryTables:
                 db.execute("DELETE FROM undeployed WHERE service=?", (name,))
         return gone
 
+    def history_services(self) -> list[str]:
+        """Every service with a recorded version (deployed or not): image pruning."""
+        return [r[0] for r in self._query("SELECT DISTINCT service FROM deployments "
+                                          "ORDER BY service")]
+
     def history(self, service: str) -> list[Deployment]:
         rows = self._query("SELECT * FROM deployments WHERE service=? ORDER BY version",
                            (service,))

@@ -66,6 +66,13 @@ class WorkloadSpec:
     binary: str = ""
     image_sha256: str = ""
     stop_timeout_s: float = 10.0
+    image_digest: str = ""             # "sha256:<image id>" it resolved to ("" : by name)
+
+    @property
+    def run_image(self) -> str:
+        """What the runtime runs: the resolved image itself, so a later retag of
+        ``image`` cannot change what a restart runs."""
+        return self.image_digest or self.image
 
     @property
     def name(self) -> str:
@@ -79,6 +86,8 @@ class WorkloadSpec:
         made_of = [self.service, self.component, self.image, self.cmd, self.env,
                    self.volumes, self.ports, self.memory_mb, self.vcpus, self.binary,
                    self.image_sha256]
+        if self.image_digest:   # only when set: a workload from before keeps its digest
+            made_of.append(self.image_digest)
         return hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:16]
 
 
@@ -126,6 +135,20 @@ class Runtime(ABC):
     @abstractmethod
     def pull(self, spec: WorkloadSpec) -> None:
         """Make the image available locally; raise ImageError if it cannot be."""
+
+    def resolve(self, spec: WorkloadSpec, always: bool = False) -> str:
+        """The image ID ("sha256:<hex>") ``spec.image`` means on this node, pulled when
+        it is missing (``always``: pulled anyway, so a moved tag is seen); "" when the
+        runtime cannot tell (then it runs by name). With ``spec.image_digest`` set, that
+        image must be here: ImageError naming the image and digest otherwise."""
+        self.pull(spec)
+        return ""
+
+    def remove_image(self, digest: str, names: frozenset[str]) -> str:
+        """Remove the image ``digest`` if no container uses it and every name it has is
+        in ``names`` (references the agent recorded for it). Returns "" when removed,
+        else why not (a few words). Must not raise."""
+        return "not supported by this runtime"
 
     @abstractmethod
     def run(self, spec: WorkloadSpec) -> Workload:

@@ -20,6 +20,7 @@ from .runtimenames import DEFAULT_RUNTIME, OWN_KEYS, RUNTIME_NAMES, TRAITS
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ROUTE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+IMAGE_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 HOSTNAME_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 RESTART_POLICIES = ("", "no", "always", "on-failure", "unless-stopped")
 ROUTE_MODES = ("l4", "l7")
@@ -64,6 +65,9 @@ class ComponentDef:
     check_timeout_s: float = 2.0
     check_failures: int = 3          # failures in a row before it is unhealthy
     pull: str = "missing"            # "always": the tag is resolved again at every deploy
+    # What ``image`` resolved to when deployed ("sha256:<image id>"; the agent sets it, so a
+    # version in history or a revert runs exactly that image, whatever the tag means now).
+    image_digest: str = ""
 
     @property
     def version(self) -> str:
@@ -89,7 +93,7 @@ class UpdateDef:
 # its digest (and its workloads are not replaced by an upgrade).
 COMPONENT_DEFAULTS = {k: getattr(ComponentDef("x", "x"), k)
                       for k in ("check_interval_s", "check_timeout_s", "check_failures",
-                                "pull")}
+                                "pull", "image_digest")}
 
 
 @dataclass(frozen=True)
@@ -223,7 +227,7 @@ def _route(data: object, where: str, single: bool) -> RouteDef:
 COMPONENT_KEYS = {
     "name", "image", "cmd", "env", "volumes", "restart", "runtime", "memory_mb",
     "vcpus", "binary", "image_sha256", "routes", "check", "check_interval_s",
-    "check_timeout_s", "check_failures", "pull",
+    "check_timeout_s", "check_failures", "pull", "image_digest",
 }
 UPDATE_KEYS = {"order", "min_healthy_s", "healthy_deadline_s", "auto_revert", "drain_s"}
 
@@ -253,10 +257,14 @@ def _checks(data: dict[str, Any], where: str) -> dict[str, Any]:
     pull = data.get("pull", d["pull"])
     if pull not in PULL_POLICIES:
         raise ValidationError(f"{str(pull)[:40]!r} is not missing or always", where + "pull")
+    digest = data.get("image_digest", "")
+    if digest != "" and not (isinstance(digest, str) and IMAGE_DIGEST_RE.fullmatch(digest)):
+        raise ValidationError(f"{str(digest)[:80]!r} is not sha256:<64 lowercase hex>",
+                              where + "image_digest")
     return {"check_interval_s": interval,
             "check_timeout_s": check_seconds(data.get("check_timeout_s", d["check_timeout_s"]),
                                              where + "check_timeout_s", 0.1, 60),
-            "check_failures": failures, "pull": pull}
+            "check_failures": failures, "pull": pull, "image_digest": digest}
 
 
 def _update(data: object) -> UpdateDef:

@@ -230,4 +230,5 @@ class Views:
         return [{"service": name, "version": d.version, "time": rfc3339(d.time),
                  "digest": d.digest, "current": d.version == current,
                  "images": [c.image for c in d.definition.components],
+                 "image_digests": [c.image_digest for c in d.definition.components],
                  **({"note": d.note} if d.note else {})} for d in rows]

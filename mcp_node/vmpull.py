@@ -105,6 +105,33 @@ class Podman:
         return proc
 
 
+def pull_image(podman: Podman, image: str) -> None:
+    """``podman pull`` (``pull = "always"``): ImageError naming the image when it fails."""
+    proc = podman.run("pull", image, timeout=600, check=False)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()[-600:]
+        raise ImageError(f"cannot pull image {image}: {err}")
+
+
+def remove_image(podman: Podman, digest: str, names: frozenset[str]) -> str:
+    """As ``Runtime.remove_image``, with the podman CLI (never forced: podman refuses
+    an image a container uses)."""
+    try:
+        proc = podman.run("image", "inspect", "--format", "json", digest, check=False)
+        if proc.returncode != 0:
+            return "not present"
+        tags = set(json.loads(proc.stdout)[0].get("RepoTags") or [])
+        foreign = sorted(tags - names)
+        if foreign:
+            return f"it also has the name {foreign[0]}"
+        proc = podman.run("rmi", digest, check=False)
+    except (ImageError, ValueError, IndexError, AttributeError) as exc:
+        return str(exc)
+    if proc.returncode != 0:
+        return proc.stderr.decode(errors="replace").strip()[-200:] or "podman rmi failed"
+    return ""
+
+
 def choose_binary(spec_binary: str, component: str, entrypoint: list[str], cmd: list[str],
                   spec_cmd: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
     """The ELF path and its arguments: ``binary``, else Entrypoint[0], else

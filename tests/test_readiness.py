@@ -17,7 +17,7 @@ from mcp_node.clictx import LocalBackend
 from mcp_node.cliwait import wait_ready
 from mcp_node.config import AgentConfig, MonitorConfig
 from mcp_node.errors import MCPError, ValidationError
-from mcp_node.readiness import effective, probe
+from mcp_node.readiness import Result, check, effective, probe
 from mcp_node.servicedef import ComponentDef, RouteDef, from_dict
 
 
@@ -74,6 +74,27 @@ def test_tcp_probe_needs_every_route_listening(listener: int, closed_port: int) 
 def test_http_probe_needs_a_2xx(http_server: int) -> None:
     assert probe(comp("http:/ok"), {"r0": http_server})
     assert not probe(comp("http:/failing"), {"r0": http_server})
+
+
+def test_results_say_why_in_a_few_words(listener: int, closed_port: int,
+                                        http_server: int) -> None:
+    assert check(comp(), {"r0": listener}) == Result(True, "accepted")
+    assert check(comp(), {"r0": closed_port}) == Result(False, "connection refused")
+    assert check(comp(routes=2), {"r0": listener, "r1": closed_port}) == Result(
+        False, f"port {closed_port}: connection refused")
+    assert check(comp("http:/ok"), {"r0": http_server}) == Result(True, "HTTP 200")
+    assert check(comp("http:/x"), {"r0": http_server}) == Result(False, "HTTP 503")
+    assert check(comp(), {}) == Result(False, "no host port")
+    assert check(comp("none"), {}) == Result(True, "no check")
+    # the runtime's tcp probe decides (a VM's: did the guest accept)
+    assert check(comp(), {"r0": listener}, tcp=lambda p, t: "guest did not accept") == Result(
+        False, "guest did not accept")
+
+
+def test_a_silent_server_times_out_after_the_timeout(listener: int) -> None:
+    """A listener that never answers (a SIGSTOPped process: the kernel still accepts)."""
+    assert check(comp("http:/"), {"r0": listener}, timeout=0.2) == Result(
+        False, "timed out after 0.2 s")
 
 
 @pytest.mark.parametrize(("check", "routes", "match"), [

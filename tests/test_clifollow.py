@@ -76,9 +76,17 @@ def test_a_new_run_is_followed(quick: list[str]) -> None:
 
 
 def test_a_stream_ended_while_the_same_run_goes_on_is_opened_again(quick: list[str]) -> None:
-    # 40 polls of the same run take over SAME_RUN_S (each sleeps POLL_S at least)
-    c = DummyClient([[b"a\n"], [b"b\n"]],
-                    [("running", "running", 0)] * 40 + [("exited", "stopped", 0)])
+    """The same run keeps running after its stream ended: after SAME_RUN_S it is opened
+    again (the run stops for good only once the second stream is open)."""
+    c = DummyClient([[b"a\n"], [b"b\n"]], [])
+    real = c.get
+
+    def get(path: str) -> dict[str, Any]:
+        c.statuses = [("running", "running", 0)] if c.opened < 2 else [
+            ("exited", "stopped", 0)]
+        return real(path)
+
+    c.get = get  # type: ignore[method-assign]
     assert follow(c) == b"a\nb\n" and c.opened == 2
     assert quick[0] == ("the stream ended while the same run goes on; "
                         "following from the next line")

@@ -53,6 +53,7 @@ from .fleetlease import LeaseGuard, fence_facts
 from .fleetmoves import Txn
 from .fleetviews import Fleetview
 from .placement import Demand, choose, demand_of
+from .plan import carried
 from .servicedef import ServiceDef, from_dict
 from .states import RUNNING, STOPPED
 
@@ -363,7 +364,8 @@ class Fleet:
     def _apply(self, name: str, rec: dict[str, Any]) -> None:
         defn = from_dict(rec["definition"]).local_part()
         reg = self.a.registry
-        if not reg.has_service(name) or reg.get_service(name).definition() != defn:
+        old = reg.get_service(name).definition() if reg.has_service(name) else None
+        if old is None or old != carried(old, defn):   # a digest the node resolved: no change
             moved = rec.get("moved_from") or {}
             if moved.get("node") and moved["node"] != self.name:
                 fleetedge.take_over_names(self.a, defn, moved)

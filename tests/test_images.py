@@ -324,3 +324,121 @@ def test_a_registry_that_has_015_but_not_014_gets_014(tmp_path: Path) -> None:
         assert reg.get_service("shop").components[0].defn.image_digest == A
     finally:
         reg.close()
+
+
+# -- the argument builders and the runtimes' image calls, against fakes ------------------
+
+def test_the_container_is_created_from_the_resolved_image() -> None:
+    from mcp_node.podmanargs import create_kwargs
+
+    spec = WorkloadSpec("shop", "web", "localhost/x:t")
+    assert create_kwargs(spec, "o")["image"] == "localhost/x:t"
+    pinned_spec = replace(spec, image_digest=A)
+    kw = create_kwargs(pinned_spec, "o")
+    assert kw["image"] == A and kw["labels"]["mcp.spec"] == pinned_spec.digest
+
+
+class Resp:
+    def __init__(self, status: int, body: Any = None) -> None:
+        self.status_code, self._body = status, body
+
+    def json(self) -> Any:
+        return self._body
+
+
+class FakeREST:
+    """podman's image endpoints as podman_images calls them; every call recorded."""
+
+    def __init__(self, images: dict[str, list[str]], used: set[str] = frozenset()) -> None:
+        self.images = images            # id -> names
+        self.used = set(used)
+        self.calls: list[tuple[str, str]] = []
+
+    def _find(self, ref: str) -> str | None:
+        return next((i for i, names in self.images.items() if ref == i or ref in names), None)
+
+    def __call__(self, method: str, path: str, what: str, **kw: Any) -> Resp:
+        from urllib.parse import unquote
+
+        self.calls.append((method, unquote(path)))
+        ref = unquote(path.split("/")[2])
+        found = self._find(ref)
+        if method == "DELETE":
+            if found in self.used:
+                return Resp(409)
+            self.images.pop(found or "", None)
+            return Resp(200)
+        if path.endswith("/exists"):
+            return Resp(204 if found else 404)
+        if found is None:
+            return Resp(404)
+        return Resp(200, {"Id": found.removeprefix("sha256:"), "RepoTags": self.images[found]})
+
+
+def test_resolve_pulls_as_the_policy_says_and_pins() -> None:
+    from mcp_node import podman_images
+
+    rest, pulls = FakeREST({A: ["localhost/x:t"]}), []
+    resolve = podman_images.resolve
+    assert resolve(rest, pulls.append, "localhost/x:t", "", False) == A and pulls == []
+    assert resolve(rest, pulls.append, "localhost/x:t", "", True) == A
+    assert pulls == ["localhost/x:t"]
+    assert resolve(rest, pulls.append, "localhost/x:t", A, True) == A   # pinned: no pull
+    assert pulls == ["localhost/x:t"]
+    with pytest.raises(ImageError, match=f"image localhost/x:t at {B} is no longer"):
+        resolve(rest, pulls.append, "localhost/x:t", B, False)
+
+    def unpullable(ref: str) -> None:
+        raise ImageError(f"cannot pull image {ref}: refused")
+
+    with pytest.raises(ImageError, match="cannot pull image localhost/y:1"):
+        resolve(rest, unpullable, "localhost/y:1", "", False)
+
+
+def test_remove_refuses_a_foreign_name_and_an_image_in_use() -> None:
+    from mcp_node import podman_images
+
+    rest = FakeREST({A: ["localhost/x:t", "localhost/mine:1"], B: [], C: ["localhost/x:u"]},
+                    used={C})
+    names = frozenset({"localhost/x:t", "localhost/x:u"})
+    assert podman_images.remove(rest, A, names) == "it also has the name localhost/mine:1"
+    assert ("DELETE", f"/images/{A}") not in rest.calls
+    assert "in use" in podman_images.remove(rest, C, names)
+    assert podman_images.remove(rest, B, names) == ""
+    assert podman_images.remove(rest, B, names) == "not present"
+    assert set(rest.images) == {A, C}
+
+
+class FakeCLI:
+    """vmpull.Podman's ``run`` over a dict of images."""
+
+    def __init__(self, images: dict[str, list[str]], pull_ok: bool = True) -> None:
+        self.images, self.pull_ok = images, pull_ok
+        self.argvs: list[tuple[str, ...]] = []
+
+    def run(self, *args: str, timeout: float = 120, check: bool = True) -> Any:
+        import subprocess
+
+        self.argvs.append(args)
+        ok, out = True, b""
+        if args[0] == "pull":
+            ok = self.pull_ok
+        elif args[:2] == ("image", "inspect"):
+            ok = args[-1] in self.images
+            out = json.dumps([{"RepoTags": self.images.get(args[-1], [])}]).encode()
+        elif args[0] == "rmi":
+            ok = self.images.pop(args[1], None) is not None
+        return subprocess.CompletedProcess(args, 0 if ok else 125, out,
+                                           b"" if ok else b"Error: connection refused")
+
+
+def test_the_vm_runtimes_image_calls_are_argv_lists() -> None:
+    from mcp_node.vmpull import pull_image, remove_image
+
+    cli: Any = FakeCLI({A: ["localhost/x:t"], B: ["localhost/mine:1"]}, pull_ok=False)
+    with pytest.raises(ImageError, match="cannot pull image localhost/x:t: Error: connection"):
+        pull_image(cli, "localhost/x:t")
+    assert remove_image(cli, B, frozenset({"localhost/x:t"})).startswith("it also has")
+    assert remove_image(cli, A, frozenset({"localhost/x:t"})) == ""
+    assert remove_image(cli, A, frozenset({"localhost/x:t"})) == "not present"
+    assert ("rmi", A) in cli.argvs and ("pull", "localhost/x:t") in cli.argvs

@@ -98,6 +98,11 @@ def test_a_moved_tag_is_planned_rolled_out_and_rolled_back_by_digest(
     assert image_id(ref) == v2                   # the tag still names v2...
     assert container_image(service) == v1        # ...and v1 runs again, by its ID
     assert agent.history(service)[-1]["image_digests"] == [v1]
+    agent.restart(service)                       # a restart runs what was resolved, not
+    assert container_image(service) == v1        # what the tag names now
+    agent.stop(service)
+    agent.start(service)
+    assert container_image(service) == v1
     agent.undeploy(service)
 
 

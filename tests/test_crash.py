@@ -156,8 +156,9 @@ def mismatch(state: Path, owner: str) -> str:
             return f"{name} is {e['State']}"
         if (e.get("Labels") or {}).get("mcp.spec") != spec.digest:
             return f"{name} made from {(e.get('Labels') or {}).get('mcp.spec')} != {spec.digest}"
-        if e["Image"] != spec.image:
-            return f"{name} runs {e['Image']} != {spec.image}"
+        image = spec.image_digest or spec.image   # the image ID a deploy resolved it to
+        if e["Image"] != image:
+            return f"{name} runs {e['Image']} != {image}"
     return ""
 
 

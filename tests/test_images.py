@@ -442,3 +442,58 @@ def test_the_vm_runtimes_image_calls_are_argv_lists() -> None:
     assert remove_image(cli, A, frozenset({"localhost/x:t"})) == ""
     assert remove_image(cli, A, frozenset({"localhost/x:t"})) == "not present"
     assert ("rmi", A) in cli.argvs and ("pull", "localhost/x:t") in cli.argvs
+
+
+# -- mcp deploy --pull and mcp plan, over HTTP and --local -----------------------------
+
+@pytest.fixture
+def moving_live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Tags]]:
+    from fake_runtime import DummyRuntime
+    from live_server import fake_live
+
+    tags = Tags()
+    monkeypatch.setattr(DummyRuntime, "resolve", lambda self, spec, always=False:
+                        tags.resolve(spec, always), raising=False)
+    with fake_live(tmp_path) as live:
+        yield live, tags
+
+
+def test_deploy_pull_and_plan_through_the_api_and_the_cli(
+        moving_live: tuple[Any, Tags], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mcp_node.cli import cli
+    from mcp_node.clictx import RemoteBackend
+
+    live, tags = moving_live
+    move(tags, "localhost/x:t", A)
+    token = tmp_path / "tok"
+    token.write_text(live.operator_token)
+    token.chmod(0o600)
+    f = tmp_path / "shop.toml"
+    f.write_text('name = "shop"\n[[components]]\nname = "web"\nimage = "localhost/x:t"\n')
+
+    def mcp(*args: str) -> Any:
+        return CliRunner().invoke(cli, ["--agent", live.url, "--token-file", str(token),
+                                        *args])
+
+    res = mcp("deploy", str(f))
+    assert res.exit_code == 0 and tags.pulls[-1] == ("localhost/x:t", False), res.output
+    res = mcp("deploy", "--pull", str(f))
+    assert res.exit_code == 0 and tags.pulls[-1] == ("localhost/x:t", True), res.output
+    res = mcp("plan", str(f))
+    assert (res.exit_code, res.stdout) == (0, "shop: no changes\n")
+    move(tags, "localhost/x:t", B)
+    res = mcp("plan", str(f))
+    assert res.exit_code == 3
+    assert res.stdout == (f"shop: 1 change(s)\n  replace web (definition differs)\n"
+                          f"      image_digest: '{A}' -> '{B}'\n")
+    res = mcp("history", "shop")
+    assert f"localhost/x:t@{'a' * 12}" in res.stdout
+    b = RemoteBackend(live.url, live.operator_token)
+    assert b.call("plan", svc().to_dict(), True)["changed"] is True
+    assert tags.pulls[-1] == ("localhost/x:t", True)
+    tags.unpullable.add("localhost/x:t")
+    res = mcp("deploy", "--pull", str(f))
+    assert res.exit_code == 1 and "cannot pull image localhost/x:t" in res.output
+    assert live.agent.registry.get_service("shop").components[0].defn.image_digest == A

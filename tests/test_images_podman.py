@@ -158,3 +158,35 @@ def test_images_beyond_keep_versions_are_pruned_and_only_those(
         agent.undeploy(service)
         for b in built:
             podman_cli("rmi", b)
+
+
+def test_a_vm_component_resolves_to_its_oci_images_id_and_extracts_from_it(
+        hello_images: dict[str, str], names: list[tuple[str, str]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unikernel runtime's side, without a boot: the ELF's image by ID."""
+    from podman_env import containers_conf
+
+    from mcp_node.config import from_dict as config_from_dict
+    from mcp_node.qemu import QemuRuntime
+    from mcp_node.runtime import WorkloadSpec
+
+    no_egress(monkeypatch)
+    cfg = config_from_dict({"state": {"dir": str(tmp_path / "st")},
+                            "podman": {"containers_conf": containers_conf()}})
+    rt = QemuRuntime(cfg, cfg.state_dir, "test-owner")
+    v1, v2 = image_id(hello_images["v1"]), image_id(hello_images["v2"])
+    ref = f"localhost/mcp-vmmove-{uuid.uuid4().hex[:8]}:t"
+    tag(names, hello_images["v1"], ref)
+    spec = WorkloadSpec("vmmove", "vm", ref, memory_mb=128)
+    assert rt.resolve(spec) == v1
+    tag(names, hello_images["v2"], ref)
+    assert rt.resolve(spec) == v2
+    pulled, elf = rt._elf(replace(spec, image_digest=v1))   # what run extracts from
+    assert "sha256:" + pulled.image_id == v1 and elf.is_file()
+    assert rt.resolve(replace(spec, image_digest=v1)) == v1
+    gone = "sha256:" + "0" * 64
+    with pytest.raises(ImageError, match=f"image {ref} at {gone} is no longer on this node"):
+        rt.resolve(replace(spec, image_digest=gone))
+    unpullable = f"127.0.0.1:{free_port()}/mcp-vmmove:t"
+    with pytest.raises(ImageError, match=f"cannot pull image {unpullable}"):
+        rt.resolve(replace(spec, image=unpullable), always=True)

@@ -107,7 +107,7 @@ class Images:
         self._refs: dict[str, set[str]] = {}     # service -> references being deployed
         self._digests: dict[str, set[str]] = {}  # service -> digests being deployed
         self._thread: threading.Thread | None = None
-        self._again = False
+        self._due: set[str] = set()              # services deployed since the last prune
         self.removed: list[str] = []             # digests removed so far (for tests)
 
     # -- resolution ---------------------------------------------------------------
@@ -121,7 +121,7 @@ class Images:
             with self._lock:
                 self._refs.pop(service, None)
                 self._digests.pop(service, None)
-            self.prune_later()
+            self.prune_later(service)
 
     def resolve(self, defn: ServiceDef, rts: Mapping[str, Runtime],
                 force_pull: bool = False) -> ServiceDef:
@@ -167,11 +167,12 @@ class Images:
 
     # -- pruning ------------------------------------------------------------------
 
-    def prune_later(self) -> None:
-        """Prune on a thread of its own; one at a time, once more if asked meanwhile."""
+    def prune_later(self, service: str) -> None:
+        """Prune after a deploy of ``service``, on a thread of its own; one at a time,
+        once more for what was deployed meanwhile."""
         with self._lock:
+            self._due.add(service)
             if self._thread is not None and self._thread.is_alive():
-                self._again = True
                 return
             self._thread = threading.Thread(target=self._run, name="mcp-images", daemon=True)
             self._thread.start()
@@ -184,20 +185,27 @@ class Images:
 
     def _run(self) -> None:
         while True:
-            try:
-                self.prune()
-            except Exception:   # a thread of its own: log, never die silently
-                log.exception("image prune failed")
             with self._lock:
-                if not self._again:
+                due, self._due = self._due, set()
+                if not due:
                     self._thread = None
                     return
-                self._again = False
+            try:
+                self.prune(due)
+            except Exception:   # a thread of its own: log, never die silently
+                log.exception("image prune failed")
 
-    def prune(self) -> list[str]:
-        """Remove what ``prune_candidates`` allows; returns the digests removed."""
+    def prune(self, services: set[str] | None = None) -> list[str]:
+        """Remove what ``prune_candidates`` allows; returns the digests removed.
+        ``services``: only when one of these has an image beyond its kept versions
+        (its own history read first: a deploy that moved nothing costs one read)."""
         a = self.agent
+        keep = a.config.images.keep_versions
         try:
+            if services is not None and not any(
+                    prune_candidates({s: [d.definition for d in a.registry.history(s)]}, [],
+                                     keep) for s in services):
+                return []
             histories = {name: [d.definition for d in a.registry.history(name)]
                          for name in a.registry.history_services()}
             current = [s.definition() for s in a.registry.list_services()]
@@ -205,7 +213,7 @@ class Images:
             log.warning("image prune skipped: %s", exc)
             return []
         removed = []
-        for cand in prune_candidates(histories, current, a.config.images.keep_versions):
+        for cand in prune_candidates(histories, current, keep):
             try:
                 rt = a.runtime(cand.runtime)
             except MCPError:
@@ -219,7 +227,7 @@ class Images:
                 log.debug("image %s kept: %s", cand.digest, why)
             else:
                 log.info("image %s removed (of versions older than the last %d)",
-                         cand.digest, a.config.images.keep_versions)
+                         cand.digest, keep)
                 removed.append(cand.digest)
         self.removed.extend(removed)
         return removed

@@ -497,3 +497,19 @@ def test_deploy_pull_and_plan_through_the_api_and_the_cli(
     res = mcp("deploy", "--pull", str(f))
     assert res.exit_code == 1 and "cannot pull image localhost/x:t" in res.output
     assert live.agent.registry.get_service("shop").components[0].defn.image_digest == A
+
+
+def test_a_moved_tag_begins_a_rollout_and_its_revert_returns_to_the_digest(
+        moving: tuple[Agent, FakeWorld, Tags]) -> None:
+    from mcp_node.rollout import reverter
+
+    agent, world, tags = moving
+    move(tags, "localhost/x:t", A)
+    agent.deploy(svc())
+    move(tags, "localhost/x:t", B)
+    st = agent.deploy(svc())
+    r = agent.rollouts.of("shop")
+    assert r is not None and r.components == ("web",) and st["rollout"]["version"] == 2
+    reverter(agent)("shop", 1, "web failed")   # what a failed rollout's revert does
+    assert world.workloads[("shop", "web")].spec.run_image == A
+    assert agent.history("shop")[-1]["image_digests"] == [A]

@@ -85,6 +85,7 @@ CALLS: list[tuple[str, tuple[Any, ...]]] = [
     ("events", ("web", 5)), ("stop", ("web", "main", 1.0)), ("start", ("web", None)),
     ("restart", ("web", None, None)), ("rollback", ("web", None)), ("edge_list", ()),
     ("undeploy", ("web",)), ("nodes", ()), ("drain", ("n1",)),
+    ("plan", ({"name": "web", "components": [{"name": "main", "image": "img:v2"}]}, True)),
 ]
 
 

@@ -40,6 +40,10 @@ log = logging.getLogger("mcp_node.checks")
 
 TICK_S = 0.25
 PARALLEL = 8   # probes at once
+# A read's own probe of a run never probed (a status just after a deploy) is held to
+# this: a deploy's answer must not wait a check's timeout (a booting VM's tcp check
+# takes up to 0.5 s); if it does not pass by then the run shows starting until a tick.
+READ_PROBE_S = 0.2
 
 Key = tuple[str, str]
 
@@ -187,7 +191,8 @@ class Checks:
                 if self.clock() < st.due or (unseen_only and st.time is not None):
                     continue
                 due.append((key, comp, st))
-        for (key, comp, st), res in zip(due, self._probe_all(due), strict=True):
+        budget = READ_PROBE_S if unseen_only else None
+        for (key, comp, st), res in zip(due, self._probe_all(due, budget), strict=True):
             event = self._note(key, comp, st, res)
             if event is not None:
                 events.append(event)
@@ -212,19 +217,23 @@ class Checks:
             st.check, st.running = kind, True
             return st
 
-    def _probe_all(self, due: list[tuple[Key, ComponentRecord, CheckState]]) -> list[Result]:
+    def _probe_all(self, due: list[tuple[Key, ComponentRecord, CheckState]],
+                   budget: float | None = None) -> list[Result]:
         """The due probes side by side: one hung component's timeout must not hold up
-        the others' checks (and so their restarts)."""
+        the others' checks (and so their restarts). ``budget``: each probe's timeout at
+        most that."""
         if len(due) <= 1:
-            return [self._probe(key[0], comp) for key, comp, _st in due]
+            return [self._probe(key[0], comp, budget) for key, comp, _st in due]
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="mcp-check")
             pool = self._pool
-        return list(pool.map(lambda item: self._probe(item[0][0], item[1]), due))
+        return list(pool.map(lambda item: self._probe(item[0][0], item[1], budget), due))
 
-    def _probe(self, service: str, comp: ComponentRecord) -> Result:
+    def _probe(self, service: str, comp: ComponentRecord,
+               budget: float | None = None) -> Result:
         d = comp.defn
+        timeout = d.check_timeout_s if budget is None else min(d.check_timeout_s, budget)
         try:
             rt = self.host.runtime(d.runtime)
         except MCPError as exc:
@@ -234,7 +243,7 @@ class Checks:
             return rt.tcp_check(service, d.name, port, timeout)
 
         try:
-            return check(d, comp.host_ports, d.check_timeout_s, tcp)
+            return check(d, comp.host_ports, timeout, tcp)
         except Exception as exc:   # noqa: BLE001 - a probe's bug is a failed check
             log.exception("checks: probe of %s/%s failed", service, d.name)
             return Result(False, f"probe error: {type(exc).__name__}")

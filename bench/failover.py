@@ -89,13 +89,7 @@ def leader_kills(f: Fleet, rounds: int, rng: random.Random) -> tuple[int, int]:
     fired = _fence_firings(f)
     for _ in range(rounds):
         time.sleep(rng.uniform(0, 1))
-        leader = None
-        while leader is None:
-            leader = f.etcd.leader()
-        f.etcd.kill(leader)
-        time.sleep(rng.uniform(0.1, 0.6))
-        f.etcd.start(leader)
-        f.etcd.wait_healthy()
+        f.etcd.kill_leader(rng)
     time.sleep(2)
     poller.stop()
     return _fence_firings(f) - fired, len(poller.doubles)
@@ -144,13 +138,7 @@ def main() -> None:
                     t = time.monotonic()
                     if kind == "etcd-leader":
                         assert f.etcd is not None
-                        leader = None
-                        while leader is None:
-                            leader = f.etcd.leader()
-                        f.etcd.kill(leader)
-                        time.sleep(rng.uniform(0.1, 0.6))
-                        f.etcd.start(leader)
-                        f.etcd.wait_healthy()
+                        f.etcd.kill_leader(rng)
                         continue
                     a = f.agents[holder]
                     if kind == "kill":

@@ -297,7 +297,7 @@ class Agent:
             rts = {c.name: self.available_runtime(c.runtime) for c in defn.components}
             defn = self.images.resolve(defn, rts, pull)   # pinned to what each image is now
             self._check_capacity(defn, previous)
-            before = self.registry.history(defn.name)[-1].version if previous else None
+            before = self.registry.latest_version(defn.name) if previous else None
             changed = changed_components(
                 previous.definition() if previous else None, defn,
                 {c.defn.name: c.observed_state for c in previous.components} if previous

@@ -137,6 +137,11 @@ class HistoryTables:
         return [r[0] for r in self._query("SELECT DISTINCT service FROM deployments "
                                           "ORDER BY service")]
 
+    def latest_version(self, service: str) -> int | None:
+        """The newest version recorded for ``service`` (None: none), read alone."""
+        row = self._query("SELECT MAX(version) FROM deployments WHERE service=?", (service,))
+        return int(row[0][0]) if row and row[0][0] is not None else None
+
     def history(self, service: str) -> list[Deployment]:
         rows = self._query("SELECT * FROM deployments WHERE service=? ORDER BY version",
                            (service,))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from .errors import MCPError, NotFoundError
+from .errors import MCPError
 from .plan import plan
 from .records import Event
 from .safetext import escape_controls
@@ -29,7 +29,6 @@ log = logging.getLogger("mcp_node.rollout")
 
 IN_PROGRESS, SUCCEEDED, FAILED = "in_progress", "succeeded", "failed"
 REVERTING, REVERTED = "reverting", "reverted"
-ENDED = (SUCCEEDED, FAILED, REVERTED)
 OUTCOMES = ("started", SUCCEEDED, FAILED, REVERTED)   # the metric's closed label set
 
 
@@ -108,8 +107,7 @@ def new_rollout(defn: ServiceDef, version: int, previous: int | None,
 class Host(Protocol):
     """What the agent side of a rollout uses: its history, deploy and logs."""
 
-    @property
-    def registry(self) -> Any: ...
+    def rollback_definition(self, name: str, version: int | None = None) -> ServiceDef: ...
 
     def deploy_local(self, defn: ServiceDef, *, note: str = "",
                      gated: bool = True) -> dict[str, Any]: ...
@@ -122,12 +120,8 @@ def reverter(host: Host) -> Callable[[str, int, str], None]:
     """A failed rollout's revert: ``version`` deployed again through the ordinary
     deploy (its unchanged components left alone), not gated again."""
     def revert(service: str, version: int, reason: str) -> None:
-        defn = next((d.definition for d in host.registry.history(service)
-                     if d.version == version), None)
-        if defn is None:
-            raise NotFoundError(f"version {version} of {service} is no longer in its "
-                                "history")
-        host.deploy_local(defn, note=f"reverted by the agent: {reason}", gated=False)
+        host.deploy_local(host.rollback_definition(service, version),
+                          note=f"reverted by the agent: {reason}", gated=False)
     return revert
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,18 @@ def lacking(*missing: str) -> None:
     if os.environ.get("MCP_REQUIRE_INTEGRATION") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def until(what: Callable[[], Any], timeout: float, msg: str, every: float = 0.05) -> Any:
+    """``what()``'s first truthy answer, asked every ``every`` s; fails with ``msg`` after
+    ``timeout`` s (a bounded wait, never a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got:
+            return got
+        assert time.monotonic() < deadline, msg
+        time.sleep(every)
 
 
 def need_module(name: str) -> Any:

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -154,6 +155,19 @@ class NsEtcd:
             os.kill(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
         self.procs[i] = None
+
+    def kill_leader(self, rng: random.Random, timeout: float = 10) -> int:
+        """SIGKILL the current leader, start it again 0.1-0.6 s later (``rng``), and wait
+        until every member has a leader; the member killed."""
+        deadline = time.monotonic() + timeout
+        while (leader := self.leader()) is None:
+            assert time.monotonic() < deadline, "etcd has no leader"
+            time.sleep(0.05)
+        self.kill(leader)
+        time.sleep(rng.uniform(0.1, 0.6))
+        self.start(leader)
+        self.wait_healthy()
+        return leader
 
     def ensure_running(self) -> None:
         """Every member running (one that died after a restart is started again) and a

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import need
+from conftest import need, until
 from etcd_env import NodePodman
 from fault_env import TTL, AgentProc, NsEtcd, Poller, Topology, running_copies
 
@@ -114,16 +114,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, hello_images: dict[str, str]
         f.close()
 
 
-def until(what: Callable[[], Any], timeout: float, msg: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if got:
-            return got
-        assert time.monotonic() < deadline, msg
-        time.sleep(0.05)
-
-
 def _inject(f: Fleet, kind: str, node: int) -> Callable[[], None]:
     """Do the fault on ``node``; returns what undoes it."""
     a = f.agents[node]
@@ -184,12 +174,7 @@ def test_never_two_copies_under_faults(fleet: Fleet) -> None:
         holder = poller.wait_holder(timeout=30)
         for _ in range(ROUNDS):
             time.sleep(rng.uniform(0, TTL / 4))
-            leader = until(lambda: [i for i in [etcd.leader()] if i is not None], 10,
-                           "etcd has no leader")[0]
-            etcd.kill(leader)
-            time.sleep(rng.uniform(0.1, 0.6))
-            etcd.start(leader)
-            etcd.wait_healthy()
+            etcd.kill_leader(rng)
         assert poller.wait_holder(timeout=30) is not None
     finally:
         poller.stop()

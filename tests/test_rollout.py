@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 import pytest
+from conftest import until
 
 from mcp_node import rollout
 from mcp_node.records import Event
@@ -77,13 +78,6 @@ def seen_all(state: str, healthy: float) -> object:
     return seen
 
 
-def wait_for(check: object, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
 def fresh(**kw: object) -> Rollout:
     base = {"started_at": time.time(), "deadline_s": 60.0, "auto_revert": True}
     return Rollout("s", 3, 2, ("web",), min_healthy_s=5,
@@ -110,7 +104,7 @@ def test_a_failed_rollout_is_reverted_by_the_agent_with_its_reason() -> None:
                   log_tail=lambda s, c: f"{c}: exit 3")
     rs.begin(fresh(started_at=time.time() - 61))
     rs.round(seen_all("backoff", 0))          # type: ignore[arg-type]
-    wait_for(lambda: store.rows["s"].state == REVERTED, "the revert")
+    until(lambda: store.rows["s"].state == REVERTED, 10, "the revert", 0.01)
     [(svc, version, why)] = calls
     assert (svc, version) == ("s", 2)
     assert "web is backoff 60 s after the deploy" in why and "web: exit 3" in why
@@ -142,7 +136,7 @@ def test_a_revert_that_fails_leaves_failed_naming_both() -> None:
     rs = Rollouts(store, revert=broken)
     rs.begin(fresh(started_at=0.0))
     rs.round(seen_all("backoff", 0))           # type: ignore[arg-type]
-    wait_for(lambda: store.rows["s"].state == FAILED, "the failed revert")
+    until(lambda: store.rows["s"].state == FAILED, 10, "the failed revert", 0.01)
     assert store.rows["s"].reason.endswith("the revert to version 2 failed: podman is gone")
 
 
@@ -159,9 +153,9 @@ def test_a_revert_cut_by_a_crash_is_carried_out_after_a_restart() -> None:
     rs = Rollouts(store, revert=slow)
     rs.round(seen_all("running", 0))           # type: ignore[arg-type]
     rs.round(seen_all("running", 0))           # type: ignore[arg-type]
-    wait_for(lambda: calls, "the revert began")
+    until(lambda: calls, 10, "the revert began", 0.01)
     gate.set()
-    wait_for(lambda: store.rows["s"].state == REVERTED, "the revert")
+    until(lambda: store.rows["s"].state == REVERTED, 10, "the revert", 0.01)
     assert calls == [2]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import until
 from daemon_env import Daemon, podman_daemon
 from egress import no_egress_env
 
@@ -57,16 +58,6 @@ port = 8080
 
 def client(d: Daemon) -> Client:
     return Client(d.url, (d.state / "token").read_text().strip())
-
-
-def until(what: Any, why: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if got:
-            return got
-        assert time.monotonic() < deadline, why
-        time.sleep(0.2)
 
 
 def rollout(d: Daemon, name: str) -> dict[str, Any]:
@@ -111,7 +102,7 @@ def test_a_crash_looping_release_is_reverted_and_deploy_wait_says_so(
     assert r["reason"].startswith("web ") and "after the deploy, needs 2 s healthy" in \
         r["reason"], r["reason"]
     assert st["definition"]["components"][0]["env"] == ["MESSAGE=one"]
-    assert until(lambda: "one" in serving(daemon, name), "v1 serving again")
+    assert until(lambda: "one" in serving(daemon, name), WAIT_S, "v1 serving again", 0.2)
     [h1, h2, h3] = client(daemon).get(f"/v1/services/{name}/history")
     assert h3["current"] and not h2["current"] and h3["digest"] == h1["digest"], (h1, h2, h3)
     assert h3["note"] == f"reverted by the agent: {r['reason']}" and "note" not in h2
@@ -156,7 +147,7 @@ def test_a_hanging_release_is_reverted(daemon: Daemon, hello_image: str,
     r = rollout(daemon, name)["rollout"]
     assert (r["version"], r["state"]) == (2, "reverted"), r
     assert stopped, "v2 never ran"
-    assert until(lambda: "one" in serving(daemon, name), "v1 serving again")
+    assert until(lambda: "one" in serving(daemon, name), WAIT_S, "v1 serving again", 0.2)
 
 
 def test_an_agent_killed_mid_rollout_converges_to_one_version(
@@ -173,9 +164,9 @@ def test_an_agent_killed_mid_rollout_converges_to_one_version(
     daemon.kill()                   # mid-rollout: its workloads stay as they are
     daemon.start()
     r = until(lambda: (x := rollout(daemon, name)["rollout"])["state"] == "reverted"
-              and not x["reverting"] and x, "the restarted agent's revert")
+              and not x["reverting"] and x, WAIT_S, "the restarted agent's revert", 0.2)
     assert (r["version"], r["previous"]) == (2, 1)
-    assert until(lambda: "one" in serving(daemon, name), "v1 serving again")
+    assert until(lambda: "one" in serving(daemon, name), WAIT_S, "v1 serving again", 0.2)
     ps = client(daemon).get("/v1/services")
     rows = [p for p in ps if p["service"] == name]
     assert len(rows) == 1 and rows[0]["state"] == "running"

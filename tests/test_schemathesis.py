@@ -59,7 +59,7 @@ from egress import (
 )
 from podman_env import containers_conf, free_port, podman_cli
 
-from mcp_node import openapi
+from mcp_node import openapi, openapi_schemas
 from mcp_node.auth import TokenStore
 from mcp_node.client import Client
 from mcp_node.config import from_dict
@@ -243,7 +243,7 @@ def test_service_routes_document_409(path: str) -> None:
     (openapi.LOG_PARAMS[1]["schema"]["pattern"], ["", "0", "10000", "0" * 18 + "1"],
      ["10001", "-1", "1.5", "0" * 20, "²"]),
     (openapi.LOG_PARAMS[0]["schema"]["pattern"], ["", "web"], ["Web", "-w", "a" * 64]),
-    (openapi.VOLUME_PATTERN, ["/srv/a:/a", "/a:/b:ro,z", "/a..b:/c"],
+    (openapi_schemas.VOLUME_PATTERN, ["/srv/a:/a", "/a:/b:ro,z", "/a..b:/c"],
      ["/a/../b:/c", "/a:/b/..", "/a:/b:ro,rw", "/a:/b:x", "a:/b", "/a,b:/c"]),
 ])
 def test_document_patterns_match_the_server(pattern: str, good: list[str],
@@ -292,12 +292,12 @@ def test_jsonschema_rs_matches_a_long_volume() -> None:
     """The boundary string of the coverage phase, through the same validator schemathesis
     uses (a panic inside it reads as "no match")."""
     jsonschema_rs = need_module("jsonschema_rs")
-    fixed = openapi.VOLUME_PATTERN.replace("/[^:,\\u0000]*:/[^:,\\u0000]*(?:",
+    fixed = openapi_schemas.VOLUME_PATTERN.replace("/[^:,\\u0000]*:/[^:,\\u0000]*(?:",
                                            "/[^:,\\u0000]{1}:/[^:,\\u0000]{4092}(?:")
     fixed = fixed[:-2] + "{0}$"  # the optional options group, repeated zero times
     assert "{4092}(?:" in fixed and fixed.endswith("){0}$")
     options = jsonschema_rs.FancyRegexOptions(size_limit=150_000_000)
-    for pattern in (openapi.VOLUME_PATTERN, fixed):
+    for pattern in (openapi_schemas.VOLUME_PATTERN, fixed):
         validator = jsonschema_rs.Draft202012Validator({"pattern": pattern},
                                                        pattern_options=options)
         assert validator.is_valid("/0:/" + "0" * 4092), pattern

@@ -358,9 +358,9 @@ def test_the_documents_volume_pattern_states_the_same_rules() -> None:
     only across items, on other spellings and on the node)."""
     import re
 
-    from mcp_node import openapi
+    from mcp_node import openapi_schemas
 
-    pattern = openapi.VOLUME_PATTERN
+    pattern = openapi_schemas.VOLUME_PATTERN
     bad = ["/a:/", "/a://", "/a:/proc", "/a:/proc/x", "/a://proc/", "/a:/dev", "/a:/dev/shm",
            "/a:/sys", "/a:/x:z,Z", "/a:/x:Z,ro,z", "/a:/x:ro,ro", "/a:/x:rw,ro",
            "/a:/x:Z,Z", "/a\nb:/x", "/a:/x\ny", "/a:/x\ty", "/a\x7f:/x"]

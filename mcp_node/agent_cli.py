@@ -295,6 +295,7 @@ def check_config(ctx: click.Context) -> None:
       mcp-agent --config /etc/mcp/agent.toml check-config
     """
     from .config import parse, read
+    from .registries import check_files
 
     path = ctx.parent.params.get("config_path") if ctx.parent else None
     path = path or (Path(os.environ["MCP_AGENT_CONFIG"]) if os.environ.get(
@@ -302,7 +303,8 @@ def check_config(ctx: click.Context) -> None:
     if path is None:
         click.echo("no config file: the embedded defaults apply")
         return
-    _cfg, errors = parse(read(path))
+    cfg, errors = parse(read(path))
+    errors += check_files(cfg.registries)   # the registries' files: there, parsed, 0600
     if errors:
         for err in errors:
             click.echo(f"{path}: {err}", err=True)

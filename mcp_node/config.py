@@ -133,6 +133,27 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """One ``[registries."HOST[:PORT]"]`` table (issue 20): the login every pull from that
+    registry uses (an auth file, or a user and a password file) and the CA its
+    certificate chains to. The files are read at each pull (mcp_node.registries)."""
+
+    host: str = ""
+    auth_file: str = ""         # containers-auth.json (as podman and skopeo write it), 0600
+    username: str = ""          # or a user...
+    password_file: str = ""     # ...with its password alone in a file, 0600
+    ca_file: str = ""           # PEM bundle the registry's certificate chains to
+
+
+@dataclass(frozen=True)
+class RegistriesConfig:
+    hosts: tuple[RegistryConfig, ...] = ()
+
+    def get(self, host: str) -> RegistryConfig | None:
+        return next((r for r in self.hosts if r.host == host), None)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """Fleet mode on etcd (issue 12); ``etcd`` empty: a single node, no etcd."""
 
@@ -170,6 +191,7 @@ class AgentConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    registries: RegistriesConfig = field(default_factory=RegistriesConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -254,6 +276,9 @@ def parse(data: dict[str, Any]) -> tuple[AgentConfig, list[ValidationError]]:
         if not isinstance(values, dict):
             errors.append(ValidationError("must be a table", section))
             continue
+        if section == "registries":
+            updates[section] = RegistriesConfig(tuple(_registries(values, errors)))
+            continue
         current = sections[section]
         known = [f.name for f in fields(current)]
         changes = {}
@@ -288,6 +313,59 @@ def parse(data: dict[str, Any]) -> tuple[AgentConfig, list[ValidationError]]:
     checks.extend(_route_checks(cfg))
     errors.extend(ValidationError(msg, key) for ok, msg, key in checks if not ok)
     return cfg, errors
+
+
+REGISTRY_HOST = (r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+                 r"(?::[0-9]{1,5})?")
+REGISTRY_KEYS = ("auth_file", "username", "password_file", "ca_file")
+
+
+def registry_key(host: str, key: str = "") -> str:
+    """How an error names a key of one registry's table: ``registries."HOST".key``."""
+    return f'registries."{host}"' + (f".{key}" if key else "")
+
+
+def _registries(values: dict[str, Any], errors: list[ValidationError]) -> list[RegistryConfig]:
+    """``[registries."HOST[:PORT]"]`` tables: a host (no scheme, no path) each, known keys,
+    one way to log in (an auth file, or a user with a password file), absolute paths."""
+    import re
+
+    out = []
+    for host, table in values.items():
+        where = registry_key(host[:80])
+        if not re.fullmatch(REGISTRY_HOST, host):
+            errors.append(ValidationError(
+                "is not a registry HOST or HOST:PORT (no scheme, no path)", where))
+            continue
+        if not isinstance(table, dict):
+            errors.append(ValidationError("must be a table", where))
+            continue
+        entry: dict[str, str] = {}
+        for key, value in table.items():
+            if key not in REGISTRY_KEYS:
+                errors.append(ValidationError(
+                    f"unknown key (known: {', '.join(REGISTRY_KEYS)})", registry_key(host, key)))
+            elif not isinstance(value, str) or "\x00" in value:
+                errors.append(ValidationError(f"wrong type ({type(value).__name__})",
+                                              registry_key(host, key)))
+            else:
+                entry[key] = value
+        reg = RegistryConfig(host=host, **entry)
+        checks = [
+            (any(entry.values()), "set auth_file, or username and password_file, or ca_file",
+             where),
+            (not (reg.auth_file and (reg.username or reg.password_file)),
+             "auth_file and username/password_file are two ways to log in: set one",
+             registry_key(host, "auth_file")),
+            (bool(reg.username) == bool(reg.password_file),
+             "username and password_file must be set together",
+             registry_key(host, "password_file" if reg.username else "username")),
+            *((not v or v.startswith("/"), f"{v[:80]!r} is not an absolute path",
+               registry_key(host, k)) for k, v in entry.items() if k != "username"),
+        ]
+        errors.extend(ValidationError(msg, key) for ok, msg, key in checks if not ok)
+        out.append(reg)
+    return out
 
 
 def _cluster_checks(c: ClusterConfig) -> list[tuple[bool, str, str]]:

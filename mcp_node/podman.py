@@ -80,6 +80,7 @@ from .podmanargs import (
     workload_from_inspect,
     workload_from_list,
 )
+from .registries import Registries, classify
 from .runtime import (
     LABEL_OWNER,
     Runtime,
@@ -114,9 +115,11 @@ class PodmanRuntime(Runtime):
         self.config = config
         self.owner = owner
         self.configured_url = socket_url(config.podman.socket) if config.podman.socket else ""
+        self.registries = Registries(config.registries, state_dir)
         self.service = PodmanService(
             state_dir / "podman",
-            config.podman.containers_conf or os.environ.get("CONTAINERS_CONF", ""))
+            config.podman.containers_conf or os.environ.get("CONTAINERS_CONF", ""),
+            home=self.registries.prepare_home)
         self.volume_roots = volume_roots(config.podman.volume_roots, state_dir)
         self.url = ""
         self._client: PodmanClient | None = None
@@ -355,14 +358,20 @@ class PodmanRuntime(Runtime):
         return podman_images.remove(self._request, digest, names)
 
     def _pull_ref(self, ref: str, component: str) -> None:
-        log.info("podman: pull %s", ref)
-        resp = self._request("POST", "/images/pull", f"pull {ref}",
+        """The registry's login goes in X-Registry-Auth, never in a log line
+        (mcp_node.registries); a refusal names the registry, the image and the key."""
+        auth = self.registries.for_image(ref)
+        log.info("podman: pull %s%s", ref, f" (login from {auth.cred.source})" if auth.cred
+                 else "")
+        headers = {"X-Registry-Auth": auth.cred.header()} if auth.cred else None
+        resp = self._request("POST", "/images/pull", f"pull {ref}", headers=headers,
                              params={"reference": ref, "quiet": "true"}, stream=True)
+        foreign = self.url if self.url == self.configured_url else ""
         try:
             if resp.status_code >= 400:
                 message = response_message(resp)
                 raise (client_mistake(message, component)
-                       or ImageError(f"cannot pull image {ref}: {message}"))
+                       or classify(auth, message, component, foreign))
             errors: list[str] = []
             for line in resp.iter_lines():
                 try:
@@ -377,7 +386,7 @@ class PodmanRuntime(Runtime):
             resp.close()
         if errors:
             raise (client_mistake(errors[-1], component)
-                   or ImageError(f"cannot pull image {ref}: {errors[-1]}"))
+                   or classify(auth, errors[-1], component, foreign))
 
     def run(self, spec: WorkloadSpec) -> Workload:
         """Create and start; a container of that name of ours is replaced. The create is

@@ -19,7 +19,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from podman import PodmanClient
@@ -57,12 +57,26 @@ def service_argv(podman: str, url: str) -> list[str]:
     return [podman, "system", "service", "--time=0", url]
 
 
-def service_env(base: Mapping[str, str], containers_conf: str) -> dict[str, str]:
-    """The service's environment: CONTAINERS_CONF from config wins over the inherited one."""
+def service_env(base: Mapping[str, str], containers_conf: str,
+                home: str = "") -> dict[str, str]:
+    """The service's environment: CONTAINERS_CONF from config wins over the inherited one;
+    ``home``: its HOME (where containers/image finds the registries' CAs, issue 20)."""
     env = dict(base)
     if containers_conf:
         env["CONTAINERS_CONF"] = containers_conf
+    if home:
+        env["HOME"] = home
     return env
+
+
+def read_environ(pid: int) -> dict[str, str]:
+    """``/proc/<pid>/environ`` as a dict ({} when unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {k: v for k, _, v in pairs}
 
 
 def run_cli(podman: str, containers_conf: str, *args: str,
@@ -126,10 +140,11 @@ class PodmanService:
     """
 
     def __init__(self, directory: Path, containers_conf: str = "",
-                 podman: str = "podman") -> None:
+                 podman: str = "podman", home: Callable[[], Path] | None = None) -> None:
         self.directory = directory
         self.podman = podman
         self.containers_conf = containers_conf
+        self.home = home    # makes and names the HOME the service gets (Registries)
         path = directory / "podman.sock"
         if len(str(path)) > MAX_UNIX_PATH:
             # sun_path cannot hold it: a short, stable per-state-dir place instead.
@@ -175,17 +190,21 @@ class PodmanService:
         """Reuse the service answering on our socket, or start one and wait for it."""
         if self.pid is not None and self.answering():
             return
+        home = str(self.home()) if self.home is not None else ""
         if self.answering():
             log.info("podman: reusing podman service already answering on %s", self.url)
             self._adopt()
-            return
+            if not home or self.pid is None or read_environ(self.pid).get("HOME") == home:
+                return
+            log.info("podman: service pid %d runs with another HOME; restarting it", self.pid)
+            self.stop()
         podman = shutil.which(self.podman)
         if podman is None:
             raise RuntimeUnavailable(f"podman binary {self.podman!r} not found on PATH")
         self._prepare_dirs()
         if self.socket.is_socket():
             self.socket.unlink()   # stale: ours, and nothing answers on it
-        env = service_env(os.environ, self.containers_conf)
+        env = service_env(os.environ, self.containers_conf, home)
         argv = self.argv
         log.info("podman: starting %s (CONTAINERS_CONF=%s)", " ".join(argv),
                  env.get("CONTAINERS_CONF", ""))

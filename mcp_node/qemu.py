@@ -48,6 +48,7 @@ from .initramfs import find_busybox, find_kernel
 from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
 from .podman_images import gone_message, image_digest
 from .qemuargs import VMParams, mac_for
+from .registries import Registries
 from .runtime import Runtime, Workload, WorkloadSpec
 from .runtimenames import UNIKERNEL
 from .servicedef import SHA256_RE, check_name
@@ -85,7 +86,8 @@ class QemuRuntime(Runtime):
         self.vms_dir = self.state_dir / "vms"
         self.cache_dir = self.state_dir / "vm-cache"
         self.volume_roots = volume_roots(config.podman.volume_roots, state_dir)
-        self.podman = Podman(containers_conf=config.podman.containers_conf)
+        self.podman = Podman(containers_conf=config.podman.containers_conf,
+                             registries=Registries(config.registries, self.state_dir))
         self.elfs = ElfCache(self.podman, self.cache_dir)
         self._accel: str | None = None
         self._avail: tuple[bool, str] | None = None
@@ -240,7 +242,7 @@ class QemuRuntime(Runtime):
                                check=False).returncode != 0:
                 raise ImageError(gone_message(spec.image, spec.image_digest))
         elif always:
-            pull_image(self.podman, spec.image)
+            pull_image(self.podman, spec.image, spec.component)
         pulled, _elf = self._elf(spec)
         return image_digest(pulled.image_id) if pulled.image_id else ""
 

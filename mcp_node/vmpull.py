@@ -22,11 +22,13 @@ import secrets
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import ImageError
 from .files import atomic_write
+from .registries import PullAuth, Registries, classify, registry_of
 from .vmimage import elf_info
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,10 @@ def podman_argv(podman: str, *args: str) -> list[str]:
 class Podman:
     """The podman CLI, logged; CONTAINERS_CONF from config when set."""
 
-    def __init__(self, binary: str = "podman", containers_conf: str = "") -> None:
+    def __init__(self, binary: str = "podman", containers_conf: str = "",
+                 registries: Registries | None = None) -> None:
         self.binary = binary
+        self.registries = registries    # each pull's login and CA (issue 20)
         self.env = dict(os.environ)
         if containers_conf:
             self.env["CONTAINERS_CONF"] = containers_conf
@@ -90,13 +94,13 @@ class Podman:
             return ""
         return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
-    def run(self, *args: str, timeout: float = 120, check: bool = True
-            ) -> subprocess.CompletedProcess[bytes]:
+    def run(self, *args: str, timeout: float = 120, check: bool = True,
+            pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[bytes]:
         argv = podman_argv(self.binary, *args)
         log.info("run: %s", " ".join(argv))
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=timeout, env=self.env,
-                                  check=False)
+                                  check=False, pass_fds=pass_fds)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ImageError(f"podman {args[0]} failed: {exc}") from exc
         if check and proc.returncode != 0:
@@ -105,12 +109,35 @@ class Podman:
         return proc
 
 
-def pull_image(podman: Podman, image: str) -> None:
-    """``podman pull`` (``pull = "always"``): ImageError naming the image when it fails."""
-    proc = podman.run("pull", image, timeout=600, check=False)
+@contextlib.contextmanager
+def _auth_fd(auth: PullAuth) -> Iterator[int | None]:
+    """The login as a containers-auth.json in a memfd (on no disk, in no argv)."""
+    if auth.cred is None:
+        yield None
+        return
+    fd = os.memfd_create("mcp-registry-auth", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, auth.cred.auth_json(auth.host))
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def pull_image(podman: Podman, image: str, component: str = "") -> None:
+    """``podman pull`` with the registry's login (``--authfile`` a memfd) and CA
+    (``--cert-dir``) when ``[registries]`` names it: ImageError naming the registry, the
+    image and the key to set when it is refused (registries.classify)."""
+    auth = (podman.registries.for_image(image) if podman.registries is not None
+            else PullAuth(image, registry_of(image), None, None, None))
+    args = ["pull", *(("--cert-dir", str(auth.cert_dir)) if auth.cert_dir else ())]
+    with _auth_fd(auth) as fd:
+        if fd is not None:
+            args += ["--authfile", f"/proc/self/fd/{fd}"]
+        proc = podman.run(*args, image, timeout=600, check=False,
+                          pass_fds=(fd,) if fd is not None else ())
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()[-600:]
-        raise ImageError(f"cannot pull image {image}: {err}")
+        raise classify(auth, err or f"exited {proc.returncode}", component)
 
 
 def remove_image(podman: Podman, digest: str, names: frozenset[str]) -> str:
@@ -177,7 +204,7 @@ def extract_elf(podman: Podman, image: str, spec_binary: str, component: str,
     stamp = podman.store_stamp()   # before inspecting: a change meanwhile is seen next time
     proc = podman.run("image", "inspect", "--format", "json", image, check=False)
     if proc.returncode != 0:
-        podman.run("pull", image, timeout=600)
+        pull_image(podman, image, component)
         stamp = podman.store_stamp()
         proc = podman.run("image", "inspect", "--format", "json", image)
     raw = proc.stdout

@@ -412,11 +412,14 @@ def test_remove_refuses_a_foreign_name_and_an_image_in_use() -> None:
 class FakeCLI:
     """vmpull.Podman's ``run`` over a dict of images."""
 
+    registries = None   # no [registries]: a plain pull
+
     def __init__(self, images: dict[str, list[str]], pull_ok: bool = True) -> None:
         self.images, self.pull_ok = images, pull_ok
         self.argvs: list[tuple[str, ...]] = []
 
-    def run(self, *args: str, timeout: float = 120, check: bool = True) -> Any:
+    def run(self, *args: str, timeout: float = 120, check: bool = True,
+            pass_fds: tuple[int, ...] = ()) -> Any:
         import subprocess
 
         self.argvs.append(args)

@@ -8,6 +8,7 @@ debs=(podman runc qemu-system-x86 qemu-utils caddy pebble dnsmasq-base haproxy b
       iproute2 cpio gcc libc6-dev curl procps python3-venv wrk
       systemd   # systemd-analyze: the unit file is verified by the tests
       etcd-server   # fleet mode's store; tests run their own members, never a system one
+      docker-registry   # a private registry for the registry tests, run by each test
       strace)  # records every connect() of a fuzzed agent: tests stay on the machine
 missing=()
 for p in "${debs[@]}"; do
@@ -29,6 +30,7 @@ fi
 # etcd-server enables its unit: never start a system etcd at boot either.
 if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
   systemctl disable --now etcd >/dev/null 2>&1 || true
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
 # A Linux kernel and its modules for the initramfs VM builder, unpacked

@@ -26,7 +26,7 @@ TOP = Path(__file__).resolve().parent.parent
 
 
 INTEGRATION_MODULES = ("podman_env", "qemu_env", "edge_env", "server_env", "daemon_env",
-                       "etcd_env", "route_env")
+                       "etcd_env", "route_env", "registry_env")
 _current: list[pytest.Item] = []
 
 
@@ -109,5 +109,6 @@ from edge_env import *  # noqa: E402,F401,F403
 from etcd_env import *  # noqa: E402,F401,F403
 from podman_env import *  # noqa: E402,F401,F403
 from qemu_env import *  # noqa: E402,F401,F403
+from registry_env import *  # noqa: E402,F401,F403
 from route_env import *  # noqa: E402,F401,F403
 from server_env import *  # noqa: E402,F401,F403

@@ -222,7 +222,7 @@ class Registries:
                  real_home: Path | None = None) -> None:
         self.cfg = cfg
         self.home = Path(state_dir).absolute() / "registries" / "home"
-        self.real_home = real_home if real_home is not None else Path.home()
+        self.real_home = real_home if real_home is not None else _real_home(self.home)
 
     @property
     def certs_d(self) -> Path:
@@ -298,6 +298,14 @@ class Registries:
                 return   # ours (a configured CA's directory)
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(target)
+
+
+def _real_home(fallback: Path) -> Path:
+    """The home podman would use without us (``$HOME``, else the password database)."""
+    try:
+        return Path.home()
+    except (KeyError, RuntimeError):
+        return fallback   # none at all: nothing to link
 
 
 def _entries(directory: Path) -> Iterator[Path]:

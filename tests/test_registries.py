@@ -215,3 +215,13 @@ def test_check_config_checks_the_registries_files(tmp_path: Path) -> None:
     (tmp_path / "gone.pem").write_bytes(TestCA("ok").pem)
     res = CliRunner().invoke(main, ["--config", str(conf), "check-config"])
     assert (res.exit_code, res.stdout) == (0, f"{conf}: ok\n"), res.output
+
+
+def test_a_changed_registries_table_needs_a_restart_and_says_so() -> None:
+    from mcp_node.daemon import reload_plan
+
+    old = from_dict({})
+    new = from_dict({"registries": {HOST: {"ca_file": "/c.pem"}}})
+    running, live, restart = reload_plan(old, new)
+    assert (live, restart) == ([], ["registries.hosts"])
+    assert running.registries == old.registries

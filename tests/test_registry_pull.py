@@ -244,3 +244,35 @@ class CmdlineWatcher:
                     self.found.append(argv.decode(errors="replace"))
             self.scans += 1
             time.sleep(0.005)
+
+
+def test_an_adopted_podman_service_with_another_home_is_restarted(
+        tmp_path: Path, podman_binary: None) -> None:
+    """A restarted agent adopts the service it left running only if that service has the
+    HOME the registries' CAs are in (an older agent's had none): else it starts anew."""
+    from egress import no_egress
+    from podman_env import containers_conf
+
+    from mcp_node.podman_service import PodmanService, read_environ
+
+    first = PodmanService(tmp_path / "podman", containers_conf())
+    with pytest.MonkeyPatch.context() as mp:
+        no_egress(mp)
+        first.ensure()
+        old_pid = first.pid
+        home = tmp_path / "home"
+        home.mkdir()
+        assert old_pid is not None and read_environ(old_pid).get("HOME") != str(home)
+        second = PodmanService(tmp_path / "podman", containers_conf(), home=lambda: home)
+        try:
+            second.ensure()
+            assert second.pid is not None and second.pid != old_pid
+            assert read_environ(second.pid)["HOME"] == str(home)
+            assert not Path(f"/proc/{old_pid}").exists() or \
+                "podman" not in Path(f"/proc/{old_pid}/cmdline").read_text(errors="replace")
+            third = PodmanService(tmp_path / "podman", containers_conf(), home=lambda: home)
+            third.ensure()   # the same HOME: adopted, not restarted
+            assert third.pid == second.pid
+        finally:
+            second.stop()
+            first.stop()

@@ -46,6 +46,7 @@ from .runtime import (
     WorkloadSpec,
     load_runtime,
 )
+from .secretuse import SecretOps, open_store
 from .servicedef import (
     ComponentDef,
     ServiceDef,
@@ -65,7 +66,7 @@ log = logging.getLogger("mcp_node.agent")
 MAX_STOP_TIMEOUT_S = 3600.0
 
 
-class Agent:
+class Agent(SecretOps):
     """Service lifecycle for one node: the single-node ``operations.Operations``.
 
     ``runtimes`` maps runtime names to implementations; by default each is
@@ -88,6 +89,7 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state_dir.chmod(0o700)  # an existing 0755 one too: it holds tokens and keys
         self.registry = Registry(self.state_dir / "registry.db")
+        self.secrets = open_store(config, self.registry)   # sealed under the node's key
         self.node = node or socket.gethostname()
         self.owner = node_id(self.state_dir)
         self.started_at = time.monotonic()
@@ -158,6 +160,7 @@ class Agent:
             rt = self._runtimes.get(name)
             if rt is None:
                 rt = self._impl(name)(self.config, self.state_dir, self.owner)
+                rt.secret_source = self.secret_value
                 self._runtimes[name] = rt
         return rt
 
@@ -253,7 +256,7 @@ class Agent:
             env=d.env + route_env(d, comp.host_ports), volumes=d.volumes,
             ports=tuple(comp.host_ports[r.name] for r in d.routes), restart=d.restart,
             memory_mb=d.memory_mb, vcpus=d.vcpus, binary=d.binary, image_sha256=d.image_sha256,
-            image_digest=d.image_digest,
+            image_digest=d.image_digest, secrets=d.secrets, secret_versions=d.secret_versions,
         )
 
     def _unallocated_spec(self, service: str, comp: ComponentDef) -> WorkloadSpec:
@@ -285,6 +288,7 @@ class Agent:
         WorkloadError (a runtime failed; the previous state is restored),
         RegistryError.
         """
+        defn = self.with_secret_versions(defn)   # an unknown secret: 400, nothing changed
         check_volume_roots(defn, self.config.podman.volume_roots
                            or default_volume_roots(self.state_dir))
         check_route_zone(defn, self.config.edge.internal_zone)
@@ -324,7 +328,7 @@ class Agent:
 
     def plan(self, defn: ServiceDef, pull: bool = False) -> dict[str, Any]:
         """What ``deploy`` would change, images resolved (images.Images.plan)."""
-        return self.images.plan(defn.local_part(), pull)
+        return self.images.plan(self.with_secret_versions(defn.local_part()), pull)
 
     def _check_capacity(self, defn: ServiceDef, previous: ServiceRecord | None) -> None:
         if not defn.active:

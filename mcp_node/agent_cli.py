@@ -320,3 +320,26 @@ def token_list(cfg: AgentConfig) -> None:
 
     for t in TokenStore.for_config(cfg).tokens:
         click.echo(f"{t.name}\t{t.role}")
+
+
+@main.group()
+def secrets() -> None:
+    """The node's secret store (values sealed with AES-256-GCM under its key file)."""
+
+
+@secrets.command("rotate-key")
+@click.pass_obj
+def secrets_rotate_key(cfg: AgentConfig) -> None:
+    """Seal every stored secret again under a new key, in one transaction, and replace
+    the key file ([secrets] key_file, default <state>/secrets.key) with it."""
+    from .registry import Registry
+    from .secretuse import open_store
+
+    registry = Registry(cfg.state_dir / "registry.db")
+    try:
+        store = open_store(cfg, registry)
+        count = store.rotate()
+    finally:
+        registry.close()
+    click.echo(f"rotated the secret key: {count} stored version(s) sealed again; "
+               f"new key in {store.key_path}")

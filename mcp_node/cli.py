@@ -67,6 +67,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "uncordon": ("clifleet:uncordon",
                  "Let placements use NODE again after a drain (fleet mode)."),
     "edge": ("cliedge:edge", "Edge routes: public TLS hostnames forwarded to Tailnet backends."),
+    "secret": ("clisecret:secret",
+               "Secrets: values given to components as files or env, never shown again."),
 }
 
 

@@ -179,6 +179,8 @@ class RemoteBackend:
             return client.get(path, params=query or None)
         if op.verb == "DELETE":
             return client.delete(path)
+        if op.verb == "PUT":
+            return client.put(path, whole)
         return client.post(path, body if whole is None else whole, params=query or None)
 
     def logs(self, service: str, component: str | None, tail: int | None,

@@ -287,6 +287,9 @@ class Client:
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 
+    def put(self, path: str, body: Any) -> Any:
+        return self.request("PUT", path, body)
+
     def stream(self, path: str, *, params: dict[str, Any] | None = None,
                idle_timeout: float | None = None) -> Iterator[bytes]:
         """GET ``path`` on a connection of its own and yield the body as it arrives.

@@ -154,6 +154,15 @@ class RegistriesConfig:
 
 
 @dataclass(frozen=True)
+class SecretsConfig:
+    """The secret store (issue 20)."""
+
+    key_file: str = ""                  # default <state>/secrets.key (0600, made on first use)
+    fleet_key_file: str = ""            # fleet mode: the key every node is given
+    runtime_dir: str = ""               # a tmpfs for secret files; default /run or /dev/shm
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """Fleet mode on etcd (issue 12); ``etcd`` empty: a single node, no etcd."""
 
@@ -191,6 +200,7 @@ class AgentConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
 
     @property

@@ -24,6 +24,7 @@ from .httpapi import (
 )
 from .opdecode import decode
 from .optable import answer
+from .redact import for_role
 from .servicedef import check_name
 from .wire import SERVER_HEADER, dumps, http_date, log_safe
 
@@ -51,7 +52,10 @@ class APIHandler(Handler):
         """Every operation without an endpoint of its own (``optable``)."""
         op = self._route.op
         kwargs = decode(op, params, query, body)
-        self._send_json(answer(op, kwargs, getattr(self.agent, op.call)(**kwargs)))
+        result = answer(op, kwargs, getattr(self.agent, op.call)(**kwargs))
+        if op.redact:   # env values are operator data (issue 20)
+            result = for_role(self._token.role if self._token else None, result)
+        self._send_json(result)
 
     def h_openapi(self, params: Params, query: dict[str, str], body: bytes) -> None:
         self._send(200, openapi.document_bytes())

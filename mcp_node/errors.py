@@ -107,6 +107,14 @@ class SchemaTooNewError(RegistryError):
     code = "schema_too_new"
 
 
+class SecretStoreError(MCPError):
+    """The secret store cannot open a value: its key file is missing, not 0600 or holds
+    another key, or a row was altered (AES-GCM authentication failed)."""
+
+    status = 500
+    code = "secret_store"
+
+
 class RuntimeUnavailable(MCPError):
     """A runtime this operation needs is not enabled on this node."""
 

@@ -157,6 +157,16 @@ class FleetOperations:
     def certificate_expiries(self) -> dict[str, str]:
         return self._agent.certificate_expiries()
 
+    # Secrets are this node's own store (fleet-wide secrets in etcd are not built yet).
+    def secret_set(self, name: str, value: bytes | None = None) -> dict[str, Any]:
+        return self.local.secret_set(name, value)
+
+    def secret_list(self) -> list[dict[str, Any]]:
+        return self.local.secret_list()
+
+    def secret_remove(self, name: str) -> None:
+        self.local.secret_remove(name)
+
     def edge_list(self) -> list[dict[str, Any]]:
         return self._agent.edge_list()
 

@@ -32,6 +32,12 @@ ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 RESERVED_ENV_RE = re.compile(r"PORT(_[A-Za-z0-9_]*)?")
 ENV_PATTERN = "^(?!PORT(?:=|_[A-Za-z0-9_]*=))[A-Za-z_][A-Za-z0-9_]*=[^\\u0000]*$"
 
+# A secret's name (issue 20): a file name under /run/secrets/, and what an env value
+# ``secret:NAME`` refers to.
+SECRET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+SECRET_NAME_PATTERN = "^[a-z0-9][a-z0-9_.-]{0,62}$"  # noqa: S105 - a name's syntax
+SECRET_PREFIX = "secret:"  # noqa: S105 - the env value prefix
+
 VOLUME_OPTIONS = ("ro", "rw", "z", "Z")
 # podman takes one option of each family ("can only specify 1 'rw' or 'ro' option", and
 # of 'z', 'Z'): two came through as a 502 at create.
@@ -106,6 +112,30 @@ def check_image(value: object, field: str = "image") -> str:
     return text
 
 
+def check_secret_name(value: object, field: str = "name") -> str:
+    if not isinstance(value, str):
+        raise ValidationError("must be a string", field)
+    if not SECRET_NAME_RE.fullmatch(value):
+        raise ValidationError(f"{value[:80]!r} is not a valid secret name "
+                              "([a-z0-9][a-z0-9_.-]{0,62})", field)
+    return value
+
+
+def secret_ref(value: str) -> str | None:
+    """The secret an env value ``secret:NAME`` names, else None (a plain value)."""
+    return value[len(SECRET_PREFIX):] if value.startswith(SECRET_PREFIX) else None
+
+
+def secret_refs(env: Iterable[str]) -> list[str]:
+    """The secrets ``env``'s values name, in order (each once)."""
+    out: list[str] = []
+    for item in env:
+        name = secret_ref(item.partition("=")[2])
+        if name is not None and name not in out:
+            out.append(name)
+    return out
+
+
 def parse_env_item(item: str, field: str = "env") -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not ENV_KEY_RE.fullmatch(key):
@@ -130,6 +160,9 @@ def check_env(items: Sequence[str], field: str = "env") -> list[tuple[str, str]]
             raise ValidationError(f"{key} is set twice (also {field}[{seen[key]}])",
                                   f"{field}[{i}]")
         seen[key] = i
+        ref = secret_ref(pairs[i][1])
+        if ref is not None:
+            check_secret_name(ref, f"{field}[{i}]")
     return pairs
 
 

@@ -83,6 +83,8 @@ def nanos_manifest(req: BuildRequest) -> str:
     place(req.program, req.elf.resolve())
     for v in req.volumes:
         place(v.guest, {})
+    for name, host in req.secret_files:   # read by mkfs into the image (on a tmpfs)
+        place(f"/run/secrets/{name}", host)
 
     def render(node: dict[str, object]) -> str:
         items = []

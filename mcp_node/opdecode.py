@@ -8,8 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import ValidationError
+from .grammar import check_secret_name
 from .httpapi import Params, edge_setup_args, parse_bool, parse_count, parse_json
 from .optable import Op
+from .secretstore import decode_value
 from .servicedef import check_hostname, check_int, check_name, from_dict
 
 MAX_EVENTS = 10000
@@ -45,6 +47,8 @@ KINDS: dict[str, Callable[[Any, str], Any]] = {
     "definition": lambda data, field: from_dict(data),
     "flag": lambda raw, field: raw if isinstance(raw, bool) else parse_bool(str(raw), field),
     "edge_route": _edge_route,
+    "secret_name": check_secret_name,
+    "secret_value": decode_value,
 }
 SPREAD = ("edge_route",)   # kinds that stand for several parameters
 

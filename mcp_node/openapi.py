@@ -12,7 +12,7 @@ import json
 from functools import cache
 from typing import Any
 
-from . import __version__
+from . import __version__, grammar
 from .openapi_schemas import HOSTNAME_PATTERN, NAME_PATTERN, schemas
 
 # httpapi.parse_count with the default server.max_tail (10000); empty means all lines.
@@ -59,6 +59,10 @@ NAME_PARAM = {
 NODE_PARAM = {
     "name": "node", "in": "path", "required": True, "description": "Fleet node name",
     "schema": {"type": "string", "pattern": NAME_PATTERN},
+}
+SECRET_PARAM = {
+    "name": "name", "in": "path", "required": True, "description": "Secret name",
+    "schema": {"type": "string", "pattern": grammar.SECRET_NAME_PATTERN},
 }
 HOSTNAME_PARAM = {
     "name": "hostname", "in": "path", "required": True, "description": "Public DNS name",
@@ -246,6 +250,21 @@ def _paths() -> dict[str, dict[str, Any]]:
             "RemoveEdgeRoute", "Remove an edge route", "master",
             _json(_ref("RouteRemoved"), "Removed"), params=[HOSTNAME_PARAM],
             errors=("404", "409", "502"))},
+        # Secrets (issue 20): a value goes in and is never answered.
+        "/v1/secrets": {"get": _op(
+            "ListSecrets", "The node's secrets: names, versions, times and the deployed "
+            "services using each; never a value", "reader",
+            _json({"type": "array", "items": _ref("SecretInfo")}, "Secrets"))},
+        "/v1/secrets/{name}": {
+            "put": _op("SetSecret", "Store a new version of the secret (what runs keeps its "
+                       "version until deployed again)", "operator",
+                       _json(_ref("SecretInfo"), "The secret, without its value"),
+                       params=[SECRET_PARAM], body="SecretValue"),
+            "delete": _op("RemoveSecret", "Remove the secret and its versions; 409 naming the "
+                          "deployed services that use it", "operator",
+                          _json(_ref("SecretRemoved"), "Removed"), params=[SECRET_PARAM],
+                          errors=("404", "409")),
+        },
         # Fleet mode (issue 12): 404 on an agent without [cluster]; 503 fleet_unavailable
         # while etcd has no quorum. Service writes need the master role in fleet mode.
         "/v1/nodes": {"get": _op(

@@ -110,6 +110,17 @@ def schemas() -> dict[str, Any]:
                              "description": "the image ID the agent resolved image to (status "
                                             "and history carry it); set, the deploy runs "
                                             "exactly that image, which must be on the node"},
+            "secrets": {"type": "array", "maxItems": servicedef.MAX_LIST, "uniqueItems": True,
+                        "items": {"type": "string", "pattern": grammar.SECRET_NAME_PATTERN},
+                        "description": "secrets of the node given as /run/secrets/<name> "
+                                       "(0400); env values secret:NAME name more"},
+            "secret_versions": {
+                "type": "object", "maxProperties": servicedef.MAX_LIST,
+                "propertyNames": {"pattern": grammar.SECRET_NAME_PATTERN},
+                "additionalProperties": {"type": "integer", "minimum": 1},
+                "description": "the version of each secret it uses, recorded by the agent "
+                               "(status and history carry it); set, a deploy gives exactly "
+                               "that version while the node keeps it"},
         },
         "allOf": [
             *({"if": {"required": ["runtime"], "properties": {"runtime": {"const": name}}},
@@ -315,6 +326,26 @@ def schemas() -> dict[str, Any]:
         "RouteRemoved": {
             "type": "object", "required": ["hostname", "removed"],
             "properties": {"hostname": _STR, "removed": {"type": "boolean", "const": True}},
+        },
+        "SecretInfo": {
+            "type": "object", "required": ["name", "version", "versions", "created", "updated",
+                                           "used_by"],
+            "properties": {"name": {"type": "string", "pattern": grammar.SECRET_NAME_PATTERN},
+                           "version": {"type": "integer", "minimum": 1},
+                           "versions": {"type": "array", "items": {"type": "integer"}},
+                           "created": _STR, "updated": _STR,
+                           "used_by": {"type": "array", "items": _STR}},
+        },
+        "SecretValue": {
+            "type": "object", "required": ["value"], "additionalProperties": False,
+            "properties": {"value": {"type": "string", "contentEncoding": "base64",
+                                     "pattern": "^[A-Za-z0-9+/]*={0,2}$",
+                                     "minLength": 4, "maxLength": 2 * 65536,
+                                     "description": "the value, base64 (at most 64 KiB)"}},
+        },
+        "SecretRemoved": {
+            "type": "object", "required": ["name", "removed"],
+            "properties": {"name": _STR, "removed": {"type": "boolean", "const": True}},
         },
         "FleetNode": {
             "type": "object", "required": ["node", "state"], "additionalProperties": True,

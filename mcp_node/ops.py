@@ -57,6 +57,9 @@ class OpsBuilder:
 
     def build(self, req: BuildRequest, out: Path) -> BootPlan:
         self.check(req.volumes)
+        if req.secret_files:
+            raise ImageError("the ops builder cannot give a program secret files; use the "
+                             "nanos builder ([qemu] nanos_dir) or secret env values")
         ops = find_tool(self.cfg.ops)
         if not ops:
             raise ImageError("ops is not installed")

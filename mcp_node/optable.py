@@ -38,6 +38,7 @@ class Op:
     answer: str = ""              # how the result becomes the answer (see ``answer``)
     handler: str = "h_call"       # the endpoint; h_call decodes ``args`` and calls
     cli: str = ""                 # the name mcp's backends call it by ("": ``call``)
+    redact: bool = False          # env values hidden from a reader token (``redact``)
     side: bool = False            # asked while another call runs: mcp uses a second connection
 
     @property
@@ -49,6 +50,7 @@ NAME = Arg("name", "path", "name")
 COMPONENT = Arg("component", "body", "name")
 TIMEOUT = Arg("timeout", "body", "seconds")
 PULL = Arg("pull", "query", "flag")   # pull every image, as pull = "always" would
+SECRET = Arg("name", "path", "secret_name")
 
 OPS: tuple[Op, ...] = (
     Op("HealthCheck", "GET", "/v1/health", "reader", "health", handler="h_health"),
@@ -56,8 +58,10 @@ OPS: tuple[Op, ...] = (
     Op("ListComponents", "GET", "/v1/services", "reader", "ps"),
     Op("Deploy", "POST", "/v1/services", "operator", "deploy",
        (Arg("defn", "json", "definition"), PULL)),
-    Op("Plan", "POST", "/v1/plan", "operator", "plan", (Arg("defn", "json", "definition"), PULL)),
-    Op("ServiceStatus", "GET", "/v1/services/{name}", "reader", "status", (NAME,)),
+    Op("Plan", "POST", "/v1/plan", "operator", "plan", (Arg("defn", "json", "definition"), PULL),
+       redact=True),
+    Op("ServiceStatus", "GET", "/v1/services/{name}", "reader", "status", (NAME,),
+       redact=True),
     Op("Undeploy", "DELETE", "/v1/services/{name}", "operator", "undeploy", (NAME,),
        answer="undeployed"),
     Op("Stop", "POST", "/v1/services/{name}/stop", "operator", "stop",
@@ -67,7 +71,8 @@ OPS: tuple[Op, ...] = (
        (NAME, COMPONENT, TIMEOUT)),
     Op("Logs", "GET", "/v1/services/{name}/logs", "reader", "logs",
        query=("component", "tail", "follow"), handler="h_logs"),
-    Op("History", "GET", "/v1/services/{name}/history", "reader", "history", (NAME,)),
+    Op("History", "GET", "/v1/services/{name}/history", "reader", "history", (NAME,),
+       redact=True),
     Op("Rollback", "POST", "/v1/services/{name}/rollback", "operator", "rollback",
        (NAME, Arg("version", "body", "version"))),
     Op("Progress", "GET", "/v1/services/{name}/progress", "reader", "progress_of", (NAME,),
@@ -83,6 +88,11 @@ OPS: tuple[Op, ...] = (
     Op("RemoveEdgeRoute", "DELETE", "/v1/edge-routes/{hostname}", "master", "edge_remove",
        (Arg("hostname", "path", "hostname"),), answer="removed"),
     Op("ListNodes", "GET", "/v1/nodes", "reader", "nodes"),
+    Op("ListSecrets", "GET", "/v1/secrets", "reader", "secret_list"),
+    Op("SetSecret", "PUT", "/v1/secrets/{name}", "operator", "secret_set",
+       (SECRET, Arg("value", "json", "secret_value"))),
+    Op("RemoveSecret", "DELETE", "/v1/secrets/{name}", "operator", "secret_remove", (SECRET,),
+       answer="secret_removed"),
     Op("DrainNode", "POST", "/v1/nodes/{node}/drain", "master", "drain",
        (Arg("node", "path", "name"),)),
     Op("UncordonNode", "POST", "/v1/nodes/{node}/uncordon", "master", "uncordon",
@@ -99,6 +109,8 @@ def answer(op: Op, kwargs: dict[str, Any], result: Any) -> Any:
         return {"service": kwargs["name"], "undeployed": True}
     if op.answer == "removed":
         return {"hostname": kwargs["hostname"], "removed": True}
+    if op.answer == "secret_removed":
+        return {"name": kwargs["name"], "removed": True}
     return result
 
 

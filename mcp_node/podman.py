@@ -56,7 +56,7 @@ from .errors import (
     RuntimeUnavailable,
     WorkloadError,
 )
-from .grammar import parse_volumes, resolve_volumes, volume_roots
+from .grammar import Volume, parse_volumes, resolve_volumes, volume_roots
 from .mounts import Ident, mounted_ident, moved_source, path_ident
 from .podman_leftovers import Leftovers, conmons
 from .podman_logread import ContainerLog
@@ -89,6 +89,7 @@ from .runtime import (
     workload_name,
 )
 from .runtimenames import CONTAINER
+from .secretfiles import SecretDirs, file_values, resolved_env, uses_secrets
 
 __all__ = ["PodmanRuntime", "PodmanService"]
 
@@ -121,6 +122,7 @@ class PodmanRuntime(Runtime):
             config.podman.containers_conf or os.environ.get("CONTAINERS_CONF", ""),
             home=self.registries.prepare_home)
         self.volume_roots = volume_roots(config.podman.volume_roots, state_dir)
+        self.secret_dirs = SecretDirs(config.secrets, owner)   # secret files, on a tmpfs
         self.url = ""
         self._client: PodmanClient | None = None
         self._lock = threading.Lock()
@@ -398,18 +400,23 @@ class PodmanRuntime(Runtime):
         name = spec.name
         volumes = resolve_volumes(parse_volumes(spec.volumes), self.volume_roots)
         checked = [(v.guest, path_ident(v.host)) for v in volumes]
-        payload = create_payload(create_kwargs(spec, self.owner, volumes))
+        payload, made = self._secret_payload(spec, volumes)
         try:
-            self._create(spec, payload)
-        except WorkloadError as exc:
-            if not any(words in str(exc) for words in NAME_IN_USE):
-                raise
-            if (old := self._owned(name)) is not None:   # ours: replace it
-                self._stop(name, spec.stop_timeout_s)
-                self._delete(name, str(old.get("Id") or ""))
-            elif not self._clear_storage_only(name):   # a foreign container: leave it
-                raise
-            self._create(spec, payload)                # once: the name is free now
+            try:
+                self._create(spec, payload)
+            except WorkloadError as exc:
+                if not any(words in str(exc) for words in NAME_IN_USE):
+                    raise
+                if (old := self._owned(name)) is not None:   # ours: replace it
+                    self._stop(name, spec.stop_timeout_s)
+                    self._delete(name, str(old.get("Id") or ""))
+                    self.secret_dirs.release(h for h, _ in bind_mounts(old))
+                elif not self._clear_storage_only(name):   # a foreign container: leave it
+                    raise
+                self._create(spec, payload)                # once: the name is free now
+        except BaseException:
+            self.secret_dirs.release(made)
+            raise
         log.info("podman: start %s", name)
         resp = self._request("POST", f"/containers/{name}/start", f"start {name}")
         if resp.status_code not in (204, 304):
@@ -424,6 +431,21 @@ class PodmanRuntime(Runtime):
         if workload is None:
             raise WorkloadError(f"podman: container {name} vanished right after start")
         return workload
+
+    def _secret_payload(self, spec: WorkloadSpec, volumes: tuple[Volume, ...]
+                        ) -> tuple[dict[str, Any], list[str]]:
+        """The create body, with the spec's secrets (issue 20): files written to a new
+        tmpfs directory (returned, to release on failure), env values put in. Nothing
+        here is logged; podman keeps the env values in the container's config."""
+        if not uses_secrets(spec):
+            return create_payload(create_kwargs(spec, self.owner, volumes)), []
+        files = file_values(spec, self.secret_source)
+        env = resolved_env(spec, self.secret_source)
+        if not files:
+            return create_payload(create_kwargs(spec, self.owner, volumes, env=env)), []
+        d = self.secret_dirs.write(spec.name, files)
+        return create_payload(create_kwargs(spec, self.owner, volumes, env=env, secret_files={
+            n: str(d / n) for n in files})), [str(d)]
 
     def _create(self, spec: WorkloadSpec, payload: dict[str, Any]) -> None:
         log.info("podman: create %s image=%s ports=%s cmd=%s spec=%s", spec.name, spec.image,
@@ -470,7 +492,12 @@ class PodmanRuntime(Runtime):
     def _mounts_hold(self, name: str, attrs: dict[str, Any]) -> bool:
         """podman resolves a bind source again at every start, so a container whose
         source has moved must not be started as it is."""
-        moved = moved_source((host for host, _ in bind_mounts(attrs)), self.volume_roots)
+        hosts = [host for host, _ in bind_mounts(attrs)]
+        if any(self.secret_dirs.owns(h) and not os.path.exists(h) for h in hosts):
+            log.info("podman: %s: its secret files are gone (a reboot); making it anew", name)
+            return False
+        moved = moved_source((h for h in hosts if not self.secret_dirs.owns(h)),
+                             self.volume_roots)
         if moved:
             log.warning("podman: %s: bind source %s; not starting it as it is", name, moved)
         return not moved
@@ -505,6 +532,7 @@ class PodmanRuntime(Runtime):
         if (attrs.get("State") or {}).get("Running"):
             self._stop(name, timeout)
         self._delete(name, str(attrs.get("Id") or ""))
+        self.secret_dirs.release(h for h, _ in bind_mounts(attrs))
 
     def inspect(self, service: str, component: str) -> Workload | None:
         """None for a missing container, and for one that is not ours."""

@@ -67,7 +67,9 @@ def bind_mounts(attrs: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def create_kwargs(spec: WorkloadSpec, owner: str,
-                  volumes: tuple[Volume, ...] | None = None) -> dict[str, Any]:
+                  volumes: tuple[Volume, ...] | None = None, *,
+                  env: tuple[str, ...] | None = None,
+                  secret_files: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``podman_client.containers.create`` for one component.
 
     Ports are published on 127.0.0.1 only, host port p to container port p,
@@ -76,21 +78,25 @@ def create_kwargs(spec: WorkloadSpec, owner: str,
     from the agent, which applies ``spec.restart`` with backoff instead.
     ``volumes``: the spec's volumes with their host paths resolved just now
     (grammar.resolve_volumes); the runtime always passes them, so podman is given
-    the path that was checked, not one a symlink could redirect.
+    the path that was checked, not one a symlink could redirect. ``env``: the spec's
+    env with its ``secret:NAME`` values put in (secretfiles.resolved_env);
+    ``secret_files``: name -> host file, each bound read-only at /run/secrets/<name>.
     """
     kwargs: dict[str, Any] = {
         "image": spec.run_image,
         "name": spec.name,
         "labels": owner_labels(spec, owner),
-        "environment": env_dict(spec.env),
+        "environment": env_dict(spec.env if env is None else env),
         "ports": {f"{p}/tcp": (LOOPBACK, p) for p in spec.ports},
         "stop_timeout": max(0, int(round(spec.stop_timeout_s))),
     }
     if spec.cmd:
         kwargs["command"] = list(spec.cmd)
     vols = volumes if volumes is not None else parse_volumes(spec.volumes)
-    if vols:
-        kwargs["volumes"] = binds(vols)
+    if vols or secret_files:
+        kwargs["volumes"] = {**binds(vols), **{
+            host: {"bind": f"/run/secrets/{name}", "extended_mode": ["ro"]}
+            for name, host in (secret_files or {}).items()}}
     if spec.memory_mb:
         kwargs["mem_limit"] = f"{spec.memory_mb}m"
     return kwargs

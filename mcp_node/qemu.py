@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -51,6 +50,7 @@ from .qemuargs import VMParams, mac_for
 from .registries import Registries
 from .runtime import Runtime, Workload, WorkloadSpec
 from .runtimenames import UNIKERNEL
+from .secretfiles import SecretDirs, vm_build
 from .servicedef import SHA256_RE, check_name
 from .states import State
 from .vmimage import BootPlan, Builder, BuildRequest, sha256_file
@@ -89,6 +89,7 @@ class QemuRuntime(Runtime):
         self.podman = Podman(containers_conf=config.podman.containers_conf,
                              registries=Registries(config.registries, self.state_dir))
         self.elfs = ElfCache(self.podman, self.cache_dir)
+        self.secret_dirs = SecretDirs(config.secrets, owner)   # secret images, on a tmpfs
         self._accel: str | None = None
         self._avail: tuple[bool, str] | None = None
         self._builder: Builder | None = None
@@ -269,14 +270,14 @@ class QemuRuntime(Runtime):
         d, _meta = self._meta(spec.service, spec.component)
         with self._vm_lock(d):
             pulled, elf = self._elf(spec)
-            self.vms_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=self.vms_dir, prefix=f".build-{d.name}-"))
+            tmp, env, files = vm_build(self.secret_dirs, spec, self.secret_source,
+                                       self.vms_dir, f".build-{d.name}-")
             created = False
             try:
                 req = BuildRequest(
                     service=spec.service, component=spec.component, elf=elf,
                     guest_path=pulled.binary or f"/usr/local/bin/{spec.component}",
-                    argv=pulled.argv, env=spec.env, volumes=volumes,
+                    argv=pulled.argv, env=env, volumes=volumes, secret_files=files,
                     memory_mb=int(spec.memory_mb or 0), vcpus=spec.vcpus, ports=spec.ports,
                     cache_dir=self.cache_dir)
                 plan = self._image(spec, builder, req, tmp)
@@ -287,6 +288,8 @@ class QemuRuntime(Runtime):
                     created = not d.path.exists()
                     meta = self._install(spec, pulled, d, tmp, plan, accel)
                     meta, pid = self._launch(d, meta)
+                if self.secret_dirs.owns(str(tmp)):   # qemu has it open: none of it stays
+                    shutil.rmtree(tmp, ignore_errors=True)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if created:
@@ -319,7 +322,8 @@ class QemuRuntime(Runtime):
         shutil.rmtree(old, ignore_errors=True)
         if d.image.exists():
             os.replace(d.image, old)
-        os.replace(tmp, d.image)
+        sealed = self.secret_dirs.owns(str(tmp))   # built on a tmpfs, with its secrets
+        d.image.mkdir() if sealed else os.replace(tmp, d.image)
         shutil.rmtree(old, ignore_errors=True)
         meta = VMMeta(
             service=spec.service, component=spec.component, image=spec.image,
@@ -327,7 +331,8 @@ class QemuRuntime(Runtime):
             image_sha256=plan.sha256, memory_mb=int(spec.memory_mb or 0), vcpus=spec.vcpus,
             machine=self.cfg.machine, accel=accel, ports=tuple(spec.ports),
             mac=mac_for(spec.service, spec.component), stop_timeout_s=spec.stop_timeout_s,
-            boot=plan.relocated(tmp, d.image), started_at=time.time(), owner=self.owner,
+            boot=plan if sealed else plan.relocated(tmp, d.image), started_at=time.time(),
+            owner=self.owner,
             spec_digest=spec.digest)
         write_meta(d, meta)
         return meta
@@ -362,6 +367,8 @@ class QemuRuntime(Runtime):
                 log.warning("qemu %s: its guest cannot run; booting it again", d.name)
                 vmlaunch.kill(d, meta, pid)
                 meta = read_meta(d) or meta
+            if not Path(meta.boot.image).exists():   # a secret image, gone after its boot
+                return False
             with self._lock:
                 self._check_room(meta.name, meta.memory_mb, meta.vcpus, exclude=d.name)
                 meta = replace(meta, started_at=time.time())

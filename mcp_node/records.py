@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .errors import NotFoundError
 from .servicedef import COMPONENT_DEFAULTS, ComponentDef, ServiceDef, UpdateDef
@@ -99,9 +100,26 @@ SETTINGS = ("check_interval_s", "check_timeout_s", "check_failures", "pull")
 
 
 def component_settings(c: ComponentDef) -> str:
-    """The registry's ``settings`` of a component: its keys of SETTINGS off the default."""
-    return json.dumps({k: getattr(c, k) for k in SETTINGS
-                       if getattr(c, k) != COMPONENT_DEFAULTS[k]}, sort_keys=True)
+    """The registry's ``settings`` of a component: its keys of SETTINGS off the default,
+    and the secrets it uses (issue 20) where it uses any."""
+    out: dict[str, Any] = {k: getattr(c, k) for k in SETTINGS
+                           if getattr(c, k) != COMPONENT_DEFAULTS[k]}
+    if c.secrets:
+        out["secrets"] = list(c.secrets)
+    if c.secret_versions:
+        out["secret_versions"] = dict(c.secret_versions)
+    return json.dumps(out, sort_keys=True)
+
+
+def settings_values(text: str) -> dict[str, Any]:
+    """``component_settings`` read back as ComponentDef's fields."""
+    out: dict[str, Any] = json.loads(text)
+    if "secrets" in out:
+        out["secrets"] = tuple(out["secrets"])
+    if "secret_versions" in out:
+        out["secret_versions"] = tuple(sorted((str(k), int(v))
+                                              for k, v in out["secret_versions"].items()))
+    return out
 
 
 def service_settings(svc: ServiceDef) -> str:

@@ -34,8 +34,10 @@ from .records import (
     ServiceRecord,
     component_settings,
     service_settings,
+    settings_values,
 )
 from .registry_history import HistoryTables
+from .registry_secrets import SecretTables
 from .runtime import workload_name
 from .servicedef import ComponentDef, RouteDef, ServiceDef, UpdateDef
 from .states import RUNNING, STOPPED, UNKNOWN, State
@@ -145,7 +147,7 @@ def inspect_file(path: Path) -> int | None:
         reg.close()
 
 
-class Registry(HistoryTables):
+class Registry(HistoryTables, SecretTables):
     def __init__(self, path: Path, migrate_to: int | None = None) -> None:
         """Open (creating) and migrate; ``migrate_to`` stops early, as an older release would."""
         self.path = path
@@ -382,7 +384,7 @@ class Registry(HistoryTables):
                              hostname=r["hostname"]) for r in rs
                 ),
             )
-            defn = replace(defn, **json.loads(c["settings"]))   # the keys of issue 19
+            defn = replace(defn, **settings_values(c["settings"]))   # issues 19, 20
             by_svc.setdefault(c["service"], []).append(ComponentRecord(
                 defn=defn, desired_state=State(c["desired_state"]),
                 observed_state=State(c["observed_state"]),

@@ -19,7 +19,7 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -67,6 +67,8 @@ class WorkloadSpec:
     image_sha256: str = ""
     stop_timeout_s: float = 10.0
     image_digest: str = ""             # "sha256:<image id>" it resolved to ("" : by name)
+    secrets: tuple[str, ...] = ()      # given as /run/secrets/<name> (issue 20)
+    secret_versions: tuple[tuple[str, int], ...] = ()   # of every secret it uses
 
     @property
     def run_image(self) -> str:
@@ -88,6 +90,8 @@ class WorkloadSpec:
                    self.image_sha256]
         if self.image_digest:   # only when set: a workload from before keeps its digest
             made_of.append(self.image_digest)
+        if self.secrets or self.secret_versions:   # versions, never values (issue 20)
+            made_of.append(json.dumps([self.secrets, self.secret_versions]))
         return hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:16]
 
 
@@ -121,6 +125,8 @@ class Runtime(ABC):
 
     traits: ClassVar[Traits]
     name: ClassVar[str]
+    # (name, version) -> the secret's value, given by the agent (issue 20); None: no store.
+    secret_source: Callable[[str, int], bytes] | None = None
 
     @abstractmethod
     def __init__(self, config: AgentConfig, state_dir: Path, owner: str) -> None:

@@ -68,6 +68,16 @@ class ComponentDef:
     # What ``image`` resolved to when deployed ("sha256:<image id>"; the agent sets it, so a
     # version in history or a revert runs exactly that image, whatever the tag means now).
     image_digest: str = ""
+    # Secrets it is given as /run/secrets/<name> (issue 20); env values ``secret:NAME``
+    # name more. ``secret_versions``: the version of each it uses, set by the agent at
+    # deploy (a version in history or a revert gets exactly that value back).
+    secrets: tuple[str, ...] = ()
+    secret_versions: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def used_secrets(self) -> tuple[str, ...]:
+        """Every secret it uses: its files, then those its env values name."""
+        return tuple(dict.fromkeys((*self.secrets, *grammar.secret_refs(self.env))))
 
     @property
     def version(self) -> str:
@@ -129,6 +139,11 @@ class ServiceDef:
             for r in c["routes"]:
                 if not r["public_hostname"]:
                     del r["public_hostname"]
+            for k in ("secrets", "secret_versions"):   # only where used (digests hold)
+                if not c[k]:
+                    del c[k]
+            if "secret_versions" in c:
+                c["secret_versions"] = dict(c["secret_versions"])
         return out
 
     def local_part(self) -> ServiceDef:
@@ -227,7 +242,7 @@ def _route(data: object, where: str, single: bool) -> RouteDef:
 COMPONENT_KEYS = {
     "name", "image", "cmd", "env", "volumes", "restart", "runtime", "memory_mb",
     "vcpus", "binary", "image_sha256", "routes", "check", "check_interval_s",
-    "check_timeout_s", "check_failures", "pull", "image_digest",
+    "check_timeout_s", "check_failures", "pull", "image_digest", "secrets", "secret_versions",
 }
 UPDATE_KEYS = {"order", "min_healthy_s", "healthy_deadline_s", "auto_revert", "drain_s"}
 
@@ -265,6 +280,27 @@ def _checks(data: dict[str, Any], where: str) -> dict[str, Any]:
             "check_timeout_s": check_seconds(data.get("check_timeout_s", d["check_timeout_s"]),
                                              where + "check_timeout_s", 0.1, 60),
             "check_failures": failures, "pull": pull, "image_digest": digest}
+
+
+def _secrets(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``secrets`` (names, each once) and ``secret_versions`` ({name: version >= 1}, as
+    the agent records it; a client may send it back, as status shows it)."""
+    names = _str_list(data.get("secrets", []), where + "secrets")
+    for j, n in enumerate(names):
+        grammar.check_secret_name(n, f"{where}secrets[{j}]")
+        if n in names[:j]:
+            raise ValidationError(f"{n!r} is named twice", f"{where}secrets[{j}]")
+    raw = data.get("secret_versions", {})
+    if not isinstance(raw, dict) or len(raw) > MAX_LIST:
+        raise ValidationError("must be a table of secret name = version",
+                              where + "secret_versions")
+    versions = []
+    for n, v in sorted(raw.items()):
+        grammar.check_secret_name(n, f"{where}secret_versions")
+        if check_int(v, f"{where}secret_versions.{n}") < 1:
+            raise ValidationError("must be >= 1", f"{where}secret_versions.{n}")
+        versions.append((n, int(v)))
+    return {"secrets": names, "secret_versions": tuple(versions)}
 
 
 def _update(data: object) -> UpdateDef:
@@ -379,7 +415,7 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
         cmd=_str_list(data.get("cmd", []), where + "cmd"), env=env, volumes=volumes,
         restart=restart, memory_mb=memory_mb, vcpus=vcpus, binary=binary,
         image_sha256=sha, routes=routes, check=_check(data, routes, where),
-        **_checks(data, where),
+        **_checks(data, where), **_secrets(data, where),
     )
 
 

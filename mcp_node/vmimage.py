@@ -46,6 +46,9 @@ class BuildRequest:
     vcpus: int = 1
     ports: tuple[int, ...] = ()
     cache_dir: Path | None = None    # where a builder may keep images keyed by their inputs
+    # (name, host file): given to the program as /run/secrets/<name> (issue 20); the
+    # files, and so the image, live in a tmpfs directory only root can read
+    secret_files: tuple[tuple[str, Path], ...] = ()
 
     @property
     def program(self) -> str:

@@ -190,11 +190,11 @@ class PodmanService:
         """Reuse the service answering on our socket, or start one and wait for it."""
         if self.pid is not None and self.answering():
             return
-        home = str(self.home()) if self.home is not None else ""
         if self.answering():
             log.info("podman: reusing podman service already answering on %s", self.url)
             self._adopt()
-            if not home or self.pid is None or read_environ(self.pid).get("HOME") == home:
+            if self.pid is None or self.home is None or (
+                    read_environ(self.pid).get("HOME") == str(self.home())):
                 return
             log.info("podman: service pid %d runs with another HOME; restarting it", self.pid)
             self.stop()
@@ -202,6 +202,7 @@ class PodmanService:
         if podman is None:
             raise RuntimeUnavailable(f"podman binary {self.podman!r} not found on PATH")
         self._prepare_dirs()
+        home = str(self.home()) if self.home is not None else ""
         if self.socket.is_socket():
             self.socket.unlink()   # stale: ours, and nothing answers on it
         env = service_env(os.environ, self.containers_conf, home)

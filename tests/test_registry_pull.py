@@ -11,6 +11,8 @@ read at each pull, so each failure is mended by rewriting a file, with no restar
 both components deploy from the registry and answer, while a poller reads every
 ``/proc/*/cmdline``; the password (and its base64 forms) is in no command line, no line
 of the agent's log (nor its podman service's), no event and no API answer of the test.
+An ``auth_file`` logs in for both runtimes alike (refused while wrong, then mended); an
+adopted podman service without the registries' HOME is restarted.
 """
 
 from __future__ import annotations
@@ -276,3 +278,39 @@ def test_an_adopted_podman_service_with_another_home_is_restarted(
         finally:
             second.stop()
             first.stop()
+
+
+def test_an_auth_file_logs_in_for_both_runtimes(
+        tmp_path: Path, private_registry: Registry, agents: list[Agent]) -> None:
+    """``auth_file`` (the containers-auth.json ``podman login`` writes) instead of a user
+    and password file: refused while it holds a wrong password, then plan resolves (so
+    pulls) both components through it, as the file is read at each pull."""
+    reg = private_registry
+    host, image = reg.host, f"{reg.host}/mcp/hello:v1"
+    auth = tmp_path / "auth.json"
+    wrong = base64.b64encode(f"{USER}:wrong".encode()).decode()
+    auth.write_text(json.dumps({"auths": {f"https://{host}": {"auth": wrong}}}))
+    auth.chmod(0o600)
+    agent = Agent(tmp_path / "agent", f'[registries."{host}"]\nauth_file = "{auth}"\n'
+                  f'ca_file = "{reg.ca_file}"\n')
+    agents.append(agent)
+    both = definition(tmp_path, "viaauth", image, ONE[0] + ONE[1])
+    res = agent.mcp("plan", str(both))
+    assert (res.exit_code, res.output) == (1, (
+        f"Error: cannot pull image {image}: registry {host} refused the login of {USER} from "
+        f'registries."{host}".auth_file; set it to a login the registry accepts. Nothing was '
+        "changed\n"))
+    auth.write_text(reg.auth_file.read_text())
+    podman_cli("rmi", image)
+    res = agent.mcp("--json", "plan", str(both))
+    assert res.exit_code == 3, res.output + agent.daemon.log()
+    assert [c["action"] for c in json.loads(res.output)["changes"]] == ["create", "create"]
+    assert podman_cli("image", "exists", image).returncode == 0
+    assert agent.services() == []
+    # each plan pulled twice: the container's through the API (the login in a header),
+    # the VM's through the CLI (the login in a memfd, the CA as --cert-dir)
+    log = agent.daemon.log()
+    assert log.count(f'podman: pull {image} (login from registries."{host}".auth_file)') == 2
+    certs = agent.daemon.state / "registries" / "home" / ".config/containers/certs.d" / host
+    assert log.count(f"run: podman pull --cert-dir {certs} --authfile /proc/self/fd/") == 2
+    assert reg.password not in log and "wrong" not in log

@@ -10,7 +10,8 @@
   test may put credentials on its own command lines, the agent never does).
   ``push(local, repo_tag)`` pushes a local image as ``host/repo_tag`` and returns that.
 - ``private_registry``: the session's one ``Registry``, with ``localhost/mcp-hello:v1``
-  pushed as ``mcp/hello:v1`` (skips through ``need`` without docker-registry or bcrypt).
+  pushed as ``mcp/hello:v1`` (skips through ``need`` without docker-registry or bcrypt);
+  at the end, the names its pulls left on the node (``host/...``, names only) are removed.
 
 Every podman call here runs with ``egress.no_egress_env``: the registry on 127.0.0.1 is
 reached directly (NO_PROXY), anything else fails at the closed-port proxy.
@@ -134,9 +135,16 @@ def private_registry(tmp_path_factory: pytest.TempPathFactory,
 
     need("docker-registry", "podman")
     need_module("bcrypt")
+    from podman_env import podman_cli
+
     reg = Registry(tmp_path_factory.mktemp("registry")).start()
     try:
         reg.push(hello_images["v1"], "mcp/hello:v1")
         yield reg
     finally:
         reg.stop()
+        # the names this registry's pulls left (each only a name of the test image)
+        out = podman_cli("images", "--format", "{{.Repository}}:{{.Tag}}").stdout
+        names = [n for n in out.split() if n.startswith(f"{reg.host}/")]
+        if names:
+            podman_cli("rmi", *names)

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from .errors import (
     RuntimeUnavailable,
     ValidationError,
 )
-from .files import flocked, node_id, unlink_quietly
+from .files import flocked, node_id
 from .grammar import default_volume_roots
 from .images import Images
 from .monitor import Monitor, View
@@ -55,6 +55,7 @@ from .servicedef import (
     check_volume_roots,
     route_env,
 )
+from .servicelocks import ServiceLocks
 from .states import RUNNING, STOPPED, State
 from .views import Views
 
@@ -96,8 +97,7 @@ class Agent(SecretOps):
         self._impls = dict(runtimes) if runtimes is not None else None
         self._runtimes: dict[str, Runtime] = {}
         self._rt_lock = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}   # name -> (lock, users)
-        self._locks_guard = threading.Lock()
+        self.locks = ServiceLocks(self.state_dir / "locks", self._exists)
         self._names_guard = threading.Lock()
         self._edge: EdgeManager | None = None
         self._routes: Any = None   # NodeRoutes, with proxy.serve_routes (issue 11)
@@ -113,6 +113,8 @@ class Agent(SecretOps):
         self.reconciler.unhealthy = self.checks.unhealthy
         self.progress = Progress()
         self.steps = Steps(self.runtime, self.spec, self.registry, self.progress)
+        if config.proxy.serve_routes:   # start-first replaces switch at the node proxy
+            self.steps.switch = lambda service, c: self.node_routes.switch(service, c)
         self.rounds = Rounds(self)
         # Health-gated rollouts (issue 19): judged after every monitor round.
         self.rollouts = Rollouts(self.registry, reverter(self), last_output(self))
@@ -200,41 +202,9 @@ class Agent(SecretOps):
 
     # -- locking ------------------------------------------------------------
 
-    @contextmanager
-    def _service_lock(self, name: str, wait: bool = True) -> Iterator[bool]:
-        """Operations on one service are serialised; different services run in parallel.
-
-        A thread lock inside this process, and a file lock across processes sharing the
-        state dir (``mcp --local`` beside a running daemon). ``wait=False`` (reconcile)
-        yields False at once, holding nothing, while an operation has the service.
-        Neither outlives the name: the lock file of a service that does not exist after
-        the operation (never did, or undeployed) is removed while it is still held, and
-        the thread lock goes with its last user, so a thousand stops of typos leave nothing.
-        """
-        with self._locks_guard:
-            lock, users = self._locks.get(name) or (threading.Lock(), 0)
-            self._locks[name] = (lock, users + 1)
-        try:
-            if not lock.acquire(blocking=wait):
-                yield False
-                return
-            try:
-                path = self.state_dir / "locks" / f"service-{name}.lock"
-                with flocked(path, wait) as got:
-                    try:
-                        yield got
-                    finally:
-                        if got and not self._exists(name):
-                            unlink_quietly(path)
-            finally:
-                lock.release()
-        finally:
-            with self._locks_guard:
-                lock, users = self._locks[name]
-                if users > 1:
-                    self._locks[name] = (lock, users - 1)
-                else:
-                    del self._locks[name]
+    def _service_lock(self, name: str, wait: bool = True) -> AbstractContextManager[bool]:
+        """Operations on one service are serialised (``servicelocks``)."""
+        return self.locks.hold(name, wait)
 
     def _exists(self, name: str) -> bool:
         """Whether the registry has ``name``; True when it cannot say (keep the lock file)."""
@@ -306,15 +276,24 @@ class Agent(SecretOps):
                 previous.definition() if previous else None, defn,
                 {c.defn.name: c.observed_state for c in previous.components} if previous
                 else {})
-            # Check and write as one step across services (and processes).
-            with self._names_guard, self._file_lock("names"):
-                self.registry.check_workload_names(defn)
-                rec = self.registry.put_service(defn)
+            beside = self._beside(defn, previous, changed)
+            switched: set[str] = set()
             try:
-                changes = self.steps.converge(rec, previous)
-            except BaseException:
-                self.steps.rollback(rec, previous)
-                raise
+                for c in beside:   # its routes stay on the current workload until switched
+                    assert previous is not None
+                    self.node_routes.hold(defn.name, c, previous.component(c).host_ports)
+                # Check and write as one step across services (and processes).
+                with self._names_guard, self._file_lock("names"):
+                    self.registry.check_workload_names(defn)
+                    rec = self.registry.put_service(defn, fresh=beside)
+                try:
+                    changes = self.steps.converge(rec, previous, beside, switched)
+                except BaseException:
+                    self.steps.rollback(rec, previous, beside, switched)
+                    raise
+            finally:
+                for c in beside:
+                    self.node_routes.release(defn.name, c)
             version = self.registry.record_deployment(defn, note=note)
             unchanged = changes == 0 and previous is not None and previous.definition() == defn
             if gated and defn.active and changed and not unchanged:
@@ -325,6 +304,18 @@ class Agent(SecretOps):
             self.monitor.refresh_safely()
             self._routes_after(defn.name)
             return {**self.local_status(defn.name), "unchanged": unchanged}
+
+    def _beside(self, defn: ServiceDef, previous: ServiceRecord | None,
+                changed: tuple[str, ...]) -> frozenset[str]:
+        """The changed components a start-first deploy replaces beside their current
+        workload: those with a route the node proxy serves, of the same runtime as
+        before (the rest are replaced stop-first)."""
+        if defn.update.order != "start-first" or previous is None or \
+                not self.config.proxy.serve_routes:
+            return frozenset()
+        old = {c.defn.name: c.defn for c in previous.components}
+        return frozenset(c.name for c in defn.components if c.name in changed and c.routes
+                         and c.name in old and old[c.name].runtime == c.runtime)
 
     def plan(self, defn: ServiceDef, pull: bool = False) -> dict[str, Any]:
         """What ``deploy`` would change, images resolved (images.Images.plan)."""

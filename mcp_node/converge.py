@@ -7,12 +7,17 @@ each step is noted in ``progress`` for ``mcp`` to show while it waits.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
+from .errors import WorkloadError
 from .operations import STOP_TIMEOUT_S
+from .readiness import check, effective
+from .runtime import NEXT, OLD, side_key
 from .states import RUNNING, State
 
 if TYPE_CHECKING:
@@ -20,11 +25,14 @@ if TYPE_CHECKING:
     from .records import ComponentRecord, ServiceRecord
     from .registry import Registry
     from .runtime import Runtime, WorkloadSpec
+    from .servicedef import UpdateDef
 
 log = logging.getLogger("mcp_node.agent")
 
 
 T = TypeVar("T")
+
+PROBE_EVERY_S = 0.05   # a start-first replace's new workload, until its check passes
 
 
 def in_parallel(tasks: list[Callable[[], T]]) -> list[T]:
@@ -48,12 +56,21 @@ class Steps:
         self.spec = spec
         self.registry = registry
         self.progress = progress
+        # Sends a component's new connections to its new workload (the node proxy's
+        # ``switch``); set by the agent where the node proxy serves routes.
+        self.switch: Callable[[str, str], None] | None = None
+        self.sleep: Callable[[float], None] = time.sleep
+        self.clock: Callable[[], float] = time.monotonic
 
-    def converge(self, rec: ServiceRecord, previous: ServiceRecord | None) -> int:
+    def converge(self, rec: ServiceRecord, previous: ServiceRecord | None,
+                 beside: frozenset[str] = frozenset(),
+                 switched: set[str] | None = None) -> int:
         """Make the runtimes match ``rec``; an unchanged running component is left alone.
 
         Components are independent, so each one's steps run in parallel with the
-        others'. Returns how many workloads were created or removed.
+        others'. Returns how many workloads were created or removed. A component in
+        ``beside`` whose workload runs is replaced start-first (``replace_beside``);
+        each one switched to its new workload is added to ``switched``.
         """
         old = {c.defn.name: c for c in previous.components} if previous else {}
         gone = [oc for name, oc in old.items()
@@ -75,6 +92,11 @@ class Steps:
                 if live is not None and live.state == RUNNING:
                     step("unchanged")
                     return False
+            if comp.defn.name in beside and self.switch is not None:
+                live = rt.inspect(rec.name, comp.defn.name)
+                if live is not None and live.state == RUNNING:
+                    self.replace_beside(rec, comp, switched if switched is not None else set())
+                    return True
             step("starting" if prev is None else "replacing")
             rt.run(self.spec(rec.name, comp))
             step("running")
@@ -83,20 +105,90 @@ class Steps:
         ran = in_parallel([partial(one, c) for c in rec.components])
         return len(gone) + sum(ran)
 
+    def replace_beside(self, rec: ServiceRecord, comp: ComponentRecord,
+                       switched: set[str]) -> None:
+        """Start-first: the new workload runs beside the current one (on the record's
+        new host ports, while the node proxy is held on the old ones); once it passes
+        its check, within ``healthy_deadline_s``, the proxy sends new connections to it,
+        it becomes the component's workload, and the old one keeps its open
+        connections for ``drain_s`` before it is stopped. Until the switch the old one
+        is never touched: a new one that fails is removed and the error raised."""
+        service, name = rec.name, comp.defn.name
+        update: UpdateDef = rec.definition().update
+        rt, step = self.runtime(comp.defn.runtime), partial(self.progress.step, service, name)
+        assert self.switch is not None
+        step("starting beside the current one")
+        try:
+            rt.run(replace(self.spec(service, comp), slot=NEXT))
+            step("checking")
+            self._passing(rt, service, comp, update.healthy_deadline_s)
+            step("switching")
+            self.switch(service, name)
+        except BaseException:
+            self._remove_quietly(rt, service, side_key(name, NEXT))
+            raise
+        switched.add(name)
+        rt.promote(service, name)
+        log.info("start-first %s/%s: switched to the new workload; the old one drains "
+                 "for %gs", service, name, update.drain_s)
+        step("draining")
+        self.sleep(update.drain_s)
+        rt.remove(service, side_key(name, OLD))
+        step("running")
+
+    def _passing(self, rt: Runtime, service: str, comp: ComponentRecord,
+                 deadline_s: float) -> None:
+        """Until the ``NEXT`` workload passes the component's check; WorkloadError naming
+        the check and its last result when it has not within ``deadline_s``."""
+        key, d = side_key(comp.defn.name, NEXT), comp.defn
+        timeout = d.check_timeout_s
+
+        def tcp(port: int, t: float) -> str:
+            return rt.tcp_check(service, key, port, t)
+
+        end = self.clock() + deadline_s
+        while True:
+            result = check(d, comp.host_ports, timeout, tcp)
+            if result.ok:
+                return
+            live = rt.inspect(service, key)
+            if live is None or live.state != RUNNING:
+                raise WorkloadError(f"{service}/{d.name}: its new workload stopped before "
+                                    f"it passed its {effective(d)} check ({result.detail}); "
+                                    "the current one still serves")
+            if self.clock() >= end:
+                raise WorkloadError(f"{service}/{d.name}: its new workload did not pass its "
+                                    f"{effective(d)} check within {deadline_s:g}s "
+                                    f"(healthy_deadline_s; last: {result.detail}); the "
+                                    "current one still serves")
+            self.sleep(PROBE_EVERY_S)
+
+    @staticmethod
+    def _remove_quietly(rt: Runtime, service: str, key: str) -> None:
+        try:
+            rt.remove(service, key)
+        except Exception:
+            log.exception("could not remove %s/%s", service, key)
+
     def remove(self, service: str, comp: ComponentRecord) -> None:
         self.progress.step(service, comp.defn.name, "removing")
         self.runtime(comp.defn.runtime).remove(service, comp.defn.name)
         self.progress.step(service, comp.defn.name, "removed")
 
-    def rollback(self, rec: ServiceRecord, previous: ServiceRecord | None) -> None:
+    def rollback(self, rec: ServiceRecord, previous: ServiceRecord | None,
+                 beside: frozenset[str] = frozenset(), switched: set[str] | None = None,
+                 ) -> None:
         """Undo a failed deploy of ``rec``: what it may have made or changed is removed
         and the previous record's workloads run again; a component the deploy left as
-        it was (same definition, ports and desired state) is not touched."""
+        it was (same definition, ports and desired state, or a start-first replace that
+        never switched: ``beside`` less ``switched``) is not touched."""
         log.warning("deploy of %s failed; rolling back", rec.name)
         old = {c.defn.name: c for c in previous.components} if previous else {}
 
         def untouched(comp: ComponentRecord) -> bool:
             prev = old.get(comp.defn.name)
+            if prev is not None and comp.defn.name in beside - (switched or set()):
+                return True   # its new workload (if any) is removed already
             return prev is not None and prev.defn == comp.defn and \
                 prev.host_ports == comp.host_ports and prev.desired_state == comp.desired_state
 
@@ -105,10 +197,11 @@ class Steps:
             if comp.defn.name in kept:
                 continue
             self.progress.step(rec.name, comp.defn.name, "rolling back")
-            try:
-                self.runtime(comp.defn.runtime).remove(rec.name, comp.defn.name)
-            except Exception:
-                log.exception("rollback: could not remove %s/%s", rec.name, comp.defn.name)
+            rt = self.runtime(comp.defn.runtime)
+            keys = [comp.defn.name] + ([side_key(comp.defn.name, s) for s in (NEXT, OLD)]
+                                       if comp.defn.name in beside else [])
+            for key in keys:
+                self._remove_quietly(rt, rec.name, key)
         if previous is None:
             self.registry.delete_service(rec.name)
             return

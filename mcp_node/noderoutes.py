@@ -108,6 +108,38 @@ class NodeRoutes:
         self._caddy_known_empty = False
         self._proxy_next = 0.0
         self._lock = threading.RLock()
+        # (service, component) -> route -> the host port its routes stay on while a
+        # start-first replace runs the new workload beside the old one (``hold``).
+        self._held: dict[tuple[str, str], dict[str, int]] = {}
+
+    def hold(self, service: str, component: str, ports: dict[str, int]) -> None:
+        """Keep the component's routes on ``ports`` (its current workload) whatever the
+        registry says, until ``switch``. In memory only: after a crash the proxy follows
+        the registry, where reconcile puts the new workload."""
+        with self._lock:
+            self._held[(service, component)] = dict(ports)
+
+    def switch(self, service: str, component: str) -> None:
+        """Send the component's new connections where the registry says (its new
+        workload): the hold goes and the proxies are synced. If a route of the
+        component cannot be switched, the hold is put back (the proxies follow it) and
+        RouteError names the step."""
+        with self._lock:
+            held = self._held.pop((service, component), None)
+            failures = self.sync()
+            mine = [f"route {'/'.join(k)}: {f.step} step failed: {f.message}"
+                    for k, f in failures.items() if k[:2] == (service, component)]
+            if mine:
+                if held is not None:
+                    self._held[(service, component)] = held
+                    self.sync()
+                raise RouteError(f"service {service}: cannot switch {component} to its new "
+                                 "workload: " + "; ".join(mine))
+
+    def release(self, service: str, component: str) -> None:
+        """Drop a hold without syncing (the replace failed; the record is put back)."""
+        with self._lock:
+            self._held.pop((service, component), None)
 
     # -- rules (before anything changes) -------------------------------------------
 
@@ -150,9 +182,12 @@ class NodeRoutes:
     # -- desired state -----------------------------------------------------------------
 
     def _wants_of(self, svc: ServiceRecord) -> list[Want]:
+        held = self._held
         return [Want(svc.name, c.defn.name, r.name, r.port, r.mode,
                      effective_hostname(r.hostname, svc.name, self.zone),
-                     c.host_ports.get(r.name, 0), c.desired_state == RUNNING)
+                     held.get((svc.name, c.defn.name), {}).get(r.name)
+                     or c.host_ports.get(r.name, 0),
+                     c.desired_state == RUNNING)
                 for c in svc.components for r in c.defn.routes]
 
     def wanted(self) -> list[Want]:

@@ -170,8 +170,10 @@ def schemas() -> dict[str, Any]:
                         "order": {"type": "string", "enum": list(servicedef.UPDATE_ORDERS),
                                   "description": "stop-first (the default): the old "
                                                  "workload stops before the new one "
-                                                 "starts; start-first is not built yet "
-                                                 "and refused"},
+                                                 "starts; start-first: a component whose "
+                                                 "routes the node proxy serves gets its "
+                                                 "new workload beside the old one, "
+                                                 "switched once it passes its check"},
                         "min_healthy_s": {"type": "number", "minimum": 0, "maximum": 3600,
                                           "default": 5},
                         "healthy_deadline_s": {"type": "number", "minimum": 1,

@@ -83,9 +83,12 @@ from .podmanargs import (
 from .registries import Registries, classify
 from .runtime import (
     LABEL_OWNER,
+    NEXT,
+    OLD,
     Runtime,
     Workload,
     WorkloadSpec,
+    side_key,
     workload_name,
 )
 from .runtimenames import CONTAINER
@@ -465,6 +468,25 @@ class PodmanRuntime(Runtime):
         if mistake is not None:
             raise mistake
         raise WorkloadError(f"podman create {spec.name}: {message}")
+
+    def promote(self, service: str, component: str) -> None:
+        """Two renames (podman renames a running container in place): the current one
+        to its ``OLD`` name, the ``NEXT`` one to the component's own."""
+        own = workload_name(service, component)
+        nxt, old = (workload_name(service, side_key(component, s)) for s in (NEXT, OLD))
+        if self._owned(nxt) is None:
+            raise WorkloadError(f"podman: no {nxt} to promote")
+        self.remove(service, side_key(component, OLD))
+        if self._owned(own) is not None:
+            self._rename(own, old)
+        self._rename(nxt, own)
+
+    def _rename(self, name: str, new: str) -> None:
+        log.info("podman: rename %s %s", name, new)
+        resp = self._request("POST", f"/containers/{name}/rename", f"rename {name}",
+                             params={"name": new})
+        if resp.status_code >= 400:
+            raise WorkloadError(f"podman rename {name} {new}: {response_message(resp)}")
 
     def stop(self, service: str, component: str, timeout: float = 10.0) -> None:
         name = workload_name(service, component)

@@ -25,6 +25,7 @@ from .runtime import (
     LABEL_SERVICE,
     Workload,
     WorkloadSpec,
+    key_from_name,
 )
 from .runtimenames import CONTAINER
 from .states import RUNNING, STOPPED, State
@@ -166,7 +167,9 @@ def workload_from_list(entry: Mapping[str, Any]) -> Workload | None:
     raw = str(entry.get("State", ""))
     names = entry.get("Names") or []
     return Workload(
-        service=service, component=component, runtime=RUNTIME_NAME, state=_state(raw),
+        service=service, component=key_from_name(str(names[0]) if names else "", service,
+                                                  component),
+        runtime=RUNTIME_NAME, state=_state(raw),
         id=str(entry.get("Id", "")), image=str(entry.get("Image", "")),
         started_at=parse_time(entry.get("StartedAt")),
         restart_count=int(entry.get("Restarts") or 0),
@@ -215,7 +218,9 @@ def workload_from_inspect(attrs: Mapping[str, Any]) -> Workload | None:
     host_ports = sorted(int(b["HostPort"]) for bs in bindings.values() for b in bs or []
                         if b.get("HostPort"))
     return Workload(
-        service=service, component=component, runtime=RUNTIME_NAME, state=_state(raw),
+        service=service, component=key_from_name(str(attrs.get("Name", "")), service,
+                                                  component),
+        runtime=RUNTIME_NAME, state=_state(raw),
         id=str(attrs.get("Id", "")), image=str(attrs.get("ImageName") or attrs.get("Image", "")),
         started_at=parse_time(st.get("StartedAt")),
         restart_count=int(attrs.get("RestartCount") or 0),

@@ -21,6 +21,7 @@ cannot power itself off, so it is not waited for: ``quit`` follows after a short
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -40,15 +41,16 @@ from .errors import (
     NotFoundError,
     RuntimeUnavailable,
     ValidationError,
+    WorkloadError,
 )
-from .files import host_memory_mb
+from .files import host_memory_mb, unlink_quietly
 from .grammar import Volume, parse_volumes, resolve_volumes, volume_roots
 from .initramfs import find_busybox, find_kernel
 from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
 from .podman_images import gone_message, image_digest
 from .qemuargs import VMParams, mac_for
 from .registries import Registries
-from .runtime import Runtime, Workload, WorkloadSpec
+from .runtime import NEXT, OLD, Runtime, Workload, WorkloadSpec, side_key, slot_of, split_key
 from .runtimenames import UNIKERNEL
 from .secretfiles import SecretDirs, vm_build
 from .servicedef import SHA256_RE, check_name
@@ -169,9 +171,13 @@ class QemuRuntime(Runtime):
     # -- paths and names -----------------------------------------------------------------------
 
     def _dir(self, service: str, component: str) -> VMDir:
+        """``component`` is a workload key: a slot (``side_key``) is a suffix of the dir."""
+        base, slot = split_key(component)
         check_name(service, "service")
-        check_name(component, "component")
-        return VMDir(self.vms_dir / f"{service}-{component}")
+        check_name(base, "component")
+        if slot not in ("", NEXT, OLD):
+            raise ValidationError(f"{slot[:20]!r} is not a workload slot", "component")
+        return VMDir(self.vms_dir / f"{service}-{side_key(base, slot)}")
 
     def _vm_lock(self, d: VMDir) -> threading.RLock:
         with self._guard:
@@ -181,7 +187,7 @@ class QemuRuntime(Runtime):
         """The VM's dir and meta; a dir owned by another (service, component) is a conflict."""
         d = self._dir(service, component)
         meta = read_meta(d)
-        if meta and (meta.service, meta.component) != (service, component):
+        if meta and (meta.service, meta.component) != (service, split_key(component)[0]):
             raise ConflictError(
                 f"VM state directory {d.name} belongs to service {meta.service!r} "
                 f"component {meta.component!r}; {service}/{component} maps to the same name")
@@ -201,7 +207,7 @@ class QemuRuntime(Runtime):
     def check_capacity(self, spec: WorkloadSpec, replacing: bool) -> None:
         """Refuse a VM that would overcommit host memory (minus the reserve) or CPUs."""
         self._check_spec(spec)
-        d = self._dir(spec.service, spec.component)
+        d = self._dir(spec.service, spec.key)
         self._check_room(spec.name, int(spec.memory_mb or 0), spec.vcpus,
                          exclude=d.name if replacing else "")
 
@@ -267,7 +273,7 @@ class QemuRuntime(Runtime):
             if not 1 <= p <= 65535:
                 raise ValidationError(f"port {p} out of range", "ports")
         builder = self._require()
-        d, _meta = self._meta(spec.service, spec.component)
+        d, _meta = self._meta(spec.service, spec.key)
         with self._vm_lock(d):
             pulled, elf = self._elf(spec)
             tmp, env, files = vm_build(self.secret_dirs, spec, self.secret_source,
@@ -283,7 +289,7 @@ class QemuRuntime(Runtime):
                 plan = self._image(spec, builder, req, tmp)
                 accel = self.accel
                 self.check_capacity(spec, replacing=True)   # refuse before touching the old VM
-                self.stop(spec.service, spec.component, spec.stop_timeout_s)
+                self.stop(spec.service, spec.key, spec.stop_timeout_s)
                 with self._lock:
                     created = not d.path.exists()
                     meta = self._install(spec, pulled, d, tmp, plan, accel)
@@ -315,7 +321,7 @@ class QemuRuntime(Runtime):
                  plan: BootPlan, accel: str) -> VMMeta:
         """The install step (the old VM is stopped): claim and capacity checked again,
         image and meta put in place."""
-        d, _old = self._meta(spec.service, spec.component)  # re-check the claim
+        d, _old = self._meta(spec.service, spec.key)  # re-check the claim
         self.check_capacity(spec, replacing=True)
         d.path.mkdir(exist_ok=True)
         old = d.path / "image.old"
@@ -412,6 +418,25 @@ class QemuRuntime(Runtime):
             if pid is not None:
                 vmlaunch.stop(d, meta, pid, timeout, self._guests.status(d, pid))
 
+    def promote(self, service: str, component: str) -> None:
+        """Two directory renames; qemu keeps running in each (its pidfile is outside the
+        dir, ``VMMeta.pidfile``; QMP and the console are reached through the dir)."""
+        own, nxt, old = (self._dir(service, side_key(component, s)) for s in ("", NEXT, OLD))
+        if read_meta(nxt) is None:
+            raise WorkloadError(f"qemu: no {nxt.name} to promote")
+        self.remove(service, side_key(component, OLD))
+        with self._lock, self._vm_lock(own), self._vm_lock(nxt):
+            for d, to in ((own, old), (nxt, own)):
+                meta = read_meta(d)
+                if meta is None:
+                    continue
+                # Its pidfile is outside the dir (``VMMeta.pidfile``); its image moves.
+                write_meta(d, replace(meta, boot=meta.boot.relocated(d.image, to.image)))
+                os.replace(d.path, to.path)
+                self._guests.forget(d)
+        log.info("qemu %s: promoted %s (the one it replaces is %s)", own.name, nxt.name,
+                 old.name)
+
     def remove(self, service: str, component: str) -> None:
         d, meta = self._meta(service, component)
         if meta is None and not d.path.exists():
@@ -419,6 +444,10 @@ class QemuRuntime(Runtime):
         with self._vm_lock(d):
             if meta is not None:
                 self.stop(service, component, meta.stop_timeout_s)
+                if meta.pidfile:   # a killed qemu leaves it; the last one, its dir
+                    unlink_quietly(Path(meta.pidfile))
+                    with contextlib.suppress(OSError):
+                        Path(meta.pidfile).parent.rmdir()
             shutil.rmtree(d.path)
             self._guests.forget(d)
         self._prune_cache()
@@ -457,7 +486,8 @@ class QemuRuntime(Runtime):
         # A live qemu whose guest does not run (prelaunch, paused, internal-error ...) is
         # not serving: stopped, and ``paused`` says why (QMP unreachable: left running).
         paused = qmp_status if pid and qmp.stopped(qmp_status) else ""
-        return Workload(service=meta.service, component=meta.component, runtime=self.name,
+        key = side_key(meta.component, slot_of(d.name))
+        return Workload(service=meta.service, component=key, runtime=self.name,
                         state=State.RUNNING if pid and not paused else State.STOPPED,
                         id=d.name, image=meta.image, started_at=meta.started_at, extra=extra,
                         spec_digest=meta.spec_digest, paused=paused)

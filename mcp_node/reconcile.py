@@ -190,10 +190,11 @@ def plan(
             kind = "start" if w is not None else "run"
             why = (f"exited ({w.exit_code})" if w is not None else "missing")
             out.actions.append(Action(kind, rec.name, d.name, d.runtime, why, restart=True))
-    for w in orphans:
-        if w.runtime not in skip:
-            out.actions.append(Action("remove", w.service, w.component, w.runtime,
-                                      "orphan: no service record owns it"))
+    # Orphans first: one left by a start-first replace an agent crash cut holds the
+    # host ports its component's record now names.
+    out.actions[:0] = [Action("remove", w.service, w.component, w.runtime,
+                              "orphan: no service record owns it")
+                       for w in orphans if w.runtime not in skip]
     return out
 
 

@@ -254,12 +254,14 @@ class Registry(HistoryTables, SecretTables):
 
     def put_service(
         self, svc: ServiceDef, ports: dict[tuple[str, str], int] | None = None,
-        desired: dict[str, State] | None = None,
+        desired: dict[str, State] | None = None, fresh: frozenset[str] = frozenset(),
     ) -> ServiceRecord:
         """Insert or replace a service; keep each route's host port, allocate new ones.
 
         ``ports`` forces (component, route) -> host port and ``desired`` component ->
-        desired state, used to restore a previous record on rollback.
+        desired state, used to restore a previous record on rollback. The components
+        in ``fresh`` get new host ports (a start-first replace: the new workload runs
+        beside the old one, which keeps its ports until it is stopped).
         """
         ts = now_iso()
         with self._tx() as db:
@@ -282,11 +284,12 @@ class Registry(HistoryTables, SecretTables):
                 (svc.name, int(svc.active), ts, ts, service_settings(svc)),
             )
             db.execute("DELETE FROM components WHERE service=?", (svc.name,))
-            keep = dict(old_ports)
+            keep = {k: p for k, p in old_ports.items() if k[0] not in fresh}
             keep.update(ports or {})
             # Read once per deploy, not once per new port: 8,000 routes took 34 s (N²).
             used = {r[0] for r in db.execute("SELECT host_port FROM routes")}
             used.update(keep.values())
+            used.update(old_ports.values())   # a fresh port is none the old workload holds
             for c in svc.components:
                 state = RUNNING if svc.active else STOPPED
                 state = (desired or {}).get(c.name, state)

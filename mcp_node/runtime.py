@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_RUNTIME", "LABEL_COMPONENT", "LABEL_MANAGED", "LABEL_OWNER", "LABEL_SERVICE",
     "MISSING", "RUNNING", "RUNTIMES", "RUNTIME_NAMES", "STOPPED", "Runtime", "State",
     "TRAITS", "Traits", "Workload", "WorkloadSpec", "load_runtime", "workload_name",
+    "NEXT", "OLD", "key_from_name", "side_key", "slot_of", "split_key",
 ]
 
 # Label keys / values that mark a workload as the agent's own.
@@ -45,8 +46,45 @@ LABEL_OWNER = "mcp.owner"   # the node id of the agent whose workload it is
 
 
 def workload_name(service: str, component: str) -> str:
-    """Container / VM name. Both parts are validated names, so this is safe."""
+    """Container / VM name. Both parts are validated names (``component`` may carry a
+    slot, ``side_key``), so this is safe."""
     return f"mcp-{service}-{component}"
+
+
+# A start-first replace (issue 19) runs the new workload beside the current one under
+# the component's key with a slot: ``web.next``; once the proxy sends new connections
+# to it, it is promoted (``Runtime.promote``) and the replaced one drains as
+# ``web.old``. Names cannot hold a dot, so no component's key is another's slot key. A
+# slot key is in no registry record: left over by a crash, it is an orphan reconcile
+# removes.
+NEXT = "next"
+OLD = "old"
+
+
+def side_key(component: str, slot: str) -> str:
+    return f"{component}.{slot}" if slot else component
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(component, slot) of a workload key; slot "" for the component's own workload."""
+    component, _, slot = key.partition(".")
+    return component, slot
+
+
+def slot_of(name: str) -> str:
+    """The slot a workload's name (or VM dir name) ends in, "" for none."""
+    slot = name.rpartition(".")[2] if "." in name else ""
+    return slot if slot in (NEXT, OLD) else ""
+
+
+def key_from_name(name: str, service: str, component: str) -> str:
+    """The key a container named ``name`` has: its component's, with the slot the name
+    adds to the component's own workload name."""
+    name = name.lstrip("/")
+    slot = slot_of(name)
+    if slot and name == workload_name(service, side_key(component, slot)):
+        return side_key(component, slot)
+    return component
 
 
 @dataclass(frozen=True)
@@ -69,6 +107,7 @@ class WorkloadSpec:
     image_digest: str = ""             # "sha256:<image id>" it resolved to ("" : by name)
     secrets: tuple[str, ...] = ()      # given as /run/secrets/<name> (issue 20)
     secret_versions: tuple[tuple[str, int], ...] = ()   # of every secret it uses
+    slot: str = ""                     # "" or NEXT: a start-first replace's new workload
 
     @property
     def run_image(self) -> str:
@@ -77,14 +116,20 @@ class WorkloadSpec:
         return self.image_digest or self.image
 
     @property
+    def key(self) -> str:
+        """The component as the runtime's calls name this workload (``side_key``)."""
+        return side_key(self.component, self.slot)
+
+    @property
     def name(self) -> str:
-        return workload_name(self.service, self.component)
+        return workload_name(self.service, self.key)
 
     @property
     def digest(self) -> str:
         """What the workload is made from; a runtime keeps it with the workload
         (label, metadata) so a workload that differs from its record shows as spec
-        drift. The restart policy and stop timeout are the agent's, not the workload's."""
+        drift. The restart policy and stop timeout are the agent's, not the workload's;
+        the slot is where it runs, not what it is (a promoted one matches its record)."""
         made_of = [self.service, self.component, self.image, self.cmd, self.env,
                    self.volumes, self.ports, self.memory_mb, self.vcpus, self.binary,
                    self.image_sha256]
@@ -159,6 +204,12 @@ class Runtime(ABC):
     @abstractmethod
     def run(self, spec: WorkloadSpec) -> Workload:
         """Create and start the workload, replacing any existing one of that name."""
+
+    @abstractmethod
+    def promote(self, service: str, component: str) -> None:
+        """Make the component's ``NEXT`` workload its own, and the one it replaces (if
+        any) its ``OLD`` (an earlier ``OLD`` removed); both keep running. Workload keys
+        (``component`` in every call) may carry a slot, ``side_key``."""
 
     def start(self, service: str, component: str) -> bool:
         """Start an existing, stopped workload as it is (its log kept).

@@ -26,9 +26,9 @@ RESTART_POLICIES = ("", "no", "always", "on-failure", "unless-stopped")
 ROUTE_MODES = ("l4", "l7")
 FAILOVER_MODES = ("", "fence", "overlap")   # fleet mode (issue 18); "" is "fence"
 PULL_POLICIES = ("missing", "always")
-# "start-first" (the new workload beside the old one, switched at the node proxy) is a
-# name of the design that is refused until it is built, rather than run as stop-first.
-UPDATE_ORDERS = ("", "stop-first")
+# "start-first": the new workload beside the old one, switched at the node proxy; a
+# component whose routes the node proxy does not serve is replaced stop-first.
+UPDATE_ORDERS = ("", "stop-first", "start-first")
 MAX_LIST = 256
 # Bounded work per deploy: 8,000 routes once held the registry's writer for 34 s.
 MAX_COMPONENTS = 64
@@ -92,7 +92,7 @@ class ComponentDef:
 class UpdateDef:
     """How a deploy replaces what runs (design §10 ``[update]``)."""
 
-    order: str = ""                  # "" or "stop-first" (start-first: not built yet)
+    order: str = ""                  # "" (stop-first), "stop-first" or "start-first"
     min_healthy_s: float = 5.0
     healthy_deadline_s: float = 60.0  # counted as at least min_healthy_s
     auto_revert: bool = True
@@ -311,12 +311,9 @@ def _update(data: object) -> UpdateDef:
     _check_keys(data, UPDATE_KEYS, "update.")
     d = UpdateDef()
     order = data.get("order", d.order)
-    if order == "start-first":
-        raise ValidationError("start-first is not built yet: a replace stops the old "
-                              "workload before it starts the new one; leave order out or "
-                              "set stop-first", "update.order")
     if order not in UPDATE_ORDERS:
-        raise ValidationError(f"{str(order)[:40]!r} is not stop-first", "update.order")
+        raise ValidationError(f"{str(order)[:40]!r} is not stop-first or start-first",
+                              "update.order")
     revert = data.get("auto_revert", d.auto_revert)
     if not isinstance(revert, bool):
         raise ValidationError("must be a boolean", "update.auto_revert")

@@ -33,6 +33,8 @@ from .vmstate import (
     VMMeta,
     console_rotate,
     live_pid,
+    new_pidfile,
+    pidfile_of,
     wait_exit,
     write_meta,
 )
@@ -47,8 +49,8 @@ KILL_WAIT_S = 5.0
 def vm_params(binary: str, d: VMDir, meta: VMMeta, paused: bool = False) -> VMParams:
     return VMParams(
         binary=binary, name=meta.name, machine=meta.machine, accel=meta.accel,
-        memory_mb=meta.memory_mb, vcpus=meta.vcpus, pidfile=str(d.pidfile), qmp=d.qmp.name,
-        console=str(d.console), ports=meta.ports, mac=meta.mac, plan=meta.boot,
+        memory_mb=meta.memory_mb, vcpus=meta.vcpus, pidfile=str(pidfile_of(d, meta)),
+        qmp=d.qmp.name, console=str(d.console), ports=meta.ports, mac=meta.mac, plan=meta.boot,
         paused=paused)
 
 
@@ -57,9 +59,11 @@ def launch(d: VMDir, meta: VMMeta, binary: str, volume_roots: Sequence[str],
     """qemu started for ``meta``; the meta (with the image digest) and qemu's pid once
     the guest runs. A failure leaves no qemu of this launch running."""
     console_rotate(d.console, console_max_bytes)
-    for stale in (d.qmp, d.pidfile):
+    for stale in (d.qmp, pidfile_of(d, meta)):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
+    meta = replace(meta, pidfile=str(new_pidfile(d)))
+    write_meta(d, meta)   # before qemu starts: a crash right after still finds its pid
     paused = not meta.image_sha256
     # Host paths resolved and checked at every boot; qemu gets the resolved ones.
     boot = replace(meta.boot, volumes=resolve_volumes(meta.boot.volumes, volume_roots))

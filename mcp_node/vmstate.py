@@ -95,6 +95,10 @@ class VMMeta:
     started_at: float
     owner: str = ""                 # node id of the agent that launched it
     spec_digest: str = ""           # WorkloadSpec.digest it was made from
+    # qemu's pidfile ("": the dir's qemu.pid). Outside the dir, one per launch: a
+    # start-first replace renames the dirs of running VMs (``QemuRuntime.promote``), and
+    # qemu unlinks the pidfile path it was given when it exits.
+    pidfile: str = ""
     extra: dict[str, Any] = field(default_factory=dict)   # keys of newer versions, kept
 
     @property
@@ -122,6 +126,7 @@ class VMMeta:
             stop_timeout_s=float(d.get("stop_timeout_s", 10.0)),
             boot=BootPlan.from_dict(d["boot"]), started_at=float(d.get("started_at", 0.0)),
             owner=str(d.get("owner", "")), spec_digest=str(d.get("spec_digest", "")),
+            pidfile=str(d.get("pidfile", "")),
             extra={k: v for k, v in d.items() if k not in known})
 
 
@@ -141,15 +146,27 @@ def read_meta(d: VMDir) -> VMMeta | None:
         return None
 
 
+def pidfile_of(d: VMDir, meta: VMMeta) -> Path:
+    return Path(meta.pidfile) if meta.pidfile else d.pidfile
+
+
+def new_pidfile(d: VMDir) -> Path:
+    """A launch's own pidfile beside the VM dirs (``VMMeta.pidfile``)."""
+    pids = d.path.parent / ".pids"
+    pids.mkdir(mode=0o700, exist_ok=True)
+    return pids / f"{d.name}.{os.urandom(4).hex()}.pid"
+
+
 def live_pid(d: VMDir, meta: VMMeta) -> int | None:
     """The qemu pid if that process is alive and is this VM's qemu (not a reused pid)."""
+    pidfile = pidfile_of(d, meta)
     try:
-        pid = int(d.pidfile.read_text().strip())
+        pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
     argv = read_cmdline(pid)
     if argv and "-pidfile" in argv and argv[argv.index("-pidfile") + 1:][:1] == [
-            str(d.pidfile)] and f"guest={meta.name}" in argv:
+            str(pidfile)] and f"guest={meta.name}" in argv:
         return pid
     return None
 

@@ -17,7 +17,16 @@ from typing import Any, ClassVar
 
 from mcp_node.config import AgentConfig
 from mcp_node.errors import ImageError, MCPError, NotFoundError, ResourceError, WorkloadError
-from mcp_node.runtime import RUNTIME_NAMES, TRAITS, Runtime, Workload, WorkloadSpec
+from mcp_node.runtime import (
+    NEXT,
+    OLD,
+    RUNTIME_NAMES,
+    TRAITS,
+    Runtime,
+    Workload,
+    WorkloadSpec,
+    side_key,
+)
 from mcp_node.states import RUNNING, STOPPED
 
 Key = tuple[str, str]
@@ -95,13 +104,24 @@ class DummyRuntime(Runtime):
             raise ImageError(f"image {spec.image} not found")
 
     def run(self, spec: WorkloadSpec) -> Workload:
-        self._step("run", spec.component)
+        self._step("run", spec.key)
         self.world.clock += 1
-        self.world.workloads[(spec.service, spec.component)] = Running(
+        self.world.workloads[(spec.service, spec.key)] = Running(
             spec, self.name, RUNNING, f"id{next(self.world._ids)}", self.world.clock)
-        w = self.inspect(spec.service, spec.component)
+        w = self.inspect(spec.service, spec.key)
         assert w is not None
         return w
+
+    def promote(self, service: str, component: str) -> None:
+        self._step("promote", component)
+        nxt, old = side_key(component, NEXT), side_key(component, OLD)
+        ws = self.world.workloads
+        if (service, nxt) not in ws:
+            raise WorkloadError(f"no {nxt} to promote")
+        ws.pop((service, old), None)
+        if (service, component) in ws:
+            ws[(service, old)] = ws.pop((service, component))
+        ws[(service, component)] = ws.pop((service, nxt))
 
     def start(self, service: str, component: str) -> bool:
         self._step("start", component)

@@ -134,9 +134,11 @@ def qemu_runtime(config: AgentConfig, owner: str = TEST_OWNER) -> Any:
 
 
 def qemu_pids_in(state_dir: Path) -> list[int]:
-    """Live qemu processes whose pidfile is in ``state_dir``/vms (checked via cmdline)."""
+    """Live qemu processes whose pidfile is in ``state_dir``/vms (checked via cmdline):
+    a VM dir's own ``qemu.pid`` or a launch's under ``vms/.pids`` (``VMMeta.pidfile``)."""
     out = []
-    for pidfile in (state_dir / "vms").glob("*/qemu.pid"):
+    vms = state_dir / "vms"
+    for pidfile in [*vms.glob("*/qemu.pid"), *vms.glob(".pids/*.pid")]:
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text())
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -320,7 +320,7 @@ def test_undeploy_reads_the_record_under_the_service_lock(agent: Agent,
         t.start()
         # Wait (bounded) until the undeploy is blocked on the lock we hold.
         deadline = time.monotonic() + 30
-        while not _blocked_in(t, "_service_lock"):
+        while not _blocked_in(t, "hold"):
             assert time.monotonic() < deadline, "undeploy never reached the service lock"
             time.sleep(0.01)
         # What a concurrent deploy adding a component does while it holds the lock.

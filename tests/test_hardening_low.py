@@ -77,7 +77,7 @@ def test_an_operation_on_a_missing_name_leaves_no_lock_file(agent: Agent, op: st
         with pytest.raises(NotFoundError):
             getattr(agent, op)(f"ghost-{i}")
     assert sorted(p.name for p in (agent.state_dir / "locks").glob("*")) == []
-    assert agent._locks == {}
+    assert len(agent.locks) == 0
 
 
 def test_undeploy_takes_the_lock_file_with_the_service(agent: Agent) -> None:
@@ -86,7 +86,7 @@ def test_undeploy_takes_the_lock_file_with_the_service(agent: Agent) -> None:
     assert (locks / "service-shop.lock").exists()
     agent.undeploy("shop")
     assert not (locks / "service-shop.lock").exists()
-    assert agent._locks == {}
+    assert len(agent.locks) == 0
 
 
 def test_a_waiter_on_a_removed_lock_file_locks_the_new_one(tmp_path: Path) -> None:

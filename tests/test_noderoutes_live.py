@@ -205,3 +205,58 @@ def test_fault_leaves_nothing_half_made(live: Live, fault: str) -> None:
             live.root.write_bytes(live.pebble.root_pem())
     assert a.node_routes.sync() == {}
     assert "200" in live.fetch(host, port).split(" ", 2)[2]
+
+
+def test_start_first_replaces_without_a_failed_request(live: Live) -> None:
+    """Issue 19 item 3: requests through the node proxy every 20 ms during start-first
+    redeploys (a changed env each time) all answer; the new workload is on a new host
+    port, the old one is gone, and nothing of the replace is left."""
+    import ssl
+    import threading
+
+    a, port, host = live.agent, free_on(HOST_ADDR), f"sf.{ZONE}"
+
+    def defn(version: str) -> Any:
+        return service_from_dict({"name": "sf", "update": {"order": "start-first",
+                                                            "drain_s": 0.5},
+                                  "components": [{"name": "web", "image": live.image,
+                                                  "env": [f"VERSION={version}"],
+                                                  "routes": [{"port": port}]}]})
+
+    a.deploy(defn("v1"))
+    tls = ssl.create_default_context(cafile=str(live.root))
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def get() -> str:
+        try:
+            with socket.create_connection((HOST_ADDR, port), timeout=5) as raw, \
+                    tls.wrap_socket(raw, server_hostname=host) as s:
+                s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                return s.recv(4096).split(b"\r\n", 1)[0].decode()
+        except OSError as exc:
+            return f"failed: {exc}"
+
+    def load() -> None:
+        while not stop.is_set():
+            answers.append(get())
+            stop.wait(0.02)
+
+    assert "200" in get()
+    ports = [a.registry.get_service("sf").component("web").host_ports[""]]
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    try:
+        for version in ("v2", "v3"):
+            a.deploy(defn(version))
+            ports.append(a.registry.get_service("sf").component("web").host_ports[""])
+    finally:
+        stop.set()
+        t.join(10)
+    bad = [x for x in answers if "200" not in x]
+    assert len(answers) > 20 and bad == [], (len(answers), bad[:5])
+    assert len(set(ports)) == 3   # each replace on a new host port
+    names = [w.extra["name"] for w in a.runtime("container").list() if w.service == "sf"]
+    assert names == ["mcp-sf-web"]
+    assert a.status("sf")["components"][0]["routes"][0]["host_port"] == ports[-1]
+    a.undeploy("sf")

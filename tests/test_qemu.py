@@ -73,7 +73,8 @@ class Booted:
         return self.state / "vms" / f"{self.spec.service}-{self.spec.component}"
 
     def pid(self) -> int:
-        return int((self.dir / "qemu.pid").read_text())
+        meta = json.loads((self.dir / "meta.json").read_text())
+        return int(Path(meta.get("pidfile") or self.dir / "qemu.pid").read_text())
 
     def console(self) -> str:
         return (self.dir / "console.log").read_text(errors="replace")
@@ -237,7 +238,7 @@ def test_pid_reuse_is_not_mistaken_for_the_vm(hello_vm: Booted) -> None:
     fake.mkdir()
     try:
         meta = json.loads((hello_vm.dir / "meta.json").read_text())
-        meta.update(service="fake", component="x")
+        meta.update(service="fake", component="x", pidfile="")   # its own qemu.pid
         (fake / "meta.json").write_text(json.dumps(meta))
         for pid in (os.getpid(), hello_vm.pid()):   # alive non-qemu; another VM's qemu
             (fake / "qemu.pid").write_text(str(pid))

@@ -18,7 +18,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,14 @@ from qemu_env import VMReaper, nanos_config, qemu_runtime
 
 from mcp_node.config import from_dict
 from mcp_node.errors import ImageError, NotFoundError
-from mcp_node.runtime import DEFAULT_RUNTIME, RUNNING, STOPPED, Runtime, WorkloadSpec
+from mcp_node.runtime import (
+    DEFAULT_RUNTIME,
+    NEXT,
+    RUNNING,
+    STOPPED,
+    Runtime,
+    WorkloadSpec,
+)
 
 MISSING_IMAGE = "localhost/mcp-contract-no-such-image:missing"
 
@@ -44,27 +51,27 @@ class Subject:
         if self.world is not None:
             self._print(spec, f"hello: listening on :{spec.ports[0]}")
             return
-        until(lambda: b"listening on" in b"".join(self.rt.logs(spec.service, spec.component)),
+        until(lambda: b"listening on" in b"".join(self.rt.logs(spec.service, spec.key)),
               120)
 
-    def request(self, spec: WorkloadSpec) -> None:
-        """One HTTP request, which the program logs."""
+    def request(self, spec: WorkloadSpec, says: str = "contract", port: int = 0) -> None:
+        """One HTTP request (to ``port``, default the spec's), which the program logs."""
         if self.world is not None:
             self._print(spec, "hello: GET / HTTP/1.1")
             return
-        port = spec.ports[0]
+        port = port or spec.ports[0]
 
         def answers() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
-                    return b"hello from contract" in r.read()
+                    return f"hello from {says}".encode() in r.read()
             except OSError:
                 return False
         until(answers, 120)
 
     def _print(self, spec: WorkloadSpec, text: str) -> None:
         assert self.world is not None
-        self.world.workloads[(spec.service, spec.component)].log.append(text.encode() + b"\n")
+        self.world.workloads[(spec.service, spec.key)].log.append(text.encode() + b"\n")
 
 
 def until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -179,3 +186,36 @@ def test_lifecycle_as_the_agent_drives_it(subject: Subject) -> None:
     with pytest.raises(NotFoundError):
         list(rt.logs(spec.service, spec.component))
     rt.remove(spec.service, spec.component)
+
+
+def test_promote_the_next_workload_beside_the_current_one(subject: Subject) -> None:
+    """A start-first replace as the agent drives it: the new workload (slot ``next``, its
+    own port) runs beside the current one; promoted, it is the component's (stop and
+    start work on it) and the old one, still serving, is ``web.old`` until removed."""
+    rt = subject.rt
+    spec = spec_for(subject, "old")
+    rt.pull(spec)
+    rt.run(spec)
+    port = free_port()
+    new = replace(spec, env=("MESSAGE=new", f"PORT={port}"), ports=(port,), slot=NEXT)
+    w = rt.run(new)
+    assert (w.component, w.state, w.spec_digest) == ("web.next", RUNNING, new.digest)
+    assert new.digest == replace(new, slot="").digest != spec.digest
+    assert sorted(ours(rt, spec)) == [(spec.service, "web", RUNNING, spec.digest),
+                                      (spec.service, "web.next", RUNNING, new.digest)]
+    subject.request(new, "new")
+    rt.promote(spec.service, "web")
+    assert sorted(ours(rt, spec)) == [(spec.service, "web", RUNNING, new.digest),
+                                      (spec.service, "web.old", RUNNING, spec.digest)]
+    got = rt.inspect(spec.service, "web")
+    assert got is not None and got.spec_digest == new.digest and got.state == RUNNING
+    subject.request(replace(new, slot=""), "new")
+    subject.request(replace(spec, slot="old"), "old")   # draining: still answers
+    rt.remove(spec.service, "web.old")
+    assert ours(rt, spec) == [(spec.service, "web", RUNNING, new.digest)]
+    rt.stop(spec.service, "web", 5.0)
+    assert ours(rt, spec) == [(spec.service, "web", STOPPED, new.digest)]
+    assert rt.start(spec.service, "web") is True
+    subject.request(replace(new, slot=""), "new")
+    rt.remove(spec.service, "web")
+    assert ours(rt, spec) == []

@@ -18,7 +18,7 @@ from typing import Any
 from click.testing import CliRunner
 from daemon_env import Daemon
 from podman_env import containers_conf, podman_cli
-from qemu_env import nanos_dir
+from qemu_env import nanos_dir, qemu_pids_in
 
 from mcp_node.cli import cli
 from mcp_node.secretfiles import MEMORY_FS, fs_type
@@ -148,6 +148,6 @@ def test_secret_reaches_container_and_vm_and_leaks_nowhere(
     finally:
         d.stop()
         d.remove_containers()
-        for pid_file in (state / "vms").glob("*/qemu.pid") if (state / "vms").exists() else ():
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pid_file.read_text().strip()), 9)
+        for pid in qemu_pids_in(state):
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)

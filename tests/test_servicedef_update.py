@@ -84,10 +84,8 @@ def test_fence_is_the_default_failover_by_name() -> None:
     (svc({"check_failures": 1.5}), "components[0].check_failures", ""),
     (svc({"pull": "never"}), "components[0].pull", "'never' is not missing or always"),
     (svc(update=[]), "update", "must be a table"),
-    (svc(update={"order": "blue-green"}), "update.order", "'blue-green' is not stop-first"),
-    (svc(update={"order": "start-first"}), "update.order",
-     "start-first is not built yet: a replace stops the old workload before it starts the "
-     "new one; leave order out or set stop-first"),
+    (svc(update={"order": "blue-green"}), "update.order",
+     "'blue-green' is not stop-first or start-first"),
     (svc(update={"auto_revert": "yes"}), "update.auto_revert", "must be a boolean"),
     (svc(update={"min_healthy_s": 3601}), "update.min_healthy_s", "must be 0-3600"),
     (svc(update={"healthy_deadline_s": 0}), "update.healthy_deadline_s", "must be 1-86400"),

@@ -20,6 +20,7 @@ stand for, so they hang off the root::
      |    +-- ResourceError       409 resources    (would overcommit the node)
      |    +-- HostnameTaken       409 hostname_taken (DNS name held for another address)
      +-- TokenStoreError          500 token_store  (tokens file untrusted or unreadable)
+     +-- SecretStoreError         500 secret_store (key file wrong or a sealed row altered)
      +-- RegistryError            503 registry     (storage: full, read-only, corrupt)
      |    +-- SchemaTooNewError   503 schema_too_new
      +-- WorkloadError            502 runtime      (podman / qemu refused or failed)

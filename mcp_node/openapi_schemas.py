@@ -43,6 +43,10 @@ def _strs(item: dict[str, Any]) -> dict[str, Any]:
     return {"type": "array", "items": item, "maxItems": servicedef.MAX_LIST}
 
 
+# Strict base64, as the server decodes it (b64decode with validate: whole quanta only).
+BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
 def schemas() -> dict[str, Any]:
     route_def = {
         "type": "object", "additionalProperties": False, "required": ["port"],
@@ -341,7 +345,7 @@ def schemas() -> dict[str, Any]:
         "SecretValue": {
             "type": "object", "required": ["value"], "additionalProperties": False,
             "properties": {"value": {"type": "string", "contentEncoding": "base64",
-                                     "pattern": "^[A-Za-z0-9+/]*={0,2}$",
+                                     "pattern": BASE64_PATTERN,
                                      "minLength": 4, "maxLength": 2 * 65536,
                                      "description": "the value, base64 (at most 64 KiB)"}},
         },

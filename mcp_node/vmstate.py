@@ -273,7 +273,9 @@ def wait_exit(pid: int, timeout: float, still_ours: Callable[[], bool]) -> bool:
         while True:
             left = deadline - time.monotonic()
             if fd >= 0:
-                if select.select([fd], [], [], max(left, 0))[0]:
+                poller = select.poll()   # not select(): an fd may be above 1023
+                poller.register(fd, select.POLLIN)
+                if poller.poll(max(left, 0) * 1000):
                     return True
             elif not still_ours():
                 return True

@@ -20,6 +20,7 @@ VALUES = {
     "TEXT": TEXT,
     "INTEGER": st.integers(-(2**40), 2**40),
     "REAL": st.floats(allow_nan=False, allow_infinity=False, width=64),
+    "BLOB": st.binary(max_size=12),
 }
 
 

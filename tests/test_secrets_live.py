@@ -97,7 +97,7 @@ def test_secret_reaches_container_and_vm_and_leaks_nowhere(
         def console() -> str:
             text = client.request("GET", f"/v1/services/{svc}/logs",
                                   params={"component": "vm"})
-            return text if "guest-done" in text else ""
+            return text if text and "guest-done" in text else ""   # None: nothing yet
         out = _until(console, "the VM program's output")
         answers.append(out)
         assert f"file<{VALUE[:4]}|{VALUE[4:]}>" in out

@@ -10,12 +10,12 @@ import base64
 import contextlib
 import json
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner
+from conftest import until
 from daemon_env import Daemon
 from podman_env import containers_conf, podman_cli
 from qemu_env import nanos_dir, qemu_pids_in
@@ -39,16 +39,6 @@ def _all_cmdlines() -> bytes:
             with contextlib.suppress(OSError):
                 out.append((p / "cmdline").read_bytes())
     return b"\n".join(out)
-
-
-def _until(pred: Any, what: str, deadline_s: float = 60) -> Any:
-    end = time.monotonic() + deadline_s
-    while True:
-        got = pred()
-        if got:
-            return got
-        assert time.monotonic() < end, f"not within {deadline_s}s: {what}"
-        time.sleep(0.2)
 
 
 def test_secret_reaches_container_and_vm_and_leaks_nowhere(
@@ -98,7 +88,7 @@ def test_secret_reaches_container_and_vm_and_leaks_nowhere(
             text = client.request("GET", f"/v1/services/{svc}/logs",
                                   params={"component": "vm"})
             return text if text and "guest-done" in text else ""   # None: nothing yet
-        out = _until(console, "the VM program's output")
+        out = until(console, 60, "not within 60s: the VM program's output", every=0.2)
         answers.append(out)
         assert f"file<{VALUE[:4]}|{VALUE[4:]}>" in out
         assert f"env<{VALUE[:4]}|{VALUE[4:]}>" in out

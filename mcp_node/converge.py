@@ -61,6 +61,9 @@ class Steps:
         self.switch: Callable[[str, str], None] | None = None
         self.sleep: Callable[[float], None] = time.sleep
         self.clock: Callable[[], float] = time.monotonic
+        # (service, component) of each start-first replace in flight: its ``.next`` and
+        # ``.old`` are the replace's own, not orphans, while it runs (health says so).
+        self.replacing: set[tuple[str, str]] = set()
 
     def converge(self, rec: ServiceRecord, previous: ServiceRecord | None,
                  beside: frozenset[str] = frozenset(),
@@ -115,7 +118,18 @@ class Steps:
         is never touched: a new one that fails is removed and the error raised."""
         service, name = rec.name, comp.defn.name
         update: UpdateDef = rec.definition().update
-        rt, step = self.runtime(comp.defn.runtime), partial(self.progress.step, service, name)
+        rt = self.runtime(comp.defn.runtime)
+        assert self.switch is not None
+        self.replacing.add((service, name))
+        try:
+            self._beside(rt, rec, comp, update, switched)
+        finally:
+            self.replacing.discard((service, name))
+
+    def _beside(self, rt: Runtime, rec: ServiceRecord, comp: ComponentRecord,
+                update: UpdateDef, switched: set[str]) -> None:
+        service, name = rec.name, comp.defn.name
+        step = partial(self.progress.step, service, name)
         assert self.switch is not None
         step("starting beside the current one")
         try:

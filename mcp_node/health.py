@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .monitor import View
-from .runtime import DEFAULT_RUNTIME
+from .runtime import DEFAULT_RUNTIME, split_key
 from .states import RUNNING
 
 
@@ -31,6 +31,9 @@ class Inputs:
     edge_routes: int = 0
     monitor_error: str = ""
     state_dir: list[str] = field(default_factory=list)       # stateprobe: full, read-only
+    # (service, component) of start-first replaces in flight: their slot workloads
+    # (``web.next``, ``web.old``) are the replace's, no orphans
+    replacing: frozenset[tuple[str, str]] = frozenset()
 
 
 def compute(view: View, inp: Inputs) -> dict[str, Any]:
@@ -44,7 +47,9 @@ def compute(view: View, inp: Inputs) -> dict[str, Any]:
         reasons.append("drifted: " + ", ".join(drifted))
     if inp.spec_drift:
         reasons.append("differs from its definition (spec drift): " + ", ".join(inp.spec_drift))
-    orphans = [f"{w.service}/{w.component} ({w.runtime})" for w in view.orphans]
+    orphans = [f"{w.service}/{w.component} ({w.runtime})" for w in view.orphans
+               if not (split_key(w.component)[1]
+                       and (w.service, split_key(w.component)[0]) in inp.replacing)]
     if orphans:
         reasons.append("orphans (ours, no service owns them): " + ", ".join(orphans))
     flapping = sorted(f"{s}/{c}" for s, c in view.flapping)
@@ -66,6 +71,7 @@ def compute(view: View, inp: Inputs) -> dict[str, Any]:
         "drifted": drifted,
         "spec_drift": inp.spec_drift,
         "orphans": orphans,
+        "replacing": sorted(f"{s}/{c}" for s, c in inp.replacing),
         "flapping": flapping,
         "runtimes": dict(inp.runtimes),
         "edge_routes": inp.edge_routes,

@@ -16,6 +16,7 @@ from . import health, stateprobe, views
 from .monitor import View
 
 if TYPE_CHECKING:
+    from .converge import Steps
     from .edge import EdgeManager
     from .runtime import Runtime
 
@@ -25,6 +26,7 @@ class Host(views.Host, Protocol):
 
     reconciling: bool
     started_at: float
+    steps: Steps
 
     @property
     def edge(self) -> EdgeManager: ...
@@ -124,12 +126,18 @@ class Rounds:
                                                self.a.config.proxy.serve_routes else []),
             edge_routes=edge_routes,
             monitor_error=self.a.monitor.last_error,
-            state_dir=stateprobe.probe(self.a.config.state_dir)))
+            state_dir=stateprobe.probe(self.a.config.state_dir),
+            replacing=frozenset(self.a.steps.replacing)))
 
     def _spec_drift(self, view: View) -> list[tuple[str, str]]:
+        """Components whose workload differs from their record; not one a start-first
+        replace is replacing now (its record is the new one while the old one serves)."""
         out = []
+        replacing = set(self.a.steps.replacing)
         for rec in view.records:
             for c in rec.components:
+                if (rec.name, c.defn.name) in replacing:
+                    continue
                 w = view.workloads.get((rec.name, c.defn.name))
                 if w is not None and w.spec_digest and w.runtime == c.defn.runtime and \
                         w.spec_digest != self.a.spec(rec.name, c).digest:

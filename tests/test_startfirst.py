@@ -7,6 +7,7 @@ reconcile removes first. The real-podman, real-Caddy case is test_startfirst_liv
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,37 @@ def test_a_crash_left_next_and_old_are_orphans_removed_before_anything_runs(
     kinds = [(x.kind, x.component) for x in p.actions]
     assert kinds[:2] == [("remove", "web.next"), ("remove", "web.old")]
     assert ("run", "web") in kinds   # spec drift, after the orphans are gone
+
+
+def test_health_during_a_replace_is_truthful_and_a_crash_left_next_is_an_orphan(
+        agent: tuple[Agent, FakeWorld, FakeRoutes]) -> None:
+    """While a start-first replace runs, its ``web.next`` (and, draining, ``web.old``)
+    is the replace's own: health lists the replace, no orphan and no spec drift (the
+    record is the new version while the old one still serves). The same ``web.next``
+    with no replace in flight (an agent crash left it) is an orphan."""
+    a, world, routes = agent
+    a.deploy(svc("v1"))
+    seen: list[dict[str, Any]] = []
+    switch = routes.switch
+
+    def switch_and_look(service: str, component: str) -> None:
+        seen.append(a.health())           # both run, the proxy still on the old one
+        switch(service, component)
+
+    routes.switch = switch_and_look       # type: ignore[method-assign]
+    a.steps.sleep = lambda s: seen.append(a.health())   # while the old one drains
+    v2 = svc("v2").to_dict()
+    v2["components"][1]["image"] = "localhost/worker:v1"   # only web changes
+    a.deploy(from_dict(v2))
+    assert len(seen) == 2, seen
+    for h in seen:
+        assert (h["status"], h["orphans"], h["spec_drift"], h["replacing"]) == (
+            "healthy", [], [], ["shop/web"]), h["reasons"]
+    after = a.health()
+    assert (after["status"], after["replacing"]) == ("healthy", [])
+    # A .next no replace owns: what a crash between its run and the switch leaves.
+    rt = a.runtime("container")
+    rt.run(replace(a.spec("shop", a.registry.get_service("shop").component("web")),
+                   slot="next"))
+    h = a.health()
+    assert h["status"] == "degraded" and h["orphans"] == ["shop/web.next (container)"], h

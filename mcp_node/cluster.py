@@ -4,7 +4,8 @@ layout, leases, transactions and a watch that reports its own end.
 Every call has a deadline (``cluster.timeout_s``) and moves on to the next
 endpoint when one does not answer; when none answers, ``FleetUnavailable``
 (503) says so, which is how a node tells "etcd has no quorum" from a slow one.
-No secret goes into etcd: definitions, node records and placements only.
+Secrets go into etcd only sealed under the fleet key (``fleetsecrets``): definitions,
+node records, placements and ciphertexts.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ CORDON = PREFIX + "cordon/"        # drained nodes
 LOST = PREFIX + "lost/"            # when the leader first saw a node's record gone
 LEADER = PREFIX + "leader"         # lease-bound: the agent that re-places work
 MEMBERS = PREFIX + "members/"      # kept: each node's address and DNS holder, for takeovers
+SECRETS = PREFIX + "secrets/"      # per secret: its kept versions, sealed under the fleet key
 
 
 def _b64(text: str) -> str:
@@ -163,11 +165,17 @@ class Etcd:
         self._post("/kv/deleterange", {"key": _b64(key)})
 
     def txn(self, expect: dict[str, int], puts: dict[str, Any],
-            deletes: tuple[str, ...] = (), lease: dict[str, int] | None = None) -> bool:
+            deletes: tuple[str, ...] = (), lease: dict[str, int] | None = None,
+            unchanged: dict[str, int] | None = None) -> bool:
         """Put and delete as one step if every key in ``expect`` still has that
-        mod_revision (0: absent); False (nothing written) when one moved on."""
+        mod_revision (0: absent) and no key under a prefix of ``unchanged`` was written
+        after that revision (a key created there since fails it too: etcd compares every
+        key of the range); False (nothing written) when one moved on."""
         compare = [{"key": _b64(k), "result": "EQUAL", "target": "MOD", "mod_revision": str(r)}
                    for k, r in expect.items()]
+        compare.extend({"key": _b64(p), "range_end": _b64(prefix_end(p)), "result": "LESS",
+                        "target": "MOD", "mod_revision": str(r + 1)}
+                       for p, r in (unchanged or {}).items())
         ops: list[dict[str, Any]] = []
         for k, v in puts.items():
             put: dict[str, Any] = {"key": _b64(k), "value": _b64(json.dumps(v, sort_keys=True))}

@@ -3,7 +3,8 @@ leases that expire when the test says so, a watch), for many fast rounds of flee
 
 It keeps the contract test_etcd_contract.py checks against a real etcd too: one
 revision per put, delete, transaction or revoke (none for a write that changes
-nothing); ``txn`` writes all or nothing and answers False when a compare fails; lease
+nothing); ``txn`` writes all or nothing and answers False when a compare fails (a key's
+revision, or a prefix written since a revision); lease
 IDs are never reused and a write on a dead lease is refused; a watch replays from
 its start revision, then follows until stopped; ``down`` makes every call
 FleetUnavailable, as an etcd without quorum does.
@@ -78,13 +79,17 @@ class FakeEtcd:
             self._commit({}, [key])
 
     def txn(self, expect: dict[str, int], puts: dict[str, Any],
-            deletes: tuple[str, ...] = (), lease: dict[str, int] | None = None) -> bool:
+            deletes: tuple[str, ...] = (), lease: dict[str, int] | None = None,
+            unchanged: dict[str, int] | None = None) -> bool:
         self._check()
         lease = lease or {}
         with self._changed:
             for k, r in expect.items():
                 have = self.kv.get(k)
                 if (have.mod_revision if have else 0) != r:
+                    return False
+            for prefix, r in (unchanged or {}).items():
+                if any(k.startswith(prefix) and kv.mod_revision > r for k, kv in self.kv.items()):
                     return False
             for k in puts:
                 self._lease_ok(lease.get(k, 0))

@@ -130,6 +130,23 @@ def test_failed_compare_writes_nothing(etcd: Store, p: str) -> None:
     assert got is not None and got.value == 2
 
 
+
+
+def test_unchanged_prefix_compare(etcd: Store, p: str) -> None:
+    """A prefix compare fails once any key under it was written after the revision
+    read, a key made there since too (how ``secret rm`` refuses to race a deploy);
+    an empty prefix, or one whose keys are older, passes."""
+    etcd.put(p + "svc/a", 1)
+    read = rev(etcd, p)
+    assert etcd.txn({}, {p + "x": 1}, unchanged={p + "svc/": read, p + "none/": read})
+    assert not etcd.txn({}, {p + "x": 2}, unchanged={p + "svc/": read - 1})   # a is newer
+    etcd.put(p + "svc/b", 1)                                    # created after the read
+    assert not etcd.txn({}, {p + "x": 3}, unchanged={p + "svc/": read})
+    got = etcd.get(p + "x")
+    assert got is not None and got.value == 1
+    assert etcd.txn({}, {p + "x": 4}, unchanged={p + "svc/": rev(etcd, p)})
+    etcd.delete(p + "svc/b")                                   # a delete leaves only older keys
+    assert etcd.txn({}, {p + "x": 5}, unchanged={p + "svc/": read})
 # -- leases -----------------------------------------------------------------------------
 
 def test_lease_ids_are_never_reused(etcd: Store) -> None:

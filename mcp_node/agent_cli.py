@@ -295,6 +295,7 @@ def check_config(ctx: click.Context) -> None:
       mcp-agent --config /etc/mcp/agent.toml check-config
     """
     from .config import parse, read
+    from .fleetsecrets import check_key_file
     from .registries import check_files
 
     path = ctx.parent.params.get("config_path") if ctx.parent else None
@@ -305,6 +306,7 @@ def check_config(ctx: click.Context) -> None:
         return
     cfg, errors = parse(read(path))
     errors += check_files(cfg.registries)   # the registries' files: there, parsed, 0600
+    errors += check_key_file(cfg.secrets)   # the fleet key: there, 0600, 32 bytes
     if errors:
         for err in errors:
             click.echo(f"{path}: {err}", err=True)
@@ -343,3 +345,21 @@ def secrets_rotate_key(cfg: AgentConfig) -> None:
         registry.close()
     click.echo(f"rotated the secret key: {count} stored version(s) sealed again; "
                f"new key in {store.key_path}")
+
+
+@secrets.command("new-fleet-key")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+def secrets_new_fleet_key(path: Path) -> None:
+    """Make a fleet key in PATH (32 random bytes in base64, mode 0600; an existing file
+    is kept): once per fleet, then copied to every node out of band and named in each
+    node's [secrets] fleet_key_file."""
+    from .secretstore import KEY_BYTES, write_key
+
+    try:
+        write_key(path, os.urandom(KEY_BYTES), exclusive=True)
+    except FileExistsError as exc:
+        raise MCPError(f"{path} exists; a fleet has one key: copy that one") from exc
+    except OSError as exc:
+        raise MCPError(f"cannot write {path}: {exc.strerror}") from exc
+    click.echo(f"fleet key written to {path} (0600): copy it to every node (scp -p, mode "
+               "0600) and set [secrets] fleet_key_file to it there")

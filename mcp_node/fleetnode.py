@@ -51,6 +51,7 @@ from .errors import (
 from .files import atomic_write, default_node_name, host_memory_mb
 from .fleetlease import LeaseGuard, fence_facts
 from .fleetmoves import Txn
+from .fleetsecrets import FleetSecrets
 from .fleetviews import Fleetview
 from .placement import Demand, choose, demand_of
 from .plan import carried
@@ -104,6 +105,8 @@ class Fleet:
                                 self._expired)
         self.guard.containers_conf = agent.config.podman.containers_conf
         agent.reconciler.gate = self.may_start
+        self.secrets = FleetSecrets(self, agent.config.secrets)   # the fleet's, in etcd
+        agent.secret_source = self.secrets
 
     # -- life ---------------------------------------------------------------
 
@@ -205,7 +208,7 @@ class Fleet:
         if self.leader and (self._dirty["nodes"] or any(
                 due <= now for due in self.lost_due.values())):
             self._dirty["nodes"] = False
-            self._leader_round()
+            fleetmoves.leader_round(self)
         self._dirty["nodes"] = False
         if self._dirty["publish"]:
             self._dirty["publish"] = False
@@ -366,6 +369,7 @@ class Fleet:
         reg = self.a.registry
         old = reg.get_service(name).definition() if reg.has_service(name) else None
         if old is None or old != carried(old, defn):   # a digest the node resolved: no change
+            self.secrets.check_can_run(defn)         # else nothing changes, saying why
             moved = rec.get("moved_from") or {}
             if moved.get("node") and moved["node"] != self.name:
                 fleetedge.take_over_names(self.a, defn, moved)
@@ -449,13 +453,15 @@ class Fleet:
                             holding=holding)
             if not choice.node:
                 raise ResourceError(choice.refusal(name))
-            rec = {"definition": defn.to_dict(), "node": choice.node, "target": defn.node,
+            d, held = self.secrets.pin(defn)   # versions from etcd, held to what was read
+            rec = {"definition": d.to_dict(), "node": choice.node, "target": defn.node,
                    "state": RUNNING, "demand": want.to_dict(), "placement": choice.mode,
                    "generation": int(old["generation"]) + 1 if old else 1,
                    "restarts": int(old.get("restarts", 0)) if old else 0,
                    "waiting": "", "time": time.time()}
             out.update(rec=rec, old=old, prev_rev=prev.mod_revision if prev else 0)
-            return self.placement_txn(v, name, prev, rec)
+            expect, puts, deletes = self.placement_txn(v, name, prev, rec)
+            return {**expect, **held}, puts, deletes
 
         self.txn_loop(step)
         rec = out["rec"]
@@ -562,9 +568,6 @@ class Fleet:
 
     # -- failover, drain (fleetmoves) and fleet reads (fleetviews) ---------------
 
-    def _leader_round(self) -> None:
-        fleetmoves.leader_round(self)
-
     def move_off(self, node: str, services: list[str], why: str) -> dict[str, Any]:
         return fleetmoves.move_off(self, node, services, why)
 
@@ -585,9 +588,6 @@ class Fleet:
 
     def nodes(self) -> list[dict[str, Any]]:
         return fleetviews.nodes(self)
-
-    def ps(self) -> list[dict[str, Any]]:
-        return fleetviews.ps(self)
 
     def status(self, name: str) -> dict[str, Any]:
         return fleetviews.status(self, name)

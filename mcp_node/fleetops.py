@@ -68,7 +68,8 @@ class FleetOperations:
             st = None
         deployed = from_dict(st["definition"]) if st else None
         states = {c["component"]: c["state"] for c in st["components"]} if st else {}
-        return plan_dict(plan(deployed, carried(deployed, defn), states))
+        new, _ = self.fleet.secrets.pin(carried(deployed, defn))   # a new version: a change
+        return plan_dict(plan(deployed, new, states))
 
     def stop(self, name: str, component: str | None = None,
              timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:
@@ -96,7 +97,7 @@ class FleetOperations:
     # -- reads: from etcd, or this node's own while it is lost --------------------------------
 
     def ps(self) -> list[dict[str, Any]]:
-        return self.fleet.read_or_stale(self.fleet.ps, self._agent.ps)
+        return self.fleet.read_or_stale(partial(fleetviews.ps, self.fleet), self._agent.ps)
 
     def status(self, name: str) -> dict[str, Any]:
         name = check_name(name, "service")
@@ -157,15 +158,20 @@ class FleetOperations:
     def certificate_expiries(self) -> dict[str, str]:
         return self._agent.certificate_expiries()
 
-    # Secrets are this node's own store (fleet-wide secrets in etcd are not built yet).
+    # -- secrets: in etcd, sealed under the fleet key (fleetsecrets) --------------------
+
     def secret_set(self, name: str, value: bytes | None = None) -> dict[str, Any]:
-        return self.local.secret_set(name, value)
+        if value is None:
+            raise ValidationError("is required", "value")
+        self._writable()
+        return self.fleet.secrets.set(name, value)
 
     def secret_list(self) -> list[dict[str, Any]]:
-        return self.local.secret_list()
+        return self.fleet.secrets.list()
 
     def secret_remove(self, name: str) -> None:
-        self.local.secret_remove(name)
+        self._writable()
+        self.fleet.secrets.remove(name)
 
     def edge_list(self) -> list[dict[str, Any]]:
         return self._agent.edge_list()

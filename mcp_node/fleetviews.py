@@ -109,6 +109,8 @@ def _observed_status(obs: dict[str, dict[str, Any]], name: str,
     placed = {"node": node, "placement": rec.get("placement", ""),
              "waiting": rec.get("waiting", ""), "generation": rec.get("generation", 0),
              "desired_state": rec.get("state", RUNNING)}
+    if got and got.get("error") and got.get("generation") == rec.get("generation"):
+        placed["error"] = f"node {node}: {got['error']}"   # it runs nothing new, and why
     if got and got.get("status"):
         st = with_uptime(got["status"])
         return {**st, "fleet": placed}

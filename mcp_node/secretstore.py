@@ -69,19 +69,24 @@ def _aad(name: str, version: int) -> bytes:
     return f"mcp-secret\0{name}\0{version}".encode()
 
 
-def read_key(path: Path) -> bytes:
-    """The key in ``path``; SecretStoreError when missing, readable by others or malformed."""
+NODE_KEY_SETTING = "[secrets] key_file"
+
+
+def read_key(path: Path, setting: str = NODE_KEY_SETTING) -> bytes:
+    """The key in ``path``; SecretStoreError when missing, readable by others or malformed.
+    Another ``setting`` than the node key's (the fleet key's) is named in each message."""
+    what = str(path) if setting == NODE_KEY_SETTING else f"{path} ({setting})"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError as exc:
         raise SecretStoreError(f"secret key file {path} is missing (restore it from your "
-                               "backup; [secrets] key_file names it)") from exc
+                               f"backup; {setting} names it)") from exc
     except OSError as exc:
-        raise SecretStoreError(f"cannot open secret key file {path}: {exc}") from exc
+        raise SecretStoreError(f"cannot open secret key file {what}: {exc}") from exc
     try:
         st = os.fstat(fd)
         if st.st_mode & 0o077:
-            raise SecretStoreError(f"secret key file {path} must be mode 0600 (is "
+            raise SecretStoreError(f"secret key file {what} must be mode 0600 (is "
                                    f"{st.st_mode & 0o777:04o}): chmod 600 {path}")
         text = os.read(fd, 4096)
     finally:
@@ -91,7 +96,7 @@ def read_key(path: Path) -> bytes:
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != KEY_BYTES:
-        raise SecretStoreError(f"secret key file {path} does not hold a key (base64 of "
+        raise SecretStoreError(f"secret key file {what} does not hold a key (base64 of "
                                f"{KEY_BYTES} bytes)")
     return key
 
@@ -131,6 +136,8 @@ def unseal(key: bytes, row: SealedRow) -> bytes:
 
 class SecretStore:
     """Secrets of one node: ``registry``'s rows, sealed under the key at ``key_path``."""
+
+    scope = "on this node"
 
     def __init__(self, registry: Registry, key_path: Path) -> None:
         self.registry = registry
@@ -197,6 +204,10 @@ class SecretStore:
         for row in self.registry.secret_rows():
             out[row.name] = max(out.get(row.name, 0), row.version)
         return out
+
+    def newest(self, name: str) -> int | None:
+        rows = self.registry.secret_rows(name)
+        return rows[-1].version if rows else None
 
     def has(self, name: str, version: int) -> bool:
         return self.registry.secret_row(name, version) is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConflictError, NotFoundError, ValidationError
 from .grammar import check_secret_name
@@ -33,10 +33,23 @@ def open_store(config: AgentConfig, registry: Registry) -> SecretStore:
     return SecretStore(registry, key_path(config))
 
 
+class Source(Protocol):
+    """Where deploys find a secret's versions and workloads its value: the node's store
+    (``secretstore.SecretStore``) or, in fleet mode, the fleet's (``fleetsecrets``)."""
+
+    scope: str          # "on this node", "in the fleet": how a refusal says where
+
+    def newest(self, name: str) -> int | None: ...
+    def has(self, name: str, version: int) -> bool: ...
+    def value(self, name: str, version: int) -> bytes: ...
+
+
 class SecretOps:
     if TYPE_CHECKING:   # provided by Agent
         registry: Registry
         secrets: SecretStore
+    # Set by a fleet member (fleetnode): deploys and workloads then read the fleet's.
+    secret_source: Source | None = None
 
     def secret_set(self, name: str, value: bytes | None = None) -> dict[str, Any]:
         """A new version of secret ``name``; what runs keeps its version until deployed
@@ -67,7 +80,7 @@ class SecretOps:
 
     def secret_value(self, name: str, version: int) -> bytes:
         """For the runtimes (``Runtime.secret_source``): the value a workload is given."""
-        return self.secrets.value(name, version)
+        return (self.secret_source or self.secrets).value(name, version)
 
     def _secret_users(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -81,30 +94,38 @@ class SecretOps:
                    for rec in self.registry.list_services() for c in rec.components)
 
     def with_secret_versions(self, defn: ServiceDef) -> ServiceDef:
-        """``defn`` with each component's ``secret_versions``: the version it carries (a
-        version from history, a revert) while this node keeps it, else the newest. A
-        secret not set here is a 400 naming it and the field, before anything changes."""
-        newest: dict[str, int] | None = None
-        comps = []
-        for i, c in enumerate(defn.components):
-            used = c.used_secrets
-            if not used and not c.secret_versions:
-                comps.append(c)
+        """``defn`` with each component's ``secret_versions`` (``pinned``) from the node's
+        store, or in fleet mode the fleet's."""
+        return pinned(defn, self.secret_source or self.secrets)
+
+
+def pinned(defn: ServiceDef, source: Source) -> ServiceDef:
+    """``defn`` with each component's ``secret_versions``: the version it carries (a
+    version from history, a revert) while ``source`` keeps it, else the newest. A secret
+    not set is a 400 naming it and the field, before anything changes."""
+    comps = []
+    for i, c in enumerate(defn.components):
+        used = c.used_secrets
+        if not used and not c.secret_versions:
+            comps.append(c)
+            continue
+        carried = dict(c.secret_versions)
+        got = []
+        for n in used:
+            v = carried.get(n)
+            if v is not None and source.has(n, v):
+                got.append((n, v))
                 continue
-            newest = self.secrets.versions() if newest is None else newest
-            pinned = dict(c.secret_versions)
-            got = []
-            for n in used:
-                where = f"components[{i}].{'secrets' if n in c.secrets else 'env'}"
-                if n not in newest:
-                    raise ValidationError(f"secret {n!r} is not set on this node (set it "
-                                          f"first: mcp secret set {n})", where)
-                v = pinned.get(n)
-                if v is not None and not self.secrets.has(n, v):
-                    raise ValidationError(
-                        f"secret {n!r} version {v} is no longer kept on this node (newest: "
-                        f"{newest[n]}); deploy without secret_versions to use the newest",
-                        f"components[{i}].secret_versions")
-                got.append((n, v or newest[n]))
-            comps.append(replace(c, secret_versions=tuple(sorted(got))))
-        return replace(defn, components=tuple(comps))
+            newest = source.newest(n)
+            if newest is None:
+                raise ValidationError(f"secret {n!r} is not set {source.scope} (set it "
+                                      f"first: mcp secret set {n})",
+                                      f"components[{i}].{'secrets' if n in c.secrets else 'env'}")
+            if v is not None:
+                raise ValidationError(
+                    f"secret {n!r} version {v} is no longer kept {source.scope} (newest: "
+                    f"{newest}); deploy without secret_versions to use the newest",
+                    f"components[{i}].secret_versions")
+            got.append((n, newest))
+        comps.append(replace(c, secret_versions=tuple(sorted(got))))
+    return replace(defn, components=tuple(comps))

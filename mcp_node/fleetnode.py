@@ -51,6 +51,7 @@ from .errors import (
 from .files import atomic_write, default_node_name, host_memory_mb
 from .fleetlease import LeaseGuard, fence_facts
 from .fleetmoves import Txn
+from .fleetrollout import FleetRollouts
 from .fleetsecrets import FleetSecrets
 from .fleetviews import Fleetview
 from .placement import Demand, choose, demand_of
@@ -106,6 +107,7 @@ class Fleet:
         self.guard.containers_conf = agent.config.podman.containers_conf
         agent.reconciler.gate = self.may_start
         self.secrets = FleetSecrets(self, agent.config.secrets)   # the fleet's, in etcd
+        self.rollouts = FleetRollouts(self)   # a revert here is the fleet's too
         agent.secret_source = self.secrets
 
     # -- life ---------------------------------------------------------------
@@ -210,6 +212,7 @@ class Fleet:
             self._dirty["nodes"] = False
             fleetmoves.leader_round(self)
         self._dirty["nodes"] = False
+        self.rollouts.round()
         if self._dirty["publish"]:
             self._dirty["publish"] = False
             self.publish()
@@ -316,8 +319,9 @@ class Fleet:
             for name, rec in sorted(mine.items()):
                 self._managed.add(name)    # before it runs: the fence counts it as fleet's
                 gen = int(rec.get("generation", 0))
-                if self._results.get(name, (0, ""))[0] == gen and self._results[name][1]:
-                    continue            # this generation failed here; the deployer reverts it
+                if self._results.get(name, (0, ""))[0] == gen and self._results[name][1] \
+                        or self.rollouts.reverted(name, gen):
+                    continue   # failed here (the deployer reverts it), or reverted here
                 try:
                     self._apply(name, rec)
                     self._results[name] = (gen, "")
@@ -373,7 +377,7 @@ class Fleet:
             moved = rec.get("moved_from") or {}
             if moved.get("node") and moved["node"] != self.name:
                 fleetedge.take_over_names(self.a, defn, moved)
-            self.a.deploy_local(defn)
+            self.rollouts.deploy(name, int(rec.get("generation", 0)), defn)
         current = reg.get_service(name)
         want = rec.get("state", RUNNING)
         if want == STOPPED and any(c.desired_state == RUNNING for c in current.components):

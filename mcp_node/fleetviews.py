@@ -108,7 +108,8 @@ def _observed_status(obs: dict[str, dict[str, Any]], name: str,
     got = (obs.get(node) or {}).get("services", {}).get(name) if node else None
     placed = {"node": node, "placement": rec.get("placement", ""),
              "waiting": rec.get("waiting", ""), "generation": rec.get("generation", 0),
-             "desired_state": rec.get("state", RUNNING)}
+             "desired_state": rec.get("state", RUNNING),
+             "reverted": rec.get("reverted")}   # a rollout the node reverted (fleetrollout)
     if got and got.get("error") and got.get("generation") == rec.get("generation"):
         placed["error"] = f"node {node}: {got['error']}"   # it runs nothing new, and why
     if got and got.get("status"):

@@ -1,0 +1,140 @@
+"""Fleet mode's part of a health-gated rollout (issue 19 item 6).
+
+The node a service is placed on rolls a fleet deploy out as a single node does
+(``rollout``): the deploy answers with the node's status, whose ``rollout``
+``mcp deploy --wait`` follows through the fleet's status until it ends. What this
+module adds is that the fleet agrees with a revert. Without it etcd kept the failing
+definition as the desired one, so the node's next sync (any service's change, the
+minute's resync, a restart) deployed it again, and a move to another node would too:
+a loop of rollouts and reverts. So a generation whose rollout the node reverted is not
+applied again, and etcd's record is put back to the definition the node reverted to,
+as a new generation noting ``reverted``. Which generation began which rollout is kept
+in ``fleet-rollouts.json`` beside the node's registry: an agent restarted mid-rollout
+goes on judging it (``rollout``) and still writes the revert back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from .cluster import SERVICES
+from .errors import FleetUnavailable, MCPError
+from .files import atomic_write
+from .placement import demand_of
+from .rollout import REVERTED, REVERTING
+from .servicedef import ServiceDef, from_dict
+
+if TYPE_CHECKING:
+    from .fleetmoves import Txn
+    from .fleetnode import Fleet
+    from .fleetviews import Fleetview
+
+log = logging.getLogger("mcp_node.fleet")
+
+
+def fleet_form(local: ServiceDef, placed: ServiceDef) -> ServiceDef:
+    """``local`` (a node's record: no fleet keys, its own image digests) as etcd keeps a
+    definition: ``placed``'s placement keys and public hostnames, no digests (each node
+    resolves its images; ``plan.carried`` keeps the local ones)."""
+    public = {(c.name, r.name): r.public_hostname for c in placed.components
+              for r in c.routes}
+    return replace(local, node=placed.node, failover=placed.failover, components=tuple(
+        replace(c, image_digest="", routes=tuple(
+            replace(r, public_hostname=public.get((c.name, r.name), ""))
+            for r in c.routes)) for c in local.components))
+
+
+class FleetRollouts:
+    """Which fleet generation began which local rollout, and the write-back of a revert."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.f = fleet
+        self._file = fleet.a.state_dir / "fleet-rollouts.json"
+        self._lock = threading.Lock()
+        self.began: dict[str, tuple[int, int]] = self._load()   # service -> (gen, version)
+
+    def deploy(self, name: str, gen: int, defn: ServiceDef) -> None:
+        """The node's deploy of generation ``gen``; the rollout it begins is noted."""
+        before = self.f.a.rollouts.of(name)
+        self.f.a.deploy_local(defn)
+        r = self.f.a.rollouts.of(name)
+        if r is not None and (before is None or r.version != before.version):
+            with self._lock:
+                self.began[name] = (gen, r.version)
+                self._save()
+
+    def reverted(self, name: str, gen: int) -> bool:
+        """Whether ``gen`` began a rollout this node reverted (or is reverting): it is
+        not applied again; its write-back makes the next generation."""
+        r = self.f.a.rollouts.of(name)
+        return self.began.get(name, (0, 0))[0] == gen and r is not None and \
+            r.version == self.began[name][1] and r.state in (REVERTING, REVERTED)
+
+    def round(self) -> None:
+        """Put etcd's record of each service reverted here back to what runs (the fleet
+        thread, each round). A record written since (another deploy) stands as it is."""
+        for name, (gen, version) in sorted(self.began.items()):
+            r = self.f.a.rollouts.of(name)
+            if r is None or r.version != version:
+                self._drop(name)
+                continue
+            if r.state == REVERTING:
+                continue
+            if r.state != REVERTED:
+                if r.ended_at is not None:   # succeeded or failed: etcd says what runs
+                    self._drop(name)
+                continue
+            try:
+                self._write_back(name, gen, r.version, r.previous, r.reason)
+            except FleetUnavailable:
+                raise
+            except MCPError as exc:
+                log.warning("fleet: the revert of service=%s is not written back yet: %s",
+                            name, exc)
+                continue
+            self._drop(name)
+
+    def _write_back(self, name: str, gen: int, version: int, previous: int | None,
+                    reason: str) -> None:
+        local = self.f.a.registry.get_service(name).definition()
+
+        def step(v: Fleetview) -> Txn | None:
+            cur = v.services.get(SERVICES + name)
+            if cur is None or int(cur.value.get("generation", 0)) != gen:
+                return None          # undeployed or deployed again since: that stands
+            defn = fleet_form(local, from_dict(cur.value["definition"]))
+            back: dict[str, Any] = {
+                **cur.value, "definition": defn.to_dict(),
+                "demand": demand_of(defn).to_dict(), "generation": gen + 1,
+                "time": time.time(), "reverted": {
+                    "generation": gen, "version": version, "to": previous,
+                    "node": self.f.name, "reason": reason}}
+            return self.f.placement_txn(v, name, cur, back)
+
+        view = self.f.txn_loop(step)
+        cur = view.services.get(SERVICES + name)
+        if cur is not None and int(cur.value.get("generation", 0)) == gen:
+            self.f._dirty["services"] = True   # the next round applies it (no change)
+            log.warning("fleet: service=%s generation %d reverted here (local version %d "
+                        "-> %s); etcd's record is the reverted definition again: %s",
+                        name, gen, version, previous, reason)
+
+    def _drop(self, name: str) -> None:
+        with self._lock:
+            if self.began.pop(name, None) is not None:
+                self._save()
+
+    def _load(self) -> dict[str, tuple[int, int]]:
+        try:
+            raw = json.loads(self._file.read_text())
+            return {str(k): (int(v[0]), int(v[1])) for k, v in dict(raw).items()}
+        except (OSError, ValueError, TypeError, IndexError):
+            return {}
+
+    def _save(self) -> None:
+        atomic_write(self._file, json.dumps(self.began, sort_keys=True).encode(), 0o600)

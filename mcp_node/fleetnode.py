@@ -412,6 +412,7 @@ class Fleet:
                 c["since"] = int(now - c.pop("uptime_s", 0))
                 c["node"] = self.name
             st["node"] = self.name
+            self.rollouts.mark(rec.name, st)   # the generation that began its rollout
             gen, err = self._results.get(rec.name, (0, ""))
             services[rec.name] = {"generation": gen, "error": err, "status": st}
         for name, (gen, err) in self._results.items():

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import fleetviews
+from . import fleetrollout, fleetviews
 from .agent import Agent
 from .errors import FleetUnavailable, NotFoundError, ValidationError
 from .fleetnode import Fleet
@@ -55,7 +55,7 @@ class FleetOperations:
             raise ValidationError("--pull is not supported in fleet mode yet; set pull = "
                                   "\"always\" on the components instead", "pull")
         self._writable()
-        return self.fleet.deploy(defn)
+        return fleetrollout.answer(self.fleet.deploy(defn))   # unchanged, as on one node
 
     def plan(self, defn: ServiceDef, pull: bool = False) -> dict[str, Any]:
         """Against the fleet's record, images not resolved (the placed node does that):

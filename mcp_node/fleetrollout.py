@@ -37,6 +37,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("mcp_node.fleet")
 
 
+def answer(st: dict[str, Any]) -> dict[str, Any]:
+    """A fleet deploy's answer (the placed node's status at its generation): whether the
+    node changed anything, as a single node's deploy says. The rollout it shows was
+    begun by another generation when this one changed nothing there; ``mcp deploy
+    --wait`` then waits for readiness, not for an earlier rollout's outcome."""
+    r = st.get("rollout")
+    if st.get("pending") or "generation" not in st:
+        return st
+    return {**st, "unchanged": not (r and r.get("generation") == st["generation"])}
+
+
 def fleet_form(local: ServiceDef, placed: ServiceDef) -> ServiceDef:
     """``local`` (a node's record: no fleet keys, its own image digests) as etcd keeps a
     definition: ``placed``'s placement keys and public hostnames, no digests (each node
@@ -50,13 +61,15 @@ def fleet_form(local: ServiceDef, placed: ServiceDef) -> ServiceDef:
 
 
 class FleetRollouts:
-    """Which fleet generation began which local rollout, and the write-back of a revert."""
+    """Which fleet generation began each service's latest local rollout, and the
+    write-back of a revert."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.f = fleet
         self._file = fleet.a.state_dir / "fleet-rollouts.json"
         self._lock = threading.Lock()
-        self.began: dict[str, tuple[int, int]] = self._load()   # service -> (gen, version)
+        # service -> (generation, local rollout version, a revert to write back may come)
+        self.began: dict[str, tuple[int, int, bool]] = self._load()
 
     def deploy(self, name: str, gen: int, defn: ServiceDef) -> None:
         """The node's deploy of generation ``gen``; the rollout it begins is noted."""
@@ -64,30 +77,35 @@ class FleetRollouts:
         self.f.a.deploy_local(defn)
         r = self.f.a.rollouts.of(name)
         if r is not None and (before is None or r.version != before.version):
-            with self._lock:
-                self.began[name] = (gen, r.version)
-                self._save()
+            self._note(name, (gen, r.version, True))
 
     def reverted(self, name: str, gen: int) -> bool:
         """Whether ``gen`` began a rollout this node reverted (or is reverting): it is
         not applied again; its write-back makes the next generation."""
-        r = self.f.a.rollouts.of(name)
-        return self.began.get(name, (0, 0))[0] == gen and r is not None and \
-            r.version == self.began[name][1] and r.state in (REVERTING, REVERTED)
+        r, b = self.f.a.rollouts.of(name), self.began.get(name)
+        return b is not None and b[0] == gen and r is not None and r.version == b[1] and \
+            r.state in (REVERTING, REVERTED)
+
+    def mark(self, name: str, status: dict[str, Any]) -> None:
+        """The generation that began the rollout a published status shows: a fleet
+        deploy whose generation began none changed nothing here (``answer``)."""
+        r, b = status.get("rollout"), self.began.get(name)
+        if r is not None and b is not None and r.get("version") == b[1]:
+            status["rollout"] = {**r, "generation": b[0]}
 
     def round(self) -> None:
         """Put etcd's record of each service reverted here back to what runs (the fleet
         thread, each round). A record written since (another deploy) stands as it is."""
-        for name, (gen, version) in sorted(self.began.items()):
+        for name, (gen, version, pending) in sorted(self.began.items()):
             r = self.f.a.rollouts.of(name)
-            if r is None or r.version != version:
-                self._drop(name)
+            if r is None:
+                self._note(name, None)
                 continue
-            if r.state == REVERTING:
+            if not pending or r.version != version or r.state == REVERTING:
                 continue
             if r.state != REVERTED:
                 if r.ended_at is not None:   # succeeded or failed: etcd says what runs
-                    self._drop(name)
+                    self._note(name, (gen, version, False))
                 continue
             try:
                 self._write_back(name, gen, r.version, r.previous, r.reason)
@@ -97,7 +115,7 @@ class FleetRollouts:
                 log.warning("fleet: the revert of service=%s is not written back yet: %s",
                             name, exc)
                 continue
-            self._drop(name)
+            self._note(name, (gen, version, False))
 
     def _write_back(self, name: str, gen: int, version: int, previous: int | None,
                     reason: str) -> None:
@@ -124,15 +142,20 @@ class FleetRollouts:
                         "-> %s); etcd's record is the reverted definition again: %s",
                         name, gen, version, previous, reason)
 
-    def _drop(self, name: str) -> None:
+    def _note(self, name: str, entry: tuple[int, int, bool] | None) -> None:
         with self._lock:
-            if self.began.pop(name, None) is not None:
-                self._save()
+            if self.began.get(name) == entry:
+                return
+            if entry is None:
+                self.began.pop(name, None)
+            else:
+                self.began[name] = entry
+            self._save()
 
-    def _load(self) -> dict[str, tuple[int, int]]:
+    def _load(self) -> dict[str, tuple[int, int, bool]]:
         try:
             raw = json.loads(self._file.read_text())
-            return {str(k): (int(v[0]), int(v[1])) for k, v in dict(raw).items()}
+            return {str(k): (int(v[0]), int(v[1]), bool(v[2])) for k, v in dict(raw).items()}
         except (OSError, ValueError, TypeError, IndexError):
             return {}
 

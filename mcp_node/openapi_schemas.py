@@ -232,7 +232,9 @@ def schemas() -> dict[str, Any]:
                                 "reverting": {"type": "boolean"},
                                 "reason": _STR,
                                 "components": {"type": "array", "items": _STR},
-                                "previous": {"type": ["integer", "null"]}}},
+                                "previous": {"type": ["integer", "null"]},
+                                "generation": {"type": "integer", "description":
+                                               "fleet mode: the generation that began it"}}},
             },
         },
         "Health": {

@@ -102,6 +102,7 @@ def test_a_fleet_deploy_reports_its_rollout_and_a_revert_is_the_fleets(
     c1, c2 = fleet.agents["c1"], fleet.agents["c2"]
     st = c1.deploy(svc("v1"))
     assert st["node"] == "c2" and st["rollout"]["state"] == "in_progress", st
+    assert (st["unchanged"], st["rollout"]["generation"]) == (False, 1)
     st = wait_ready(LocalBackend(c1), "shop", 20, rollout=st["rollout"]["version"])
     assert st["rollout"]["state"] == "succeeded" and st["fleet"]["reverted"] is None
 
@@ -147,9 +148,17 @@ def test_a_fleet_deploy_reports_its_rollout_and_a_revert_is_the_fleets(
     assert fleet.worlds["c2"].workloads[("shop", "web")].spec.image == "localhost/web:v1"
     assert c2.local.rollouts.counts["started"] == 2
 
+    # The same (reverted-to) version again changes nothing there: the answer says so,
+    # and --wait waits for readiness, not for version 2's outcome (mcp deploy --wait).
+    again = c1.deploy(svc("v1"))
+    assert (again["generation"], again["unchanged"], again["rollout"]["version"]) == (
+        4, True, 2), again
+    assert wait_ready(LocalBackend(c1), "shop", 20, None)["rollout"]["state"] == "reverted"
+    assert [h["version"] for h in c2.local.history("shop")] == [1, 2, 3]
+
     # A new deploy of a good version rolls out as usual from there.
     st = c1.deploy(svc("v3"))
-    assert st["generation"] == 4 and st["rollout"]["version"] == 4
+    assert (st["generation"], st["unchanged"], st["rollout"]["version"]) == (5, False, 4)
     st = wait_ready(LocalBackend(c1), "shop", 20, rollout=st["rollout"]["version"])
     assert st["rollout"]["state"] == "succeeded"
     assert fleet.worlds["c2"].workloads[("shop", "web")].spec.image == "localhost/web:v3"

@@ -65,6 +65,7 @@ from abusers import (
     read_response,
     request_bytes,
     rss_mb,
+    sink,
 )
 from common import BIN, Bed, bed, hello_image
 
@@ -295,7 +296,7 @@ def case_reader_load(ctx: Ctx, case: str) -> None:
     a = ctx.args
     slots, path = ((a.held, "/v1/health") if case == "held"
                    else (a.streams, "/v1/events?follow=true&tail=0"))
-    base, att = Series(), Series()
+    base, att, floor = Series(), Series(), Series()
     seen = [0] * len(HELD_COUNTS)
     usage = ""
     cpu = {"agent": 0.0, "attacker": 0.0, "base": 0.0}
@@ -318,6 +319,8 @@ def case_reader_load(ctx: Ctx, case: str) -> None:
             k1 = list(counts)
             seen = [s + k1[i] - k0[i] for i, s in enumerate(seen)]
             seen[0] = k1[0]
+        if case == "held":
+            floor_block(ctx, floor, slots, path)
     what = ("connections that each sent one /v1/health and stayed open" if case == "held"
             else "/v1/events?follow=true streams, kept reading")
     ctx.say(f"\n== {case}: {slots} reader {what} (one token), reconnecting 1 s after a "
@@ -330,6 +333,34 @@ def case_reader_load(ctx: Ctx, case: str) -> None:
     report_latency(ctx, case, "operator", base, att,
                    ("health keep-alive", "health fresh", DEPLOY),
                    gate=("health keep-alive", DEPLOY))
+    if case == "held":
+        ctx.say("  floor: the same reader load aimed at a sink process instead (abusers.sink: "
+                "accept, read the head, 503, close; Python, the agent's priority), the "
+                "operator still measured against the agent:")
+        for kind in ("health keep-alive", "health fresh", DEPLOY):
+            b_p, f_p, a_p = p99(base.lat[kind]), p99(floor.lat[kind]), p99(att.lat[kind])
+            ctx.say(f"    {kind:28} p99 {f_p:.3f} ms = {f_p / b_p:.2f}x the baseline; the "
+                    f"agent's own load {a_p / f_p:.2f}x the floor")
+
+
+def floor_block(ctx: Ctx, series: Series, slots: int, path: str) -> None:
+    """The operator's block while the reader's connections go to ``abusers.sink``."""
+    a, fork = ctx.args, mp.get_context("fork")
+    port, stop = fork.Value("i", 0), fork.Event()
+    proc = fork.Process(target=sink, args=(port, stop), daemon=True)
+    proc.start()
+    try:
+        while port.value == 0 and proc.is_alive():
+            time.sleep(0.01)
+        counts = fork.Array("q", len(HELD_COUNTS), lock=False)
+        with attacker(hold_authed, (port.value, ctx.reader, slots, path, a.attacker_nice),
+                      counts, lambda: counts[1] >= slots):
+            operator_block(ctx, series)
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
 
 
 # -- metrics labels -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ measured client, with the process figures (CPU, RSS, threads, descriptors) it pr
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import resource
@@ -168,6 +169,52 @@ def hold_authed(port: int, token: str, slots: int, path: str, nice: int, stop: A
                 heapq.heappush(due, (time.monotonic() + 1, i))
     for s in list(socks.values()):
         s.close()
+
+
+def sink(port: Any, stop: Any) -> None:
+    """The floor of the ``held`` case: a process that does the least any server must do
+    with a connection over its token's cap (accept, read the head, answer 503, close),
+    in Python with one selector, at the agent's priority. The attacker aimed at it loads
+    the machine as it loads the agent, but none of it is the agent's own work; ``port``
+    (a shared value) gets the port it listens on."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4096)
+    srv.setblocking(False)
+    port.value = srv.getsockname()[1]
+    sel = selectors.DefaultSelector()
+    sel.register(srv, selectors.EVENT_READ, None)
+    heads: dict[socket.socket, bytearray] = {}
+    answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 17\r\nConnection: close\r\n\r\n{\"error\": \"busy\"}")
+    while not stop.is_set():
+        for key, _ in sel.select(timeout=0.05):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        conn, _addr = srv.accept()
+                        conn.setblocking(False)
+                        heads[conn] = bytearray()
+                        sel.register(conn, selectors.EVENT_READ, conn)
+                continue
+            conn = key.data
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            heads[conn] += data
+            if data and b"\r\n\r\n" not in heads[conn]:
+                continue
+            if data:
+                with contextlib.suppress(OSError):
+                    conn.sendall(answer)
+            sel.unregister(conn)
+            del heads[conn]
+            conn.close()
+    srv.close()
 
 
 # -- the measured client ---------------------------------------------------------------------

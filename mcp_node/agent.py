@@ -139,6 +139,8 @@ class Agent(SecretOps):
         """
         if reconcile is not None:
             self.reconciling = reconcile
+        if self.reconciling:   # the daemon: a deploy its death cut short is resumed
+            self.rollouts.resume_interrupted()
         self.monitor.start()
         self.checks.start()
         if self.registry.list_edge_routes():

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from .errors import MCPError
 from .plan import plan
-from .records import Event
+from .records import Event, definition_digest
 from .safetext import escape_controls
 from .servicedef import ServiceDef
 
@@ -138,6 +138,9 @@ def last_output(host: Host, lines: int = 5) -> Callable[[str, str], str]:
     return tail
 
 
+INTERRUPTED = "recorded at the agent's start: the deploy was cut short by its death"
+
+
 class Store(Protocol):
     """Where rollouts are kept (the registry)."""
 
@@ -146,6 +149,12 @@ class Store(Protocol):
     def rollouts(self) -> list[Rollout]: ...
 
     def record_events(self, events: list[Event]) -> None: ...
+
+    def list_services(self) -> list[Any]: ...
+
+    def history(self, service: str) -> list[Any]: ...
+
+    def record_deployment(self, svc: ServiceDef, keep: int = ..., note: str = "") -> int: ...
 
 
 class Rollouts:
@@ -168,6 +177,37 @@ class Rollouts:
             self.counts["started"] += 1
         self._event(r, "", "deploy", f"version {r.version}: "
                     + (", ".join(r.components) or "nothing") + " changed")
+
+    def resume_interrupted(self) -> list[str]:
+        """A deploy the agent's death cut short: its record is written before its
+        workloads run (a start-first replace keeps the old one serving through its check
+        and drain), its version and rollout only once they ran. So a restarted agent
+        finds a record no version in history matches, which reconcile makes the
+        runtimes run. It is recorded here as the version it is (noted) and its rollout
+        begun, the changed components those of the version before: history marks what
+        runs current, status shows its rollout, and a bad release is judged and
+        reverted as if the deploy had ended. Returns the services so resumed."""
+        out = []
+        for rec in self.store.list_services():
+            if rec.undeploying:
+                continue
+            defn = rec.definition()
+            rows = self.store.history(rec.name)
+            if any(r.digest == definition_digest(defn) for r in rows):
+                continue
+            before = rows[-1] if rows else None
+            changed = changed_components(
+                before.definition if before else None, defn,
+                {c.defn.name: c.observed_state for c in rec.components})
+            version = self.store.record_deployment(defn, note=INTERRUPTED)
+            if defn.active and changed:
+                self.begin(new_rollout(defn, version, before.version if before else None,
+                                       changed, time.time()))
+            log.warning("rollout: service=%s: its deploy was cut short by the agent's "
+                        "death; its record is version %d now, its rollout begun (%s "
+                        "changed)", rec.name, version, ", ".join(changed) or "nothing")
+            out.append(rec.name)
+        return out
 
     def of(self, service: str) -> Rollout | None:
         return self._by_service.get(service)

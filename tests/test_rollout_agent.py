@@ -143,3 +143,40 @@ def test_without_auto_revert_a_bad_release_stays_failed(
     assert r["version"] == 2 and r["reverting"] is False   # the failed v2 deploy was none
     assert [h["version"] for h in a.history("shop")] == [1, 2]
     assert world.workloads[("shop", "web")].spec.image == "localhost/web:v3"
+
+
+def test_a_deploy_cut_short_by_the_agents_death_is_recorded_and_rolled_out(
+        tmp_path: Path) -> None:
+    """Its record is written before its workloads run, its version and rollout after:
+    the restarted agent finds the record in no version of history. It records it as the
+    next version (noted), begins its rollout (only the changed component), and reconcile
+    makes it run: history, status and what runs agree."""
+    world = FakeWorld()
+    cfg = config_from_dict({"state": {"dir": str(tmp_path / "st")},
+                            "monitor": {"interval_s": 0.05}})
+    a = Agent(cfg, runtimes=world.runtimes(), monitor=True)
+    try:
+        a.deploy(svc("v1"))
+        until(a, "succeeded")
+        db_id = world.workloads[("shop", "db")].id
+        a.registry.put_service(svc("v2"))    # what a deploy killed after it leaves
+    finally:
+        a.close()
+    b = Agent(cfg, runtimes=world.runtimes(), monitor=True)
+    try:
+        hist = b.history("shop")
+        assert [(h["version"], h["current"], h.get("note", "")) for h in hist] == [
+            (1, False, ""), (2, True, "recorded at the agent's start: the deploy was cut "
+                                      "short by its death")]
+        r = until(b, "succeeded")
+        assert (r["version"], r["previous"], r["components"]) == (2, 1, ["web"])
+        assert world.workloads[("shop", "web")].spec.image == "localhost/web:v2"
+        assert world.workloads[("shop", "db")].id == db_id       # never touched
+    finally:
+        b.close()
+    c = Agent(cfg, runtimes=world.runtimes(), monitor=True)     # nothing more to resume
+    try:
+        assert [h["version"] for h in c.history("shop")] == [1, 2]
+        assert c.rollouts.counts["started"] == 0
+    finally:
+        c.close()

@@ -19,22 +19,35 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .cluster import SERVICES
+from .cluster import KV, SERVICES
 from .errors import FleetUnavailable, MCPError
 from .files import atomic_write
+from .fleetmoves import Txn
+from .fleetviews import Fleetview
 from .placement import demand_of
 from .rollout import REVERTED, REVERTING
 from .servicedef import ServiceDef, from_dict
 
 if TYPE_CHECKING:
-    from .fleetmoves import Txn
-    from .fleetnode import Fleet
-    from .fleetviews import Fleetview
+    from .agent import Agent
 
 log = logging.getLogger("mcp_node.fleet")
+
+
+class Member(Protocol):
+    """What a fleet rollout needs of the member (``fleetnode.Fleet``)."""
+
+    name: str
+    a: Agent
+    _dirty: dict[str, bool]
+
+    def txn_loop(self, step: Callable[[Fleetview], Txn | None]) -> Fleetview: ...
+    def placement_txn(self, v: Fleetview, name: str, prev: KV | None,
+                      rec: dict[str, Any] | None) -> Txn: ...
 
 
 def answer(st: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +77,7 @@ class FleetRollouts:
     """Which fleet generation began each service's latest local rollout, and the
     write-back of a revert."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Member) -> None:
         self.f = fleet
         self._file = fleet.a.state_dir / "fleet-rollouts.json"
         self._lock = threading.Lock()

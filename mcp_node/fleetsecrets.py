@@ -34,6 +34,7 @@ from .errors import (
     ValidationError,
 )
 from .grammar import check_secret_name
+from .registry import now_iso
 from .registry_secrets import SealedRow
 from .secretstore import KEEP_VERSIONS, check_secret_value, key_id, read_key, seal, unseal
 from .secretuse import pinned
@@ -171,9 +172,14 @@ class FleetSecrets:
         check_secret_name(name)
         check_secret_value(value)
         key = self.key()
-        from .registry import now_iso
-
         etcd = self.fleet.etcd
+        _, kvs = etcd.get_prefix(SECRETS)
+        others = {r.key_id for kv in kvs.values() for r in _rows(kv).values()} - {key_id(key)}
+        if others:   # a node given another key would seal what the others cannot open
+            raise SecretStoreError(
+                f"this node's fleet key ({SETTING} {self.key_path}, key {key_id(key)}) is not "
+                f"the one the fleet's secrets are sealed with (key {', '.join(sorted(others))})"
+                ": copy the fleet's key file to this node")
         for attempt in range(ATTEMPTS):
             rev, services = etcd.get_prefix(SERVICES)
             kv = self._get(name)

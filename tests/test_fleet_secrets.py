@@ -261,6 +261,10 @@ def test_wrong_key_and_altered_record_are_told_apart(tmp_path: Path, etcd: FakeE
         assert "but this node's secrets.fleet_key_file" in msg and "give this node the " \
             "fleet's key" in msg
         assert not c2.local.registry.has_service("app")
+        with pytest.raises(SecretStoreError, match="this node's fleet key .* is not the one "
+                           "the fleet's secrets are sealed with"):
+            c2.secret_set("other", VALUE)               # what it sealed nobody could open
+        assert etcd.get(SECRETS + "other") is None
         # one bit of the ciphertext flipped in etcd: AES-GCM fails on the right key (c3's;
         # c1 read the version before, and a version it has read never changes for it)
         kv = etcd.get(SECRETS + "db")

@@ -313,6 +313,14 @@ def test_check_config_and_new_fleet_key(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "exists; a fleet has one key" in again.output
     key.chmod(0o644)
     assert "must be mode 0600 (is 0644)" in errors(key)[0]
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[secrets]\nfleet_key_file = "{key}"\n')
+    res = CliRunner().invoke(agent_main, ["--config", str(conf), "check-config"])
+    assert res.exit_code == 1 and f"{conf}: secrets.fleet_key_file: secret key file {key} " \
+        "(secrets.fleet_key_file) must be mode 0600 (is 0644)" in res.output
+    key.chmod(0o600)
+    res = CliRunner().invoke(agent_main, ["--config", str(conf), "check-config"])
+    assert (res.exit_code, res.output) == (0, f"{conf}: ok\n")
     short = tmp_path / "short.key"
     write_key(short, os.urandom(16), exclusive=True)
     assert errors(short) == [f"secrets.fleet_key_file: secret key file {short} "

@@ -161,7 +161,8 @@ class Bed:
 
     def _reap_vms(self) -> None:
         """SIGKILL any qemu this bed's agent left running (by the pid in its VM dir)."""
-        for pidfile in (self.state / "vms").glob("*/qemu.pid"):
+        vms = self.state / "vms"   # a VM's pidfile: vms/.pids/ (older metas: its dir)
+        for pidfile in [*vms.glob("*/qemu.pid"), *vms.glob(".pids/*.pid")]:
             with contextlib.suppress(OSError, ValueError):
                 pid = int(pidfile.read_text().strip())
                 if "qemu" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):

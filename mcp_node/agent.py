@@ -90,6 +90,7 @@ class Agent(SecretOps):
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state_dir.chmod(0o700)  # an existing 0755 one too: it holds tokens and keys
         self.registry = Registry(self.state_dir / "registry.db")
+        self.registry.events_per_service = config.history.max_events_per_service
         self.secrets = open_store(config, self.registry)   # sealed under the node's key
         self.node = node or socket.gethostname()
         self.owner = node_id(self.state_dir)
@@ -303,7 +304,7 @@ class Agent(SecretOps):
             log.info("deployed service=%s components=%d version=%d%s", defn.name,
                      len(defn.components), version, " unchanged" if unchanged else "")
             # Under the lock: an undeploy queued behind us must not turn this reply into a 404.
-            self.monitor.refresh_safely()
+            self.monitor.refresh_safely(defn.name)
             self._routes_after(defn.name)
             return {**self.local_status(defn.name), "unchanged": unchanged}
 
@@ -398,7 +399,7 @@ class Agent(SecretOps):
             self.registry.set_desired(name, desired, component)
             in_parallel([partial(self.steps.to_state, name, comp, desired, restart, timeout)
                          for comp in comps])
-            self.monitor.refresh_safely()
+            self.monitor.refresh_safely(name)
             if restart:   # running before and after: no state change would tell of it
                 self._restarted(name, [c.defn.name for c in comps])
             self._routes_after(name)
@@ -439,7 +440,7 @@ class Agent(SecretOps):
             log.info("undeployed service=%s", rec.name)
             self._routes_after(rec.name)
         prune_history(self)
-        self.monitor.refresh_safely()
+        self.monitor.refresh_safely(name)
 
     def events(self, service: str | None = None, tail: int = 100) -> list[dict[str, Any]]:
         """The last ``tail`` state changes (of one service, or all), oldest first.

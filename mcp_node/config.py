@@ -122,6 +122,8 @@ class HistoryConfig:
 
     keep_undeployed_days: float = 30.0   # history of a service undeployed longer ago goes
     max_undeployed_services: int = 100   # beyond the most recently undeployed, history goes
+    event_keep_days: float = 30.0        # events older than this go (each round)
+    max_events_per_service: int = 10000  # beyond a service's newest this many, events go
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "cluster.timeout_s": (0.2, 60),
     "history.keep_undeployed_days": (0, 36500),
     "history.max_undeployed_services": (0, 1_000_000),
+    "history.event_keep_days": (1, 36500),   # and >= monitor.flap_window_s
+    "history.max_events_per_service": (100, 10_000_000),
     "images.keep_versions": (1, 20),   # history keeps 20 versions
 }
 
@@ -311,6 +315,9 @@ def parse(data: dict[str, Any]) -> tuple[AgentConfig, list[ValidationError]]:
         (cfg.server.reserved_for_operators < cfg.server.max_connections,
          f"must be below server.max_connections ({cfg.server.max_connections}): reader "
          "tokens need some room", "server.reserved_for_operators"),
+        (cfg.history.event_keep_days * 86400 >= cfg.monitor.flap_window_s,
+         f"must keep the flap window (monitor.flap_window_s = {cfg.monitor.flap_window_s:g} "
+         "s): flapping is judged from the events in it", "history.event_keep_days"),
     ]
     for key, (low, high) in RANGES.items():
         section, _, name = key.partition(".")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .config import MonitorConfig
-from .errors import MCPError, RegistryError
+from .errors import MCPError, NotFoundError, RegistryError
 from .records import ComponentRecord, Event, ServiceRecord
 from .registry import Registry
 from .runtime import Runtime, Workload
@@ -92,6 +92,16 @@ def observe(
     return {k: w for k, w in by_key.items() if k in known}, orphans, events
 
 
+def drifted_of(records: Iterable[ServiceRecord], workloads: dict[Key, Workload],
+               errors: dict[str, str]) -> list[Key]:
+    return [
+        (rec.name, c.defn.name) for rec in records for c in rec.components
+        if c.defn.runtime not in errors and is_drift(
+            c.desired_state, workloads[(rec.name, c.defn.name)].state
+            if (rec.name, c.defn.name) in workloads else MISSING)
+    ]
+
+
 def _digest(digest: Callable[[ServiceRecord, ComponentRecord], str], rec: ServiceRecord,
             comp: ComponentRecord, have: str) -> str:
     """The spec digest the component should run; ``have`` (so: a crash) if it cannot be
@@ -131,50 +141,89 @@ class Monitor:
 
     def refresh(self) -> View:
         with self._lock:
-            listings: dict[str, list[Workload]] = {}
-            errors: dict[str, str] = {}
-            for name, rt in self._runtimes().items():
-                if isinstance(rt, str):
-                    errors[name] = rt
-                    continue
-                try:
-                    listings[name] = rt.list()
-                except MCPError as exc:
-                    errors[name] = str(exc)
+            listings, errors = self._listings()
             now = time.time()
             records = self.registry.list_services()
             workloads, orphans, events = observe(records, listings, errors, self._restarts, now,
                                                  self.digest)
-            # The view shows what was observed even when the registry cannot store it (full
-            # disk, read-only): it must never go on claiming an older state. The error is
-            # raised after the view is in place; the next round records the change again.
-            unwritten: RegistryError | None = None
-            try:
-                self.registry.record_observed(events)
-                since = now - self.config.flap_window_s
-                counts = self.registry.event_counts(since)
-                for service, calm in self.calm_since().items():
-                    if calm > since and any(k[0] == service for k in counts):
-                        after = self.registry.event_counts(calm)
-                        counts.update({k: after.get(k, 0) for k in counts if k[0] == service})
-                flapping = {k for k, n in counts.items() if n > self.config.flap_changes}
-            except RegistryError as exc:
-                unwritten, flapping = exc, self.view.flapping
-            for e in events if unwritten is None else ():
-                log.info("state service=%s component=%s %s->%s %s", e.service, e.component,
-                         e.prev_state, e.new_state, e.detail)
-            drifted = [
-                (rec.name, c.defn.name) for rec in records for c in rec.components
-                if c.defn.runtime not in errors and is_drift(
-                    c.desired_state, workloads[(rec.name, c.defn.name)].state
-                    if (rec.name, c.defn.name) in workloads else MISSING)
-            ]
-            self.view = View(workloads, orphans, errors, flapping, drifted, records, now)
+            known = {(r.name, c.defn.name) for r in records for c in r.components}
+            for key in [k for k in self._restarts if k not in known]:   # undeployed
+                del self._restarts[key]
+            unwritten, flapping = self._record(events, now, self.view.flapping)
+            self.view = View(workloads, orphans, errors, flapping,
+                             drifted_of(records, workloads, errors), records, now)
         if self._on_refresh:
             self._on_refresh(self.view)
         if unwritten is not None:
             raise unwritten
         return self.view
+
+    def refresh_service(self, service: str) -> View:
+        """After an operation on one service: each runtime lists that service's
+        workloads alone and the view is updated for it, so what a deploy costs does not
+        grow with the node's other services. No round runs (reconcile, health, the
+        subscribers: the next one does, within the interval)."""
+        with self._lock:
+            try:
+                mine = [self.registry.get_service(service)]
+            except NotFoundError:
+                mine = []
+            old = self.view
+            listings, errors = self._listings(service)
+            now = time.time()
+            workloads, orphans, events = observe(mine, listings, errors, self._restarts,
+                                                 now, self.digest)
+            for key in [k for k in self._restarts if k[0] == service and k not in workloads]:
+                del self._restarts[key]
+            unwritten, flapping = self._record(events, now, old.flapping, service)
+            self.view = View(
+                {**{k: w for k, w in old.workloads.items() if k[0] != service}, **workloads},
+                [w for w in old.orphans if w.service != service] + orphans, errors,
+                {k for k in old.flapping if k[0] != service} |
+                {k for k in flapping if k[0] == service},
+                [k for k in old.drifted if k[0] != service] +
+                drifted_of(mine, workloads, errors),
+                [r for r in old.records if r.name != service] + mine, old.refreshed_at)
+        if unwritten is not None:
+            raise unwritten
+        return self.view
+
+    def _listings(self, service: str | None = None) -> tuple[dict[str, list[Workload]],
+                                                             dict[str, str]]:
+        """Each runtime's listing (of ``service`` alone), and why a runtime had none."""
+        listings: dict[str, list[Workload]] = {}
+        errors: dict[str, str] = {}
+        for name, rt in self._runtimes().items():
+            if isinstance(rt, str):
+                errors[name] = rt
+                continue
+            try:
+                listings[name] = rt.list(service)
+            except MCPError as exc:
+                errors[name] = str(exc)
+        return listings, errors
+
+    def _record(self, events: list[Event], now: float, before: set[Key],
+                service: str | None = None) -> tuple[RegistryError | None, set[Key]]:
+        """Store ``events``; the components flapping now (of ``service`` alone, if
+        given). The view shows what was observed even when the registry cannot store it
+        (full disk, read-only): it must never go on claiming an older state. The error
+        is raised after the view is in place; the next round records the change again."""
+        try:
+            self.registry.record_observed(events)
+            since = now - self.config.flap_window_s
+            counts = self.registry.event_counts(since, service)
+            for name, calm in self.calm_since().items():
+                if calm > since and any(k[0] == name for k in counts):
+                    after = self.registry.event_counts(calm, name)
+                    counts.update({k: after.get(k, 0) for k in counts if k[0] == name})
+            flapping = {k for k, n in counts.items() if n > self.config.flap_changes}
+        except RegistryError as exc:
+            return exc, before
+        for e in events:
+            log.info("state service=%s component=%s %s->%s %s", e.service, e.component,
+                     e.prev_state, e.new_state, e.detail)
+        return None, flapping
 
     @property
     def running(self) -> bool:
@@ -194,11 +243,16 @@ class Monitor:
         self._thread = threading.Thread(target=self._loop, name="mcp-monitor", daemon=True)
         self._thread.start()
 
-    def refresh_safely(self) -> None:
+    def refresh_safely(self, service: str | None = None) -> None:
+        """A round (or, after an operation on ``service``, that service's refresh) that
+        never raises: the loop must survive anything; the next round retries."""
         try:
-            self.refresh()
-            self.last_error = ""
-        except Exception as exc:  # the loop must survive anything; the next round retries
+            if service is None:
+                self.refresh()
+                self.last_error = ""
+            else:
+                self.refresh_service(service)
+        except Exception as exc:
             self.last_error = str(exc) or type(exc).__name__
             log.exception("monitor refresh failed")
 

@@ -564,11 +564,12 @@ class PodmanRuntime(Runtime):
             return None
         return workload_from_inspect(attrs) if attrs is not None else None
 
-    def list(self) -> list[Workload]:
+    def list(self, service: str | None = None) -> list[Workload]:
         with self._count_lock:
             self._listings += 1
         resp = self._request("GET", "/containers/json", "list containers",
-                             params={"all": "true", "filters": owner_filters(self.owner)})
+                             params={"all": "true",
+                                     "filters": owner_filters(self.owner, service)})
         if resp.status_code >= 400:
             raise WorkloadError(f"podman list: {response_message(resp)}")
         out = []
@@ -576,7 +577,7 @@ class PodmanRuntime(Runtime):
             workload = workload_from_list(entry)
             if workload is not None:
                 out.append(workload)
-        if self._sweep_due:
+        if self._sweep_due and service is None:
             self._sweep()
         return out
 

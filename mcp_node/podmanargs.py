@@ -114,9 +114,11 @@ def create_payload(kwargs: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def owner_filters(owner: str) -> str:
-    """The ``filters`` query value selecting one owner's containers."""
-    return json.dumps({"label": [f"{LABEL_OWNER}={owner}"]})
+def owner_filters(owner: str, service: str | None = None) -> str:
+    """The ``filters`` query value selecting one owner's containers (of one service)."""
+    labels = [f"{LABEL_OWNER}={owner}"]
+    return json.dumps({"label": labels if service is None else
+                       [*labels, f"{LABEL_SERVICE}={service}"]})
 
 
 def parse_time(value: Any) -> float | None:

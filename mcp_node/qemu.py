@@ -450,6 +450,8 @@ class QemuRuntime(Runtime):
                         Path(meta.pidfile).parent.rmdir()
             shutil.rmtree(d.path)
             self._guests.forget(d)
+            with self._guard:   # nothing of a removed VM stays (its service lock is held)
+                self._vm_locks.pop(d.name, None)
         self._prune_cache()
 
     def _prune_cache(self) -> None:
@@ -459,13 +461,15 @@ class QemuRuntime(Runtime):
 
     # -- observe -------------------------------------------------------------------------------
 
-    def _scan(self) -> Iterator[tuple[VMDir, VMMeta]]:
+    def _scan(self, prefix: str | None = None) -> Iterator[tuple[VMDir, VMMeta]]:
+        """Each VM dir with its meta (those whose name begins with ``prefix``)."""
         try:
             entries = sorted(self.vms_dir.iterdir())
         except FileNotFoundError:
             return
         for p in entries:
-            if p.name.startswith(".") or not p.is_dir():
+            if p.name.startswith(".") or not p.is_dir() or (
+                    prefix is not None and not p.name.startswith(prefix)):
                 continue
             d = VMDir(p)
             meta = read_meta(d)
@@ -503,11 +507,13 @@ class QemuRuntime(Runtime):
             console_rotate(d.console, self.cfg.console_max_bytes)
         return self._workload(d, meta, pid, status)
 
-    def list(self) -> list[Workload]:
+    def list(self, service: str | None = None) -> list[Workload]:
         """One pass over the state directories, no subprocess; QMP only for a qemu not
         yet known to run its guest (once per process: one adopted after a crash)."""
         out = []
-        for d, meta in self._scan():
+        for d, meta in self._scan(None if service is None else f"{service}-"):
+            if service is not None and meta.service != service:
+                continue
             pid = live_pid(d, meta)
             status = ""
             if pid:

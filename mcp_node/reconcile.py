@@ -269,6 +269,9 @@ class Reconciler:
             orphans: list[Workload], errors: Iterable[str]) -> list[str]:
         """Plan from a monitor view and act; returns what was done, for the log."""
         self._recheck(records, workloads)
+        known = {(r.name, c.defn.name) for r in records for c in r.components}
+        for key in [k for k in self.backoff if k not in known]:   # undeployed: its
+            del self.backoff[key]                                # metric series goes too
         self.last = plan(records, workloads, orphans, self.digest, self.backoff,
                          self.clock(), self.policy, errors, self.escaped, self.unhealthy())
         done = []

@@ -33,6 +33,8 @@ HISTORY_KEEP = 20
 class HistoryTables:
     """Events and deployment history (see the module docstring)."""
 
+    events_per_service = 10000   # history.max_events_per_service; the agent sets it
+
     if TYPE_CHECKING:   # provided by Registry
         def _tx(self) -> AbstractContextManager[sqlite3.Connection]: ...
         def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]: ...
@@ -61,6 +63,7 @@ class HistoryTables:
                 "unplanned) VALUES (?,?,?,?,?,?,?)",
                 [(e.service, e.component, e.time, e.prev_state, e.new_state, e.detail,
                   int(e.unplanned)) for e in events])
+            self.cap_events(db, {e.service for e in events}, self.events_per_service)
 
     def put_rollout(self, r: Rollout) -> None:
         body = json.dumps({**asdict(r), "components": list(r.components)}, sort_keys=True)
@@ -76,17 +79,34 @@ class HistoryTables:
             out.append(Rollout(**{**d, "components": tuple(d["components"])}))
         return out
 
-    def event_counts(self, since: float) -> dict[tuple[str, str], int]:
-        """Unplanned state changes per component since ``since``: the flap detector's input."""
-        rows = self._query(
-            "SELECT service, component, COUNT(*) FROM events WHERE time>=? AND unplanned=1 "
-            "GROUP BY service, component", (since,),
-        )
+    def event_counts(self, since: float,
+                     service: str | None = None) -> dict[tuple[str, str], int]:
+        """Unplanned state changes per component since ``since`` (of one service, or
+        all): the flap detector's input, read from the window alone (``events_unplanned``)."""
+        sql = ("SELECT service, component, COUNT(*) FROM events WHERE time>=? AND "
+               "unplanned=1 {} GROUP BY service, component")
+        rows = (self._query(sql.format(""), (since,)) if service is None else
+                self._query(sql.format("AND service=?"), (since, service)))
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
-    def prune_events(self, older_than_s: float = 7 * 86400) -> None:
+    def prune_events(self, older_than_s: float, now: float | None = None) -> int:
+        """Events older than ``older_than_s`` go (each round: a seek on ``events_by_time``
+        and, only when there is something to forget, one transaction). Returns how many."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        if not self._query("SELECT 1 FROM events WHERE time < ? LIMIT 1", (cutoff,)):
+            return 0
         with self._tx() as db:
-            db.execute("DELETE FROM events WHERE time < ?", (time.time() - older_than_s,))
+            return db.execute("DELETE FROM events WHERE time < ?", (cutoff,)).rowcount
+
+    @staticmethod
+    def cap_events(db: sqlite3.Connection, services: set[str], keep: int) -> None:
+        """Beyond each of ``services``' newest ``keep`` events, the older ones go: run in
+        the transaction that wrote new ones, so the log never holds more (a seek on
+        ``events_by_service`` per service, whatever the table's size)."""
+        for service in services:
+            db.execute("DELETE FROM events WHERE service=? AND id < (SELECT id FROM events "
+                       "WHERE service=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                       (service, service, keep - 1))
 
     def record_deployment(self, svc: ServiceDef, keep: int = HISTORY_KEEP,
                           note: str = "") -> int:

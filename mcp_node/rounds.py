@@ -44,24 +44,28 @@ log = logging.getLogger("mcp_node.agent")
 
 
 def prune_history(agent: Host) -> None:
-    """Forget the history of services undeployed too long ago or beyond the cap
-    (``[history]``); after an undeploy and in every round. Never raises: an undeploy
-    has succeeded by then, and a round must go on."""
+    """Forget the history of services undeployed too long ago or beyond the cap, and
+    events past their age (``[history]``); after an undeploy and in every round. Never
+    raises: an undeploy has succeeded by then, and a round must go on."""
     h = agent.config.history
     try:
         gone = agent.registry.prune_history(h.keep_undeployed_days * 86400,
                                             h.max_undeployed_services)
+        aged = agent.registry.prune_events(h.event_keep_days * 86400)
     except Exception:
         log.exception("history: prune failed")
         return
     for name in gone:
         log.info("history: forgot undeployed service=%s", name)
+    if aged:
+        log.info("history: forgot %d events older than %g days", aged, h.event_keep_days)
 
 
 class Rounds:
     def __init__(self, host: Host) -> None:
         self.a = host
         self._health: dict[str, Any] = {}
+        self._health_of: View | None = None   # the view it was judged from
         self._edge_checked = time.time()
         self._routes_checked = time.time()
         self._edge_reasons: list[str] = []
@@ -97,7 +101,7 @@ class Rounds:
             self._edge_reasons = self.a.edge.health() if has_routes else []
         except Exception as exc:  # a broken edge degrades health, never breaks it
             self._edge_reasons = [f"edge: {exc}"]
-        self._health = self._compute(view, edge_routes)
+        self._health, self._health_of = self._compute(view, edge_routes), view
         prune_history(self.a)
 
     def _compute(self, view: View, edge_routes: int) -> dict[str, Any]:
@@ -149,8 +153,12 @@ class Rounds:
         tests) health is judged now, so it never shows a state from before a change."""
         if not self.a.monitor.running:
             self.a.monitor.refresh_safely()   # its callback is after_round
+        view = self.a.monitor.view
         if not self._health:
-            self.after_round(self.a.monitor.view)
+            self.after_round(view)
+        elif view is not self._health_of:   # an operation refreshed one service since
+            self._health, self._health_of = self._compute(
+                view, len(self.a.registry.list_edge_routes())), view
         out = dict(self._health)
         out["uptime_s"] = int(time.monotonic() - self.a.started_at)
         interval = self.a.config.monitor.interval_s

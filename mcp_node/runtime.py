@@ -231,8 +231,10 @@ class Runtime(ABC):
         """The workload if it exists (running or not), else None."""
 
     @abstractmethod
-    def list(self) -> list[Workload]:
-        """Every workload the agent owns, in one engine call."""
+    def list(self, service: str | None = None) -> list[Workload]:
+        """Every workload the agent owns (of ``service`` alone: after an operation on
+        it, so its cost does not grow with the node's other services), in one engine
+        call."""
 
     @abstractmethod
     def logs(

@@ -154,9 +154,9 @@ class DummyRuntime(Runtime):
                         started_at=w.started_at, extra={"fake_id": w.id},
                         spec_digest=w.spec.digest, exit_code=w.exit_code)
 
-    def list(self) -> list[Workload]:
+    def list(self, service: str | None = None) -> list[Workload]:
         self.world.calls.append((self.name, "list", ""))
-        out = [self.inspect(s, c) for s, c in self._mine()]
+        out = [self.inspect(s, c) for s, c in self._mine() if service in (None, s)]
         return [w for w in out if w is not None]
 
     def logs(self, service: str, component: str, tail: int | None = None,

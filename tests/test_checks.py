@@ -5,7 +5,9 @@ the reconciler then does. No podman, no threads, milliseconds each."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,9 @@ from mcp_node.servicedef import ComponentDef, RouteDef, from_dict
 from mcp_node.states import RUNNING
 
 KEY = ("shop", "web")
+# The checker's wall clock: now-ish (the event log forgets events older than
+# history.event_keep_days), a whole second, so the times it prints are exact.
+WALL = float(int(time.time()))
 
 
 class Clock:
@@ -32,7 +37,7 @@ class Clock:
         return self.t
 
     def wall(self) -> float:
-        return 1_000_000.0 + self.t
+        return WALL + self.t
 
 
 @pytest.fixture
@@ -67,6 +72,10 @@ def deploy(agent: Agent, world: FakeWorld, **web: Any) -> None:
     agent.deploy(from_dict({"name": "shop", "components": [
         {"name": "web", "image": "img:v1", "routes": [{"port": 8080}], **web}]}))
     world.tcp_probes.clear()
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def tick(agent: Agent, clock: Clock, at: float | None = None) -> None:
@@ -106,7 +115,7 @@ def test_probed_every_tick_until_it_passes_then_every_interval(agent: Agent,
     assert len(world.tcp_probes) == 6
     [c] = agent.status("shop")["components"]
     assert c["ready"] is True and c["check"] == {
-        "ok": True, "time": "1970-01-12T13:46:45Z", "detail": "accepted"}
+        "ok": True, "time": iso(WALL + 5.0), "detail": "accepted"}
 
 
 def test_interval_zero_checks_once_per_run(agent: Agent, world: FakeWorld,

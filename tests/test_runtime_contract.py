@@ -34,6 +34,7 @@ from mcp_node.runtime import (
     RUNNING,
     STOPPED,
     Runtime,
+    Workload,
     WorkloadSpec,
 )
 
@@ -116,6 +117,12 @@ def ours(rt: Runtime, spec: WorkloadSpec) -> list[tuple[str, str, object, str]]:
             if w.service == spec.service]
 
 
+def compared(w: Workload) -> tuple[object, ...]:
+    """What the monitor compares of a workload (``monitor.observe``)."""
+    return (w.service, w.component, w.runtime, w.state, w.id, w.started_at,
+            w.restart_count, w.spec_digest, w.paused)
+
+
 def test_missing_image_and_missing_workload(subject: Subject) -> None:
     rt = subject.rt
     spec = spec_for(subject)
@@ -141,6 +148,11 @@ def test_lifecycle_as_the_agent_drives_it(subject: Subject) -> None:
     got = rt.inspect(spec.service, spec.component)
     assert got is not None and got.state == RUNNING and got.spec_digest == spec.digest
     assert ours(rt, spec) == [(spec.service, "web", RUNNING, spec.digest)]
+    # after an operation the agent lists one service (issue 21), a round lists all:
+    # what the monitor compares must not differ between them
+    [listed] = [w for w in rt.list() if w.service == spec.service]
+    assert [compared(w) for w in rt.list(spec.service)] == [compared(listed)]
+    assert rt.list(spec.service + "x") == []
 
     # logs: all of it, nothing for tail=0, the last N lines for tail=N
     subject.started(spec)

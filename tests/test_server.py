@@ -10,6 +10,7 @@ import uuid
 from dataclasses import replace
 
 import pytest
+from conftest import until
 from podman_env import wait_http
 from server_env import SMALL_BODY, LiveServer
 
@@ -315,8 +316,10 @@ def test_lifecycle_over_http(live_server: LiveServer, hello_image: str) -> None:
     assert "hello from over-http" in wait_http(port, "/ping")
     assert c.get(f"/v1/services/{name}")["service"] == name
 
-    logs = c.get(f"/v1/services/{name}/logs", params={"tail": 50})
-    assert isinstance(logs, str) and "/ping" in logs
+    def logged() -> bool:   # podman's log of the answer may come a moment after it
+        logs = c.get(f"/v1/services/{name}/logs", params={"tail": 50})
+        return isinstance(logs, str) and "/ping" in logs
+    until(logged, 30, "the /ping request never showed in the service's log")
     stream = c.stream(f"/v1/services/{name}/logs", params={"follow": "1", "tail": 0},
                       idle_timeout=60)
     wait_http(port, "/followed")

@@ -1,0 +1,157 @@
+"""scale: what the agent costs as the node grows (issue 21), each figure against the
+same run's smaller node.
+
+One real ``mcp-agent`` and its podman service. Agent CPU is utime + stime of the
+agent process from ``/proc`` (every thread, the exited ones included).
+
+- idle round: the agent restarted with ``monitor.interval_s`` 1 s, then CPU over
+  ``--idle-s`` seconds divided by the rounds in them (the podman runtime's own count of
+  listings, one per round). At 10 services with 0, 100k and 1M events in the log (rows
+  written into the registry as old, planned state changes spread over the services;
+  removed again after), then at 100 and 300 services.
+  Target: flat in events; linear in services only through podman's own listing.
+- deploy: the agent with no rounds (interval 1 h) deploying services of one container
+  and one route each, through the HTTP API; agent CPU of deploys 1-10 against deploys
+  291-300 (``--services``). Target <= 1.3x.
+- undeploy: the same for undeploys of the first and of the last ten services.
+
+The fleet figures of the issue (etcd bytes per deploy over 1 to 1,000 node records)
+are not measured here: fleet state is still one value per node.
+
+    .venv/bin/python bench/scale.py [--services 300] [--idle-s 15] [--events 100000,1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from common import Bed, bed, hello_image
+
+from mcp_node.client import Client
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def listings(client: Client) -> int:
+    health = client.request("GET", "/v1/health")
+    return int(health["runtimes"]["container"].get("listings", 0))
+
+
+def service(i: int, image: str) -> dict[str, object]:
+    return {"name": f"scale-{i:04d}", "components": [
+        {"name": "web", "image": image, "routes": [{"port": 8080}]}]}
+
+
+def restart(b: Bed, interval_s: float) -> Client:
+    assert b.daemon is not None
+    b.daemon.stop()
+    text = b.config.read_text()
+    head, _, rest = text.partition("[monitor]\ninterval_s = ")
+    b.config.write_text(f"{head}[monitor]\ninterval_s = {interval_s}\n"
+                        + rest.partition("\n")[2])
+    return b.start_agent()
+
+
+def idle_round_ms(b: Bed, seconds: float) -> tuple[float, int]:
+    """Agent CPU per monitor round (ms) over ``seconds`` of an idle agent, and rounds."""
+    client = restart(b, 1.0)
+    time.sleep(3)                       # past the start-up's own rounds and adoption
+    assert b.proc is not None
+    n0, c0 = listings(client), cpu_s(b.proc.pid)
+    time.sleep(seconds)
+    c1, n1 = cpu_s(b.proc.pid), listings(client)
+    rounds = max(n1 - n0 - 1, 1)        # the health read above lists nothing; -1: margin
+    return (c1 - c0) * 1000 / rounds, rounds
+
+
+def add_events(b: Bed, n: int, services: list[str]) -> None:
+    db = sqlite3.connect(b.state / "registry.db", timeout=60)
+    now = time.time()
+    rows = ((services[i % len(services)], "web", now - 86400 + i * 86400 / n, "running",
+             "running", "bench", 0) for i in range(n))
+    with db:
+        db.executemany("INSERT INTO events (service, component, time, prev_state, "
+                       "new_state, detail, unplanned) VALUES (?,?,?,?,?,?,?)", rows)
+    db.close()
+
+
+def drop_events(b: Bed) -> None:
+    db = sqlite3.connect(b.state / "registry.db", timeout=60)
+    with db:
+        db.execute("DELETE FROM events WHERE detail='bench'")
+    db.execute("VACUUM")
+    db.close()
+
+
+def deploy_cpu_ms(b: Bed, client: Client, specs: list[dict[str, object]]) -> float:
+    assert b.proc is not None
+    c0 = cpu_s(b.proc.pid)
+    for spec in specs:
+        client.request("POST", "/v1/services", spec)
+    return (cpu_s(b.proc.pid) - c0) * 1000 / len(specs)
+
+
+def undeploy_cpu_ms(b: Bed, client: Client, names: list[str]) -> float:
+    assert b.proc is not None
+    c0 = cpu_s(b.proc.pid)
+    for name in names:
+        client.request("DELETE", f"/v1/services/{name}")
+    return (cpu_s(b.proc.pid) - c0) * 1000 / len(names)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--services", type=int, default=300)
+    ap.add_argument("--idle-s", type=float, default=15.0)
+    ap.add_argument("--events", default="100000,1000000")
+    a = ap.parse_args()
+    image = hello_image()
+    out: list[str] = []
+    with bed(monitor_interval=3600.0) as b:
+        client = b.start_agent()
+        specs = [service(i, image) for i in range(a.services + 10)]
+        first = deploy_cpu_ms(b, client, specs[:10])
+        idle: dict[str, tuple[float, int]] = {}
+        idle["10 services, 0 events"] = idle_round_ms(b, a.idle_s)
+        names = [str(s["name"]) for s in specs[:10]]
+        for n in (int(x) for x in a.events.split(",") if x):
+            add_events(b, n, names)
+            idle[f"10 services, {n:,} events"] = idle_round_ms(b, a.idle_s)
+            drop_events(b)
+        client = restart(b, 3600.0)
+        at = 10
+        for size in sorted({min(100, a.services), a.services}):
+            if size > at:
+                deploy_cpu_ms(b, client, specs[at:size - 10])
+                last = deploy_cpu_ms(b, client, specs[size - 10:size])
+                at = size
+                idle[f"{size} services"] = idle_round_ms(b, a.idle_s)
+                client = restart(b, 3600.0)
+        undeploy_last = undeploy_cpu_ms(b, client, [str(s["name"]) for s in specs[at - 10:at]])
+        undeploy_first = undeploy_cpu_ms(b, client, [str(s["name"]) for s in specs[:10]])
+    base = idle["10 services, 0 events"][0]
+    out.append(f"scale ({a.services} services at most; agent CPU from /proc)")
+    out.append("  idle monitor round, agent CPU per round:")
+    for label, (ms, rounds) in idle.items():
+        out.append(f"    {label:28} {ms:7.2f} ms  ({rounds} rounds)  {ms / base:5.2f}x")
+    out.append(f"  deploy, agent CPU: 1st-10th {first:.1f} ms, {at - 9}th-{at}th {last:.1f} ms"
+               f" = {last / first:.2f}x (target <= 1.3x)")
+    out.append(f"  undeploy, agent CPU: of the first ten {undeploy_first:.1f} ms (with "
+               f"{at - 20}-{at - 10} left), of the last ten {undeploy_last:.1f} ms (with "
+               f"{at - 10}-{at} left) = {undeploy_last / undeploy_first:.2f}x")
+    ev = [(k, v[0]) for k, v in idle.items() if k.startswith("10 services")]
+    out.append(f"  idle round, {ev[-1][0]} / none: {ev[-1][1] / ev[0][1]:.2f}x (target: flat)")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -156,8 +156,10 @@ class Bind:
 
 
 def make_route_config(base: AgentConfig, caddy: Caddy, pebble: Pebble, bind: Bind,
-                      secret_file: Path, **proxy: Any) -> AgentConfig:
-    return from_dict({
+                      secret_file: Path, qemu: dict[str, Any] | None = None,
+                      **proxy: Any) -> AgentConfig:
+    """``qemu``: a ``[qemu]`` table too (a test of VM components)."""
+    return from_dict({**({"qemu": qemu} if qemu else {}),
         "state": {"dir": str(base.state_dir)},
         "podman": {"socket": base.podman.socket, "containers_conf": base.podman.containers_conf},
         "node": {"advertise": HOST_ADDR},

@@ -299,3 +299,64 @@ def test_api_and_cli_on_any_agent_with_the_master_role(fleet: dict[str, Node],
         assert out.exit_code == 1 and "not cordoned" in out.output
     finally:
         srv.shutdown()
+
+
+def test_a_rollout_the_placed_node_reverts_is_the_fleets_too(fleet: dict[str, Node]) -> None:
+    """Issue 19 item 6 with real etcd: a deploy through one agent placed on another
+    answers with that node's rollout; ``--wait`` (wait_ready, through the deploying
+    agent) ends with its outcome: succeeded, or, for a crash-looping release, reverted
+    naming why; then etcd's record is the reverted-to definition, a generation later,
+    and the placed node deploys nothing more (the release is not rolled out again)."""
+    import threading
+
+    from mcp_node.clictx import LocalBackend
+    from mcp_node.cliwait import wait_ready
+
+    c1, c2 = fleet["c1"], fleet["c2"]
+
+    def shop(image: str) -> Any:
+        return from_dict({"name": "shop", "node": "c2",
+                          "update": {"min_healthy_s": 0.5, "healthy_deadline_s": 3},
+                          "components": [{"name": "web", "image": image,
+                                          "restart": "always", "memory_mb": 64}]})
+
+    st = a(c1).deploy(shop("img:v1"))
+    assert st["node"] == "c2" and not st["unchanged"]
+    st = wait_ready(LocalBackend(a(c1)), "shop", 30, st["rollout"]["version"])
+    assert st["rollout"]["state"] == "succeeded"
+    stop = threading.Event()
+
+    def crash_loop() -> None:                   # v2 exits a moment after every start
+        while not stop.wait(0.1):
+            w = c2.world.workloads.get(("shop", "web"))
+            if w is not None and w.spec.image == "img:v2" and w.state == "running":
+                c2.world.crash("shop", "web")
+
+    t = threading.Thread(target=crash_loop, daemon=True)
+    t.start()
+    try:
+        began = a(c1).deploy(shop("img:v2"))
+        assert (began["rollout"]["state"], began["rollout"]["generation"]) == (
+            "in_progress", began["generation"])
+        with pytest.raises(MCPError) as e:
+            wait_ready(LocalBackend(a(c1)), "shop", 30, began["rollout"]["version"])
+    finally:
+        stop.set()
+        t.join()
+    assert f"rollout of version {began['rollout']['version']} reverted: web " in str(e.value)
+    assert str(e.value).endswith(f"version {began['rollout']['previous']} runs again")
+    etcd = Etcd(c1.cfg.cluster)
+
+    def written_back() -> Any:
+        kv = etcd.get(SERVICES + "shop")
+        return kv if kv is not None and kv.value["generation"] > began["generation"] else None
+
+    kv = until(written_back, 20, "the revert was not written back to etcd")
+    assert kv.value["definition"]["components"][0]["image"] == "img:v1"
+    assert kv.value["reverted"]["generation"] == began["generation"]
+    until(lambda: a(c1).status("shop")["fleet"]["reverted"] == kv.value["reverted"], 20,
+          "the fleet's status does not show the revert")
+    versions = [h["version"] for h in a(c2).local.history("shop")]
+    a(c2).fleet.sync()                          # a resync deploys nothing again
+    assert [h["version"] for h in a(c2).local.history("shop")] == versions
+    assert c2.world.workloads[("shop", "web")].spec.image == "img:v1"

@@ -2,7 +2,8 @@
 runs beside the current one, the node proxy is held on the current one's ports until the
 new one passes its check, then switched; the old one drains and goes. A new one that
 never passes leaves the current one untouched; a crash's leftovers are orphans that
-reconcile removes first. The real-podman, real-Caddy case is test_startfirst_live.py."""
+reconcile removes first. Real podman (and a Nanos VM) behind real Caddy:
+test_noderoutes_live.py; the real daemon killed mid-replace: test_startfirst_crash.py."""
 
 from __future__ import annotations
 

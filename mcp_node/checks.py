@@ -114,11 +114,13 @@ class Checks:
         with self._lock:
             return dict(self._failed)
 
-    def fresh(self) -> None:
-        """Before a read: probe what is due now without the thread (``mcp --local``), and
-        with it a run it has not probed yet (a read just after a deploy, a restart or the
-        agent's own start sees the run checked, not ``starting`` until the next tick)."""
-        self.tick(unseen_only=self._thread is not None)
+    def fresh(self, service: str | None = None) -> None:
+        """Before a read (of ``service`` alone, if given: a deploy's answer costs the same
+        whatever else the node runs): probe what is due now without the thread (``mcp
+        --local``), and with it a run it has not probed yet (a read just after a deploy, a
+        restart or the agent's own start sees the run checked, not ``starting`` until the
+        next tick)."""
+        self.tick(unseen_only=self._thread is not None, service=service)
 
     # -- the thread ------------------------------------------------------------------
 
@@ -152,15 +154,16 @@ class Checks:
 
     # -- one tick --------------------------------------------------------------------
 
-    def tick(self, view: View | None = None, unseen_only: bool = False) -> None:
-        """Probe every running component whose probe is due (``unseen_only``: only runs
-        never probed), from ``view`` (default: the monitor's last one), and act on what
-        changed."""
+    def tick(self, view: View | None = None, unseen_only: bool = False,
+             service: str | None = None) -> None:
+        """Probe every running component (of ``service``) whose probe is due
+        (``unseen_only``: only runs never probed), from ``view`` (default: the monitor's
+        last one), and act on what changed."""
         # A read does not wait for the thread's tick (its probes may take their timeouts).
         if not self._ticking.acquire(blocking=not unseen_only):
             return
         try:
-            events, restart = self._tick(view or self.host.monitor.view, unseen_only)
+            events, restart = self._tick(view or self.host.monitor.view, unseen_only, service)
         finally:
             self._ticking.release()
         if events and self.host.reconciling:
@@ -171,12 +174,14 @@ class Checks:
         if restart and self.host.reconciling:
             self.host.monitor.poke()   # the reconciler restarts it in the next round
 
-    def _tick(self, view: View, unseen_only: bool = False) -> tuple[list[Event], bool]:
+    def _tick(self, view: View, unseen_only: bool = False,
+              service: str | None = None) -> tuple[list[Event], bool]:
         events: list[Event] = []
         restart = False
         known: set[Key] = set()
         due: list[tuple[Key, ComponentRecord, CheckState]] = []
-        for rec in view.records:
+        for rec in view.records if service is None else \
+                [r for r in view.records if r.name == service]:
             for comp in rec.components:
                 key = (rec.name, comp.defn.name)
                 known.add(key)
@@ -197,10 +202,11 @@ class Checks:
             if event is not None:
                 events.append(event)
                 restart = restart or (st.unhealthy and wants_restart(comp.defn.restart, None))
-        with self._lock:
+        with self._lock:   # what the view no longer has (one service's tick: of it)
             for key in set(self._states) - known:
-                del self._states[key]
-                self._failed.pop(key, None)
+                if service is None or key[0] == service:
+                    del self._states[key]
+                    self._failed.pop(key, None)
         return events, restart
 
     def _not_running(self, key: Key) -> None:

@@ -134,7 +134,7 @@ class Views:
 
     def status(self, svc: ServiceRecord) -> dict[str, Any]:
         view = self.a.monitor.fresh_view()
-        self.a.checks.fresh()
+        self.a.checks.fresh(svc.name)
         now = time.time()
         comps = []
         for c in svc.components:

@@ -320,7 +320,7 @@ class Fleet:
                 self._managed.add(name)    # before it runs: the fence counts it as fleet's
                 gen = int(rec.get("generation", 0))
                 if self._results.get(name, (0, ""))[0] == gen and self._results[name][1] \
-                        or self.rollouts.reverted(name, gen):
+                        or self.rollouts.reverted(name, gen, rec):
                     continue   # failed here (the deployer reverts it), or reverted here
                 try:
                     self._apply(name, rec)

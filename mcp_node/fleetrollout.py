@@ -29,6 +29,7 @@ from .files import atomic_write
 from .fleetmoves import Txn
 from .fleetviews import Fleetview
 from .placement import demand_of
+from .plan import carried
 from .rollout import REVERTED, REVERTING
 from .servicedef import ServiceDef, from_dict
 
@@ -83,6 +84,7 @@ class FleetRollouts:
         self._lock = threading.Lock()
         # service -> (generation, local rollout version, a revert to write back may come)
         self.began: dict[str, tuple[int, int, bool]] = self._load()
+        self._asked: set[tuple[str, int]] = set()   # unnoted reverts a sync looked at
 
     def deploy(self, name: str, gen: int, defn: ServiceDef) -> None:
         """The node's deploy of generation ``gen``; the rollout it begins is noted."""
@@ -92,12 +94,25 @@ class FleetRollouts:
         if r is not None and (before is None or r.version != before.version):
             self._note(name, (gen, r.version, True))
 
-    def reverted(self, name: str, gen: int) -> bool:
-        """Whether ``gen`` began a rollout this node reverted (or is reverting): it is
-        not applied again; its write-back makes the next generation."""
+    def reverted(self, name: str, gen: int, rec: dict[str, Any]) -> bool:
+        """Whether ``gen`` (etcd's record ``rec``) began a rollout this node reverted (or
+        is reverting): it is not applied again; its write-back makes the next
+        generation. A rollout no generation is noted for (one the agent's restart began
+        for a deploy its death cut short, ``Rollouts.resume_interrupted``) is ``gen``'s
+        when ``gen``'s definition is the version it rolled out."""
         r, b = self.f.a.rollouts.of(name), self.began.get(name)
-        return b is not None and b[0] == gen and r is not None and r.version == b[1] and \
-            r.state in (REVERTING, REVERTED)
+        if r is None or r.state not in (REVERTING, REVERTED):
+            return False
+        if (b is None or b[1] != r.version) and self._rolled_out(name, r.version, rec):
+            self._note(name, b := (gen, r.version, True))
+        return b is not None and b[0] == gen and r.version == b[1]
+
+    def _rolled_out(self, name: str, version: int, rec: dict[str, Any]) -> bool:
+        """Whether local ``version`` of ``name`` is what ``rec`` places here."""
+        local = next((d.definition for d in self.f.a.registry.history(name)
+                      if d.version == version), None)
+        return local is not None and local == carried(
+            local, from_dict(rec["definition"]).local_part())
 
     def mark(self, name: str, status: dict[str, Any]) -> None:
         """The generation that began the rollout a published status shows: a fleet
@@ -108,7 +123,15 @@ class FleetRollouts:
 
     def round(self) -> None:
         """Put etcd's record of each service reverted here back to what runs (the fleet
-        thread, each round). A record written since (another deploy) stands as it is."""
+        thread, each round). A record written since (another deploy) stands as it is.
+        A revert of a rollout no generation is noted for has the next sync look at it
+        (``reverted``), once."""
+        for done in self.f.a.rollouts.latest():
+            b = self.began.get(done.service)
+            if done.state == REVERTED and (b is None or b[1] != done.version) and \
+                    (done.service, done.version) not in self._asked:
+                self._asked.add((done.service, done.version))
+                self.f._dirty["services"] = True
         for name, (gen, version, pending) in sorted(self.began.items()):
             r = self.f.a.rollouts.of(name)
             if r is None:

@@ -212,6 +212,10 @@ class Rollouts:
     def of(self, service: str) -> Rollout | None:
         return self._by_service.get(service)
 
+    def latest(self) -> list[Rollout]:
+        """Each service's latest rollout."""
+        return list(self._by_service.values())
+
     def calm_since(self) -> dict[str, float]:
         """Service -> when what it runs was last judged healthy for min_healthy_s after a
         rollout: the monitor counts flaps only after that (issue 19: a service stayed

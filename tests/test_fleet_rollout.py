@@ -40,38 +40,43 @@ def svc(web: str) -> Any:
 
 class Fleet2:
     def __init__(self, tmp_path: Path) -> None:
-        self.etcd = FakeEtcd()
-        self.worlds: dict[str, FakeWorld] = {}
-        self.agents: dict[str, FleetOperations] = {}
-        for name in ("c1", "c2"):
-            self.worlds[name] = FakeWorld()
-            cfg = config_from_dict({
-                "state": {"dir": str(tmp_path / name)},
-                "monitor": {"interval_s": 0.05, "restart_backoff_max_s": 1},
-                "cluster": {"etcd": ["http://127.0.0.1:9"], "node": name, "memory_mb": 1000,
-                            "deploy_wait_s": 10, "lease_ttl_s": 600}})
-            a = FleetOperations(node_agent(cfg, runtimes=self.worlds[name].runtimes(),
-                                           monitor=True))
-            a.fleet.etcd = self.etcd  # type: ignore[assignment]
-            a.fleet._join()
-            self.agents[name] = a
-        for a in self.agents.values():   # a deploy's wait: the placed node follows first
-            a.fleet._await = self._await(a.fleet)  # type: ignore[method-assign]
+        self.tmp, self.etcd = tmp_path, FakeEtcd()
+        self.worlds = {name: FakeWorld() for name in ("c1", "c2")}
+        self.agents = {name: self.agent(name) for name in ("c1", "c2")}
         self.stop = threading.Event()
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
 
+    def agent(self, name: str) -> FleetOperations:
+        """The node's agent (again, on its state dir and world: a restart)."""
+        cfg = config_from_dict({
+            "state": {"dir": str(self.tmp / name)},
+            "monitor": {"interval_s": 0.05, "restart_backoff_max_s": 1},
+            "cluster": {"etcd": ["http://127.0.0.1:9"], "node": name, "memory_mb": 1000,
+                        "deploy_wait_s": 10, "lease_ttl_s": 600}})
+        a = FleetOperations(node_agent(cfg, runtimes=self.worlds[name].runtimes(),
+                                       monitor=True))
+        a.fleet.etcd = self.etcd  # type: ignore[assignment]
+        a.fleet._join()
+        a.fleet._await = self._await(a.fleet)  # type: ignore[method-assign]
+        return a
+
     def _await(self, f: Fleet) -> Any:
         def wait(name: str, node: str, gen: int) -> dict[str, Any]:
+            if node in self.paused:   # placed, not followed: as a node whose agent died
+                return {"service": name, "node": node, "pending": True, "components": []}
             self.agents[node].fleet.sync()
             return Fleet._await(f, name, node, gen)
         return wait
 
     def _pump(self) -> None:
-        """Each fleet's round, as its own thread would run it."""
+        """Each fleet's round, as its own thread would run it (not a paused node's)."""
         while not self.stop.wait(0.05):
-            for a in self.agents.values():
-                a.fleet._round()
+            for name, a in list(self.agents.items()):
+                if name not in self.paused:
+                    a.fleet._round()
+
+    paused: set[str] = set()
 
     def close(self) -> None:
         self.stop.set()
@@ -162,3 +167,39 @@ def test_a_fleet_deploy_reports_its_rollout_and_a_revert_is_the_fleets(
     st = wait_ready(LocalBackend(c1), "shop", 20, rollout=st["rollout"]["version"])
     assert st["rollout"]["state"] == "succeeded"
     assert fleet.worlds["c2"].workloads[("shop", "web")].spec.image == "localhost/web:v3"
+
+
+def test_a_fleet_deploy_the_nodes_death_cut_short_is_reverted_once(fleet: Fleet2) -> None:
+    """c2's agent dies after its registry write of generation 2 (a crash-looping v2),
+    before the deploy recorded its version: the restarted agent records it and rolls it
+    out (Rollouts.resume_interrupted), reverts it, and writes the revert back to etcd as
+    for any fleet rollout: v2 is rolled out once, never deployed again."""
+    c1 = fleet.agents["c1"]
+    st = c1.deploy(svc("v1"))
+    wait_ready(LocalBackend(c1), "shop", 20, rollout=st["rollout"]["version"])
+    fleet.paused = {"c2"}
+    placed = c1.deploy(svc("v2"))               # in etcd; c2 does not follow it yet
+    assert placed["pending"] and fleet.etcd.get(SERVICES + "shop").value["generation"] == 2
+    c2 = fleet.agents["c2"]
+    c2.local.registry.put_service(svc("v2").local_part())   # what the killed deploy left
+    c2.close(revoke=False)
+    stop = threading.Event()
+    t = threading.Thread(target=crash_loop, args=(fleet.worlds["c2"], stop), daemon=True)
+    t.start()
+    try:
+        fleet.agents["c2"] = c2 = fleet.agent("c2")           # restarted
+        fleet.paused = set()
+        r = until(lambda: (x := c2.local.rollouts.of("shop")) is not None and
+                  x.state == "reverted" and x, 20, "the resumed rollout was not reverted")
+        kv = until(lambda: (k := fleet.etcd.get(SERVICES + "shop")) is not None and
+                   k.value["generation"] == 3 and k, 10, "the revert was not written back")
+    finally:
+        stop.set()
+        t.join()
+    assert (r.version, r.previous) == (2, 1)
+    assert kv.value["definition"]["components"][0]["image"] == "localhost/web:v1"
+    assert kv.value["reverted"]["generation"] == 2
+    c2.fleet.sync()
+    assert [h["version"] for h in c2.local.history("shop")] == [1, 2, 3]
+    assert c2.local.rollouts.counts["started"] == 1        # v2 rolled out once
+    assert fleet.worlds["c2"].workloads[("shop", "web")].spec.image == "localhost/web:v1"

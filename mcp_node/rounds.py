@@ -16,7 +16,6 @@ from . import health, stateprobe, views
 from .monitor import View
 
 if TYPE_CHECKING:
-    from .converge import Steps
     from .edge import EdgeManager
     from .runtime import Runtime
 
@@ -26,7 +25,6 @@ class Host(views.Host, Protocol):
 
     reconciling: bool
     started_at: float
-    steps: Steps
 
     @property
     def edge(self) -> EdgeManager: ...

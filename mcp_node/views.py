@@ -24,6 +24,7 @@ from .states import BACKOFF, MISSING, RUNNING, STARTING, UNHEALTHY, UNKNOWN, Sta
 if TYPE_CHECKING:
     from .checks import Checks
     from .config import AgentConfig
+    from .converge import Steps
     from .monitor import Monitor
     from .reconcile import Reconciler
     from .registry import Registry
@@ -40,6 +41,7 @@ class Host(Protocol):
     reconciler: Reconciler
     checks: Checks
     rollouts: Rollouts
+    steps: Steps
 
     @property
     def node_routes(self) -> Any: ...
@@ -174,8 +176,10 @@ class Views:
             "exit_code": w.exit_code if w and w.exit_code is not None else (
                 b.exit_code if b else None),
             "next_attempt": rfc3339(time.time() + due - self.a.reconciler.clock()) if due else None,
-            "spec_drift": bool(w and w.spec_digest and w.spec_digest != self.a.spec(
-                service, comp).digest),
+            # not while a start-first replace runs: the old workload serves under the
+            # new record until the switch (health says so too)
+            "spec_drift": bool(w and w.spec_digest and key not in self.a.steps.replacing
+                               and w.spec_digest != self.a.spec(service, comp).digest),
         }
 
     def _status_extra(self, service: str, comp: ComponentRecord,

@@ -183,6 +183,8 @@ def test_health_during_a_replace_is_truthful_and_a_crash_left_next_is_an_orphan(
 
     def switch_and_look(service: str, component: str) -> None:
         seen.append(a.health())           # both run, the proxy still on the old one
+        web = a.status("shop")["components"][0]
+        assert (web["state"], web["spec_drift"]) == ("running", False), web
         switch(service, component)
 
     routes.switch = switch_and_look       # type: ignore[method-assign]

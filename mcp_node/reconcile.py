@@ -255,6 +255,7 @@ class Reconciler:
         self.clock = clock
         self.backoff: dict[Key, Backoff] = {}
         self.escaped: dict[Key, str] = {}   # held down: a host path failed at (re)start
+        self._digests: dict[int, tuple[ComponentRecord, str]] = {}   # id(record) -> digest
         # May this service be started now? A fleet member's fence says no while its
         # lease is not known alive (issue 18); a single node always may.
         self.gate: Callable[[str], bool] = lambda service: True
@@ -263,7 +264,15 @@ class Reconciler:
         self.last = Plan()
 
     def digest(self, rec: ServiceRecord, comp: ComponentRecord) -> str:
-        return self.host.spec(rec.name, comp).digest
+        """The spec digest ``comp`` should run: a pure function of the record, kept for
+        the record object (the registry hands out the same ones while nothing changed),
+        so an idle round does not hash every component again (issue 21)."""
+        hit = self._digests.get(id(comp))
+        if hit is not None and hit[0] is comp:
+            return hit[1]
+        digest = self.host.spec(rec.name, comp).digest
+        self._digests[id(comp)] = (comp, digest)
+        return digest
 
     def run(self, records: list[ServiceRecord], workloads: dict[Key, Workload],
             orphans: list[Workload], errors: Iterable[str]) -> list[str]:
@@ -272,6 +281,9 @@ class Reconciler:
         known = {(r.name, c.defn.name) for r in records for c in r.components}
         for key in [k for k in self.backoff if k not in known]:   # undeployed: its
             del self.backoff[key]                                # metric series goes too
+        current = {id(c) for r in records for c in r.components}
+        for ident in [i for i in self._digests if i not in current]:   # records replaced
+            del self._digests[ident]
         self.last = plan(records, workloads, orphans, self.digest, self.backoff,
                          self.clock(), self.policy, errors, self.escaped, self.unhealthy())
         done = []

@@ -152,6 +152,11 @@ class Registry(HistoryTables, SecretTables):
         """Open (creating) and migrate; ``migrate_to`` stops early, as an older release would."""
         self.path = path
         self._lock = threading.RLock()
+        # list_services' answer, kept while nothing wrote: each monitor round reads every
+        # record, and an idle node's rounds must not decode them all again (issue 21).
+        # (own transactions, the connection's PRAGMA data_version for other processes')
+        self._writes = 0
+        self._services: tuple[tuple[int, int], list[ServiceRecord]] | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _private(path)
@@ -198,6 +203,8 @@ class Registry(HistoryTables, SecretTables):
                     with suppress(sqlite3.Error):
                         self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._writes += 1   # what list_services cached may be stale now
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock, self._guard("read"):
@@ -357,7 +364,13 @@ class Registry(HistoryTables, SecretTables):
         return recs[0]
 
     def list_services(self) -> list[ServiceRecord]:
-        return self._load(None)
+        """Every record; the same objects while nothing was written (callers never change
+        a record: they write the registry)."""
+        with self._lock, self._guard("read"):
+            seen = (self._writes, int(self._db.execute("PRAGMA data_version").fetchone()[0]))
+            if self._services is None or self._services[0] != seen:
+                self._services = (seen, self._load(None))
+            return list(self._services[1])
 
     def _load(self, name: str | None) -> list[ServiceRecord]:
         where, args = ("WHERE name=?", (name,)) if name else ("", ())

@@ -142,7 +142,7 @@ class Rounds:
                     continue
                 w = view.workloads.get((rec.name, c.defn.name))
                 if w is not None and w.spec_digest and w.runtime == c.defn.runtime and \
-                        w.spec_digest != self.a.spec(rec.name, c).digest:
+                        w.spec_digest != self.a.reconciler.digest(rec, c):
                     out.append((rec.name, c.defn.name))
         return out
 

@@ -176,3 +176,21 @@ def test_undeploy_leaves_no_map_entry_metric_series_or_lock_file(agent: Agent,
     locks = sorted(p.name for p in (agent.state_dir / "locks").glob("*"))
     assert "service-shop.lock" not in locks and all("shop" not in n for n in locks)
     assert agent.registry.events("shop") == []
+
+
+def test_list_services_is_read_again_only_after_a_write(tmp_path: Path) -> None:
+    """An idle round reads every record: kept while nothing wrote, this process or
+    another (``mcp --local`` beside the daemon)."""
+    reg, other = Registry(tmp_path / "r.db"), Registry(tmp_path / "r.db")
+    try:
+        reg.put_service(shop())
+        first = reg.list_services()
+        assert reg.list_services()[0] is first[0]                  # nothing wrote
+        reg.set_desired("shop", STOPPED)
+        again = reg.list_services()
+        assert again[0] is not first[0] and again[0].components[0].desired_state == STOPPED
+        other.put_service(shop("late"))                            # another connection
+        assert [r.name for r in reg.list_services()] == ["late", "shop"]
+    finally:
+        reg.close()
+        other.close()

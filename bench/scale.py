@@ -61,6 +61,24 @@ def restart(b: Bed, interval_s: float) -> Client:
     return b.start_agent()
 
 
+def listing_ms(b: Bed, times: int = 10) -> float:
+    """CPU (ms) of one listing of the agent's containers as the agent makes it (its own
+    podman runtime code, in this process): the share of a round podman's listing
+    takes, which grows with the containers whatever the agent does."""
+    from mcp_node.config import from_dict
+    from mcp_node.podman import PodmanRuntime
+
+    state = b.dir / "lister"
+    state.mkdir(exist_ok=True, mode=0o700)
+    rt = PodmanRuntime(from_dict({"podman": {"socket": b.podman.url},
+                                  "state": {"dir": str(state)}}), state, b.owner)
+    rt.list()                           # connects (and sweeps, as the agent's first does)
+    c0 = time.process_time()
+    for _ in range(times):
+        rt.list()
+    return (time.process_time() - c0) * 1000 / times
+
+
 def idle_round_ms(b: Bed, seconds: float) -> tuple[float, int]:
     """Agent CPU per monitor round (ms) over ``seconds`` of an idle agent, and rounds."""
     client = restart(b, 1.0)
@@ -134,6 +152,7 @@ def main() -> None:
         specs = [service(i, image) for i in range(a.services + 10)]
         first = calls_cpu_ms(b, client, deploys(specs[:10]))
         idle: dict[str, tuple[float, int]] = {}
+        lists: dict[str, float] = {"10 services": listing_ms(b)}
         idle["10 services, 0 events"] = idle_round_ms(b, a.idle_s)
         names = [str(s["name"]) for s in specs[:10]]
         for n in (int(x) for x in a.events.split(",") if x):
@@ -149,6 +168,7 @@ def main() -> None:
                 last = calls_cpu_ms(b, client, deploys(specs[size - 10:size]))
                 at = size
                 idle[f"{size} services"] = idle_round_ms(b, a.idle_s)
+                lists[f"{size} services"] = listing_ms(b)
                 client = restart(b, 3600.0)
         undeploy_last = calls_cpu_ms(b, client, undeploys(specs[at - 10:at]))
         undeploy_first = calls_cpu_ms(b, client, undeploys(specs[:10]))
@@ -157,6 +177,13 @@ def main() -> None:
     out.append("  idle monitor round, agent CPU per round:")
     for label, (ms, rounds) in idle.items():
         out.append(f"    {label:28} {ms:7.2f} ms  ({rounds} rounds)  {ms / base:5.2f}x")
+    out.append("  of which podman's listing (the agent's own code, timed in this process); "
+               "the rest:")
+    for label, ms in lists.items():
+        key = label + (", 0 events" if label == "10 services" else "")
+        rest = idle[key][0] - ms
+        out.append(f"    {label:28} listing {ms:6.2f} ms; the rest {rest:6.2f} ms = "
+                   f"{rest / (base - lists['10 services']):5.2f}x the 10 services' rest")
     out.append(f"  deploy, agent CPU per deploy: 1st-10th {first[0]:.1f} ms, {at - 9}th-{at}th "
                f"{last[0]:.1f} ms = {last[0] / first[0]:.2f}x; less the background measured "
                f"before each (the checker's ticks): {first[1]:.1f} ms, {last[1]:.1f} ms = "

@@ -17,6 +17,7 @@ is recorded or restarted. ``result`` and ``healthy_for`` are the read API (rollo
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -86,6 +87,11 @@ class Checks:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # Between two views only the due are probed (_due_now): the view the last whole
+        # pass read, each running component's record, and a heap of (due, key).
+        self._passed: View | None = None
+        self._comps: dict[Key, ComponentRecord] = {}
+        self._heap: list[tuple[float, Key]] = []
 
     # -- the read API ----------------------------------------------------------------
 
@@ -176,10 +182,54 @@ class Checks:
 
     def _tick(self, view: View, unseen_only: bool = False,
               service: str | None = None) -> tuple[list[Event], bool]:
+        if view is self._passed and not unseen_only and service is None:
+            return self._act(self._due_now())
+        due: list[tuple[Key, ComponentRecord, CheckState]] = []
+        known = self._pass(view, unseen_only, service, due)
+        out = self._act(due, READ_PROBE_S if unseen_only else None)
+        with self._lock:   # what the view no longer has (one service's tick: of it)
+            for key in set(self._states) - known:
+                if service is None or key[0] == service:
+                    del self._states[key]
+                    self._failed.pop(key, None)
+            if service is None and not unseen_only:   # the next ticks take the due alone
+                self._passed = view
+                self._heap = [(st.due, key) for key, st in self._states.items()
+                              if st.running and key in self._comps]
+                heapq.heapify(self._heap)
+        return out
+
+    def _due_now(self) -> list[tuple[Key, ComponentRecord, CheckState]]:
+        """The view is the one the last whole pass read: only what is due now, from the
+        heap of due times (an idle node's tick costs what is due, not every component)."""
+        now, out, seen = self.clock(), [], set()
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now:
+                _due, key = heapq.heappop(self._heap)
+                st, comp = self._states.get(key), self._comps.get(key)
+                if st is None or comp is None or not st.running or st.due > now or \
+                        key in seen:
+                    continue   # gone, stopped, or an older entry of a rescheduled probe
+                seen.add(key)
+                out.append((key, comp, st))
+        return out
+
+    def _act(self, due: list[tuple[Key, ComponentRecord, CheckState]],
+             budget: float | None = None) -> tuple[list[Event], bool]:
         events: list[Event] = []
         restart = False
+        for (key, comp, st), res in zip(due, self._probe_all(due, budget), strict=True):
+            event = self._note(key, comp, st, res)
+            if event is not None:
+                events.append(event)
+                restart = restart or (st.unhealthy and wants_restart(comp.defn.restart, None))
+        return events, restart
+
+    def _pass(self, view: View, unseen_only: bool, service: str | None,
+              due: list[tuple[Key, ComponentRecord, CheckState]]) -> set[Key]:
+        """Every component of the view (of ``service``): a run that stopped is noted, a
+        new one begins its state, and what is due goes to ``due``; returns the keys."""
         known: set[Key] = set()
-        due: list[tuple[Key, ComponentRecord, CheckState]] = []
         for rec in view.records if service is None else \
                 [r for r in view.records if r.name == service]:
             for comp in rec.components:
@@ -193,21 +243,15 @@ class Checks:
                     self._not_running(key)
                     continue
                 st = self._current(key, (w.id, w.started_at), effective(comp.defn))
+                self._comps[key] = comp
                 if self.clock() < st.due or (unseen_only and st.time is not None):
                     continue
                 due.append((key, comp, st))
-        budget = READ_PROBE_S if unseen_only else None
-        for (key, comp, st), res in zip(due, self._probe_all(due, budget), strict=True):
-            event = self._note(key, comp, st, res)
-            if event is not None:
-                events.append(event)
-                restart = restart or (st.unhealthy and wants_restart(comp.defn.restart, None))
-        with self._lock:   # what the view no longer has (one service's tick: of it)
-            for key in set(self._states) - known:
-                if service is None or key[0] == service:
-                    del self._states[key]
-                    self._failed.pop(key, None)
-        return events, restart
+        with self._lock:
+            for key in [k for k in self._comps if k not in known and
+                        (service is None or k[0] == service)]:
+                del self._comps[key]
+        return known
 
     def _not_running(self, key: Key) -> None:
         with self._lock:
@@ -286,6 +330,8 @@ class Checks:
                 st.due = float("inf")                          # once per run
             else:
                 st.due = self.clock() + d.check_interval_s
+            if st.due != float("inf"):
+                heapq.heappush(self._heap, (st.due, key))
             return event
 
 

@@ -312,3 +312,34 @@ def test_status_text_shows_the_last_check_and_no_line_before_one() -> None:
     assert not any("check=" in line for line in lines)       # not shown as an extra key
     assert not any("check" in line for line in status_text(
         {**st, "components": [{**web, "check": None}]}).splitlines())
+
+
+def test_between_two_views_a_tick_takes_only_what_is_due(agent: Agent, world: FakeWorld,
+                                                         clock: Clock,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """An idle node's tick costs what is due (issue 21): the whole pass over every
+    component runs once per new view, the ticks between take the due from a heap."""
+    world.tcp["web"] = ""
+    for i in range(5):
+        agent.deploy(from_dict({"name": f"s{i}", "components": [
+            {"name": "web", "image": "img:v1", "routes": [{"port": 8080}],
+             "check_interval_s": 5}]}))
+    tick(agent, clock)                                   # a new view: all probed, passed
+    passes: list[int] = []
+    whole = agent.checks._pass
+    monkeypatch.setattr(agent.checks, "_pass",
+                        lambda *a: passes.append(1) or whole(*a))   # type: ignore[func-returns-value]
+    world.tcp_probes.clear()
+    agent.checks.tick()
+    assert world.tcp_probes == [] and passes == []       # nothing due, nothing walked
+    clock.t = 5.0
+    agent.checks.tick()
+    assert world.tcp_probes == ["web"] * 5 and passes == []   # the due, from the heap
+    agent.checks.tick()
+    assert len(world.tcp_probes) == 5                    # rescheduled 5 s on
+    world.crash("s3", "web")
+    agent.monitor.refresh()                              # a new view: one whole pass
+    clock.t = 10.0
+    agent.checks.tick()
+    assert passes == [1] and len(world.tcp_probes) == 9   # s3 stopped: not probed

@@ -14,6 +14,7 @@ from .cli import emit, json_option, pass_ctx, service_backend
 from .clictx import Ctx, config_home
 from .cliwait import wait_ready, with_progress
 from .errors import MCPError
+from .safetext import for_terminal
 
 
 def load_definition(ctx: Ctx, arg: str) -> dict[str, Any]:
@@ -116,11 +117,17 @@ def plan_cmd(ctx: Ctx, definition: str, pull: bool) -> None:
     Example:
       mcp plan examples/hello.toml && echo "nothing to do"
     """
+    from .multinode import plan_target
     from .plan import plan_text
 
     defn = load_definition(ctx, definition)
-    p = service_backend(ctx.backends(), defn["name"]).call(
-        "plan", defn, True if pull else None)
+    backends = ctx.backends()
+    backend, new = plan_target(backends, defn["name"])
+    if new:
+        click.echo(for_terminal(
+            f"note: {defn['name']!r} is on no node yet ({', '.join(b.node for b in backends)} "
+            f"answered); planned on {backend.node}, deploy it with -n NODE"), err=True)
+    p = backend.call("plan", defn, True if pull else None)
     emit(ctx, p, plan_text)
     if p["changed"]:
         sys.exit(3)

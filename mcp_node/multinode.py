@@ -63,12 +63,34 @@ def locate(backends: list[Backend], service: str) -> Backend:
     """The one node that has ``service``; refuse naming the nodes otherwise."""
     if len(backends) == 1:
         return backends[0]
+    has, unreachable = _holders(backends, service)
+    return _one_holder(backends, service, has, unreachable)
+
+
+def plan_target(backends: list[Backend], service: str) -> tuple[Backend, bool]:
+    """Where ``mcp plan`` asks, and whether the service is new everywhere: the node that
+    has it, else (every node answered that none has it) the first, as a create plans
+    the same on any node; an unreachable node might have it, so that still refuses."""
+    if len(backends) == 1:
+        return backends[0], False
+    has, unreachable = _holders(backends, service)
+    if not has and not unreachable:
+        return backends[0], True
+    return _one_holder(backends, service, has, unreachable), False
+
+
+def _holders(backends: list[Backend], service: str) -> tuple[list[Backend], list[str]]:
     has, unreachable = [], []
     for b, err in _status_everywhere(backends, service):
         if err is None:
             has.append(b)
         elif err.status != NotFoundError.status:   # a remote 404 is a RemoteError
             unreachable.append(f"{b.node} ({err})")
+    return has, unreachable
+
+
+def _one_holder(backends: list[Backend], service: str, has: list[Backend],
+                unreachable: list[str]) -> Backend:
     if len(has) == 1:
         return has[0]
     if has:

@@ -1,0 +1,53 @@
+"""Issue 22: what a new operator trips on, each row with its exact output and exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from live_server import fake_live
+
+from mcp_node.cli import cli
+
+
+def mcp(url: str, token_file: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--agent", url, "--token-file", str(token_file), *args],
+                              catch_exceptions=False)
+
+
+PLAN_DUO = "duo: 2 change(s)\n  create web (new component)\n  create db (new component)\n"
+
+
+def duo(tmp_path: Path) -> Path:
+    svc = tmp_path / "duo.toml"
+    svc.write_text('name = "duo"\n[[components]]\nname = "web"\nimage = "img:v1"\n'
+                   '[[components]]\nname = "db"\nimage = "img:v1"\n')
+    return svc
+
+
+def test_plan_of_a_service_not_deployed_is_a_create(tmp_path: Path) -> None:
+    svc = duo(tmp_path)
+    with fake_live(tmp_path) as live:
+        tok = tmp_path / "tok"
+        tok.write_text(live.token("operator"))
+        tok.chmod(0o600)
+        r = mcp(live.url, tok, "plan", str(svc))
+    assert (r.exit_code, r.output) == (3, PLAN_DUO)
+
+
+def test_plan_of_a_service_no_node_has_plans_a_create(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fleet of nodes (mcp.toml [[nodes]]), a service no node has yet is a create:
+    planned on the first node (deploy picks one with -n), its stdout the plan as ever."""
+    svc = duo(tmp_path)
+    with fake_live(tmp_path / "a") as a, fake_live(tmp_path / "b") as b:
+        conf = tmp_path / "mcp.toml"
+        conf.write_text("".join(f'[[nodes]]\nname = "{n}"\naddress = "{x.url}"\n'
+                                f'token_path = "{x.server.token_file}"\n'
+                                for n, x in (("n1", a), ("n2", b))))
+        monkeypatch.setenv("MCP_CLI_CONFIG", str(conf))
+        r = CliRunner().invoke(cli, ["plan", str(svc)], catch_exceptions=False)
+    assert (r.exit_code, r.stdout) == (3, PLAN_DUO), r.stderr
+    assert r.stderr == ("note: 'duo' is on no node yet (n1, n2 answered); planned on n1, "
+                        "deploy it with -n NODE\n")

@@ -9,6 +9,7 @@ errors become messages (exit 1) in ``ErrorGroup``, as in ``mcp``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -228,26 +229,69 @@ OUTPUT = click.option(
     help="Write the token to FILE (mode 0600, ready for mcp --token-file) instead of stdout.")
 
 
-def give(token: str, output: Path | None) -> None:
-    """Print the token once, or write it where the CLI will accept it (0600, new file)."""
+def store_options(f: Callable[..., None]) -> Callable[..., None]:
+    """``--config`` and ``--state-dir`` after the subcommand too (``mcp-agent token add
+    ci-bot reader --state-dir S``): the tokens file is the one the agent with that
+    config and state dir reads; the group's own options are the fallback."""
+    def run(ctx: click.Context, /, store_config: Path | None, store_state: Path | None,
+            **kwargs: object) -> None:
+        root = ctx.find_root().params
+        if store_config is None and store_state is None:
+            cfg = ctx.find_object(AgentConfig)
+        else:
+            cfg = build_config(store_config or root.get("config_path"),
+                               store_state or root.get("state_dir"), None)
+        assert cfg is not None
+        f(cfg, **kwargs)
+
+    functools.update_wrapper(run, f)   # the command's name and help are f's
+    config = click.option("--config", "store_config", help="The agent's config TOML (as "
+                          "mcp-agent --config).", type=click.Path(dir_okay=False, path_type=Path))
+    state = click.option("--state-dir", "store_state", help="The agent's state directory (as "
+                         "mcp-agent --state-dir).", type=click.Path(file_okay=False,
+                                                                   path_type=Path))
+    return config(state(click.pass_context(run)))
+
+
+def where_stored(cfg: AgentConfig) -> str:
+    """Which file a token command changed, and the agent it belongs to: an agent on
+    another state dir (or config) reads another file and refuses the token."""
+    from .auth import tokens_path
+
+    default = "" if cfg.state.dir else ", the default: no --config or --state-dir given"
+    return f"{tokens_path(cfg)} (state dir {cfg.state_dir}{default})"
+
+
+def give(token: str, output: Path | None, done: str) -> None:
+    """Print the token once, or write it where the CLI will accept it (0600, new file);
+    ``done`` says what changed where, on stderr when the token itself is on stdout."""
     if output is None:
+        click.echo(done, err=True)
         click.echo(token)
         return
     from .files import atomic_write
 
-    if output.exists():
-        raise MCPError(f"{output} exists; remove it or choose another --output")
+    click.echo(done)
     atomic_write(output, (token + "\n").encode(), 0o600)
     click.echo(f"token written to {output} (mode 0600)")
+
+
+def check_output(output: Path | None, force: bool = False) -> None:
+    """Before the token exists anywhere: an --output that would be overwritten."""
+    if output is not None and output.exists() and not force:
+        raise MCPError(f"{output} exists; remove it or choose another --output")
 
 
 @token.command("add")
 @click.argument("name")
 @click.argument("role", type=click.Choice(["reader", "operator", "master"]))
 @OUTPUT
-@click.pass_obj
+@store_options
 def token_add(cfg: AgentConfig, name: str, role: str, output: Path | None) -> None:
     """Create token NAME with ROLE; the token is shown once and only its hash is stored.
+
+    It says which tokens file (and state dir) it changed: the agent that reads that
+    file accepts the token from its next request.
 
     \b
     Example:
@@ -256,33 +300,35 @@ def token_add(cfg: AgentConfig, name: str, role: str, output: Path | None) -> No
     """
     from .auth import TokenStore
 
-    if output is not None and output.exists():   # before the token exists anywhere
-        raise MCPError(f"{output} exists; remove it or choose another --output")
-    give(TokenStore.for_config(cfg).add(name, role), output)
+    check_output(output)
+    tok = TokenStore.for_config(cfg).add(name, role)
+    give(tok, output, f"added token {name} ({role}) to {where_stored(cfg)}")
 
 
 @token.command("remove")
 @click.argument("name")
-@click.pass_obj
+@store_options
 def token_remove(cfg: AgentConfig, name: str) -> None:
     """Revoke token NAME (the running agent refuses it from its next request)."""
     from .auth import TokenStore
 
     TokenStore.for_config(cfg).remove(name)
-    click.echo(f"removed token {name}")
+    click.echo(f"removed token {name} from {where_stored(cfg)}")
 
 
 @token.command("rotate")
 @click.argument("name")
 @OUTPUT
-@click.pass_obj
+@store_options
 def token_rotate(cfg: AgentConfig, name: str, output: Path | None) -> None:
     """Replace token NAME with a new one of the same role; the old one stops working."""
     from .auth import TokenStore
 
-    if output is not None and output.exists():
-        raise MCPError(f"{output} exists; remove it or choose another --output")
-    give(TokenStore.for_config(cfg).rotate(name), output)
+    check_output(output)
+    store = TokenStore.for_config(cfg)
+    tok = store.rotate(name)
+    role = next(t.role for t in store.tokens if t.name == name)
+    give(tok, output, f"rotated token {name} ({role}) in {where_stored(cfg)}")
 
 
 @main.command("check-config")
@@ -315,7 +361,7 @@ def check_config(ctx: click.Context) -> None:
 
 
 @token.command("list")
-@click.pass_obj
+@store_options
 def token_list(cfg: AgentConfig) -> None:
     """Names and roles of the stored tokens."""
     from .auth import TokenStore

@@ -25,7 +25,9 @@ def test_token_add_output_remove_rotate(tmp_path: Path) -> None:
     state = tmp_path / "st"
     out = tmp_path / "bot.tok"
     res = agent(state, "token", "add", "bot", "reader", "--output", str(out))
-    assert (res.exit_code, res.stdout) == (0, f"token written to {out} (mode 0600)\n")
+    assert (res.exit_code, res.stdout) == (0, f"added token bot (reader) to {state}/tokens.toml "
+                                              f"(state dir {state})\n"
+                                              f"token written to {out} (mode 0600)\n")
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     first = read_token_file(out)                  # the CLI accepts it as it is
     assert store(state).lookup(first) is not None
@@ -42,7 +44,8 @@ def test_token_add_output_remove_rotate(tmp_path: Path) -> None:
     assert [(t.name, t.role, t.sha256) for t in s.tokens] == [
         ("bot", "reader", hash_token(second))]
 
-    assert agent(state, "token", "remove", "bot").stdout == "removed token bot\n"
+    assert agent(state, "token", "remove", "bot").stdout == (
+        f"removed token bot from {state}/tokens.toml (state dir {state})\n")
     assert store(state).lookup(second) is None
     res = agent(state, "token", "remove", "bot")
     assert (res.exit_code, res.stderr) == (1, "Error: no token named 'bot' (tokens: none)\n")

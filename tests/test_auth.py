@@ -165,7 +165,7 @@ def test_cli_token_add(tmp_path: Path) -> None:
     state = tmp_path / "state"
     res = runner.invoke(main, ["--state-dir", str(state), "token", "add", "deployer", "operator"])
     assert res.exit_code == 0, res.output
-    token = res.output.strip()
+    token = res.stdout.strip()   # what changed where goes to stderr
     assert token.startswith("mcp_") and len(token) > 40
     data = tomllib.loads((state / "tokens.toml").read_text())
     assert data["tokens"] == [{"name": "deployer", "role": "operator",

@@ -8,6 +8,8 @@ import pytest
 from click.testing import CliRunner, Result
 from live_server import fake_live
 
+from mcp_node.agent_cli import main as agent_main
+from mcp_node.auth import TokenStore
 from mcp_node.cli import cli
 
 
@@ -51,3 +53,24 @@ def test_plan_of_a_service_no_node_has_plans_a_create(tmp_path: Path,
     assert (r.exit_code, r.stdout) == (3, PLAN_DUO), r.stderr
     assert r.stderr == ("note: 'duo' is on no node yet (n1, n2 answered); planned on n1, "
                         "deploy it with -n NODE\n")
+
+
+def test_token_add_says_where_it_wrote(tmp_path: Path, _isolated_state: Path) -> None:
+    out = tmp_path / "f"
+    r = CliRunner().invoke(agent_main, ["token", "add", "ci-bot", "reader", "--output", str(out)])
+    assert (r.exit_code, r.stdout) == (0, (
+        f"added token ci-bot (reader) to {_isolated_state / 'tokens.toml'} (state dir "
+        f"{_isolated_state}, the default: no --config or --state-dir given)\n"
+        f"token written to {out} (mode 0600)\n"))
+    state = tmp_path / "st"
+    r = CliRunner().invoke(agent_main, ["token", "add", "ci2", "reader", "--state-dir",
+                                        str(state), "--output", str(tmp_path / "g")])
+    assert (r.exit_code, r.stdout) == (0, (
+        f"added token ci2 (reader) to {state / 'tokens.toml'} (state dir {state})\n"
+        f"token written to {tmp_path / 'g'} (mode 0600)\n"))
+    r = CliRunner().invoke(agent_main, ["token", "add", "ci3", "operator", "--state-dir",
+                                        str(state)])
+    assert r.exit_code == 0 and r.stdout.startswith("mcp_") and r.stdout.count("\n") == 1
+    assert r.stderr == (f"added token ci3 (operator) to {state / 'tokens.toml'} "
+                        f"(state dir {state})\n")
+    assert [t.name for t in TokenStore(state / "tokens.toml").tokens] == ["ci2", "ci3"]

@@ -4,8 +4,9 @@ The store is a TOML file of ``[[tokens]] name, role, sha256``. It holds
 credentials, so a file readable by anyone but its owner is refused rather
 than silently trusted. The HTTP hot path checks a token with one SHA-256
 and a constant-time comparison against every stored hash; the file is
-re-read (at most once a second) when it changes, so ``mcp-agent token add``
-takes effect without restarting the daemon.
+re-read (at most once a second) when it changes, and on a miss when it is
+not the file last read (one stat per miss), so a token from ``mcp-agent
+token add`` works from the next request, without restarting the daemon.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class TokenStore:
         # a lookup that began before a reload fills the old cache, never the new one.
         self._snapshot: tuple[list[Token], dict[str, Token]] = ([], {})
         self._sig: tuple[int, int, int] | None = None
+        self._tried: tuple[int, int, int] | None = None   # stat's signature at the last read
         self._checked = 0.0
         self._error: TokenStoreError | None = None
         self.reload(force=True)
@@ -169,6 +171,13 @@ class TokenStore:
             raise TokenStoreError(f"{self.path}: not UTF-8") from exc
         return parse_tokens(text, str(self.path)), (st.st_ino, st.st_mtime_ns, st.st_size)
 
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     def reload(self, force: bool = False) -> None:
         """Re-read the file if it changed; a bad file fails closed (no token is accepted)."""
         now = time.monotonic()
@@ -178,29 +187,39 @@ class TokenStore:
             if not force and now - self._checked < RELOAD_INTERVAL_S:
                 return
             self._checked = now
-            try:
-                try:
-                    st = os.stat(self.path)
-                    sig: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-                except FileNotFoundError:
-                    sig = None
-                if not force and sig == self._sig and self._error is None:
-                    return
-                tokens, sig = self._read()
-            except TokenStoreError as exc:
-                if self._error is None or str(self._error) != str(exc):
-                    log.error("tokens refused: %s", exc)
-                self._error = exc
-                self._snapshot, self._sig = ([], {}), None
+            sig = self._stat()
+            if not force and sig == self._sig and self._error is None:
                 return
-            self._error = None
-            self._snapshot = (tokens, {})
-            self._sig = sig
+            self._load(sig)
 
-    def lookup(self, token: str) -> Token | None:
-        """The stored token matching ``token``, compared in constant time."""
-        self.reload()
-        digest = hash_token(token)
+    def _load(self, seen: tuple[int, int, int] | None) -> None:
+        """Read the file (under ``_lock``); ``seen`` is the signature stat gave before."""
+        self._tried = seen
+        try:
+            tokens, sig = self._read()
+        except TokenStoreError as exc:
+            if self._error is None or str(self._error) != str(exc):
+                log.error("tokens refused: %s", exc)
+            self._error = exc
+            self._snapshot, self._sig = ([], {}), None
+            return
+        self._error = None
+        self._snapshot = (tokens, {})
+        self._sig = sig
+
+    def _reload_on_miss(self) -> bool:
+        """After a miss: re-read only if the file is not the one last read (a token added
+        a moment ago), so a stream of invalid tokens costs one stat each, never a read."""
+        if self._stat() == self._tried:
+            return False
+        with self._lock:
+            sig = self._stat()
+            if sig == self._tried:
+                return False
+            self._load(sig)
+        return True
+
+    def _match(self, digest: str) -> Token | None:
         tokens, by_hash = self._snapshot
         cached = by_hash.get(digest)
         if cached is not None:
@@ -211,6 +230,16 @@ class TokenStore:
                 found = t
         if found is not None:
             by_hash[digest] = found   # one dict store: atomic under the GIL
+        return found
+
+    def lookup(self, token: str) -> Token | None:
+        """The stored token matching ``token``, compared in constant time; on a miss the
+        file is re-read if it changed since it was last read."""
+        self.reload()
+        digest = hash_token(token)
+        found = self._match(digest)
+        if found is None and self._reload_on_miss():
+            found = self._match(digest)
         return found
 
     def authorize(self, header: str | None, least_role: str) -> Token:

@@ -74,3 +74,33 @@ def test_token_add_says_where_it_wrote(tmp_path: Path, _isolated_state: Path) ->
     assert r.stderr == (f"added token ci3 (operator) to {state / 'tokens.toml'} "
                         f"(state dir {state})\n")
     assert [t.name for t in TokenStore(state / "tokens.toml").tokens] == ["ci2", "ci3"]
+
+
+def test_a_token_works_right_after_token_add(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent re-reads its tokens file on a miss when the file changed (one stat per
+    miss at most): the new token is accepted at once, an attacker's invalid tokens read
+    nothing while the file stays as it is."""
+    with fake_live(tmp_path) as live:
+        state = tmp_path / "state"
+        tok = tmp_path / "ci-bot.tok"
+        op = tmp_path / "op.tok"
+        op.write_text(live.token("operator"))
+        op.chmod(0o600)
+        assert mcp(live.url, op, "ps").exit_code == 0      # the store was just checked
+        r = CliRunner().invoke(agent_main, ["token", "add", "ci-bot", "reader",
+                                            "--state-dir", str(state), "--output", str(tok)])
+        assert r.exit_code == 0, r.output
+        for _ in range(3):
+            r = mcp(live.url, tok, "ps")
+            assert (r.exit_code, r.stderr) == (0, ""), r.output
+        store = live.server.tokens
+        reads = []
+        real = store._read
+        monkeypatch.setattr(store, "_read", lambda: reads.append(1) or real())
+        bad = tmp_path / "bad.tok"
+        bad.write_text("mcp_not-a-token")
+        bad.chmod(0o600)
+        for _ in range(5):
+            assert mcp(live.url, bad, "ps").exit_code == 1
+        assert reads == []

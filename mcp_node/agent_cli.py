@@ -227,6 +227,7 @@ def token() -> None:
 OUTPUT = click.option(
     "--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
     help="Write the token to FILE (mode 0600, ready for mcp --token-file) instead of stdout.")
+FORCE = click.option("--force", "-f", is_flag=True, help="Overwrite an existing --output FILE.")
 
 
 def store_options(f: Callable[..., None]) -> Callable[..., None]:
@@ -286,8 +287,10 @@ def check_output(output: Path | None, force: bool = False) -> None:
 @click.argument("name")
 @click.argument("role", type=click.Choice(["reader", "operator", "master"]))
 @OUTPUT
+@FORCE
 @store_options
-def token_add(cfg: AgentConfig, name: str, role: str, output: Path | None) -> None:
+def token_add(cfg: AgentConfig, name: str, role: str, output: Path | None,
+              force: bool) -> None:
     """Create token NAME with ROLE; the token is shown once and only its hash is stored.
 
     It says which tokens file (and state dir) it changed: the agent that reads that
@@ -300,7 +303,7 @@ def token_add(cfg: AgentConfig, name: str, role: str, output: Path | None) -> No
     """
     from .auth import TokenStore
 
-    check_output(output)
+    check_output(output, force)
     tok = TokenStore.for_config(cfg).add(name, role)
     give(tok, output, f"added token {name} ({role}) to {where_stored(cfg)}")
 
@@ -319,16 +322,30 @@ def token_remove(cfg: AgentConfig, name: str) -> None:
 @token.command("rotate")
 @click.argument("name")
 @OUTPUT
+@FORCE
+@click.option("--grace-s", type=click.IntRange(0, 7 * 86400), default=0, metavar="SECONDS",
+              help="Keep the old token working this long (default 0: it stops at once), "
+                   "so the clients that hold it can be moved over.")
 @store_options
-def token_rotate(cfg: AgentConfig, name: str, output: Path | None) -> None:
-    """Replace token NAME with a new one of the same role; the old one stops working."""
-    from .auth import TokenStore
+def token_rotate(cfg: AgentConfig, name: str, output: Path | None, force: bool,
+                 grace_s: int) -> None:
+    """Replace token NAME with a new one of the same role; the old one stops working at
+    once, or after --grace-s SECONDS (its hash is kept in the tokens file with the time
+    its grace ends; a second rotate ends the first one's grace).
 
-    check_output(output)
+    \b
+    Example:
+      mcp-agent token rotate ci-bot --output ci-bot.tok --force --grace-s 600
+    """
+    from .auth import TokenStore, utc_text
+
+    check_output(output, force)
     store = TokenStore.for_config(cfg)
-    tok = store.rotate(name)
-    role = next(t.role for t in store.tokens if t.name == name)
-    give(tok, output, f"rotated token {name} ({role}) in {where_stored(cfg)}")
+    tok = store.rotate(name, grace_s)
+    new = next(t for t in store.tokens if t.name == name)
+    old = (f"the old one works until {utc_text(new.previous_until)} (--grace-s {grace_s})"
+           if grace_s else "the old one no longer works")
+    give(tok, output, f"rotated token {name} ({new.role}) in {where_stored(cfg)}; {old}")
 
 
 @main.command("check-config")
@@ -364,10 +381,12 @@ def check_config(ctx: click.Context) -> None:
 @store_options
 def token_list(cfg: AgentConfig) -> None:
     """Names and roles of the stored tokens."""
-    from .auth import TokenStore
+    from .auth import TokenStore, utc_text, wall_clock
 
+    now = wall_clock()
     for t in TokenStore.for_config(cfg).tokens:
-        click.echo(f"{t.name}\t{t.role}")
+        grace = f"\told token until {utc_text(t.previous_until)}" if t.previous_live(now) else ""
+        click.echo(f"{t.name}\t{t.role}{grace}")
 
 
 @main.group()

@@ -1,6 +1,8 @@
 """Bearer tokens with roles, stored only as SHA-256 hashes.
 
-The store is a TOML file of ``[[tokens]] name, role, sha256``. It holds
+The store is a TOML file of ``[[tokens]] name, role, sha256`` (and, for a
+token rotated with a grace period, ``previous_sha256`` and ``previous_until``,
+a UTC time: the replaced token works until then). It holds
 credentials, so a file readable by anyone but its owner is refused rather
 than silently trusted. The HTTP hot path checks a token with one SHA-256
 and a constant-time comparison against every stored hash; the file is
@@ -21,6 +23,7 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from .config import AgentConfig
@@ -36,14 +39,46 @@ INITIAL_TOKEN_NAME = "initial"  # noqa: S105 - a name, not a secret
 RELOAD_INTERVAL_S = 1.0
 
 
+MAX_GRACE_S = 7 * 86400
+
+
+def wall_clock() -> float:
+    """Now, as a grace period's end is stored: wall-clock seconds (other processes read it)."""
+    return time.time()
+
+
 @dataclass(frozen=True)
 class Token:
     name: str
     role: str
     sha256: str
+    # After ``token rotate --grace-s N``: the replaced token's hash, valid until then.
+    previous_sha256: str = ""
+    previous_until: float = 0.0
 
     def allows(self, least_role: str) -> bool:
         return ROLES[self.role] >= ROLES[least_role]
+
+    def previous_live(self, now: float) -> bool:
+        return bool(self.previous_sha256) and now < self.previous_until
+
+    def current(self, now: float) -> Token:
+        """This token without a previous hash whose grace ended (dropped at a rewrite)."""
+        return self if self.previous_live(now) else Token(self.name, self.role, self.sha256)
+
+
+def utc_text(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _until(value: object, at: str) -> float:
+    try:
+        if not isinstance(value, str) or not value.endswith("Z"):
+            raise ValueError(value)
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise TokenStoreError(f"{at}.previous_until: must be a UTC time like "
+                              f"2026-01-02T03:04:05Z") from None
 
 
 def hash_token(token: str) -> str:
@@ -100,7 +135,7 @@ def parse_tokens(text: str, where: str) -> list[Token]:
         at = f"{where}: tokens[{i}]"
         if not isinstance(entry, dict):
             raise TokenStoreError(f"{at} must be a table")
-        extra = sorted(set(entry) - {"name", "role", "sha256"})
+        extra = sorted(set(entry) - set(TOKEN_KEYS))
         if extra:
             raise TokenStoreError(f"{at}: unknown key {extra[0]!r}")
         try:
@@ -114,8 +149,17 @@ def parse_tokens(text: str, where: str) -> list[Token]:
         if name in seen:
             raise TokenStoreError(f"{at}.name: duplicate token name {name!r}")
         seen.add(name)
-        out.append(Token(name=name, role=role, sha256=digest.lower()))
+        prev, until = entry.get("previous_sha256", ""), 0.0
+        if prev or "previous_until" in entry:
+            if not isinstance(prev, str) or not SHA256_RE.fullmatch(prev.lower()):
+                raise TokenStoreError(f"{at}.previous_sha256: must be 64 hex digits")
+            until = _until(entry.get("previous_until"), at)
+        out.append(Token(name=name, role=role, sha256=digest.lower(),
+                         previous_sha256=prev.lower(), previous_until=until))
     return out
+
+
+TOKEN_KEYS = ("name", "role", "sha256", "previous_sha256", "previous_until")
 
 
 def render_tokens(tokens: list[Token]) -> str:
@@ -123,6 +167,9 @@ def render_tokens(tokens: list[Token]) -> str:
     parts = ["# mcp-agent tokens: only SHA-256 hashes are stored. Keep this file 0600.\n"]
     for t in tokens:
         parts.append(f'\n[[tokens]]\nname = "{t.name}"\nrole = "{t.role}"\nsha256 = "{t.sha256}"\n')
+        if t.previous_sha256:
+            parts.append(f'previous_sha256 = "{t.previous_sha256}"\n'
+                         f'previous_until = "{utc_text(t.previous_until)}"\n')
     return "".join(parts)
 
 
@@ -224,13 +271,16 @@ class TokenStore:
         cached = by_hash.get(digest)
         if cached is not None:
             return cached
-        found = None
+        found = old = None
+        now = wall_clock()
         for t in tokens:  # no early exit: time does not depend on which one matched
             if hmac.compare_digest(t.sha256, digest):
                 found = t
+            if hmac.compare_digest(t.previous_sha256 or "-", digest) and t.previous_live(now):
+                old = t
         if found is not None:
             by_hash[digest] = found   # one dict store: atomic under the GIL
-        return found
+        return found or old   # a replaced token in its grace: never cached, it expires
 
     def lookup(self, token: str) -> Token | None:
         """The stored token matching ``token``, compared in constant time; on a miss the
@@ -272,7 +322,7 @@ class TokenStore:
                 raise ValidationError(f"a token named {name!r} already exists", "name")
             token = new_token()
             tokens.append(Token(name=name, role=role, sha256=hash_token(token)))
-            atomic_write(self.path, render_tokens(tokens).encode())
+            self._write(tokens)
         self.reload(force=True)
         log.info("token added name=%s role=%s file=%s", name, role, self.path)
         return token
@@ -285,26 +335,37 @@ class TokenStore:
             if not any(t.name == name for t in tokens):
                 raise NotFoundError(f"no token named {name!r} "
                                     f"(tokens: {', '.join(t.name for t in tokens) or 'none'})")
-            atomic_write(self.path, render_tokens([t for t in tokens if t.name != name]).encode())
+            self._write([t for t in tokens if t.name != name])
         self.reload(force=True)
         log.info("token removed name=%s file=%s", name, self.path)
 
-    def rotate(self, name: str) -> str:
-        """A new token for ``name``, same role; the old one stops working at once."""
+    def rotate(self, name: str, grace_s: float = 0) -> str:
+        """A new token for ``name``, same role. The old one stops working at once, or
+        with ``grace_s`` keeps working that long (its hash stored with the end, one
+        previous token per name: a second rotate ends the first one's grace)."""
         check_name(name, "name")
+        if not 0 <= grace_s <= MAX_GRACE_S:
+            raise ValidationError(f"must be 0..{MAX_GRACE_S} seconds", "grace_s")
         with self._file_lock():
             tokens, _ = self._read()
             old = next((t for t in tokens if t.name == name), None)
             if old is None:
                 raise NotFoundError(f"no token named {name!r} "
                                     f"(tokens: {', '.join(t.name for t in tokens) or 'none'})")
-            token = new_token()
-            tokens = [Token(name=name, role=old.role, sha256=hash_token(token))
-                      if t.name == name else t for t in tokens]
-            atomic_write(self.path, render_tokens(tokens).encode())
+            token, now = new_token(), wall_clock()
+            fresh = Token(name=name, role=old.role, sha256=hash_token(token),
+                          previous_sha256=old.sha256 if grace_s else "",
+                          previous_until=now + grace_s if grace_s else 0.0)
+            self._write([fresh if t.name == name else t for t in tokens])
         self.reload(force=True)
-        log.info("token rotated name=%s role=%s file=%s", name, old.role, self.path)
+        log.info("token rotated name=%s role=%s grace_s=%g file=%s", name, old.role, grace_s,
+                 self.path)
         return token
+
+    def _write(self, tokens: list[Token]) -> None:
+        """Store ``tokens`` (under the file lock), grace periods that ended dropped."""
+        now = wall_clock()
+        atomic_write(self.path, render_tokens([t.current(now) for t in tokens]).encode())
 
     def ensure_initial(self, token_file: Path) -> Path | None:
         """First start: no tokens at all -> an operator token written 0600 to ``token_file``.

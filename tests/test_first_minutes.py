@@ -104,3 +104,62 @@ def test_a_token_works_right_after_token_add(tmp_path: Path,
         for _ in range(5):
             assert mcp(live.url, bad, "ps").exit_code == 1
         assert reads == []
+
+
+def test_token_rotate_force_and_grace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rotate --output onto an existing file needs --force; --grace-s keeps the old token
+    working at the live agent until the stored end, then it is refused."""
+    from mcp_node import auth
+
+    now = 1_800_000_000.0
+    monkeypatch.setattr(auth, "wall_clock", lambda: now)
+    with fake_live(tmp_path) as live:
+        state = tmp_path / "state"
+        tok, tokens = tmp_path / "ci-bot.tok", state / "tokens.toml"
+
+        def agent(*args: str) -> Result:
+            return CliRunner().invoke(agent_main, ["token", *args, "--state-dir", str(state)])
+
+        assert agent("add", "ci-bot", "reader", "--output", str(tok)).exit_code == 0
+        old = tmp_path / "old.tok"
+        old.write_text(tok.read_text())
+        old.chmod(0o600)
+        r = agent("rotate", "ci-bot", "--output", str(tok))
+        assert (r.exit_code, r.stderr) == (
+            1, f"Error: {tok} exists; remove it or choose another --output\n")
+        r = agent("rotate", "ci-bot", "--output", str(tok), "--force", "--grace-s", "600")
+        assert (r.exit_code, r.stdout) == (0, (
+            f"rotated token ci-bot (reader) in {tokens} (state dir {state}); the old one "
+            "works until 2027-01-15T08:10:00Z (--grace-s 600)\n"
+            f"token written to {tok} (mode 0600)\n"))
+        assert tok.read_text() != old.read_text()
+        assert 'previous_until = "2027-01-15T08:10:00Z"\n' in tokens.read_text()
+        assert agent("list").stdout == (
+            "initial\toperator\nci-bot\treader\told token until 2027-01-15T08:10:00Z\n")
+        assert mcp(live.url, tok, "ps").exit_code == 0
+        assert mcp(live.url, old, "ps").exit_code == 0     # in its grace
+        now += 600
+        r = mcp(live.url, old, "ps")
+        assert r.exit_code == 1 and r.stderr.startswith("Error: invalid token (node ")
+        assert mcp(live.url, tok, "ps").exit_code == 0
+        assert agent("list").stdout == "initial\toperator\nci-bot\treader\n"
+        r = agent("rotate", "ci-bot", "--output", str(tok), "--force")
+        assert (r.exit_code, r.stdout) == (0, (
+            f"rotated token ci-bot (reader) in {tokens} (state dir {state}); the old one "
+            "no longer works\n"
+            f"token written to {tok} (mode 0600)\n"))
+        assert "previous" not in tokens.read_text()   # an ended grace is dropped at a write
+
+
+def test_a_grace_period_in_the_tokens_file_is_checked() -> None:
+    from mcp_node.auth import Token, parse_tokens, render_tokens
+    from mcp_node.errors import TokenStoreError
+
+    t = Token("a", "reader", "a" * 64, "b" * 64, 1_800_000_600.0)
+    assert parse_tokens(render_tokens([t]), "f") == [t]
+    bad = render_tokens([t]).replace("2027-01-15T08:10:00Z", "tomorrow")
+    with pytest.raises(TokenStoreError, match=r"^f: tokens\[0\]\.previous_until: must be a "
+                                              r"UTC time like 2026-01-02T03:04:05Z$"):
+        parse_tokens(bad, "f")
+    with pytest.raises(TokenStoreError, match=r"previous_sha256: must be 64 hex digits"):
+        parse_tokens(render_tokens([t]).replace("b" * 64, "xyz"), "f")

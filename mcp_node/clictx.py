@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .operations import Operations
 
 DEFAULT_AGENT = "http://127.0.0.1:9444"
+UNIT_STATE_DIR = Path("/var/lib/mcp")   # scripts/mcp-agent.service's --state-dir
 
 
 # -- CLI configuration ---------------------------------------------------------
@@ -141,6 +142,8 @@ class RemoteBackend:
     def _explained(self, exc: RemoteError) -> RemoteError:
         """Auth failures say which token went to which node, and how to get a good one."""
         where = f"node {self.node}, token from {self.token_source or 'nowhere'}"
+        if exc.status == 401 and self.client.token is None:
+            return RemoteError(exc.status, exc.code, no_token_text(self.token_source, self.node))
         if exc.status == 401:
             return RemoteError(exc.status, exc.code, f"{exc.message} ({where}); make one on "
                                "the node with `mcp-agent token add NAME ROLE --output FILE` "
@@ -200,6 +203,21 @@ class RemoteBackend:
         from . import clifollow  # resumed after the last event across agent restarts
 
         return clifollow.events(self.client, service, tail)
+
+
+def no_token_text(source: str, node: str) -> str:
+    """Why no token went (the default token file is missing), and where the agent's own
+    is: ``<state dir>/token``, the state dir being the agent's, which mcp cannot know;
+    the systemd unit's is named, or shown when this machine has it."""
+    head = (f"token file {source} does not exist, so no token was sent (node {node}); the "
+            "agent writes its own operator token to <state dir>/token on first start")
+    unit = UNIT_STATE_DIR / "token"
+    if unit.exists() and str(unit) != source:
+        return (f"{head}, and this machine has one: {unit} (the systemd unit's): pass it "
+                f"with --token-file {unit} or $MCP_TOKEN_FILE")
+    return (f"{head}, the state dir it runs with (mcp-agent --state-dir, [state] dir; the "
+            f"systemd unit's is {UNIT_STATE_DIR}): pass that file with --token-file FILE "
+            "or $MCP_TOKEN_FILE")
 
 
 class LocalBackend:

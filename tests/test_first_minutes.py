@@ -163,3 +163,29 @@ def test_a_grace_period_in_the_tokens_file_is_checked() -> None:
         parse_tokens(bad, "f")
     with pytest.raises(TokenStoreError, match=r"previous_sha256: must be 64 hex digits"):
         parse_tokens(render_tokens([t]).replace("b" * 64, "xyz"), "f")
+
+
+def test_no_token_file_says_it_is_missing_and_where_the_agents_is(
+        tmp_path: Path, _isolated_state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mcp_node import clictx
+
+    unit = tmp_path / "var-lib-mcp"
+    monkeypatch.setattr(clictx, "UNIT_STATE_DIR", unit)
+    with fake_live(tmp_path) as live:
+        monkeypatch.setenv("MCP_AGENT", live.url)
+        r = CliRunner().invoke(cli, ["ps"])
+        assert (r.exit_code, r.stdout, r.stderr) == (1, "", (
+            f"Error: token file {_isolated_state / 'token'} does not exist, so no token was "
+            f"sent (node {live.url}); the agent writes its own operator token to "
+            "<state dir>/token on first start, the state dir it runs with (mcp-agent "
+            f"--state-dir, [state] dir; the systemd unit's is {unit}): pass that file with "
+            "--token-file FILE or $MCP_TOKEN_FILE\n"))
+        unit.mkdir()
+        (unit / "token").write_text("x")
+        r = CliRunner().invoke(cli, ["ps"])
+        assert (r.exit_code, r.stderr) == (1, (
+            f"Error: token file {_isolated_state / 'token'} does not exist, so no token was "
+            f"sent (node {live.url}); the agent writes its own operator token to "
+            "<state dir>/token on first start, and this machine has one: "
+            f"{unit / 'token'} (the systemd unit's): pass it with --token-file "
+            f"{unit / 'token'} or $MCP_TOKEN_FILE\n"))

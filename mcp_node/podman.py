@@ -345,7 +345,20 @@ class PodmanRuntime(Runtime):
                              params={"all": "true"})
         self._sweep_due = resp.status_code >= 400
         if not self._sweep_due:
-            self.leftovers.settle(found, {str(e.get("Id")) for e in resp.json() or []})
+            entries = resp.json() or []
+            self.leftovers.settle(found, {str(e.get("Id")) for e in entries})
+            self._reap_secret_dirs(entries)
+
+    def _reap_secret_dirs(self, entries: list[dict[str, Any]]) -> None:
+        """Secret files no container of ours mounts (a crash between writing them and the
+        create): removed. Only when there are any to judge, so the usual cost is a
+        directory listing; a container whose files went is made anew at its start."""
+        if not self.secret_dirs.leftovers(vm=False):
+            return
+        mine = [str(e.get("Id")) for e in entries
+                if (e.get("Labels") or {}).get(LABEL_OWNER) == self.owner]
+        in_use = [host for cid in mine for host, _ in bind_mounts(self._inspect_raw(cid) or {})]
+        self.secret_dirs.reap(self.secret_dirs.leftovers(vm=False, in_use=in_use))
 
     def pull(self, spec: WorkloadSpec) -> None:
         if podman_images.present(self._request, spec.image):

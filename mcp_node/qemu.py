@@ -92,6 +92,8 @@ class QemuRuntime(Runtime):
                              registries=Registries(config.registries, self.state_dir))
         self.elfs = ElfCache(self.podman, self.cache_dir)
         self.secret_dirs = SecretDirs(config.secrets, owner)   # secret images, on a tmpfs
+        # a VM's secret image lives until its qemu runs: one a crash cut short is gone
+        self.secret_dirs.reap(self.secret_dirs.leftovers(vm=True))
         self._accel: str | None = None
         self._avail: tuple[bool, str] | None = None
         self._builder: Builder | None = None

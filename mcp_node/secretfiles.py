@@ -12,9 +12,11 @@ definition recorded.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from .runtime import WorkloadSpec
 
 MEMORY_FS = ("tmpfs", "ramfs")
+LEFTOVER_AGE_S = 60.0   # a secret directory this old that nothing uses was left by a crash
+log = logging.getLogger("mcp_node.secrets")
 GUEST_DIR = "/run/secrets"
 Source = Callable[[str, int], bytes]
 
@@ -156,6 +160,35 @@ class SecretDirs:
 
     def owns(self, path: str) -> bool:
         return Path(path).is_relative_to(self.base)
+
+    def leftovers(self, vm: bool, in_use: Iterable[str] = (),
+                  min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
+        """Directories a crash left (the agent killed between writing them and the
+        container's create, or between a VM's build and its boot): of VM builds (a
+        ``secrets/`` inside) or of containers, none of ``in_use``, older than
+        ``min_age_s`` (one being made now by ``mcp --local`` is young)."""
+        try:
+            entries = list(self.base.iterdir())
+        except FileNotFoundError:
+            return []
+        used = {Path(p).relative_to(self.base).parts[0] for p in in_use if self.owns(p)
+                and Path(p) != self.base}
+        now = time.time()
+        out = []
+        for d in entries:
+            try:
+                young = now - d.lstat().st_mtime < min_age_s
+            except FileNotFoundError:
+                continue
+            if d.is_dir() and not d.is_symlink() and d.name not in used and not young and \
+                    (d / "secrets").is_dir() == vm:
+                out.append(d)
+        return out
+
+    def reap(self, dirs: Iterable[Path]) -> None:
+        for d in dirs:
+            log.info("secrets: removing %s, left by an agent that stopped before using it", d)
+            shutil.rmtree(d, ignore_errors=True)
 
     def release(self, paths: Iterable[str]) -> None:
         """Remove the workload directories ``paths`` (bind sources, image files) lie in."""

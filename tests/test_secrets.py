@@ -253,3 +253,33 @@ def test_reader_sees_env_keys_only_and_cli_secret_commands(tmp_path: Path) -> No
         assert (res.exit_code, res.stdout) == (0, "removed secret db-password\n")
         res = runner.invoke(cli, [*base, "secret", "list"])
         assert (res.exit_code, res.stdout) == (0, "no secrets\n")
+
+
+def test_secret_dirs_a_crash_left_are_found_and_removed(tmp_path: Path) -> None:
+    """A crash between writing a workload's secret files and its create (or a VM's
+    build and its boot) leaves them: found once old enough and unused, then removed;
+    one in use, one being made now, and the other runtime's stay."""
+    import os
+    import time
+
+    from mcp_node.config import SecretsConfig
+    from mcp_node.secretfiles import LEFTOVER_AGE_S, SecretDirs
+
+    dirs = SecretDirs(SecretsConfig(runtime_dir=str(tmp_path / "run")), "owner1")
+    dirs.base.mkdir(parents=True)
+
+    def made(name: str, vm: bool = False, age: float = LEFTOVER_AGE_S + 5) -> Path:
+        d = dirs.base / name
+        (d / "secrets" if vm else d).mkdir(parents=True)
+        (d / ("secrets" if vm else ".") / "db").write_bytes(b"value")
+        t = time.time() - age
+        os.utime(d, (t, t))
+        return d
+
+    left, used, young = made("mcp-a-web.x1"), made("mcp-b-web.x2"), made("mcp-c-web.x3", age=1)
+    vm = made("mcp-d-vm.x4", vm=True)
+    found = dirs.leftovers(vm=False, in_use=[str(used / "db")])
+    assert found == [left]
+    assert dirs.leftovers(vm=True) == [vm]
+    dirs.reap(found)
+    assert not left.exists() and used.exists() and young.exists() and vm.exists()

@@ -16,6 +16,7 @@ from .errors import AuthError, MCPError, RemoteError, ValidationError
 if TYPE_CHECKING:
     from .client import Client
     from .operations import Operations
+    from .problems import Problems
 
 DEFAULT_AGENT = "http://127.0.0.1:9444"
 UNIT_STATE_DIR = Path("/var/lib/mcp")   # scripts/mcp-agent.service's --state-dir
@@ -48,44 +49,57 @@ def config_home() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "mcp"
 
 
-def _strings(table: dict[str, Any], known: tuple[str, ...], where: str) -> dict[str, str]:
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        raise ValidationError(f"unknown key {unknown[0]!r} (known: {', '.join(known)})",
-                              f"{where}{unknown[0]}")
+def _strings(table: dict[str, Any], known: tuple[str, ...], where: str,
+             problems: Problems) -> dict[str, str]:
+    problems.keys(table, known, where)
+    out = {}
     for k, v in table.items():
-        if k != "nodes" and not isinstance(v, str):
-            raise ValidationError("must be a string", f"{where}{k}")
-    return {k: v for k, v in table.items() if k != "nodes"}
+        if k == "nodes" or k not in known:
+            continue
+        if isinstance(v, str):
+            out[k] = v
+        else:
+            problems.add(ValidationError("must be a string", f"{where}{k}"))
+    return out
 
 
 def load_cli_config() -> CLIConfig:
-    """``mcp.toml``; every unknown key is refused naming it, so a typo never silently
-    sends commands to the default agent."""
+    """``mcp.toml``; every unknown key is refused naming it (and the nearest known one),
+    so a typo never silently sends commands to the default agent; every error at once."""
     path = Path(os.environ.get("MCP_CLI_CONFIG") or config_home() / "mcp.toml")
     if not path.exists():
         return CLIConfig()
+    from .problems import Problems
     from .safetext import loads_toml
 
     try:
         data = loads_toml(path.read_text(encoding="utf-8"), None)
     except (OSError, ValidationError, UnicodeDecodeError) as exc:
         raise MCPError(f"cannot read {path}: {exc}") from exc
-    top = _strings(data, TOP_KEYS, f"{path}: ")
+    problems = Problems()
+    top = _strings(data, TOP_KEYS, f"{path}: ", problems)
     raw = data.get("nodes", [])
     if not isinstance(raw, list):
-        raise ValidationError("must be [[nodes]] tables", f"{path}: nodes")
+        problems.add(ValidationError("must be [[nodes]] tables", f"{path}: nodes"))
+        raw = []
     nodes: dict[str, NodeConfig] = {}
     for i, n in enumerate(raw):
         where = f"{path}: nodes[{i}]."
         if not isinstance(n, dict):
-            raise ValidationError("must be a table", where.rstrip("."))
-        vals = _strings(n, NODE_KEYS, where)
+            problems.add(ValidationError("must be a table", where.rstrip(".")))
+            continue
+        bad = len(problems.errors)
+        vals = _strings(n, NODE_KEYS, where, problems)
+        if len(problems.errors) > bad:
+            continue
         if not vals.get("name") or not vals.get("address"):
-            raise ValidationError("needs a name and an address", where.rstrip("."))
-        if vals["name"] in nodes:
-            raise ValidationError(f"duplicate node name {vals['name']!r}", where + "name")
-        nodes[vals["name"]] = NodeConfig(**vals)
+            problems.add(ValidationError("needs a name and an address", where.rstrip(".")))
+        elif vals["name"] in nodes:
+            problems.add(ValidationError(f"duplicate node name {vals['name']!r}",
+                                         where + "name"))
+        else:
+            nodes[vals["name"]] = NodeConfig(**vals)
+    problems.done()
     return CLIConfig(nodes=nodes, token_path=top.get("token_path", ""),
                      services_dir=top.get("services_dir", ""), ca=top.get("ca", ""),
                      path=str(path))

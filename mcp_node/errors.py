@@ -13,6 +13,7 @@ stand for, so they hang off the root::
      +-- ValidationError          400 invalid      (bad input; nothing changed)
      |    +-- DNSCheckError       400 dns          (backend not on the Tailnet)
      |    +-- HostPathError       400 invalid      (a volume's host path: missing, outside roots)
+     |    +-- ValidationErrors    400 invalid      (several at once, listed; field: the first)
      +-- AuthError                401 unauthenticated
      +-- ForbiddenError           403 forbidden    (a valid token without the role)
      +-- NotFoundError            404 not_found
@@ -57,6 +58,17 @@ class ValidationError(MCPError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
+
+
+class ValidationErrors(ValidationError):
+    """Several rule breaks found in one pass (problems.Problems): a ValidationError
+    whose ``field`` is the first one's and whose message lists each, one a line."""
+
+    def __init__(self, errors: list[ValidationError]) -> None:
+        self.errors = errors
+        MCPError.__init__(self, f"{len(errors)} errors:\n"
+                          + "\n".join(f"  {e}" for e in errors))
+        self.field = errors[0].field
 
 
 class NotFoundError(MCPError):

@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from . import grammar, safetext
 from .errors import ValidationError
 from .grammar import MAX_STR, check_env, check_image, check_text, parse_volumes
+from .problems import Problems
 from .runtimenames import DEFAULT_RUNTIME, OWN_KEYS, RUNTIME_NAMES, TRAITS
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -203,16 +205,21 @@ def _str_list(value: object, field_name: str) -> tuple[str, ...]:
     return tuple(_str(v, f"{field_name}[{i}]", allow_empty=True) for i, v in enumerate(value))
 
 
-def _check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ValidationError(f"unknown key {unknown[0]!r}", f"{where}{unknown[0]}")
+ROUTE_KEYS = ("name", "port", "mode", "hostname", "public_hostname")
 
 
 def _route(data: object, where: str, single: bool) -> RouteDef:
     if not isinstance(data, dict):
         raise ValidationError("must be a table", where.rstrip("."))
-    _check_keys(data, {"name", "port", "mode", "hostname", "public_hostname"}, where)
+    p = Problems()
+    p.keys(data, ROUTE_KEYS, where)
+    route = p.take(lambda: _route_values(data, where, single))
+    p.done()
+    assert route is not None   # else done raised
+    return route
+
+
+def _route_values(data: dict[str, Any], where: str, single: bool) -> RouteDef:
     name = data.get("name", "")
     if not isinstance(name, str):  # before the truthiness test: [] or 0 is no "unnamed"
         raise ValidationError("must be a string", where + "name")
@@ -239,12 +246,13 @@ def _route(data: object, where: str, single: bool) -> RouteDef:
     return RouteDef(name=name, port=port, mode=mode, hostname=hostname, public_hostname=public)
 
 
-COMPONENT_KEYS = {
+COMPONENT_KEYS = (
     "name", "image", "cmd", "env", "volumes", "restart", "runtime", "memory_mb",
     "vcpus", "binary", "image_sha256", "routes", "check", "check_interval_s",
     "check_timeout_s", "check_failures", "pull", "image_digest", "secrets", "secret_versions",
-}
-UPDATE_KEYS = {"order", "min_healthy_s", "healthy_deadline_s", "auto_revert", "drain_s"}
+)
+UPDATE_KEYS = ("order", "min_healthy_s", "healthy_deadline_s", "auto_revert", "drain_s")
+SERVICE_KEYS = ("name", "active", "runtime", "components", "node", "failover", "update")
 
 
 def check_seconds(value: object, field_name: str, low: float, high: float) -> float:
@@ -308,22 +316,27 @@ def _update(data: object) -> UpdateDef:
         return UpdateDef()
     if not isinstance(data, dict):
         raise ValidationError("must be a table", "update")
-    _check_keys(data, UPDATE_KEYS, "update.")
+    p = Problems()
+    p.keys(data, UPDATE_KEYS, "update.")
     d = UpdateDef()
     order = data.get("order", d.order)
     if order not in UPDATE_ORDERS:
-        raise ValidationError(f"{str(order)[:40]!r} is not stop-first or start-first",
-                              "update.order")
+        p.add(ValidationError(f"{str(order)[:40]!r} is not stop-first or start-first",
+                              "update.order"))
     revert = data.get("auto_revert", d.auto_revert)
     if not isinstance(revert, bool):
-        raise ValidationError("must be a boolean", "update.auto_revert")
-    return UpdateDef(
-        order=order, auto_revert=revert,
-        min_healthy_s=check_seconds(data.get("min_healthy_s", d.min_healthy_s),
-                                    "update.min_healthy_s", 0, 3600),
-        healthy_deadline_s=check_seconds(data.get("healthy_deadline_s", d.healthy_deadline_s),
-                                         "update.healthy_deadline_s", 1, 86400),
-        drain_s=check_seconds(data.get("drain_s", d.drain_s), "update.drain_s", 0, 3600))
+        p.add(ValidationError("must be a boolean", "update.auto_revert"))
+
+    def seconds(key: str, low: float, high: float) -> float:
+        return p.take(lambda: check_seconds(data.get(key, getattr(d, key)), f"update.{key}",
+                                            low, high), 0.0)
+
+    out = UpdateDef(order=order, auto_revert=revert,
+                    min_healthy_s=seconds("min_healthy_s", 0, 3600),
+                    healthy_deadline_s=seconds("healthy_deadline_s", 1, 86400),
+                    drain_s=seconds("drain_s", 0, 3600))
+    p.done()
+    return out
 CHECK_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255}")
 
 
@@ -341,24 +354,54 @@ def _check(data: dict[str, Any], routes: tuple[RouteDef, ...], where: str) -> st
 
 
 def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
+    """One component; every independent check runs (what depends on a bad value is
+    skipped), so all of its errors come at once."""
     where = f"components[{i}]."
     if not isinstance(data, dict):
         raise ValidationError("must be a table", f"components[{i}]")
-    _check_keys(data, COMPONENT_KEYS, where)
-    name = check_name(data.get("name"), where + "name")
-    image = check_image(data.get("image"), where + "image")
+    p = Problems()
+    p.keys(data, COMPONENT_KEYS, where)
+    name = p.take(lambda: check_name(data.get("name"), where + "name"), "")
+    image = p.take(lambda: check_image(data.get("image"), where + "image"), "")
     runtime = data.get("runtime", default_runtime)
     if runtime not in RUNTIME_NAMES:
-        raise ValidationError(f"must be one of {', '.join(RUNTIME_NAMES)}", where + "runtime")
-    env = _str_list(data.get("env", []), where + "env")
-    check_env(env, where + "env")
-    volumes = _str_list(data.get("volumes", []), where + "volumes")
-    parse_volumes(volumes, where + "volumes")
+        p.add(ValidationError(f"must be one of {', '.join(RUNTIME_NAMES)}", where + "runtime"))
+    env = p.take(lambda: _env(data, where), ())
+    volumes = p.take(lambda: _volumes(data, where), ())
     restart = data.get("restart", "")
     if restart not in RESTART_POLICIES:
-        raise ValidationError(
-            f"must be one of {', '.join(p for p in RESTART_POLICIES if p)}", where + "restart"
-        )
+        p.add(ValidationError(
+            f"must be one of {', '.join(p for p in RESTART_POLICIES if p)}", where + "restart"))
+    cmd = p.take(lambda: _str_list(data.get("cmd", []), where + "cmd"), ())
+    routes = p.take(lambda: _routes(data, where))
+    picked: dict[str, Any] = {}
+    if runtime in RUNTIME_NAMES:   # memory and the VM keys are judged by the runtime
+        picked.update(p.take(lambda: _vm_keys(data, where, runtime), {}))
+    if routes is not None:         # a check needs a route to probe
+        picked["check"] = p.take(lambda: _check(data, routes, where), "")
+    picked.update(p.take(lambda: _checks(data, where), {}))
+    picked.update(p.take(lambda: _secrets(data, where), {}))
+    p.done()   # nothing below runs with a fallback: any error was raised here
+    assert routes is not None
+    return ComponentDef(name=name, image=image, runtime=runtime, cmd=cmd, env=env,
+                        volumes=volumes, restart=restart, routes=routes, **picked)
+
+
+def _env(data: dict[str, Any], where: str) -> tuple[str, ...]:
+    env = _str_list(data.get("env", []), where + "env")
+    check_env(env, where + "env")
+    return env
+
+
+def _volumes(data: dict[str, Any], where: str) -> tuple[str, ...]:
+    volumes = _str_list(data.get("volumes", []), where + "volumes")
+    parse_volumes(volumes, where + "volumes")
+    return volumes
+
+
+def _vm_keys(data: dict[str, Any], where: str, runtime: str) -> dict[str, Any]:
+    """memory_mb (as the runtime needs it), vcpus, binary, image_sha256; a key the
+    runtime does not act on is refused rather than silently ignored."""
     memory_mb: int | None = None
     if "memory_mb" in data:  # absent means unset; null is not a number (TOML has no null)
         memory_mb = check_int(data["memory_mb"], where + "memory_mb")
@@ -388,15 +431,21 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
             kinds = "/".join(f"{TRAITS[r].kind}s" for r in OWN_KEYS.get(key, ()))
             raise ValidationError(f"has no effect on a {runtime} component ({kinds} only)",
                                   where + key)
+    return {"memory_mb": memory_mb, "vcpus": vcpus, "binary": binary, "image_sha256": sha}
+
+
+def _routes(data: dict[str, Any], where: str) -> tuple[RouteDef, ...]:
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list):
         raise ValidationError("must be a list of tables", where + "routes")
     if len(raw_routes) > MAX_ROUTES:
         raise ValidationError(f"at most {MAX_ROUTES} routes per component (has "
                               f"{len(raw_routes)})", where + "routes")
-    routes = tuple(
-        _route(r, f"{where}routes[{j}].", len(raw_routes) == 1) for j, r in enumerate(raw_routes)
-    )
+    p, single = Problems(), len(raw_routes) == 1
+    got = [p.take(partial(_route, r, f"{where}routes[{j}].", single))
+           for j, r in enumerate(raw_routes)]
+    p.done()
+    routes = tuple(r for r in got if r is not None)
     names = [r.name for r in routes]
     if len(set(names)) != len(names):
         raise ValidationError("duplicate route name", where + "routes")
@@ -407,41 +456,56 @@ def _component(data: object, i: int, default_runtime: str) -> ComponentDef:
             raise ValidationError(f"{r.name!r} maps to ${key} like an earlier route",
                                   f"{where}routes[{j}].name")
         env_keys.add(key)
-    return ComponentDef(
-        name=name, image=image, runtime=runtime,
-        cmd=_str_list(data.get("cmd", []), where + "cmd"), env=env, volumes=volumes,
-        restart=restart, memory_mb=memory_mb, vcpus=vcpus, binary=binary,
-        image_sha256=sha, routes=routes, check=_check(data, routes, where),
-        **_checks(data, where), **_secrets(data, where),
-    )
+    return routes
 
 
 def from_dict(data: object) -> ServiceDef:
-    """Validate a decoded definition (TOML or JSON) into a ServiceDef."""
+    """Validate a decoded definition (TOML or JSON) into a ServiceDef; every error of
+    it at once (ValidationErrors when more than one)."""
     if not isinstance(data, dict):
         raise ValidationError("a service definition must be an object")
-    _check_keys(data, {"name", "active", "runtime", "components", "node", "failover",
-                       "update"}, "")
-    name = check_name(data.get("name"), "name")
+    p = Problems()
+    p.keys(data, SERVICE_KEYS, "")
+    name = p.take(lambda: check_name(data.get("name"), "name"), "")
     active = data.get("active", True)
     if not isinstance(active, bool):
-        raise ValidationError("must be a boolean", "active")
+        p.add(ValidationError("must be a boolean", "active"))
     runtime = data.get("runtime", DEFAULT_RUNTIME)
     if runtime not in RUNTIME_NAMES:
-        raise ValidationError(f"must be one of {', '.join(RUNTIME_NAMES)}", "runtime")
+        p.add(ValidationError(f"must be one of {', '.join(RUNTIME_NAMES)}", "runtime"))
+        runtime = DEFAULT_RUNTIME
     raw = data.get("components")
+    comps: list[ComponentDef] = []
     if not isinstance(raw, list) or not raw:
-        raise ValidationError("at least one component is required", "components")
-    if len(raw) > MAX_COMPONENTS:
-        raise ValidationError(f"at most {MAX_COMPONENTS} components (has {len(raw)})",
-                              "components")
-    comps = tuple(_component(c, i, runtime) for i, c in enumerate(raw))
-    seen: set[str] = set()
-    for i, c in enumerate(comps):
-        if c.name in seen:
-            raise ValidationError(f"duplicate component name {c.name!r}", f"components[{i}].name")
-        seen.add(c.name)
-    node = data.get("node", "")
+        p.add(ValidationError("at least one component is required", "components"))
+    elif len(raw) > MAX_COMPONENTS:
+        p.add(ValidationError(f"at most {MAX_COMPONENTS} components (has {len(raw)})",
+                              "components"))
+    else:
+        seen: set[str] = set()
+        for i, c in enumerate(raw):
+            comp = p.take(partial(_component, c, i, runtime))
+            if comp is None:
+                continue
+            if comp.name in seen:
+                p.add(ValidationError(f"duplicate component name {comp.name!r}",
+                                      f"components[{i}].name"))
+            seen.add(comp.name)
+            comps.append(comp)
+    node = p.take(lambda: _node(data.get("node", "")), "")
+    failover = data.get("failover", "")
+    if failover not in FAILOVER_MODES:
+        p.add(ValidationError(f"{str(failover)[:40]!r} is not a failover mode (\"\" fenced, "
+                              "the default: never two copies; \"overlap\": a brief second "
+                              "copy while a lost node's is stopped)", "failover"))
+    update = p.take(lambda: _update(data.get("update")), UpdateDef())
+    p.done()
+    return ServiceDef(name=name, components=tuple(comps), active=active, runtime=runtime,
+                      node=node, failover="" if failover == "fence" else failover,
+                      update=update)
+
+
+def _node(node: object) -> str:
     if not isinstance(node, str):
         raise ValidationError("must be a string", "node")
     if node:
@@ -449,14 +513,7 @@ def from_dict(data: object) -> ServiceDef:
         if not NAME_RE.fullmatch(target):
             raise ValidationError(f"{node[:80]!r} is not NAME or pool:NAME "
                                   "([a-z0-9][a-z0-9-]{0,62})", "node")
-    failover = data.get("failover", "")
-    if failover not in FAILOVER_MODES:
-        raise ValidationError(f"{str(failover)[:40]!r} is not a failover mode (\"\" fenced, "
-                              "the default: never two copies; \"overlap\": a brief second "
-                              "copy while a lost node's is stopped)", "failover")
-    return ServiceDef(name=name, components=comps, active=active, runtime=runtime, node=node,
-                      failover="" if failover == "fence" else failover,
-                      update=_update(data.get("update")))
+    return node
 
 
 def loads_toml(text: str, where: str | None = None) -> ServiceDef:

@@ -221,7 +221,11 @@ def test_operation_errors_exit_1(live: Live, tmp_path: Path) -> None:
     invalid.write_text('name = "x"\n[[components]]\nname = "web"\nimage = "i"\nbogus = 1\n')
     res = live.mcp("deploy", str(invalid))
     assert res.exit_code == 1
-    assert res.output == "Error: components[0].bogus: unknown key 'bogus'\n"
+    assert res.output == (
+        "Error: components[0].bogus: unknown key 'bogus' (known: name, image, cmd, env, "
+        "volumes, restart, runtime, memory_mb, vcpus, binary, image_sha256, routes, check, "
+        "check_interval_s, check_timeout_s, check_failures, pull, image_digest, secrets, "
+        "secret_versions)\n")
     live.token_file.chmod(0o644)
     loose = live.mcp("ps")
     assert loose.exit_code == 1 and "must be 0600" in loose.output

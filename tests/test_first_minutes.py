@@ -189,3 +189,35 @@ def test_no_token_file_says_it_is_missing_and_where_the_agents_is(
             "<state dir>/token on first start, and this machine has one: "
             f"{unit / 'token'} (the systemd unit's): pass it with --token-file "
             f"{unit / 'token'} or $MCP_TOKEN_FILE\n"))
+
+
+def test_every_error_of_mcp_toml_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "mcp.toml"
+    conf.write_text('token_pth = "/t"\nservics_dir = "/s"\n[[nodes]]\nname = "a"\n'
+                    'address = "h:1"\nca_file = "x"\n[[nodes]]\nname = 5\naddress = "h:2"\n')
+    monkeypatch.setenv("MCP_CLI_CONFIG", str(conf))
+    r = CliRunner().invoke(cli, ["ps"])
+    assert (r.exit_code, r.stderr) == (1, (
+        "Error: 4 errors:\n"
+        f"  {conf}: token_pth: unknown key 'token_pth' (did you mean 'token_path'?)\n"
+        f"  {conf}: servics_dir: unknown key 'servics_dir' (did you mean 'services_dir'?)\n"
+        f"  {conf}: nodes[0].ca_file: unknown key 'ca_file' (known: name, address, "
+        "token_path, ca)\n"
+        f"  {conf}: nodes[1].name: must be a string\n"))
+
+
+def test_every_error_of_a_definition_at_once(tmp_path: Path) -> None:
+    svc = tmp_path / "duo.toml"
+    svc.write_text('name = "duo"\nactiv = false\n[[components]]\nname = "web"\nimgae = "i"\n'
+                   'memory_mb = "lots"\n[[components]]\nname = "db"\nimage = "i"\n'
+                   'volume = ["/a:/b"]\n[components.routes]\nport = 0\n[update]\norder = "x"\n')
+    r = CliRunner().invoke(cli, ["validate", str(svc)])
+    assert (r.exit_code, r.stderr) == (1, (
+        "Error: 7 errors:\n"
+        "  activ: unknown key 'activ' (did you mean 'active'?)\n"
+        "  components[0].imgae: unknown key 'imgae' (did you mean 'image'?)\n"
+        "  components[0].image: must be a string\n"
+        "  components[0].memory_mb: must be an integer\n"
+        "  components[1].volume: unknown key 'volume' (did you mean 'volumes'?)\n"
+        "  components[1].routes: must be a list of tables\n"
+        "  update.order: 'x' is not stop-first or start-first\n"))

@@ -221,3 +221,13 @@ def test_every_error_of_a_definition_at_once(tmp_path: Path) -> None:
         "  components[1].volume: unknown key 'volume' (did you mean 'volumes'?)\n"
         "  components[1].routes: must be a list of tables\n"
         "  update.order: 'x' is not stop-first or start-first\n"))
+
+
+def test_every_error_of_a_deploy_body_in_one_400(tmp_path: Path) -> None:
+    body = b'{"name": "duo", "components": [{"name": "web", "imgae": "i"}], "nod": ""}'
+    with fake_live(tmp_path) as live:
+        r = live.request("POST", "/v1/services", body)
+    assert (r.status, r.json()) == (400, {"error": {"code": "invalid", "message": (
+        "3 errors:\n  nod: unknown key 'nod' (did you mean 'node'?)\n"
+        "  components[0].imgae: unknown key 'imgae' (did you mean 'image'?)\n"
+        "  components[0].image: must be a string")}})

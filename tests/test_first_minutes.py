@@ -231,3 +231,45 @@ def test_every_error_of_a_deploy_body_in_one_400(tmp_path: Path) -> None:
         "3 errors:\n  nod: unknown key 'nod' (did you mean 'node'?)\n"
         "  components[0].imgae: unknown key 'imgae' (did you mean 'image'?)\n"
         "  components[0].image: must be a string")}})
+
+
+def test_tokens_at_a_real_agent_work_at_once_and_in_their_grace(tmp_path: Path,
+                                                               podman_socket: str) -> None:
+    """Rows 6 and 7 against mcp-agent as its own process: a token from `token add` (another
+    process) is accepted by the very next request; `rotate --grace-s` keeps the old one
+    working, a rotate without it ends it at once."""
+    import subprocess
+    import sys
+
+    from daemon_env import podman_daemon
+
+    def agent_cmd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(Path(sys.executable).parent / "mcp-agent"), "token", *args,
+                               "--state-dir", str(d.state)], capture_output=True, text=True,
+                              timeout=60)
+
+    with podman_daemon(tmp_path, podman_socket) as d:
+        d.start()
+        assert d.mcp("ps").exit_code == 0          # the agent just looked at its tokens
+        tok, old = tmp_path / "ci-bot.tok", tmp_path / "old.tok"
+        r = agent_cmd("add", "ci-bot", "reader", "--output", str(tok))
+        assert (r.returncode, r.stdout) == (0, (
+            f"added token ci-bot (reader) to {d.state / 'tokens.toml'} (state dir "
+            f"{d.state})\ntoken written to {tok} (mode 0600)\n"))
+        for _ in range(3):
+            r2 = mcp(d.url, tok, "ps")
+            assert (r2.exit_code, r2.stderr) == (0, "")
+        old.write_text(tok.read_text())
+        old.chmod(0o600)
+        r = agent_cmd("rotate", "ci-bot", "--output", str(tok), "--force", "--grace-s", "600")
+        assert r.returncode == 0 and r.stdout.startswith(
+            f"rotated token ci-bot (reader) in {d.state / 'tokens.toml'} (state dir "
+            f"{d.state}); the old one works until "), r.stderr
+        assert mcp(d.url, tok, "ps").exit_code == 0
+        assert mcp(d.url, old, "ps").exit_code == 0
+        r = agent_cmd("rotate", "ci-bot", "--output", str(tok), "--force")
+        assert r.returncode == 0 and r.stdout.endswith(
+            "; the old one no longer works\n" f"token written to {tok} (mode 0600)\n")
+        assert mcp(d.url, tok, "ps").exit_code == 0
+        r2 = mcp(d.url, old, "ps")
+        assert r2.exit_code == 1 and r2.stderr.startswith("Error: invalid token (node ")

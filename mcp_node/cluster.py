@@ -145,6 +145,10 @@ class Etcd:
         kvs = self._range({"key": _b64(key)})[1]
         return kvs[0] if kvs else None
 
+    def revision(self) -> int:
+        """The store's revision now (a count-only read of one key)."""
+        return self._range({"key": _b64(PREFIX), "count_only": True})[0]
+
     def get_prefix(self, prefix: str) -> tuple[int, dict[str, KV]]:
         """(revision, key -> KV) of every key under ``prefix``."""
         rev, kvs = self._range({"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})
@@ -278,6 +282,13 @@ class Etcd:
         """Stream changes under ``prefix`` from ``start_revision`` until ``stop`` or the
         stream ends (a member died, etcd restarted); the caller resyncs and watches
         again. ``on_event(kind, key)``, kind PUT or DELETE."""
+        self.watch_kvs(prefix, start_revision, stop, lambda kind, kv: on_event(kind, kv.key))
+
+    def watch_kvs(self, prefix: str, start_revision: int, stop: threading.Event,
+                  on_kv: Callable[[str, KV], None]) -> None:
+        """``watch`` with each change's KV (the stream carries it anyway): a PUT's new
+        value, a DELETE's value None; ``mod_revision`` is the change's revision, which
+        is what a cache kept from the stream needs to know how far it is."""
         client = self._clients[self._current]
         create = {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
                   "start_revision": start_revision}
@@ -292,7 +303,9 @@ class Etcd:
                 self.traffic.add(0, len(line))
                 result = json.loads(line).get("result", {})
                 for ev in result.get("events", []):
-                    on_event(ev.get("type", "PUT"), _unb64(ev["kv"]["key"]))
+                    kind = ev.get("type", "PUT")
+                    kv = _kv(ev["kv"])
+                    on_kv(kind, KV(kv.key, None, kv.mod_revision) if kind == "DELETE" else kv)
                 if result.get("canceled"):
                     return
         finally:

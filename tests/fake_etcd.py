@@ -27,7 +27,7 @@ class FakeEtcd:
         self.kv: dict[str, KV] = {}
         self.rev = 0
         self.leases: dict[int, int] = {}     # id -> ttl
-        self.history: list[tuple[int, str, str]] = []   # (revision, PUT|DELETE, key)
+        self.history: list[tuple[str, KV]] = []   # (PUT|DELETE, the key's KV then)
         self.traffic = Traffic()
         self.down = False
         self._ids = itertools.count(1000)
@@ -46,6 +46,11 @@ class FakeEtcd:
         with self._changed:
             return copy.deepcopy(self.kv.get(key))
 
+    def revision(self) -> int:
+        self._check()
+        with self._changed:
+            return self.rev
+
     def get_prefix(self, prefix: str) -> tuple[int, dict[str, KV]]:
         self._check()
         with self._changed:
@@ -61,10 +66,10 @@ class FakeEtcd:
         self.rev += 1
         for k, (v, lease) in puts.items():
             self.kv[k] = KV(k, copy.deepcopy(v), self.rev, lease)
-            self.history.append((self.rev, "PUT", k))
+            self.history.append(("PUT", self.kv[k]))
         for k in deletes:
             del self.kv[k]
-            self.history.append((self.rev, "DELETE", k))
+            self.history.append(("DELETE", KV(k, None, self.rev)))
         self._changed.notify_all()
 
     def put(self, key: str, value: Any, lease: int = 0) -> None:
@@ -128,6 +133,11 @@ class FakeEtcd:
               on_event: Callable[[str, str], None]) -> None:
         """Changes under ``prefix`` from ``start_revision`` on, until ``stop`` (or the
         fake goes down: the stream ends, and the caller resyncs)."""
+        self.watch_kvs(prefix, start_revision, stop, lambda kind, kv: on_event(kind, kv.key))
+
+    def watch_kvs(self, prefix: str, start_revision: int, stop: threading.Event,
+                  on_kv: Callable[[str, KV], None]) -> None:
+        """``watch`` with each change's KV (a DELETE's value None), as etcd streams it."""
         self._check()
         seen = 0
         while not stop.is_set() and not self.down:
@@ -136,6 +146,6 @@ class FakeEtcd:
                 seen = len(self.history)
                 if not new:
                     self._changed.wait(0.1)
-            for rev, kind, key in new:
-                if rev >= start_revision and key.startswith(prefix):
-                    on_event(kind, key)
+            for kind, kv in new:
+                if kv.mod_revision >= start_revision and kv.key.startswith(prefix):
+                    on_kv(kind, copy.deepcopy(kv))

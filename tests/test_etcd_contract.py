@@ -229,6 +229,31 @@ def test_watch_replays_from_its_revision_then_follows(etcd: Store, p: str) -> No
     assert not t.is_alive()                       # stop ends the watch
 
 
+def test_watch_with_values_carries_each_change_and_its_revision(etcd: Store, p: str) -> None:
+    """What a cache kept from the stream relies on: a PUT's value and revision, a
+    DELETE's revision (value None), in order; ``revision`` is the store's."""
+    etcd.put(p + "v/a", {"n": 1})
+    start = etcd.revision()
+    assert start == rev(etcd, p)
+    seen: list[tuple[str, str, object, int]] = []
+    stop = threading.Event()
+    t = threading.Thread(target=etcd.watch_kvs, args=(p + "v/", start, stop, lambda k, kv:
+                                                      seen.append((k, kv.key[len(p):],
+                                                                   kv.value, kv.mod_revision))))
+    t.start()
+    try:
+        etcd.put(p + "v/a", {"n": 2})
+        etcd.delete(p + "v/a")
+        until(lambda: len(seen) >= 3)
+        assert seen == [("PUT", "v/a", {"n": 1}, start), ("PUT", "v/a", {"n": 2}, start + 1),
+                        ("DELETE", "v/a", None, start + 2)]
+        assert etcd.revision() == start + 2
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()
+
+
 # -- etcd not answering -------------------------------------------------------------------
 
 def test_an_etcd_that_does_not_answer_is_fleet_unavailable(kind: str, tmp_path: Path) -> None:

@@ -15,10 +15,11 @@ agent process from ``/proc`` (every thread, the exited ones included).
   291-300 (``--services``). Target <= 1.3x.
 - undeploy: the same for undeploys of the first and of the last ten services.
 
-The fleet figures of the issue (etcd bytes per deploy over 1 to 1,000 node records)
-are not measured here: fleet state is still one value per node.
+- fleet deploy (bench/scale_fleet.py): etcd requests and bytes per fleet deploy with 1 /
+  100 / 1,000 node records and 10 / 200 services on the node. Target <= 2x.
 
     .venv/bin/python bench/scale.py [--services 300] [--idle-s 15] [--events 100000,1000000]
+                                    [--only node|fleet]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import scale_fleet
 from common import Bed, bed, hello_image
 
 from mcp_node.client import Client
@@ -144,7 +146,13 @@ def main() -> None:
     ap.add_argument("--services", type=int, default=300)
     ap.add_argument("--idle-s", type=float, default=15.0)
     ap.add_argument("--events", default="100000,1000000")
+    ap.add_argument("--only", choices=("node", "fleet"), default="")
     a = ap.parse_args()
+    if a.only != "node":
+        fleet = scale_fleet.run()
+        if a.only == "fleet":
+            print("scale, fleet\n" + "\n".join(fleet))
+            return
     image = hello_image()
     out: list[str] = []
     with bed(monitor_interval=3600.0) as b:
@@ -194,6 +202,8 @@ def main() -> None:
                f"{undeploy_last[1]:.1f} ms, {undeploy_first[1]:.1f} ms")
     ev = [(k, v[0]) for k, v in idle.items() if k.startswith("10 services")]
     out.append(f"  idle round, {ev[-1][0]} / none: {ev[-1][1] / ev[0][1]:.2f}x (target: flat)")
+    if a.only != "node":
+        out.extend(fleet)
     print("\n".join(out))
 
 

@@ -7,7 +7,7 @@ What each agent does:
 - keeps ``/mcp/nodes/<node>`` (lease-bound) saying what it is and what it has;
 - follows ``/mcp/services/*`` placed on it, converging through the local agent
   (SQLite stays its record of what it runs), and publishes what it runs under its
-  lease at ``/mcp/observed/<node>``;
+  lease at ``/mcp/observed/<node>/<service>`` (``fleetstate``);
 - answers fleet reads from etcd and fleet writes into etcd, whichever node it is;
 - while etcd has no quorum: runs and reconciles what it has, reads answer from the
   local record marked ``stale``, writes are refused (503 fleet_unavailable).
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from . import __version__, fleetedge, fleetmoves, fleetviews
+from . import __version__, fleetedge, fleetmoves, fleetstate, fleetviews
 from .cluster import (
     ALLOC,
     CORDON,
@@ -34,7 +34,6 @@ from .cluster import (
     LOST,
     MEMBERS,
     NODES,
-    OBSERVED,
     PREFIX,
     SERVICES,
     Etcd,
@@ -93,7 +92,9 @@ class Fleet:
         self._edge_retry = (0.0, 0.0)   # (when, delay): a waiting edge route, with backoff
         self._results: dict[str, tuple[int, str]] = {}   # service -> (generation, error)
         self._restart_seen: dict[str, int] = {}
-        self._published = ""
+        self.cache = fleetstate.Cache()          # the desired state, from the watch
+        self.publisher = fleetstate.Publisher(self)
+        self._full_sync = False                  # the next sync reads etcd, not the cache
         self._record_at = 0.0
         self._resync_at = 0.0
         self.lost_due: dict[str, float] = {}
@@ -200,6 +201,7 @@ class Fleet:
         if now >= self._resync_at:
             self._resync_at = now + RESYNC_EVERY_S
             self._dirty = {k: True for k in self._dirty}
+            self._full_sync = True
         if self._dirty["services"] or 0 < self._edge_retry[0] <= time.monotonic():
             self._dirty["services"] = False
             self.sync()
@@ -223,15 +225,22 @@ class Fleet:
         watcher = Etcd(self.cfg, self.traffic)
         while not self._stop.is_set():
             try:
-                rev, _ = watcher.get_prefix(LEADER)
+                rev = self.cache.load(watcher)
+                self.cache.started()
                 self._dirty = {k: True for k in self._dirty}   # whatever passed meanwhile
                 self._wake.set()
-                watcher.watch(PREFIX, rev + 1, self._stop, self._on_event)
+                watcher.watch_kvs(PREFIX, rev + 1, self._stop, self._on_kv)
             except MCPError as exc:
                 log.debug("fleet watch: %s", exc)
             except Exception:
                 log.exception("fleet watch failed")
+            finally:
+                self.cache.stopped()
             self._stop.wait(1.0)
+
+    def _on_kv(self, kind: str, kv: KV) -> None:
+        self.cache.apply(kind, kv)        # before the round it wakes reads the cache
+        self._on_event(kind, kv.key)
 
     def _on_event(self, kind: str, key: str) -> None:
         if key.startswith(SERVICES):
@@ -292,15 +301,22 @@ class Fleet:
         v = Fleetview()
         _, v.nodes = self.etcd.get_prefix(NODES)
         _, v.services = self.etcd.get_prefix(SERVICES)
-        _, v.allocs = self.etcd.get_prefix(ALLOC)
+        v.rev, v.allocs = self.etcd.get_prefix(ALLOC)
         _, cordons = self.etcd.get_prefix(CORDON)
         v.cordons = {k[len(CORDON):] for k in cordons}
         _, v.lost = self.etcd.get_prefix(LOST)
         return v
 
-    def observed(self) -> dict[str, dict[str, Any]]:
-        _, kvs = self.etcd.get_prefix(OBSERVED)
-        return {k[len(OBSERVED):]: kv.value for k, kv in kvs.items()}
+    def observed(self, node: str = "", service: str = "") -> dict[str, dict[str, Any]]:
+        return fleetstate.observed(self.etcd, node, service)
+
+    def _services(self) -> dict[str, KV]:
+        """Every placement: from the watched cache, or from etcd when the watch is not
+        running or a resync asks for a full read."""
+        if self.cache.live and not self._full_sync:
+            return self.cache.under(SERVICES)
+        self._full_sync = False
+        return self.etcd.get_prefix(SERVICES)[1]
 
     # -- following placements -------------------------------------------------
 
@@ -310,7 +326,7 @@ class Fleet:
         service and generation, where the deploying agent waits for them."""
         with self._sync_lock:
             lease = self.guard.lease
-            _, kvs = self.etcd.get_prefix(SERVICES)
+            kvs = self._services()
             mine = {k[len(SERVICES):]: kv.value for k, kv in kvs.items()
                     if kv.value.get("node") == self.name}
             self._placed = set(mine)
@@ -340,7 +356,8 @@ class Fleet:
                 self._managed.discard(name)
                 self._results.pop(name, None)
             if self.edge is not None:
-                _, nodes = self.etcd.get_prefix(NODES)
+                nodes = (self.cache.under(NODES) if self.cache.live
+                         else self.etcd.get_prefix(NODES)[1])
                 pending = self.edge.sync(
                     {k[len(SERVICES):]: kv.value for k, kv in kvs.items()},
                     {k[len(NODES):]: kv.value for k, kv in nodes.items()})
@@ -402,44 +419,33 @@ class Fleet:
         atomic_write(self._state_file, json.dumps(state, sort_keys=True).encode(), 0o600)
 
     def publish(self) -> None:
-        """This node's services as its status shows them, under its lease; only when
-        something other than the passing of time changed."""
-        services: dict[str, Any] = {}
-        now = time.time()
-        for rec in self.a.registry.list_services():
-            st = self.a.views.status(rec)
-            for c in st["components"]:
-                c["since"] = int(now - c.pop("uptime_s", 0))
-                c["node"] = self.name
-            st["node"] = self.name
-            self.rollouts.mark(rec.name, st)   # the generation that began its rollout
-            gen, err = self._results.get(rec.name, (0, ""))
-            services[rec.name] = {"generation": gen, "error": err, "status": st}
-        for name, (gen, err) in self._results.items():
-            if name not in services:
-                services[name] = {"generation": gen, "error": err, "status": None}
-        body = {"node": self.name, "services": services}
-        key = json.dumps(body, sort_keys=True, default=str)
-        stable = json.dumps(fleetviews.without_times(body), sort_keys=True, default=str)
-        if stable == self._published:
-            return
-        self.etcd.put(OBSERVED + self.name, json.loads(key), lease=self.lease)
-        self._published = stable
+        """What changed in this node's services, each under its key (``fleetstate``)."""
+        self.publisher.publish()
 
     # -- writes ---------------------------------------------------------------
 
     def txn_loop(self, step: Callable[[Fleetview], tuple[dict[str, int], dict[str, Any],
-                                                         tuple[str, ...]] | None]) -> Fleetview:
-        """Read, decide, commit with compares on what was read; again on a conflict."""
+                                                         tuple[str, ...]] | None],
+                 cached: bool = False) -> Fleetview:
+        """Read, decide, commit with compares on what was read; again on a conflict.
+        A compare on a key ending in ``/`` is on its prefix: no key under it written
+        after that revision. ``cached`` reads the watched cache (a deploy's way: no read
+        of the whole fleet per attempt); after a conflict, once it caught up with etcd,
+        or etcd itself when it does not in time."""
         for attempt in range(TXN_ATTEMPTS):
-            view = self.read()
+            view = self.cache.view() if cached and self.cache.live else self.read()
             plan = step(view)
             if plan is None:
                 return view
             expect, puts, deletes = plan
-            if self.etcd.txn(expect, puts, deletes):
+            unchanged = {k: r for k, r in expect.items() if k.endswith("/")}
+            keys = {k: r for k, r in expect.items() if not k.endswith("/")}
+            if self.etcd.txn(keys, puts, deletes, unchanged=unchanged):
                 return view
-            time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # noqa: S311
+            if cached and not self.cache.reach(self.etcd.revision()):
+                cached = False
+            else:
+                time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # noqa: S311
         raise MCPError(f"fleet: {TXN_ATTEMPTS} conflicting writes in a row; try again")
 
     def deploy(self, defn: ServiceDef) -> dict[str, Any]:
@@ -468,7 +474,7 @@ class Fleet:
             expect, puts, deletes = self.placement_txn(v, name, prev, rec)
             return {**expect, **held}, puts, deletes
 
-        self.txn_loop(step)
+        self.txn_loop(step, cached=True)
         rec = out["rec"]
         try:
             st = self._await(name, rec["node"], rec["generation"])
@@ -490,13 +496,18 @@ class Fleet:
         puts: dict[str, Any] = {}
         deletes: list[str] = []
         for node in {old_node, new_node} - {""}:
-            kv = v.allocs.get(ALLOC + node)
-            expect[ALLOC + node] = kv.mod_revision if kv else 0
-            alloc = v.alloc(node)
-            alloc.pop(name, None)
+            mine = f"{ALLOC}{node}/"
+            legacy = v.allocs.get(ALLOC + node)   # the old layout: every demand in one value
+            if legacy is not None:
+                expect[legacy.key] = legacy.mod_revision
+                deletes.append(legacy.key)
+                puts.update({mine + s: d for s, d in (legacy.value or {}).items()
+                             if s != name and mine + s not in v.allocs})
             if node == new_node and rec is not None:
-                alloc[name] = rec["demand"]
-            puts[ALLOC + node] = alloc
+                expect[mine] = v.rev      # capacity held there is as read (no overcommit)
+                puts[mine + name] = rec["demand"]
+            else:
+                deletes.append(mine + name)
         if rec is None:
             deletes.append(SERVICES + name)
         else:
@@ -512,32 +523,17 @@ class Fleet:
             return self.placement_txn(v, name, cur, back)
 
         try:
-            self.txn_loop(step)
+            self.txn_loop(step, cached=True)
         except MCPError:
             log.exception("fleet: could not revert service=%s", name)
 
     def _await(self, name: str, node: str, gen: int) -> dict[str, Any]:
         """The node's status of ``name`` once it applied generation ``gen``;
         WorkloadError with its message when it failed there."""
-        deadline = time.monotonic() + self.cfg.deploy_wait_s
         if node == self.name:
             self._dirty["services"] = True
             self._wake.set()
-        delay = 0.02
-        while True:
-            kv = self.etcd.get(OBSERVED + node)
-            got = (kv.value or {}).get("services", {}).get(name) if kv else None
-            if got and int(got.get("generation", 0)) >= gen:
-                if got.get("error"):
-                    raise WorkloadError(f"node {node}: {got['error']}")
-                return fleetviews.with_uptime(
-                    got.get("status") or {"service": name, "components": []})
-            if time.monotonic() > deadline:
-                return {"service": name, "node": node, "pending": True, "components": [],
-                        "message": f"placed on {node}; it has not answered within "
-                                   f"{self.cfg.deploy_wait_s:g} s"}
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.05)   # a deploy is watched closely: it is short
+        return fleetstate.await_answer(self, name, node, gen)
 
     def undeploy(self, name: str) -> None:
         def step(v: Fleetview) -> Txn:
@@ -546,7 +542,7 @@ class Fleet:
                 raise NotFoundError(f"unknown service {name!r} in the fleet")
             return self.placement_txn(v, name, prev, None)
 
-        self.txn_loop(step)
+        self.txn_loop(step, cached=True)
         log.info("fleet: undeployed service=%s", name)
 
     def set_state(self, name: str, desired: str, component: str | None,
@@ -565,7 +561,7 @@ class Fleet:
             out["rec"] = rec
             return {SERVICES + name: prev.mod_revision}, {SERVICES + name: rec}, ()
 
-        self.txn_loop(step)
+        self.txn_loop(step, cached=True)
         rec = out["rec"]
         if not rec["node"]:
             return self.status(name)

@@ -1,7 +1,7 @@
 """Fleet reads: ``mcp nodes``, ``ps`` and ``status`` answered from etcd by any agent
 (desired state and placement from ``/mcp/services``, what each node runs from its
-lease-bound ``/mcp/observed`` record), and the ``stale`` flag on local reads while
-etcd is lost."""
+lease-bound ``/mcp/observed/<node>/<service>`` keys, ``fleetstate``), and the ``stale``
+flag on local reads while etcd is lost."""
 
 from __future__ import annotations
 
@@ -26,17 +26,28 @@ class Fleetview:
     allocs: dict[str, KV] = field(default_factory=dict)
     cordons: set[str] = field(default_factory=set)
     lost: dict[str, KV] = field(default_factory=dict)
+    rev: int = 0     # no capacity key was written after it in what was read
 
     def records(self) -> dict[str, dict[str, Any]]:
         return {k[len(NODES):]: kv.value for k, kv in self.nodes.items()}
 
     def alloc(self, node: str) -> dict[str, Any]:
-        kv = self.allocs.get(ALLOC + node)
-        return dict(kv.value) if kv else {}
+        """service -> the demand it holds on ``node``: ``/mcp/alloc/<node>/<service>``,
+        and the layout before it (one value per node) where that has one."""
+        return self._allocs().get(node, {})
+
+    def _allocs(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for k, kv in sorted(self.allocs.items()):   # a node's old value before its keys
+            node, _, service = k[len(ALLOC):].partition("/")
+            if service:
+                out.setdefault(node, {})[service] = kv.value
+            else:
+                out.setdefault(node, {}).update(kv.value or {})
+        return out
 
     def placement_nodes(self) -> dict[str, Any]:
-        allocs = {k[len(ALLOC):]: kv.value for k, kv in self.allocs.items()}
-        return nodes_from(self.records(), allocs, self.cordons)
+        return nodes_from(self.records(), self._allocs(), self.cordons)
 
 
 class Fleet(Protocol):
@@ -45,7 +56,7 @@ class Fleet(Protocol):
     etcd: Etcd
 
     def read(self) -> Fleetview: ...
-    def observed(self) -> dict[str, dict[str, Any]]: ...
+    def observed(self, node: str = "", service: str = "") -> dict[str, dict[str, Any]]: ...
 
 
 def nodes(fleet: Fleet) -> list[dict[str, Any]]:
@@ -97,7 +108,7 @@ def status(fleet: Fleet, name: str) -> dict[str, Any]:
     kv = fleet.etcd.get(SERVICES + name)
     if kv is None:
         raise NotFoundError(f"unknown service {name!r} in the fleet")
-    return _observed_status(fleet.observed(), name, kv.value)
+    return _observed_status(fleet.observed(kv.value.get("node", ""), name), name, kv.value)
 
 
 def _observed_status(obs: dict[str, dict[str, Any]], name: str,
@@ -169,4 +180,6 @@ def without_times(body: dict[str, Any]) -> dict[str, Any]:
         for c in (svc.get("status") or {}).get("components", []):
             c.pop("since", None)
             c.pop("next_attempt", None)
+            if isinstance(c.get("check"), dict):
+                c["check"].pop("time", None)   # each check's tick: the same result again
     return dict(out)

@@ -26,8 +26,8 @@ from netns import VethNetns
 from mcp_node.fleetops import FleetOperations
 from mcp_node.wiring import node_agent
 
-__all__ = ["PUBLIC", "EtcdCluster", "NodeNetns", "NodePodman", "SimFleet", "SimNode",
-           "etcd_cluster", "etcd_tls", "free_ports"]
+__all__ = ["LIMITED_REQUEST_BYTES", "PUBLIC", "EtcdCluster", "NodeNetns", "NodePodman",
+           "SimFleet", "SimNode", "etcd_cluster", "etcd_limited", "etcd_tls", "free_ports"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -43,8 +43,8 @@ def free_ports(n: int) -> list[int]:
 
 
 class EtcdCluster:
-    def __init__(self, base: Path, size: int = 3) -> None:
-        self.base = base
+    def __init__(self, base: Path, size: int = 3, extra: tuple[str, ...] = ()) -> None:
+        self.base, self.extra = base, extra
         ports = free_ports(2 * size)
         self.client_ports = ports[:size]
         self.peer_ports = ports[size:]
@@ -71,7 +71,7 @@ class EtcdCluster:
                  "--initial-cluster", self.initial, "--initial-cluster-state", state,
                  "--initial-cluster-token", f"mcp-test-{os.getpid()}",
                  "--heartbeat-interval", "50", "--election-timeout", "500",
-                 "--logger", "zap", "--log-level", "error"],
+                 "--logger", "zap", "--log-level", "error", *self.extra],
                 stdout=logf, stderr=logf)
 
     def kill(self, i: int) -> None:
@@ -119,6 +119,24 @@ def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
     try:
         for i in range(3):
             cluster.start(i)
+        cluster.wait_healthy()
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+LIMITED_REQUEST_BYTES = 128 * 1024
+
+
+@pytest.fixture
+def etcd_limited(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """One member that refuses requests over 128 KiB (etcd's default: 1.5 MiB)."""
+    need("etcd")
+    cluster = EtcdCluster(tmp_path / "etcd", size=1,
+                          extra=("--max-request-bytes", str(LIMITED_REQUEST_BYTES)))
+    cluster.base.mkdir()
+    try:
+        cluster.start(0)
         cluster.wait_healthy()
         yield cluster
     finally:

@@ -19,6 +19,7 @@ from mcp_node.config import from_dict as config_from_dict
 from mcp_node.errors import ResourceError, ValidationError
 from mcp_node.fleetedge import wanted
 from mcp_node.fleetops import FleetOperations
+from mcp_node.fleetviews import Fleetview
 from mcp_node.multinode import drained_text, nodes_table, placed_text
 from mcp_node.placement import Demand, NodeInfo, choose, demand_of, parse_target
 from mcp_node.servicedef import from_dict
@@ -145,9 +146,9 @@ def check_invariants(etcd: FakeEtcd, live: set[str], seed: int) -> None:
         pinned = parse_target(rec.get("target", ""))[0] == "node"
         if rec["node"] not in live:       # only pinned ones, or ones that fit nowhere, wait
             assert pinned or rec.get("waiting"), (seed, k, rec)
+    view = Fleetview(allocs=allocs)
     for n in NAMES:
-        alloc = allocs.get(ALLOC + n)
-        total = sum(d["memory_mb"] for d in (alloc.value if alloc else {}).values())
+        total = sum(d["memory_mb"] for d in view.alloc(n).values())
         assert total == held.get(n, 0), (seed, n, total, held)   # alloc matches records
         assert total <= 1000, (seed, n, total)                    # never overcommitted
 

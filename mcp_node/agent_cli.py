@@ -27,7 +27,7 @@ import click
 from . import __version__, sdnotify
 from .cli import ErrorGroup
 from .config import AgentConfig, load
-from .errors import MCPError
+from .errors import MCPError, ValidationError
 from .safetext import escape_controls
 
 
@@ -370,11 +370,41 @@ def check_config(ctx: click.Context) -> None:
     cfg, errors = parse(read(path))
     errors += check_files(cfg.registries)   # the registries' files: there, parsed, 0600
     errors += check_key_file(cfg.secrets)   # the fleet key: there, 0600, 32 bytes
+    errors += start_refusals(cfg)           # what serve() would refuse
+    warnings = runtime_problems(cfg)        # what would leave a runtime without its part
+    for line in warnings:
+        click.echo(f"{path}: warning: {line}", err=True)
     if errors:
         for err in errors:
             click.echo(f"{path}: {err}", err=True)
         raise MCPError(f"{path}: {len(errors)} error(s)")
-    click.echo(f"{path}: ok")
+    click.echo(f"{path}: ok" + (f" ({len(warnings)} warning(s))" if warnings else ""))
+
+
+def start_refusals(cfg: AgentConfig) -> list[ValidationError]:
+    """The listen address and TLS files as the agent's start checks them."""
+    from .httpapi import check_listen, tls_context
+
+    out = []
+    for step in (check_listen, tls_context):
+        try:
+            step(cfg)
+        except ValidationError as exc:
+            out.append(exc)
+    return out
+
+
+def runtime_problems(cfg: AgentConfig) -> list[str]:
+    """Each runtime's own judgement of what the config asks of it."""
+    from .runtime import RUNTIME_NAMES, load_runtime
+
+    out = []
+    for name in RUNTIME_NAMES:
+        try:
+            out.extend(load_runtime(name).config_problems(cfg))
+        except ImportError:   # its module cannot load: the start says so, as health does
+            continue
+    return out
 
 
 @token.command("list")

@@ -25,6 +25,15 @@ class BuilderChoice:
     missing: list[str] = field(default_factory=list)   # why each earlier one was passed over
 
 
+def config_problems(cfg: QemuConfig) -> list[str]:
+    """A builder the config names that cannot work: the node would fall back to another
+    one (or to none) without a word."""
+    if not cfg.nanos_dir:
+        return []
+    ok, why = NanosBuilder(cfg).available()
+    return [] if ok else [f"qemu.nanos_dir = {cfg.nanos_dir!r}: {why}"]
+
+
 def choose_builder(cfg: QemuConfig) -> BuilderChoice:
     """The first available builder, or None with what each one lacks."""
     missing: list[str] = []

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import qmp, vmcheck, vmlaunch
-from .builders import choose_builder
+from .builders import choose_builder, config_problems
 from .config import AgentConfig
 from .errors import (
     ConflictError,
@@ -110,6 +110,15 @@ class QemuRuntime(Runtime):
         if "/" in b:
             return b if os.access(b, os.X_OK) else None
         return shutil.which(b)
+
+    @classmethod
+    def config_problems(cls, config: AgentConfig) -> list[str]:
+        return config_problems(config.qemu)
+
+    def health_reasons(self) -> list[str]:
+        """A builder the config names that cannot work (e.g. ``nanos_dir`` without the
+        files): the node runs VMs with another builder, or none, and says so."""
+        return [f"unikernel: {p}" for p in self.config_problems(self.config)]
 
     def available(self) -> tuple[bool, str]:
         """(True, "") or (False, every missing piece). Rechecked until it succeeds."""

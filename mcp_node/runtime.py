@@ -264,6 +264,13 @@ class Runtime(ABC):
         """Why this runtime makes the node degraded (e.g. a fallback in use); must not raise."""
         return []
 
+    @classmethod
+    def config_problems(cls, config: AgentConfig) -> builtins.list[str]:
+        """What the configuration asks of this runtime that cannot work here (a path
+        that is not there): ``check-config`` warns of it before a start, health names
+        it after (the runtime may still run with a fallback); must not raise."""
+        return []
+
     def status_extra(self, spec: WorkloadSpec, observed: Workload | None) -> dict[str, Any]:
         """Extra keys this runtime adds to a component's status (flat, JSON-safe)."""
         return {}

@@ -69,3 +69,34 @@ def test_check_config_lists_every_error(tmp_path: Path) -> None:
     assert (res.exit_code, res.stdout) == (0, f"{conf}: ok\n")
     res = CliRunner().invoke(main, ["check-config"])
     assert (res.exit_code, res.stdout) == (0, "no config file: the embedded defaults apply\n")
+
+
+def test_check_config_reports_what_the_start_would_refuse_or_degrade(tmp_path: Path) -> None:
+    """Issue 22 row 3: a non-loopback listen without TLS passed check-config and then
+    the start refused it; a nanos_dir without the files passed and health said healthy."""
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[server]\nlisten = "0.0.0.0:9444"\n[qemu]\nnanos_dir = "/nonexistent"\n')
+    res = CliRunner().invoke(main, ["--config", str(conf), "check-config"])
+    assert res.exit_code == 1
+    assert res.stderr.splitlines() == [
+        f"{conf}: warning: qemu.nanos_dir = '/nonexistent': Nanos files (kernel.img, "
+        "boot.img, mkfs missing in /nonexistent)",
+        f"{conf}: server.listen: 0.0.0.0:9444 is not a loopback address; listening on it "
+        "needs server.tls_cert and server.tls_key (HTTPS)",
+        f"Error: {conf}: 1 error(s)"]
+    conf.write_text('[qemu]\nnanos_dir = "/nonexistent"\n')
+    res = CliRunner().invoke(main, ["--config", str(conf), "check-config"])
+    assert (res.exit_code, res.stdout) == (0, f"{conf}: ok (1 warning(s))\n")
+
+
+def test_health_names_a_configured_builder_that_cannot_work(tmp_path: Path) -> None:
+    from mcp_node.config import from_dict
+    from mcp_node.qemu import QemuRuntime
+
+    cfg = from_dict({"state": {"dir": str(tmp_path)}, "qemu": {"nanos_dir": "/nonexistent"}})
+    rt = QemuRuntime(cfg, tmp_path, "owner1")
+    assert rt.health_reasons() == [
+        "unikernel: qemu.nanos_dir = '/nonexistent': Nanos files (kernel.img, boot.img, "
+        "mkfs missing in /nonexistent)"]
+    ok = from_dict({"state": {"dir": str(tmp_path)}})
+    assert QemuRuntime(ok, tmp_path, "owner1").health_reasons() == []

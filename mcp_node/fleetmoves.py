@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .cluster import CORDON, KV, LOST, MEMBERS, SERVICES, Etcd
+from .cluster import ALLOC, CORDON, KV, LOST, MEMBERS, SERVICES, Etcd
 from .config import ClusterConfig
 from .errors import NotFoundError
 from .fleetviews import Fleetview
@@ -36,6 +36,36 @@ class Fleet(Protocol):
     def placement_txn(self, v: Fleetview, name: str, prev: KV | None,
                       rec: dict[str, Any] | None) -> Txn: ...
     def move_off(self, node: str, services: list[str], why: str) -> dict[str, Any]: ...
+
+
+def placement_txn(v: Fleetview, name: str, prev: KV | None, rec: dict[str, Any] | None) -> Txn:
+    """The compares and writes that move ``name``'s record and its demand together:
+    one key per placement under its node's ``/mcp/alloc/<node>/``, and the node's prefix
+    unchanged since ``v`` was read (so two placements cannot both take its last free
+    capacity); a node's value of the old layout is moved into keys in the same step."""
+    old_node = prev.value["node"] if prev else ""
+    new_node = rec["node"] if rec else ""
+    expect = {SERVICES + name: prev.mod_revision if prev else 0}
+    puts: dict[str, Any] = {}
+    deletes: list[str] = []
+    for node in {old_node, new_node} - {""}:
+        mine = f"{ALLOC}{node}/"
+        legacy = v.allocs.get(ALLOC + node)   # the old layout: every demand in one value
+        if legacy is not None:
+            expect[legacy.key] = legacy.mod_revision
+            deletes.append(legacy.key)
+            puts.update({mine + s: d for s, d in (legacy.value or {}).items()
+                         if s != name and mine + s not in v.allocs})
+        if node == new_node and rec is not None:
+            expect[mine] = v.rev      # capacity held there is as read (no overcommit)
+            puts[mine + name] = rec["demand"]
+        else:
+            deletes.append(mine + name)
+    if rec is None:
+        deletes.append(SERVICES + name)
+    else:
+        puts[SERVICES + name] = rec
+    return expect, puts, tuple(deletes)
 
 
 def leader_round(fleet: Fleet) -> None:

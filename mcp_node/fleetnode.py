@@ -487,32 +487,8 @@ class Fleet:
                 "generation": rec["generation"]}
 
     def placement_txn(self, v: Fleetview, name: str, prev: KV | None,
-                       rec: dict[str, Any] | None) -> tuple[dict[str, int], dict[str, Any],
-                                                            tuple[str, ...]]:
-        """The compares and writes that move ``name``'s record and its demand together."""
-        old_node = prev.value["node"] if prev else ""
-        new_node = rec["node"] if rec else ""
-        expect = {SERVICES + name: prev.mod_revision if prev else 0}
-        puts: dict[str, Any] = {}
-        deletes: list[str] = []
-        for node in {old_node, new_node} - {""}:
-            mine = f"{ALLOC}{node}/"
-            legacy = v.allocs.get(ALLOC + node)   # the old layout: every demand in one value
-            if legacy is not None:
-                expect[legacy.key] = legacy.mod_revision
-                deletes.append(legacy.key)
-                puts.update({mine + s: d for s, d in (legacy.value or {}).items()
-                             if s != name and mine + s not in v.allocs})
-            if node == new_node and rec is not None:
-                expect[mine] = v.rev      # capacity held there is as read (no overcommit)
-                puts[mine + name] = rec["demand"]
-            else:
-                deletes.append(mine + name)
-        if rec is None:
-            deletes.append(SERVICES + name)
-        else:
-            puts[SERVICES + name] = rec
-        return expect, puts, tuple(deletes)
+                      rec: dict[str, Any] | None) -> Txn:
+        return fleetmoves.placement_txn(v, name, prev, rec)
 
     def _revert(self, name: str, rec: dict[str, Any], old: dict[str, Any] | None) -> None:
         def step(v: Fleetview) -> Txn | None:

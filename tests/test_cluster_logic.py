@@ -218,3 +218,35 @@ def test_random_deploys_deaths_drains_keep_the_rules(tmp_path: Path, seed: int) 
     finally:
         for a in agents.values():
             a.close()
+
+
+def test_the_old_layout_is_read_and_moved_into_keys_per_service(tmp_path: Path) -> None:
+    """A fleet upgraded in place: a node's one alloc value still counts, and the first
+    placement on that node moves it into one key per service in the same transaction;
+    a node's one observed value is read where no per-service key exists, and a node
+    of this version removes its own when it publishes."""
+    from mcp_node import fleetstate
+    from mcp_node.cluster import OBSERVED
+
+    etcd = FakeEtcd()
+    agents = fleet_agents(tmp_path, etcd)
+    etcd.put(ALLOC + "c1", {"old": {"memory_mb": 900, "vcpus": 0, "ports": 0,
+                                    "runtimes": ["container"]}})
+    with pytest.raises(ResourceError, match="fits no node"):      # the old value counts
+        agents["c2"].deploy(from_dict({"name": "big", "node": "c1", "components": [
+            {"name": "w", "image": "i:1", "memory_mb": 200}]}))
+    agents["c2"].deploy(from_dict({"name": "small", "node": "c1", "components": [
+        {"name": "w", "image": "i:1", "memory_mb": 50}]}))
+    _, allocs = etcd.get_prefix(ALLOC + "c1")
+    assert sorted(allocs) == [ALLOC + "c1/old", ALLOC + "c1/small"]
+    assert allocs[ALLOC + "c1/old"].value["memory_mb"] == 900
+    legacy = {"node": "c9", "services": {"x": {"generation": 3, "error": "",
+                                               "status": {"service": "x"}}}}
+    etcd.put(OBSERVED + "c9", legacy)
+    assert fleetstate.observed(etcd, "c9", "x") == {"c9": {"services": {
+        "x": legacy["services"]["x"]}}}
+    assert fleetstate.observed(etcd)["c9"]["services"]["x"]["generation"] == 3
+    etcd.put(OBSERVED + "c1", {"node": "c1", "services": {}})
+    agents["c1"].fleet.sync()                  # runs "small" and publishes
+    assert etcd.get(OBSERVED + "c1") is None
+    assert etcd.get(fleetstate.key("c1", "small")) is not None

@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import fleetviews
 from .cluster import ALLOC, CORDON, KV, LOST, NODES, OBSERVED, PREFIX, SERVICES
@@ -29,7 +29,28 @@ from .errors import WorkloadError
 from .fleetviews import Fleetview
 
 if TYPE_CHECKING:
-    from .fleetnode import Fleet
+    from .agent import Agent
+    from .cluster import Etcd
+    from .config import ClusterConfig
+
+
+class Marks(Protocol):
+    def mark(self, name: str, status: dict[str, Any]) -> None: ...
+
+
+class Fleet(Protocol):
+    """What publishing and a deploy's wait need of the member (``fleetnode.Fleet``),
+    named here rather than imported: fleetnode imports this module."""
+
+    name: str
+    lease: int
+    etcd: Etcd
+    a: Agent
+    cfg: ClusterConfig
+    _results: dict[str, tuple[int, str]]
+
+    @property
+    def rollouts(self) -> Marks: ...
 
 log = logging.getLogger("mcp_node.fleet")
 

@@ -60,6 +60,7 @@ from .grammar import Volume, parse_volumes, resolve_volumes, volume_roots
 from .mounts import Ident, mounted_ident, moved_source, path_ident
 from .podman_leftovers import Leftovers, conmons
 from .podman_logread import ContainerLog
+from .podman_repair import clear_storage_gone, clear_storage_only, reap_secret_dirs
 from .podman_service import (
     PodmanService,
     run_cli,
@@ -264,37 +265,14 @@ class PodmanRuntime(Runtime):
             raise WorkloadError(f"podman {' '.join(args)}: {proc.stderr.strip()[-500:]}")
 
     def _clear_storage_gone(self, name: str, why: str) -> bool:
-        """A container of ours whose storage is gone (inspect fails, start fails, REST
-        remove may too): remove it by name so the name can be used again.
-
-        Ours: an exact-name entry in our owner's listing (the listing still has its
-        labels). Anything else is left alone and the error stands.
-        """
-        if not is_workload_name(name):
-            return False
-        filters = json.dumps({"label": [f"{LABEL_OWNER}={self.owner}"],
-                              "name": [f"^{name}$"]})
-        resp = self._request("GET", "/containers/json", f"list {name}",
-                             params={"all": "true", "filters": filters})
-        entries = resp.json() if resp.status_code < 400 else []
-        if not any(name in (e.get("Names") or []) for e in entries or []):
-            return False
-        log.warning("podman: container %s is ours but its storage is gone (%s); removing it",
-                    name, why)
-        self._cli("rm", "--force", name)
-        self._sweep_due = True
-        return True
+        cleared = clear_storage_gone(self._request, self._cli, self.owner, name, why)
+        self._sweep_due = self._sweep_due or cleared
+        return cleared
 
     def _clear_storage_only(self, name: str) -> bool:
-        """The name is held by a container only podman's storage knows (the service died
-        mid-create): libpod has no such container, so it has no labels to check;
-        our workload names are ours by construction."""
-        if not is_workload_name(name) or self._inspect_raw(name) is not None:
-            return False
-        log.warning("podman: name %s is held by a storage-only container; removing it", name)
-        self._cli("rm", "--force", "--storage", name)
-        self._sweep_due = True
-        return True
+        cleared = clear_storage_only(self._inspect_raw, self._cli, name)
+        self._sweep_due = self._sweep_due or cleared
+        return cleared
 
     def _owned(self, name: str) -> dict[str, Any] | None:
         """The container's inspect data if it is ours; None if missing; Conflict if foreign."""
@@ -347,18 +325,7 @@ class PodmanRuntime(Runtime):
         if not self._sweep_due:
             entries = resp.json() or []
             self.leftovers.settle(found, {str(e.get("Id")) for e in entries})
-            self._reap_secret_dirs(entries)
-
-    def _reap_secret_dirs(self, entries: list[dict[str, Any]]) -> None:
-        """Secret files no container of ours mounts (a crash between writing them and the
-        create): removed. Only when there are any to judge, so the usual cost is a
-        directory listing; a container whose files went is made anew at its start."""
-        if not self.secret_dirs.leftovers(vm=False):
-            return
-        mine = [str(e.get("Id")) for e in entries
-                if (e.get("Labels") or {}).get(LABEL_OWNER) == self.owner]
-        in_use = [host for cid in mine for host, _ in bind_mounts(self._inspect_raw(cid) or {})]
-        self.secret_dirs.reap(self.secret_dirs.leftovers(vm=False, in_use=in_use))
+            reap_secret_dirs(self.secret_dirs, entries, self.owner, self._inspect_raw)
 
     def pull(self, spec: WorkloadSpec) -> None:
         if podman_images.present(self._request, spec.image):

@@ -115,6 +115,14 @@ def podman_daemon(tmp_path: Path, podman_socket: str, monitor: str = "") -> Iter
                     + monitor)
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
+    with daemon_on(state, conf) as d:
+        yield d
+
+
+@contextlib.contextmanager
+def daemon_on(state: Path, conf: Path) -> Iterator[Daemon]:
+    """A Daemon of ``state`` and ``conf`` (not started); stopped and its containers
+    removed afterwards."""
     d = Daemon(state, conf)
     try:
         yield d

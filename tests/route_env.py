@@ -26,7 +26,22 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ZONE", "TSIG_NAME", "HOST_ADDR", "NS_ADDR", "RouteNetns", "Bind",
-           "make_route_config", "route_netns", "bind_dns", "route_pebble"]
+           "make_route_config", "route_netns", "bind_dns", "route_pebble", "tls_get"]
+
+
+def tls_get(port: int, host: str, tls: ssl.SSLContext) -> str:
+    """GET / through the node proxy (TLS to the node's address, the route's name): the
+    whole answer, status line first, or ``failed: ...`` saying why there was none."""
+    try:
+        with socket.create_connection((HOST_ADDR, port), timeout=5) as raw, \
+                tls.wrap_socket(raw, server_hostname=host) as s:
+            s.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            return data.decode(errors="replace") or "failed: empty answer"
+    except OSError as exc:
+        return f"failed: {exc}"
 
 ZONE = "svc.example.test"
 TSIG_NAME = "mcp-test-key"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import until
 from edge_env import Caddy, Pebble
-from route_env import HOST_ADDR, ZONE, Bind, RouteNetns, make_route_config
+from route_env import HOST_ADDR, ZONE, Bind, RouteNetns, make_route_config, tls_get
 
 from mcp_node.agent import Agent
 from mcp_node.config import AgentConfig
@@ -224,16 +224,7 @@ class Load:
 
     def get(self) -> str:
         """The whole answer (status line first), or why there was none."""
-        try:
-            with socket.create_connection((HOST_ADDR, self.port), timeout=5) as raw, \
-                    self.tls.wrap_socket(raw, server_hostname=self.host) as s:
-                s.sendall(f"GET / HTTP/1.0\r\nHost: {self.host}\r\n\r\n".encode())
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-                return data.decode(errors="replace") or "failed: empty answer"
-        except OSError as exc:
-            return f"failed: {exc}"
+        return tls_get(self.port, self.host, self.tls)
 
     def _run(self) -> None:
         while not self.stop.is_set():

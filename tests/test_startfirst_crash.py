@@ -27,16 +27,15 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import until
-from daemon_env import Daemon
+from daemon_env import daemon_on
 from edge_env import Caddy, Pebble
 from podman_env import containers_conf, podman_cli
-from route_env import HOST_ADDR, TSIG_NAME, ZONE, Bind, RouteNetns
+from route_env import HOST_ADDR, TSIG_NAME, ZONE, Bind, RouteNetns, tls_get
 
 from mcp_node.client import Client
 from mcp_node.errors import MCPError
@@ -76,16 +75,6 @@ def write_config(tmp_path: Path, podman_socket: str, caddy: Caddy, pebble: Pebbl
     return conf, state
 
 
-@contextlib.contextmanager
-def running(conf: Path, state: Path) -> Iterator[Daemon]:
-    d = Daemon(state, conf)
-    try:
-        yield d
-    finally:
-        d.stop()
-        d.remove_containers()
-
-
 def containers_of(owner: str, svc: str) -> dict[str, str]:
     out = podman_cli("ps", "-a", "--format", "json", "--filter",
                      f"label={LABEL_OWNER}={owner}").stdout
@@ -101,16 +90,10 @@ class Proxied:
         self.tls = ssl.create_default_context(cafile=str(root))
 
     def __call__(self) -> str:
-        try:
-            with socket.create_connection((HOST_ADDR, self.port), timeout=5) as raw, \
-                    self.tls.wrap_socket(raw, server_hostname=self.host) as s:
-                s.sendall(f"GET / HTTP/1.0\r\nHost: {self.host}\r\n\r\n".encode())
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-        except OSError as exc:
-            return f"failed: {exc}"
-        head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
+        data = tls_get(self.port, self.host, self.tls)
+        if data.startswith("failed: "):
+            return data
+        head, _, body = data.partition("\r\n\r\n")
         return body if " 200 " in head.split("\r\n")[0] + " " else f"answer: {head[:80]}"
 
 
@@ -138,7 +121,7 @@ def test_start_first_replace_killed_at_random_points_converges_to_one_version(
     rng = random.Random(seed)
     svc, port = f"k{uuid.uuid4().hex[:8]}", free_on(HOST_ADDR)
     get = Proxied(port, f"{svc}.{ZONE}", root)
-    with running(conf, state) as daemon:
+    with daemon_on(state, conf) as daemon:
         client = daemon.start()
         owner = daemon.owner
         client.post("/v1/services", definition(svc, hello_image, port, "v0"))

@@ -188,9 +188,10 @@ class Checks:
         known = self._pass(view, unseen_only, service, due)
         out = self._act(due, READ_PROBE_S if unseen_only else None)
         with self._lock:   # what the view no longer has (one service's tick: of it)
-            for key in set(self._states) - known:
+            for key in (set(self._states) | set(self._comps)) - known:
                 if service is None or key[0] == service:
-                    del self._states[key]
+                    self._states.pop(key, None)
+                    self._comps.pop(key, None)
                     self._failed.pop(key, None)
             if service is None and not unseen_only:   # the next ticks take the due alone
                 self._passed = view
@@ -247,10 +248,6 @@ class Checks:
                 if self.clock() < st.due or (unseen_only and st.time is not None):
                     continue
                 due.append((key, comp, st))
-        with self._lock:
-            for key in [k for k in self._comps if k not in known and
-                        (service is None or k[0] == service)]:
-                del self._comps[key]
         return known
 
     def _not_running(self, key: Key) -> None:

@@ -376,13 +376,14 @@ class Reconciler:
         log.error("reconcile %s service=%s component=%s refused: %s; holding it down",
                   a.kind, a.service, a.component, exc)
         first = (a.service, a.component) not in self.escaped
-        self.escaped[(a.service, a.component)] = str(exc)
         try:
             rt.stop(a.service, a.component)
         except MCPError as stop_exc:
             log.warning("reconcile: could not stop %s/%s: %s", a.service, a.component, stop_exc)
         if first:
             self._event(a, f"not started: {exc}; held down until its host paths pass again")
+        # Published last: health reports the hold only once its stop and event are done.
+        self.escaped[(a.service, a.component)] = str(exc)
 
     def _recheck(self, records: list[ServiceRecord], workloads: dict[Key, Workload]) -> None:
         """Release a held component whose host paths pass now, that runs (an operator's

@@ -79,28 +79,40 @@ def plan_target(backends: list[Backend], service: str) -> tuple[Backend, bool]:
     return _one_holder(backends, service, has, unreachable), False
 
 
-def _holders(backends: list[Backend], service: str) -> tuple[list[Backend], list[str]]:
+def _holders(backends: list[Backend],
+             service: str) -> tuple[list[Backend], list[tuple[Backend, MCPError]]]:
     has, unreachable = [], []
     for b, err in _status_everywhere(backends, service):
         if err is None:
             has.append(b)
         elif err.status != NotFoundError.status:   # a remote 404 is a RemoteError
-            unreachable.append(f"{b.node} ({err})")
+            unreachable.append((b, err))
     return has, unreachable
 
 
 def _one_holder(backends: list[Backend], service: str, has: list[Backend],
-                unreachable: list[str]) -> Backend:
+                unreachable: list[tuple[Backend, MCPError]]) -> Backend:
+    """The hint to pick a node with -n holds whether or not every node answered (issue
+    22 row 9); the nodes that did not answer are named, each with its error, since the
+    service may be on one of them."""
     if len(has) == 1:
         return has[0]
     if has:
         raise MCPError(f"service {service!r} is on nodes {', '.join(b.node for b in has)}; "
                        "pick one with -n NODE")
-    where = ", ".join(b.node for b in backends)
-    msg = f"unknown service {service!r} on nodes {where}"
-    if unreachable:
-        msg += "; not reachable: " + ", ".join(unreachable)
-    raise NotFoundError(msg + "; deploy it with -n NODE" if not unreachable else msg)
+    down = [b.node for b, _ in unreachable]
+    answered = [b.node for b in backends if b.node not in down]
+    where = f"node{'s' if len(answered) > 1 else ''} {', '.join(answered)}"
+    if not answered:
+        raise MCPError(f"cannot tell where service {service!r} is: no node answered"
+                       + "".join(f"\n  node {b.node}: {err}" for b, err in unreachable))
+    if not unreachable:
+        raise NotFoundError(f"unknown service {service!r} on {where}; deploy it with -n NODE")
+    them = ", ".join(down)
+    raise NotFoundError(
+        f"unknown service {service!r} on {where}; not reachable: {them}; deploy it with "
+        f"-n NODE ({them} may have it: check once {'they answer' if down[1:] else 'it answers'})"
+        + "".join(f"\n  node {b.node}: {err}" for b, err in unreachable))
 
 
 def _status_everywhere(backends: list[Backend],

@@ -456,30 +456,14 @@ class Agent(SecretOps):
         return self.views.event_stream(check_name(service, "service") if service else None,
                                        tail, after)
 
-    def logs(
-        self, name: str, component: str | None, tail: int | None, follow: bool
-    ) -> Iterator[bytes]:
-        """A component's output (one component may go unnamed).
+    def logs(self, name: str, component: str | None, tail: int | None, follow: bool,
+             since: str | None = None, timestamps: bool = False) -> Iterator[bytes]:
+        """A component's output, or (none named) every component's, interleaved by
+        time (``servicelogs``). Raises ValidationError (bad name, tail or since),
+        NotFoundError, RuntimeUnavailable, WorkloadError."""
+        from . import servicelogs
 
-        Raises ValidationError (bad name; several components and none named),
-        NotFoundError, RuntimeUnavailable, WorkloadError.
-        """
-        rec = self._get(name)
-        if component is None:
-            if len(rec.components) > 1:
-                names = ", ".join(c.defn.name for c in rec.components)
-                raise ValidationError(f"service {name!r} has components {names}; name one",
-                                      "component")
-            comp = rec.components[0]
-        else:
-            comp = rec.component(check_name(component, "component"))
-        cap = self.config.server.max_tail  # lines; server.max_log_bytes caps the bytes
-        if tail is not None and not 0 <= tail <= cap:
-            raise ValidationError(f"{tail} is not within 0-{cap} lines (server.max_tail)",
-                                  "tail")
-        rt = self.available_runtime(comp.defn.runtime)
-        return rt.logs(rec.name, comp.defn.name, tail, follow,
-                       max_bytes=self.config.server.max_log_bytes)
+        return servicelogs.logs(self, name, component, tail, follow, since, timestamps)
 
     # -- views (read-only; see views.py) ------------------------------------
 

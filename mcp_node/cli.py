@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Status of SERVICE with drift and events, or a summary of all services."),
     "events": ("cliread:events",
                "State changes of every service, or of SERVICE: what changed, when and why."),
-    "logs": ("cliread:logs", "Print the output of a component, as its runtime records it."),
+    "logs": ("cliread:logs", "Print the output of a component, or of all, as recorded."),
     "node": ("cliread:node", "Node-level commands."),
     "nodes": ("clifleet:nodes",
               "Every node of the fleet (fleet mode), from etcd, as any agent sees it."),

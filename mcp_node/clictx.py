@@ -118,7 +118,8 @@ class Backend(Protocol):
 
     def call(self, op: str, *args: Any) -> Any: ...
     def logs(self, service: str, component: str | None, tail: int | None,
-             follow: bool) -> Iterator[bytes]: ...
+             follow: bool, since: str | None = None,
+             timestamps: bool = False) -> Iterator[bytes]: ...
     def follow_events(self, service: str | None, tail: int) -> Iterator[bytes]: ...
 
 
@@ -201,17 +202,14 @@ class RemoteBackend:
         return client.post(path, body if whole is None else whole, params=query or None)
 
     def logs(self, service: str, component: str | None, tail: int | None,
-             follow: bool) -> Iterator[bytes]:
-        from urllib.parse import quote, urlencode
+             follow: bool, since: str | None = None,
+             timestamps: bool = False) -> Iterator[bytes]:
+        from . import clifollow
 
         if follow:   # across agent restarts and into a replaced component's new run
-            from . import clifollow
-
-            return clifollow.logs(self.client, service, component, tail)
-        params = {"component": component or "", "tail": "" if tail is None else tail,
-                  "follow": "1" if follow else ""}
-        query = urlencode({k: v for k, v in params.items() if v != ""})
-        return self.client.stream(f"/v1/services/{quote(service, safe='')}/logs?{query}")
+            return clifollow.logs(self.client, service, component, tail, since, timestamps)
+        return self.client.stream(clifollow.logs_path(service, component, tail, False, since,
+                                                      timestamps))
 
     def follow_events(self, service: str | None, tail: int) -> Iterator[bytes]:
         from . import clifollow  # resumed after the last event across agent restarts
@@ -266,8 +264,10 @@ class LocalBackend:
         return answer(op, kwargs, getattr(self.agent, op.call)(**kwargs))
 
     def logs(self, service: str, component: str | None, tail: int | None,
-             follow: bool) -> Iterator[bytes]:
-        it: Iterator[bytes] = self.agent.logs(service, component, tail, follow)
+             follow: bool, since: str | None = None,
+             timestamps: bool = False) -> Iterator[bytes]:
+        it: Iterator[bytes] = self.agent.logs(service, component, tail, follow, since,
+                                              timestamps)
         return it
 
     def follow_events(self, service: str | None, tail: int) -> Iterator[bytes]:

@@ -99,28 +99,55 @@ def _event_id(line: bytes, last: int | None) -> int | None:
     return int(value) if isinstance(value, int) else last
 
 
-def logs(client: Client, service: str, component: str | None,
-         tail: int | None) -> Iterator[bytes]:
-    """A component's output, followed across agent restarts and into a new run."""
+def logs_path(service: str, component: str | None, tail: int | None, follow: bool,
+              since: str | None = None, timestamps: bool = False) -> str:
+    """The logs route with its query (empty keys left out)."""
+    params = {"component": component or "", "tail": "" if tail is None else tail,
+              "follow": "1" if follow else "", "since": since or "",
+              "timestamps": "1" if timestamps else ""}
+    return (f"/v1/services/{quote(service, safe='')}/logs?"
+            + urlencode({k: v for k, v in params.items() if v != ""}))
+
+
+Run = str | float   # a run: the status's "started_at workload_id", else its start by uptime
+
+
+def _other_run(a: Run, b: Run) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a != b
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) > 1.5
+    return True
+
+
+def logs(client: Client, service: str, component: str | None, tail: int | None,
+         since: str | None = None, timestamps: bool = False) -> Iterator[bytes]:
+    """A component's output, followed across agent restarts and into a new run; or,
+    no component named of several, all of them (the agent follows each into its next
+    run, ``servicelogs``)."""
     base = f"/v1/services/{quote(service, safe='')}"
 
-    def open_(n: int | None) -> Iterator[bytes]:
-        params = {"component": component or "", "tail": "" if n is None else n,
-                  "follow": "1"}
-        return client.stream(f"{base}/logs?"
-                             + urlencode({k: v for k, v in params.items() if v != ""}))
+    def open_(n: int | None, from_: str | None = since) -> Iterator[bytes]:
+        return client.stream(logs_path(service, component, n, True, from_, timestamps))
 
-    def run_of() -> tuple[str, str, float]:
-        """(state, desired state, start time) of the followed component."""
+    def rows() -> list[dict[str, Any]]:
         st: dict[str, Any] = client.get(base)
-        rows = [c for c in st["components"] if component in (None, c["component"])]
-        if len(rows) != 1:
-            raise MCPError(f"{service}: no component {component!r} any more")
-        row = rows[0]
-        up = row["state"] in ("running", "starting", "unhealthy")
-        return (str(row["state"]), str(row["desired_state"]),
-                time.time() - float(row.get("uptime_s") or 0) if up else 0.0)
+        return [c for c in st["components"] if component in (None, c["component"])]
 
+    def run_of() -> tuple[str, str, Run]:
+        """(state, desired state, start) of the followed component ("" if it is down)."""
+        found = rows()
+        if len(found) != 1:
+            raise MCPError(f"{service}: no component {component!r} any more")
+        row = found[0]
+        up = row["state"] in ("running", "starting", "unhealthy")
+        start: Run = "" if not up else f"{row['started_at']} {row.get('workload_id') or ''}" \
+            if row.get("started_at") else time.time() - float(row.get("uptime_s") or 0)
+        return str(row["state"]), str(row["desired_state"]), start
+
+    if component is None and len(rows()) > 1:
+        yield from _all_of(client, service, open_, rows, tail)
+        return
     stream = open_(tail)
     run = run_of()[2]
     while True:
@@ -145,12 +172,16 @@ def logs(client: Client, service: str, component: str | None,
             try:
                 state, desired, start = run_of()
             except AgentUnreachable:
-                away, state, desired, start = True, "unknown", "running", 0.0
+                away, state, desired, start = True, "unknown", "running", ""
+            if desired != "running" and state in ("running", "starting", "unhealthy") \
+                    and time.monotonic() < deadline:
+                time.sleep(POLL_S)    # being stopped: its state once it is, not before
+                continue
             if desired != "running":
                 note(f"{service}/{component or ''} is {state} (desired {desired}): "
                      "its output ended".replace("/ ", " "))
                 return
-            if start and (away or abs(start - run) > 1.5):
+            if start and (away or _other_run(start, run)):
                 break
             if start and time.monotonic() - ended > SAME_RUN_S:
                 break
@@ -159,11 +190,50 @@ def logs(client: Client, service: str, component: str | None,
                      f"(it is {state})")
                 return
             time.sleep(POLL_S)
-        stream = _retry(lambda: open_(0), "", client.base_url)
         if away:
+            stream = _retry(lambda: open_(0), "", client.base_url)
             note("reconnected; following from the next line")
-        elif abs(start - run) > 1.5:
+        elif _other_run(start, run):
+            stream = _retry(partial(_new_run, open_, run, start, since), "",
+                            client.base_url)
             note("the component was replaced or restarted; following its new run")
         else:
+            stream = _retry(lambda: open_(0), "", client.base_url)
             note("the stream ended while the same run goes on; following from the next line")
         run = start
+
+
+def _new_run(open_: Callable[..., Iterator[bytes]], run: Run, start: Run,
+             since: str | None) -> Iterator[bytes]:
+    """A new run's output from its start where that can be told apart: all of a new
+    workload's log (a replace; not from its StartedAt, which its first line may
+    precede), a restarted one's from the restart on; else from the next line."""
+    if not isinstance(start, str):
+        return open_(0)
+    when, _, wid = start.partition(" ")
+    same = isinstance(run, str) and run.partition(" ")[2] == wid
+    return open_(None, when if same else since)
+
+
+def _all_of(client: Client, service: str, open_: Callable[..., Iterator[bytes]],
+            rows: Callable[[], list[dict[str, Any]]], tail: int | None) -> Iterator[bytes]:
+    """Every component at once: reconnected when the agent went away; ended when the
+    agent ended the stream with none of them meant to run (its notes say why each)."""
+    stream = open_(tail)
+    while True:
+        try:
+            yield from stream
+            why = ""
+        except AgentUnreachable as exc:
+            why = _cause(exc)
+        if not why:
+            try:
+                wanted = [r["component"] for r in rows() if r["desired_state"] == "running"]
+            except AgentUnreachable as exc:
+                why, wanted = _cause(exc), []
+            if not why and not wanted:
+                note(f"{service}: no component is meant to run: the output of all ended")
+                return
+        stream = _retry(lambda: open_(0), f"{why}; lines written meanwhile are not shown"
+                        if why else "", client.base_url)
+        note("reconnected; following from the next line")

@@ -99,14 +99,27 @@ def event_line(e: dict[str, Any]) -> str:
 @click.argument("component", required=False)
 @click.option("-t", "--tail", "tail", type=click.IntRange(min=0), help="Last N lines.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
+@click.option("--since", metavar="WHEN",
+              help="Only output from then on: a duration back (10m, 1h30m) or an RFC 3339 "
+                   "time.")
+@click.option("--timestamps", is_flag=True, help="Start each line with its time (UTC).")
 @pass_ctx
 def logs(ctx: Ctx, service: str, component: str | None, tail: int | None,
-         follow: bool) -> None:
-    """Print the output of a component, as its runtime records it."""
+         follow: bool, since: str | None, timestamps: bool) -> None:
+    """Print the output of a component, or of all, as recorded.
+
+    With no COMPONENT (of several): every component's lines in time order, each led
+    by its name and `|` (as compose logs); -f follows each into its next run.
+
+    \b
+    Examples:
+      mcp logs web --since 10m --timestamps
+      mcp logs web db -f --tail 0
+    """
     out = sys.stdout.buffer
     with contextlib.suppress(KeyboardInterrupt):
         for chunk in service_backend(ctx.backends(), service).logs(
-                service, component, tail, follow):
+                service, component, tail, follow, since, timestamps):
             out.write(chunk)
             out.flush()
 

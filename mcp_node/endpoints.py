@@ -88,21 +88,20 @@ class APIHandler(Handler):
             cap = self.server.config.server.max_tail
             tail = parse_count(query["tail"], "tail", cap, " lines (server.max_tail)")
         follow = parse_bool(query.get("follow", ""), "follow")
+        since = query.get("since") or None     # checked by the agent (logtime.parse_since)
+        stamps = parse_bool(query.get("timestamps", ""), "timestamps")
         if follow:
-            self._follow(name, component, tail)
+            self._follow_stream(lambda: self.agent.logs(name, component, tail, True, since,
+                                                        stamps), "text/plain; charset=utf-8")
             return
         # Streamed as read (at most server.max_log_bytes, see logtail), never joined in
         # memory; an error before the first chunk is still a JSON error.
-        chunks = self.agent.logs(name, component, tail, False)
+        chunks = self.agent.logs(name, component, tail, False, since, stamps)
         try:
             first = next(chunks, None)
             self._stream(ChunkPump(first, chunks), "text/plain; charset=utf-8")
         finally:
             close_iterator(chunks)
-
-    def _follow(self, name: str, component: str | None, tail: int | None) -> None:
-        self._follow_stream(lambda: self.agent.logs(name, component, tail, True),
-                            "text/plain; charset=utf-8")
 
     def _follow_stream(self, open_stream: Callable[[], Iterator[bytes]], ctype: str) -> None:
         """Errors raised at once still become JSON errors; after a short wait the 200

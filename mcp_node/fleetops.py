@@ -143,8 +143,9 @@ class FleetOperations:
         return self._agent.event_stream(service, tail, after)
 
     def logs(self, name: str, component: str | None, tail: int | None,
-             follow: bool) -> Iterator[bytes]:
-        return self._agent.logs(name, component, tail, follow)
+             follow: bool, since: str | None = None,
+             timestamps: bool = False) -> Iterator[bytes]:
+        return self._agent.logs(name, component, tail, follow, since, timestamps)
 
     def restart_counts(self) -> dict[tuple[str, str], int]:
         return self._agent.restart_counts()

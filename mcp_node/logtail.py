@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from .logtime import key_of
+
 CHUNK = 64 << 10
 POLL_S = 0.25
 # How long a follow goes on while its writer's state cannot be read (podman busy or
@@ -170,17 +172,32 @@ class Lf:
 
 
 class K8s:
-    """k8s-file entries to their text; an entry without its newline waits for the rest."""
+    """k8s-file entries to their text; an entry without its newline waits for the rest.
+    ``stamps``: each line starts with its first entry's time (``logtime`` key)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stamps: bool = False) -> None:
         self.rest = b""
+        self.stamps, self.mid = stamps, False
 
     def feed(self, data: bytes) -> bytes:
         data = self.rest + data
         cut = data.rfind(b"\n") + 1
         self.rest = data[cut:]
-        return b"".join(k8s_entry(line)[0] for line in data[:cut - 1].split(b"\n")) if cut \
-            else b""
+        if not cut:
+            return b""
+        lines = data[:cut - 1].split(b"\n")
+        if not self.stamps:
+            return b"".join(k8s_entry(line)[0] for line in lines)
+        out = []
+        for line in lines:
+            text, full = k8s_entry(line)
+            if not self.mid:
+                key = key_of(line.split(b" ", 1)[0])
+                out.append(key + b" " + text if key is not None else text)
+            else:
+                out.append(text)
+            self.mid = not full
+        return b"".join(out)
 
     def flush(self) -> bytes:
         return b""
@@ -196,10 +213,10 @@ class LogTail:
                  max_bytes: int | None, follow: bool = False,
                  alive: Callable[[], bool | None] = lambda: False,
                  alive_every_s: float = POLL_S, unknown_limit_s: float = UNKNOWN_LIMIT_S,
-                 ) -> None:
+                 stamps: bool = False) -> None:
         self._seg = Segments(paths)
         self._path = paths[-1]
-        self._fmt: Lf | K8s = Lf() if fmt == "plain" else K8s()
+        self._fmt: Lf | K8s = Lf() if fmt == "plain" else K8s(stamps)
         end = self._seg.size if fmt == "plain" else self._seg.line_end()
         cap = max_bytes if max_bytes is not None else 1 << 62
         note = notice(cap)
@@ -287,6 +304,11 @@ class LogTail:
                     return self._fmt.feed(last) if last else None
             self._closed.wait(POLL_S)
         return None
+
+    @property
+    def in_snapshot(self) -> bool:
+        """The next chunk is of what was there when the read began, not followed output."""
+        return bool(self._pending) or self._pos < self._end
 
     def close(self) -> None:
         self._closed.set()

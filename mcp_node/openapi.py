@@ -13,6 +13,7 @@ from functools import cache
 from typing import Any
 
 from . import __version__, grammar
+from .logtime import SINCE_PATTERN
 from .openapi_schemas import HOSTNAME_PATTERN, NAME_PATTERN, schemas
 
 # httpapi.parse_count with the default server.max_tail (10000); empty means all lines.
@@ -78,6 +79,14 @@ LOG_PARAMS = [
      "schema": {"type": "string", "pattern": TAIL_PATTERN}},
     {"name": "follow", "in": "query", "required": False,
      "description": "Keep streaming new output (chunked transfer encoding); "
+                    "true/false/yes/no/1/0, any case",
+     "schema": {"type": "string", "pattern": BOOL_PATTERN}},
+    {"name": "since", "in": "query", "required": False,
+     "description": "Only lines from this time on: a duration back from now (10m, 1h30m, "
+                    "45s, 2d) or an RFC 3339 time (2026-01-02T15:04:05Z); empty: all",
+     "schema": {"type": "string", "maxLength": 64, "pattern": SINCE_PATTERN}},
+    {"name": "timestamps", "in": "query", "required": False,
+     "description": "Start each line with its time (UTC, RFC 3339 with nanoseconds); "
                     "true/false/yes/no/1/0, any case",
      "schema": {"type": "string", "pattern": BOOL_PATTERN}},
 ]
@@ -231,10 +240,13 @@ def _paths() -> dict[str, dict[str, Any]]:
             {"description": "Prometheus exposition format 0.0.4",
              "content": {"text/plain": {"schema": {"type": "string"}}}})},
         "/v1/services/{name}/logs": {"get": _op(
-            "Logs", "Log output of the service's components", "reader",
-            {"description": "Log text, chunked: at most tail lines and server.max_log_bytes "
-                            "bytes, the newest; when the byte cap cut earlier output, a first "
-                            "line says so",
+            "Logs", "Log output of one component, or (none named, several there) of every "
+                    "component interleaved by time, each line led by its component's name "
+                    "padded to the longest and ' | '", "reader",
+            {"description": "Log text, chunked: at most tail lines (of each component) and "
+                            "server.max_log_bytes bytes (shared by the components), the "
+                            "newest; when the byte cap cut earlier output, a first line says "
+                            "so; notes of the agent start with '[mcp: '",
              "content": {"text/plain": {"schema": {"type": "string"}}}},
             params=[NAME_PARAM, *LOG_PARAMS], errors=_SERVICE_ERRORS)},
         "/v1/edge-routes": {

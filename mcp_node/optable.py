@@ -70,7 +70,7 @@ OPS: tuple[Op, ...] = (
     Op("Restart", "POST", "/v1/services/{name}/restart", "operator", "restart",
        (NAME, COMPONENT, TIMEOUT)),
     Op("Logs", "GET", "/v1/services/{name}/logs", "reader", "logs",
-       query=("component", "tail", "follow"), handler="h_logs"),
+       query=("component", "tail", "follow", "since", "timestamps"), handler="h_logs"),
     Op("History", "GET", "/v1/services/{name}/history", "reader", "history", (NAME,),
        redact=True),
     Op("Rollback", "POST", "/v1/services/{name}/rollback", "operator", "rollback",

@@ -106,6 +106,7 @@ AVAILABLE_CACHE_S = 10.0         # a call that succeeded this recently proves po
 EXIT_FILE_WAIT = "timed out waiting for file"   # podman's words when conmon's exit file lags
 NAME_IN_USE = ("already in use", "is in use")   # podman words it both ways
 STORAGE_GONE = ("container not known", "no such file or directory", "getting container from store")
+REMOVED_MEANWHILE = "does not exist in database: no such container"
 
 
 class PodmanRuntime(Runtime):
@@ -251,6 +252,8 @@ class PodmanRuntime(Runtime):
             return None
         if resp.status_code >= 400:
             message = response_message(resp)
+            if REMOVED_MEANWHILE in message:   # removed between podman's lookup and read
+                return None
             if any(w in message for w in STORAGE_GONE) and self._clear_storage_gone(
                     name, message):
                 return None
@@ -562,7 +565,8 @@ class PodmanRuntime(Runtime):
         return out
 
     def logs(self, service: str, component: str, tail: int | None = None,
-             follow: bool = False, max_bytes: int | None = None) -> Iterator[bytes]:
+             follow: bool = False, max_bytes: int | None = None,
+             timestamps: bool = False) -> Iterator[bytes]:
         """A missing (or foreign) container fails here, before any streaming starts;
         how its log is read is ``podman_logread``'s."""
         name = workload_name(service, component)
@@ -573,4 +577,4 @@ class PodmanRuntime(Runtime):
             name, attrs, request=self._request, inspect=self._inspect_raw,
             counted=self._count, timeout=REQUEST_TIMEOUT_S, socket_file=socket_path(self.url),
             path_prefix=lambda: str(self._client_or_connect().api.path_prefix),
-        ).read(tail, follow, max_bytes)
+        ).read(tail, follow, max_bytes, timestamps)

@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 
 from .errors import MCPError, NotFoundError, WorkloadError
 from .logtail import LogTail, keep_last
+from .logtime import normalized
 from .podman_logs import (
     LogStream,
     RawAdapter,
@@ -50,21 +51,29 @@ class ContainerLog:
     socket_file: str | None
     path_prefix: Callable[[], str]
 
-    def read(self, tail: int | None, follow: bool, max_bytes: int | None) -> Iterator[bytes]:
+    def read(self, tail: int | None, follow: bool, max_bytes: int | None,
+             timestamps: bool = False) -> Iterator[bytes]:
+        """``timestamps``: each line starts with its time as a ``logtime`` key."""
         path = k8s_log_path(self.attrs)
         if path is not None:
             cid = str(self.attrs.get("Id") or "")
             return LogTail([path], "k8s", tail, max_bytes, follow,
-                           lambda: self.still_running(cid), alive_every_s=1.0)
+                           lambda: self.still_running(cid), alive_every_s=1.0,
+                           stamps=timestamps)
         params: dict[str, str] = {"stdout": "true", "stderr": "true",
                                   "follow": "true" if follow else "false"}
         if tail is not None:
             params["tail"] = str(max(0, int(tail)))
+        if timestamps:
+            params["timestamps"] = "true"
         log.info("podman: logs %s %s", self.name, params)
+        out: Iterator[bytes]
         if not follow:
             out = frames(self._open(params, self.timeout))
-            return keep_last(out, max_bytes) if max_bytes is not None else out
-        return self.follow(params)
+            out = keep_last(out, max_bytes) if max_bytes is not None else out
+        else:
+            out = self.follow(params)
+        return normalized(out) if timestamps else out
 
     def follow(self, params: dict[str, str]) -> LogStream:
         """Returns once podman answered or ``FOLLOW_OPEN_WAIT_S`` passed, by when the

@@ -534,11 +534,13 @@ class QemuRuntime(Runtime):
         return out
 
     def logs(self, service: str, component: str, tail: int | None = None,
-             follow: bool = False, max_bytes: int | None = None) -> Iterator[bytes]:
+             follow: bool = False, max_bytes: int | None = None,
+             timestamps: bool = False) -> Iterator[bytes]:
         d, meta = self._meta(service, component)
         if meta is None:
             raise NotFoundError(f"no VM {service}/{component} on this node")
-        return read_console(d, tail, follow, lambda: live_pid(d, meta) is not None, max_bytes)
+        return read_console(d, tail, follow, lambda: live_pid(d, meta) is not None, max_bytes,
+                            meta.started_at if timestamps else None)
 
     def tcp_check(self, service: str, component: str, port: int, timeout: float) -> str:
         """The guest must accept, not QEMU's forwarder (``vmcheck``)."""

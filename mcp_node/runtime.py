@@ -239,12 +239,14 @@ class Runtime(ABC):
     @abstractmethod
     def logs(
         self, service: str, component: str, tail: int | None = None, follow: bool = False,
-        max_bytes: int | None = None,
+        max_bytes: int | None = None, timestamps: bool = False,
     ) -> Iterator[bytes]:
         """Its output; with ``follow``, until the workload ends or the caller closes.
 
         At most ``tail`` lines and ``max_bytes`` bytes of what is there already, the
         newest (``logtail``), read in bounded steps: never the whole log in memory.
+        ``timestamps``: each line starts with its time as a ``logtime`` key and a space
+        (what ``mcp logs SERVICE`` orders the lines of several components by).
         """
 
     # -- capabilities, with the defaults of a runtime that has nothing to say -------------

@@ -148,6 +148,10 @@ class Views:
                 STARTING, UNHEALTHY) else row["state"])
             row["check"] = self._check((svc.name, c.defn.name), w)
             row["flapping"] = (svc.name, c.defn.name) in view.flapping
+            # which run this is: a follow tells a replace from the same run by it
+            up = w is not None and w.state == RUNNING
+            row["started_at"] = rfc3339_ms(w.started_at) if up and w and w.started_at else None
+            row["workload_id"] = (w.id[:12] or None) if up and w else None
             row.update(self._restart_fields(svc.name, c, w))
             row.update(self._status_extra(svc.name, c, w))
             if self.a.config.proxy.serve_routes:   # URL, certificate, DNS, proxy (issue 11)

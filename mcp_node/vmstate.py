@@ -291,10 +291,18 @@ def wait_exit(pid: int, timeout: float, still_ours: Callable[[], bool]) -> bool:
 
 
 def read_console(d: VMDir, tail: int | None, follow: bool, alive: Callable[[], bool],
-                 max_bytes: int | None = None) -> Iterator[bytes]:
+                 max_bytes: int | None = None,
+                 stamp_from: float | None = None) -> Iterator[bytes]:
     """The serial console (the rotated part first), LF line ends, at most ``tail`` lines
     and ``max_bytes`` bytes of it, found from the end (``logtail``); with ``follow``,
-    what is written next, until ``alive()`` says the VM is gone."""
+    what is written next, until ``alive()`` says the VM is gone. ``stamp_from``: each
+    line stamped (``logtime.Stamped``: the console records no times), earlier ones
+    with this start of the run."""
     path = d.console
-    return LogTail([path.with_name(path.name + ".1"), path], "plain", tail, max_bytes,
-                   follow, alive)
+    out = LogTail([path.with_name(path.name + ".1"), path], "plain", tail, max_bytes,
+                  follow, alive)
+    if stamp_from is None:
+        return out
+    from .logtime import Stamped
+
+    return Stamped(out, lambda: out.in_snapshot, stamp_from)

@@ -160,13 +160,17 @@ class DummyRuntime(Runtime):
         return [w for w in out if w is not None]
 
     def logs(self, service: str, component: str, tail: int | None = None,
-             follow: bool = False, max_bytes: int | None = None) -> Iterator[bytes]:
+             follow: bool = False, max_bytes: int | None = None,
+             timestamps: bool = False) -> Iterator[bytes]:
         """As podman's and qemu's (test_runtime_contract.py): a missing workload is
-        NotFoundError before anything streams; ``tail`` counts lines, 0 is none."""
+        NotFoundError before anything streams; ``tail`` counts lines, 0 is none.
+        ``timestamps``: line i stamped i nanoseconds after 2000-01-01 (a fixed order)."""
         w = self._mine().get((service, component))
         if w is None:
             raise NotFoundError(f"no workload {service}/{component}")
         lines = b"".join(w.log).splitlines(keepends=True)
+        if timestamps:
+            lines = [b"2000-01-01T00:00:00.%09dZ " % i + line for i, line in enumerate(lines)]
         data = b"".join(lines if tail is None else lines[-tail:] if tail > 0 else [])
         if max_bytes is not None:
             data = data[-max_bytes:] if max_bytes > 0 else b""

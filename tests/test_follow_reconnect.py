@@ -46,10 +46,12 @@ class Follower:
         self.out: queue.Queue[str] = queue.Queue()
         self.err: list[str] = []
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.out.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err.append),
-                         daemon=True).start()
+        self._pumps = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.out.put),
+                                        daemon=True),
+                       threading.Thread(target=self._pump, args=(self.proc.stderr,
+                                                                 self.err.append), daemon=True)]
+        for t in self._pumps:
+            t.start()
 
     @staticmethod
     def _pump(f: IO[bytes], put: object) -> None:
@@ -80,6 +82,20 @@ class Follower:
             assert time.monotonic() < deadline, f"{why}: no {want!r} in {self.err}"
             assert self.proc.poll() is None, f"{why}: follower ended; stderr {self.err}"
             time.sleep(0.1)
+
+    def wait(self) -> int:
+        """Its exit status, once it ended by itself and all it wrote was read."""
+        code = self.proc.wait(timeout=WAIT_S)
+        for t in self._pumps:
+            t.join(timeout=WAIT_S)
+        return code
+
+    def rest(self) -> list[str]:
+        """The stdout lines not taken by ``until`` yet."""
+        out = []
+        while not self.out.empty():
+            out.append(self.out.get())
+        return out
 
     def stop(self) -> None:
         if self.proc.poll() is None:

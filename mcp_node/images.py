@@ -30,7 +30,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .converge import in_parallel
-from .errors import MCPError
+from .errors import MCPError, ValidationError
 from .plan import plan, plan_dict
 from .servicedef import ComponentDef, ServiceDef
 
@@ -132,18 +132,24 @@ class Images:
             self._refs.setdefault(defn.name, set()).update(c.image for c in defn.components)
             self._digests.setdefault(defn.name, set()).update(
                 c.image_digest for c in defn.components if c.image_digest)
-        digests = in_parallel([partial(self._one, defn.name, c, rts[c.name], force_pull)
-                               for c in defn.components])
+        digests = in_parallel([partial(self._one, defn.name, i, c, rts[c.name], force_pull)
+                               for i, c in enumerate(defn.components)])
         with self._lock:
             self._digests.setdefault(defn.name, set()).update(d for d in digests if d)
         return pinned(defn, {c.name: d for c, d in zip(defn.components, digests, strict=True)
                              if d})
 
-    def _one(self, service: str, comp: ComponentDef, rt: Runtime, force: bool) -> str:
+    def _one(self, service: str, i: int, comp: ComponentDef, rt: Runtime, force: bool) -> str:
         a = self.agent
         always = wants_pull(comp, force) and not comp.image_digest
         a.progress.step(service, comp.name, f"pulling {comp.image}")
-        digest = rt.resolve(a._unallocated_spec(service, comp), always)
+        try:
+            digest = rt.resolve(a._unallocated_spec(service, comp), always)
+        except ValidationError as exc:   # the runtime names it ``binary``: say whose
+            if exc.field != "binary":
+                raise
+            raise ValidationError(str(exc).removeprefix("binary: "),
+                                  f"components[{i}].binary") from exc
         log.info("image service=%s component=%s %s -> %s%s", service, comp.name, comp.image,
                  digest or "(by name)", " (pulled)" if always else "")
         return digest

@@ -35,6 +35,7 @@ from typing import Any
 from . import qmp, vmcheck, vmlaunch
 from .builders import choose_builder, config_problems
 from .config import AgentConfig
+from .elfcheck import check_static
 from .errors import (
     ConflictError,
     ImageError,
@@ -72,6 +73,9 @@ from .vmstate import (
 )
 
 log = logging.getLogger(__name__)
+
+# The builders whose guest holds the program alone, and what to call that guest.
+STATIC_BUILDERS = {"nanos": "a Nanos unikernel", "initramfs": "the initramfs builder's VM"}
 
 
 class QemuRuntime(Runtime):
@@ -261,8 +265,17 @@ class QemuRuntime(Runtime):
                 raise ImageError(gone_message(spec.image, spec.image_digest))
         elif always:
             pull_image(self.podman, spec.image, spec.component)
-        pulled, _elf = self._elf(spec)
+        pulled, elf = self._elf(spec)
+        self._check_static(spec, pulled, elf)
         return image_digest(pulled.image_id) if pulled.image_id else ""
+
+    def _check_static(self, spec: WorkloadSpec, pulled: PulledELF, elf: Path) -> None:
+        """At deploy, before anything is created: a dynamic program would fail at every
+        boot (its guest holds no loader). ops packs the libraries: not checked."""
+        needs = STATIC_BUILDERS.get(self.builder_name)
+        if needs is not None:
+            what = pulled.binary if spec.binary else f"{pulled.binary} (the image's Entrypoint)"
+            check_static(elf.read_bytes(), what, "binary", needs)
 
     def remove_image(self, digest: str, names: frozenset[str]) -> str:
         return remove_image(self.podman, digest, names)

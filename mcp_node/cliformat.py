@@ -139,7 +139,7 @@ def health_text(h: dict[str, Any]) -> str:
     lines = [f"status: {h['status']}", f"node: {h.get('node', '')}",
              f"containers: {h.get('containers', 0)}"]
     for name, info in sorted(h.get("runtimes", {}).items()):
-        extra = " ".join(f"{k}={v}" for k, v in sorted(info.items())
+        extra = " ".join(f"{k}={status_value(v)}" for k, v in sorted(info.items())
                          if k not in ("available", "reason") and not isinstance(v, dict | list))
         state = "available" if info.get("available") else "unavailable"
         lines.append(f"runtime {name}: {state}{' ' + extra if extra else ''}")

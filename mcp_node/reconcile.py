@@ -188,7 +188,8 @@ def plan(
                 out.waiting[key] = b.next_attempt
                 continue
             kind = "start" if w is not None else "run"
-            why = (f"exited ({w.exit_code})" if w is not None else "missing")
+            why = ("missing" if w is None else f"exited ({w.exit_code})"
+                   if w.exit_code is not None else "stopped (no exit code)")  # never ran
             out.actions.append(Action(kind, rec.name, d.name, d.runtime, why, restart=True))
     # Orphans first: one left by a start-first replace an agent crash cut holds the
     # host ports its component's record now names.

@@ -177,7 +177,9 @@ class Views:
         due = self.a.reconciler.last.waiting.get(key)
         return {
             "restarts": b.restarts if b else 0,
-            "exit_code": w.exit_code if w and w.exit_code is not None else (
+            # the last run's, never once a new run is up (a SIGKILLed stop's 137)
+            "exit_code": None if w is not None and w.state == RUNNING else
+            w.exit_code if w is not None and w.exit_code is not None else (
                 b.exit_code if b else None),
             "next_attempt": rfc3339(time.time() + due - self.a.reconciler.clock()) if due else None,
             # not while a start-first replace runs: the old workload serves under the

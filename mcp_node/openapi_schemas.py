@@ -214,6 +214,10 @@ def schemas() -> dict[str, Any]:
                     "type": "object", "additionalProperties": True,
                     "properties": {"component": _STR, "state": _STR, "desired_state": _STR,
                                    "drift": {"type": "boolean"},
+                                   # which run this is (a follow tells a replace by it):
+                                   # RFC 3339 start and short workload id, null when down
+                                   "started_at": {"type": ["string", "null"]},
+                                   "workload_id": {"type": ["string", "null"]},
                                    # the last check result; null before the first probe
                                    "check": {"type": ["object", "null"],
                                              "required": ["ok", "time", "detail"],

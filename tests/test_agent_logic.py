@@ -199,7 +199,7 @@ def test_status_shape_includes_the_runtime_extras(agent: Agent, world: FakeWorld
     web, box = st["components"]
     common = {"service", "component", "node", "runtime", "state", "desired_state", "version",
               "uptime_s", "routes", "image", "drift", "flapping", "restarts", "exit_code",
-              "next_attempt", "spec_drift", "ready", "check"}
+              "next_attempt", "spec_drift", "ready", "check", "started_at", "workload_id"}
     assert set(web) == common | {"fake_id", "memory_mb"}
     # Nothing listens on its port yet: running, but not ready.
     assert (web["runtime"], web["state"], web["drift"], web["ready"]) == (

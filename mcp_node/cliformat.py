@@ -53,7 +53,7 @@ def ports_text(routes: list[dict[str, Any]]) -> str:
 COMMON_STATUS_KEYS = frozenset({
     "service", "component", "node", "runtime", "state", "desired_state", "version",
     "uptime_s", "routes", "image", "drift", "flapping", "ready", "restarts", "exit_code",
-    "next_attempt", "spec_drift", "check",
+    "next_attempt", "spec_drift", "check", "started_at", "workload_id",
 })
 
 

@@ -53,7 +53,6 @@ def status_of(svc: str, comp: dict[str, Any], restart_why: str) -> str:
             f"web        container  running  running  v1       Ns      1         "
             f"127.0.0.1:{port}  no\n"
             "rollout of version 1: in_progress\n"
-            f"  web: started_at=T workload_id={comp['workload_id']}\n"
             "  web: check ok at T (accepted)\n"
             "events:\n"
             "  T service: deploy (version 1: web changed)\n"

@@ -105,6 +105,12 @@ def load_cli_config() -> CLIConfig:
                      path=str(path))
 
 
+def services_dir(cfg: CLIConfig) -> Path:
+    """Where ``mcp deploy NAME`` finds ``NAME.toml``."""
+    return Path(cfg.services_dir).expanduser() if cfg.services_dir \
+        else config_home() / "services"
+
+
 def agent_url(address: str) -> str:
     return address if "://" in address else f"http://{address}"
 
@@ -232,18 +238,37 @@ def no_token_text(source: str, node: str) -> str:
             "or $MCP_TOKEN_FILE")
 
 
+def local_state_dir(option: str | None) -> str | None:
+    """The state dir ``--local`` opens: ``--state-dir``, else ``$MCP_STATE_DIR``, else
+    (None) the agent config's ``[state] dir`` or its default, as mcp-agent reads it."""
+    return option or os.environ.get("MCP_STATE_DIR") or None
+
+
 class LocalBackend:
     """The same operations in-process, against this node's registry."""
 
-    def __init__(self, agent: Operations | None = None) -> None:
+    def __init__(self, agent: Operations | None = None, state_dir: str | None = None) -> None:
+        self._own = agent is None   # built here, so closed here (its podman service too)
         if agent is None:
+            from dataclasses import replace
+
             from .config import load
             from .wiring import build
 
-            agent = build(load(None))
+            cfg = load(None)
+            if state_dir:
+                cfg = replace(cfg, state=replace(cfg.state, dir=state_dir))
+            agent = build(cfg)
         self.agent = agent
         self.node = agent.node
         self.named = False
+
+    def close(self) -> None:
+        """Stop what the agent built here started (a ``podman system service --time=0``
+        outlives the call otherwise, reparented to init); its workloads keep running."""
+        if self._own:
+            self._own = False
+            self.agent.close()
 
     def call(self, name: str, *args: Any) -> Any:
         """The operation in-process: the same table, arguments and answer as over HTTP."""
@@ -281,7 +306,9 @@ class Ctx:
     json: bool
     node: str | None
     local: bool
+    state_dir: str | None = None   # --state-dir, for --local
     _cfg: CLIConfig | None = None
+    _local: LocalBackend | None = None
 
     @property
     def cfg(self) -> CLIConfig:
@@ -326,7 +353,9 @@ class Ctx:
 
     def backends(self) -> list[Backend]:
         if self.local:
-            return [LocalBackend()]
+            if self._local is None:
+                self._local = LocalBackend(state_dir=local_state_dir(self.state_dir))
+            return [self._local]
         return [RemoteBackend(agent_url(n.address), self.token(n), n.name,
                               ca_file=n.ca or self.cfg.ca or None,
                               token_source=self.token_path(n)) for n in self.targets()]
@@ -334,6 +363,11 @@ class Ctx:
     def backend(self) -> Backend:
         """The single agent a mutating command goes to (first node unless -n)."""
         return self.backends()[0]
+
+    def close(self) -> None:
+        """When the command ends (click's call_on_close): the --local agent, if built."""
+        if self._local is not None:
+            self._local.close()
 
 
 def read_token_file(path: Path) -> str:

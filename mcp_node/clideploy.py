@@ -11,9 +11,11 @@ from typing import Any
 import click
 
 from .cli import emit, json_option, pass_ctx, service_backend
-from .clictx import Ctx, config_home
+from .clicomplete import definitions, files, services
+from .clictx import Ctx, services_dir
 from .cliwait import wait_ready, with_progress
 from .errors import MCPError
+from .multinode import named
 from .safetext import for_terminal
 
 
@@ -30,9 +32,7 @@ def load_definition(ctx: Ctx, arg: str) -> dict[str, Any]:
         if "/" in arg or arg.endswith((".toml", ".json")):
             raise MCPError(f"no such file: {arg}")
         name = check_name(arg, "service")
-        base = Path(ctx.cfg.services_dir).expanduser() if ctx.cfg.services_dir \
-            else config_home() / "services"
-        path = base / f"{name}.toml"
+        path = services_dir(ctx.cfg) / f"{name}.toml"
         if not path.is_file():
             raise MCPError(f"no such file, and no definition at {path}")
     return load_file(path).to_dict()
@@ -47,7 +47,7 @@ def deployed_text(st: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("service")
+@click.argument("service", shell_complete=definitions)
 @click.option("--direct", is_flag=True, help="Dial the node agent directly (the default here).")
 @click.option("-n", "--node", "node", metavar="NODE", help="Node name from mcp.toml [[nodes]].")
 @click.option("--local", is_flag=True, help="Run in-process against the local registry.")
@@ -79,11 +79,11 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
         began = st.get("rollout") if not st.get("unchanged") else None
         st = wait_ready(backend, st["service"], timeout,
                         began["version"] if began else None)
-    emit(ctx, st, deployed_text)
+    emit(ctx, named(backend, st), deployed_text)
 
 
 @click.command()
-@click.argument("definition")
+@click.argument("definition", shell_complete=files)
 @json_option
 @pass_ctx
 def validate(ctx: Ctx, definition: str) -> None:
@@ -99,7 +99,7 @@ def validate(ctx: Ctx, definition: str) -> None:
 
 
 @click.command(name="plan")
-@click.argument("definition")
+@click.argument("definition", shell_complete=definitions)
 @click.option("--pull", "pull", is_flag=True,
               help='Pull every image to resolve it, as pull = "always" would.')
 @json_option
@@ -134,7 +134,7 @@ def plan_cmd(ctx: Ctx, definition: str, pull: bool) -> None:
 
 
 @click.command()
-@click.argument("service")
+@click.argument("service", shell_complete=services)
 @json_option
 @pass_ctx
 def history(ctx: Ctx, service: str) -> None:
@@ -151,7 +151,7 @@ def history(ctx: Ctx, service: str) -> None:
 
 
 @click.command()
-@click.argument("service")
+@click.argument("service", shell_complete=services)
 @click.argument("version", required=False, type=click.IntRange(1))
 @json_option
 @pass_ctx
@@ -167,4 +167,4 @@ def rollback(ctx: Ctx, service: str, version: int | None) -> None:
     b = service_backend(ctx.backends(), service)
     st = with_progress(ctx, "rolling back", service,
                        lambda: b.call("rollback", service, version), b)
-    emit(ctx, st, lambda s: f"rolled back {s['service']}\n{status_text(s)}")
+    emit(ctx, named(b, st), lambda s: f"rolled back {s['service']}\n{status_text(s)}")

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from .cli import emit, json_option, partial, pass_ctx, service_backend
+from .clicomplete import components, services
 from .clictx import Ctx
 from .cliformat import change_text, health_text, ps_table, services_summary, status_text
 from .errors import MCPError
@@ -31,7 +32,7 @@ def ps(ctx: Ctx) -> None:
 
 
 @click.command()
-@click.argument("service", required=False)
+@click.argument("service", required=False, shell_complete=services)
 @json_option
 @pass_ctx
 def status(ctx: Ctx, service: str | None) -> None:
@@ -46,7 +47,7 @@ def status(ctx: Ctx, service: str | None) -> None:
 
 
 @click.command()
-@click.argument("service", required=False)
+@click.argument("service", required=False, shell_complete=services)
 @click.option("-t", "--tail", "tail", type=click.IntRange(0, 10000), default=None,
               help="The last N events first (default 100; 10 with -f).")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing events as they happen.")
@@ -95,8 +96,8 @@ def event_line(e: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("service")
-@click.argument("component", required=False)
+@click.argument("service", shell_complete=services)
+@click.argument("component", required=False, shell_complete=components)
 @click.option("-t", "--tail", "tail", type=click.IntRange(min=0), help="Last N lines.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 @click.option("--since", metavar="WHEN",

@@ -6,9 +6,11 @@ from __future__ import annotations
 import click
 
 from .cli import emit, json_option, pass_ctx, service_backend
+from .clicomplete import components, services
 from .clictx import Ctx
 from .cliformat import status_text
 from .cliwait import with_progress
+from .multinode import named
 
 
 def _lifecycle(op: str, past: str, verb: str) -> click.Command:
@@ -16,8 +18,8 @@ def _lifecycle(op: str, past: str, verb: str) -> click.Command:
         "--timeout", type=click.FloatRange(0, 3600), default=None,
         help="Seconds a workload may take to end itself before it is killed (default 10).")
 
-    @click.argument("service")
-    @click.argument("component", required=False)
+    @click.argument("service", shell_complete=services)
+    @click.argument("component", required=False, shell_complete=components)
     @json_option
     @pass_ctx
     def command(ctx: Ctx, service: str, component: str | None,
@@ -26,7 +28,7 @@ def _lifecycle(op: str, past: str, verb: str) -> click.Command:
         what = f"{service}/{component}" if component else service
         st = with_progress(ctx, verb, what, lambda: b.call(op, service, component, timeout), b)
         show = op in ("start", "restart")
-        emit(ctx, st, lambda s: f"{past} {what}" + (
+        emit(ctx, named(b, st) if isinstance(st, dict) else st, lambda s: f"{past} {what}" + (
             f"\n{status_text(s)}" if show and isinstance(s, dict) else ""))
 
     if op != "start":
@@ -41,7 +43,7 @@ restart = _lifecycle("restart", "restarted", "restarting")
 
 
 @click.command()
-@click.argument("service")
+@click.argument("service", shell_complete=services)
 @json_option
 @pass_ctx
 def undeploy(ctx: Ctx, service: str) -> None:

@@ -55,8 +55,10 @@ def ask_all(backends: list[Backend], call: Callable[[Backend], Any]) -> Answers:
 
 def named(b: Backend, row: dict[str, Any]) -> dict[str, Any]:
     """A row with NODE as configured in mcp.toml (the agent only knows its host name);
-    fleet rows (``fleet`` set) already name the node that runs them."""
-    return {**row, "node": b.node} if b.named and "fleet" not in row else row
+    fleet rows (``fleet`` or a deploy's ``placement`` set) already name the node that
+    runs them."""
+    fleet = "fleet" in row or "placement" in row
+    return {**row, "node": b.node} if b.named and not fleet else row
 
 
 def locate(backends: list[Backend], service: str) -> Backend:

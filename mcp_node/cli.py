@@ -184,11 +184,15 @@ def partial(answers: Answers) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("-n", "--node", metavar="NODE", help="Node name from mcp.toml [[nodes]].")
 @click.option("--local", is_flag=True, help="Run in-process against the local registry.")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="With --local: the agent's state directory (default: $MCP_STATE_DIR, "
+                   "else [state] dir of $MCP_AGENT_CONFIG, else mcp-agent's default).")
 @click.pass_context
 def cli(ctx: click.Context, agent: str | None, token_file: str | None, as_json: bool,
-        node: str | None, local: bool) -> None:
+        node: str | None, local: bool, state_dir: str | None) -> None:
     """Operate mcp_node agents: deploy and manage services, edge routes, node health."""
-    ctx.obj = Ctx(agent, token_file, as_json, node, local)
+    ctx.obj = Ctx(agent, token_file, as_json, node, local, state_dir)
+    ctx.call_on_close(ctx.obj.close)   # the --local agent's own podman service ends here
 
 
 @cli.command()

@@ -53,7 +53,7 @@ def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
     agent = Agent(config_from_dict({"state": {"dir": str(tmp_path / "st")}}),
                   runtimes=world.runtimes())
     backend = clictx.LocalBackend
-    monkeypatch.setattr(clictx, "LocalBackend", lambda: backend(agent))  # --local: this agent
+    monkeypatch.setattr(clictx, "LocalBackend", lambda **kw: backend(agent))  # --local: this agent
     yield agent
     agent.close()
 

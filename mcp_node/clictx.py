@@ -259,6 +259,7 @@ class LocalBackend:
             if state_dir:
                 cfg = replace(cfg, state=replace(cfg.state, dir=state_dir))
             agent = build(cfg)
+            self._state = Path(cfg.state_dir)
         self.agent = agent
         self.node = agent.node
         self.named = False
@@ -266,9 +267,14 @@ class LocalBackend:
     def close(self) -> None:
         """Stop what the agent built here started (a ``podman system service --time=0``
         outlives the call otherwise, reparented to init); its workloads keep running."""
+        from .daemon import held
+
         if self._own:
             self._own = False
-            self.agent.close()
+            # A running daemon's podman service is the one the agent here adopted: closing
+            # would stop it under the daemon; the daemon stops it, not this command.
+            if not held(self._state):
+                self.agent.close()
 
     def call(self, name: str, *args: Any) -> Any:
         """The operation in-process: the same table, arguments and answer as over HTTP."""

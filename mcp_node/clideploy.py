@@ -15,7 +15,6 @@ from .clicomplete import definitions, files, services
 from .clictx import Ctx, services_dir
 from .cliwait import wait_ready, with_progress
 from .errors import MCPError
-from .multinode import named
 from .safetext import for_terminal
 
 
@@ -79,6 +78,8 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
         began = st.get("rollout") if not st.get("unchanged") else None
         st = wait_ready(backend, st["service"], timeout,
                         began["version"] if began else None)
+    from .multinode import named
+
     emit(ctx, named(backend, st), deployed_text)
 
 
@@ -163,6 +164,7 @@ def rollback(ctx: Ctx, service: str, version: int | None) -> None:
       mcp history web && mcp rollback web 3
     """
     from .cliformat import status_text
+    from .multinode import named
 
     b = service_backend(ctx.backends(), service)
     st = with_progress(ctx, "rolling back", service,

@@ -79,6 +79,22 @@ class StateLock:
             self._fd = None
 
 
+def held(state_dir: Path) -> bool:
+    """Whether a running agent holds ``state_dir``: a shared flock, let go at once, is
+    refused while the agent's exclusive one stands (nothing is written)."""
+    try:
+        fd = os.open(state_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def owned_workloads(agent: Agent) -> list[str]:
     """``runtime:name`` of every workload with this agent's owner label, per runtime.
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from click.testing import CliRunner, Result
+from daemon_env import daemon_on
 from egress import no_egress_env
 from live_server import wait_until
 from podman_env import PodmanCleanup, containers_conf
@@ -95,3 +96,26 @@ def test_local_leaves_no_podman_service(tmp_path: Path, hello_image: str) -> Non
         assert done.stdout.startswith("SERVICE")
         assert (state / "podman" / "service.log").exists()   # it did start one
         assert services_of(argv) == []
+
+
+def test_local_beside_a_running_daemon_leaves_the_daemons_podman_service(
+        tmp_path: Path) -> None:
+    """The in-process agent adopts the daemon's service (its pid file): closing it would
+    stop the service under the daemon. While the daemon holds the state dir, it stays."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    conf = agent_config(tmp_path / "agent.toml", state)   # no socket: the daemon's own
+    argv = PodmanService(state / "podman").argv
+    env = no_egress_env({**os.environ, "MCP_AGENT_CONFIG": str(conf)})
+    env.pop("MCP_STATE_DIR", None)
+    with daemon_on(state, conf) as d:
+        client = d.start()
+        client.get("/v1/services")            # its podman service is up once it answered
+        wait_until(lambda: len(services_of(argv)) == 1, "the daemon's podman service")
+        [pid] = services_of(argv)
+        for _ in range(2):
+            done = subprocess.run([MCP, "--local", "ps"], env=env, capture_output=True,
+                                  text=True, timeout=120, check=False)
+            assert (done.returncode, done.stderr) == (0, "")
+            assert services_of(argv) == [pid]
+        assert client.get("/v1/services") == []

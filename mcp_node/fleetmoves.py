@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from .cluster import ALLOC, CORDON, KV, LOST, MEMBERS, SERVICES, Etcd
 from .config import ClusterConfig
 from .errors import NotFoundError
+from .fleetstate import Cache
 from .fleetviews import Fleetview
 from .placement import Demand, choose, parse_target
 from .servicedef import check_name
@@ -30,6 +31,7 @@ class Fleet(Protocol):
     etcd: Etcd
     live: set[str]
     lost_due: dict[str, float]
+    cache: Cache
 
     def read(self) -> Fleetview: ...
     def txn_loop(self, step: Callable[[Fleetview], Txn | None]) -> Fleetview: ...
@@ -157,6 +159,7 @@ def drain(fleet: Fleet, node: str) -> dict[str, Any]:
     if node not in known:
         raise NotFoundError(f"unknown node {node!r} (known: {', '.join(sorted(known))})")
     fleet.etcd.put(CORDON + node, {"since": time.time()})
+    fleet.cache.reach(fleet.etcd.revision())   # as uncordon: new work avoids it at once
     names = [k[len(SERVICES):] for k, kv in v.services.items() if kv.value["node"] == node]
     return {"node": node, "cordoned": True, **fleet.move_off(node, names, "drained")}
 
@@ -166,4 +169,7 @@ def uncordon(fleet: Fleet, node: str) -> dict[str, Any]:
     if fleet.etcd.get(CORDON + node) is None:
         raise NotFoundError(f"node {node!r} is not cordoned")
     fleet.etcd.delete(CORDON + node)
+    # read your writes: a deploy through this agent right after places from the watched
+    # cache, which must show the node uncordoned (CI placed one on the other node)
+    fleet.cache.reach(fleet.etcd.revision())
     return {"node": node, "cordoned": False}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from .podmanargs import response_message
 log = logging.getLogger("mcp_node.podman")
 
 FOLLOW_OPEN_WAIT_S = 0.5         # see ContainerLog.follow
+HALF_WRITTEN = "is not a valid container log line"   # podman read conmon mid-write
 
 
 @dataclass(frozen=True)
@@ -128,13 +130,20 @@ class ContainerLog:
         return still_running(attrs) and (not cid or (attrs or {}).get("Id") == cid)
 
     def _open(self, params: dict[str, str], timeout: Any) -> Any:
+        """Asked again (3 tries) when podman's reader met a line conmon is still writing:
+        it answers "... is not a valid container log line" for the half-written last line
+        of a busy log (seen in CI)."""
         name = self.name
-        resp = self.request("GET", f"/containers/{name}/logs", f"logs {name}", params=params,
-                            stream=True, timeout=timeout)
-        if resp.status_code >= 400:
+        for attempt in range(3):
+            resp = self.request("GET", f"/containers/{name}/logs", f"logs {name}",
+                                params=params, stream=True, timeout=timeout)
+            if resp.status_code < 400:
+                return resp
             message = response_message(resp)
             resp.close()
             if resp.status_code == 404:
                 raise NotFoundError(f"no container {name}")
-            raise WorkloadError(f"podman logs {name}: {message}")
-        return resp
+            if HALF_WRITTEN not in message or attempt == 2:
+                raise WorkloadError(f"podman logs {name}: {message}")
+            time.sleep(0.05)
+        raise AssertionError("unreachable")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import AgentConfig
 from .errors import MCPError, RegistryError
+from .files import lock_held
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -80,19 +81,8 @@ class StateLock:
 
 
 def held(state_dir: Path) -> bool:
-    """Whether a running agent holds ``state_dir``: a shared flock, let go at once, is
-    refused while the agent's exclusive one stands (nothing is written)."""
-    try:
-        fd = os.open(state_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    """Whether a running agent holds ``state_dir`` (its ``StateLock``)."""
+    return lock_held(state_dir / LOCK_NAME)
 
 
 def owned_workloads(agent: Agent) -> list[str]:

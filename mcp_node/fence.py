@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from .files import lock_held
 from .podman_service import _UnixHTTPConnection, socket_path
 from .runtime import LABEL_OWNER, LABEL_SERVICE
 
@@ -100,17 +101,7 @@ def read_beat(state_dir: Path) -> Beat | None:
 
 def fence_running(state_dir: Path) -> bool:
     """True while a fence holds the lock on this state dir's ``fence.pid``."""
-    try:
-        fd = os.open(state_dir / PIDFILE, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return lock_held(state_dir / PIDFILE)
 
 
 def fence_pid(state_dir: Path) -> int | None:

@@ -39,6 +39,22 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dfd)
 
 
+def lock_held(path: Path) -> bool:
+    """Whether another process holds an exclusive flock on ``path``: a shared one, let go
+    at once, is refused while it stands (nothing is written, nothing is made)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 @contextmanager
 def flocked(path: Path, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive flock on ``path`` (made 0600): every holder, in any process, waits.

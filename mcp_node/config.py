@@ -188,6 +188,16 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    """How services' workloads are networked (issue 23): ``user`` = QEMU user-mode and
+    podman's default network, reachable through host ports only; ``bridge`` = one L2
+    segment per service (a /24 of ``cidr``), VMs on TAPs, names served per service."""
+
+    mode: str = "user"
+    cidr: str = "10.89.0.0/16"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     state: StateConfig = field(default_factory=StateConfig)
@@ -204,6 +214,7 @@ class AgentConfig:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -328,6 +339,7 @@ def parse(data: dict[str, Any]) -> tuple[AgentConfig, list[ValidationError]]:
                   for root in cfg.podman.volume_roots)
     checks.extend(_cluster_checks(cfg.cluster))
     checks.extend(_route_checks(cfg))
+    checks.extend(_network_checks(cfg.network))
     errors.extend(ValidationError(msg, key) for ok, msg, key in checks if not ok)
     return cfg, errors
 
@@ -424,6 +436,18 @@ def _route_checks(cfg: AgentConfig) -> list[tuple[bool, str, str]]:
          f"{', '.join(algs)}", "dns.tsig_algorithm"),
         (not d.update_server or bool(d.tsig_name and d.tsig_secret_file),
          "needs dns.tsig_name and dns.tsig_secret_file", "dns.update_server"),
+    ]
+
+
+def _network_checks(n: NetworkConfig) -> list[tuple[bool, str, str]]:
+    """A mode the agent knows, and a private IPv4 range with room for /24s."""
+    from .netplan import cidr_problem
+
+    problem = cidr_problem(n.cidr)
+    return [
+        (n.mode in ("user", "bridge"), f"{n.mode[:40]!r} is not user or bridge",
+         "network.mode"),
+        (not problem, problem, "network.cidr"),
     ]
 
 

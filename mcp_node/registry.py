@@ -37,6 +37,7 @@ from .records import (
     settings_values,
 )
 from .registry_history import HistoryTables
+from .registry_net import NetworkTables
 from .registry_secrets import SecretTables
 from .runtime import workload_name
 from .servicedef import ComponentDef, RouteDef, ServiceDef, UpdateDef
@@ -147,7 +148,7 @@ def inspect_file(path: Path) -> int | None:
         reg.close()
 
 
-class Registry(HistoryTables, SecretTables):
+class Registry(HistoryTables, SecretTables, NetworkTables):
     def __init__(self, path: Path, migrate_to: int | None = None) -> None:
         """Open (creating) and migrate; ``migrate_to`` stops early, as an older release would."""
         self.path = path

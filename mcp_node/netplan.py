@@ -1,0 +1,156 @@
+"""Service networks in bridge mode (issue 23), as pure functions: the /24 each service
+is given from ``[network] cidr``, the names of its bridge, TAPs and podman network, the
+address a workload gets, and the name-service files its guests read. Nothing here runs a
+command; ``hostnet`` does, ``servicenet`` decides when.
+
+A service's network index N (persisted by the registry, ``registry_net``) picks the
+N-th /24 of the range; its gateway (host side, and the service's name server) is .1;
+workloads get .2-.254 by a host number the registry also keeps, so an address follows
+a component across replaces, restarts and agent restarts."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+SUBNET_PREFIX = 24
+FIRST_HOST = 2
+LAST_HOST = 254
+BRIDGE_PREFIX = "mcpbr"
+TAP_PREFIX = "mcpt"
+NETWORK_PREFIX = "mcp-"
+DOMAIN = "internal"
+
+
+def cidr_problem(cidr: str) -> str:
+    """Why ``cidr`` cannot be carved into service subnets ("" when it can)."""
+    try:
+        net = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as exc:
+        return f"{cidr[:60]!r} is not an IPv4 network ({exc})"
+    if not isinstance(net, ipaddress.IPv4Network):
+        return f"{cidr[:60]!r} is not an IPv4 network"
+    if not 8 <= net.prefixlen <= SUBNET_PREFIX - 1:
+        return f"{cidr} must be /8 to /23: each service takes a /24 of it"
+    if not net.is_private:
+        return f"{cidr} is not a private range: service networks must not shadow others"
+    return ""
+
+
+def subnet_count(cidr: str) -> int:
+    return int(2 ** (SUBNET_PREFIX - ipaddress.ip_network(cidr).prefixlen))
+
+
+def subnet(cidr: str, index: int) -> ipaddress.IPv4Network:
+    """The ``index``-th /24 of ``cidr``."""
+    net = ipaddress.IPv4Network(cidr)
+    if not 0 <= index < subnet_count(cidr):
+        raise ValueError(f"network index {index} outside {cidr}")
+    return ipaddress.IPv4Network(
+        (int(net.network_address) + (index << (32 - SUBNET_PREFIX)), SUBNET_PREFIX))
+
+
+def host_address(cidr: str, index: int, host: int) -> str:
+    if not FIRST_HOST - 1 <= host <= LAST_HOST:
+        raise ValueError(f"host number {host} outside {FIRST_HOST - 1}-{LAST_HOST}")
+    return str(subnet(cidr, index).network_address + host)
+
+
+def bridge_name(index: int) -> str:
+    return f"{BRIDGE_PREFIX}{index}"
+
+
+def tap_name(index: int, host: int) -> str:
+    """``mcpt<N>x<H>``: at most 4 + 5 + 1 + 3 = 13 characters (IFNAMSIZ is 16)."""
+    return f"{TAP_PREFIX}{index}x{host}"
+
+
+def network_name(service: str) -> str:
+    return f"{NETWORK_PREFIX}{service}"
+
+
+@dataclass(frozen=True)
+class NetAttach:
+    """How one workload joins its service's network; part of its spec (and digest)."""
+
+    network: str        # the podman network (containers)
+    bridge: str
+    address: str
+    gateway: str        # also the service's name server
+    prefix: int = SUBNET_PREFIX
+    tap: str = ""       # VMs: the TAP device qemu opens
+    search: str = ""    # <service>.internal
+
+    @property
+    def netmask(self) -> str:
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{self.prefix}").netmask)
+
+    @property
+    def cidr(self) -> str:
+        """The address with its prefix, as ``ip addr`` and a kernel command line take it."""
+        return f"{self.address}/{self.prefix}"
+
+
+@dataclass(frozen=True)
+class ServiceNet:
+    """One service's network as allocated: enough to build every attach and file."""
+
+    service: str
+    index: int
+    cidr: str
+    hosts: Mapping[str, int]    # component -> host number
+
+    @property
+    def bridge(self) -> str:
+        return bridge_name(self.index)
+
+    @property
+    def gateway(self) -> str:
+        return host_address(self.cidr, self.index, 1)
+
+    @property
+    def gateway_cidr(self) -> str:
+        return f"{self.gateway}/{SUBNET_PREFIX}"
+
+    @property
+    def subnet(self) -> str:
+        return str(subnet(self.cidr, self.index))
+
+    def address(self, component: str) -> str:
+        return host_address(self.cidr, self.index, self.hosts[component])
+
+    def tap(self, component: str) -> str:
+        return tap_name(self.index, self.hosts[component])
+
+    def attach(self, component: str, vm: bool) -> NetAttach:
+        return NetAttach(network=network_name(self.service), bridge=self.bridge,
+                         address=self.address(component), gateway=self.gateway,
+                         tap=self.tap(component) if vm else "",
+                         search=f"{self.service}.{DOMAIN}")
+
+    def names(self) -> dict[str, list[str]]:
+        """address -> the names the service's resolver answers for it."""
+        return {self.address(c): [c, f"{c}.{self.service}.{DOMAIN}"]
+                for c in sorted(self.hosts)}
+
+
+def free_number(used: Sequence[int], low: int, high: int) -> int | None:
+    """The smallest number in [low, high] not in ``used``."""
+    taken = set(used)
+    return next((n for n in range(low, high + 1) if n not in taken), None)
+
+
+def hosts_text(names: Mapping[str, Sequence[str]]) -> str:
+    """An /etc/hosts-format file (dnsmasq ``--addn-hosts``)."""
+    return "".join(f"{addr} {' '.join(ns)}\n" for addr, ns in sorted(names.items()))
+
+
+def resolv_conf(att: NetAttach) -> str:
+    """A guest's /etc/resolv.conf: the service's name server, its domain searched."""
+    return f"nameserver {att.gateway}\nsearch {att.search}\noptions timeout:2 attempts:2\n"
+
+
+def kernel_args(att: NetAttach) -> str:
+    """The initramfs guest's network, on its kernel command line (its init reads it)."""
+    return f"mcp.ip={att.cidr} mcp.gw={att.gateway}"

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from . import preflight
 from .checks import Checks
 from .config import AgentConfig
 from .converge import Steps, in_parallel
@@ -30,7 +31,6 @@ from .errors import (
     ValidationError,
 )
 from .files import flocked, node_id
-from .grammar import default_volume_roots
 from .images import Images
 from .monitor import Monitor, View
 from .operations import NOT_A_FLEET, STOP_TIMEOUT_S
@@ -51,8 +51,6 @@ from .servicedef import (
     ComponentDef,
     ServiceDef,
     check_name,
-    check_route_zone,
-    check_volume_roots,
     route_env,
 )
 from .servicelocks import ServiceLocks
@@ -244,10 +242,7 @@ class Agent(SecretOps):
 
     def deploy(self, defn: ServiceDef, pull: bool = False) -> dict[str, Any]:
         """Deploy ``defn`` on this node, which refuses a ``node`` other than its own name."""
-        if defn.node and defn.node != self.node:
-            raise ValidationError(f"{defn.node!r} is not this node ({self.node}); placement "
-                                  "on other nodes needs fleet mode ([cluster] in the agent's "
-                                  "config)", "node")
+        preflight.check_node(self, defn)
         return self.deploy_local(defn.local_part(), pull=pull)
 
     def deploy_local(self, defn: ServiceDef, *, note: str = "",
@@ -261,19 +256,14 @@ class Agent(SecretOps):
         WorkloadError (a runtime failed; the previous state is restored),
         RegistryError.
         """
-        defn = self.with_secret_versions(defn)   # an unknown secret: 400, nothing changed
-        check_volume_roots(defn, self.config.podman.volume_roots
-                           or default_volume_roots(self.state_dir))
-        check_route_zone(defn, self.config.edge.internal_zone)
-        if self.config.proxy.serve_routes:
-            self.node_routes.check(defn)
+        defn = preflight.rules(self, defn)   # what validate checks too; nothing changed
         with self._service_lock(defn.name), self.progress.operation(defn.name, "deploy"), \
                 self.images.deploying(defn.name):
             previous = (self.registry.get_service(defn.name)
                         if self.registry.has_service(defn.name) else None)
             rts = {c.name: self.available_runtime(c.runtime) for c in defn.components}
             defn = self.images.resolve(defn, rts, pull)   # pinned to what each image is now
-            self._check_capacity(defn, previous)
+            preflight.check_capacity(self, defn, previous)
             before = self.registry.latest_version(defn.name) if previous else None
             changed = changed_components(
                 previous.definition() if previous else None, defn,
@@ -324,13 +314,10 @@ class Agent(SecretOps):
         """What ``deploy`` would change, images resolved (images.Images.plan)."""
         return self.images.plan(self.with_secret_versions(defn.local_part()), pull)
 
-    def _check_capacity(self, defn: ServiceDef, previous: ServiceRecord | None) -> None:
-        if not defn.active:
-            return
-        replacing = {c.defn.name for c in previous.components} if previous else set()
-        for c in defn.components:
-            self.runtime(c.runtime).check_capacity(
-                self._unallocated_spec(defn.name, c), c.name in replacing)
+    def validate(self, defn: ServiceDef) -> dict[str, Any]:
+        """What a deploy here would refuse, changing nothing (``preflight.validate``)."""
+        preflight.check_node(self, defn)
+        return preflight.validate(self, defn.local_part())
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """Each deployed version, oldest first; raises ValidationError, NotFoundError."""

@@ -26,6 +26,7 @@ stand for, so they hang off the root::
      |    +-- SchemaTooNewError   503 schema_too_new
      +-- WorkloadError            502 runtime      (podman / qemu refused or failed)
      |    +-- ImageError          502 image        (pull, extract, build)
+     |    +-- NetworkSetupError   502 network      (ip / nft / dnsmasq of bridged networking)
      |    +-- qmp.QMPError        502 runtime      (QEMU's monitor; in mcp_node.qmp)
      +-- EdgeError                502 edge
      |    +-- IssuerError         502 issuer       (ACME CA)
@@ -151,6 +152,13 @@ class WorkloadError(MCPError):
 
 class ImageError(WorkloadError):
     code = "image"
+
+
+class NetworkSetupError(WorkloadError):
+    """A host-side step of bridged networking (a link, the nft table, a service's
+    dnsmasq) failed: the workloads it was for cannot be wired."""
+
+    code = "network"
 
 
 class EdgeError(MCPError):

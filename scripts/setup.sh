@@ -4,7 +4,7 @@
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 
-debs=(podman runc qemu-system-x86 qemu-utils caddy pebble dnsmasq-base haproxy bind9 bind9-utils busybox-static
+debs=(podman runc qemu-system-x86 qemu-utils caddy pebble dnsmasq-base nftables haproxy bind9 bind9-utils busybox-static
       iproute2 cpio gcc libc6-dev curl procps python3-venv wrk
       systemd   # systemd-analyze: the unit file is verified by the tests
       etcd-server   # fleet mode's store; tests run their own members, never a system one

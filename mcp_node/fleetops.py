@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import fleetrollout, fleetviews
+from . import fleetrollout, fleetviews, preflight
 from .agent import Agent
 from .errors import FleetUnavailable, NotFoundError, ValidationError
 from .fleetnode import Fleet
@@ -70,6 +70,17 @@ class FleetOperations:
         states = {c["component"]: c["state"] for c in st["components"]} if st else {}
         new, _ = self.fleet.secrets.pin(carried(deployed, defn))   # a new version: a change
         return plan_dict(plan(deployed, new, states))
+
+    def validate(self, defn: ServiceDef) -> dict[str, Any]:
+        """This node's checks (secrets the fleet's): the placed node runs them again at
+        deploy, and one chosen later may lack a host path or room this one has."""
+        out = preflight.validate(self._agent, defn.local_part())
+        if defn.node != self.node:
+            out["warnings"].append(
+                f"checked on {self.node} only: the fleet may place it on "
+                f"{repr(defn.node) if defn.node else 'another node'}, whose host paths "
+                "and capacity were not checked")
+        return out
 
     def stop(self, name: str, component: str | None = None,
              timeout: float = STOP_TIMEOUT_S) -> dict[str, Any]:

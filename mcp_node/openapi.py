@@ -190,6 +190,13 @@ def _paths() -> dict[str, dict[str, Any]]:
             "deploy would (a moved tag is an image_digest change); nothing is changed",
             "operator", _json(_ref("Plan"), "The changes"), body="ServiceDefinition",
             params=[PULL_PARAM], errors=("404", "409", "502"))},
+        "/v1/validate": {"post": _op(
+            "Validate", "The rules a deploy of the definition would check on this node "
+            "before changing anything (volume roots, host paths, secrets, routes): a 400 or "
+            "409 naming the field; capacity and runtime availability, which may change "
+            "before the deploy, are warnings. Nothing is changed, pulled or resolved",
+            "operator", _json(_ref("Validation"), "The definition passed"),
+            body="ServiceDefinition", errors=("409",))},
         "/v1/services/{name}": {
             "get": _op("ServiceStatus", "Status of one service, with drift and events",
                        "reader", status, params=[NAME_PARAM], errors=("404",)),

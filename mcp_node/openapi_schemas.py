@@ -322,6 +322,13 @@ def schemas() -> dict[str, Any]:
                                        "type": "object", "required": ["field", "from", "to"],
                                        "properties": {"field": _STR, "from": {}, "to": {}}}}}}}},
         },
+        "Validation": {
+            "type": "object",
+            "required": ["service", "valid", "components", "warnings", "checked_by"],
+            "properties": {"service": _STR, "valid": {"const": True},
+                           "components": {"type": "integer", "minimum": 1},
+                           "warnings": {"type": "array", "items": _STR},
+                           "checked_by": _STR}},
         "Event": {
             "type": "object",
             "required": ["id", "time", "service", "component", "from", "to", "detail",

@@ -60,6 +60,8 @@ OPS: tuple[Op, ...] = (
        (Arg("defn", "json", "definition"), PULL)),
     Op("Plan", "POST", "/v1/plan", "operator", "plan", (Arg("defn", "json", "definition"), PULL),
        redact=True),
+    Op("Validate", "POST", "/v1/validate", "operator", "validate",
+       (Arg("defn", "json", "definition"),)),
     Op("ServiceStatus", "GET", "/v1/services/{name}", "reader", "status", (NAME,),
        redact=True),
     Op("Undeploy", "DELETE", "/v1/services/{name}", "operator", "undeploy", (NAME,),

@@ -86,6 +86,9 @@ CALLS: list[tuple[str, tuple[Any, ...]]] = [
     ("restart", ("web", None, None)), ("rollback", ("web", None)), ("edge_list", ()),
     ("undeploy", ("web",)), ("nodes", ()), ("drain", ("n1",)),
     ("plan", ({"name": "web", "components": [{"name": "main", "image": "img:v2"}]}, True)),
+    ("validate", ({"name": "web", "components": [{"name": "main", "image": "img:v2",
+                                                  "volumes": ["/etc:/etc"]}]},)),
+    ("validate", ({"name": "web", "components": [{"name": "main", "image": "img:v2"}]},)),
 ]
 
 
@@ -121,6 +124,8 @@ def test_local_and_remote_answer_alike(tmp_path: Path) -> None:
     assert answers["remote"][0]["service"] == "web"
     assert answers["remote"][11] == {"service": "web", "undeployed": True}
     assert answers["remote"][12][:2] == ("error", 404)
+    assert answers["remote"][-2] == ("error", 400, "invalid")   # /etc: outside the roots
+    assert answers["remote"][-1]["valid"] is True
 
 
 def test_an_entry_needs_no_other_code_to_be_routed() -> None:

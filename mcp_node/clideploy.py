@@ -14,7 +14,7 @@ from .cli import emit, json_option, pass_ctx, service_backend
 from .clicomplete import definitions, files, services
 from .clictx import Ctx, services_dir
 from .cliwait import wait_ready, with_progress
-from .errors import MCPError
+from .errors import AgentUnreachable, MCPError
 from .safetext import for_terminal
 
 
@@ -90,13 +90,35 @@ def deploy(ctx: Ctx, service: str, direct: bool, node: str | None, local: bool, 
 def validate(ctx: Ctx, definition: str) -> None:
     """Check a definition FILE (or - for stdin) without deploying it.
 
+    The agent, when one answers, runs the checks its deploy runs before changing
+    anything (volume roots, host paths that exist, secrets, routes; capacity as a
+    warning, since it may change before the deploy). When none answers, only the
+    definition itself is checked, and a note on stderr says so.
+
     \b
     Example:
       mcp validate examples/hello.toml
     """
     d = load_definition(ctx, definition)
-    emit(ctx, {"service": d["name"], "valid": True, "components": len(d["components"])},
-         lambda r: f"{r['service']}: valid ({r['components']} component(s))")
+    backends = ctx.backends()
+    if len(backends) == 1:
+        backend = backends[0]
+    else:
+        from .multinode import plan_target
+
+        backend = plan_target(backends, d["name"])[0]
+    try:
+        r = backend.call("validate", d)
+    except AgentUnreachable as exc:
+        click.echo(for_terminal(
+            f"note: no agent answered ({backend.node}: {exc.__cause__ or exc}); checked "
+            "locally only (volume roots, host paths and capacity not checked)"), err=True)
+        r = {"service": d["name"], "valid": True, "components": len(d["components"]),
+             "warnings": [], "checked_by": None}
+    for w in r["warnings"]:
+        click.echo(for_terminal(f"warning: {w}"), err=True)
+    emit(ctx, r, lambda r: f"{r['service']}: valid ({r['components']} component(s))"
+         + (f", checked by {r['checked_by']}" if r["checked_by"] else ""))
 
 
 @click.command(name="plan")

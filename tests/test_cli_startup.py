@@ -108,3 +108,15 @@ def test_deploy_loads_the_parser_not_the_runtime_interface(tmp_path: Path) -> No
     # One node: no fan-out; --json: no text views; the names only, not the ABCs behind them.
     assert not loaded & {"mcp_node.runtime", "mcp_node.multinode", "mcp_node.cliformat",
                          "mcp_node.agent"}, loaded
+
+
+def test_validate_loads_the_parser_not_the_agent(tmp_path: Path) -> None:
+    """No agent answers the probe: the note, from what deploy's start-up loads, no more."""
+    path = tmp_path / "web.toml"
+    path.write_text('name = "web"\n[[components]]\nname = "web"\nimage = "localhost/x:1"\n')
+    r = probe(tmp_path, "validate", str(path))
+    assert r["exit"] == 0 and "checked locally only" in str(r["output"])
+    loaded = set(r["modules"])  # type: ignore[call-overload]
+    assert loaded & COMMAND_MODULES == {"mcp_node.clideploy"}
+    assert not loaded & {"mcp_node.runtime", "mcp_node.multinode", "mcp_node.agent",
+                         "mcp_node.preflight"}, loaded

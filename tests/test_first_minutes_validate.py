@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from etcd_env import EtcdCluster
 from fake_runtime import FakeWorld
 from server_env import LiveServer
 
@@ -18,9 +19,11 @@ from mcp_node.agent import Agent
 from mcp_node.cli import cli
 from mcp_node.config import from_dict as config_from_dict
 from mcp_node.errors import ResourceError, ValidationError
+from mcp_node.fleetops import FleetOperations
 from mcp_node.runtime import RUNTIME_NAMES
-from mcp_node.servicedef import from_dict
+from mcp_node.servicedef import ServiceDef, from_dict
 from mcp_node.vmstate import host_memory_mb
+from mcp_node.wiring import node_agent
 
 CONTAINER, VM = RUNTIME_NAMES
 
@@ -182,3 +185,35 @@ def test_validate_raises_what_deploy_raises(agent: Agent, tmp_path: Path) -> Non
     with pytest.raises(ValidationError, match="'elsewhere' is not this node") as err:
         agent.validate(other)
     assert err.value.field == "node"
+
+
+def test_validate_in_fleet_mode_checks_this_node_and_says_so(etcd_cluster: EtcdCluster,
+                                                             tmp_path: Path) -> None:
+    """One node's checks (secrets the fleet's); the node a placement picks later may be
+    another, which a warning names."""
+    cfg = config_from_dict({
+        "state": {"dir": str(tmp_path / "c1")},
+        "podman": {"volume_roots": [str(tmp_path)]},
+        "cluster": {"etcd": etcd_cluster.endpoints, "node": "c1", "roles": ["compute"],
+                    "lease_ttl_s": 2, "grace_s": 1, "memory_mb": 1024, "timeout_s": 1}})
+    ops = FleetOperations(node_agent(cfg, runtimes=FakeWorld().runtimes()))
+    try:
+        def d(**extra: object) -> ServiceDef:
+            return from_dict({"name": "s", "components": [{"name": "c", "image": "i:1",
+                                                           **extra}], **top})
+
+        top: dict[str, object] = {"node": "c1"}
+        assert ops.validate(d()) == {"service": "s", "valid": True, "components": 1,
+                                     "warnings": [], "checked_by": "c1"}
+        for extra, words in (({"volumes": ["/etc:/etc"]}, "is outside the volume roots"),
+                             ({"secrets": ["absent"]}, "secret 'absent' is not set in the "
+                                                       "fleet")):
+            with pytest.raises(ValidationError, match=words):
+                ops.validate(d(**extra))
+        top = {}
+        assert ops.validate(d())["warnings"] == [
+            "checked on c1 only: the fleet may place it on another node, whose host paths "
+            "and capacity were not checked"]
+        assert ops.ps() == []
+    finally:
+        ops.close()

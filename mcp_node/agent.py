@@ -42,6 +42,7 @@ from .rollout import Rollouts, changed_components, last_output, new_rollout, rev
 from .rounds import Rounds, prune_history
 from .runtime import (
     RUNTIME_NAMES,
+    TRAITS,
     Runtime,
     WorkloadSpec,
     load_runtime,
@@ -54,6 +55,7 @@ from .servicedef import (
     route_env,
 )
 from .servicelocks import ServiceLocks
+from .servicenet import ServiceNetworks
 from .states import RUNNING, STOPPED, State
 from .views import Views
 
@@ -111,6 +113,8 @@ class Agent(SecretOps):
         self.checks = Checks(self)
         self.reconciler.unhealthy = self.checks.unhealthy
         self.progress = Progress()
+        self.nets = ServiceNetworks(config.network, self.registry, self.state_dir,
+                                    self.runtime, lambda r: TRAITS[r].joins_by)
         self.steps = Steps(self.runtime, self.spec, self.registry, self.progress)
         if config.proxy.serve_routes:   # start-first replaces switch at the node proxy
             self.steps.switch = lambda service, c: self.node_routes.switch(service, c)
@@ -146,6 +150,8 @@ class Agent(SecretOps):
             self.rounds.reconcile_edge()
 
     def _after_round(self, view: View) -> None:
+        if self.reconciling:   # bridge mode: links, resolvers and rules before restarts
+            self.nets.repair(view.records)
         self.rounds.after_round(view)
         self.rollouts.round(self.views.seen)
         for subscriber in self.round_subscribers:
@@ -219,8 +225,7 @@ class Agent(SecretOps):
 
     # -- specs --------------------------------------------------------------
 
-    @staticmethod
-    def spec(service: str, comp: ComponentRecord) -> WorkloadSpec:
+    def spec(self, service: str, comp: ComponentRecord) -> WorkloadSpec:
         d = comp.defn
         return WorkloadSpec(
             service=service, component=d.name, image=d.image, cmd=d.cmd,
@@ -228,6 +233,7 @@ class Agent(SecretOps):
             ports=tuple(comp.host_ports[r.name] for r in d.routes), restart=d.restart,
             memory_mb=d.memory_mb, vcpus=d.vcpus, binary=d.binary, image_sha256=d.image_sha256,
             image_digest=d.image_digest, secrets=d.secrets, secret_versions=d.secret_versions,
+            net=self.nets.attach(service, d.name, d.runtime),
         )
 
     def _unallocated_spec(self, service: str, comp: ComponentDef) -> WorkloadSpec:
@@ -280,6 +286,7 @@ class Agent(SecretOps):
                     self.registry.check_workload_names(defn)
                     rec = self.registry.put_service(defn, fresh=beside)
                 try:
+                    self.nets.prepare(rec)   # bridge mode: before any workload of it runs
                     changes = self.steps.converge(rec, previous, beside, switched)
                 except BaseException:
                     self.steps.rollback(rec, previous, beside, switched)
@@ -302,9 +309,10 @@ class Agent(SecretOps):
                 changed: tuple[str, ...]) -> frozenset[str]:
         """The changed components a start-first deploy replaces beside their current
         workload: those with a route the node proxy serves, of the same runtime as
-        before (the rest are replaced stop-first)."""
+        before (the rest are replaced stop-first). Not in bridge mode yet: a component
+        has one address on its service network, which two workloads cannot share."""
         if defn.update.order != "start-first" or previous is None or \
-                not self.config.proxy.serve_routes:
+                not self.config.proxy.serve_routes or self.nets.active:
             return frozenset()
         old = {c.defn.name: c.defn for c in previous.components}
         return frozenset(c.name for c in defn.components if c.name in changed and c.routes
@@ -423,6 +431,7 @@ class Agent(SecretOps):
             self.registry.mark_undeploying(name)
             in_parallel([partial(self.steps.remove, rec.name, c) for c in rec.components])
             self.registry.delete_service(rec.name)
+            self.nets.release(rec.name)   # a crash before it: the next round's repair
             self.rollouts.forget(rec.name)
             log.info("undeployed service=%s", rec.name)
             self._routes_after(rec.name)
@@ -520,8 +529,13 @@ class Agent(SecretOps):
             self.node_routes.after_change(name)
 
     def health(self) -> dict[str, Any]:
-        """healthy | degraded with reasons, from the last monitor round; does not raise."""
-        return self.rounds.health()
+        """healthy | degraded with reasons, from the last monitor round; does not raise.
+        ``network`` says which networking services get (issue 23)."""
+        out = {**self.rounds.health(), "network": self.nets.info()}
+        if self.nets.reasons():
+            out["reasons"] = [*out.get("reasons", []), *self.nets.reasons()]
+            out["status"] = "degraded" if out.get("status") == "healthy" else out["status"]
+        return out
 
     # -- edge routes (edge.py) and the fleet's nodes (none here) ---------------------
 

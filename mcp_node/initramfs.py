@@ -28,6 +28,7 @@ from .cpio import Cpio
 from .errors import ImageError, ValidationError
 from .files import atomic_write
 from .grammar import Volume, parse_env
+from .netplan import kernel_args
 from .vmimage import (
     BootPlan,
     BuildRequest,
@@ -62,8 +63,15 @@ for m in $(cat /mcp/modules.order); do
   insmod "/mcp/modules/$m.ko" || echo "mcp-init: insmod $m failed"
 done
 ip link set lo up
-ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
+addr=10.0.2.15/24 gw=10.0.2.2
+for w in $(cat /proc/cmdline); do
+  case "$w" in mcp.ip=*) addr=${w#mcp.ip=} ;; mcp.gw=*) gw=${w#mcp.gw=} ;; esac
+done
+ip link set eth0 up && ip addr add "$addr" dev eth0 && ip route add default via "$gw" \
   || echo "mcp-init: network setup failed"
+if [ "$gw" != 10.0.2.2 ]; then   # bridge mode: the service's name server is its gateway
+  mkdir -p /etc && printf 'nameserver %s\n' "$gw" > /etc/resolv.conf
+fi
 mcp_volume() {
   mkdir -p "$2"
   if [ "$3" = ro ]; then o=ro,trans=virtio; else o=trans=virtio; fi
@@ -409,5 +417,6 @@ class InitramfsBuilder:
         log.info("initramfs: %s for kernel %s (%s)", initrd, ver,
                  "cached" if cached is not None and cached.is_file() else "built")
         return BootPlan(builder=self.name, image=str(initrd),
-                        kernel=str(kernel.resolve()), initrd=str(initrd), append=CMDLINE,
+                        kernel=str(kernel.resolve()), initrd=str(initrd),
+                        append=f"{CMDLINE} {kernel_args(req.net)}" if req.net else CMDLINE,
                         fw_cfg=((GUEST_CONFIG, str(conf)),), volumes=req.volumes)

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from .config import QemuConfig
 from .errors import ImageError, ValidationError
 from .grammar import Volume, parse_env
+from .netplan import resolv_conf
 from .vmimage import BootPlan, BuildRequest, run_tool
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,11 @@ def check_volumes(volumes: tuple[Volume, ...], program: str | None = None) -> No
         seen.append((i, guest))
 
 
-def nanos_manifest(req: BuildRequest) -> str:
+def nanos_manifest(req: BuildRequest, resolv: Path | None = None) -> str:
     """The manifest Nanos's mkfs reads: the ELF at its guest path, an empty directory per
-    volume mount point, args, env and the ``mounts`` of the volumes."""
+    volume mount point, args, env and the ``mounts`` of the volumes; in bridge mode the
+    guest's static address (Nanos's ``ipaddr``/``netmask``/``gateway``, first NIC) and
+    ``resolv`` as its /etc/resolv.conf."""
     check_volumes(req.volumes, req.program)
     tree: dict[str, object] = {}
 
@@ -85,6 +88,8 @@ def nanos_manifest(req: BuildRequest) -> str:
         place(v.guest, {})
     for name, host in req.secret_files:   # read by mkfs into the image (on a tmpfs)
         place(f"/run/secrets/{name}", host)
+    if req.net is not None and resolv is not None:
+        place("/etc/resolv.conf", resolv)
 
     def render(node: dict[str, object]) -> str:
         items = []
@@ -105,6 +110,9 @@ def nanos_manifest(req: BuildRequest) -> str:
         f"    arguments:[{args}]",
         f"    environment:({env_s})",
     ]
+    if req.net is not None:
+        lines += [f"    ipaddr:{req.net.address}", f"    netmask:{req.net.netmask}",
+                  f"    gateway:{req.net.gateway}"]
     if req.volumes:
         mounts = " ".join(f"{nanos_volume_label(i)}:{nanos_quote(v.guest)}"
                           for i, v in enumerate(req.volumes))
@@ -203,7 +211,11 @@ class NanosBuilder:
             raise ImageError(f"nanos builder unavailable: {why}")
         self.check(req.volumes)
         d = Path(self.cfg.nanos_dir).expanduser().resolve()
-        manifest = nanos_manifest(req)
+        resolv = None
+        if req.net is not None:
+            resolv = out / "resolv.conf"
+            resolv.write_text(resolv_conf(req.net))
+        manifest = nanos_manifest(req, resolv)
         (out / "app.manifest").write_text(manifest)
         disk = out / "disk.raw"
         setarch = shutil.which("setarch")

@@ -39,14 +39,14 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from podman import PodmanClient
 from podman.errors import PodmanError
 
-from . import podman_images
+from . import podman_images, podman_networks
 from .config import AgentConfig
 from .errors import (
     ConflictError,
@@ -58,6 +58,7 @@ from .errors import (
 )
 from .grammar import Volume, parse_volumes, resolve_volumes, volume_roots
 from .mounts import Ident, mounted_ident, moved_source, path_ident
+from .netplan import ServiceNet
 from .podman_leftovers import Leftovers, conmons
 from .podman_logread import ContainerLog
 from .podman_repair import clear_storage_gone, clear_storage_only, reap_secret_dirs
@@ -451,6 +452,12 @@ class PodmanRuntime(Runtime):
         if mistake is not None:
             raise mistake
         raise WorkloadError(f"podman create {spec.name}: {message}")
+
+    def ensure_network(self, net: ServiceNet, clear: Callable[[], None]) -> None:
+        podman_networks.ensure(self._request, net, clear)
+
+    def remove_network(self, service: str) -> None:
+        podman_networks.remove(self._request, service)
 
     def promote(self, service: str, component: str) -> None:
         """Two renames (podman renames a running container in place): the current one

@@ -100,6 +100,10 @@ def create_kwargs(spec: WorkloadSpec, owner: str,
             for name, host in (secret_files or {}).items()}}
     if spec.memory_mb:
         kwargs["mem_limit"] = f"{spec.memory_mb}m"
+    if spec.net is not None:   # bridge mode: its service's network, a fixed address
+        kwargs.update(network_mode="bridge",
+                      networks={spec.net.network: {"static_ips": [spec.net.address]}},
+                      dns=[spec.net.gateway], dns_search=[spec.net.search])
     return kwargs
 
 

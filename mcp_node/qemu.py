@@ -50,6 +50,7 @@ from .initramfs import find_busybox, find_kernel
 from .kvmprobe import GuestProbe, choose_accel, linux_guest, nanos_guest
 from .podman_images import gone_message, image_digest
 from .qemuargs import VMParams, mac_for
+from .readiness import connect
 from .registries import Registries
 from .runtime import NEXT, OLD, Runtime, Workload, WorkloadSpec, side_key, slot_of, split_key
 from .runtimenames import UNIKERNEL
@@ -309,7 +310,7 @@ class QemuRuntime(Runtime):
                     guest_path=pulled.binary or f"/usr/local/bin/{spec.component}",
                     argv=pulled.argv, env=env, volumes=volumes, secret_files=files,
                     memory_mb=int(spec.memory_mb or 0), vcpus=spec.vcpus, ports=spec.ports,
-                    cache_dir=self.cache_dir)
+                    cache_dir=self.cache_dir, net=spec.net)
                 plan = self._image(spec, builder, req, tmp)
                 accel = self.accel
                 self.check_capacity(spec, replacing=True)   # refuse before touching the old VM
@@ -362,8 +363,8 @@ class QemuRuntime(Runtime):
             machine=self.cfg.machine, accel=accel, ports=tuple(spec.ports),
             mac=mac_for(spec.service, spec.component), stop_timeout_s=spec.stop_timeout_s,
             boot=plan if sealed else plan.relocated(tmp, d.image), started_at=time.time(),
-            owner=self.owner,
-            spec_digest=spec.digest)
+            owner=self.owner, spec_digest=spec.digest,
+            tap=spec.net.tap if spec.net else "", address=spec.net.address if spec.net else "")
         write_meta(d, meta)
         return meta
 
@@ -561,6 +562,8 @@ class QemuRuntime(Runtime):
         pid = live_pid(d, meta) if meta is not None else None
         if pid is None:
             return "no qemu process"
+        if meta is not None and meta.tap:   # bridged: the host port is DNAT to the guest
+            return connect(port, timeout)
         return vmcheck.guest_accepts(d.qmp, pid, port, timeout)
 
     # -- what status and health show -----------------------------------------------------------

@@ -18,6 +18,7 @@ from .vmimage import BootPlan, volume_tag
 
 SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,130}")
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+TAP_NAME = re.compile(r"mcpt[0-9]{1,5}x[0-9]{1,3}")
 MACHINES = ("q35", "microvm")
 
 
@@ -36,6 +37,7 @@ class VMParams:
     mac: str
     plan: BootPlan
     paused: bool = False      # -S: CPUs stay stopped until QMP ``cont``
+    tap: str = ""             # bridge mode: the TAP device instead of user-mode
 
 
 def esc(value: str) -> str:
@@ -103,6 +105,16 @@ def _devices(p: VMParams) -> list[str]:
     return args + _volumes(p, "virtio-9p-device" if micro else "virtio-9p-pci")
 
 
+def _netdev(p: VMParams, fwd: str) -> str:
+    """User-mode with host ports forwarded, or (bridge mode) the VM's TAP, opened by
+    name: the agent made it and attached it to the service's bridge; no scripts run."""
+    if not p.tap:
+        return f"user,id=n0{fwd}"
+    if not TAP_NAME.fullmatch(p.tap):
+        raise ValueError(f"bad TAP name {p.tap!r}")
+    return f"tap,id=n0,ifname={p.tap},script=no,downscript=no"
+
+
 def qemu_argv(p: VMParams) -> list[str]:
     """The whole qemu command line for one VM (daemonised, pidfile, QMP, console)."""
     if not SAFE_NAME.fullmatch(p.name):
@@ -128,7 +140,7 @@ def qemu_argv(p: VMParams) -> list[str]:
         "-qmp", f"unix:{esc(p.qmp)},server=on,wait=off",
         "-chardev", f"file,id=con0,path={esc(p.console)},append=on",
         "-serial", "chardev:con0",
-        "-netdev", f"user,id=n0{fwd}",
+        "-netdev", _netdev(p, fwd),
         *_devices(p),
         *(["-S"] if p.paused else []),
     ]

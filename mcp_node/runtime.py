@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .netplan import NetAttach, ServiceNet
 from .readiness import connect
 from .runtimenames import DEFAULT_RUNTIME, RUNTIME_NAMES, RUNTIMES, TRAITS, Traits
 from .states import MISSING, RUNNING, STOPPED, State
@@ -108,6 +109,7 @@ class WorkloadSpec:
     secrets: tuple[str, ...] = ()      # given as /run/secrets/<name> (issue 20)
     secret_versions: tuple[tuple[str, int], ...] = ()   # of every secret it uses
     slot: str = ""                     # "" or NEXT: a start-first replace's new workload
+    net: NetAttach | None = None       # bridge mode: its service network (issue 23)
 
     @property
     def run_image(self) -> str:
@@ -137,6 +139,8 @@ class WorkloadSpec:
             made_of.append(self.image_digest)
         if self.secrets or self.secret_versions:   # versions, never values (issue 20)
             made_of.append(json.dumps([self.secrets, self.secret_versions]))
+        if self.net is not None:   # only when set: user-mode workloads keep their digest
+            made_of.append(f"{self.net.bridge} {self.net.address}")
         return hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:16]
 
 
@@ -282,6 +286,16 @@ class Runtime(ABC):
         accepted a connection, else why not (a few words). Default: a plain connect,
         which proves it where the host port reaches the workload's own socket."""
         return connect(port, timeout)
+
+    def ensure_network(self, net: ServiceNet, clear: Callable[[], None]) -> None:
+        """Bridge mode: make this runtime's own network on ``net``'s bridge, if it needs
+        one (``traits.joins_by == "network"``), before ``run`` of a workload on it;
+        ``clear`` is called before a create (``podman_networks.ensure``)."""
+        return None
+
+    def remove_network(self, service: str) -> None:
+        """Bridge mode: remove what ``ensure_network`` made (no error when absent)."""
+        return None
 
     @property
     def graceful_stop(self) -> bool:

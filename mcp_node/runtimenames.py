@@ -25,6 +25,9 @@ class Traits:
     min_memory_mb: int = 0
     own_keys: tuple[str, ...] = ()        # keys only runtimes declaring them act on
     counts_vcpus: bool = False            # its vcpus count toward a node's capacity
+    # bridge mode (issue 23): "tap" = a TAP device the agent makes and attaches to the
+    # service's bridge; "network" = the runtime's own network on that bridge
+    joins_by: str = "network"
 
     def openapi(self) -> dict[str, Any]:
         """The JSON Schema a component of this runtime adds (empty: nothing)."""
@@ -37,7 +40,8 @@ class Traits:
 CONTAINER = Traits("container", "mcp_node.podman:PodmanRuntime", "container")
 UNIKERNEL = Traits("unikernel", "mcp_node.qemu:QemuRuntime", "VM", memory_required=True,
                    min_memory_mb=MIN_VM_MEMORY_MB,
-                   own_keys=("vcpus", "binary", "image_sha256"), counts_vcpus=True)
+                   own_keys=("vcpus", "binary", "image_sha256"), counts_vcpus=True,
+                   joins_by="tap")
 
 TRAITS: dict[str, Traits] = {t.name: t for t in (CONTAINER, UNIKERNEL)}
 RUNTIMES: dict[str, str] = {name: t.impl for name, t in TRAITS.items()}

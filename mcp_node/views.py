@@ -195,7 +195,9 @@ class Views:
             rt = self.a.runtime(comp.defn.runtime)
         except MCPError:
             return {}
-        return rt.status_extra(self.a.spec(service, comp), observed)
+        spec = self.a.spec(service, comp)
+        extra = rt.status_extra(spec, observed)
+        return {**extra, "address": spec.net.address} if spec.net else extra
 
     # -- events ------------------------------------------------------------------
 

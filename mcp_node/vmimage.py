@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from .errors import ImageError
 from .grammar import Volume
+from .netplan import NetAttach
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class BuildRequest:
     # (name, host file): given to the program as /run/secrets/<name> (issue 20); the
     # files, and so the image, live in a tmpfs directory only root can read
     secret_files: tuple[tuple[str, Path], ...] = ()
+    net: NetAttach | None = None     # bridge mode: the guest's static address (issue 23)
 
     @property
     def program(self) -> str:

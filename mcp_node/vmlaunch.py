@@ -51,7 +51,7 @@ def vm_params(binary: str, d: VMDir, meta: VMMeta, paused: bool = False) -> VMPa
         binary=binary, name=meta.name, machine=meta.machine, accel=meta.accel,
         memory_mb=meta.memory_mb, vcpus=meta.vcpus, pidfile=str(pidfile_of(d, meta)),
         qmp=d.qmp.name, console=str(d.console), ports=meta.ports, mac=meta.mac, plan=meta.boot,
-        paused=paused)
+        paused=paused, tap=meta.tap)
 
 
 def launch(d: VMDir, meta: VMMeta, binary: str, volume_roots: Sequence[str],

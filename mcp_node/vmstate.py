@@ -99,6 +99,8 @@ class VMMeta:
     # start-first replace renames the dirs of running VMs (``QemuRuntime.promote``), and
     # qemu unlinks the pidfile path it was given when it exits.
     pidfile: str = ""
+    tap: str = ""                   # bridge mode (issue 23): the TAP qemu opens...
+    address: str = ""               # ...and the guest's address on its service network
     extra: dict[str, Any] = field(default_factory=dict)   # keys of newer versions, kept
 
     @property

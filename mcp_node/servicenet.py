@@ -1,0 +1,263 @@
+"""Bridge mode's lifecycle (issue 23): when a service's network is made, repaired and
+removed. ``netplan`` says what it is, ``registry_net`` keeps the numbers, ``hostnet``
+and ``nftrules`` touch the host, each runtime makes its own part (podman's network).
+
+Deploy: numbers allocated, then the podman network (before the bridge has its
+address: podman refuses a subnet an interface holds), the bridge, one TAP per VM
+component, the service's resolver, and the node's rule table rewritten whole. Every
+step is idempotent, so a deploy cut short is finished by the next round's repair.
+Undeploy: the reverse, and the numbers go last. A round: for every service with
+numbers, what is missing is made again; links, resolvers and numbers of services the
+registry no longer has (a crash between the two) are removed. Nothing is torn down
+when the agent starts: a VM's TAP and a container's address outlive an agent restart."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import hostnet
+from .config import NetworkConfig
+from .errors import MCPError, NetworkSetupError
+from .netplan import (
+    BRIDGE_PREFIX,
+    TAP_PREFIX,
+    NetAttach,
+    ServiceNet,
+    subnet_count,
+)
+from .nftrules import Forward, ruleset_text
+
+if TYPE_CHECKING:
+    from .records import ServiceRecord
+    from .registry import Registry
+    from .runtime import Runtime
+
+log = logging.getLogger("mcp_node.network")
+
+TOOLS = ("ip", "nft", "dnsmasq")
+
+
+def bridge_problem(mode: str) -> str:
+    """Why bridge mode cannot be set up on this host ("" when it can)."""
+    if mode != "bridge":
+        return ""
+    if os.geteuid() != 0:
+        return "bridge mode needs root (bridges, TAPs, nftables)"
+    missing = [t for t in TOOLS if shutil.which(t) is None and
+               not Path("/usr/sbin", t).exists()]
+    if missing:
+        return f"bridge mode needs {', '.join(missing)} (Debian: iproute2, nftables, " \
+               "dnsmasq-base)"
+    if not Path("/dev/net/tun").exists():
+        return "bridge mode needs /dev/net/tun"
+    return ""
+
+
+def drop_address(net: ServiceNet) -> None:
+    """The gateway address off the bridge, if both are there (``_ensure`` adds it back)."""
+    if net.bridge in hostnet.links("mcp"):
+        with contextlib.suppress(NetworkSetupError):
+            hostnet.run(["ip", "addr", "del", net.gateway_cidr, "dev", net.bridge])
+
+
+class ServiceNetworks:
+    def __init__(self, cfg: NetworkConfig, registry: Registry, state_dir: Path,
+                 runtime: Callable[[str], Runtime], joins_by: Callable[[str], str]) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.runtime = runtime            # by runtime name
+        self.joins_by = joins_by          # runtime name -> "tap" | "network"
+        self.problem = bridge_problem(cfg.mode)
+        self.resolver = hostnet.Resolver(state_dir / "net")
+        self._lock = threading.RLock()
+        self._nets: dict[str, ServiceNet] | None = None
+        self._rules = ""                  # the text last applied ("none": removed)
+        self._fwd: dict[str, list[Forward]] = {}   # service -> its VMs' host ports
+        self.last_error = ""
+
+    @property
+    def active(self) -> bool:
+        return self.cfg.mode == "bridge" and not self.problem
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": "bridge" if self.active else "user",
+                               "configured": self.cfg.mode}
+        if self.problem:
+            out["reason"] = self.problem
+        if self.active:
+            out.update(cidr=self.cfg.cidr, services=len(self._all()))
+            if self.last_error:
+                out["reason"] = self.last_error
+        return out
+
+    def reasons(self) -> list[str]:
+        """What degrades health: bridge mode asked for and not in use, or a repair failing."""
+        if self.problem:
+            return [f"network: {self.problem}; services use user-mode networking"]
+        return [f"network: {self.last_error}"] if self.active and self.last_error else []
+
+    # -- numbers ------------------------------------------------------------------------
+
+    def _all(self) -> dict[str, ServiceNet]:
+        with self._lock:
+            if self._nets is None:
+                self._nets = {s: ServiceNet(s, idx, self.cfg.cidr, hosts)
+                              for s, (idx, hosts) in self.registry.networks().items()}
+            return self._nets
+
+    def attach(self, service: str, component: str, runtime: str) -> NetAttach | None:
+        """A workload's attach, from numbers a deploy allocated (None in user mode, or
+        for a service deployed before bridge mode was turned on: it keeps user-mode
+        networking until it is deployed again)."""
+        if not self.active:
+            return None
+        net = self._all().get(service)
+        if net is None or component not in net.hosts:
+            return None
+        return net.attach(component, self.joins_by(runtime) == "tap")
+
+    # -- deploy and undeploy ------------------------------------------------------------
+
+    def prepare(self, rec: ServiceRecord) -> None:
+        """Numbers for every component, then the host side, before any workload of the
+        record (its host ports allocated) runs; components it no longer has give theirs
+        back."""
+        if not self.active:
+            return
+        with self._lock:
+            names = [c.defn.name for c in rec.components]
+            idx, hosts = self.registry.allocate_network(rec.name, names,
+                                                        subnet_count(self.cfg.cidr))
+            old = self._all().get(rec.name)
+            if old is not None:
+                for c in sorted(set(old.hosts) - set(names)):
+                    hostnet.delete_link(old.tap(c))
+            self.registry.release_hosts(rec.name, names)
+            net = ServiceNet(rec.name, idx, self.cfg.cidr,
+                             {c: n for c, n in hosts.items() if c in names})
+            self._all()[rec.name] = net
+            self._ensure(net, {c.defn.name: c.defn.runtime for c in rec.components})
+            self._fwd[rec.name] = self._forwards_of(net, rec)
+            self._apply_rules()
+
+    def _forwards_of(self, net: ServiceNet, rec: ServiceRecord) -> list[Forward]:
+        """A VM's host ports: 127.0.0.1:p DNATed to its address, port p (as user-mode's
+        hostfwd did), so checks, the node proxy and operators reach it as before."""
+        return [Forward(p, net.address(c.defn.name), p) for c in rec.components
+                if self.joins_by(c.defn.runtime) == "tap" and c.defn.name in net.hosts
+                for p in sorted(c.host_ports.values()) if p]
+
+    def release(self, service: str) -> None:
+        """Everything of the service's network, its workloads already gone. Never raises:
+        the undeploy has happened; what is left the next round's repair removes."""
+        if not self.active:
+            return
+        try:
+            self._release(service)
+        except (MCPError, OSError, ValueError) as exc:
+            self.last_error = f"removing the network of {service}: {exc}"
+            log.warning("network: %s", self.last_error)
+
+    def _release(self, service: str) -> None:
+        with self._lock:
+            net = self._all().pop(service, None)
+            if net is None:
+                return
+            self._fwd.pop(service, None)
+            self.resolver.stop(service)
+            for c in net.hosts:
+                hostnet.delete_link(net.tap(c))
+            for name in self._runtime_names():
+                self.runtime(name).remove_network(service)
+            hostnet.delete_link(net.bridge)
+            self._apply_rules()
+            self.registry.release_network(service)
+            log.info("network: removed service=%s bridge=%s", service, net.bridge)
+
+    def _runtime_names(self) -> list[str]:
+        from .runtimenames import TRAITS
+
+        return [n for n, t in TRAITS.items() if t.joins_by == "network"]
+
+    def _ensure(self, net: ServiceNet, runtimes: dict[str, str]) -> None:
+        """The service's host side, made where missing (idempotent)."""
+        for name in sorted({r for r in runtimes.values() if self.joins_by(r) == "network"}):
+            self.runtime(name).ensure_network(net, lambda: drop_address(net))
+        hostnet.ensure_bridge(net.bridge, net.gateway_cidr)
+        hostnet.set_route_localnet(net.bridge, True)
+        for c, r in sorted(runtimes.items()):
+            if self.joins_by(r) == "tap" and c in net.hosts:
+                hostnet.ensure_tap(net.tap(c), net.bridge)
+        self.resolver.ensure(net.service, net.gateway, net.names())
+
+    def _apply_rules(self) -> None:
+        """The node's table rewritten whole when what it should hold changed (or it went)."""
+        nets = self._all()
+        forwards = sorted({f for fs in self._fwd.values() for f in fs},
+                          key=lambda f: f.host_port)
+        if not nets and not forwards:
+            if self._rules != "none":
+                hostnet.remove_rules()
+                self._rules = "none"
+            return
+        text = ruleset_text({n.bridge: n.gateway for n in nets.values()}, [], forwards)
+        if text != self._rules or hostnet.current_rules() is None:
+            hostnet.apply_rules(text)
+            self._rules = text
+
+    # -- each round ---------------------------------------------------------------------
+
+    def repair(self, records: Sequence[ServiceRecord]) -> None:
+        """Make again what is missing; remove what no service owns. Never raises."""
+        if not self.active:
+            return
+        try:
+            with self._lock:
+                self._repair(records)
+            self.last_error = ""
+        except (MCPError, OSError, ValueError) as exc:
+            self.last_error = f"repair failed: {exc}"
+            log.warning("network: %s", self.last_error)
+
+    def _repair(self, records: Sequence[ServiceRecord]) -> None:
+        self._nets = None   # numbers as the registry has them now
+        by_name = {r.name: r for r in records}
+        for service in sorted(set(self._all()) - set(by_name)):
+            log.info("network: service=%s is gone; removing its network", service)
+            self._release(service)
+        present = hostnet.links("mcp")
+        for service, net in sorted(self._all().items()):
+            rec = by_name[service]
+            runtimes = {c.defn.name: c.defn.runtime for c in rec.components}
+            links = [net.bridge] + [net.tap(c) for c, r in runtimes.items()
+                                    if self.joins_by(r) == "tap" and c in net.hosts]
+            if any(n not in present for n in links):
+                log.info("network: service=%s: making its missing links again", service)
+                self._ensure(net, runtimes)
+            else:
+                self.resolver.ensure(service, net.gateway, net.names())
+            self._fwd[service] = self._forwards_of(net, rec)
+        self._apply_rules()
+        self._sweep(self._all().values())
+
+    def _sweep(self, nets: Iterable[ServiceNet]) -> None:
+        """Our links and resolvers that no allocated network accounts for."""
+        wanted = set()
+        for net in nets:
+            wanted.add(net.bridge)
+            wanted.update(net.tap(c) for c in net.hosts)
+        for name in sorted(hostnet.links("mcp")):
+            if name.startswith((BRIDGE_PREFIX, TAP_PREFIX)) and name not in wanted:
+                log.info("network: removing leftover link %s", name)
+                hostnet.delete_link(name)
+        served = {n.service for n in nets}
+        for service in sorted(set(self.resolver.running()) - served):
+            log.info("network: stopping leftover resolver of service=%s", service)
+            self.resolver.stop(service)

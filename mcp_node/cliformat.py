@@ -143,6 +143,13 @@ def health_text(h: dict[str, Any]) -> str:
                          if k not in ("available", "reason") and not isinstance(v, dict | list))
         state = "available" if info.get("available") else "unavailable"
         lines.append(f"runtime {name}: {state}{' ' + extra if extra else ''}")
+    net = h.get("network")
+    if isinstance(net, dict):   # issue 23: which networking services get, and why
+        lines.append(f"network: {net.get('mode')}" + (
+            f" ({net['cidr']}, {net.get('services', 0)} service network(s))"
+            if net.get("cidr") else "") + (
+            f" (configured: {net['configured']})" if net.get("configured") != net.get("mode")
+            else ""))
     for reason in h.get("reasons", []):
         lines.append(f"reason: {reason}")
     return "\n".join(lines)

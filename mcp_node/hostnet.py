@@ -43,7 +43,9 @@ def run(argv: Sequence[str], *, input: str | None = None, timeout: float = TIMEO
     """Run one command (never a shell); a NetworkSetupError with its stderr if it fails
     (``check=False``: a probe whose caller reads the exit status itself)."""
     argv = list(argv)
-    log.info("%s", " ".join(argv))
+    # Reads (``ip -j``, ``nft list``) run each round: logged at debug, changes at info.
+    log.log(logging.DEBUG if argv[1:2] in (["-j"], ["list"]) else logging.INFO, "%s",
+            " ".join(argv))
     try:
         p = subprocess.run(argv, input=input, capture_output=True, text=True,
                            timeout=timeout, check=False)

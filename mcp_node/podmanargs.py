@@ -115,6 +115,11 @@ def create_payload(kwargs: dict[str, Any]) -> dict[str, Any]:
     from podman.domain.containers_create import CreateMixin
 
     payload: dict[str, Any] = CreateMixin._render_payload(dict(kwargs))
+    if payload.get("cni_networks") == [None]:
+        # podman-py renders no ``network`` as [None]: a network named "", which podman
+        # 4.3 looks up as an ID prefix, ambiguous ("more than one result for network
+        # ID") as soon as the host has a second network.
+        del payload["cni_networks"]
     return payload
 
 

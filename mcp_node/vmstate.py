@@ -128,7 +128,8 @@ class VMMeta:
             stop_timeout_s=float(d.get("stop_timeout_s", 10.0)),
             boot=BootPlan.from_dict(d["boot"]), started_at=float(d.get("started_at", 0.0)),
             owner=str(d.get("owner", "")), spec_digest=str(d.get("spec_digest", "")),
-            pidfile=str(d.get("pidfile", "")),
+            pidfile=str(d.get("pidfile", "")), tap=str(d.get("tap", "")),
+            address=str(d.get("address", "")),
             extra={k: v for k, v in d.items() if k not in known})
 
 

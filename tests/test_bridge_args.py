@@ -1,0 +1,165 @@
+"""Bridge mode's pure parts (issue 23): subnets and names, the numbers the registry
+allocates, the config checks, and what each runtime is given (podman's create body,
+qemu's netdev, the Nanos manifest, the initramfs kernel command line)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_qemu_args import NANOS, params
+from test_vmimage import req
+
+from mcp_node import netplan
+from mcp_node.config import from_dict, parse
+from mcp_node.errors import ResourceError
+from mcp_node.nanos import nanos_manifest
+from mcp_node.netplan import NetAttach, ServiceNet
+from mcp_node.podmanargs import create_kwargs, create_payload
+from mcp_node.qemuargs import qemu_argv
+from mcp_node.registry import Registry
+from mcp_node.runtime import WorkloadSpec
+
+NET = ServiceNet("shop", 3, "10.89.0.0/16", {"web": 2, "db": 7})
+
+
+def test_subnets_names_and_addresses() -> None:
+    assert str(netplan.subnet("10.89.0.0/16", 0)) == "10.89.0.0/24"
+    assert str(netplan.subnet("10.89.0.0/16", 255)) == "10.89.255.0/24"
+    assert str(netplan.subnet("172.16.0.0/12", 300)) == "172.17.44.0/24"
+    with pytest.raises(ValueError, match="outside"):
+        netplan.subnet("10.89.0.0/16", 256)
+    assert netplan.subnet_count("10.89.0.0/16") == 256
+    assert (NET.bridge, NET.gateway, NET.subnet) == ("mcpbr3", "10.89.3.1", "10.89.3.0/24")
+    assert (NET.address("db"), NET.tap("db")) == ("10.89.3.7", "mcpt3x7")
+    assert NET.names() == {"10.89.3.7": ["db", "db.shop.internal"],
+                           "10.89.3.2": ["web", "web.shop.internal"]}
+    vm = NET.attach("db", vm=True)
+    assert vm == NetAttach("mcp-shop", "mcpbr3", "10.89.3.7", "10.89.3.1", 24, "mcpt3x7",
+                           "shop.internal")
+    assert NET.attach("web", vm=False).tap == ""
+    assert (vm.netmask, vm.cidr) == ("255.255.255.0", "10.89.3.7/24")
+    assert len(netplan.tap_name(65535, 254)) <= 15
+    assert netplan.hosts_text(NET.names()) == ("10.89.3.2 web web.shop.internal\n"
+                                               "10.89.3.7 db db.shop.internal\n")
+    assert netplan.resolv_conf(vm).startswith("nameserver 10.89.3.1\nsearch shop.internal\n")
+
+
+@pytest.mark.parametrize("cidr,problem", [
+    ("10.89.0.0/16", ""),
+    ("192.168.0.0/23", ""),
+    ("10.89.0.0/24", "must be /8 to /23"),
+    ("10.89.0.1/16", "is not an IPv4 network"),
+    ("8.8.0.0/16", "not a private range"),
+    ("fd00::/64", "is not an IPv4 network"),
+    ("bridge", "is not an IPv4 network"),
+])
+def test_cidr_checked(cidr: str, problem: str) -> None:
+    got = netplan.cidr_problem(cidr)
+    assert (problem in got) if problem else got == ""
+
+
+def test_config_network_section() -> None:
+    cfg = from_dict({"network": {"mode": "bridge", "cidr": "10.200.0.0/16"}})
+    assert (cfg.network.mode, cfg.network.cidr) == ("bridge", "10.200.0.0/16")
+    assert from_dict({}).network.mode == "user"
+    _, errors = parse({"network": {"mode": "tap", "cidr": "10.0.0.0/30", "bridge": 1}})
+    assert sorted(str(e) for e in errors) == [
+        "network.bridge: unknown key (known: mode, cidr)",
+        "network.cidr: 10.0.0.0/30 must be /8 to /23: each service takes a /24 of it",
+        "network.mode: 'tap' is not user or bridge",
+    ]
+
+
+def test_registry_allocates_lowest_free_and_keeps_numbers(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    try:
+        assert reg.allocate_network("a", ["web", "db"], 4) == (0, {"web": 2, "db": 3})
+        assert reg.allocate_network("b", ["x"], 4) == (1, {"x": 2})
+        # Again, with one more component: the old numbers stay, the new gets the next.
+        assert reg.allocate_network("a", ["db", "web", "cache"], 4) == (
+            0, {"web": 2, "db": 3, "cache": 4})
+        reg.release_hosts("a", ["cache"])
+        assert reg.networks()["a"] == (0, {"cache": 4})
+        assert reg.allocate_network("a", ["cache", "web"], 4)[1] == {"cache": 4, "web": 2}
+        reg.release_network("a")
+        assert set(reg.networks()) == {"b"}
+        assert reg.allocate_network("c", ["x"], 4)[0] == 0   # a's index is free again
+        reg.allocate_network("d", ["x"], 4)
+        reg.allocate_network("e", ["x"], 4)
+        with pytest.raises(ResourceError, match="all 4 /24s"):
+            reg.allocate_network("f", ["x"], 4)
+        assert "f" not in reg.networks()   # the refusal wrote nothing
+    finally:
+        reg.close()
+
+
+def test_two_allocations_racing_get_different_indexes(tmp_path: Path) -> None:
+    regs = [Registry(tmp_path / "r.db") for _ in range(2)]
+    got: list[int] = []
+    threads = [threading.Thread(target=lambda r=r, i=i: got.extend(
+        r.allocate_network(f"s{i}-{k}", ["c"], 256)[0] for k in range(20)))
+        for i, r in enumerate(regs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in regs:
+        r.close()
+    assert sorted(got) == list(range(40))
+
+
+def test_podman_create_joins_the_service_network() -> None:
+    spec = WorkloadSpec(service="shop", component="web", image="img", ports=(18080,),
+                        net=NET.attach("web", vm=False))
+    body = create_payload(create_kwargs(spec, "owner"))
+    assert body["netns"] == {"nsmode": "bridge"}
+    assert body["networks"] == {"mcp-shop": {"static_ips": ["10.89.3.2"]}}
+    assert body["dns_server"] == ["10.89.3.1"] and body["dns_search"] == ["shop.internal"]
+    assert body["portmappings"] == [{"container_port": 18080, "protocol": "tcp",
+                                     "host_ip": "127.0.0.1", "host_port": 18080}]
+
+
+def test_podman_create_without_a_network_names_none() -> None:
+    """podman-py renders no network as [None]: podman 4.3 took it for a network named ""
+    and refused every create once the host had two networks."""
+    body = create_payload(create_kwargs(WorkloadSpec(service="s", component="c", image="i"),
+                                        "owner"))
+    assert "cni_networks" not in body and not body.get("networks")
+
+
+def test_spec_digest_covers_the_attach_only_when_set() -> None:
+    plain = WorkloadSpec(service="shop", component="web", image="img")
+    assert plain.digest == replace(plain, net=None).digest
+    bridged = replace(plain, net=NET.attach("web", vm=False))
+    assert bridged.digest != plain.digest
+    moved = replace(plain, net=replace(NET.attach("web", vm=False), address="10.89.3.9"))
+    assert moved.digest != bridged.digest
+
+
+def test_qemu_opens_the_tap_instead_of_user_mode() -> None:
+    argv = qemu_argv(params(NANOS, tap="mcpt3x7"))
+    netdev = argv[argv.index("-netdev") + 1]
+    assert netdev == "tap,id=n0,ifname=mcpt3x7,script=no,downscript=no"
+    assert "hostfwd" not in " ".join(argv)
+    user = qemu_argv(params(NANOS))
+    assert user[user.index("-netdev") + 1].startswith("user,id=n0,hostfwd=tcp:127.0.0.1:")
+    for bad in ("eth0", "mcpt3x7,script=/bin/sh", "mcpt3x7 ", "mcpbr3"):
+        with pytest.raises(ValueError, match="TAP name"):
+            qemu_argv(params(NANOS, tap=bad))
+
+
+def test_nanos_manifest_gives_the_guest_its_address(tmp_path: Path) -> None:
+    resolv = tmp_path / "resolv.conf"
+    m = nanos_manifest(req(tmp_path, net=NET.attach("db", vm=True)), resolv)
+    assert "    ipaddr:10.89.3.7\n    netmask:255.255.255.0\n    gateway:10.89.3.1\n" in m
+    assert f"resolv.conf:(contents:(host:{resolv}))" in m
+    plain = nanos_manifest(req(tmp_path))
+    assert "ipaddr" not in plain and "resolv.conf" not in plain
+
+
+def test_initramfs_guest_address_on_the_kernel_command_line() -> None:
+    att = NET.attach("db", vm=True)
+    assert netplan.kernel_args(att) == "mcp.ip=10.89.3.7/24 mcp.gw=10.89.3.1"

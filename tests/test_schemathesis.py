@@ -81,8 +81,8 @@ ST_CONFIG = """
 expected-statuses = ["2xx", "3xx", "4xx", "502", "503"]
 
 # A schema-valid body may still break a rule JSON Schema cannot state (names unique
-# across items, config-dependent domains): for these operations only (a plan takes a
-# deploy's definition), a 400 is an acceptable answer to positive data.
+# across items, config-dependent domains): for these operations only (a plan and a
+# validate take a deploy's definition), a 400 is an acceptable answer to positive data.
 # Only the document's own links: the test asserts the stateful phase covered each.
 # Bounded apart from the other phases: its deploys, undeploys and certificate issues are
 # real work. Ten scenarios of six steps missed the edge route's link in one CI run of
@@ -104,6 +104,11 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403",
 
 [[operations]]
 include-operation-id = "Plan"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404",
+                                                     "409", "5xx"]
+
+[[operations]]
+include-operation-id = "Validate"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404",
                                                      "409", "5xx"]
 

@@ -74,7 +74,8 @@ def run(*args: str, input: str | None = None) -> Any:
 def test_plan_validate_and_deploy_from_stdin(local: Agent, tmp_path: Path) -> None:
     f = write(tmp_path, DEF)
     res = run("validate", str(f))
-    assert (res.exit_code, res.stdout) == (0, "shop: valid (1 component(s))\n")
+    assert (res.exit_code, res.stdout) == (   # --local: the in-process agent checked it
+        0, f"shop: valid (1 component(s)), checked by {local.node}\n")
     res = run("plan", str(f))
     assert (res.exit_code, res.stdout) == (3, "shop: 1 change(s)\n  create web (new component)\n")
     res = run("deploy", "-", input=DEF)

@@ -127,15 +127,24 @@ class ServiceNetworks:
 
     def prepare(self, rec: ServiceRecord) -> None:
         """Numbers for every component, then the host side, before any workload of the
-        record (its host ports allocated) runs; components it no longer has give theirs
-        back."""
+        record (its host ports allocated) runs."""
         if not self.active:
             return
         with self._lock:
-            names = [c.defn.name for c in rec.components]
+            self._ensure(self._allocate(rec), {c.defn.name: c.defn.runtime
+                                               for c in rec.components})
+            self._apply_rules()
+
+    def _allocate(self, rec: ServiceRecord) -> ServiceNet:
+        """The record's numbers (allocated where missing); components it no longer has
+        give theirs back, and their TAPs go."""
+        names = [c.defn.name for c in rec.components]
+        old = self._all().get(rec.name)
+        if old is not None and set(old.hosts) == set(names):
+            net = old
+        else:
             idx, hosts = self.registry.allocate_network(rec.name, names,
                                                         subnet_count(self.cfg.cidr))
-            old = self._all().get(rec.name)
             if old is not None:
                 for c in sorted(set(old.hosts) - set(names)):
                     hostnet.delete_link(old.tap(c))
@@ -143,9 +152,8 @@ class ServiceNetworks:
             net = ServiceNet(rec.name, idx, self.cfg.cidr,
                              {c: n for c, n in hosts.items() if c in names})
             self._all()[rec.name] = net
-            self._ensure(net, {c.defn.name: c.defn.runtime for c in rec.components})
-            self._fwd[rec.name] = self._forwards_of(net, rec)
-            self._apply_rules()
+        self._fwd[rec.name] = self._forwards_of(net, rec)
+        return net
 
     def _forwards_of(self, net: ServiceNet, rec: ServiceRecord) -> list[Forward]:
         """A VM's host ports: 127.0.0.1:p DNATed to its address, port p (as user-mode's
@@ -233,17 +241,16 @@ class ServiceNetworks:
             log.info("network: service=%s is gone; removing its network", service)
             self._release(service)
         present = hostnet.links("mcp")
-        for service, net in sorted(self._all().items()):
-            rec = by_name[service]
+        for rec in records:   # a deploy cut short, or a service from before bridge mode
             runtimes = {c.defn.name: c.defn.runtime for c in rec.components}
+            net = self._allocate(rec)
             links = [net.bridge] + [net.tap(c) for c, r in runtimes.items()
-                                    if self.joins_by(r) == "tap" and c in net.hosts]
+                                    if self.joins_by(r) == "tap"]
             if any(n not in present for n in links):
-                log.info("network: service=%s: making its missing links again", service)
+                log.info("network: service=%s: making its missing links", rec.name)
                 self._ensure(net, runtimes)
             else:
-                self.resolver.ensure(service, net.gateway, net.names())
-            self._fwd[service] = self._forwards_of(net, rec)
+                self.resolver.ensure(rec.name, net.gateway, net.names())
         self._apply_rules()
         self._sweep(self._all().values())
 

@@ -404,6 +404,11 @@ def runtime_problems(cfg: AgentConfig) -> list[str]:
             out.extend(load_runtime(name).config_problems(cfg))
         except ImportError:   # its module cannot load: the start says so, as health does
             continue
+    from .servicenet import bridge_problem
+
+    if bridge_problem(cfg.network.mode):   # the agent starts, its services on user-mode
+        out.append(f"network.mode: {bridge_problem(cfg.network.mode)}; services would "
+                   "get user-mode networking and health would say degraded")
     return out
 
 

@@ -242,14 +242,15 @@ def dnsmasq_argv(service: str, listen: str, run_dir: Path,
                  servers: Sequence[str]) -> list[str]:
     """One service's dnsmasq: daemonised so it outlives the agent, answering only on the
     gateway address, from our hosts file alone, forwarding other names to ``servers``.
-    It stays root (``--user=root``): the agent's state dir is not readable by nobody, and
-    dnsmasq reads the hosts file again on each SIGHUP."""
+    It drops to nobody once its socket is bound: it answers packets from workloads, so
+    ``run_dir`` (and the hosts file it reads again on each SIGHUP) is world-readable, and
+    lives outside the agent's 0700 state dir."""
     base = run_dir / check_service(service)
     listen = check_ipv4(listen, "listen address")
     argv = [DNSMASQ, f"--pid-file={base}.pid", "--conf-file=/dev/null", "--no-resolv",
             "--no-hosts", f"--addn-hosts={base}.hosts", f"--listen-address={listen}",
             "--bind-interfaces", "--except-interface=lo", "--port=53", "--domain-needed",
-            "--local-ttl=1", f"--log-facility={base}.log", "--user=root", "--group=root"]
+            "--local-ttl=1", f"--log-facility={base}.log", "--user=nobody", "--group=nogroup"]
     argv += [f"--server={s}" for s in servers if s != listen]
     return argv
 
@@ -302,6 +303,7 @@ class Resolver:
         argv = dnsmasq_argv(service, listen, self.run_dir, self._servers())
         path = self._path(service, "hosts")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o755)  # noqa: S103 - dnsmasq, as nobody, reads hosts here
         try:
             changed = path.read_text() != text
         except OSError:

@@ -10,9 +10,11 @@ a component across replaces, restarts and agent restarts."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 SUBNET_PREFIX = 24
 FIRST_HOST = 2
@@ -21,6 +23,18 @@ BRIDGE_PREFIX = "mcpbr"
 TAP_PREFIX = "mcpt"
 NETWORK_PREFIX = "mcp-"
 DOMAIN = "internal"
+
+
+RESOLVER_ROOT = Path("/run/mcp-net")
+
+
+def resolver_dir(state_dir: Path) -> Path:
+    """Where an agent's resolvers keep their hosts, pid and log files: outside its 0700
+    state dir (dnsmasq reads them as nobody), one directory per state dir so two agents
+    on one host never share one; on a tmpfs, which is right: a reboot ends the resolvers
+    too, and the first round writes the files again."""
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:12]
+    return RESOLVER_ROOT / digest
 
 
 def cidr_problem(cidr: str) -> str:

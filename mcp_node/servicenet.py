@@ -30,6 +30,7 @@ from .netplan import (
     TAP_PREFIX,
     NetAttach,
     ServiceNet,
+    resolver_dir,
     subnet_count,
 )
 from .nftrules import Forward, ruleset_text
@@ -75,7 +76,7 @@ class ServiceNetworks:
         self.runtime = runtime            # by runtime name
         self.joins_by = joins_by          # runtime name -> "tap" | "network"
         self.problem = bridge_problem(cfg.mode)
-        self.resolver = hostnet.Resolver(state_dir / "net")
+        self.resolver = hostnet.Resolver(resolver_dir(state_dir))
         self._lock = threading.RLock()
         self._nets: dict[str, ServiceNet] | None = None
         self._rules = ""                  # the text last applied ("none": removed)

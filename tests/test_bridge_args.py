@@ -21,6 +21,7 @@ from mcp_node.podmanargs import create_kwargs, create_payload
 from mcp_node.qemuargs import qemu_argv
 from mcp_node.registry import Registry
 from mcp_node.runtime import WorkloadSpec
+from mcp_node.servicedef import from_dict as from_sd
 
 NET = ServiceNet("shop", 3, "10.89.0.0/16", {"web": 2, "db": 7})
 
@@ -163,3 +164,38 @@ def test_nanos_manifest_gives_the_guest_its_address(tmp_path: Path) -> None:
 def test_initramfs_guest_address_on_the_kernel_command_line() -> None:
     att = NET.attach("db", vm=True)
     assert netplan.kernel_args(att) == "mcp.ip=10.89.3.7/24 mcp.gw=10.89.3.1"
+
+
+def test_bridge_mode_that_cannot_be_set_up_warns_and_degrades(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not root: check-config warns; the agent starts on user-mode networking and its
+    health is degraded, naming why (issue 22 row 3's rule, for issue 23's key)."""
+    from click.testing import CliRunner
+    from fake_runtime import FakeWorld
+
+    from mcp_node.agent import Agent
+    from mcp_node.agent_cli import main
+
+    monkeypatch.setattr("mcp_node.servicenet.os.geteuid", lambda: 1000)
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[network]\nmode = "bridge"\n')
+    res = CliRunner().invoke(main, ["--config", str(conf), "check-config"])
+    assert res.exit_code == 0
+    assert res.output == (
+        f"{conf}: warning: network.mode: bridge mode needs root (bridges, TAPs, nftables); "
+        "services would get user-mode networking and health would say degraded\n"
+        f"{conf}: ok (1 warning(s))\n")
+    a = Agent(from_dict({"state": {"dir": str(tmp_path / "s")},
+                         "network": {"mode": "bridge"}}), runtimes=FakeWorld().runtimes())
+    try:
+        h = a.health()
+        assert h["status"] == "degraded"
+        assert h["network"] == {"mode": "user", "configured": "bridge",
+                                "reason": "bridge mode needs root (bridges, TAPs, nftables)"}
+        assert "network: bridge mode needs root (bridges, TAPs, nftables); services use " \
+               "user-mode networking" in h["reasons"]
+        a.deploy(from_sd({"name": "shop", "components": [
+            {"name": "web", "image": "img:v1", "routes": [{"port": 8080}]}]}))
+        assert a.registry.networks() == {}   # nothing allocated on user-mode
+    finally:
+        a.close()

@@ -169,7 +169,7 @@ def test_hosts_text_nameservers_and_dnsmasq_argv() -> None:
         "--no-resolv", "--no-hosts", "--addn-hosts=/state/net/web.hosts",
         "--listen-address=10.89.1.1", "--bind-interfaces", "--except-interface=lo",
         "--port=53", "--domain-needed", "--local-ttl=1", "--log-facility=/state/net/web.log",
-        "--user=root", "--group=root", "--server=10.0.0.53"]
+        "--user=nobody", "--group=nogroup", "--server=10.0.0.53"]
     assert not any(a.startswith("--server") for a in
                    hostnet.dnsmasq_argv("web", "10.89.1.1", run, []))
     for service in ("../etc", "Web", "", "a/b"):
@@ -455,7 +455,7 @@ def test_each_service_has_its_own_names(lab: Lab, tmp_path: Path) -> None:
     a = lab.guest("mcpbr1", "10.89.1.2", "10.89.1.1")
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 10.89.250.53\n")   # no such server: never asked here
-    where = {"run_dir": str(tmp_path / "net"), "resolv_conf": str(resolv)}
+    where = {"run_dir": str(run_dir(tmp_path)), "resolv_conf": str(resolv)}
 
     def ask(name: str) -> Any:
         return json.loads(lab.sh(a, sys.executable, "-c", QUERY, "10.89.1.1", name))
@@ -479,7 +479,7 @@ def test_each_service_has_its_own_names(lab: Lab, tmp_path: Path) -> None:
     assert lab.call("Resolver.running", **where) == {"web": pid}
 
     # An agent that died after writing the hosts file but before its SIGHUP.
-    hosts = tmp_path / "net" / "web.hosts"
+    hosts = run_dir(tmp_path) / "web.hosts"
     hosts.write_text("10.89.1.7 web web.svc.internal\n")
     lab.call("Resolver.ensure", "web", "10.89.1.1", {"10.89.1.7": ["web", "web.svc.internal"]},
              **where)
@@ -489,7 +489,7 @@ def test_each_service_has_its_own_names(lab: Lab, tmp_path: Path) -> None:
     lab.call("Resolver.stop", "web", **where)
     assert _pid_state(pid) in (None, "Z")
     assert lab.call("Resolver.running", **where) == {}
-    assert list((tmp_path / "net").iterdir()) == []
+    assert list(run_dir(tmp_path).iterdir()) == []
     lab.call("Resolver.stop", "web", **where)                  # again: nothing to do
 
 
@@ -498,13 +498,35 @@ def test_a_dnsmasq_that_cannot_listen_is_an_error(lab: Lab, tmp_path: Path) -> N
     lab.call("ensure_bridge", "mcpbr1", "10.89.1.1/24")
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("")
-    where = {"run_dir": str(tmp_path / "net"), "resolv_conf": str(resolv)}
+    where = {"run_dir": str(run_dir(tmp_path)), "resolv_conf": str(resolv)}
     with pytest.raises(AssertionError, match=r"NetworkSetupError: /usr/sbin/dnsmasq .*"
                                              r"--listen-address=10.89.9.1 .* failed: .*10.89.9.1"):
         lab.call("Resolver.ensure", "web", "10.89.9.1", {"10.89.1.5": ["web"]}, **where)
     assert lab.call("Resolver.running", **where) == {}
     assert not [p for p in lab.sh(lab.node, "ip", "netns", "pids", lab.node).split()
                 if "dnsmasq" in _cmdline(int(p))]
+
+
+def run_dir(tmp_path: Path) -> Path:
+    """The agent's kind of resolver dir (netplan.resolver_dir): dnsmasq reads it as
+    nobody, which pytest's 0700 tmp dirs would refuse. Removed after the test."""
+    from mcp_node.netplan import resolver_dir
+
+    d = resolver_dir(tmp_path)
+    _made.append(d)
+    return d
+
+
+_made: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_run_dirs() -> Iterator[None]:
+    yield
+    import shutil
+
+    while _made:
+        shutil.rmtree(_made.pop(), ignore_errors=True)
 
 
 def _cmdline(pid: int) -> str:

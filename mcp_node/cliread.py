@@ -48,7 +48,7 @@ def status(ctx: Ctx, service: str | None) -> None:
 
 @click.command()
 @click.argument("service", required=False, shell_complete=services)
-@click.option("-t", "--tail", "tail", type=click.IntRange(0, 10000), default=None,
+@click.option("-t", "-n", "--tail", "tail", type=click.IntRange(0, 10000), default=None,
               help="The last N events first (default 100; 10 with -f).")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing events as they happen.")
 @json_option
@@ -98,7 +98,7 @@ def event_line(e: dict[str, Any]) -> str:
 @click.command()
 @click.argument("service", shell_complete=services)
 @click.argument("component", required=False, shell_complete=components)
-@click.option("-t", "--tail", "tail", type=click.IntRange(min=0), help="Last N lines.")
+@click.option("-t", "-n", "--tail", "tail", type=click.IntRange(min=0), help="Last N lines.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 @click.option("--since", metavar="WHEN",
               help="Only output from then on: a duration back (10m, 1h30m) or an RFC 3339 "

@@ -250,7 +250,8 @@ def dnsmasq_argv(service: str, listen: str, run_dir: Path,
     argv = [DNSMASQ, f"--pid-file={base}.pid", "--conf-file=/dev/null", "--no-resolv",
             "--no-hosts", f"--addn-hosts={base}.hosts", f"--listen-address={listen}",
             "--bind-interfaces", "--except-interface=lo", "--port=53", "--domain-needed",
-            "--local-ttl=1", f"--log-facility={base}.log", "--user=nobody", "--group=nogroup"]
+            "--local-ttl=1", "--local=/internal/", f"--log-facility={base}.log",
+            "--user=nobody", "--group=nogroup"]
     argv += [f"--server={s}" for s in servers if s != listen]
     return argv
 

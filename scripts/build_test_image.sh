@@ -9,7 +9,7 @@ out=${MCP_BUILD_DIR:-$top/.build}
 mkdir -p "$out"
 bin=$out/hello
 if [ ! -x "$bin" ] || [ "$top/tests/images/hello.c" -nt "$bin" ]; then
-  gcc -static -O2 -o "$bin" "$top/tests/images/hello.c"
+  gcc -static -O2 -Wall -o "$bin" "$top/tests/images/hello.c"
 fi
 ref=localhost/mcp-hello:$tag
 sum=$(sha256sum "$bin" | cut -c1-16)

@@ -168,7 +168,8 @@ def test_hosts_text_nameservers_and_dnsmasq_argv() -> None:
         "/usr/sbin/dnsmasq", "--pid-file=/state/net/web.pid", "--conf-file=/dev/null",
         "--no-resolv", "--no-hosts", "--addn-hosts=/state/net/web.hosts",
         "--listen-address=10.89.1.1", "--bind-interfaces", "--except-interface=lo",
-        "--port=53", "--domain-needed", "--local-ttl=1", "--log-facility=/state/net/web.log",
+        "--port=53", "--domain-needed", "--local-ttl=1", "--local=/internal/",
+        "--log-facility=/state/net/web.log",
         "--user=nobody", "--group=nogroup", "--server=10.0.0.53"]
     assert not any(a.startswith("--server") for a in
                    hostnet.dnsmasq_argv("web", "10.89.1.1", run, []))

@@ -1,0 +1,410 @@
+"""Bridge mode end to end (issue 23), in a network namespace this test makes: a real
+agent process (started there with nsenter, so podman keeps its cgroup mounts), its own
+podman service and CNI network, a Nanos VM on a TAP, the service's dnsmasq, the node's
+nftables table. Nothing outside the namespace is addressed but its own loopback.
+
+One flow, because each Nanos boot under TCG costs seconds: a container and a VM of one
+service reach each other by name (short and ``<c>.<service>.internal``) in both
+directions; another service's container cannot reach them, by address or by name; an
+agent SIGKILLed and started again keeps the VM (same qemu, same address) and its
+traffic, through the outage too; links a crashed undeploy would leave are removed by
+the next round; undeploy leaves no link, address, rule, resolver or podman network."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from click.testing import CliRunner
+from daemon_env import free_port
+from egress import no_egress_env
+from podman_env import containers_conf, podman_cli
+from qemu_env import qemu_pids_in
+
+from mcp_node.cli import cli
+from mcp_node.netplan import resolver_dir
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+CIDR = "10.213.0.0/16"
+
+
+def in_netns(ns: str, fn: Callable[[], T]) -> T:
+    """``fn`` run on a thread that joined ``ns``'s network namespace (setns moves only
+    the calling thread), so its sockets live there."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                out["error"] = OSError(ctypes.get_errno(), f"setns {ns}")
+                return
+        finally:
+            os.close(fd)
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]  # type: ignore[no-any-return]
+
+
+def get(ns: str, url: str, timeout: float = 10) -> tuple[int, str]:
+    def fetch() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    urllib.request.install_opener(opener)
+    return in_netns(ns, fetch)
+
+
+def lookup(ns: str, server: str, name: str) -> list[str] | str:
+    """An A query to ``server`` from inside ``ns`` (dnspython)."""
+    import dns.resolver
+
+    def ask() -> list[str] | str:
+        r = dns.resolver.Resolver(configure=False)
+        r.nameservers, r.lifetime = [server], 5
+        try:
+            return sorted(a.address for a in r.resolve(name, "A"))
+        except dns.resolver.NXDOMAIN:
+            return "NXDOMAIN"
+    return in_netns(ns, ask)
+
+
+def ip(ns: str, *args: str) -> Any:
+    p = subprocess.run(["ip", "netns", "exec", ns, "ip", "-j", *args], capture_output=True,
+                       text=True, timeout=20, check=True)
+    return json.loads(p.stdout or "[]")
+
+
+def our_links(ns: str) -> list[str]:
+    return sorted(d["ifname"] for d in ip(ns, "link", "show")
+                  if d["ifname"].startswith(("mcpbr", "mcpt")))
+
+
+def table(ns: str) -> str | None:
+    p = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet",
+                        "mcp_node"], capture_output=True, text=True, timeout=20)
+    return p.stdout if p.returncode == 0 else None
+
+
+def resolvers(state: Path) -> list[int]:
+    """Live dnsmasqs of the agent on ``state`` (by their files' directory)."""
+    mark = str(resolver_dir(state)).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and mark in (proc / "cmdline").read_bytes() \
+                    and b"dnsmasq" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+    return pids
+
+
+class Node:
+    """An agent process in ``ns`` on ``state``; the CLI and HTTP calls go there too."""
+
+    def __init__(self, ns: str, tmp: Path) -> None:
+        self.ns, self.tmp = ns, tmp
+        self.state = tmp / "state"
+        self.state.mkdir(mode=0o700)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.conf = tmp / "agent.toml"
+        self.conf.write_text(
+            f'[podman]\ncontainers_conf = "{containers_conf()}"\n'
+            f'[qemu]\nnanos_dir = "{os.environ.get("MCP_NANOS_DIR") or ""}"\n'
+            'accel = "tcg"\n[monitor]\ninterval_s = 0.3\n'
+            f'[network]\nmode = "bridge"\ncidr = "{CIDR}"\n')
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.tmp / "agent.log", "ab") as logf:
+            self.proc = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{self.ns}",
+                 str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.conf),
+                 "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}"],
+                env=no_egress_env(), stdout=subprocess.DEVNULL, stderr=logf)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.log()
+            if (self.state / "token").exists():
+                with contextlib.suppress(OSError):
+                    if get(self.ns, f"{self.url}/v1/health", 2)[0] in (200, 401):
+                        return
+            assert time.monotonic() < deadline, "agent did not come up\n" + self.log()
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return (self.tmp / "agent.log").read_text(errors="replace")[-6000:]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def mcp(self, *args: str) -> tuple[int, str]:
+        def invoke() -> tuple[int, str]:
+            r = CliRunner().invoke(cli, ["--agent", self.url, "--token-file",
+                                         str(self.state / "token"), *args],
+                                   catch_exceptions=False)
+            return r.exit_code, r.output
+        return in_netns(self.ns, invoke)
+
+    def status(self, svc: str) -> dict[str, Any]:
+        rc, out = self.mcp("--json", "status", svc)
+        assert rc == 0, out
+        st: dict[str, Any] = json.loads(out)
+        return st
+
+
+@pytest.fixture
+def node(tmp_path: Path, hello_image: str, nanos: Path) -> Iterator[Node]:
+    from conftest import lacking, need
+
+    need("ip", "nft", "dnsmasq", "nsenter", "qemu-system-x86_64", "podman")
+    if os.geteuid() != 0:
+        lacking("root (bridges, TAPs, nftables)")
+    os.environ.setdefault("MCP_NANOS_DIR", str(nanos))
+    ns = f"mcpbn{os.getpid()}"
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+    n = Node(ns, tmp_path)
+    try:
+        yield n
+    finally:
+        n.stop()
+        for pid in qemu_pids_in(n.state) + resolvers(n.state):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if (n.state / "node_id").exists():
+            owner = (n.state / "node_id").read_text().strip()
+            ids = podman_cli("ps", "-aq", "--filter", f"label=mcp.owner={owner}").stdout.split()
+            if ids:
+                podman_cli("rm", "-f", "-t", "0", *ids)
+        for name in podman_cli("network", "ls", "--format", "{{.Name}}").stdout.split():
+            if name.startswith("mcp-nb"):
+                podman_cli("network", "rm", "-f", name)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def definition(tmp: Path, svc: str, image: str, vm: bool = True) -> Path:
+    path = tmp / f"{svc}.toml"
+    text = f'name = "{svc}"\n\n[[components]]\nname = "web"\nimage = "{image}"\n' \
+           'env = ["MESSAGE=container"]\n[[components.routes]]\nport = 8080\n'
+    if vm:
+        text += f'\n[[components]]\nname = "vm"\nimage = "{image}"\nruntime = "unikernel"\n' \
+                'memory_mb = 192\nenv = ["MESSAGE=unikernel"]\n[[components.routes]]\n' \
+                'port = 8081\n'
+    path.write_text(text)
+    return path
+
+
+def comp(st: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in st["components"] if c["component"] == name)
+
+
+def addr_port(st: dict[str, Any], name: str) -> tuple[str, int]:
+    c = comp(st, name)
+    return c["address"], c["routes"][0]["host_port"]
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            value = check()
+            if value:
+                return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_bridge_mode_by_name_isolated_survives_a_crash_and_leaves_nothing(
+        node: Node, hello_image: str) -> None:
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"nba{tag}", f"nbb{tag}"
+    node.start()
+    rc, out = node.mcp("deploy", str(definition(node.tmp, a, hello_image)))
+    assert rc == 0, out + node.log()
+    rc, out = node.mcp("deploy", str(definition(node.tmp, b, hello_image, vm=False)))
+    assert rc == 0, out + node.log()
+    st = node.status(a)
+    (web, web_port), (vm, vm_port) = addr_port(st, "web"), addr_port(st, "vm")
+    other, other_port = addr_port(node.status(b), "web")
+    assert web.startswith("10.213.") and vm.startswith("10.213.") and other.startswith("10.213.")
+    assert web.rsplit(".", 1)[0] == vm.rsplit(".", 1)[0] != other.rsplit(".", 1)[0]
+    wait_for(lambda: get(node.ns, f"http://{vm}:{vm_port}/", 3)[0] == 200, 60, "the VM")
+
+    # By name, both directions, short and qualified.
+    assert get(node.ns, f"http://{web}:{web_port}/get/vm/{vm_port}") == \
+        (200, "hello from unikernel\n")
+    assert get(node.ns, f"http://{vm}:{vm_port}/get/web/{web_port}") == \
+        (200, "hello from container\n")
+    assert get(node.ns, f"http://{web}:{web_port}/get/vm.{a}.internal/{vm_port}") == \
+        (200, "hello from unikernel\n")
+    # Host ports still work (the VM's through the agent's DNAT).
+    assert get(node.ns, f"http://127.0.0.1:{vm_port}/") == (200, "hello from unikernel\n")
+
+    # Another service: not by address, not by name; its own network works.
+    code, body = get(node.ns, f"http://{other}:{other_port}/get/{web}/{web_port}")
+    assert code == 502 and "connect" in body, body
+    code, body = get(node.ns, f"http://{other}:{other_port}/get/{vm}/{vm_port}")
+    assert code == 502 and "connect" in body, body
+    code, body = get(node.ns, f"http://{other}:{other_port}/get/web.{a}.internal/{web_port}")
+    assert code == 502 and "resolve" in body, body
+    # Its own resolver answers its own names (a one-request server cannot fetch itself).
+    gateway = other.rsplit(".", 1)[0] + ".1"
+    assert lookup(node.ns, gateway, "web") == [other]
+    assert lookup(node.ns, gateway, f"web.{b}.internal") == [other]
+    assert lookup(node.ns, gateway, f"vm.{a}.internal") == "NXDOMAIN"
+
+    # SIGKILL: the VM keeps running and answering, also while no agent runs.
+    qemu = qemu_pids_in(node.state)
+    assert len(qemu) == 1
+    node.kill()
+    assert get(node.ns, f"http://{web}:{web_port}/get/vm/{vm_port}") == \
+        (200, "hello from unikernel\n")
+    node.start()
+    st = node.status(a)
+    assert addr_port(st, "vm") == (vm, vm_port) and qemu_pids_in(node.state) == qemu
+    assert comp(st, "vm")["restarts"] == 0
+    assert get(node.ns, f"http://{vm}:{vm_port}/get/web/{web_port}") == \
+        (200, "hello from container\n")
+
+    # What a crashed undeploy of a third service leaves: its links go in the next round.
+    for argv in (["link", "add", "mcpbr77", "type", "bridge"],
+                 ["tuntap", "add", "dev", "mcpt77x2", "mode", "tap"]):
+        subprocess.run(["ip", "netns", "exec", node.ns, "ip", *argv], check=True)
+    wait_for(lambda: {"mcpbr77", "mcpt77x2"}.isdisjoint(our_links(node.ns)), 20,
+             "the leftover links to go")
+
+    # Undeploy: nothing of either network stays.
+    for svc in (a, b):
+        rc, out = node.mcp("undeploy", svc)
+        assert rc == 0, out
+    assert our_links(node.ns) == []
+    assert not any(x.get("addr_info") for x in ip(node.ns, "addr", "show")
+                   if x["ifname"] != "lo")
+    assert table(node.ns) is None
+    assert resolvers(node.state) == [] and qemu_pids_in(node.state) == []
+    nets = podman_cli("network", "ls", "--format", "{{.Name}}").stdout.split()
+    assert f"mcp-{a}" not in nets and f"mcp-{b}" not in nets
+    assert sorted(p.name for p in resolver_dir(node.state).iterdir()) == []
+    rc, out = node.mcp("node", "health")
+    assert f"network: bridge ({CIDR}, 0 service network(s))" in out, out
+
+
+ROUNDS = int(os.environ.get("MCP_BRIDGE_CRASH_ROUNDS", "6"))
+
+
+def converged(node: Node, services: set[str]) -> str:
+    """"" when the namespace holds exactly the networks of ``services``, else what not."""
+    rc, out = node.mcp("--json", "ps")
+    if rc != 0:
+        return f"ps: {out}"
+    have = {r["service"] for r in json.loads(out)}
+    if have != services:
+        return f"registry has {sorted(have)}, expected {sorted(services)}"
+    links = our_links(node.ns)
+    bridges = [n for n in links if n.startswith("mcpbr")]
+    if len(bridges) != len(services) or [n for n in links if n.startswith("mcpt")]:
+        return f"links {links} for {sorted(services)}"
+    running = {p.name.removesuffix(".pid") for p in resolver_dir(node.state).glob("*.pid")}
+    if running != services or len(resolvers(node.state)) != len(services):
+        return f"resolvers {sorted(running)} / {resolvers(node.state)}"
+    rules = table(node.ns)
+    if services and (rules is None or any(b not in rules for b in bridges)):
+        return f"rules {rules!r} for {bridges}"
+    if not services and rules is not None:
+        return "rules left"
+    for svc in services:
+        st = node.status(svc)
+        c = comp(st, "web")
+        if c["state"] != "running":
+            return f"{svc}/web {c['state']}"
+        code, body = get(node.ns, f"http://{c['address']}:{c['routes'][0]['host_port']}/", 3)
+        if code != 200:
+            return f"{svc}/web at {c['address']}: {code} {body}"
+    return ""
+
+
+def test_sigkill_during_bridged_deploys_and_undeploys_converges(
+        node: Node, hello_image: str) -> None:
+    """Each round (seed printed): a deploy or an undeploy of a container service in
+    bridge mode, the agent SIGKILLed after a random delay within it, started again; the
+    next rounds must leave exactly the networks of the services the registry has."""
+    import random
+
+    services: set[str] = set()
+    node.start()
+    for rnd in range(ROUNDS):
+        seed = random.randrange(1 << 30)
+        rng = random.Random(seed)
+        print(f"round {rnd}: seed {seed}")
+        if services and rng.random() < 0.4:
+            svc, argv = sorted(services)[0], ["undeploy", sorted(services)[0]]
+        else:
+            svc = f"nbk{uuid.uuid4().hex[:5]}"
+            argv = ["deploy", str(definition(node.tmp, svc, hello_image, vm=False))]
+        done: list[tuple[int, str]] = []
+        t = threading.Thread(target=lambda: done.append(node.mcp(*argv)))
+        t.start()
+        time.sleep(rng.uniform(0.05, 1.5))
+        node.kill()
+        t.join(30)
+        node.start()
+        rc, out = node.mcp("--json", "ps")
+        assert rc == 0, out
+        services = {r["service"] for r in json.loads(out)}
+        # An interrupted deploy may have left its record (reconcile finishes it) or not;
+        # an interrupted undeploy finishes on start. Either way: converge to the registry.
+        last = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            rc, out = node.mcp("--json", "ps")
+            services = {r["service"] for r in json.loads(out)} if rc == 0 else services
+            last = converged(node, services)
+            if not last:
+                break
+            time.sleep(0.5)
+        print(f"round {rnd}: {argv[0]} {svc} -> services {sorted(services)}")
+        assert not last, f"round {rnd} (seed {seed}, {argv[0]} {svc}): {last}\n" + node.log()
+    for svc in sorted(services):
+        rc, out = node.mcp("undeploy", svc)
+        assert rc == 0, out
+    assert converged(node, set()) == ""

@@ -13,182 +13,23 @@ the next round; undeploy leaves no link, address, rule, resolver or podman netwo
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from click.testing import CliRunner
-from daemon_env import free_port
-from egress import no_egress_env
-from podman_env import containers_conf, podman_cli
+from bridge_env import CIDR, Node, get, ip, lookup, our_links, resolvers, table
+from podman_env import podman_cli
 from qemu_env import qemu_pids_in
 
-from mcp_node.cli import cli
 from mcp_node.netplan import resolver_dir
-
-T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
-CIDR = "10.213.0.0/16"
-
-
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
-    """``fn`` run on a thread that joined ``ns``'s network namespace (setns moves only
-    the calling thread), so its sockets live there."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                out["error"] = OSError(ctypes.get_errno(), f"setns {ns}")
-                return
-        finally:
-            os.close(fd)
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]  # type: ignore[no-any-return]
-
-
-def get(ns: str, url: str, timeout: float = 10) -> tuple[int, str]:
-    def fetch() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    urllib.request.install_opener(opener)
-    return in_netns(ns, fetch)
-
-
-def lookup(ns: str, server: str, name: str) -> list[str] | str:
-    """An A query to ``server`` from inside ``ns`` (dnspython)."""
-    import dns.resolver
-
-    def ask() -> list[str] | str:
-        r = dns.resolver.Resolver(configure=False)
-        r.nameservers, r.lifetime = [server], 5
-        try:
-            return sorted(a.address for a in r.resolve(name, "A"))
-        except dns.resolver.NXDOMAIN:
-            return "NXDOMAIN"
-    return in_netns(ns, ask)
-
-
-def ip(ns: str, *args: str) -> Any:
-    p = subprocess.run(["ip", "netns", "exec", ns, "ip", "-j", *args], capture_output=True,
-                       text=True, timeout=20, check=True)
-    return json.loads(p.stdout or "[]")
-
-
-def our_links(ns: str) -> list[str]:
-    return sorted(d["ifname"] for d in ip(ns, "link", "show")
-                  if d["ifname"].startswith(("mcpbr", "mcpt")))
-
-
-def table(ns: str) -> str | None:
-    p = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet",
-                        "mcp_node"], capture_output=True, text=True, timeout=20)
-    return p.stdout if p.returncode == 0 else None
-
-
-def resolvers(state: Path) -> list[int]:
-    """Live dnsmasqs of the agent on ``state`` (by their files' directory)."""
-    mark = str(resolver_dir(state)).encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if proc.name.isdigit() and mark in (proc / "cmdline").read_bytes() \
-                    and b"dnsmasq" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-    return pids
-
-
-class Node:
-    """An agent process in ``ns`` on ``state``; the CLI and HTTP calls go there too."""
-
-    def __init__(self, ns: str, tmp: Path) -> None:
-        self.ns, self.tmp = ns, tmp
-        self.state = tmp / "state"
-        self.state.mkdir(mode=0o700)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.conf = tmp / "agent.toml"
-        self.conf.write_text(
-            f'[podman]\ncontainers_conf = "{containers_conf()}"\n'
-            f'[qemu]\nnanos_dir = "{os.environ.get("MCP_NANOS_DIR") or ""}"\n'
-            'accel = "tcg"\n[monitor]\ninterval_s = 0.3\n'
-            f'[network]\nmode = "bridge"\ncidr = "{CIDR}"\n')
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.tmp / "agent.log", "ab") as logf:
-            self.proc = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{self.ns}",
-                 str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.conf),
-                 "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}"],
-                env=no_egress_env(), stdout=subprocess.DEVNULL, stderr=logf)
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, self.log()
-            if (self.state / "token").exists():
-                with contextlib.suppress(OSError):
-                    if get(self.ns, f"{self.url}/v1/health", 2)[0] in (200, 401):
-                        return
-            assert time.monotonic() < deadline, "agent did not come up\n" + self.log()
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        return (self.tmp / "agent.log").read_text(errors="replace")[-6000:]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def mcp(self, *args: str) -> tuple[int, str]:
-        def invoke() -> tuple[int, str]:
-            r = CliRunner().invoke(cli, ["--agent", self.url, "--token-file",
-                                         str(self.state / "token"), *args],
-                                   catch_exceptions=False)
-            return r.exit_code, r.output
-        return in_netns(self.ns, invoke)
-
-    def status(self, svc: str) -> dict[str, Any]:
-        rc, out = self.mcp("--json", "status", svc)
-        assert rc == 0, out
-        st: dict[str, Any] = json.loads(out)
-        return st
 
 
 @pytest.fixture
@@ -198,12 +39,11 @@ def node(tmp_path: Path, hello_image: str, nanos: Path) -> Iterator[Node]:
     need("ip", "nft", "dnsmasq", "nsenter", "qemu-system-x86_64", "podman")
     if os.geteuid() != 0:
         lacking("root (bridges, TAPs, nftables)")
-    os.environ.setdefault("MCP_NANOS_DIR", str(nanos))
     ns = f"mcpbn{os.getpid()}"
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     subprocess.run(["ip", "netns", "add", ns], check=True)
     subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
-    n = Node(ns, tmp_path)
+    n = Node(ns, tmp_path, nanos)
     try:
         yield n
     finally:

@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,16 +104,21 @@ def table(ns: str) -> str | None:
     return p.stdout if p.returncode == 0 else None
 
 
-def resolvers(state: Path) -> list[int]:
-    """Live dnsmasqs of the agent on ``state`` (by their files' directory)."""
-    mark = str(resolver_dir(state)).encode()
+def processes(*marks: bytes) -> list[int]:
+    """Live processes whose command line holds every one of ``marks``."""
     pids = []
     for proc in Path("/proc").iterdir():
         with contextlib.suppress(OSError):
-            if proc.name.isdigit() and mark in (proc / "cmdline").read_bytes() \
-                    and b"dnsmasq" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
+            if proc.name.isdigit() and proc.name != str(os.getpid()):
+                argv = (proc / "cmdline").read_bytes()
+                if all(m in argv for m in marks):
+                    pids.append(int(proc.name))
     return pids
+
+
+def resolvers(state: Path) -> list[int]:
+    """Live dnsmasqs of the agent on ``state`` (by their files' directory)."""
+    return processes(str(resolver_dir(state)).encode(), b"dnsmasq")
 
 
 class Node:
@@ -165,6 +171,32 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def clean_up(self, network_prefix: str) -> None:
+        """What the agent leaves running by design (so an agent restart adopts it): its
+        VMs, resolvers, podman service and containers, and the podman networks named
+        ``network_prefix``*; then the namespace."""
+        from podman_env import podman_cli
+        from qemu_env import qemu_pids_in
+
+        self.stop()
+        if (self.state / "node_id").exists():   # removed through the namespace's podman,
+            owner = (self.state / "node_id").read_text().strip()   # so CNI tears down there
+            sock = self.state / "podman" / "podman.sock"
+            url = ["--url", f"unix://{sock}"] if sock.exists() else []
+            ids = podman_cli(*url, "ps", "-aq", "--filter",
+                             f"label=mcp.owner={owner}").stdout.split()
+            if ids:
+                podman_cli(*url, "rm", "-f", "-t", "0", *ids)
+        for pid in qemu_pids_in(self.state) + resolvers(self.state) + processes(
+                b"podman", str(self.state / "podman").encode()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for name in podman_cli("network", "ls", "--format", "{{.Name}}").stdout.split():
+            if name.startswith(network_prefix):
+                podman_cli("network", "rm", "-f", name)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        shutil.rmtree(resolver_dir(self.state), ignore_errors=True)
 
     def mcp(self, *args: str) -> tuple[int, str]:
         def invoke() -> tuple[int, str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -47,19 +46,7 @@ def node(tmp_path: Path, hello_image: str, nanos: Path) -> Iterator[Node]:
     try:
         yield n
     finally:
-        n.stop()
-        for pid in qemu_pids_in(n.state) + resolvers(n.state):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if (n.state / "node_id").exists():
-            owner = (n.state / "node_id").read_text().strip()
-            ids = podman_cli("ps", "-aq", "--filter", f"label=mcp.owner={owner}").stdout.split()
-            if ids:
-                podman_cli("rm", "-f", "-t", "0", *ids)
-        for name in podman_cli("network", "ls", "--format", "{{.Name}}").stdout.split():
-            if name.startswith("mcp-nb"):
-                podman_cli("network", "rm", "-f", name)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        n.clean_up("mcp-nb")
 
 
 def definition(tmp: Path, svc: str, image: str, vm: bool = True) -> Path:

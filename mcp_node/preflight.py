@@ -11,16 +11,39 @@ the node, a runtime not yet available) is an error at deploy but only a warning 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ResourceError, RuntimeUnavailable, ValidationError
 from .grammar import volume_roots
 from .servicedef import check_route_zone, check_volume_roots
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .config import AgentConfig
     from .records import ServiceRecord
-    from .servicedef import ServiceDef
+    from .registry import Registry
+    from .runtime import Runtime, WorkloadSpec
+    from .servicedef import ComponentDef, ServiceDef
+
+
+class Agent(Protocol):
+    """What the checks read of the node's agent (a Protocol: ``agent`` imports this)."""
+
+    config: AgentConfig
+    node: str
+    registry: Registry
+    state_dir: Path
+
+    @property
+    def node_routes(self) -> Any: ...
+
+    def runtime(self, name: str) -> Runtime: ...
+
+    def available_runtime(self, name: str) -> Runtime: ...
+
+    def with_secret_versions(self, defn: ServiceDef) -> ServiceDef: ...
+
+    def _unallocated_spec(self, service: str, comp: ComponentDef) -> WorkloadSpec: ...
 
 
 def check_node(agent: Agent, defn: ServiceDef) -> None:

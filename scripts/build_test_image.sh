@@ -13,11 +13,11 @@ if [ ! -x "$bin" ] || [ "$top/tests/images/hello.c" -nt "$bin" ]; then
 fi
 ref=localhost/mcp-hello:$tag
 sum=$(sha256sum "$bin" | cut -c1-16)
-# An image of an older hello.c is made again (its label is the binary's digest).
-have=$(podman image inspect --format '{{index .Labels "mcp.hello"}}' "$ref" 2>/dev/null || true)
-if [ -n "$have" ] && [ "$have" != "$sum" ] || \
-   { podman image exists "$ref" 2>/dev/null && [ -z "$have" ]; }; then
-  podman rmi -f "$ref" >/dev/null 2>&1 || true
+# An image of an older hello.c is made again: a stamp beside the binary records which
+# binary each tag was made from (not an image label: containers inherit labels).
+stamp=$out/mcp-hello-$tag.stamp
+if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
+  podman untag "$ref" "$ref" >/dev/null 2>&1 || true   # this name only; users keep the image
 fi
 if ! podman image exists "$ref" 2>/dev/null; then
   root=$(mktemp -d)
@@ -25,7 +25,7 @@ if ! podman image exists "$ref" 2>/dev/null; then
   mkdir -p "$root/usr/local/bin" "$root/tmp"
   cp "$bin" "$root/usr/local/bin/hello"
   tar -C "$root" -c . | podman import \
-    --change 'ENTRYPOINT ["/usr/local/bin/hello"]' --change "LABEL mcp.hello=$sum" \
-    - "$ref" >/dev/null
+    --change 'ENTRYPOINT ["/usr/local/bin/hello"]' - "$ref" >/dev/null
 fi
+echo "$sum" > "$stamp"
 echo "$ref"

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -226,6 +227,14 @@ class Agent(SecretOps):
     # -- specs --------------------------------------------------------------
 
     def spec(self, service: str, comp: ComponentRecord) -> WorkloadSpec:
+        """What the component runs, on its service network in bridge mode."""
+        net = self.nets.attach(service, comp.defn.name, comp.defn.runtime)
+        spec = self.plain_spec(service, comp)
+        return replace(spec, net=net) if net is not None else spec
+
+    @staticmethod
+    def plain_spec(service: str, comp: ComponentRecord) -> WorkloadSpec:
+        """The spec from the record alone (user-mode networking)."""
         d = comp.defn
         return WorkloadSpec(
             service=service, component=d.name, image=d.image, cmd=d.cmd,
@@ -233,7 +242,6 @@ class Agent(SecretOps):
             ports=tuple(comp.host_ports[r.name] for r in d.routes), restart=d.restart,
             memory_mb=d.memory_mb, vcpus=d.vcpus, binary=d.binary, image_sha256=d.image_sha256,
             image_digest=d.image_digest, secrets=d.secrets, secret_versions=d.secret_versions,
-            net=self.nets.attach(service, d.name, d.runtime),
         )
 
     def _unallocated_spec(self, service: str, comp: ComponentDef) -> WorkloadSpec:

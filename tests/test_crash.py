@@ -138,7 +138,7 @@ def mismatch(state: Path, owner: str) -> str:
         records = reg.list_services()
     finally:
         reg.close()
-    want = {f"mcp-{r.name}-{c.defn.name}": Agent.spec(r.name, c)
+    want = {f"mcp-{r.name}-{c.defn.name}": Agent.plain_spec(r.name, c)
             for r in records for c in r.components if c.desired_state == "running"}
     may = {f"mcp-{r.name}-{c.defn.name}" for r in records for c in r.components
            if c.desired_state != "running"}

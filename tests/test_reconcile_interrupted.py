@@ -35,7 +35,7 @@ def put(reg: Registry, name: str, restart: str = "") -> ServiceRecord:
 
 
 def digest(rec: ServiceRecord, comp: object) -> str:
-    return Agent.spec(rec.name, comp).digest  # type: ignore[arg-type]
+    return Agent.plain_spec(rec.name, comp).digest
 
 
 def workload(rec: ServiceRecord, comp: str, state: str = RUNNING, paused: str = "",

@@ -256,6 +256,16 @@ def dnsmasq_argv(service: str, listen: str, run_dir: Path,
     return argv
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether ``pid`` has ended (no command line left) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while _cmdline(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -349,18 +359,14 @@ class Resolver:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + STOP_WAIT_S
-        while _cmdline(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _cmdline(pid):
-            log.info("dnsmasq pid %d did not stop on SIGTERM: SIGKILL", pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + STOP_WAIT_S
-            while _cmdline(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
+        if _gone_within(pid, STOP_WAIT_S):
+            return
+        log.info("dnsmasq pid %d did not stop on SIGTERM: SIGKILL", pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        _gone_within(pid, STOP_WAIT_S)
 
     def stop(self, service: str) -> None:
         """Its dnsmasq stopped and its files gone, whether or not it ran."""

@@ -6,59 +6,28 @@ run on a thread that joined the namespace (setns moves only the calling thread).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from click.testing import CliRunner
-from daemon_env import free_port
+from daemon_env import Daemon, free_port
 from egress import no_egress_env
+from netns import in_netns
 from podman_env import containers_conf
 
 from mcp_node.cli import cli
 from mcp_node.netplan import resolver_dir
 
-T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 CIDR = "10.213.0.0/16"
-
-
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
-    """``fn`` run on a thread that joined ``ns``'s network namespace (setns moves only
-    the calling thread), so its sockets live there."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                out["error"] = OSError(ctypes.get_errno(), f"setns {ns}")
-                return
-        finally:
-            os.close(fd)
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]  # type: ignore[no-any-return]
 
 
 def get(ns: str, url: str, timeout: float = 10) -> tuple[int, str]:
@@ -121,28 +90,26 @@ def resolvers(state: Path) -> list[int]:
     return processes(str(resolver_dir(state)).encode(), b"dnsmasq")
 
 
-class Node:
+class Node(Daemon):
     """An agent process in ``ns`` on ``state``; the CLI and HTTP calls go there too."""
 
     def __init__(self, ns: str, tmp: Path, nanos: Path, mode: str = "bridge") -> None:
         self.ns, self.tmp = ns, tmp
-        self.state = tmp / "state"
-        self.state.mkdir(mode=0o700, parents=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.conf = tmp / "agent.toml"
-        self.conf.write_text(
+        state = tmp / "state"
+        state.mkdir(mode=0o700, parents=True)
+        conf = tmp / "agent.toml"
+        conf.write_text(
             f'[podman]\ncontainers_conf = "{containers_conf()}"\n'
             f'[qemu]\nnanos_dir = "{nanos}"\n'
             'accel = "tcg"\n[monitor]\ninterval_s = 0.3\n'
             f'[network]\nmode = "{mode}"\ncidr = "{CIDR}"\n')
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(state, conf, free_port())
 
-    def start(self) -> None:
+    def start(self) -> None:  # type: ignore[override]  # its calls go through in_netns
         with open(self.tmp / "agent.log", "ab") as logf:
             self.proc = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{self.ns}",
-                 str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.conf),
+                 str(Path(sys.executable).parent / "mcp-agent"), "--config", str(self.config),
                  "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}"],
                 env=no_egress_env(), stdout=subprocess.DEVNULL, stderr=logf)
         deadline = time.monotonic() + 60
@@ -154,23 +121,6 @@ class Node:
                         return
             assert time.monotonic() < deadline, "agent did not come up\n" + self.log()
             time.sleep(0.2)
-
-    def log(self) -> str:
-        return (self.tmp / "agent.log").read_text(errors="replace")[-6000:]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
     def clean_up(self, network_prefix: str) -> None:
         """What the agent leaves running by design (so an agent restart adopts it): its
@@ -204,7 +154,7 @@ class Node:
                                          str(self.state / "token"), *args],
                                    catch_exceptions=False)
             return r.exit_code, r.output
-        return in_netns(self.ns, invoke)
+        return in_netns(self.ns, invoke, timeout=180)
 
     def status(self, svc: str) -> dict[str, Any]:
         rc, out = self.mcp("--json", "status", svc)

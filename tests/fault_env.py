@@ -15,7 +15,6 @@ a deadline.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -32,6 +31,7 @@ from urllib.parse import quote
 
 from egress import no_egress_env
 from etcd_env import NodePodman, free_ports
+from netns import in_netns
 
 from mcp_node import fence
 from mcp_node.client import Client
@@ -40,37 +40,9 @@ from mcp_node.podman_service import _UnixHTTPConnection
 from mcp_node.runtime import LABEL_SERVICE
 
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 TTL, GRACE = 2, 0.0
 
 
-def in_netns(ns: str, fn: Callable[[], T], timeout: float = 30) -> T:
-    """``fn()`` on a thread inside network namespace ``ns`` (setns moves only the
-    calling thread), so the test reaches addresses that exist only there."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                out["err"] = OSError(ctypes.get_errno(), "setns")
-                return
-        finally:
-            os.close(fd)
-        try:
-            out["ok"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            out["err"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"call in netns {ns} did not return in {timeout} s")
-    if "err" in out:
-        raise out["err"]
-    return out["ok"]  # type: ignore[no-any-return]
 
 
 def ip(*args: str) -> None:

@@ -13,14 +13,18 @@ error that names the interface.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 OWNERS = Path(os.environ.get("MCP_TEST_NETNS_OWNERS", "/run/mcp-tests/netns"))
 # Host-side link names the test fixtures make: "mc", a kind letter, a 6-character tag, "h".
@@ -149,3 +153,36 @@ class VethNetns:
         if self._record is not None:
             self._record.unlink(missing_ok=True)
             self._record = None
+
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+
+
+def in_netns(ns: str, fn: Callable[[], T], timeout: float = 30) -> T:
+    """``fn()`` on a thread inside network namespace ``ns`` (setns moves only the
+    calling thread), so the test reaches addresses that exist only there."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                out["err"] = OSError(ctypes.get_errno(), "setns")
+                return
+        finally:
+            os.close(fd)
+        try:
+            out["ok"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            out["err"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"call in netns {ns} did not return in {timeout} s")
+    if "err" in out:
+        raise out["err"]
+    return out["ok"]  # type: ignore[no-any-return]

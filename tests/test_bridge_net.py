@@ -180,8 +180,11 @@ def converged(node: Node, services: set[str]) -> str:
     if not services and rules is not None:
         return "rules left"
     for svc in services:
-        st = node.status(svc)
-        c = comp(st, "web")
+        # An undeploy the restart resumes may end between the listing above and this.
+        rc, out = node.mcp("--json", "status", svc)
+        if rc != 0:
+            return f"status {svc}: {out}"
+        c = comp(json.loads(out), "web")
         if c["state"] != "running":
             return f"{svc}/web {c['state']}"
         code, body = get(node.ns, f"http://{c['address']}:{c['routes'][0]['host_port']}/", 3)

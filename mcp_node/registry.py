@@ -72,8 +72,15 @@ def latest_version() -> int:
 
 def _private(path: Path) -> None:
     """The database holds env values (secrets among them): 0600 from its first byte, and
-    an older 0644 one tightened. SQLite gives its -wal and -shm the database's mode."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    an older 0644 one tightened. SQLite gives its -wal and -shm the database's mode.
+
+    An existing file is never opened here: closing any descriptor of it drops every POSIX
+    lock this process holds on it, a Registry already open on it included (its WAL-mode
+    read lock), and another process then takes itself for the last user and checkpoints
+    and removes the WAL under it: three agents opened in one process beside a daemon
+    left "database disk image is malformed"."""
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with suppress(FileNotFoundError):
             if p.stat().st_mode & 0o077:

@@ -81,16 +81,26 @@ def listing_ms(b: Bed, times: int = 10) -> float:
     return (time.process_time() - c0) * 1000 / times
 
 
-def idle_round_ms(b: Bed, seconds: float) -> tuple[float, int]:
-    """Agent CPU per monitor round (ms) over ``seconds`` of an idle agent, and rounds."""
+def round_counters(client: Client) -> tuple[float, float]:
+    """The agent's own count of monitor rounds and their thread's CPU seconds."""
+    text = b"".join(client.stream("/metrics")).decode()
+    from prometheus_client.parser import text_string_to_metric_families
+    got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return got["mcp_monitor_rounds_total"], got["mcp_monitor_round_cpu_seconds_total"]
+
+
+def idle_round_ms(b: Bed, seconds: float) -> tuple[float, int, float]:
+    """Over ``seconds`` of an idle agent: its CPU per monitor round (ms), the rounds, and
+    the round's own share (ms per round of the monitor thread's CPU, as the agent counts
+    it; the rest is the checker probing each component every check_interval_s)."""
     client = restart(b, 1.0)
     time.sleep(3)                       # past the start-up's own rounds and adoption
     assert b.proc is not None
-    n0, c0 = listings(client), cpu_s(b.proc.pid)
+    n0, c0, (r0, m0) = listings(client), cpu_s(b.proc.pid), round_counters(client)
     time.sleep(seconds)
-    c1, n1 = cpu_s(b.proc.pid), listings(client)
+    c1, n1, (r1, m1) = cpu_s(b.proc.pid), listings(client), round_counters(client)
     rounds = max(n1 - n0 - 1, 1)        # the health read above lists nothing; -1: margin
-    return (c1 - c0) * 1000 / rounds, rounds
+    return (c1 - c0) * 1000 / rounds, rounds, (m1 - m0) * 1000 / max(r1 - r0, 1)
 
 
 def add_events(b: Bed, n: int, services: list[str]) -> None:
@@ -159,7 +169,7 @@ def main() -> None:
         client = b.start_agent()
         specs = [service(i, image) for i in range(a.services + 10)]
         first = calls_cpu_ms(b, client, deploys(specs[:10]))
-        idle: dict[str, tuple[float, int]] = {}
+        idle: dict[str, tuple[float, int, float]] = {}
         lists: dict[str, float] = {"10 services": listing_ms(b)}
         idle["10 services, 0 events"] = idle_round_ms(b, a.idle_s)
         names = [str(s["name"]) for s in specs[:10]]
@@ -182,16 +192,20 @@ def main() -> None:
         undeploy_first = calls_cpu_ms(b, client, undeploys(specs[:10]))
     base = idle["10 services, 0 events"][0]
     out.append(f"scale ({a.services} services at most; agent CPU from /proc)")
-    out.append("  idle monitor round, agent CPU per round:")
-    for label, (ms, rounds) in idle.items():
-        out.append(f"    {label:28} {ms:7.2f} ms  ({rounds} rounds)  {ms / base:5.2f}x")
-    out.append("  of which podman's listing (the agent's own code, timed in this process); "
-               "the rest:")
+    own0 = idle["10 services, 0 events"][2]
+    out.append("  idle monitor round, agent CPU per round; of it the round's own thread (the "
+               "agent's count; the rest is the checker's probes):")
+    for label, (ms, rounds, own) in idle.items():
+        out.append(f"    {label:28} {ms:7.2f} ms  ({rounds} rounds)  {ms / base:5.2f}x;  "
+                   f"round {own:6.2f} ms  {own / own0:5.2f}x")
+    out.append("  of the round's own, podman's listing (the agent's own code, timed in this "
+               "process); the rest:")
+    rest0 = own0 - lists["10 services"]
     for label, ms in lists.items():
         key = label + (", 0 events" if label == "10 services" else "")
-        rest = idle[key][0] - ms
+        rest = idle[key][2] - ms
         out.append(f"    {label:28} listing {ms:6.2f} ms; the rest {rest:6.2f} ms = "
-                   f"{rest / (base - lists['10 services']):5.2f}x the 10 services' rest")
+                   f"{rest / rest0:5.2f}x the 10 services' rest")
     out.append(f"  deploy, agent CPU per deploy: 1st-10th {first[0]:.1f} ms, {at - 9}th-{at}th "
                f"{last[0]:.1f} ms = {last[0] / first[0]:.2f}x; less the background measured "
                f"before each (the checker's ticks): {first[1]:.1f} ms, {last[1]:.1f} ms = "

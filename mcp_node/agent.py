@@ -563,6 +563,9 @@ class Agent(SecretOps):
     def check_failures(self) -> dict[tuple[str, str], int]:
         return self.checks.failure_counts()
 
+    def monitor_cost(self) -> tuple[int, float]:
+        return self.monitor.rounds, self.monitor.round_cpu_s
+
     def rollout_counts(self) -> dict[str, int]:
         return dict(self.rollouts.counts)
 

@@ -164,6 +164,9 @@ class FleetOperations:
     def check_failures(self) -> dict[tuple[str, str], int]:
         return self._agent.check_failures()
 
+    def monitor_cost(self) -> tuple[int, float]:
+        return self._agent.monitor_cost()
+
     def rollout_counts(self) -> dict[str, int]:
         return self._agent.rollout_counts()
 

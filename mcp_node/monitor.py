@@ -132,6 +132,10 @@ class Monitor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.last_error = ""          # why the last refresh failed ("" if it did not)
+        # Whole rounds run and the CPU their thread spent in them (with what the round's
+        # subscribers do): what a round costs, apart from the checker's probes (metrics).
+        self.rounds = 0
+        self.round_cpu_s = 0.0
         self._thread: threading.Thread | None = None
         self._on_refresh = on_refresh
         # The spec a component should run (the reconciler's): set by the agent.
@@ -246,6 +250,7 @@ class Monitor:
     def refresh_safely(self, service: str | None = None) -> None:
         """A round (or, after an operation on ``service``, that service's refresh) that
         never raises: the loop must survive anything; the next round retries."""
+        cpu = time.thread_time()
         try:
             if service is None:
                 self.refresh()
@@ -255,6 +260,9 @@ class Monitor:
         except Exception as exc:
             self.last_error = str(exc) or type(exc).__name__
             log.exception("monitor refresh failed")
+        if service is None:
+            self.rounds += 1
+            self.round_cpu_s += time.thread_time() - cpu
 
     def poke(self) -> None:
         """Run the next round now (after reconcile acted), not an interval later."""

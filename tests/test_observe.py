@@ -96,6 +96,21 @@ def test_metrics_parse_with_prometheus_client(live: Live) -> None:
                 if s.name == "mcp_rollouts_total"}
     # one deploy began a rollout (the second was unchanged); none ended: no monitor here
     assert rollouts == {"started": 1, "succeeded": 0, "failed": 0, "reverted": 0}
+    # Whole rounds only: a deploy's refresh of its own service is not one.
+    rounds, cpu_s = live.agent.monitor_cost()
+    live.agent.monitor.refresh_safely("shop")
+    assert live.agent.monitor_cost() == (rounds, cpu_s)
+    for _ in range(2):
+        live.agent.monitor.refresh_safely()
+    assert live.agent.monitor_cost()[0] == rounds + 2
+    assert live.agent.monitor_cost()[1] > cpu_s
+    fams = {f.name: f for f in text_string_to_metric_families(
+        live.raw_get("/metrics", token=True)[2].decode())}
+    # + 1: with no monitor thread, the scrape's health is judged by a round of its own
+    assert [s.value for s in fams["mcp_monitor_rounds"].samples
+            if s.name == "mcp_monitor_rounds_total"] == [rounds + 3]
+    assert [s.value > 0 for s in fams["mcp_monitor_round_cpu_seconds"].samples
+            if s.name == "mcp_monitor_round_cpu_seconds_total"] == [True]
 
 
 def test_events_list_follow_and_cli(live: Live) -> None:

@@ -115,7 +115,8 @@ class Agent(SecretOps):
         self.reconciler.unhealthy = self.checks.unhealthy
         self.progress = Progress()
         self.nets = ServiceNetworks(config.network, self.registry, self.state_dir,
-                                    self.runtime, lambda r: TRAITS[r].joins_by)
+                                    self.runtime,
+                                    {name: t.joins_by for name, t in TRAITS.items()})
         self.steps = Steps(self.runtime, self.spec, self.registry, self.progress)
         if config.proxy.serve_routes:   # start-first replaces switch at the node proxy
             self.steps.switch = lambda service, c: self.node_routes.switch(service, c)

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,11 +70,11 @@ def drop_address(net: ServiceNet) -> None:
 
 class ServiceNetworks:
     def __init__(self, cfg: NetworkConfig, registry: Registry, state_dir: Path,
-                 runtime: Callable[[str], Runtime], joins_by: Callable[[str], str]) -> None:
+                 runtime: Callable[[str], Runtime], joins: Mapping[str, str]) -> None:
         self.cfg = cfg
         self.registry = registry
         self.runtime = runtime            # by runtime name
-        self.joins_by = joins_by          # runtime name -> "tap" | "network"
+        self.joins = joins                # runtime name -> "tap" | "network" (its Traits)
         self.problem = bridge_problem(cfg.mode)
         self.resolver = hostnet.Resolver(resolver_dir(state_dir))
         self._lock = threading.RLock()
@@ -122,7 +122,7 @@ class ServiceNetworks:
         net = self._all().get(service)
         if net is None or component not in net.hosts:
             return None
-        return net.attach(component, self.joins_by(runtime) == "tap")
+        return net.attach(component, self.joins[runtime] == "tap")
 
     # -- deploy and undeploy ------------------------------------------------------------
 
@@ -160,7 +160,7 @@ class ServiceNetworks:
         """A VM's host ports: 127.0.0.1:p DNATed to its address, port p (as user-mode's
         hostfwd did), so checks, the node proxy and operators reach it as before."""
         return [Forward(p, net.address(c.defn.name), p) for c in rec.components
-                if self.joins_by(c.defn.runtime) == "tap" and c.defn.name in net.hosts
+                if self.joins[c.defn.runtime] == "tap" and c.defn.name in net.hosts
                 for p in sorted(c.host_ports.values()) if p]
 
     def release(self, service: str) -> None:
@@ -191,18 +191,16 @@ class ServiceNetworks:
             log.info("network: removed service=%s bridge=%s", service, net.bridge)
 
     def _runtime_names(self) -> list[str]:
-        from .runtimenames import TRAITS
-
-        return [n for n, t in TRAITS.items() if t.joins_by == "network"]
+        return [name for name, kind in self.joins.items() if kind == "network"]
 
     def _ensure(self, net: ServiceNet, runtimes: dict[str, str]) -> None:
         """The service's host side, made where missing (idempotent)."""
-        for name in sorted({r for r in runtimes.values() if self.joins_by(r) == "network"}):
+        for name in sorted({r for r in runtimes.values() if self.joins[r] == "network"}):
             self.runtime(name).ensure_network(net, lambda: drop_address(net))
         hostnet.ensure_bridge(net.bridge, net.gateway_cidr)
         hostnet.set_route_localnet(net.bridge, True)
         for c, r in sorted(runtimes.items()):
-            if self.joins_by(r) == "tap" and c in net.hosts:
+            if self.joins[r] == "tap" and c in net.hosts:
                 hostnet.ensure_tap(net.tap(c), net.bridge)
         self.resolver.ensure(net.service, net.gateway, net.names())
 
@@ -246,7 +244,7 @@ class ServiceNetworks:
             runtimes = {c.defn.name: c.defn.runtime for c in rec.components}
             net = self._allocate(rec)
             links = [net.bridge] + [net.tap(c) for c, r in runtimes.items()
-                                    if self.joins_by(r) == "tap"]
+                                    if self.joins[r] == "tap"]
             if any(n not in present for n in links):
                 log.info("network: service=%s: making its missing links", rec.name)
                 self._ensure(net, runtimes)

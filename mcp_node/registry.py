@@ -10,6 +10,7 @@ transaction together with its row in ``schema_migrations``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -79,8 +80,12 @@ def _private(path: Path) -> None:
     read lock), and another process then takes itself for the last user and checkpoints
     and removes the WAL under it: three agents opened in one process beside a daemon
     left "database disk image is malformed"."""
-    with suppress(FileExistsError):
+    try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        if not os.access(path, os.W_OK):   # refused here, before anything else starts
+            code = errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES
+            raise PermissionError(code, os.strerror(code), str(path)) from None
     for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with suppress(FileNotFoundError):
             if p.stat().st_mode & 0o077:

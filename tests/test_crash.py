@@ -118,10 +118,12 @@ def shape(body: dict[str, Any] | None) -> set[tuple[str, str, tuple[str, ...]]] 
 
 
 def registry_shapes(state: Path) -> dict[str, set[tuple[str, str, tuple[str, ...]]]]:
+    """What the registry holds per service; one marked ``undeploying`` holds nothing: its
+    undeploy committed, and reconcile finishes it (it may end any moment after a restart)."""
     reg = Registry(state / "registry.db")
     try:
         return {r.name: {(c.defn.name, c.defn.image, c.defn.env) for c in r.components}
-                for r in reg.list_services()}
+                for r in reg.list_services() if not r.undeploying}
     finally:
         reg.close()
 

@@ -459,6 +459,9 @@ class PodmanRuntime(Runtime):
     def remove_network(self, service: str) -> None:
         podman_networks.remove(self._request, service)
 
+    def network_names(self) -> set[str]:
+        return podman_networks.names(self._request)
+
     def promote(self, service: str, component: str) -> None:
         """Two renames (podman renames a running container in place): the current one
         to its ``OLD`` name, the ``NEXT`` one to the component's own."""

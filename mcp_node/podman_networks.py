@@ -39,6 +39,15 @@ def ensure(request: Request, net: ServiceNet, clear: Callable[[], None]) -> None
         raise WorkloadError(f"podman network create {name}: {response_message(resp)}")
 
 
+def names(request: Request) -> set[str]:
+    """Every service network there is, by name: one listing, whatever their number."""
+    resp = request("GET", "/networks/json", "network ls",
+                   params={"filters": json.dumps({"label": ["mcp.service"]})})
+    if resp.status_code >= 400:
+        raise WorkloadError(f"podman network ls: {response_message(resp)}")
+    return {str(n.get("name", "")) for n in resp.json()}
+
+
 def remove(request: Request, service: str) -> None:
     name = network_name(service)
     resp = request("DELETE", f"/networks/{name}", f"network rm {name}",

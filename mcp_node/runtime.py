@@ -297,6 +297,11 @@ class Runtime(ABC):
         """Bridge mode: remove what ``ensure_network`` made (no error when absent)."""
         return None
 
+    def network_names(self) -> set[str]:
+        """Bridge mode: the names of the service networks that exist now (one listing,
+        each round: one removed by hand is made again)."""
+        return set()
+
     @property
     def graceful_stop(self) -> bool:
         """Whether ``stop`` lets the workload end itself before it is killed."""

@@ -7,7 +7,8 @@ address: podman refuses a subnet an interface holds), the bridge, one TAP per VM
 component, the service's resolver, and the node's rule table rewritten whole. Every
 step is idempotent, so a deploy cut short is finished by the next round's repair.
 Undeploy: the reverse, and the numbers go last. A round: for every service with
-numbers, what is missing is made again; links, resolvers and numbers of services the
+numbers, what is missing is made again (a podman network removed by hand too: one
+listing of them per round); links, resolvers and numbers of services the
 registry no longer has (a crash between the two) are removed. Nothing is torn down
 when the agent starts: a VM's TAP and a container's address outlive an agent restart."""
 
@@ -30,6 +31,7 @@ from .netplan import (
     TAP_PREFIX,
     NetAttach,
     ServiceNet,
+    network_name,
     resolver_dir,
     subnet_count,
 )
@@ -240,18 +242,35 @@ class ServiceNetworks:
             log.info("network: service=%s is gone; removing its network", service)
             self._release(service)
         present = hostnet.links("mcp")
+        networks: dict[str, set[str] | None] = {}   # runtime -> its networks (one listing)
         for rec in records:   # a deploy cut short, or a service from before bridge mode
             runtimes = {c.defn.name: c.defn.runtime for c in rec.components}
             net = self._allocate(rec)
             links = [net.bridge] + [net.tap(c) for c, r in runtimes.items()
                                     if self.joins[r] == "tap"]
-            if any(n not in present for n in links):
-                log.info("network: service=%s: making its missing links", rec.name)
+            own = sorted({r for r in runtimes.values() if self.joins[r] == "network"})
+            for r in own:
+                if r not in networks:
+                    networks[r] = self._network_names(r)
+            gone = [r for r in own if (names := networks[r]) is not None
+                    and network_name(rec.name) not in names]
+            if gone or any(n not in present for n in links):
+                log.info("network: service=%s: making what is missing (links%s)", rec.name,
+                         "".join(f", the {r} network" for r in gone))
                 self._ensure(net, runtimes)
             else:
                 self.resolver.ensure(rec.name, net.gateway, net.names())
         self._apply_rules()
         self._sweep(self._all().values())
+
+    def _network_names(self, runtime: str) -> set[str] | None:
+        """``runtime``'s service networks; None when it cannot list them (podman down):
+        nothing is remade then, and the links and rules are still repaired."""
+        try:
+            return self.runtime(runtime).network_names()
+        except MCPError as exc:
+            log.warning("network: cannot list the %s networks: %s", runtime, exc)
+            return None
 
     def _sweep(self, nets: Iterable[ServiceNet]) -> None:
         """Our links and resolvers that no allocated network accounts for."""

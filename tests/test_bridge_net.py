@@ -8,7 +8,8 @@ service reach each other by name (short and ``<c>.<service>.internal``) in both
 directions; another service's container cannot reach them, by address or by name; an
 agent SIGKILLed and started again keeps the VM (same qemu, same address) and its
 traffic, through the outage too; links a crashed undeploy would leave are removed by
-the next round; undeploy leaves no link, address, rule, resolver or podman network."""
+the next round; a podman network removed by hand is made again, its container with it;
+undeploy leaves no link, address, rule, resolver or podman network."""
 
 from __future__ import annotations
 
@@ -139,6 +140,18 @@ def test_bridge_mode_by_name_isolated_survives_a_crash_and_leaves_nothing(
         subprocess.run(["ip", "netns", "exec", node.ns, "ip", *argv], check=True)
     wait_for(lambda: {"mcpbr77", "mcpt77x2"}.isdisjoint(our_links(node.ns)), 20,
              "the leftover links to go")
+
+    # A podman network removed by hand (its container with it): the next rounds make the
+    # network again and reconcile the container on it, at its address, no deploy needed.
+    rc = podman_cli("network", "rm", "-f", f"mcp-{b}").returncode
+    assert rc == 0 and f"mcp-{b}" not in podman_cli(
+        "network", "ls", "--format", "{{.Name}}").stdout.split()
+    wait_for(lambda: f"mcp-{b}" in podman_cli("network", "ls", "--format",
+                                             "{{.Name}}").stdout.split(), 30,
+             "the podman network to be made again")
+    wait_for(lambda: get(node.ns, f"http://{other}:{other_port}/", 3) ==
+             (200, "hello from container\n"), 60, f"{b}/web back at {other}")
+    assert addr_port(node.status(b), "web") == (other, other_port)
 
     # Undeploy: nothing of either network stays.
     for svc in (a, b):

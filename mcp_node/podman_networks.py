@@ -12,6 +12,7 @@ from typing import Any
 from .errors import WorkloadError
 from .netplan import ServiceNet, network_name
 from .podmanargs import response_message
+from .runtime import LABEL_SERVICE
 
 Request = Callable[..., Any]   # PodmanRuntime._request(method, path, what, **kwargs)
 
@@ -20,7 +21,7 @@ def create_body(net: ServiceNet) -> dict[str, Any]:
     return {"name": network_name(net.service), "driver": "bridge",
             "network_interface": net.bridge, "dns_enabled": False, "internal": False,
             "subnets": [{"subnet": net.subnet, "gateway": net.gateway}],
-            "labels": {"mcp.service": net.service}}
+            "labels": {LABEL_SERVICE: net.service}}
 
 
 def ensure(request: Request, net: ServiceNet, clear: Callable[[], None]) -> None:
@@ -42,7 +43,7 @@ def ensure(request: Request, net: ServiceNet, clear: Callable[[], None]) -> None
 def names(request: Request) -> set[str]:
     """Every service network there is, by name: one listing, whatever their number."""
     resp = request("GET", "/networks/json", "network ls",
-                   params={"filters": json.dumps({"label": ["mcp.service"]})})
+                   params={"filters": json.dumps({"label": [LABEL_SERVICE]})})
     if resp.status_code >= 400:
         raise WorkloadError(f"podman network ls: {response_message(resp)}")
     return {str(n.get("name", "")) for n in resp.json()}

@@ -242,18 +242,16 @@ class ServiceNetworks:
             log.info("network: service=%s is gone; removing its network", service)
             self._release(service)
         present = hostnet.links("mcp")
-        networks: dict[str, set[str] | None] = {}   # runtime -> its networks (one listing)
+        networks = {r: self._network_names(r) for r in sorted(
+            {c.defn.runtime for rec in records for c in rec.components
+             if self.joins[c.defn.runtime] == "network"})}   # one listing per runtime
         for rec in records:   # a deploy cut short, or a service from before bridge mode
             runtimes = {c.defn.name: c.defn.runtime for c in rec.components}
             net = self._allocate(rec)
             links = [net.bridge] + [net.tap(c) for c, r in runtimes.items()
                                     if self.joins[r] == "tap"]
-            own = sorted({r for r in runtimes.values() if self.joins[r] == "network"})
-            for r in own:
-                if r not in networks:
-                    networks[r] = self._network_names(r)
-            gone = [r for r in own if (names := networks[r]) is not None
-                    and network_name(rec.name) not in names]
+            gone = [r for r, names in networks.items() if r in runtimes.values()
+                    and names is not None and network_name(rec.name) not in names]
             if gone or any(n not in present for n in links):
                 log.info("network: service=%s: making what is missing (links%s)", rec.name,
                          "".join(f", the {r} network" for r in gone))

@@ -62,6 +62,10 @@ def definition(tmp: Path, svc: str, image: str, vm: bool = True) -> Path:
     return path
 
 
+def podman_networks() -> list[str]:
+    return podman_cli("network", "ls", "--format", "{{.Name}}").stdout.split()
+
+
 def comp(st: dict[str, Any], name: str) -> dict[str, Any]:
     return next(c for c in st["components"] if c["component"] == name)
 
@@ -144,10 +148,8 @@ def test_bridge_mode_by_name_isolated_survives_a_crash_and_leaves_nothing(
     # A podman network removed by hand (its container with it): the next rounds make the
     # network again and reconcile the container on it, at its address, no deploy needed.
     rc = podman_cli("network", "rm", "-f", f"mcp-{b}").returncode
-    assert rc == 0 and f"mcp-{b}" not in podman_cli(
-        "network", "ls", "--format", "{{.Name}}").stdout.split()
-    wait_for(lambda: f"mcp-{b}" in podman_cli("network", "ls", "--format",
-                                             "{{.Name}}").stdout.split(), 30,
+    assert rc == 0 and f"mcp-{b}" not in podman_networks()
+    wait_for(lambda: f"mcp-{b}" in podman_networks(), 30,
              "the podman network to be made again")
     wait_for(lambda: get(node.ns, f"http://{other}:{other_port}/", 3) ==
              (200, "hello from container\n"), 60, f"{b}/web back at {other}")
@@ -162,7 +164,7 @@ def test_bridge_mode_by_name_isolated_survives_a_crash_and_leaves_nothing(
                    if x["ifname"] != "lo")
     assert table(node.ns) is None
     assert resolvers(node.state) == [] and qemu_pids_in(node.state) == []
-    nets = podman_cli("network", "ls", "--format", "{{.Name}}").stdout.split()
+    nets = podman_networks()
     assert f"mcp-{a}" not in nets and f"mcp-{b}" not in nets
     assert sorted(p.name for p in resolver_dir(node.state).iterdir()) == []
     rc, out = node.mcp("node", "health")

@@ -7,9 +7,12 @@ agent process from ``/proc`` (every thread, the exited ones included).
 - idle round: the agent restarted with ``monitor.interval_s`` 1 s, then CPU over
   ``--idle-s`` seconds divided by the rounds in them (the agent's ``mcp_monitor_rounds``),
   and of it the monitor thread's own (``mcp_monitor_round_cpu_seconds``; the rest is the
-  checker's probes). At 10 services with 0, 100k and 1M events in the log (rows
-  written into the registry as old, planned state changes spread over the services;
-  removed again after), then at 100 and 300 services.
+  checker's probes), and of that the runtimes' listings (``mcp_monitor_listing_cpu_seconds``:
+  timed by the agent in the same rounds, so under the same load and cache state as the rest
+  of the round; a listing timed here, back to back in a hot loop, came out at a
+  fraction). At 10 services with 0, 100k and 1M events in the log (rows written into
+  the registry as old, planned state changes spread over the services; removed again
+  after), then at 100 and 300 services.
   Target: flat in events; linear in services only through podman's own listing.
 - deploy: the agent with no rounds (interval 1 h) deploying services of one container
   and one route each, through the HTTP API; agent CPU of deploys 1-10 against deploys
@@ -60,43 +63,32 @@ def restart(b: Bed, interval_s: float) -> Client:
     return b.start_agent()
 
 
-def listing_ms(b: Bed, times: int = 10) -> float:
-    """CPU (ms) of one listing of the agent's containers as the agent makes it (its own
-    podman runtime code, in this process): the share of a round podman's listing
-    takes, which grows with the containers whatever the agent does."""
-    from mcp_node.config import from_dict
-    from mcp_node.podman import PodmanRuntime
-
-    state = b.dir / "lister"
-    state.mkdir(exist_ok=True, mode=0o700)
-    rt = PodmanRuntime(from_dict({"podman": {"socket": b.podman.url},
-                                  "state": {"dir": str(state)}}), state, b.owner)
-    rt.list()                           # connects (and sweeps, as the agent's first does)
-    c0 = time.process_time()
-    for _ in range(times):
-        rt.list()
-    return (time.process_time() - c0) * 1000 / times
+COUNTERS = ("mcp_monitor_rounds_total", "mcp_monitor_round_cpu_seconds_total",
+            "mcp_monitor_listing_cpu_seconds_total")
 
 
-def round_counters(client: Client) -> tuple[float, float]:
-    """The agent's own count of monitor rounds and their thread's CPU seconds."""
+def round_counters(client: Client) -> list[float]:
+    """The agent's own counts: monitor rounds, their thread's CPU seconds, and of it the
+    runtimes' listings' (timed in the same rounds, under the same load)."""
     text = b"".join(client.stream("/metrics")).decode()
     got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    return got["mcp_monitor_rounds_total"], got["mcp_monitor_round_cpu_seconds_total"]
+    return [got[name] for name in COUNTERS]
 
 
-def idle_round_ms(b: Bed, seconds: float) -> tuple[float, int, float]:
-    """Over ``seconds`` of an idle agent: its CPU per monitor round (ms), the rounds, and
-    the round's own share (ms per round of the monitor thread's CPU, as the agent counts
-    it; the rest is the checker probing each component every check_interval_s)."""
+def idle_round_ms(b: Bed, seconds: float) -> tuple[float, int, float, float]:
+    """Over ``seconds`` of an idle agent: its CPU per monitor round (ms), the rounds, the
+    round's own share (ms per round of the monitor thread's CPU, as the agent counts it;
+    the rest is the checker probing each component every check_interval_s) and of that
+    the listings' (ms per round)."""
     client = restart(b, 1.0)
     time.sleep(3)                       # past the start-up's own rounds and adoption
     assert b.proc is not None
-    c0, (r0, m0) = cpu_s(b.proc.pid), round_counters(client)
+    c0, (r0, m0, l0) = cpu_s(b.proc.pid), round_counters(client)
     time.sleep(seconds)
-    c1, (r1, m1) = cpu_s(b.proc.pid), round_counters(client)
+    c1, (r1, m1, l1) = cpu_s(b.proc.pid), round_counters(client)
     rounds = max(int(r1 - r0), 1)
-    return (c1 - c0) * 1000 / rounds, rounds, (m1 - m0) * 1000 / rounds
+    return ((c1 - c0) * 1000 / rounds, rounds, (m1 - m0) * 1000 / rounds,
+            (l1 - l0) * 1000 / rounds)
 
 
 def add_events(b: Bed, n: int, services: list[str]) -> None:
@@ -165,8 +157,7 @@ def main() -> None:
         client = b.start_agent()
         specs = [service(i, image) for i in range(a.services + 10)]
         first = calls_cpu_ms(b, client, deploys(specs[:10]))
-        idle: dict[str, tuple[float, int, float]] = {}
-        lists: dict[str, float] = {"10 services": listing_ms(b)}
+        idle: dict[str, tuple[float, int, float, float]] = {}
         idle["10 services, 0 events"] = idle_round_ms(b, a.idle_s)
         names = [str(s["name"]) for s in specs[:10]]
         for n in (int(x) for x in a.events.split(",") if x):
@@ -182,7 +173,6 @@ def main() -> None:
                 last = calls_cpu_ms(b, client, deploys(specs[size - 10:size]))
                 at = size
                 idle[f"{size} services"] = idle_round_ms(b, a.idle_s)
-                lists[f"{size} services"] = listing_ms(b)
                 client = restart(b, 3600.0)
         undeploy_last = calls_cpu_ms(b, client, undeploys(specs[at - 10:at]))
         undeploy_first = calls_cpu_ms(b, client, undeploys(specs[:10]))
@@ -191,17 +181,16 @@ def main() -> None:
     own0 = idle["10 services, 0 events"][2]
     out.append("  idle monitor round, agent CPU per round; of it the round's own thread (the "
                "agent's count; the rest is the checker's probes):")
-    for label, (ms, rounds, own) in idle.items():
+    for label, (ms, rounds, own, _listed) in idle.items():
         out.append(f"    {label:28} {ms:7.2f} ms  ({rounds} rounds)  {ms / base:5.2f}x;  "
                    f"round {own:6.2f} ms  {own / own0:5.2f}x")
-    out.append("  of the round's own, podman's listing (the agent's own code, timed in this "
-               "process); the rest:")
-    rest0 = own0 - lists["10 services"]
-    for label, ms in lists.items():
-        key = label + (", 0 events" if label == "10 services" else "")
-        rest = idle[key][2] - ms
-        out.append(f"    {label:28} listing {ms:6.2f} ms; the rest {rest:6.2f} ms = "
-                   f"{rest / rest0:5.2f}x the 10 services' rest")
+    out.append("  of the round's own, the runtimes' listings (podman's answer read and parsed, "
+               "as the agent counts them); the rest:")
+    sizes = {k: v for k, v in idle.items() if "events" not in k or k.endswith(" 0 events")}
+    list0, rest0 = idle["10 services, 0 events"][3], own0 - idle["10 services, 0 events"][3]
+    for label, (_ms, _rounds, own, listed) in sizes.items():
+        out.append(f"    {label:28} listing {listed:6.2f} ms = {listed / list0:5.2f}x; the "
+                   f"rest {own - listed:6.2f} ms = {(own - listed) / rest0:5.2f}x")
     out.append(f"  deploy, agent CPU per deploy: 1st-10th {first[0]:.1f} ms, {at - 9}th-{at}th "
                f"{last[0]:.1f} ms = {last[0] / first[0]:.2f}x; less the background measured "
                f"before each (the checker's ticks): {first[1]:.1f} ms, {last[1]:.1f} ms = "

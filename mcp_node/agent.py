@@ -564,8 +564,10 @@ class Agent(SecretOps):
     def check_failures(self) -> dict[tuple[str, str], int]:
         return self.checks.failure_counts()
 
-    def monitor_cost(self) -> tuple[int, float]:
-        return self.monitor.rounds, self.monitor.round_cpu_s
+    def monitor_cost(self) -> tuple[int, float, float]:
+        """Rounds, their CPU seconds, and of it the listings'."""
+        m = self.monitor
+        return m.rounds, m.round_cpu_s, m.listing_cpu_s
 
     def rollout_counts(self) -> dict[str, int]:
         return dict(self.rollouts.counts)

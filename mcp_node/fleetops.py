@@ -164,7 +164,7 @@ class FleetOperations:
     def check_failures(self) -> dict[tuple[str, str], int]:
         return self._agent.check_failures()
 
-    def monitor_cost(self) -> tuple[int, float]:
+    def monitor_cost(self) -> tuple[int, float, float]:
         return self._agent.monitor_cost()
 
     def rollout_counts(self) -> dict[str, int]:

@@ -106,12 +106,14 @@ class NodeCollector(Collector):
                                 value=1 if health["status"] == "healthy" else 0)
         yield GaugeMetricFamily("mcp_agent_uptime_seconds", "Seconds since the agent started",
                                 value=health.get("uptime_s", 0))
-        rounds, cpu_s = self.agent.monitor_cost()   # after health(): it may run one
+        rounds, cpu_s, listing_s = self.agent.monitor_cost()   # after health(): may run one
         yield CounterMetricFamily("mcp_monitor_rounds", "Monitor rounds since the agent "
                                   "started", value=rounds)
         yield CounterMetricFamily("mcp_monitor_round_cpu_seconds", "CPU the monitor's "
                                   "thread spent in its rounds (the checker's probes apart)",
                                   value=cpu_s)
+        yield CounterMetricFamily("mcp_monitor_listing_cpu_seconds", "Of the rounds' CPU, "
+                                  "the runtimes' listings (read and parsed)", value=listing_s)
         expiry = GaugeMetricFamily("mcp_edge_certificate_expiry_timestamp_seconds",
                                    "Edge route certificate expiry (unix time)",
                                    labels=["hostname"])

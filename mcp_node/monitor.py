@@ -136,6 +136,9 @@ class Monitor:
         # subscribers do): what a round costs, apart from the checker's probes (metrics).
         self.rounds = 0
         self.round_cpu_s = 0.0
+        # Of it, the runtimes' listings (podman's answer read and parsed): the share that
+        # grows with the workloads whatever the agent does, counted in the same rounds.
+        self.listing_cpu_s = 0.0
         self._thread: threading.Thread | None = None
         self._on_refresh = on_refresh
         # The spec a component should run (the reconciler's): set by the agent.
@@ -145,7 +148,9 @@ class Monitor:
 
     def refresh(self) -> View:
         with self._lock:
+            cpu = time.thread_time()
             listings, errors = self._listings()
+            self.listing_cpu_s += time.thread_time() - cpu
             now = time.time()
             records = self.registry.list_services()
             workloads, orphans, events = observe(records, listings, errors, self._restarts, now,

@@ -73,8 +73,9 @@ class Operations(Protocol):
     def check_failures(self) -> dict[tuple[str, str], int]:
         """Failed checks of runs that had passed, per (service, component) (a counter)."""
         ...
-    def monitor_cost(self) -> tuple[int, float]:
-        """Monitor rounds run since the agent started, and their CPU seconds (counters)."""
+    def monitor_cost(self) -> tuple[int, float, float]:
+        """Monitor rounds run since the agent started, their CPU seconds and of it the
+        listings' (counters)."""
         ...
     def rollout_counts(self) -> dict[str, int]:
         """Rollouts by outcome (started, succeeded, failed, reverted) since the agent

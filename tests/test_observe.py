@@ -97,13 +97,15 @@ def test_metrics_parse_with_prometheus_client(live: Live) -> None:
     # one deploy began a rollout (the second was unchanged); none ended: no monitor here
     assert rollouts == {"started": 1, "succeeded": 0, "failed": 0, "reverted": 0}
     # Whole rounds only: a deploy's refresh of its own service is not one.
-    rounds, cpu_s = live.agent.monitor_cost()
+    rounds, cpu_s, listing_s = live.agent.monitor_cost()
     live.agent.monitor.refresh_safely("shop")
-    assert live.agent.monitor_cost() == (rounds, cpu_s)
+    assert live.agent.monitor_cost() == (rounds, cpu_s, listing_s)
     for _ in range(2):
         live.agent.monitor.refresh_safely()
-    assert live.agent.monitor_cost()[0] == rounds + 2
-    assert live.agent.monitor_cost()[1] > cpu_s
+    now = live.agent.monitor_cost()
+    assert now[0] == rounds + 2 and now[1] > cpu_s
+    # the listings are a part of the rounds' CPU, counted in the same rounds
+    assert listing_s < now[2] and now[2] - listing_s < now[1] - cpu_s
     fams = {f.name: f for f in text_string_to_metric_families(
         live.raw_get("/metrics", token=True)[2].decode())}
     # + 1: with no monitor thread, the scrape's health is judged by a round of its own
@@ -111,6 +113,8 @@ def test_metrics_parse_with_prometheus_client(live: Live) -> None:
             if s.name == "mcp_monitor_rounds_total"] == [rounds + 3]
     assert [s.value > 0 for s in fams["mcp_monitor_round_cpu_seconds"].samples
             if s.name == "mcp_monitor_round_cpu_seconds_total"] == [True]
+    listed, = [s.value for s in fams["mcp_monitor_listing_cpu_seconds"].samples]
+    assert 0 < listed < fams["mcp_monitor_round_cpu_seconds"].samples[0].value
 
 
 def test_events_list_follow_and_cli(live: Live) -> None:

@@ -26,7 +26,7 @@ from .nftrules import TABLE, Forward, check_ipv4, check_link, ruleset_text
 
 __all__ = ["Forward", "Resolver", "apply_rules", "current_rules", "delete_link",
            "ensure_bridge", "ensure_tap", "links", "remove_rules", "ruleset_text", "run",
-           "set_route_localnet"]
+           "set_route_localnet", "set_forwarding"]
 
 log = logging.getLogger("mcp_node.hostnet")
 
@@ -170,7 +170,17 @@ def links(prefix: str = "mcp") -> dict[str, str]:
 
 def set_route_localnet(bridge: str, on: bool) -> None:
     """127.0.0.1 traffic DNATed to a VM may only leave through the bridge with this on."""
-    path = Path("/proc/sys/net/ipv4/conf") / check_link(bridge) / "route_localnet"
+    _set_conf(bridge, "route_localnet", on)
+
+
+def set_forwarding(bridge: str, on: bool) -> None:
+    """Routed from the bridge on (to another service's bridge a definition allows): on
+    the bridge alone, not the host's ``ip_forward``; the table drops what is not allowed."""
+    _set_conf(bridge, "forwarding", on)
+
+
+def _set_conf(bridge: str, key: str, on: bool) -> None:
+    path = Path("/proc/sys/net/ipv4/conf") / check_link(bridge) / key
     log.info("echo %d > %s", int(on), path)
     try:
         path.write_text("1\n" if on else "0\n")

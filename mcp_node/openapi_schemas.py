@@ -189,6 +189,19 @@ def schemas() -> dict[str, Any]:
                                     "default": 5},
                     },
                 },
+                "network": {
+                    "type": "object", "additionalProperties": False,
+                    "description": "bridge mode: who may reach this service's components",
+                    "properties": {
+                        "allow_from": {
+                            "type": "array", "maxItems": servicedef.MAX_LIST,
+                            "uniqueItems": True,
+                            "items": {"type": "string", "pattern": NAME_PATTERN},
+                            "description": "services whose components may open connections "
+                                           "to this service's (not the service itself); "
+                                           "they resolve <component>.<service>.internal"},
+                    },
+                },
             },
             # A service's runtime is its components' default: each runtime's demands
             # hold for the components that name none.

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import NotFoundError
-from .servicedef import COMPONENT_DEFAULTS, ComponentDef, ServiceDef, UpdateDef
+from .servicedef import COMPONENT_DEFAULTS, ComponentDef, NetworkDef, ServiceDef, UpdateDef
 from .states import RUNNING, UNKNOWN, State
 
 
@@ -31,11 +31,12 @@ class ServiceRecord:
     updated_at: str = ""
     undeploying: bool = False   # an undeploy began (and was interrupted): reconcile ends it
     update: UpdateDef = UpdateDef()
+    network: NetworkDef = NetworkDef()
 
     def definition(self) -> ServiceDef:
         return ServiceDef(
             name=self.name, active=self.active, components=tuple(c.defn for c in self.components),
-            update=self.update,
+            update=self.update, network=self.network,
         )
 
     def component(self, name: str) -> ComponentRecord:
@@ -123,10 +124,20 @@ def settings_values(text: str) -> dict[str, Any]:
 
 
 def service_settings(svc: ServiceDef) -> str:
-    """The registry's ``settings`` of a service: its [update] table off the default."""
+    """The registry's ``settings`` of a service: its [update] keys off the default (at
+    the top, as before [network]) and its [network] table where set."""
     d = UpdateDef()
-    return json.dumps({k: v for k, v in asdict(svc.update).items() if v != getattr(d, k)},
-                      sort_keys=True)
+    out: dict[str, Any] = {k: v for k, v in asdict(svc.update).items() if v != getattr(d, k)}
+    if svc.network != NetworkDef():
+        out["network"] = {"allow_from": list(svc.network.allow_from)}
+    return json.dumps(out, sort_keys=True)
+
+
+def service_tables(text: str) -> tuple[UpdateDef, NetworkDef]:
+    """``service_settings`` read back."""
+    out: dict[str, Any] = json.loads(text)
+    net = out.pop("network", {})
+    return UpdateDef(**out), NetworkDef(tuple(net.get("allow_from", ())))
 
 
 def definition_digest(svc: ServiceDef) -> str:

@@ -35,13 +35,14 @@ from .records import (
     ServiceRecord,
     component_settings,
     service_settings,
+    service_tables,
     settings_values,
 )
 from .registry_history import HistoryTables
 from .registry_net import NetworkTables
 from .registry_secrets import SecretTables
 from .runtime import workload_name
-from .servicedef import ComponentDef, RouteDef, ServiceDef, UpdateDef
+from .servicedef import ComponentDef, RouteDef, ServiceDef
 from .states import RUNNING, STOPPED, UNKNOWN, State
 
 PORT_MIN, PORT_MAX = 10000, 60000
@@ -422,14 +423,15 @@ class Registry(HistoryTables, SecretTables, NetworkTables):
                 observed_state=State(c["observed_state"]),
                 host_ports={r["name"]: r["host_port"] for r in rs}, updated_at=c["updated_at"],
             ))
-        return [
-            ServiceRecord(name=s["name"], active=bool(s["active"]),
-                          components=by_svc.get(s["name"], []),
-                          created_at=s["created_at"], updated_at=s["updated_at"],
-                          undeploying=bool(s["undeploying"]),
-                          update=UpdateDef(**json.loads(s["settings"])))
-            for s in svcs
-        ]
+        out = []
+        for s in svcs:
+            update, network = service_tables(s["settings"])
+            out.append(ServiceRecord(name=s["name"], active=bool(s["active"]),
+                                     components=by_svc.get(s["name"], []),
+                                     created_at=s["created_at"], updated_at=s["updated_at"],
+                                     undeploying=bool(s["undeploying"]), update=update,
+                                     network=network))
+        return out
 
     def set_desired(self, service: str, state: State, component: str | None = None) -> None:
         with self._tx() as db:

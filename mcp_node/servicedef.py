@@ -101,6 +101,15 @@ class UpdateDef:
     drain_s: float = 5.0
 
 
+@dataclass(frozen=True)
+class NetworkDef:
+    """Bridge mode (issue 23): which other services' components may open connections to
+    this service's (its own ``[network]``; the target says who may reach it, as an
+    ingress policy does). Replies pass by conntrack; nothing else crosses."""
+
+    allow_from: tuple[str, ...] = ()
+
+
 # Defaults are left out of the JSON form, so a definition from before these keys keeps
 # its digest (and its workloads are not replaced by an upgrade).
 COMPONENT_DEFAULTS = {k: getattr(ComponentDef("x", "x"), k)
@@ -117,6 +126,7 @@ class ServiceDef:
     node: str = ""                   # fleet mode: "NAME" pinned, "pool:NAME", "" any
     failover: str = ""               # fleet mode: "" fenced (never two copies), "overlap"
     update: UpdateDef = UpdateDef()
+    network: NetworkDef = NetworkDef()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (lists, not tuples): what ``from_dict`` and the API accept."""
@@ -134,6 +144,8 @@ class ServiceDef:
             del out["failover"]
         if self.update == UpdateDef():
             del out["update"]
+        if self.network == NetworkDef():
+            del out["network"]
         for c in out["components"]:
             for k, default in COMPONENT_DEFAULTS.items():
                 if c[k] == default:
@@ -195,8 +207,6 @@ def check_int(value: object, field_name: str) -> int:
     return value
 
 
-
-
 def _str_list(value: object, field_name: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValidationError("must be a list of strings", field_name)
@@ -252,7 +262,9 @@ COMPONENT_KEYS = (
     "check_timeout_s", "check_failures", "pull", "image_digest", "secrets", "secret_versions",
 )
 UPDATE_KEYS = ("order", "min_healthy_s", "healthy_deadline_s", "auto_revert", "drain_s")
-SERVICE_KEYS = ("name", "active", "runtime", "components", "node", "failover", "update")
+SERVICE_KEYS = ("name", "active", "runtime", "components", "node", "failover", "update",
+                "network")
+NETWORK_KEYS = ("allow_from",)
 
 
 def check_seconds(value: object, field_name: str, low: float, high: float) -> float:
@@ -309,6 +321,30 @@ def _secrets(data: dict[str, Any], where: str) -> dict[str, Any]:
             raise ValidationError("must be >= 1", f"{where}secret_versions.{n}")
         versions.append((n, int(v)))
     return {"secrets": names, "secret_versions": tuple(versions)}
+
+
+def _network(data: object, name: str) -> NetworkDef:
+    if data is None:
+        return NetworkDef()
+    if not isinstance(data, dict):
+        raise ValidationError("must be a table", "network")
+    p = Problems()
+    p.keys(data, NETWORK_KEYS, "network.")
+    raw = data.get("allow_from", [])
+    if not isinstance(raw, list) or len(raw) > MAX_LIST:
+        raise ValidationError(f"must be a list of at most {MAX_LIST} service names",
+                              "network.allow_from")
+    names: list[str] = []
+    for i, n in enumerate(raw):
+        where = f"network.allow_from[{i}]"
+        n = p.take(partial(check_name, n, where), "")
+        if n and n in (name, *names):
+            p.add(ValidationError("names the service itself (its components always reach "
+                                  "each other)" if n == name else f"{n!r} is named twice", where))
+        elif n:
+            names.append(n)
+    p.done()
+    return NetworkDef(tuple(sorted(names)))
 
 
 def _update(data: object) -> UpdateDef:
@@ -499,10 +535,11 @@ def from_dict(data: object) -> ServiceDef:
                               "the default: never two copies; \"overlap\": a brief second "
                               "copy while a lost node's is stopped)", "failover"))
     update = p.take(lambda: _update(data.get("update")), UpdateDef())
+    network = p.take(lambda: _network(data.get("network"), name), NetworkDef())
     p.done()
     return ServiceDef(name=name, components=tuple(comps), active=active, runtime=runtime,
                       node=node, failover="" if failover == "fence" else failover,
-                      update=update)
+                      update=update, network=network)
 
 
 def _node(node: object) -> str:

@@ -134,9 +134,13 @@ class ServiceNetworks:
         if not self.active:
             return
         with self._lock:
+            records = self.registry.list_services()   # with rec: it was written first
             self._ensure(self._allocate(rec), {c.defn.name: c.defn.runtime
-                                               for c in rec.components})
-            self._apply_rules()
+                                               for c in rec.components}, records)
+            for src in rec.network.allow_from:   # their resolvers learn its names now
+                if src in self._all():
+                    self._ensure_resolver(self._all()[src], records)
+            self._apply_rules(records)
 
     def _allocate(self, rec: ServiceRecord) -> ServiceNet:
         """The record's numbers (allocated where missing); components it no longer has
@@ -188,25 +192,42 @@ class ServiceNetworks:
             for name in self._runtime_names():
                 self.runtime(name).remove_network(service)
             hostnet.delete_link(net.bridge)
-            self._apply_rules()
+            self._apply_rules(self.registry.list_services())
             self.registry.release_network(service)
             log.info("network: removed service=%s bridge=%s", service, net.bridge)
 
     def _runtime_names(self) -> list[str]:
         return [name for name, kind in self.joins.items() if kind == "network"]
 
-    def _ensure(self, net: ServiceNet, runtimes: dict[str, str]) -> None:
+    def _ensure(self, net: ServiceNet, runtimes: dict[str, str],
+                records: Sequence[ServiceRecord]) -> None:
         """The service's host side, made where missing (idempotent)."""
         for name in sorted({r for r in runtimes.values() if self.joins[r] == "network"}):
             self.runtime(name).ensure_network(net, lambda: drop_address(net))
         hostnet.ensure_bridge(net.bridge, net.gateway_cidr)
         hostnet.set_route_localnet(net.bridge, True)
+        hostnet.set_forwarding(net.bridge, True)
         for c, r in sorted(runtimes.items()):
             if self.joins[r] == "tap" and c in net.hosts:
                 hostnet.ensure_tap(net.tap(c), net.bridge)
-        self.resolver.ensure(net.service, net.gateway, net.names())
+        self._ensure_resolver(net, records)
 
-    def _apply_rules(self) -> None:
+    def pairs(self, records: Sequence[ServiceRecord]) -> list[tuple[str, str]]:
+        """(source, destination) services, both with a network here, where the
+        destination's ``network.allow_from`` names the source."""
+        nets = self._all()
+        return [(src, rec.name) for rec in records if rec.name in nets
+                for src in rec.network.allow_from if src in nets]
+
+    def _ensure_resolver(self, net: ServiceNet, records: Sequence[ServiceRecord]) -> None:
+        """The service's names, and those of the services that let it in, qualified
+        (``<component>.<service>.internal``: a bare name is always its own service's)."""
+        nets, names = self._all(), net.names()
+        for dst in sorted({d for s, d in self.pairs(records) if s == net.service}):
+            names.update({a: ns[1:] for a, ns in nets[dst].names().items()})
+        self.resolver.ensure(net.service, net.gateway, names)
+
+    def _apply_rules(self, records: Sequence[ServiceRecord]) -> None:
         """The node's table rewritten whole when what it should hold changed (or it went)."""
         nets = self._all()
         forwards = sorted({f for fs in self._fwd.values() for f in fs},
@@ -216,7 +237,9 @@ class ServiceNetworks:
                 hostnet.remove_rules()
                 self._rules = "none"
             return
-        text = ruleset_text({n.bridge: n.gateway for n in nets.values()}, [], forwards)
+        text = ruleset_text({n.bridge: n.gateway for n in nets.values()},
+                            [(nets[s].bridge, nets[d].bridge) for s, d in self.pairs(records)],
+                            forwards)
         if text != self._rules or hostnet.current_rules() is None:
             hostnet.apply_rules(text)
             self._rules = text
@@ -255,10 +278,10 @@ class ServiceNetworks:
             if gone or any(n not in present for n in links):
                 log.info("network: service=%s: making what is missing (links%s)", rec.name,
                          "".join(f", the {r} network" for r in gone))
-                self._ensure(net, runtimes)
+                self._ensure(net, runtimes, records)
             else:
-                self.resolver.ensure(rec.name, net.gateway, net.names())
-        self._apply_rules()
+                self._ensure_resolver(net, records)
+        self._apply_rules(records)
         self._sweep(self._all().values())
 
     def _network_names(self, runtime: str) -> set[str] | None:

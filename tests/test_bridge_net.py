@@ -5,9 +5,10 @@ nftables table. Nothing outside the namespace is addressed but its own loopback.
 
 One flow, because each Nanos boot under TCG costs seconds: a container and a VM of one
 service reach each other by name (short and ``<c>.<service>.internal``) in both
-directions; another service's container cannot reach them, by address or by name; an
-agent SIGKILLed and started again keeps the VM (same qemu, same address) and its
-traffic, through the outage too; links a crashed undeploy would leave are removed by
+directions; another service's container cannot reach them, by address or by name, until
+their definition lets it in (and then only that way round); an agent SIGKILLed and
+started again keeps the VM (same qemu, same address) and its traffic, through the outage
+too; links a crashed undeploy would leave are removed by
 the next round; a podman network removed by hand is made again, its container with it;
 undeploy leaves no link, address, rule, resolver or podman network."""
 
@@ -50,9 +51,10 @@ def node(tmp_path: Path, hello_image: str, nanos: Path) -> Iterator[Node]:
         n.clean_up("mcp-nb")
 
 
-def definition(tmp: Path, svc: str, image: str, vm: bool = True) -> Path:
+def definition(tmp: Path, svc: str, image: str, vm: bool = True, allow: str = "") -> Path:
     path = tmp / f"{svc}.toml"
-    text = f'name = "{svc}"\n\n[[components]]\nname = "web"\nimage = "{image}"\n' \
+    text = f'name = "{svc}"\n' + (f'[network]\nallow_from = ["{allow}"]\n' if allow else "")
+    text += f'\n[[components]]\nname = "web"\nimage = "{image}"\n' \
            'env = ["MESSAGE=container"]\n[[components.routes]]\nport = 8080\n'
     if vm:
         text += f'\n[[components]]\nname = "vm"\nimage = "{image}"\nruntime = "unikernel"\n' \
@@ -124,6 +126,18 @@ def test_bridge_mode_by_name_isolated_survives_a_crash_and_leaves_nothing(
     assert lookup(node.ns, gateway, "web") == [other]
     assert lookup(node.ns, gateway, f"web.{b}.internal") == [other]
     assert lookup(node.ns, gateway, f"vm.{a}.internal") == "NXDOMAIN"
+
+    # Its definition lets the other service in: that one's container reaches it by address
+    # and by qualified name (its bare names stay its own); not the other way round.
+    rc, out = node.mcp("deploy", str(definition(node.tmp, a, hello_image, allow=b)))
+    assert rc == 0, out + node.log()
+    assert get(node.ns, f"http://{other}:{other_port}/get/{web}/{web_port}") == \
+        (200, "hello from container\n")
+    assert get(node.ns, f"http://{other}:{other_port}/get/vm.{a}.internal/{vm_port}") == \
+        (200, "hello from unikernel\n")
+    assert lookup(node.ns, gateway, "web") == [other]
+    code, body = get(node.ns, f"http://{web}:{web_port}/get/{other}/{other_port}")
+    assert code == 502 and "connect" in body, body
 
     # SIGKILL: the VM keeps running and answering, also while no agent runs.
     qemu = qemu_pids_in(node.state)

@@ -282,7 +282,7 @@ class ServiceNetworks:
             else:
                 self._ensure_resolver(net, records)
         self._apply_rules(records)
-        self._sweep(self._all().values())
+        self._sweep(self._all().values(), present)
 
     def _network_names(self, runtime: str) -> set[str] | None:
         """``runtime``'s service networks; None when it cannot list them (podman down):
@@ -293,13 +293,14 @@ class ServiceNetworks:
             log.warning("network: cannot list the %s networks: %s", runtime, exc)
             return None
 
-    def _sweep(self, nets: Iterable[ServiceNet]) -> None:
-        """Our links and resolvers that no allocated network accounts for."""
+    def _sweep(self, nets: Iterable[ServiceNet], present: Iterable[str]) -> None:
+        """Our links (of ``present``, the round's one listing: what it made since is
+        wanted) and resolvers that no allocated network accounts for."""
         wanted = set()
         for net in nets:
             wanted.add(net.bridge)
             wanted.update(net.tap(c) for c in net.hosts)
-        for name in sorted(hostnet.links("mcp")):
+        for name in sorted(present):
             if name.startswith((BRIDGE_PREFIX, TAP_PREFIX)) and name not in wanted:
                 log.info("network: removing leftover link %s", name)
                 hostnet.delete_link(name)

@@ -166,7 +166,16 @@ def mismatch(state: Path, owner: str) -> str:
 
 def external_named(prefix: str) -> dict[str, str]:
     """Every container whose name starts with ``prefix``, storage-only ones included."""
-    out = podman_cli("ps", "-a", "--external", "--format", "json", check=True).stdout
+    # podman's listing fails while a container it listed is removed before it looks at it
+    # (exit 125, "determining buildah container for container ...: container not known";
+    # reproduced with a run/rm loop beside it): the agent converging; list again.
+    for _ in range(10):
+        res = podman_cli("ps", "-a", "--external", "--format", "json")
+        if res.returncode == 0:
+            break
+        time.sleep(0.2)
+    assert res.returncode == 0, f"podman ps --external: {res.stderr}"
+    out = res.stdout
     # Filtered here: podman's name filter does not apply to storage-only containers.
     return {e["Names"][0]: str(e["State"]).lower() for e in json.loads(out or "[]")
             if e.get("Names") and e["Names"][0].startswith(prefix)}

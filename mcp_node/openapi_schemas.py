@@ -329,7 +329,7 @@ def schemas() -> dict[str, Any]:
                                "required": ["action", "component", "reason", "fields"],
                                "properties": {
                                    "action": {"enum": ["create", "replace", "remove", "start",
-                                                       "stop"]},
+                                                       "stop", "set"]},
                                    "component": _STR, "reason": _STR,
                                    "fields": {"type": "array", "items": {
                                        "type": "object", "required": ["field", "from", "to"],

@@ -16,8 +16,8 @@ from .servicedef import ComponentDef, ServiceDef
 
 @dataclass(frozen=True)
 class Change:
-    action: str            # create | replace | remove | start | stop
-    component: str
+    action: str            # create | replace | remove | start | stop | set
+    component: str         # "" for set: the service's own tables, no workload
     fields: tuple[tuple[str, Any, Any], ...] = ()   # (field, deployed, new)
     reason: str = ""
 
@@ -92,6 +92,14 @@ def plan(deployed: ServiceDef | None, new: ServiceDef,
     names = {c.name for c in new.components}
     out.changes.extend(Change("remove", n, reason="not in the new definition")
                        for n in old if n not in names)
+    if deployed is not None:
+        diff = tuple((f"{table}.{f.name}", getattr(a, f.name), getattr(b, f.name))
+                     for table, a, b in (("update", deployed.update, new.update),
+                                         ("network", deployed.network, new.network))
+                     for f in fields(a) if getattr(a, f.name) != getattr(b, f.name))
+        if diff:
+            out.changes.append(Change("set", "", diff, "service settings differ; no "
+                                                        "workload is replaced for them"))
     return out
 
 
@@ -107,7 +115,7 @@ def plan_text(p: dict[str, Any]) -> str:
         return f"{p['service']}: no changes"
     lines = [f"{p['service']}: {len(p['changes'])} change(s)"]
     for ch in p["changes"]:
-        lines.append(f"  {ch['action']} {ch['component']}"
+        lines.append(f"  {ch['action']} {ch['component'] or '(service)'}"
                      + (f" ({ch['reason']})" if ch["reason"] else ""))
         lines.extend(f"      {f['field']}: {f['from']!r} -> {f['to']!r}" for f in ch["fields"])
     return "\n".join(lines)

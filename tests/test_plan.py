@@ -219,3 +219,24 @@ def test_progress_shows_each_components_step_as_it_changes(
     ctx.json = True   # --json (or no terminal): nothing but the call
     assert cli_mod.with_progress(ctx, "deploying", "shop", lambda: "ok", Agent()) == "ok"  # type: ignore[arg-type]
     assert capsys.readouterr().err == ""
+
+
+def test_a_change_of_the_service_tables_alone_is_a_change(local: Agent, tmp_path: Path) -> None:
+    """``mcp plan && echo nothing to do`` must not say nothing for a deploy that changes
+    what the node does (a rollout's order, who may reach the service)."""
+    assert run("deploy", "-", input=DEF).exit_code == 0
+    f = write(tmp_path, 'name = "shop"\n[update]\norder = "start-first"\n'
+                        '[network]\nallow_from = ["blog"]\n' + DEF.split("\n", 1)[1])
+    res = run("plan", str(f))
+    assert (res.exit_code, res.stdout) == (3, (
+        "shop: 1 change(s)\n  set (service) (service settings differ; no workload is "
+        "replaced for them)\n      update.order: '' -> 'start-first'\n"
+        "      network.allow_from: [] -> ['blog']\n"))
+    res = run("--json", "plan", str(f))
+    assert json.loads(res.stdout)["changes"] == [
+        {"action": "set", "component": "", "reason": "service settings differ; no workload "
+         "is replaced for them", "fields": [
+             {"field": "update.order", "from": "", "to": "start-first"},
+             {"field": "network.allow_from", "from": [], "to": ["blog"]}]}]
+    assert run("deploy", str(f)).exit_code == 0
+    assert run("plan", str(f)).stdout == "shop: no changes\n"

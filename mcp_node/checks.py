@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import MCPError
-from .readiness import Result, check, effective
+from .readiness import Result, check, connect_all, effective, ports_of
 from .reconcile import Run, wants_restart
 from .records import ComponentRecord, Event
 from .states import RUNNING
@@ -268,19 +268,48 @@ class Checks:
                    budget: float | None = None) -> list[Result]:
         """The due probes side by side: one hung component's timeout must not hold up
         the others' checks (and so their restarts). ``budget``: each probe's timeout at
-        most that."""
-        if len(due) <= 1:
-            return [self._probe(key[0], comp, budget) for key, comp, _st in due]
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="mcp-check")
-            pool = self._pool
-        return list(pool.map(lambda item: self._probe(item[0][0], item[1], budget), due))
+        most that. A ``tcp`` check its runtime proves by a plain connect is one of the
+        connects this thread waits on together; the rest go to the pool."""
+        plain = [i for i, (key, comp, _st) in enumerate(due)
+                 if effective(comp.defn) == "tcp" and self._by_connect(key[0], comp)]
+        out: dict[int, Result] = self._connect_all(
+            {i: due[i][1] for i in plain}, budget) if plain else {}
+        rest = [i for i in range(len(due)) if i not in out]
+        if len(rest) <= 1:
+            out.update((i, self._probe(due[i][0][0], due[i][1], budget)) for i in rest)
+        else:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="mcp-check")
+                pool = self._pool
+            out.update(zip(rest, pool.map(
+                lambda i: self._probe(due[i][0][0], due[i][1], budget), rest), strict=True))
+        return [out[i] for i in range(len(due))]
+
+    def _by_connect(self, service: str, comp: ComponentRecord) -> bool:
+        try:
+            return self.host.runtime(comp.defn.runtime).tcp_by_connect(service, comp.defn.name)
+        except MCPError:
+            return False   # _probe says why
+
+    def _connect_all(self, comps: dict[int, ComponentRecord],
+                     budget: float | None) -> dict[int, Result]:
+        """``tcp`` checks of ``comps`` (by index) from one round of ``connect_all``."""
+        timeouts = {i: self._timeout(c, budget) for i, c in comps.items()}
+        answers = connect_all({p: timeouts[i] for i, c in comps.items()
+                               for p in ports_of(c.defn, c.host_ports)})
+        return {i: check(c.defn, c.host_ports, timeouts[i], lambda p, _t: answers[p])
+                for i, c in comps.items()}
+
+    @staticmethod
+    def _timeout(comp: ComponentRecord, budget: float | None) -> float:
+        t = comp.defn.check_timeout_s
+        return t if budget is None else min(t, budget)
 
     def _probe(self, service: str, comp: ComponentRecord,
                budget: float | None = None) -> Result:
         d = comp.defn
-        timeout = d.check_timeout_s if budget is None else min(d.check_timeout_s, budget)
+        timeout = self._timeout(comp, budget)
         try:
             rt = self.host.runtime(d.runtime)
         except MCPError as exc:

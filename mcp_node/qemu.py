@@ -556,6 +556,11 @@ class QemuRuntime(Runtime):
         return read_console(d, tail, follow, lambda: live_pid(d, meta) is not None, max_bytes,
                             meta.started_at if timestamps else None)
 
+    def tcp_by_connect(self, service: str, component: str) -> bool:
+        """Bridged and running: the host port is DNATed to the guest itself."""
+        d, meta = self._meta(service, component)
+        return meta is not None and bool(meta.tap) and live_pid(d, meta) is not None
+
     def tcp_check(self, service: str, component: str, port: int, timeout: float) -> str:
         """The guest must accept, not QEMU's forwarder (``vmcheck``)."""
         d, meta = self._meta(service, component)

@@ -10,9 +10,13 @@ component's ``check_timeout_s``; ``checks`` decides when they run.
 
 from __future__ import annotations
 
+import errno
 import http.client
+import os
+import selectors
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .servicedef import ComponentDef
@@ -39,7 +43,7 @@ def check(defn: ComponentDef, host_ports: dict[str, int], timeout: float = TIMEO
           tcp: TcpProbe | None = None) -> Result:
     """One probe of the component's effective check; never raises."""
     kind = effective(defn)
-    ports = [host_ports[r.name] for r in defn.routes if host_ports.get(r.name)]
+    ports = ports_of(defn, host_ports)
     if kind == "none":
         return Result(True, "no check")
     if not ports:
@@ -52,6 +56,11 @@ def check(defn: ComponentDef, host_ports: dict[str, int], timeout: float = TIMEO
                 return Result(False, why if len(ports) == 1 else f"port {p}: {why}")
         return Result(True, "accepted")
     return _http(ports[0], kind[len("http:"):], timeout)
+
+
+def ports_of(defn: ComponentDef, host_ports: dict[str, int]) -> list[int]:
+    """The host ports a check probes, in route order."""
+    return [host_ports[r.name] for r in defn.routes if host_ports.get(r.name)]
 
 
 def probe(defn: ComponentDef, host_ports: dict[str, int]) -> bool:
@@ -92,3 +101,49 @@ def _http(port: int, path: str, timeout: float) -> Result:
         return Result(False, f"bad HTTP answer ({type(exc).__name__})")
     finally:
         conn.close()
+
+
+def connect_all(targets: Mapping[int, float]) -> dict[int, str]:
+    """``connect`` to every port of ``targets`` (port -> timeout) at once, from this
+    thread: non-blocking connects waited on together, so one that hangs holds up none
+    of the others beyond its own timeout, and a probe costs its connect, not a thread's
+    hand-offs (a pool's were three times the connect itself)."""
+    out: dict[int, str] = {}
+    pending: dict[socket.socket, tuple[int, float, float]] = {}
+    with selectors.DefaultSelector() as sel:
+        try:
+            start = time.monotonic()
+            for port, timeout in targets.items():
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                err = sock.connect_ex(("127.0.0.1", port))
+                if err in (errno.EINPROGRESS, errno.EAGAIN):
+                    pending[sock] = (port, timeout, start + timeout)
+                    sel.register(sock, selectors.EVENT_WRITE)
+                    continue
+                sock.close()
+                out[port] = _answer(err, timeout)
+            while pending:
+                wait = min(d for _p, _t, d in pending.values()) - time.monotonic()
+                ready = {k.fileobj for k, _ in sel.select(max(wait, 0.0))}
+                now = time.monotonic()
+                for sock, (port, timeout, deadline) in list(pending.items()):
+                    if sock in ready:
+                        out[port] = _answer(sock.getsockopt(socket.SOL_SOCKET,
+                                                            socket.SO_ERROR), timeout)
+                    elif now >= deadline:
+                        out[port] = f"timed out after {timeout:g} s"
+                    else:
+                        continue
+                    del pending[sock]
+                    sel.unregister(sock)
+                    sock.close()
+        finally:
+            for sock in pending:
+                sock.close()
+    return out
+
+
+def _answer(err: int, timeout: float) -> str:
+    """A connect's errno in ``connect``'s words ("" accepted)."""
+    return "" if err == 0 else why_failed(OSError(err, os.strerror(err)), timeout)

@@ -287,6 +287,12 @@ class Runtime(ABC):
         which proves it where the host port reaches the workload's own socket."""
         return connect(port, timeout)
 
+    def tcp_by_connect(self, service: str, component: str) -> bool:
+        """Whether a plain connect to the workload's host ports is its ``tcp`` check now
+        (the default's): the checker then connects to many side by side from its own
+        thread (``readiness.connect_all``) instead of calling ``tcp_check`` for each."""
+        return True
+
     def ensure_network(self, net: ServiceNet, clear: Callable[[], None]) -> None:
         """Bridge mode: make this runtime's own network on ``net``'s bridge, if it needs
         one (``traits.joins_by == "network"``), before ``run`` of a workload on it;

@@ -190,6 +190,9 @@ class DummyRuntime(Runtime):
     def info(self) -> dict[str, Any]:
         return {"workloads": len(self._mine())}
 
+    def tcp_by_connect(self, service: str, component: str) -> bool:
+        return component not in self.world.tcp
+
     def tcp_check(self, service: str, component: str, port: int, timeout: float) -> str:
         if component not in self.world.tcp:
             return super().tcp_check(service, component, port, timeout)

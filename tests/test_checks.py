@@ -4,6 +4,7 @@ the reconciler then does. No podman, no threads, milliseconds each."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -257,6 +258,28 @@ def test_due_probes_run_side_by_side(agent: Agent, world: FakeWorld, clock: Cloc
     tick(agent, clock)
     assert {r["component"]: r["state"] for r in agent.ps()} == {"web": "running",
                                                                "api": "running"}
+
+
+def test_plain_connects_are_the_checkers_own_the_rest_the_runtimes(
+        agent: Agent, world: FakeWorld, clock: Clock) -> None:
+    """A runtime that proves a tcp check by a plain connect has it made by the checker
+    (connects side by side, no pool); one that cannot (a user-mode VM) gets tcp_check."""
+    del world.tcp["web"]   # the fixture's: web's check is its runtime's default now
+    world.tcp["api"] = "guest did not accept"
+    agent.deploy(from_dict({"name": "shop", "components": [
+        {"name": n, "image": "img:v1", "routes": [{"port": 8080}]} for n in ("web", "api")]}))
+    world.tcp_probes.clear()
+    [port] = agent.registry.get_service("shop").component("web").host_ports.values()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        tick(agent, clock)
+    assert {r["component"]: r["state"] for r in agent.ps()} == {"web": "running",
+                                                               "api": "starting"}
+    assert set(world.tcp_probes) == {"api"}    # web's never went to tcp_check
+    assert agent.checks.result("shop", "web").detail == "accepted"
+    tick(agent, clock, clock.t + 10)   # due again; nothing listens now: refused
+    assert agent.checks.result("shop", "web").detail == "connection refused"
 
 
 def test_check_is_null_before_the_first_probe(agent: Agent) -> None:

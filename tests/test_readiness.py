@@ -17,7 +17,7 @@ from mcp_node.clictx import LocalBackend
 from mcp_node.cliwait import wait_ready
 from mcp_node.config import AgentConfig, MonitorConfig
 from mcp_node.errors import MCPError, ValidationError
-from mcp_node.readiness import Result, check, effective, probe
+from mcp_node.readiness import Result, check, connect, connect_all, effective, probe
 from mcp_node.servicedef import ComponentDef, RouteDef, from_dict
 
 
@@ -95,6 +95,33 @@ def test_a_silent_server_times_out_after_the_timeout(listener: int) -> None:
     """A listener that never answers (a SIGSTOPped process: the kernel still accepts)."""
     assert check(comp("http:/"), {"r0": listener}, timeout=0.2) == Result(
         False, "timed out after 0.2 s")
+
+
+@pytest.fixture
+def full_port() -> Iterator[int]:
+    """A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    hangs until its timeout (as to a host that does not answer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(0)
+        port = s.getsockname()[1]
+        fill = [socket.socket() for _ in range(3)]
+        for c in fill:
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+        yield port
+        for c in fill:
+            c.close()
+
+
+def test_connects_side_by_side_answer_as_one_connect_does(listener: int, closed_port: int,
+                                                          full_port: int) -> None:
+    got = connect_all({listener: 1.0, closed_port: 1.0, full_port: 0.2})
+    assert got == {listener: "", closed_port: "connection refused",
+                   full_port: "timed out after 0.2 s"}
+    assert got == {p: connect(p, t) for p, t in
+                   ((listener, 1.0), (closed_port, 1.0), (full_port, 0.2))}
+    assert connect_all({}) == {}
 
 
 @pytest.mark.parametrize(("check", "routes", "match"), [

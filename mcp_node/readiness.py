@@ -16,6 +16,7 @@ import os
 import selectors
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -103,45 +104,56 @@ def _http(port: int, path: str, timeout: float) -> Result:
         conn.close()
 
 
-def connect_all(targets: Mapping[int, float]) -> dict[int, str]:
-    """``connect`` to every port of ``targets`` (port -> timeout) at once, from this
-    thread: non-blocking connects waited on together, so one that hangs holds up none
-    of the others beyond its own timeout, and a probe costs its connect, not a thread's
-    hand-offs (a pool's were three times the connect itself)."""
+def connect_all(targets: Mapping[int, float], limit: int = 256) -> dict[int, str]:
+    """``connect`` to every port of ``targets`` (port -> timeout) side by side, from this
+    thread: non-blocking connects waited on together (at most ``limit`` open at once, a
+    node's file limit being 1024 by default), so one that hangs holds up the others only
+    by the slot it takes, and a probe costs its connect, not a pool thread's hand-offs."""
     out: dict[int, str] = {}
+    todo = deque(targets.items())
     pending: dict[socket.socket, tuple[int, float, float]] = {}
     with selectors.DefaultSelector() as sel:
         try:
-            start = time.monotonic()
-            for port, timeout in targets.items():
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                err = sock.connect_ex(("127.0.0.1", port))
-                if err in (errno.EINPROGRESS, errno.EAGAIN):
-                    pending[sock] = (port, timeout, start + timeout)
-                    sel.register(sock, selectors.EVENT_WRITE)
-                    continue
-                sock.close()
-                out[port] = _answer(err, timeout)
-            while pending:
-                wait = min(d for _p, _t, d in pending.values()) - time.monotonic()
-                ready = {k.fileobj for k, _ in sel.select(max(wait, 0.0))}
-                now = time.monotonic()
-                for sock, (port, timeout, deadline) in list(pending.items()):
-                    if sock in ready:
-                        out[port] = _answer(sock.getsockopt(socket.SOL_SOCKET,
-                                                            socket.SO_ERROR), timeout)
-                    elif now >= deadline:
-                        out[port] = f"timed out after {timeout:g} s"
-                    else:
+            while todo or pending:
+                while todo and len(pending) < limit:
+                    port, timeout = todo.popleft()
+                    try:
+                        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    except OSError as exc:   # out of descriptors: that probe fails
+                        out[port] = why_failed(exc, timeout)
                         continue
-                    del pending[sock]
-                    sel.unregister(sock)
-                    sock.close()
+                    sock.setblocking(False)
+                    err = sock.connect_ex(("127.0.0.1", port))
+                    if err in (errno.EINPROGRESS, errno.EAGAIN):
+                        pending[sock] = (port, timeout, time.monotonic() + timeout)
+                        sel.register(sock, selectors.EVENT_WRITE)
+                    else:
+                        sock.close()
+                        out[port] = _answer(err, timeout)
+                if pending:
+                    _collect(sel, pending, out)
         finally:
             for sock in pending:
                 sock.close()
     return out
+
+
+def _collect(sel: selectors.BaseSelector, pending: dict[socket.socket, tuple[int, float, float]],
+             out: dict[int, str]) -> None:
+    """One wait on the pending connects: those that ended or timed out go to ``out``."""
+    wait = min(d for _p, _t, d in pending.values()) - time.monotonic()
+    ready = {k.fileobj for k, _ in sel.select(max(wait, 0.0))}
+    now = time.monotonic()
+    for sock, (port, timeout, deadline) in list(pending.items()):
+        if sock in ready:
+            out[port] = _answer(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), timeout)
+        elif now >= deadline:
+            out[port] = f"timed out after {timeout:g} s"
+        else:
+            continue
+        del pending[sock]
+        sel.unregister(sock)
+        sock.close()
 
 
 def _answer(err: int, timeout: float) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.server
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -122,6 +124,24 @@ def test_connects_side_by_side_answer_as_one_connect_does(listener: int, closed_
     assert got == {p: connect(p, t) for p, t in
                    ((listener, 1.0), (closed_port, 1.0), (full_port, 0.2))}
     assert connect_all({}) == {}
+    # One at a time: the hung one holds its slot until its timeout, then the next goes.
+    assert connect_all({full_port: 0.2, listener: 1.0}, limit=1) == {
+        full_port: "timed out after 0.2 s", listener: ""}
+
+
+def test_out_of_descriptors_fails_those_probes_not_the_tick(listener: int) -> None:
+    """With its file limit reached, the connects that get no socket say so; the others
+    are answered (a subprocess: the limit is the process's)."""
+    code = """if True:
+        import os, resource, sys
+        from mcp_node.readiness import connect_all
+        ports = [int(sys.argv[1]), *range(1, 30)]
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 4, 4096))
+        print(sorted(set(connect_all({p: 1.0 for p in ports}).values())))"""
+    out = subprocess.run([sys.executable, "-c", code, str(listener)], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "['', 'connection refused', 'too many open files']", out
 
 
 @pytest.mark.parametrize(("check", "routes", "match"), [

@@ -135,11 +135,12 @@ class ServiceNetworks:
             return
         with self._lock:
             records = self.registry.list_services()   # with rec: it was written first
+            reach = self._reach(records)
             self._ensure(self._allocate(rec), {c.defn.name: c.defn.runtime
-                                               for c in rec.components}, records)
+                                               for c in rec.components}, reach)
             for src in rec.network.allow_from:   # their resolvers learn its names now
                 if src in self._all():
-                    self._ensure_resolver(self._all()[src], records)
+                    self._ensure_resolver(self._all()[src], reach)
             self._apply_rules(records)
 
     def _allocate(self, rec: ServiceRecord) -> ServiceNet:
@@ -200,7 +201,7 @@ class ServiceNetworks:
         return [name for name, kind in self.joins.items() if kind == "network"]
 
     def _ensure(self, net: ServiceNet, runtimes: dict[str, str],
-                records: Sequence[ServiceRecord]) -> None:
+                reach: Mapping[str, set[str]]) -> None:
         """The service's host side, made where missing (idempotent)."""
         for name in sorted({r for r in runtimes.values() if self.joins[r] == "network"}):
             self.runtime(name).ensure_network(net, lambda: drop_address(net))
@@ -210,7 +211,7 @@ class ServiceNetworks:
         for c, r in sorted(runtimes.items()):
             if self.joins[r] == "tap" and c in net.hosts:
                 hostnet.ensure_tap(net.tap(c), net.bridge)
-        self._ensure_resolver(net, records)
+        self._ensure_resolver(net, reach)
 
     def pairs(self, records: Sequence[ServiceRecord]) -> list[tuple[str, str]]:
         """(source, destination) services, both with a network here, where the
@@ -219,11 +220,18 @@ class ServiceNetworks:
         return [(src, rec.name) for rec in records if rec.name in nets
                 for src in rec.network.allow_from if src in nets]
 
-    def _ensure_resolver(self, net: ServiceNet, records: Sequence[ServiceRecord]) -> None:
+    def _reach(self, records: Sequence[ServiceRecord]) -> dict[str, set[str]]:
+        """Source service -> the services that let it in (``pairs``, once per round)."""
+        out: dict[str, set[str]] = {}
+        for src, dst in self.pairs(records):
+            out.setdefault(src, set()).add(dst)
+        return out
+
+    def _ensure_resolver(self, net: ServiceNet, reach: Mapping[str, set[str]]) -> None:
         """The service's names, and those of the services that let it in, qualified
         (``<component>.<service>.internal``: a bare name is always its own service's)."""
         nets, names = self._all(), net.names()
-        for dst in sorted({d for s, d in self.pairs(records) if s == net.service}):
+        for dst in sorted(reach.get(net.service, ())):
             names.update({a: ns[1:] for a, ns in nets[dst].names().items()})
         self.resolver.ensure(net.service, net.gateway, names)
 
@@ -268,9 +276,12 @@ class ServiceNetworks:
         networks = {r: self._network_names(r) for r in sorted(
             {c.defn.runtime for rec in records for c in rec.components
              if self.joins[c.defn.runtime] == "network"})}   # one listing per runtime
-        for rec in records:   # a deploy cut short, or a service from before bridge mode
+        # Numbers first (a deploy cut short, or a service from before bridge mode), so
+        # who may reach whom is known of every service before any resolver is written.
+        allocated = [(rec, self._allocate(rec)) for rec in records]
+        reach = self._reach(records)
+        for rec, net in allocated:
             runtimes = {c.defn.name: c.defn.runtime for c in rec.components}
-            net = self._allocate(rec)
             links = [net.bridge] + [net.tap(c) for c, r in runtimes.items()
                                     if self.joins[r] == "tap"]
             gone = [r for r, names in networks.items() if r in runtimes.values()
@@ -278,9 +289,9 @@ class ServiceNetworks:
             if gone or any(n not in present for n in links):
                 log.info("network: service=%s: making what is missing (links%s)", rec.name,
                          "".join(f", the {r} network" for r in gone))
-                self._ensure(net, runtimes, records)
+                self._ensure(net, runtimes, reach)
             else:
-                self._ensure_resolver(net, records)
+                self._ensure_resolver(net, reach)
         self._apply_rules(records)
         self._sweep(self._all().values(), present)
 

@@ -300,3 +300,27 @@ def resolve_volumes(volumes: Iterable[Volume], roots: Sequence[str],
 def check_volume_roots(volumes: Iterable[Volume], roots: Sequence[str], field: str) -> None:
     """``resolve_volumes`` for its errors only (the deploy-time check)."""
     resolve_volumes(volumes, roots, field)
+
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+MAX_LIST = 256
+
+
+def check_name(value: object, field_name: str) -> str:
+    """Service and component names: they reach paths, labels and argv."""
+    if not isinstance(value, str):
+        raise ValidationError("must be a string", field_name)
+    if not NAME_RE.fullmatch(value):
+        raise ValidationError(
+            f"{value[:80]!r} is not a valid name ([a-z0-9][a-z0-9-]{{0,62}})", field_name
+        )
+    return value
+
+
+def check_seconds(value: object, field_name: str, low: float, high: float) -> float:
+    """A number of seconds in [low, high] (an int or a float; not a bool, NaN or inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValidationError("must be a number of seconds", field_name)
+    if not low <= value <= high:
+        raise ValidationError(f"must be {low:g}-{high:g} (is {value!r:.40})", field_name)
+    return float(value)

@@ -15,11 +15,28 @@ from typing import Any
 
 from . import grammar, safetext
 from .errors import ValidationError
-from .grammar import MAX_STR, check_env, check_image, check_text, parse_volumes
+from .grammar import (
+    MAX_LIST as MAX_LIST,
+)
+from .grammar import (
+    MAX_STR,
+    NAME_RE,
+    check_env,
+    check_image,
+    check_seconds,
+    check_text,
+    parse_volumes,
+)
+from .grammar import (
+    check_name as check_name,
+)
 from .problems import Problems
 from .runtimenames import DEFAULT_RUNTIME, OWN_KEYS, RUNTIME_NAMES, TRAITS
+from .servicetables import UPDATE_ORDERS as UPDATE_ORDERS
+from .servicetables import NetworkDef as NetworkDef
+from .servicetables import UpdateDef as UpdateDef
+from .servicetables import network_of, update_of
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ROUTE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 IMAGE_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -28,10 +45,6 @@ RESTART_POLICIES = ("", "no", "always", "on-failure", "unless-stopped")
 ROUTE_MODES = ("l4", "l7")
 FAILOVER_MODES = ("", "fence", "overlap")   # fleet mode (issue 18); "" is "fence"
 PULL_POLICIES = ("missing", "always")
-# "start-first": the new workload beside the old one, switched at the node proxy; a
-# component whose routes the node proxy does not serve is replaced stop-first.
-UPDATE_ORDERS = ("", "stop-first", "start-first")
-MAX_LIST = 256
 # Bounded work per deploy: 8,000 routes once held the registry's writer for 34 s.
 MAX_COMPONENTS = 64
 MAX_ROUTES = 32            # per component
@@ -90,26 +103,6 @@ class ComponentDef:
         return ref.split(":", 1)[1] if ":" in ref else "latest"
 
 
-@dataclass(frozen=True)
-class UpdateDef:
-    """How a deploy replaces what runs (design §10 ``[update]``)."""
-
-    order: str = ""                  # "" (stop-first), "stop-first" or "start-first"
-    min_healthy_s: float = 5.0
-    healthy_deadline_s: float = 60.0  # counted as at least min_healthy_s
-    auto_revert: bool = True
-    drain_s: float = 5.0
-
-
-@dataclass(frozen=True)
-class NetworkDef:
-    """Bridge mode (issue 23): which other services' components may open connections to
-    this service's (its own ``[network]``; the target says who may reach it, as an
-    ingress policy does). Replies pass by conntrack; nothing else crosses."""
-
-    allow_from: tuple[str, ...] = ()
-
-
 # Defaults are left out of the JSON form, so a definition from before these keys keeps
 # its digest (and its workloads are not replaced by an upgrade).
 COMPONENT_DEFAULTS = {k: getattr(ComponentDef("x", "x"), k)
@@ -166,17 +159,6 @@ class ServiceDef:
         return replace(self, node="", failover="", components=tuple(
             replace(c, routes=tuple(replace(r, public_hostname="") for r in c.routes))
             for c in self.components))
-
-
-def check_name(value: object, field_name: str) -> str:
-    """Service and component names: they reach paths, labels and argv."""
-    if not isinstance(value, str):
-        raise ValidationError("must be a string", field_name)
-    if not NAME_RE.fullmatch(value):
-        raise ValidationError(
-            f"{value[:80]!r} is not a valid name ([a-z0-9][a-z0-9-]{{0,62}})", field_name
-        )
-    return value
 
 
 def check_hostname(value: object, field_name: str) -> str:
@@ -261,19 +243,8 @@ COMPONENT_KEYS = (
     "vcpus", "binary", "image_sha256", "routes", "check", "check_interval_s",
     "check_timeout_s", "check_failures", "pull", "image_digest", "secrets", "secret_versions",
 )
-UPDATE_KEYS = ("order", "min_healthy_s", "healthy_deadline_s", "auto_revert", "drain_s")
 SERVICE_KEYS = ("name", "active", "runtime", "components", "node", "failover", "update",
                 "network")
-NETWORK_KEYS = ("allow_from",)
-
-
-def check_seconds(value: object, field_name: str, low: float, high: float) -> float:
-    """A number of seconds in [low, high] (an int or a float; not a bool, NaN or inf)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise ValidationError("must be a number of seconds", field_name)
-    if not low <= value <= high:
-        raise ValidationError(f"must be {low:g}-{high:g} (is {value!r:.40})", field_name)
-    return float(value)
 
 
 def _checks(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -323,56 +294,6 @@ def _secrets(data: dict[str, Any], where: str) -> dict[str, Any]:
     return {"secrets": names, "secret_versions": tuple(versions)}
 
 
-def _network(data: object, name: str) -> NetworkDef:
-    if data is None:
-        return NetworkDef()
-    if not isinstance(data, dict):
-        raise ValidationError("must be a table", "network")
-    p = Problems()
-    p.keys(data, NETWORK_KEYS, "network.")
-    raw = data.get("allow_from", [])
-    if not isinstance(raw, list) or len(raw) > MAX_LIST:
-        raise ValidationError(f"must be a list of at most {MAX_LIST} service names",
-                              "network.allow_from")
-    names: list[str] = []
-    for i, n in enumerate(raw):
-        where = f"network.allow_from[{i}]"
-        n = p.take(partial(check_name, n, where), "")
-        if n and n in (name, *names):
-            p.add(ValidationError("names the service itself (its components always reach "
-                                  "each other)" if n == name else f"{n!r} is named twice", where))
-        elif n:
-            names.append(n)
-    p.done()
-    return NetworkDef(tuple(sorted(names)))
-
-
-def _update(data: object) -> UpdateDef:
-    if data is None:
-        return UpdateDef()
-    if not isinstance(data, dict):
-        raise ValidationError("must be a table", "update")
-    p = Problems()
-    p.keys(data, UPDATE_KEYS, "update.")
-    d = UpdateDef()
-    order = data.get("order", d.order)
-    if order not in UPDATE_ORDERS:
-        p.add(ValidationError(f"{str(order)[:40]!r} is not stop-first or start-first",
-                              "update.order"))
-    revert = data.get("auto_revert", d.auto_revert)
-    if not isinstance(revert, bool):
-        p.add(ValidationError("must be a boolean", "update.auto_revert"))
-
-    def seconds(key: str, low: float, high: float) -> float:
-        return p.take(lambda: check_seconds(data.get(key, getattr(d, key)), f"update.{key}",
-                                            low, high), 0.0)
-
-    out = UpdateDef(order=order, auto_revert=revert,
-                    min_healthy_s=seconds("min_healthy_s", 0, 3600),
-                    healthy_deadline_s=seconds("healthy_deadline_s", 1, 86400),
-                    drain_s=seconds("drain_s", 0, 3600))
-    p.done()
-    return out
 CHECK_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,255}")
 
 
@@ -534,8 +455,8 @@ def from_dict(data: object) -> ServiceDef:
         p.add(ValidationError(f"{str(failover)[:40]!r} is not a failover mode (\"\" fenced, "
                               "the default: never two copies; \"overlap\": a brief second "
                               "copy while a lost node's is stopped)", "failover"))
-    update = p.take(lambda: _update(data.get("update")), UpdateDef())
-    network = p.take(lambda: _network(data.get("network"), name), NetworkDef())
+    update = p.take(lambda: update_of(data.get("update")), UpdateDef())
+    network = p.take(lambda: network_of(data.get("network"), name), NetworkDef())
     p.done()
     return ServiceDef(name=name, components=tuple(comps), active=active, runtime=runtime,
                       node=node, failover="" if failover == "fence" else failover,

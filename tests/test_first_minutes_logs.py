@@ -199,6 +199,11 @@ def test_row11_logs_of_a_service_are_every_component_in_time_order(
     since = datetime.now(UTC).isoformat()
     for comp, path in (("web", "/a"), ("database", "/b"), ("web", "/c")):
         hit(ports[comp], path)
+        # each line's time is its conmon's read of the pipe, not the request's: two
+        # components' conmons may stamp two requests a few ms apart in either order on a
+        # loaded machine, so the next request waits until this one's line is stamped
+        wait_until(lambda p=path: f"GET {p} " in logs("--since", since).stdout,
+                   f"the line of {path} logged")
     r = logs("--since", since)
     assert (r.exit_code, r.stderr, r.stdout) == (0, "", (
         "web      | hello: GET /a HTTP/1.1\n"

@@ -35,6 +35,14 @@ class View:
     drifted: list[Key] = field(default_factory=list)
     records: list[ServiceRecord] = field(default_factory=list)  # the registry as compared
     refreshed_at: float = 0.0
+    _by_name: dict[str, ServiceRecord] | None = field(default=None, repr=False, compare=False)
+
+    def record(self, name: str) -> ServiceRecord | None:
+        """The service as this view compared it: what each in-progress rollout reads
+        every round, so a dict built once per view, not a registry read per rollout."""
+        if self._by_name is None:
+            self._by_name = {r.name: r for r in self.records}
+        return self._by_name.get(name)
 
 
 def is_drift(desired: str, observed: str) -> bool:

@@ -76,13 +76,8 @@ class Views:
 
     def _row(self, svc: ServiceRecord, comp: ComponentRecord, view: View,
              now: float) -> dict[str, Any]:
-        key = (svc.name, comp.defn.name)
-        w = view.workloads.get(key)
-        state = w.state if w else (UNKNOWN if comp.defn.runtime in view.errors else MISSING)
-        if state != RUNNING and key in self.a.reconciler.last.waiting:
-            state = BACKOFF
-        elif w is not None and state == RUNNING:
-            state = self._running_state(key, w)
+        w = view.workloads.get((svc.name, comp.defn.name))
+        state = self._state(svc, comp, view)
         uptime = int(now - w.started_at) if w and w.state == RUNNING and w.started_at else 0
         return {
             "service": svc.name, "component": comp.defn.name, "node": self.a.node,
@@ -94,6 +89,17 @@ class Views:
                 for r in comp.defn.routes
             ],
         }
+
+    def _state(self, svc: ServiceRecord, comp: ComponentRecord, view: View) -> str:
+        """The component's state as ``ps`` shows it."""
+        key = (svc.name, comp.defn.name)
+        w = view.workloads.get(key)
+        state = w.state if w else (UNKNOWN if comp.defn.runtime in view.errors else MISSING)
+        if state != RUNNING and key in self.a.reconciler.last.waiting:
+            return BACKOFF
+        if w is not None and state == RUNNING:
+            return self._running_state(key, w)
+        return state
 
     def _running_state(self, key: tuple[str, str], w: Workload) -> State:
         """``starting`` until this run's check passed once, ``unhealthy`` once it failed
@@ -119,14 +125,16 @@ class Views:
 
     def seen(self, service: str, components: tuple[str, ...]) -> dict[str, Seen]:
         """A rollout's changed components as the last round saw them (rollout.judge)."""
-        try:
-            svc = self.a.registry.get_service(service)
-        except NotFoundError:
-            return {}
-        view, now, out = self.a.monitor.view, time.time(), {}
+        view, out = self.a.monitor.view, {}
+        svc = view.record(service)
+        if svc is None:     # deployed since that view was made
+            try:
+                svc = self.a.registry.get_service(service)
+            except NotFoundError:
+                return {}
         for c in svc.components:
             if c.defn.name in components:
-                state = self._row(svc, c, view, now)["state"]
+                state = self._state(svc, c, view)
                 st = self.a.checks.result(service, c.defn.name)
                 out[c.defn.name] = Seen(
                     state, self.a.checks.healthy_for(service, c.defn.name)

@@ -147,8 +147,8 @@ class DummyRuntime(Runtime):
         return {k: w for k, w in self.world.workloads.items() if w.runtime == self.name}
 
     def inspect(self, service: str, component: str) -> Workload | None:
-        w = self._mine().get((service, component))
-        if w is None:
+        w = self.world.workloads.get((service, component))
+        if w is None or w.runtime != self.name:
             return None
         return Workload(service, component, self.name, w.state, id=w.id, image=w.spec.image,
                         started_at=w.started_at, extra={"fake_id": w.id},

@@ -4,6 +4,7 @@ cap; and an undeployed service leaves no map entry, metric series or lock file."
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,3 +195,37 @@ def test_list_services_is_read_again_only_after_a_write(tmp_path: Path) -> None:
     finally:
         reg.close()
         other.close()
+
+
+def test_rollouts_in_progress_are_judged_from_the_round_s_view(world: FakeWorld,
+                                                               tmp_path: Path) -> None:
+    """Each in-progress rollout read its service's row every round (a SQLite read and a
+    record parsed per rollout: 300 at once made a round 5x dearer); the round's view
+    has the records. Still judged: a deploy's rollout ends once its check passes."""
+    a = make_agent(world, tmp_path)
+    try:
+        for i in range(20):
+            a.deploy_local(from_dict({"name": f"s{i:02d}", "update": {"min_healthy_s": 0.2},
+                                      "components": [{"name": "web", "image": "img:v1",
+                                                      "routes": [{"port": 8080}]}]}))
+        a.monitor.refresh_safely()
+        assert sum(r.state == "in_progress" for r in a.rollouts._by_service.values()) == 20
+        reads: list[str] = []
+        me = threading.get_ident()   # the round's (deploys prune images on a thread)
+        a.registry._db.set_trace_callback(
+            lambda sql: reads.append(sql) if threading.get_ident() == me and
+            sql.lstrip().startswith("SELECT") else None)
+        a.monitor.refresh_safely()
+        a.registry._db.set_trace_callback(None)
+        per_service = [r for r in reads if "WHERE name=" in r or "WHERE service='s" in r]
+        assert per_service == [], per_service[:3]
+        world.tcp["web"] = ""
+        a.checks.start()
+        deadline = time.monotonic() + 30
+        while any(r.state == "in_progress" for r in a.rollouts._by_service.values()):
+            assert time.monotonic() < deadline, a.rollouts._by_service
+            a.monitor.refresh_safely()
+            time.sleep(0.2)
+        assert {r.state for r in a.rollouts._by_service.values()} == {"succeeded"}
+    finally:
+        a.close()

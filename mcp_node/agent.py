@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import preflight
 from .checks import Checks
 from .config import AgentConfig
-from .converge import Steps, in_parallel
+from .converge import Steps, beside_components, in_parallel
 from .errors import (
     ConflictError,
     MCPError,
@@ -118,8 +118,10 @@ class Agent(SecretOps):
                                     self.runtime,
                                     {name: t.joins_by for name, t in TRAITS.items()})
         self.steps = Steps(self.runtime, self.spec, self.registry, self.progress)
-        if config.proxy.serve_routes:   # start-first replaces switch at the node proxy
-            self.steps.switch = lambda service, c: self.node_routes.switch(service, c)
+        # A start-first replace switches at the node proxy (where it serves routes) and,
+        # in bridge mode, the component's names and address (``nets.promote_side``).
+        self.steps.switch = self._switch
+        self.steps.sides = self.nets
         self.rounds = Rounds(self)
         # Health-gated rollouts (issue 19): judged after every monitor round.
         self.rollouts = Rollouts(self.registry, reverter(self), last_output(self))
@@ -284,16 +286,21 @@ class Agent(SecretOps):
                 previous.definition() if previous else None, defn,
                 {c.defn.name: c.observed_state for c in previous.components} if previous
                 else {})
-            beside = self._beside(defn, previous, changed)
+            bridged = self.nets.has_network(defn.name)
+            beside = beside_components(defn, previous, changed, bridged,
+                                       self.config.proxy.serve_routes)
+            # User mode: the new workloads get new host ports, the proxy held on the old
+            # ones until each switch. Bridged: the same ports at another address.
+            fresh = frozenset() if bridged else beside
             switched: set[str] = set()
             try:
-                for c in beside:   # its routes stay on the current workload until switched
+                for c in fresh:   # its routes stay on the current workload until switched
                     assert previous is not None
                     self.node_routes.hold(defn.name, c, previous.component(c).host_ports)
                 # Check and write as one step across services (and processes).
                 with self._names_guard, self._file_lock("names"):
                     self.registry.check_workload_names(defn)
-                    rec = self.registry.put_service(defn, fresh=beside)
+                    rec = self.registry.put_service(defn, fresh=fresh)
                 try:
                     self.nets.prepare(rec)   # bridge mode: before any workload of it runs
                     changes = self.steps.converge(rec, previous, beside, switched)
@@ -301,7 +308,7 @@ class Agent(SecretOps):
                     self.steps.rollback(rec, previous, beside, switched)
                     raise
             finally:
-                for c in beside:
+                for c in fresh:
                     self.node_routes.release(defn.name, c)
             version = self.registry.record_deployment(defn, note=note)
             unchanged = changes == 0 and previous is not None and previous.definition() == defn
@@ -314,18 +321,9 @@ class Agent(SecretOps):
             self._routes_after(defn.name)
             return {**self.local_status(defn.name), "unchanged": unchanged}
 
-    def _beside(self, defn: ServiceDef, previous: ServiceRecord | None,
-                changed: tuple[str, ...]) -> frozenset[str]:
-        """The changed components a start-first deploy replaces beside their current
-        workload: those with a route the node proxy serves, of the same runtime as
-        before (the rest are replaced stop-first). Not in bridge mode yet: a component
-        has one address on its service network, which two workloads cannot share."""
-        if defn.update.order != "start-first" or previous is None or \
-                not self.config.proxy.serve_routes or self.nets.active:
-            return frozenset()
-        old = {c.defn.name: c.defn for c in previous.components}
-        return frozenset(c.name for c in defn.components if c.name in changed and c.routes
-                         and c.name in old and old[c.name].runtime == c.runtime)
+    def _switch(self, service: str, component: str) -> None:
+        if self.config.proxy.serve_routes:
+            self.node_routes.switch(service, component)
 
     def plan(self, defn: ServiceDef, pull: bool = False) -> dict[str, Any]:
         """What ``deploy`` would change, images resolved (images.Images.plan)."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .errors import WorkloadError
 from .operations import STOP_TIMEOUT_S
@@ -21,11 +21,12 @@ from .runtime import NEXT, OLD, side_key
 from .states import RUNNING, State
 
 if TYPE_CHECKING:
+    from .netplan import NetAttach
     from .progress import Progress
     from .records import ComponentRecord, ServiceRecord
     from .registry import Registry
     from .runtime import Runtime, WorkloadSpec
-    from .servicedef import UpdateDef
+    from .servicedef import ServiceDef, UpdateDef
 
 log = logging.getLogger("mcp_node.agent")
 
@@ -46,6 +47,34 @@ def in_parallel(tasks: list[Callable[[], T]]) -> list[T]:
     return [f.result() for f in futures]
 
 
+def beside_components(defn: ServiceDef, previous: ServiceRecord | None,
+                      changed: tuple[str, ...], bridged: bool,
+                      serve_routes: bool) -> frozenset[str]:
+    """The changed components a start-first deploy replaces beside their current
+    workload, of the same runtime as before (the rest are replaced stop-first).
+    User mode: those with a route the node proxy serves (host ports are their only way
+    in, so the proxy is what switches). On a service network (``bridged``): all of them,
+    proxy or not: the new one listens on the same ports at an address of its own, and
+    the switch moves the names and the host ports' rules to it."""
+    if defn.update.order != "start-first" or previous is None:
+        return frozenset()
+    old = {c.defn.name: c.defn for c in previous.components}
+    same = [c for c in defn.components if c.name in changed and c.name in old
+            and old[c.name].runtime == c.runtime]
+    if bridged:
+        return frozenset(c.name for c in same)
+    return frozenset(c.name for c in same if c.routes) if serve_routes else frozenset()
+
+
+class SideAddresses(Protocol):
+    """A start-first replace's second address on a service network (bridge mode:
+    ``servicenet.ServiceNetworks``): two workloads cannot share one."""
+
+    def begin_side(self, service: str, key: str, vm: bool) -> NetAttach | None: ...
+    def promote_side(self, service: str, component: str, nxt: str, old: str) -> None: ...
+    def end_side(self, service: str, key: str) -> None: ...
+
+
 class Steps:
     """The runtimes as the agent drives them, one component at a time."""
 
@@ -57,8 +86,9 @@ class Steps:
         self.registry = registry
         self.progress = progress
         # Sends a component's new connections to its new workload (the node proxy's
-        # ``switch``); set by the agent where the node proxy serves routes.
+        # ``switch``, where it serves routes); set by the agent where start-first runs.
         self.switch: Callable[[str, str], None] | None = None
+        self.sides: SideAddresses | None = None   # bridge mode's, set by the agent
         self.sleep: Callable[[float], None] = time.sleep
         self.clock: Callable[[], float] = time.monotonic
         # (service, component) of each start-first replace in flight: its ``.next`` and
@@ -125,6 +155,9 @@ class Steps:
             self._beside(rt, rec, comp, update, switched)
         finally:
             self.replacing.discard((service, name))
+            if self.sides is not None:   # whatever happened, no side holds a number now
+                for slot in (NEXT, OLD):
+                    self.sides.end_side(service, side_key(name, slot))
 
     def _beside(self, rt: Runtime, rec: ServiceRecord, comp: ComponentRecord,
                 update: UpdateDef, switched: set[str]) -> None:
@@ -132,16 +165,22 @@ class Steps:
         step = partial(self.progress.step, service, name)
         assert self.switch is not None
         step("starting beside the current one")
+        spec = replace(self.spec(service, comp), slot=NEXT)
+        net = self.sides.begin_side(service, spec.key, rt.traits.joins_by == "tap") \
+            if self.sides is not None else None
         try:
-            rt.run(replace(self.spec(service, comp), slot=NEXT))
+            rt.run(replace(spec, net=net) if net is not None else spec)
             step("checking")
-            self._passing(rt, service, comp, update.healthy_deadline_s)
+            self._passing(rt, service, comp, update.healthy_deadline_s,
+                          net.address if net is not None else "")
             step("switching")
             self.switch(service, name)
         except BaseException:
             self._remove_quietly(rt, service, side_key(name, NEXT))
             raise
         switched.add(name)
+        if self.sides is not None:   # its names (and its address) are the new one's
+            self.sides.promote_side(service, name, side_key(name, NEXT), side_key(name, OLD))
         rt.promote(service, name)
         log.info("start-first %s/%s: switched to the new workload; the old one drains "
                  "for %gs", service, name, update.drain_s)
@@ -151,9 +190,11 @@ class Steps:
         step("running")
 
     def _passing(self, rt: Runtime, service: str, comp: ComponentRecord,
-                 deadline_s: float) -> None:
+                 deadline_s: float, address: str = "") -> None:
         """Until the ``NEXT`` workload passes the component's check; WorkloadError naming
-        the check and its last result when it has not within ``deadline_s``."""
+        the check and its last result when it has not within ``deadline_s``. On a
+        service network (``address``, its own) it is probed there, on the same ports:
+        the host ports reach the current workload until the switch."""
         key, d = side_key(comp.defn.name, NEXT), comp.defn
         timeout = d.check_timeout_s
 
@@ -162,7 +203,8 @@ class Steps:
 
         end = self.clock() + deadline_s
         while True:
-            result = check(d, comp.host_ports, timeout, tcp)
+            result = check(d, comp.host_ports, timeout, None, address) if address else \
+                check(d, comp.host_ports, timeout, tcp)
             if result.ok:
                 return
             live = rt.inspect(service, key)

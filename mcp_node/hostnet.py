@@ -168,6 +168,15 @@ def links(prefix: str = "mcp") -> dict[str, str]:
             if str(d.get("ifname", "")).startswith(prefix)}
 
 
+def forget_neighbor(address: str, bridge: str) -> None:
+    """The host's ARP entry for ``address`` on ``bridge`` gone, before a new workload
+    takes an address another just gave back: the entry would still name the old one's
+    MAC (reachable for up to ~45 s), and the host's connects to it go nowhere until it
+    expires (a guest need not announce itself)."""
+    run(["ip", "neigh", "flush", "to", check_ipv4(address, "address"), "dev",
+         check_link(bridge)])
+
+
 def set_route_localnet(bridge: str, on: bool) -> None:
     """127.0.0.1 traffic DNATed to a VM may only leave through the bridge with this on."""
     _set_conf(bridge, "route_localnet", on)

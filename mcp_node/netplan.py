@@ -113,7 +113,9 @@ class ServiceNet:
     service: str
     index: int
     cidr: str
-    hosts: Mapping[str, int]    # component -> host number
+    # component -> host number; also a start-first replace's side workloads, by their
+    # key (``web.next``, ``web.old``: a name has no dot, ``runtime.side_key`` adds one)
+    hosts: Mapping[str, int]
 
     @property
     def bridge(self) -> str:
@@ -144,9 +146,10 @@ class ServiceNet:
                          search=f"{self.service}.{DOMAIN}")
 
     def names(self) -> dict[str, list[str]]:
-        """address -> the names the service's resolver answers for it."""
+        """address -> the names the service's resolver answers for it: components only
+        (a start-first replace's side workload, ``web.next``, is named once it switches)."""
         return {self.address(c): [c, f"{c}.{self.service}.{DOMAIN}"]
-                for c in sorted(self.hosts)}
+                for c in sorted(self.hosts) if "." not in c}
 
 
 def free_number(used: Sequence[int], low: int, high: int) -> int | None:

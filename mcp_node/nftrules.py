@@ -49,7 +49,7 @@ def check_port(port: int, what: str) -> int:
 
 @dataclass(frozen=True)
 class Forward:
-    """A VM's host port on 127.0.0.1, sent on to its address on its bridge."""
+    """A bridged workload's host port on 127.0.0.1, sent on to its address."""
 
     host_port: int
     address: str

@@ -74,7 +74,10 @@ def create_kwargs(spec: WorkloadSpec, owner: str,
     """Keyword arguments for ``podman_client.containers.create`` for one component.
 
     Ports are published on 127.0.0.1 only, host port p to container port p,
-    because the component listens on the $PORT it was given. No restart policy:
+    because the component listens on the $PORT it was given; on a service network the
+    host port is a DNAT rule to its address instead (as a bridged VM's), so a start-first
+    replace's new workload listens on the same port at its own address and the switch
+    moves the rule. No restart policy:
     podman restarting a crashing container itself would hide the crash loop
     from the agent, which applies ``spec.restart`` with backoff instead.
     ``volumes``: the spec's volumes with their host paths resolved just now
@@ -88,7 +91,9 @@ def create_kwargs(spec: WorkloadSpec, owner: str,
         "name": spec.name,
         "labels": owner_labels(spec, owner),
         "environment": env_dict(spec.env if env is None else env),
-        "ports": {f"{p}/tcp": (LOOPBACK, p) for p in spec.ports},
+        # bridge mode: the agent's DNAT rule (nftrules), which a start-first switch moves
+        "ports": {} if spec.net is not None else {f"{p}/tcp": (LOOPBACK, p)
+                                                 for p in spec.ports},
         "stop_timeout": max(0, int(round(spec.stop_timeout_s))),
     }
     if spec.cmd:

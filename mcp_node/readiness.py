@@ -4,7 +4,8 @@
 accepts a connection (what proves an accept is the runtime's: ``Runtime.tcp_check``;
 a VM's host port is QEMU's forwarder, not the guest). ``http:/path``: a GET of that
 path on the first route's host port answers 2xx. ``none`` (the default without
-routes): passes while it runs. Probes go to 127.0.0.1 only, each bounded by the
+routes): passes while it runs. Probes go to 127.0.0.1 (or, for a start-first replace's
+new workload on a service network, its own address), each bounded by the
 component's ``check_timeout_s``; ``checks`` decides when they run.
 """
 
@@ -19,10 +20,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from .servicedef import ComponentDef
 
 TIMEOUT_S = 0.5
+LOOPBACK = "127.0.0.1"
 
 # (host port, timeout) -> "" when the workload accepted the connection, else why not
 TcpProbe = Callable[[int, float], str]
@@ -41,8 +44,10 @@ def effective(defn: ComponentDef) -> str:
 
 
 def check(defn: ComponentDef, host_ports: dict[str, int], timeout: float = TIMEOUT_S,
-          tcp: TcpProbe | None = None) -> Result:
-    """One probe of the component's effective check; never raises."""
+          tcp: TcpProbe | None = None, host: str = LOOPBACK) -> Result:
+    """One probe of the component's effective check; never raises. ``host``: where the
+    ports are (a start-first replace's new workload on a service network, at its own
+    address, while the host ports still reach the current one)."""
     kind = effective(defn)
     ports = ports_of(defn, host_ports)
     if kind == "none":
@@ -50,13 +55,13 @@ def check(defn: ComponentDef, host_ports: dict[str, int], timeout: float = TIMEO
     if not ports:
         return Result(False, "no host port")
     if kind == "tcp":
-        accepts = tcp or connect
+        accepts = tcp or partial(connect, host=host)
         for p in ports:
             why = accepts(p, timeout)
             if why:
                 return Result(False, why if len(ports) == 1 else f"port {p}: {why}")
         return Result(True, "accepted")
-    return _http(ports[0], kind[len("http:"):], timeout)
+    return _http(ports[0], kind[len("http:"):], timeout, host)
 
 
 def ports_of(defn: ComponentDef, host_ports: dict[str, int]) -> list[int]:
@@ -81,17 +86,17 @@ def why_failed(exc: BaseException, timeout: float) -> str:
     return (str(exc) or type(exc).__name__)[:80]
 
 
-def connect(port: int, timeout: float) -> str:
-    """A plain connect to 127.0.0.1:port: "" when it is accepted, else why not."""
+def connect(port: int, timeout: float, host: str = LOOPBACK) -> str:
+    """A plain connect to host:port: "" when it is accepted, else why not."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return ""
     except OSError as exc:
         return why_failed(exc, timeout)
 
 
-def _http(port: int, path: str, timeout: float) -> Result:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def _http(port: int, path: str, timeout: float, host: str = LOOPBACK) -> Result:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"User-Agent": "mcp-agent readiness"})
         status = conn.getresponse().status
@@ -123,7 +128,7 @@ def connect_all(targets: Mapping[int, float], limit: int = 256) -> dict[int, str
                         out[port] = why_failed(exc, timeout)
                         continue
                     sock.setblocking(False)
-                    err = sock.connect_ex(("127.0.0.1", port))
+                    err = sock.connect_ex((LOOPBACK, port))
                     if err in (errno.EINPROGRESS, errno.EAGAIN):
                         pending[sock] = (port, timeout, time.monotonic() + timeout)
                         sel.register(sock, selectors.EVENT_WRITE)

@@ -60,8 +60,33 @@ class NetworkTables:
                 hosts[c] = n
             return idx, hosts
 
+    def promote_host(self, service: str, component: str, nxt: str, old: str) -> None:
+        """A start-first switch, in one transaction: the component takes the number of
+        its ``nxt`` workload (which becomes its own), ``old`` keeps the one it had while
+        that workload drains."""
+        with self._tx() as db:
+            rows = dict(db.execute("SELECT component, host FROM network_hosts WHERE "
+                                   "service=? AND component IN (?, ?)",
+                                   (service, component, nxt)).fetchall())
+            if nxt not in rows or component not in rows:
+                raise ResourceError(f"service {service!r}: no address of {nxt!r} to "
+                                    f"give {component!r}")
+            db.execute("DELETE FROM network_hosts WHERE service=? AND component IN (?, ?)",
+                       (service, nxt, old))
+            db.execute("UPDATE network_hosts SET host=? WHERE service=? AND component=?",
+                       (rows[nxt], service, component))
+            db.execute("INSERT INTO network_hosts (service, component, host) "
+                       "VALUES (?, ?, ?)", (service, old, rows[component]))
+
+    def drop_host(self, service: str, key: str) -> None:
+        """A side workload's number back (its replace ended)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM network_hosts WHERE service=? AND component=?",
+                       (service, key))
+
     def release_hosts(self, service: str, keep: Sequence[str]) -> None:
-        """Host numbers of components no longer in the service go back."""
+        """Host numbers of components no longer in the service (and of side workloads
+        no replace holds: a crash cut it) go back."""
         with self._tx() as db:
             marks = ",".join("?" * len(keep))
             db.execute(f"DELETE FROM network_hosts WHERE service=? "  # noqa: S608

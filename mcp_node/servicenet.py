@@ -10,7 +10,10 @@ Undeploy: the reverse, and the numbers go last. A round: for every service with
 numbers, what is missing is made again (a podman network removed by hand too: one
 listing of them per round); links, resolvers and numbers of services the
 registry no longer has (a crash between the two) are removed. Nothing is torn down
-when the agent starts: a VM's TAP and a container's address outlive an agent restart."""
+when the agent starts: a VM's TAP and a container's address outlive an agent restart.
+A start-first replace's new workload gets a number of its own (``begin_side``); its
+switch gives the component that number, its names and its host ports' rules
+(``promote_side``); the old one's number goes when it does (``end_side``)."""
 
 from __future__ import annotations
 
@@ -83,6 +86,10 @@ class ServiceNetworks:
         self._nets: dict[str, ServiceNet] | None = None
         self._rules = ""                  # the text last applied ("none": removed)
         self._fwd: dict[str, list[Forward]] = {}   # service -> its VMs' host ports
+        # service -> the side workloads (``web.next``, ``web.old``) of the start-first
+        # replaces running now, each with a number of its own. In memory: after a crash
+        # their numbers go back in the next round (reconcile removes the workloads).
+        self._sides: dict[str, set[str]] = {}
         self.last_error = ""
 
     @property
@@ -115,6 +122,10 @@ class ServiceNetworks:
                               for s, (idx, hosts) in self.registry.networks().items()}
             return self._nets
 
+    def has_network(self, service: str) -> bool:
+        """Bridge mode, and the service's numbers allocated (by an earlier deploy)."""
+        return self.active and service in self._all()
+
     def attach(self, service: str, component: str, runtime: str) -> NetAttach | None:
         """A workload's attach, from numbers a deploy allocated (None in user mode, or
         for a service deployed before bridge mode was turned on: it keeps user-mode
@@ -146,7 +157,7 @@ class ServiceNetworks:
     def _allocate(self, rec: ServiceRecord) -> ServiceNet:
         """The record's numbers (allocated where missing); components it no longer has
         give theirs back, and their TAPs go."""
-        names = [c.defn.name for c in rec.components]
+        names = [c.defn.name for c in rec.components] + sorted(self._sides.get(rec.name, ()))
         old = self._all().get(rec.name)
         if old is not None and set(old.hosts) == set(names):
             net = old
@@ -164,11 +175,13 @@ class ServiceNetworks:
         return net
 
     def _forwards_of(self, net: ServiceNet, rec: ServiceRecord) -> list[Forward]:
-        """A VM's host ports: 127.0.0.1:p DNATed to its address, port p (as user-mode's
-        hostfwd did), so checks, the node proxy and operators reach it as before."""
+        """A component's host ports: 127.0.0.1:p DNATed to its address, port p (as
+        user-mode's hostfwd and podman's publishing did), so checks, the node proxy and
+        operators reach it as before, and a start-first switch moves them in one rule
+        set with its names."""
         return [Forward(p, net.address(c.defn.name), p) for c in rec.components
-                if self.joins[c.defn.runtime] == "tap" and c.defn.name in net.hosts
-                for p in sorted(c.host_ports.values()) if p]
+                if c.defn.name in net.hosts for p in sorted(c.host_ports.values()) if p]
+
 
     def release(self, service: str) -> None:
         """Everything of the service's network, its workloads already gone. Never raises:
@@ -187,6 +200,7 @@ class ServiceNetworks:
             if net is None:
                 return
             self._fwd.pop(service, None)
+            self._sides.pop(service, None)
             self.resolver.stop(service)
             for c in net.hosts:
                 hostnet.delete_link(net.tap(c))
@@ -196,6 +210,70 @@ class ServiceNetworks:
             self._apply_rules(self.registry.list_services())
             self.registry.release_network(service)
             log.info("network: removed service=%s bridge=%s", service, net.bridge)
+
+    # -- a start-first replace's second address -----------------------------------------
+
+    def begin_side(self, service: str, key: str, vm: bool) -> NetAttach | None:
+        """The attach of a side workload ``key`` (a start-first replace's ``next``): a
+        number of its own (and a VM's TAP), as two workloads cannot share an address.
+        None in user mode."""
+        with self._lock:
+            net = self._all().get(service) if self.active else None
+            if net is None:
+                return None
+            self._sides.setdefault(service, set()).add(key)
+            _, hosts = self.registry.allocate_network(service, [key],
+                                                      subnet_count(self.cfg.cidr))
+            net = self._all()[service] = ServiceNet(service, net.index, net.cidr,
+                                                    {**net.hosts, key: hosts[key]})
+            hostnet.forget_neighbor(net.address(key), net.bridge)
+            if vm:
+                hostnet.ensure_tap(net.tap(key), net.bridge)
+            return net.attach(key, vm)
+
+    def promote_side(self, service: str, component: str, nxt: str, old: str) -> None:
+        """The switch: the component's number is its ``nxt`` workload's, and its host
+        ports' rules and its names (its own resolver's, and the qualified ones of the
+        services it lets in) say so; ``old`` keeps the previous number while it drains
+        (its open connections go on by conntrack)."""
+        with self._lock:
+            net = self._all().get(service)
+            if net is None or nxt not in net.hosts:
+                return
+            self.registry.promote_host(service, component, nxt, old)
+            hosts = {k: n for k, n in net.hosts.items() if k != nxt}
+            hosts.update({component: net.hosts[nxt], old: net.hosts[component]})
+            net = self._all()[service] = ServiceNet(service, net.index, net.cidr, hosts)
+            sides = self._sides.setdefault(service, set())
+            sides.discard(nxt)
+            sides.add(old)
+            records = self.registry.list_services()
+            rec = next((r for r in records if r.name == service), None)
+            if rec is not None:
+                self._fwd[service] = self._forwards_of(net, rec)
+            self._apply_rules(records)
+            reach = self._reach(records)
+            for name, into in sorted(reach.items()):
+                if service in into and name in self._all():
+                    self._ensure_resolver(self._all()[name], reach)
+            self._ensure_resolver(net, reach)
+
+    def end_side(self, service: str, key: str) -> None:
+        """A side workload is gone (removed, or never made): its number goes back."""
+        with self._lock:
+            sides = self._sides.get(service, set())
+            if key not in sides:
+                return
+            sides.discard(key)
+            if not sides:
+                self._sides.pop(service, None)
+            self.registry.drop_host(service, key)
+            net = self._all().get(service)
+            if net is not None and key in net.hosts:
+                hostnet.delete_link(net.tap(key))   # a VM's (gone already if it had none)
+                self._all()[service] = ServiceNet(
+                    service, net.index, net.cidr,
+                    {k: n for k, n in net.hosts.items() if k != key})
 
     def _runtime_names(self) -> list[str]:
         return [name for name, kind in self.joins.items() if kind == "network"]

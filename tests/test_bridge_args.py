@@ -97,6 +97,62 @@ def test_registry_allocates_lowest_free_and_keeps_numbers(tmp_path: Path) -> Non
         reg.close()
 
 
+def test_a_start_first_switch_swaps_numbers_in_one_step(tmp_path: Path) -> None:
+    """The side workload's number becomes the component's, the old one keeps the
+    component's until it goes; a crash's leftover side rows go with ``release_hosts``."""
+    reg = Registry(tmp_path / "r.db")
+    try:
+        reg.allocate_network("a", ["web", "db"], 4)
+        assert reg.allocate_network("a", ["web.next"], 4)[1] == {
+            "web": 2, "db": 3, "web.next": 4}
+        reg.promote_host("a", "web", "web.next", "web.old")
+        assert reg.networks()["a"] == (0, {"web": 4, "db": 3, "web.old": 2})
+        reg.drop_host("a", "web.old")
+        assert reg.networks()["a"] == (0, {"web": 4, "db": 3})
+        with pytest.raises(ResourceError, match="no address of 'db.next'"):
+            reg.promote_host("a", "db", "db.next", "db.old")
+        assert reg.networks()["a"] == (0, {"web": 4, "db": 3})   # refused: unchanged
+        reg.allocate_network("a", ["db.next"], 4)
+        reg.release_hosts("a", ["web", "db"])   # the round after a crash
+        assert reg.networks()["a"] == (0, {"web": 4, "db": 3})
+    finally:
+        reg.close()
+
+
+def test_side_workloads_have_an_address_and_no_name() -> None:
+    net = ServiceNet("shop", 3, "10.89.0.0/16", {"web": 2, "web.next": 5})
+    assert net.attach("web.next", vm=True).address == "10.89.3.5"
+    assert net.tap("web.next") == "mcpt3x5"
+    assert net.names() == {"10.89.3.2": ["web", "web.shop.internal"]}
+
+
+@pytest.mark.parametrize(("bridged", "serve_routes", "beside"), [
+    (False, False, set()),                   # user mode, no proxy: stop-first
+    (False, True, {"web"}),                  # user mode: what the proxy switches
+    (True, False, {"web", "worker", "vm"}),  # bridged: every changed one, proxy or not
+    (True, True, {"web", "worker", "vm"}),
+])
+def test_which_components_a_start_first_deploy_replaces_beside(
+        bridged: bool, serve_routes: bool, beside: set[str]) -> None:
+    from mcp_node.converge import beside_components
+    from mcp_node.records import ComponentRecord, ServiceRecord
+
+    def comps(tag: str) -> list[dict[str, object]]:
+        return [{"name": "web", "image": f"w:{tag}", "routes": [{"port": 80}]},
+                {"name": "worker", "image": f"k:{tag}"},
+                {"name": "vm", "image": f"v:{tag}", "runtime": "unikernel", "memory_mb": 64},
+                {"name": "same", "image": "s:1"}]
+    old = from_sd({"name": "shop", "components": comps("1")})
+    new = from_sd({"name": "shop", "update": {"order": "start-first"},
+                   "components": comps("2")})
+    prev = ServiceRecord("shop", True, [ComponentRecord(defn=c) for c in old.components])
+    changed = ("web", "worker", "vm")
+    assert beside_components(new, prev, changed, bridged, serve_routes) == beside
+    assert beside_components(replace(new, update=old.update), prev, changed, bridged,
+                             serve_routes) == set()   # stop-first
+    assert beside_components(new, None, changed, bridged, serve_routes) == set()
+
+
 def test_two_allocations_racing_get_different_indexes(tmp_path: Path) -> None:
     regs = [Registry(tmp_path / "r.db") for _ in range(2)]
     got: list[int] = []
@@ -119,8 +175,12 @@ def test_podman_create_joins_the_service_network() -> None:
     assert body["netns"] == {"nsmode": "bridge"}
     assert body["networks"] == {"mcp-shop": {"static_ips": ["10.89.3.2"]}}
     assert body["dns_server"] == ["10.89.3.1"] and body["dns_search"] == ["shop.internal"]
-    assert body["portmappings"] == [{"container_port": 18080, "protocol": "tcp",
-                                     "host_ip": "127.0.0.1", "host_port": 18080}]
+    # Its host port is the agent's DNAT rule to its address, which a start-first switch
+    # moves; a podman mapping would hold the port on the old container.
+    assert body["portmappings"] == []
+    plain = create_payload(create_kwargs(replace(spec, net=None), "owner"))
+    assert plain["portmappings"] == [{"container_port": 18080, "protocol": "tcp",
+                                      "host_ip": "127.0.0.1", "host_port": 18080}]
 
 
 def test_podman_create_without_a_network_names_none() -> None:

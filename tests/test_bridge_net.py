@@ -6,7 +6,8 @@ nftables table. Nothing outside the namespace is addressed but its own loopback.
 One flow, because each Nanos boot under TCG costs seconds: a container and a VM of one
 service reach each other by name (short and ``<c>.<service>.internal``) in both
 directions; another service's container cannot reach them, by address or by name, until
-their definition lets it in (and then only that way round); an agent SIGKILLed and
+their definition lets it in (and then only that way round); a start-first replace of the
+VM moves its name and host port to the new one; an agent SIGKILLed and
 started again keeps the VM (same qemu, same address) and its traffic, through the outage
 too; links a crashed undeploy would leave are removed by
 the next round; a podman network removed by hand is made again, its container with it;
@@ -51,14 +52,18 @@ def node(tmp_path: Path, hello_image: str, nanos: Path) -> Iterator[Node]:
         n.clean_up("mcp-nb")
 
 
-def definition(tmp: Path, svc: str, image: str, vm: bool = True, allow: str = "") -> Path:
+def definition(tmp: Path, svc: str, image: str, vm: bool = True, allow: str = "",
+               vm_says: str = "unikernel", order: str = "") -> Path:
     path = tmp / f"{svc}.toml"
     text = f'name = "{svc}"\n' + (f'[network]\nallow_from = ["{allow}"]\n' if allow else "")
+    if order:
+        text += f'[update]\norder = "{order}"\ndrain_s = 1\nhealthy_deadline_s = 60\n'
+
     text += f'\n[[components]]\nname = "web"\nimage = "{image}"\n' \
            'env = ["MESSAGE=container"]\n[[components.routes]]\nport = 8080\n'
     if vm:
         text += f'\n[[components]]\nname = "vm"\nimage = "{image}"\nruntime = "unikernel"\n' \
-                'memory_mb = 192\nenv = ["MESSAGE=unikernel"]\n[[components.routes]]\n' \
+                f'memory_mb = 192\nenv = ["MESSAGE={vm_says}"]\n[[components.routes]]\n' \
                 'port = 8081\n'
     path.write_text(text)
     return path
@@ -111,7 +116,7 @@ def test_bridge_mode_by_name_isolated_survives_a_crash_and_leaves_nothing(
         (200, "hello from container\n")
     assert get(node.ns, f"http://{web}:{web_port}/get/vm.{a}.internal/{vm_port}") == \
         (200, "hello from unikernel\n")
-    # Host ports still work (the VM's through the agent's DNAT).
+    # Host ports still work (through the agent's DNAT, containers' and VMs' alike).
     assert get(node.ns, f"http://127.0.0.1:{vm_port}/") == (200, "hello from unikernel\n")
 
     # Another service: not by address, not by name; its own network works.
@@ -139,12 +144,30 @@ def test_bridge_mode_by_name_isolated_survives_a_crash_and_leaves_nothing(
     code, body = get(node.ns, f"http://{web}:{web_port}/get/{other}/{other_port}")
     assert code == 502 and "connect" in body, body
 
+    # A start-first replace of the VM: the new one boots beside the old one at an
+    # address of its own, on the same port; its name and host port follow it at the
+    # switch, and the old one (its qemu, its TAP, its number) goes after its drain.
+    old_vm, old_qemu = vm, qemu_pids_in(node.state)
+    rc, out = node.mcp("deploy", str(definition(node.tmp, a, hello_image, allow=b,
+                                                vm_says="unikernel v2",
+                                                order="start-first")))
+    assert rc == 0, out + node.log()
+    vm, port = addr_port(node.status(a), "vm")
+    assert port == vm_port and vm != old_vm
+    assert vm.rsplit(".", 1)[0] == old_vm.rsplit(".", 1)[0]
+    assert get(node.ns, f"http://{web}:{web_port}/get/vm/{vm_port}") == \
+        (200, "hello from unikernel v2\n")
+    assert get(node.ns, f"http://127.0.0.1:{vm_port}/") == (200, "hello from unikernel v2\n")
+    wait_for(lambda: len(qemu_pids_in(node.state)) == 1 and
+             not set(qemu_pids_in(node.state)) & set(old_qemu), 30, "the old VM to go")
+    assert len([n for n in our_links(node.ns) if n.startswith("mcpt")]) == 1
+
     # SIGKILL: the VM keeps running and answering, also while no agent runs.
     qemu = qemu_pids_in(node.state)
     assert len(qemu) == 1
     node.kill()
     assert get(node.ns, f"http://{web}:{web_port}/get/vm/{vm_port}") == \
-        (200, "hello from unikernel\n")
+        (200, "hello from unikernel v2\n")
     node.start()
     st = node.status(a)
     assert addr_port(st, "vm") == (vm, vm_port) and qemu_pids_in(node.state) == qemu
@@ -203,6 +226,14 @@ def converged(node: Node, services: set[str]) -> str:
     running = {p.name.removesuffix(".pid") for p in resolver_dir(node.state).glob("*.pid")}
     if running != services or len(resolvers(node.state)) != len(services):
         return f"resolvers {sorted(running)} / {resolvers(node.state)}"
+    sides = [n for n in numbers(node) if "." in n[0]]
+    if sides or len(numbers(node)) != len(services):
+        return f"host numbers {numbers(node)} for {sorted(services)}"
+    sock = node.state / "podman" / "podman.sock"
+    names = podman_cli("--url", f"unix://{sock}", "ps", "-a", "--format",
+                       "{{.Names}}").stdout.split()
+    if [n for n in names if n.endswith((".next", ".old"))]:
+        return f"side workloads left: {names}"
     rules = table(node.ns)
     if services and (rules is None or any(b not in rules for b in bridges)):
         return f"rules {rules!r} for {bridges}"
@@ -224,9 +255,10 @@ def converged(node: Node, services: set[str]) -> str:
 
 def test_sigkill_during_bridged_deploys_and_undeploys_converges(
         node: Node, hello_image: str) -> None:
-    """Each round (seed printed): a deploy or an undeploy of a container service in
-    bridge mode, the agent SIGKILLed after a random delay within it, started again; the
-    next rounds must leave exactly the networks of the services the registry has."""
+    """Each round (seed printed): a deploy, a start-first redeploy or an undeploy of a
+    container service in bridge mode, the agent SIGKILLed after a random delay within
+    it, started again; the next rounds must leave exactly the networks of the services
+    the registry has: one address per component, no side workload left."""
     import random
 
     services: set[str] = set()
@@ -235,8 +267,12 @@ def test_sigkill_during_bridged_deploys_and_undeploys_converges(
         seed = random.randrange(1 << 30)
         rng = random.Random(seed)
         print(f"round {rnd}: seed {seed}")
-        if services and rng.random() < 0.4:
+        pick = rng.random()
+        if services and pick < 0.3:
             svc, argv = sorted(services)[0], ["undeploy", sorted(services)[0]]
+        elif services and pick < 0.65:   # a start-first replace, cut anywhere
+            svc = sorted(services)[-1]
+            argv = ["deploy", str(start_first(node.tmp, svc, hello_image, f"r{rnd}"))]
         else:
             svc = f"nbk{uuid.uuid4().hex[:5]}"
             argv = ["deploy", str(definition(node.tmp, svc, hello_image, vm=False))]
@@ -267,3 +303,107 @@ def test_sigkill_during_bridged_deploys_and_undeploys_converges(
         rc, out = node.mcp("undeploy", svc)
         assert rc == 0, out
     assert converged(node, set()) == ""
+
+
+def start_first(tmp: Path, svc: str, image: str, message: str, check: str = "",
+                deadline_s: float = 20) -> Path:
+    path = tmp / f"{svc}.toml"
+    path.write_text(
+        f'name = "{svc}"\n[update]\norder = "start-first"\ndrain_s = 1\n'
+        f'healthy_deadline_s = {deadline_s}\n\n[[components]]\nname = "web"\n'
+        f'image = "{image}"\nenv = ["MESSAGE={message}"]\n{check}'
+        '[[components.routes]]\nport = 8080\n')
+    return path
+
+
+def numbers(node: Node) -> list[tuple[str, int]]:
+    """The registry's host numbers (what a replace must give back)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(node.state / "registry.db")) as db:
+        return sorted(db.execute("SELECT component, host FROM network_hosts").fetchall())
+
+
+def test_start_first_in_bridge_mode_switches_the_names_without_a_gap(
+        node: Node, hello_image: str) -> None:
+    """A start-first replace of a container on its service network: the new workload
+    runs beside the old one at an address of its own; once it passes its check the
+    name follows it, the old one drains and goes, and its number comes back. A client
+    that asks the service's resolver for ``web`` before every request never misses."""
+    svc = f"nbs{uuid.uuid4().hex[:6]}"
+    node.start()
+    rc, out = node.mcp("deploy", str(start_first(node.tmp, svc, hello_image, "v1")))
+    assert rc == 0, out + node.log()
+    first, port = addr_port(node.status(svc), "web")   # it listens on its $PORT
+    gateway = first.rsplit(".", 1)[0] + ".1"
+    wait_for(lambda: get(node.ns, f"http://{first}:{port}/", 3)[0] == 200, 60, "v1")
+    assert numbers(node) == [("web", int(first.rsplit(".", 1)[1]))]
+
+    seen: list[tuple[str, int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            addrs = lookup(node.ns, gateway, "web")
+            addr = addrs[0] if isinstance(addrs, list) and len(addrs) == 1 else str(addrs)
+            try:
+                code, body = get(node.ns, f"http://{addr}:{port}/", 3)
+            except OSError as exc:
+                code, body = 0, str(exc)
+            seen.append((addr, code, body))
+            time.sleep(0.05)
+
+    load = threading.Thread(target=client)
+    load.start()
+    try:
+        rc, out = node.mcp("deploy", str(start_first(node.tmp, svc, hello_image, "v2")))
+        assert rc == 0, out + node.log()
+        wait_for(lambda: sum(b == "hello from v2\n" for _, _, b in seen) >= 5, 30,
+                 "answers of v2")
+    finally:
+        stop.set()
+        load.join(30)
+    second, now = addr_port(node.status(svc), "web")
+    assert now == port   # the same port (peers keep theirs), at the new address
+    assert second != first and second.rsplit(".", 1)[0] == first.rsplit(".", 1)[0]
+    bodies = [b for _, _, b in seen]
+    assert all(code == 200 for _, code, _ in seen), [s for s in seen if s[1] != 200]
+    assert set(bodies) == {"hello from v1\n", "hello from v2\n"}, set(bodies)
+    switch = bodies.index("hello from v2\n")   # one switch, never back
+    assert set(bodies[:switch]) == {"hello from v1\n"} and \
+        set(bodies[switch:]) == {"hello from v2\n"}, bodies
+    assert {a for a, _, _ in seen[:switch]} == {first} and \
+        {a for a, _, _ in seen[switch:]} == {second}, seen
+    assert lookup(node.ns, gateway, f"web.{svc}.internal") == [second]
+    assert get(node.ns, f"http://127.0.0.1:{port}/") == (200, "hello from v2\n")
+    # The old one drained and went: its address answers nothing, its number is back.
+    wait_for(lambda: numbers(node) == [("web", int(second.rsplit(".", 1)[1]))], 30,
+             f"one number left, not {numbers(node)}")
+
+    def gone() -> bool:
+        try:
+            get(node.ns, f"http://{first}:{port}/", 1)
+        except OSError:
+            return True
+        return False
+    wait_for(gone, 30, f"nothing at {first}")
+
+    # A new workload that never passes its check (the hello server answers 502 when
+    # it cannot fetch what /get/ names): the current one keeps serving at its address,
+    # and the number the replace took comes back.
+    rc, out = node.mcp("deploy", str(start_first(
+        node.tmp, svc, hello_image, "v3", 'check = "http:/get/127.0.0.1/1"\n', 3)))
+    assert rc != 0 and "did not pass its http:/get/127.0.0.1/1 check within 3s" in out, out
+    assert addr_port(node.status(svc), "web")[0] == second
+    assert get(node.ns, f"http://{second}:{port}/") == (200, "hello from v2\n")
+    assert numbers(node) == [("web", int(second.rsplit(".", 1)[1]))]
+    # And the next replace takes the lowest free number again: the first one.
+    rc, out = node.mcp("deploy", str(start_first(node.tmp, svc, hello_image, "v4")))
+    assert rc == 0, out + node.log()
+    assert addr_port(node.status(svc), "web")[0] == first
+    assert lookup(node.ns, gateway, "web") == [first]
+    assert get(node.ns, f"http://{first}:{port}/") == (200, "hello from v4\n")
+    assert get(node.ns, f"http://127.0.0.1:{port}/") == (200, "hello from v4\n")
+    rc, out = node.mcp("undeploy", svc)
+    assert rc == 0, out
+    assert our_links(node.ns) == [] and numbers(node) == []

@@ -78,6 +78,30 @@ def test_http_probe_needs_a_2xx(http_server: int) -> None:
     assert not probe(comp("http:/failing"), {"r0": http_server})
 
 
+def test_a_probe_goes_to_the_address_it_is_given() -> None:
+    """A start-first replace's new workload on a service network is probed at its own
+    address, on the ports the host ports (still the current one's) also name."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = {"r0": srv.server_address[1]}
+        for kind in ("tcp", "http:/"):
+            assert check(comp(kind), port, host="127.0.0.2") == Result(
+                True, "accepted" if kind == "tcp" else "HTTP 204")
+            assert check(comp(kind), port) == Result(False, "connection refused")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_results_say_why_in_a_few_words(listener: int, closed_port: int,
                                         http_server: int) -> None:
     assert check(comp(), {"r0": listener}) == Result(True, "accepted")

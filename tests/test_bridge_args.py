@@ -151,6 +151,9 @@ def test_which_components_a_start_first_deploy_replaces_beside(
     assert beside_components(replace(new, update=old.update), prev, changed, bridged,
                              serve_routes) == set()   # stop-first
     assert beside_components(new, None, changed, bridged, serve_routes) == set()
+    pinned = from_sd({"name": "shop", "update": {"order": "start-first"}, "components": [
+        {**c, "image_sha256": "0" * 64} if c["name"] == "vm" else c for c in comps("2")]})
+    assert beside_components(pinned, prev, changed, bridged, serve_routes) == beside - {"vm"}
 
 
 def test_two_allocations_racing_get_different_indexes(tmp_path: Path) -> None:

@@ -97,6 +97,14 @@ class NetAttach:
     search: str = ""    # <service>.internal
 
     @property
+    def mac(self) -> str:
+        """A VM's NIC on the bridge, from its address (locally administered, 52:54:...):
+        a start-first pair shares the bridge, so the MAC must follow the address, not
+        the component."""
+        a, b, c, d = ipaddress.IPv4Address(self.address).packed
+        return f"52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}"
+
+    @property
     def netmask(self) -> str:
         return str(ipaddress.IPv4Network(f"0.0.0.0/{self.prefix}").netmask)
 

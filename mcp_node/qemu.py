@@ -361,7 +361,7 @@ class QemuRuntime(Runtime):
             binary=pulled.binary or spec.binary, builder=plan.builder,
             image_sha256=plan.sha256, memory_mb=int(spec.memory_mb or 0), vcpus=spec.vcpus,
             machine=self.cfg.machine, accel=accel, ports=tuple(spec.ports),
-            mac=mac_for(spec.service, spec.component), stop_timeout_s=spec.stop_timeout_s,
+            mac=mac_for(spec.service, spec.component, spec.net), stop_timeout_s=spec.stop_timeout_s,
             boot=plan if sealed else plan.relocated(tmp, d.image), started_at=time.time(),
             owner=self.owner, spec_digest=spec.digest,
             tap=spec.net.tap if spec.net else "", address=spec.net.address if spec.net else "")

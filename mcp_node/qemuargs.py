@@ -13,8 +13,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .vmimage import BootPlan, volume_tag
+
+if TYPE_CHECKING:
+    from .netplan import NetAttach
 
 SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,130}")
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -45,8 +49,11 @@ def esc(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def mac_for(service: str, component: str) -> str:
-    """Deterministic, locally administered (QEMU's 52:54:00 prefix) per service/component."""
+def mac_for(service: str, component: str, net: NetAttach | None = None) -> str:
+    """Deterministic, locally administered (QEMU's 52:54:00 prefix) per service/component;
+    on a service network the address's (``NetAttach.mac``)."""
+    if net is not None:
+        return net.mac
     h = hashlib.sha256(f"{service}/{component}".encode()).digest()
     return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
 

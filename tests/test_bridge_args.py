@@ -124,6 +124,9 @@ def test_side_workloads_have_an_address_and_no_name() -> None:
     assert net.attach("web.next", vm=True).address == "10.89.3.5"
     assert net.tap("web.next") == "mcpt3x5"
     assert net.names() == {"10.89.3.2": ["web", "web.shop.internal"]}
+    # Both on the bridge at once: a MAC each, from the address.
+    assert (net.attach("web", vm=True).mac, net.attach("web.next", vm=True).mac) == (
+        "52:54:0a:59:03:02", "52:54:0a:59:03:05")
 
 
 @pytest.mark.parametrize(("bridged", "serve_routes", "beside"), [

@@ -147,11 +147,33 @@ def test_bridge_mode_by_name_isolated_survives_a_crash_and_leaves_nothing(
     # A start-first replace of the VM: the new one boots beside the old one at an
     # address of its own, on the same port; its name and host port follow it at the
     # switch, and the old one (its qemu, its TAP, its number) goes after its drain.
+    # Through its host port all along: both VMs are on the bridge at once, each with its
+    # own MAC (one MAC on two ports would take the old one's traffic away).
     old_vm, old_qemu = vm, qemu_pids_in(node.state)
-    rc, out = node.mcp("deploy", str(definition(node.tmp, a, hello_image, allow=b,
-                                                vm_says="unikernel v2",
-                                                order="start-first")))
-    assert rc == 0, out + node.log()
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(get(node.ns, f"http://127.0.0.1:{vm_port}/", 3))
+            except OSError as exc:
+                answers.append((0, str(exc)))
+            time.sleep(0.05)
+
+    load = threading.Thread(target=client)
+    load.start()
+    try:
+        rc, out = node.mcp("deploy", str(definition(node.tmp, a, hello_image, allow=b,
+                                                    vm_says="unikernel v2",
+                                                    order="start-first")))
+        assert rc == 0, out + node.log()
+    finally:
+        stop.set()
+        load.join(30)
+    assert answers and all(code == 200 for code, _ in answers), \
+        [x for x in answers if x[0] != 200]
+    assert answers[-1] == (200, "hello from unikernel v2\n"), answers[-3:]
     vm, port = addr_port(node.status(a), "vm")
     assert port == vm_port and vm != old_vm
     assert vm.rsplit(".", 1)[0] == old_vm.rsplit(".", 1)[0]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from .errors import WorkloadError
 from .operations import STOP_TIMEOUT_S
 from .readiness import check, effective
-from .runtime import NEXT, OLD, TRAITS, side_key
+from .runtime import NEXT, OLD, side_key
 from .states import RUNNING, State
 
 if TYPE_CHECKING:
@@ -55,17 +55,15 @@ def beside_components(defn: ServiceDef, previous: ServiceRecord | None,
     User mode: those with a route the node proxy serves (host ports are their only way
     in, so the proxy is what switches). On a service network (``bridged``): all of them,
     proxy or not: the new one listens on the same ports at an address of its own, and
-    the switch moves the names and the host ports' rules to it; not a VM whose image is
-    pinned (``image_sha256``): a Nanos image holds its address, so the new one's, at
-    another address, would not match the pin."""
+    the switch moves the names and the host ports' rules to it (a VM's image holds no
+    address: the guest takes it by DHCP, so an ``image_sha256`` pin holds at either)."""
     if defn.update.order != "start-first" or previous is None:
         return frozenset()
     old = {c.defn.name: c.defn for c in previous.components}
     same = [c for c in defn.components if c.name in changed and c.name in old
             and old[c.name].runtime == c.runtime]
     if bridged:
-        return frozenset(c.name for c in same
-                         if not (c.image_sha256 and TRAITS[c.runtime].joins_by == "tap"))
+        return frozenset(c.name for c in same)
     return frozenset(c.name for c in same if c.routes) if serve_routes else frozenset()
 
 

@@ -9,6 +9,7 @@ our pattern before they reach any command line.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +253,29 @@ def hosts_text(hosts: Mapping[str, Sequence[str]]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+@dataclass(frozen=True)
+class Dhcp:
+    """A service's VMs take their addresses from its dnsmasq, by MAC (static leases, no
+    pool), so an image holds no address of its own: a start-first pair, at two
+    addresses, boots one image (an ``image_sha256`` pin holds for both)."""
+
+    bridge: str
+    subnet: str                  # "10.89.3.0/24"
+    leases: Mapping[str, str]    # MAC -> address
+
+
+def leases_text(leases: Mapping[str, str]) -> str:
+    """``MAC,ADDR`` lines (dnsmasq ``--dhcp-hostsfile``); a ValueError naming a bad one."""
+    for mac, addr in leases.items():
+        if not isinstance(mac, str) or not MAC_RE.fullmatch(mac):
+            raise ValueError(f"MAC {mac!r} (for {addr}) is not a lower-case MAC address")
+        check_ipv4(addr, "lease address")
+    return "".join(f"{mac},{addr}\n" for mac, addr in sorted(leases.items()))
+
+
 def check_service(service: str) -> str:
     if not isinstance(service, str) or not SERVICE_RE.fullmatch(service):
         raise ValueError(f"service name {service!r} must match {SERVICE_RE.pattern}")
@@ -258,7 +283,7 @@ def check_service(service: str) -> str:
 
 
 def dnsmasq_argv(service: str, listen: str, run_dir: Path,
-                 servers: Sequence[str]) -> list[str]:
+                 servers: Sequence[str], dhcp: Dhcp | None = None) -> list[str]:
     """One service's dnsmasq: daemonised so it outlives the agent, answering only on the
     gateway address, from our hosts file alone, forwarding other names to ``servers``.
     It drops to nobody once its socket is bound: it answers packets from workloads, so
@@ -272,6 +297,13 @@ def dnsmasq_argv(service: str, listen: str, run_dir: Path,
             "--local-ttl=1", "--local=/internal/", f"--log-facility={base}.log",
             "--user=nobody", "--group=nogroup"]
     argv += [f"--server={s}" for s in servers if s != listen]
+    if dhcp is not None:   # bound to its bridge alone, so one per service can serve DHCP
+        net = ipaddress.IPv4Network(dhcp.subnet)
+        argv += [f"--interface={check_link(dhcp.bridge)}",
+                 f"--dhcp-range={net.network_address},static,{net.netmask},infinite",
+                 f"--dhcp-hostsfile={base}.dhcp", "--dhcp-authoritative", "--no-ping",
+                 "--leasefile-ro", f"--dhcp-option=option:router,{listen}",
+                 f"--dhcp-option=option:dns-server,{listen}"]
     return argv
 
 
@@ -327,27 +359,20 @@ class Resolver:
             return pid
         return None
 
-    def ensure(self, service: str, listen: str, hosts: Mapping[str, Sequence[str]]) -> None:
-        """The service's names answered on ``listen``; a running one is told by SIGHUP."""
-        text = hosts_text(hosts)
-        argv = dnsmasq_argv(service, listen, self.run_dir, self._servers())
-        path = self._path(service, "hosts")
+    def ensure(self, service: str, listen: str, hosts: Mapping[str, Sequence[str]],
+               dhcp: Dhcp | None = None) -> None:
+        """The service's names answered on ``listen`` (and its VMs' leases, ``dhcp``); a
+        running one is told by SIGHUP, one started otherwise (an older agent's, another
+        address) is started again."""
+        argv = dnsmasq_argv(service, listen, self.run_dir, self._servers(), dhcp)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o755)  # noqa: S103 - dnsmasq, as nobody, reads hosts here
-        try:
-            changed = path.read_text() != text
-        except OSError:
-            changed = True
-        if changed:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+        changed = self._write(service, "hosts", hosts_text(hosts))
+        if dhcp is not None:
+            changed = self._write(service, "dhcp", leases_text(dhcp.leases)) or changed
         pid = self._pid(service)
-        if pid is not None and f"--listen-address={check_ipv4(listen, 'listen')}" \
-                not in _cmdline(pid):
-            log.info("dnsmasq of %s (pid %d) listens elsewhere: restarted on %s",
-                     service, pid, listen)
+        if pid is not None and _cmdline(pid) != argv:
+            log.info("dnsmasq of %s (pid %d) runs with other options: restarted", service, pid)
             self._kill(pid)
             pid = None
         if pid is None:
@@ -364,14 +389,32 @@ class Resolver:
                 return
             os.utime(self._path(service, "pid"))
 
-    def _unread(self, service: str) -> bool:
-        """The hosts file is newer than the last start or SIGHUP (the pid file's mtime): an
-        agent that died between writing it and signalling leaves exactly this."""
+    def _write(self, service: str, ext: str, text: str) -> bool:
+        """The file in place (whole, world-readable); whether it changed."""
+        path = self._path(service, ext)
         try:
-            return (self._path(service, "hosts").stat().st_mtime_ns
-                    > self._path(service, "pid").stat().st_mtime_ns)
+            if path.read_text() == text:
+                return False
+        except OSError:
+            pass
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        return True
+
+    def _unread(self, service: str) -> bool:
+        """A hosts or leases file newer than the last start or SIGHUP (the pid file's
+        mtime): an agent that died between writing it and signalling leaves this."""
+        try:
+            signalled = self._path(service, "pid").stat().st_mtime_ns
         except OSError:
             return False
+        for ext in ("hosts", "dhcp"):
+            with contextlib.suppress(OSError):
+                if self._path(service, ext).stat().st_mtime_ns > signalled:
+                    return True
+        return False
 
     def _kill(self, pid: int) -> None:
         try:
@@ -395,7 +438,7 @@ class Resolver:
             self._kill(pid)
             if _cmdline(pid):
                 raise NetworkSetupError(f"dnsmasq of {service} (pid {pid}) survived SIGKILL")
-        for ext in ("hosts", "pid", "log"):
+        for ext in ("hosts", "dhcp", "pid", "log"):
             self._path(service, ext).unlink(missing_ok=True)
 
     def running(self) -> dict[str, int]:

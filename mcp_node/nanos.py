@@ -67,9 +67,10 @@ def check_volumes(volumes: tuple[Volume, ...], program: str | None = None) -> No
 
 def nanos_manifest(req: BuildRequest, resolv: Path | None = None) -> str:
     """The manifest Nanos's mkfs reads: the ELF at its guest path, an empty directory per
-    volume mount point, args, env and the ``mounts`` of the volumes; in bridge mode the
-    guest's static address (Nanos's ``ipaddr``/``netmask``/``gateway``, first NIC) and
-    ``resolv`` as its /etc/resolv.conf."""
+    volume mount point, args, env and the ``mounts`` of the volumes; in bridge mode
+    ``resolv`` as its /etc/resolv.conf (the service's, not the workload's: the guest
+    takes its address by DHCP from the service's dnsmasq, so the image is the same at
+    either address of a start-first pair)."""
     check_volumes(req.volumes, req.program)
     tree: dict[str, object] = {}
 
@@ -110,9 +111,6 @@ def nanos_manifest(req: BuildRequest, resolv: Path | None = None) -> str:
         f"    arguments:[{args}]",
         f"    environment:({env_s})",
     ]
-    if req.net is not None:
-        lines += [f"    ipaddr:{req.net.address}", f"    netmask:{req.net.netmask}",
-                  f"    gateway:{req.net.gateway}"]
     if req.volumes:
         mounts = " ".join(f"{nanos_volume_label(i)}:{nanos_quote(v.guest)}"
                           for i, v in enumerate(req.volumes))
@@ -221,7 +219,10 @@ class NanosBuilder:
         setarch = shutil.which("setarch")
         proc = run_tool(nanos_mkfs_argv(d / "mkfs", d / "boot.img", d / "kernel.img", disk,
                                         setarch), stdin=manifest.encode())
-        if not (setarch and pin_uuids(disk, proc.stdout, manifest)):
+        # The UUIDs from the manifest as it would be wherever this build happens to be
+        # (its resolv.conf is a file of ``out``, a directory of its own each time).
+        seed = nanos_manifest(req, Path("resolv.conf")) if resolv is not None else manifest
+        if not (setarch and pin_uuids(disk, proc.stdout, seed)):
             log.warning("nanos: %s is not reproducible (setarch %s); an image_sha256 pin "
                         "cannot match it", disk, "found" if setarch else "missing")
         kernel = str(d / "kernel.img") if self.cfg.machine == "microvm" else ""

@@ -101,8 +101,7 @@ class NetAttach:
         """A VM's NIC on the bridge, from its address (locally administered, 52:54:...):
         a start-first pair shares the bridge, so the MAC must follow the address, not
         the component."""
-        a, b, c, d = ipaddress.IPv4Address(self.address).packed
-        return f"52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}"
+        return mac_of(self.address)
 
     @property
     def netmask(self) -> str:
@@ -153,11 +152,21 @@ class ServiceNet:
                          tap=self.tap(component) if vm else "",
                          search=f"{self.service}.{DOMAIN}")
 
+    def leases(self) -> dict[str, str]:
+        """MAC -> address of every workload's number (sides too): a VM's DHCP lease."""
+        return {mac_of(self.address(k)): self.address(k) for k in sorted(self.hosts)}
+
     def names(self) -> dict[str, list[str]]:
         """address -> the names the service's resolver answers for it: components only
         (a start-first replace's side workload, ``web.next``, is named once it switches)."""
         return {self.address(c): [c, f"{c}.{self.service}.{DOMAIN}"]
                 for c in sorted(self.hosts) if "." not in c}
+
+
+def mac_of(address: str) -> str:
+    """The MAC of a VM at ``address``: its lease (``ServiceNet.leases``) names it."""
+    a, b, c, d = ipaddress.IPv4Address(address).packed
+    return f"52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}"
 
 
 def free_number(used: Sequence[int], low: int, high: int) -> int | None:

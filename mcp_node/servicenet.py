@@ -227,8 +227,9 @@ class ServiceNetworks:
             net = self._all()[service] = ServiceNet(service, net.index, net.cidr,
                                                     {**net.hosts, key: hosts[key]})
             hostnet.forget_neighbor(net.address(key), net.bridge)
-            if vm:
+            if vm:   # its TAP, and its lease before it boots
                 hostnet.ensure_tap(net.tap(key), net.bridge)
+                self._ensure_resolver(net, self._reach(self.registry.list_services()))
             return net.attach(key, vm)
 
     def promote_side(self, service: str, component: str, nxt: str, old: str) -> None:
@@ -311,7 +312,8 @@ class ServiceNetworks:
         nets, names = self._all(), net.names()
         for dst in sorted(reach.get(net.service, ())):
             names.update({a: ns[1:] for a, ns in nets[dst].names().items()})
-        self.resolver.ensure(net.service, net.gateway, names)
+        self.resolver.ensure(net.service, net.gateway, names,
+                             hostnet.Dhcp(net.bridge, net.subnet, net.leases()))
 
     def _apply_rules(self, records: Sequence[ServiceRecord]) -> None:
         """The node's table rewritten whole when what it should hold changed (or it went)."""

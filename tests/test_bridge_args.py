@@ -156,7 +156,7 @@ def test_which_components_a_start_first_deploy_replaces_beside(
     assert beside_components(new, None, changed, bridged, serve_routes) == set()
     pinned = from_sd({"name": "shop", "update": {"order": "start-first"}, "components": [
         {**c, "image_sha256": "0" * 64} if c["name"] == "vm" else c for c in comps("2")]})
-    assert beside_components(pinned, prev, changed, bridged, serve_routes) == beside - {"vm"}
+    assert beside_components(pinned, prev, changed, bridged, serve_routes) == beside
 
 
 def test_two_allocations_racing_get_different_indexes(tmp_path: Path) -> None:
@@ -218,13 +218,21 @@ def test_qemu_opens_the_tap_instead_of_user_mode() -> None:
             qemu_argv(params(NANOS, tap=bad))
 
 
-def test_nanos_manifest_gives_the_guest_its_address(tmp_path: Path) -> None:
+def test_nanos_manifest_gives_the_guest_its_resolver_not_its_address(tmp_path: Path) -> None:
+    """The address comes by DHCP (its lease by MAC): the manifest, so the image, is the
+    same at either address of a start-first pair."""
     resolv = tmp_path / "resolv.conf"
     m = nanos_manifest(req(tmp_path, net=NET.attach("db", vm=True)), resolv)
-    assert "    ipaddr:10.89.3.7\n    netmask:255.255.255.0\n    gateway:10.89.3.1\n" in m
     assert f"resolv.conf:(contents:(host:{resolv}))" in m
+    assert "ipaddr" not in m and "10.89.3.7" not in m
+    assert m == nanos_manifest(req(tmp_path, net=NET.attach("web", vm=True)), resolv)
     plain = nanos_manifest(req(tmp_path))
     assert "ipaddr" not in plain and "resolv.conf" not in plain
+
+
+def test_a_service_s_leases_name_every_number_by_its_mac() -> None:
+    assert NET.leases() == {"52:54:0a:59:03:02": "10.89.3.2", "52:54:0a:59:03:07": "10.89.3.7"}
+    assert NET.leases() == {NET.attach(c, vm=True).mac: NET.address(c) for c in ("web", "db")}
 
 
 def test_initramfs_guest_address_on_the_kernel_command_line() -> None:

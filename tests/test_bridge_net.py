@@ -53,7 +53,8 @@ def node(tmp_path: Path, hello_image: str, nanos: Path) -> Iterator[Node]:
 
 
 def definition(tmp: Path, svc: str, image: str, vm: bool = True, allow: str = "",
-               vm_says: str = "unikernel", order: str = "") -> Path:
+               vm_says: str = "unikernel", order: str = "", vm_memory: int = 192,
+               vm_pin: str = "") -> Path:
     path = tmp / f"{svc}.toml"
     text = f'name = "{svc}"\n' + (f'[network]\nallow_from = ["{allow}"]\n' if allow else "")
     if order:
@@ -63,7 +64,8 @@ def definition(tmp: Path, svc: str, image: str, vm: bool = True, allow: str = ""
            'env = ["MESSAGE=container"]\n[[components.routes]]\nport = 8080\n'
     if vm:
         text += f'\n[[components]]\nname = "vm"\nimage = "{image}"\nruntime = "unikernel"\n' \
-                f'memory_mb = 192\nenv = ["MESSAGE={vm_says}"]\n[[components.routes]]\n' \
+                f'memory_mb = {vm_memory}\nenv = ["MESSAGE={vm_says}"]\n' + \
+                (f'image_sha256 = "{vm_pin}"\n' if vm_pin else "") + '[[components.routes]]\n' \
                 'port = 8081\n'
     path.write_text(text)
     return path
@@ -183,6 +185,19 @@ def test_bridge_mode_by_name_isolated_survives_a_crash_and_leaves_nothing(
     wait_for(lambda: len(qemu_pids_in(node.state)) == 1 and
              not set(qemu_pids_in(node.state)) & set(old_qemu), 30, "the old VM to go")
     assert len([n for n in our_links(node.ns) if n.startswith("mcpt")]) == 1
+    # The guest took its address by DHCP (its lease by MAC), so its image is the same at
+    # either address: pinned to it, a start-first replace (more memory) boots it again.
+    pin = comp(node.status(a), "vm")["image_sha256"]
+    assert isinstance(pin, str) and len(pin) == 64, pin
+    rc, out = node.mcp("deploy", str(definition(
+        node.tmp, a, hello_image, allow=b, vm_says="unikernel v2", order="start-first",
+        vm_memory=200, vm_pin=pin)))
+    assert rc == 0, out + node.log()
+    st = node.status(a)
+    assert addr_port(st, "vm") == (old_vm, vm_port) and comp(st, "vm")["image_sha256"] == pin
+    vm = old_vm
+    assert get(node.ns, f"http://{web}:{web_port}/get/vm/{vm_port}") == \
+        (200, "hello from unikernel v2\n")
 
     # SIGKILL: the VM keeps running and answering, also while no agent runs.
     qemu = qemu_pids_in(node.state)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,22 @@ def test_hosts_text_nameservers_and_dnsmasq_argv() -> None:
         "--user=nobody", "--group=nogroup", "--server=10.0.0.53"]
     assert not any(a.startswith("--server") for a in
                    hostnet.dnsmasq_argv("web", "10.89.1.1", run, []))
+    dhcp = hostnet.Dhcp("mcpbr1", "10.89.1.0/24", {"52:54:0a:59:01:05": "10.89.1.5"})
+    assert hostnet.dnsmasq_argv("web", "10.89.1.1", run, [], dhcp)[-8:] == [
+        "--interface=mcpbr1", "--dhcp-range=10.89.1.0,static,255.255.255.0,infinite",
+        "--dhcp-hostsfile=/state/net/web.dhcp", "--dhcp-authoritative", "--no-ping",
+        "--leasefile-ro", "--dhcp-option=option:router,10.89.1.1",
+        "--dhcp-option=option:dns-server,10.89.1.1"]
+    with pytest.raises(ValueError, match="not ours"):
+        hostnet.dnsmasq_argv("web", "10.89.1.1", run, [], replace(dhcp, bridge="eth0"))
+    assert hostnet.leases_text({"52:54:0a:59:01:05": "10.89.1.5",
+                                "52:54:0a:59:01:03": "10.89.1.3"}) == (
+        "52:54:0a:59:01:03,10.89.1.3\n52:54:0a:59:01:05,10.89.1.5\n")
+    for leases, message in [({"52:54:0A:59:01:05": "10.89.1.5"}, "'52:54:0A:59:01:05'"),
+                            ({"52:54:0a:59:01:05\n": "10.89.1.5"}, "is not a lower-case MAC"),
+                            ({"52:54:0a:59:01:05": "10.89.1.5,x"}, "'10.89.1.5,x'")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            hostnet.leases_text(leases)
     for service in ("../etc", "Web", "", "a/b"):
         with pytest.raises(ValueError, match=re.escape(repr(service))):
             hostnet.dnsmasq_argv(service, "10.89.1.1", run, [])

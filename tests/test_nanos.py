@@ -22,6 +22,7 @@ from mcp_node.errors import ValidationError
 from mcp_node.grammar import Volume
 from mcp_node.kvmprobe import boot_prints_mark, nanos_guest
 from mcp_node.nanos import NanosBuilder
+from mcp_node.netplan import NetAttach, ServiceNet
 from mcp_node.runtime import STOPPED, WorkloadSpec
 from mcp_node.vmimage import BuildRequest, sha256_file
 
@@ -174,13 +175,19 @@ def test_nanos_image_is_reproducible_so_a_pin_can_hold(tmp_path: Path, nanos: Pa
     elf.write_bytes(Path("/bin/busybox").read_bytes())
     builder = NanosBuilder(QemuConfig(nanos_dir=str(nanos)))
 
-    def build(name: str, env: tuple[str, ...]) -> str:
+    def build(name: str, env: tuple[str, ...], net: NetAttach | None = None) -> str:
         out = tmp_path / name
         out.mkdir()
         req = BuildRequest(service="s", component="c", elf=elf, guest_path="/bin/busybox",
-                           env=env)
+                           env=env, net=net)
         return sha256_file(Path(builder.build(req, out).image))
 
     one, two = build("a", ("PORT=8080",)), build("b", ("PORT=8080",))
     assert one == two
     assert build("c", ("PORT=8081",)) != one
+    # On a service network: the resolver's file is in the image, the address is not (the
+    # guest takes it by DHCP), so both addresses of a start-first pair build one image.
+    net = ServiceNet("s", 3, "10.89.0.0/16", {"c": 2, "c.next": 5})
+    bridged = build("d", ("PORT=8080",), net.attach("c", vm=True))
+    assert bridged != one
+    assert build("e", ("PORT=8080",), net.attach("c.next", vm=True)) == bridged

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +62,9 @@ class CheckState:
     failures: int = 0                 # in a row, counted once the run has passed
     passed: bool = False              # passed once this run
     healthy_since: float | None = None  # start of the current passing streak (unix)
+    # What the last pass vouches for: until the next probe is due (a probe that hangs
+    # must not go on counting as healthy time); for ever when checked once per run.
+    vouched_until: float = math.inf
     unhealthy: bool = False           # failed check_failures times in a row
     running: bool = True              # the run is still running (else: its last result)
     due: float = 0.0                  # next probe (monotonic)
@@ -103,11 +107,13 @@ class Checks:
 
     def healthy_for(self, service: str, component: str) -> float:
         """Seconds the component has passed every check in a row (0 while failing,
-        before its first pass this run, or while it does not run)."""
+        before its first pass this run, or while it does not run), up to when its last
+        pass stops vouching: a probe in flight past its due time (a hung workload, the
+        probe waiting out its timeout) adds none."""
         st = self.result(service, component)
         if st is None or st.healthy_since is None:
             return 0.0
-        return max(self.wall() - st.healthy_since, 0.0)
+        return max(min(self.wall(), st.vouched_until) - st.healthy_since, 0.0)
 
     def unhealthy(self) -> dict[Key, tuple[Run, str]]:
         """Unhealthy running components: their run and why (the reconciler's input)."""
@@ -338,6 +344,8 @@ class Checks:
                                   unplanned=False)
                 st.failures, st.unhealthy, st.passed = 0, False, True
                 st.healthy_since = st.healthy_since or now
+                st.vouched_until = now + d.check_interval_s if d.check_interval_s > 0 \
+                    else math.inf
             else:
                 st.healthy_since = None
                 if st.passed:

@@ -85,7 +85,7 @@ class ServiceNetworks:
         self._lock = threading.RLock()
         self._nets: dict[str, ServiceNet] | None = None
         self._rules = ""                  # the text last applied ("none": removed)
-        self._fwd: dict[str, list[Forward]] = {}   # service -> its VMs' host ports
+        self._fwd: dict[str, list[Forward]] = {}   # service -> its host ports' DNAT
         # service -> the side workloads (``web.next``, ``web.old``) of the start-first
         # replaces running now, each with a number of its own. In memory: after a crash
         # their numbers go back in the next round (reconcile removes the workloads).
@@ -181,7 +181,6 @@ class ServiceNetworks:
         set with its names."""
         return [Forward(p, net.address(c.defn.name), p) for c in rec.components
                 if c.defn.name in net.hosts for p in sorted(c.host_ports.values()) if p]
-
 
     def release(self, service: str) -> None:
         """Everything of the service's network, its workloads already gone. Never raises:

@@ -133,6 +133,33 @@ def test_interval_zero_checks_once_per_run(agent: Agent, world: FakeWorld,
     assert world.tcp_probes == ["web"] * 3 and state(agent) == "starting"
 
 
+def test_a_probe_that_hangs_adds_no_healthy_time(agent: Agent, world: FakeWorld,
+                                                clock: Clock) -> None:
+    """A pass vouches until the next probe is due: a workload that stops answering (a
+    SIGSTOPped server: the probe waits out its timeout) was judged healthy for as long
+    as the probe hung, and a rollout succeeded over it (CI, once)."""
+    deploy(agent, world, check_interval_s=1, check_timeout_s=5)
+    world.tcp["web"] = ""
+    tick(agent, clock)
+    tick(agent, clock, at=1.0)
+    assert agent.checks.healthy_for(*KEY) == 1.0
+    clock.t = 1.5                      # between probes: the last pass still vouches
+    assert agent.checks.healthy_for(*KEY) == 1.5
+    clock.t = 4.0                      # the probe due at 2.0 has not answered
+    assert agent.checks.healthy_for(*KEY) == 2.0
+    tick(agent, clock)                 # it does: a pass, the streak goes on
+    assert agent.checks.healthy_for(*KEY) == 4.0
+
+
+def test_checked_once_per_run_a_pass_vouches_for_the_run(agent: Agent, world: FakeWorld,
+                                                         clock: Clock) -> None:
+    deploy(agent, world, check_interval_s=0)
+    world.tcp["web"] = ""
+    tick(agent, clock)
+    clock.t = 30.0
+    assert agent.checks.healthy_for(*KEY) == 30.0
+
+
 def test_unhealthy_after_n_failures_is_restarted_and_counted(agent: Agent,
                                                              world: FakeWorld,
                                                              clock: Clock) -> None:

@@ -98,7 +98,7 @@ def test_nanos_q35_layout_matches_testbed() -> None:
         "pcie-root-port,port=0x12,chassis=3,id=pci.3,bus=pcie.0,addr=0x3.0x2",
         "virtio-scsi-pci,bus=pci.2,addr=0x0,id=scsi0",
         "scsi-hd,bus=scsi0.0,drive=hd0",
-        f"virtio-net,bus=pci.3,addr=0x0,netdev=n0,mac={mac_for('a', 'b')}",
+        f"virtio-net,bus=pci.3,addr=0x0,event_idx=off,netdev=n0,mac={mac_for('a', 'b')}",
     ]
     assert opt(argv, "-drive") == ["if=none,id=hd0,format=raw,file=/s/vms/a-b/image/disk.raw"]
 

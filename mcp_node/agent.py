@@ -117,11 +117,10 @@ class Agent(SecretOps):
         self.nets = ServiceNetworks(config.network, self.registry, self.state_dir,
                                     self.runtime,
                                     {name: t.joins_by for name, t in TRAITS.items()})
-        self.steps = Steps(self.runtime, self.spec, self.registry, self.progress)
         # A start-first replace switches at the node proxy (where it serves routes) and,
         # in bridge mode, the component's names and address (``nets.promote_side``).
-        self.steps.switch = self._switch
-        self.steps.sides = self.nets
+        self.steps = Steps(self.runtime, self.spec, self.registry, self.progress,
+                           self._switch, self.nets)
         self.rounds = Rounds(self)
         # Health-gated rollouts (issue 19): judged after every monitor round.
         self.rollouts = Rollouts(self.registry, reverter(self), last_output(self))

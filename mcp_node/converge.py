@@ -81,15 +81,16 @@ class Steps:
 
     def __init__(self, runtime: Callable[[str], Runtime],
                  spec: Callable[[str, ComponentRecord], WorkloadSpec],
-                 registry: Registry, progress: Progress) -> None:
+                 registry: Registry, progress: Progress,
+                 switch: Callable[[str, str], None], sides: SideAddresses) -> None:
         self.runtime = runtime
         self.spec = spec
         self.registry = registry
         self.progress = progress
         # Sends a component's new connections to its new workload (the node proxy's
-        # ``switch``, where it serves routes); set by the agent where start-first runs.
-        self.switch: Callable[[str, str], None] | None = None
-        self.sides: SideAddresses | None = None   # bridge mode's, set by the agent
+        # ``switch``, where it serves routes).
+        self.switch = switch
+        self.sides = sides   # a side workload's own address (bridge mode; else none)
         self.sleep: Callable[[float], None] = time.sleep
         self.clock: Callable[[], float] = time.monotonic
         # (service, component) of each start-first replace in flight: its ``.next`` and
@@ -126,7 +127,7 @@ class Steps:
                 if live is not None and live.state == RUNNING:
                     step("unchanged")
                     return False
-            if comp.defn.name in beside and self.switch is not None:
+            if comp.defn.name in beside:
                 live = rt.inspect(rec.name, comp.defn.name)
                 if live is not None and live.state == RUNNING:
                     self.replace_beside(rec, comp, switched if switched is not None else set())
@@ -150,25 +151,21 @@ class Steps:
         service, name = rec.name, comp.defn.name
         update: UpdateDef = rec.definition().update
         rt = self.runtime(comp.defn.runtime)
-        assert self.switch is not None
         self.replacing.add((service, name))
         try:
             self._beside(rt, rec, comp, update, switched)
         finally:
             self.replacing.discard((service, name))
-            if self.sides is not None:   # whatever happened, no side holds a number now
-                for slot in (NEXT, OLD):
-                    self.sides.end_side(service, side_key(name, slot))
+            for slot in (NEXT, OLD):   # whatever happened, no side holds a number now
+                self.sides.end_side(service, side_key(name, slot))
 
     def _beside(self, rt: Runtime, rec: ServiceRecord, comp: ComponentRecord,
                 update: UpdateDef, switched: set[str]) -> None:
         service, name = rec.name, comp.defn.name
         step = partial(self.progress.step, service, name)
-        assert self.switch is not None
         step("starting beside the current one")
         spec = replace(self.spec(service, comp), slot=NEXT)
-        net = self.sides.begin_side(service, spec.key, rt.traits.joins_by == "tap") \
-            if self.sides is not None else None
+        net = self.sides.begin_side(service, spec.key, rt.traits.joins_by == "tap")
         try:
             rt.run(replace(spec, net=net) if net is not None else spec)
             step("checking")
@@ -180,8 +177,8 @@ class Steps:
             self._remove_quietly(rt, service, side_key(name, NEXT))
             raise
         switched.add(name)
-        if self.sides is not None:   # its names (and its address) are the new one's
-            self.sides.promote_side(service, name, side_key(name, NEXT), side_key(name, OLD))
+        # its names (and its address) are the new one's
+        self.sides.promote_side(service, name, side_key(name, NEXT), side_key(name, OLD))
         rt.promote(service, name)
         log.info("start-first %s/%s: switched to the new workload; the old one drains "
                  "for %gs", service, name, update.drain_s)

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .slots import split_key
+
 SUBNET_PREFIX = 24
 FIRST_HOST = 2
 LAST_HOST = 254
@@ -121,7 +123,7 @@ class ServiceNet:
     index: int
     cidr: str
     # component -> host number; also a start-first replace's side workloads, by their
-    # key (``web.next``, ``web.old``: a name has no dot, ``runtime.side_key`` adds one)
+    # slot key (``web.next``, ``web.old``: ``slots.side_key``)
     hosts: Mapping[str, int]
 
     @property
@@ -160,7 +162,7 @@ class ServiceNet:
         """address -> the names the service's resolver answers for it: components only
         (a start-first replace's side workload, ``web.next``, is named once it switches)."""
         return {self.address(c): [c, f"{c}.{self.service}.{DOMAIN}"]
-                for c in sorted(self.hosts) if "." not in c}
+                for c in sorted(self.hosts) if not split_key(c)[1]}
 
 
 def mac_of(address: str) -> str:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .netplan import NetAttach, ServiceNet
 from .readiness import connect
 from .runtimenames import DEFAULT_RUNTIME, RUNTIME_NAMES, RUNTIMES, TRAITS, Traits
+from .slots import NEXT, OLD, side_key, slot_of, split_key
 from .states import MISSING, RUNNING, STOPPED, State
 
 if TYPE_CHECKING:
@@ -50,32 +51,6 @@ def workload_name(service: str, component: str) -> str:
     """Container / VM name. Both parts are validated names (``component`` may carry a
     slot, ``side_key``), so this is safe."""
     return f"mcp-{service}-{component}"
-
-
-# A start-first replace (issue 19) runs the new workload beside the current one under
-# the component's key with a slot: ``web.next``; once the proxy sends new connections
-# to it, it is promoted (``Runtime.promote``) and the replaced one drains as
-# ``web.old``. Names cannot hold a dot, so no component's key is another's slot key. A
-# slot key is in no registry record: left over by a crash, it is an orphan reconcile
-# removes.
-NEXT = "next"
-OLD = "old"
-
-
-def side_key(component: str, slot: str) -> str:
-    return f"{component}.{slot}" if slot else component
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """(component, slot) of a workload key; slot "" for the component's own workload."""
-    component, _, slot = key.partition(".")
-    return component, slot
-
-
-def slot_of(name: str) -> str:
-    """The slot a workload's name (or VM dir name) ends in, "" for none."""
-    slot = name.rpartition(".")[2] if "." in name else ""
-    return slot if slot in (NEXT, OLD) else ""
 
 
 def key_from_name(name: str, service: str, component: str) -> str:

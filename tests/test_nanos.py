@@ -46,6 +46,14 @@ def vm_files(state: Path) -> list[str]:
     return sorted(p.name for p in vms.iterdir()) if vms.exists() else []
 
 
+def hello_spec(image: str, message: str) -> tuple[WorkloadSpec, int]:
+    """A hello VM answering "hello from <message>" on a free host port, and that port."""
+    port = free_port()
+    return WorkloadSpec(service=f"n{uuid.uuid4().hex[:8]}", component="web", image=image,
+                        env=(f"PORT={port}", f"MESSAGE={message}"), ports=(port,),
+                        memory_mb=128), port
+
+
 def test_nanos_mkfs_image_holds_program_env_and_mount_points(tmp_path: Path,
                                                              nanos: Path) -> None:
     elf = tmp_path / "app.elf"
@@ -120,10 +128,7 @@ def test_nanos_microvm_stop_then_start_boots_the_same_image_again(
     its console appended; a microvm guest, which cannot power off, is quit on stop."""
     state = tmp_path / "state"
     rt = qemu_runtime(nanos_config(state, "microvm"))
-    port = free_port()
-    spec = WorkloadSpec(service=f"n{uuid.uuid4().hex[:8]}", component="web",
-                        image=hello_image, env=(f"PORT={port}", "MESSAGE=micro"),
-                        ports=(port,), memory_mb=128)
+    spec, port = hello_spec(hello_image, "micro")
     reaper = VMReaper()
     reaper.add(rt, spec.service, spec.component)
     try:
@@ -219,10 +224,7 @@ def test_nanos_guest_keeps_answering_a_burst_of_connections(
     without the kick QEMU waited for); the agent could only restart it. microvm's mmio
     driver took them with EVENT_IDX on: its case guards that it still does."""
     rt = qemu_runtime(nanos_config(tmp_path / "state", machine))
-    port = free_port()
-    spec = WorkloadSpec(service=f"n{uuid.uuid4().hex[:8]}", component="web",
-                        image=hello_image, env=(f"PORT={port}", "MESSAGE=burst"),
-                        ports=(port,), memory_mb=128)
+    spec, port = hello_spec(hello_image, "burst")
     reaper = VMReaper()
     reaper.add(rt, spec.service, spec.component)
     try:
